@@ -1,0 +1,138 @@
+"""Saving and loading parameterized models as safetensors (never unpickling anything).
+
+The file holds the state_dict of the parameterized model (its factors) and, in the
+safetensors metadata, the parameterization spec (layer -> param, rank, shape), the timm
+architecture name and its constructor arguments, so a checkpoint rebuilds its own model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import timm
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sttpfast.surgery import apply_spec, parameterization_spec
+
+__all__ = ["save_parameterized", "load_parameterized", "read_metadata", "describe_spec_difference"]
+
+_SPEC, _ARCH, _ARGS, _VERSION = "sttpfast_spec", "architecture", "model_args", "sttpfast_version"
+
+
+def _architecture(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture")
+
+
+def _jsonable_args(model: nn.Module) -> dict:
+    args = getattr(model, "_model_args", {}) or {}
+    return {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def save_parameterized(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``model`` (parameterized or not) to ``path``; atomic (temp file + rename)."""
+    from sttpfast import __version__
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    meta = {_SPEC: json.dumps(parameterization_spec(model)), _VERSION: __version__,
+            _ARGS: json.dumps(_jsonable_args(model))}
+    if _architecture(model):
+        meta[_ARCH] = _architecture(model)
+    for key, value in (metadata or {}).items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The metadata of a checkpoint; ValueError if the file is not a readable safetensors file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+
+
+def describe_spec_difference(have: dict, want: dict) -> list[str]:
+    """Human-readable differences between two parameterization specs."""
+    out = []
+    for name in sorted(set(have) | set(want)):
+        a, b = have.get(name), want.get(name)
+        if a is None:
+            out.append(f"{name}: model is dense, checkpoint has {b['param']} rank {b['rank']}")
+        elif b is None:
+            out.append(f"{name}: model has {a['param']} rank {a['rank']}, checkpoint is dense")
+        elif a != b:
+            out.append(f"{name}: model has {a['param']} rank {a['rank']} shape {a['shape']}, "
+                       f"checkpoint has {b['param']} rank {b['rank']} shape {b['shape']}")
+    return out
+
+
+def load_parameterized(path: str | os.PathLike, model: nn.Module | None = None, strict: bool = True) -> nn.Module:
+    """Load a checkpoint written by :func:`save_parameterized`.
+
+    Without ``model`` the architecture stored in the file is created with timm. A dense
+    ``model`` gets the stored parameterization first; an already parameterized one must
+    match it. Any mismatch raises ValueError saying what differs; ``model`` is then unchanged.
+    """
+    meta = read_metadata(path)
+    if _SPEC not in meta:
+        raise ValueError(f"{path}: no sttpfast parameterization spec in the metadata")
+    spec = json.loads(meta[_SPEC])
+    if model is None:
+        arch = meta.get(_ARCH)
+        if not arch:
+            raise ValueError(f"{path}: the checkpoint names no architecture; pass the model")
+        import sttpfast.models  # noqa: F401  (registers sttpfast's architectures)
+
+        model = timm.create_model(arch, **json.loads(meta.get(_ARGS, "{}")))
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: corrupt checkpoint ({err})") from None
+    current = parameterization_spec(model)
+    if current:
+        diff = describe_spec_difference(current, spec)
+        if diff:
+            raise ValueError(f"{path}: checkpoint does not match the model: " + "; ".join(diff))
+        _load_state(model, tensors, path, strict)
+        return model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_spec(model, spec)
+    try:
+        _load_state(model, tensors, path, strict)
+    except ValueError:
+        from sttpfast.surgery import densify
+
+        densify(model, inplace=True)
+        model.load_state_dict(before)
+        raise
+    return model
+
+
+def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path, strict: bool) -> None:
+    own = model.state_dict()
+    problems = [f"{k}: model {tuple(own[k].shape)} vs checkpoint {tuple(v.shape)}"
+                for k, v in tensors.items() if k in own and own[k].shape != v.shape]
+    if strict:
+        problems += [f"missing in checkpoint: {k}" for k in own if k not in tensors][:10]
+        problems += [f"unexpected in checkpoint: {k}" for k in tensors if k not in own][:10]
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
+    model.load_state_dict(tensors, strict=strict)

@@ -1,0 +1,191 @@
+"""Householder parameterization of orthonormal frames, built in compact WY form.
+
+A frame ``Q in St(n, r)`` (``Q^T Q = I_r``, ``r <= n``) is the first ``r`` columns of
+``H_1 ... H_r`` with ``H_i = I - 2 y_i y_i^T / |y_i|^2`` and ``y_i`` the i-th column of a
+unit lower-trapezoidal reflector matrix ``Y`` (``n x r``: ones on the diagonal, zeros
+above it).
+
+Two parameter sets describe ``Y``:
+
+* full ``St(n, r)``: the strictly lower part of the top ``r x r`` block (``top``, packed,
+  ``r(r-1)/2`` entries) and the ``(n-r) x r`` block below it (``bottom``);
+  ``n r - r(r+1)/2`` free entries in all.
+* reduced ``St_U(n, r)``: the top block is fixed to the identity, only ``bottom`` is
+  learned; ``r(n-r)`` free entries. It removes the gauge ``U V^T = (UP)(VP)^T``. Frames
+  of this set have an upper-triangular top block with diagonal in ``[-1, 1)``.
+
+Compact WY: with ``G = Y^T Y`` and ``A = striu(G) + diag(G)/2`` (upper triangular),
+``H_1 ... H_r = I - Y A^{-1} Y^T``, so ``Q = E - Y (A^{-1} Y[:r]^T)`` where ``E`` is the
+first ``r`` columns of the identity. That is one Gram matrix, one triangular solve and
+one matmul, batched over leading dimensions and differentiable by plain autograd.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "stiefel_dof",
+    "reflectors_from_params",
+    "householder_frame",
+    "sequential_householder_frame",
+    "frame_params_from_frame",
+    "identity_frame_params",
+    "st_u_gauge",
+]
+
+
+def stiefel_dof(n: int, r: int, reduced: bool) -> int:
+    """Free scalars of a frame in ``St(n, r)`` (``reduced=False``) or ``St_U(n, r)``."""
+    if not 1 <= r <= n:
+        raise ValueError(f"a frame needs 1 <= r <= n, got n={n}, r={r}")
+    return r * (n - r) if reduced else n * r - r * (r + 1) // 2
+
+
+def _top_index(r: int, device=None) -> tuple[Tensor, Tensor]:
+    """Row/column indices of the strictly lower triangle of an ``r x r`` block."""
+    return torch.tril_indices(r, r, offset=-1, device=device).unbind(0)
+
+
+def reflectors_from_params(bottom: Tensor, top: Tensor | None) -> Tensor:
+    """Unit lower-trapezoidal reflector matrix ``Y``.
+
+    Args:
+        bottom: ``(..., n - r, r)``, the block below the top ``r x r`` block.
+        top: ``(..., r (r - 1) / 2)`` strictly-lower entries of the top block (row-major
+            order of ``torch.tril_indices``), or ``None`` for the reduced set ``St_U``.
+    Returns:
+        ``Y``: ``(..., n, r)``.
+    """
+    r = bottom.shape[-1]
+    eye = torch.eye(r, dtype=bottom.dtype, device=bottom.device)
+    if top is None:
+        head = eye.expand(*bottom.shape[:-2], r, r)
+    else:
+        rows, cols = _top_index(r, bottom.device)
+        head = bottom.new_zeros(*bottom.shape[:-2], r, r)
+        head = _scatter_top(head, top, rows, cols) + eye
+    return torch.cat([head, bottom], dim=-2)
+
+
+def _scatter_top(head: Tensor, top: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    # index_put with a leading ellipsis is not supported; flatten the r x r block instead.
+    r = head.shape[-1]
+    flat = head.reshape(*head.shape[:-2], r * r)
+    flat = flat.index_copy(-1, rows * r + cols, top)
+    return flat.reshape(head.shape)
+
+
+def householder_frame(bottom: Tensor, top: Tensor | None = None) -> Tensor:
+    """Orthonormal frame ``Q = (H_1 ... H_r)[:, :r]`` in compact WY form.
+
+    Args:
+        bottom: ``(..., n - r, r)``; ``top``: ``(..., r (r - 1) / 2)`` or ``None`` (St_U).
+    Returns:
+        ``Q``: ``(..., n, r)`` with ``Q^T Q = I_r``.
+    """
+    y = reflectors_from_params(bottom, top)
+    r = y.shape[-1]
+    gram = y.transpose(-1, -2) @ y
+    a = torch.triu(gram, diagonal=1) + torch.diag_embed(0.5 * torch.diagonal(gram, dim1=-2, dim2=-1))
+    # A^{-1} Y[:r]^T, one triangular solve for all columns
+    coeffs = torch.linalg.solve_triangular(a, y[..., :r, :].transpose(-1, -2), upper=True)
+    eye = torch.eye(y.shape[-2], r, dtype=y.dtype, device=y.device)
+    return eye - y @ coeffs
+
+
+def sequential_householder_frame(bottom: Tensor, top: Tensor | None = None) -> Tensor:
+    """Reference: apply ``H_r``, then ... ``H_1`` to ``E`` one reflection at a time (slow)."""
+    y = reflectors_from_params(bottom, top)
+    n, r = y.shape[-2:]
+    q = torch.eye(n, r, dtype=y.dtype, device=y.device).expand_as(y)
+    for i in reversed(range(r)):
+        v = y[..., :, i : i + 1]
+        q = q - 2.0 * v @ (v.transpose(-1, -2) @ q) / (v * v).sum(dim=-2, keepdim=True)
+    return q
+
+
+def identity_frame_params(
+    n: int, r: int, reduced: bool, noise: float = 1e-3, batch: tuple[int, ...] = (),
+    dtype=torch.float32, generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Parameters of a frame near ``-E`` (reflectors ``Y ~ E``): the paper's identity init.
+
+    The tiny noise keeps the gradients of all reflector entries non-degenerate.
+    """
+    bottom = noise * torch.randn(*batch, n - r, r, dtype=dtype, generator=generator)
+    top = None if reduced else noise * torch.randn(*batch, r * (r - 1) // 2, dtype=dtype, generator=generator)
+    return bottom, top
+
+
+def st_u_gauge(q: Tensor) -> Tensor:
+    """Right-multiply ``q`` (``n x r``) by an orthogonal ``P`` so that the top block is upper
+    triangular with a non-positive diagonal (the St_U form; P from an RQ decomposition)."""
+    r = q.shape[-1]
+    top = q[:r]
+    # RQ of top: top = R P^T with R upper triangular. With J the exchange matrix,
+    # QR (J top)^T = Q' R' gives top = (J R'^T J)(J Q'^T), and J R'^T J is upper triangular.
+    flip = torch.flip(torch.eye(r, dtype=q.dtype, device=q.device), dims=[0])
+    qq, _ = torch.linalg.qr((flip @ top).transpose(0, 1))
+    p = qq @ flip  # orthogonal; top @ p is upper triangular
+    q = q @ p
+    sign = torch.where(torch.diagonal(q[:r]) > 0, -1.0, 1.0).to(q.dtype)
+    return q * sign
+
+
+def frame_params_from_frame(
+    q: Tensor, reduced: bool, flip: bool | Tensor = False, rotate: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """Inverse of :func:`householder_frame` on one frame (``n x r``, orthonormal columns).
+
+    Householder QR with unit-diagonal reflectors. A column is reachable only if its
+    current diagonal entry is not ``+1`` (so a square full-St frame has a fixed
+    determinant sign); entries near ``+1`` need huge reflectors. ``flip`` (a bool, or a
+    ``(r,)`` bool mask of the columns that may be negated) lets a column with a positive
+    diagonal entry be negated first; the caller absorbs the returned signs elsewhere.
+
+    For ``reduced=True`` only the column space of ``q`` is kept: with ``rotate`` the frame
+    is first rotated by an orthogonal ``P`` into the St_U form (upper-triangular top block,
+    non-positive diagonal); the caller multiplies its partner factor by ``P``. Without
+    ``rotate`` the frame must be in that form already (diagonal in ``[-1, 1)``).
+
+    Returns:
+        ``(bottom, top, signs, p)`` with ``householder_frame(bottom, top) == q @ p * signs``;
+        ``p`` is ``r x r`` orthogonal (identity unless rotated), ``signs`` ``(r,)`` in ±1.
+    """
+    n, r = q.shape
+    f64 = dict(dtype=torch.float64, device=q.device)
+    work = q.to(torch.float64)
+    p = torch.eye(r, **f64)
+    if reduced and rotate:
+        rotated = st_u_gauge(work)
+        p = work.transpose(0, 1) @ rotated
+        work = rotated
+    allowed = torch.as_tensor(flip, device=q.device).expand(r)
+    signs = torch.ones(r, **f64)
+    y = torch.zeros(n, r, **f64)
+    eye = torch.eye(n, **f64)
+    cur = work.clone()
+    for j in range(r):
+        if allowed[j] and cur[j, j] > 0:
+            signs[j] = -1.0
+            cur[:, j] = -cur[:, j]
+        denom = cur[j, j] - 1.0
+        if denom.abs() < 1e-9:
+            raise ValueError(
+                f"frame column {j} is (numerically) +e_{j}: unit-diagonal Householder "
+                "reflectors cannot reach it (a square frame of the other determinant sign?)"
+            )
+        v = (cur[:, j] - eye[:, j]) / denom
+        v[:j] = 0.0
+        v[j] = 1.0
+        if reduced:
+            v[j + 1 : r] = 0.0  # zero in exact arithmetic for frames in St_U form
+        y[:, j] = v
+        cur = cur - 2.0 * torch.outer(v, v @ cur) / (v @ v)
+    bottom = y[r:].to(q.dtype)
+    top = None
+    if not reduced:
+        rows, cols = _top_index(r, q.device)
+        top = y[:r][rows, cols].to(q.dtype)
+    return bottom, top, signs.to(q.dtype), p.to(q.dtype)

@@ -1,0 +1,124 @@
+"""Common ground of the weight parametrizations: the matrix view of a layer's weight.
+
+A weight of shape ``(C_out, C_in, *kernel)`` is matricized row-major as
+``C_out x (C_in * prod(kernel))``. Transposed convolutions store ``(C_in, C_out, *kernel)``
+and swap the first two dims first. Linear ``(out, in)`` and Embedding ``(num, dim)``
+weights are matrices already.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MatrixView", "WeightParametrization", "learned_spectrum"]
+
+
+class MatrixView:
+    """The ``d_out x d_in`` matrix view of a weight tensor (and back)."""
+
+    def __init__(self, shape: tuple[int, ...], transposed: bool = False):
+        self.shape = tuple(int(s) for s in shape)
+        self.transposed = bool(transposed)
+        dims = list(self.shape)
+        if self.transposed:
+            dims[0], dims[1] = dims[1], dims[0]
+        self.natural = tuple(dims)  # (C_out, C_in, *kernel) in output-first order
+        self.d_out = dims[0]
+        self.c_in = dims[1] if len(dims) > 1 else 1
+        self.kernel = math.prod(dims[2:])
+        self.d_in = self.c_in * self.kernel
+
+    def to_matrix(self, weight: Tensor) -> Tensor:
+        """``weight`` in the layer's shape -> ``(d_out, d_in)``."""
+        if self.transposed:
+            weight = weight.transpose(0, 1)
+        return weight.reshape(self.d_out, self.d_in)
+
+    def from_matrix(self, matrix: Tensor) -> Tensor:
+        """``(d_out, d_in)`` -> the layer's weight shape."""
+        weight = matrix.reshape(self.natural)
+        return weight.transpose(0, 1) if self.transposed else weight
+
+    def __repr__(self) -> str:
+        return f"MatrixView(shape={self.shape}, transposed={self.transposed})"
+
+
+def learned_spectrum(raw: Tensor) -> Tensor:
+    """``s = S / max|S|``: a spectrum whose largest magnitude is exactly 1 (``(..., r)``)."""
+    return raw / raw.abs().amax(dim=-1, keepdim=True)
+
+
+class WeightParametrization(nn.Module):
+    """Base of the project's parametrizations (used with ``torch.nn.utils.parametrize``).
+
+    Subclasses implement ``forward(*factors) -> W``, ``right_inverse(W) -> factors``,
+    ``identity_factors()``, ``count_dof`` and ``singular_values(*factors)``.
+
+    ``name`` is the registry name (``"sttp-l"``...), ``rank`` the SVD rank ``r`` actually
+    used (capped by the matrix shape), ``requested_rank`` what the user asked for.
+    """
+
+    name: str = "?"
+    #: whether the D-optimal penalty applies (the -R variants)
+    penalized: bool = False
+
+    def __init__(self, shape, transposed: bool = False, rank: int | None = None, init: str = "identity"):
+        super().__init__()
+        self.view = MatrixView(shape, transposed)
+        self.requested_rank = rank
+        cap = min(self.view.d_out, self.view.d_in)
+        self.rank = cap if rank is None else min(int(rank), cap)
+        self.init = init
+        self._identity_on_register = False
+
+    # -- spec -------------------------------------------------------------------------
+    @property
+    def dof(self) -> int:
+        """Degrees of freedom: free scalars of the factors the optimizer sees."""
+        return self.count_dof(self.view.shape, self.view.transposed, self.requested_rank)
+
+    @classmethod
+    def count_dof(cls, shape, transposed: bool, rank: int | None) -> int:
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """What is needed to rebuild this parametrization on a layer of the same shape."""
+        return {"param": self.name, "rank": self.requested_rank, "shape": list(self.view.shape)}
+
+    def extra_repr(self) -> str:
+        return f"{self.view.shape}, rank={self.rank}, dof={self.dof}"
+
+    # -- initialization -----------------------------------------------------------------
+    @contextmanager
+    def registering_identity(self):
+        """While registering, make ``right_inverse`` return the identity factors instead of
+        decomposing the layer's current weight (saves an SVD that would be thrown away)."""
+        self._identity_on_register = True
+        try:
+            yield self
+        finally:
+            self._identity_on_register = False
+
+    def right_inverse(self, weight: Tensor):
+        if self._identity_on_register:
+            self._identity_on_register = False
+            return self.identity_factors(dtype=weight.dtype, device=weight.device)
+        return self.decompose(weight)
+
+    def decompose(self, weight: Tensor) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def identity_factors(self, dtype=torch.float32, device=None) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    # -- spectrum -----------------------------------------------------------------------
+    def singular_values(self, *factors: Tensor) -> Tensor:
+        """Singular values of ``forward(*factors)`` in descending order, ``(rank,)``."""
+        return torch.linalg.svdvals(self.view.to_matrix(self(*factors)))
+
+    def log_spectrum(self, *factors: Tensor) -> Tensor:
+        """``log|s|`` of the learned spectrum, for the D-optimal penalty (``(rank,)``)."""
+        raise NotImplementedError(f"{self.name} has no learned spectrum")

@@ -1,0 +1,273 @@
+"""A weight as a tensor-train chain of Householder frames around a diagonal spectrum.
+
+``W = U diag(s) V^T`` where ``U`` (``d_out x r``) is the contraction of the U-cores over
+the output modes and ``V^T`` (``r x d_in``) that of the V-cores over the input modes.
+
+* U-core ``k``: ``(R_{k-1}, n_k, R_k)``, stored as the frame ``(R_{k-1} n_k) x R_k``
+  (left-orthonormal), so the chain ``U`` has orthonormal columns.
+* V-core ``k``: ``(R_{k-1}, n_k, R_k)``, stored as the transposed frame
+  ``(n_k R_k) x R_{k-1}`` (right-orthonormal), so ``V^T`` has orthonormal rows.
+* the bond between the last U-core and the first V-core has rank ``r``; ``s`` sits there.
+
+Hence the singular values of ``W`` are exactly ``|s|``.
+
+Gauge: at every internal bond ``(C_k P)(P^T C_{k+1})`` leaves ``W`` unchanged, so every
+core not adjacent to ``Sigma`` lives on the reduced ``St_U``. The two cores next to
+``Sigma`` are on the full ``St``, except that with the spectrum fixed to ``I`` (``-C``) the
+bond itself has an orthogonal gauge and the last U-core is on ``St_U`` as well.
+
+Spectrum: ``learned`` gives ``s = S / max|S|`` (``|Sigma|_inf = 1``), ``fixed`` gives
+``s = 1``. SVDP is the chain with one core on each side; STTP splits both sides into
+prime modes (see :mod:`sttpfast.params.sttp`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sttpfast.linalg.householder import (
+    frame_params_from_frame,
+    householder_frame,
+    identity_frame_params,
+    st_u_gauge,
+    stiefel_dof,
+)
+from sttpfast.linalg.tt import tt_contract, tt_ranks
+from sttpfast.params.base import MatrixView, WeightParametrization, learned_spectrum
+
+__all__ = ["ChainLayout", "SpectralChain", "IDENTITY_NOISE"]
+
+#: standard deviation of the reflector entries at the identity initialization
+IDENTITY_NOISE = 1e-3
+
+
+@dataclass(frozen=True)
+class CoreFrame:
+    """One core: its mode, its frame shape ``rows x cols`` and whether it is on ``St_U``."""
+
+    mode: int
+    left_rank: int
+    right_rank: int
+    is_u: bool
+    reduced: bool
+
+    @property
+    def rows(self) -> int:
+        return (self.left_rank if self.is_u else self.right_rank) * self.mode
+
+    @property
+    def cols(self) -> int:
+        return self.right_rank if self.is_u else self.left_rank
+
+
+@dataclass(frozen=True)
+class ChainLayout:
+    """Modes, TT ranks and core frames of a spectral chain."""
+
+    out_modes: tuple[int, ...]
+    in_modes: tuple[int, ...]
+    ranks: tuple[int, ...]
+    learned: bool
+
+    @property
+    def rank(self) -> int:
+        return self.ranks[len(self.out_modes)]
+
+    @property
+    def cores(self) -> list[CoreFrame]:
+        n_out, modes, out = len(self.out_modes), self.out_modes + self.in_modes, []
+        for k, n in enumerate(modes):
+            is_u = k < n_out
+            if is_u:
+                reduced = k < n_out - 1 or not self.learned
+            else:
+                reduced = k > n_out
+            out.append(CoreFrame(n, self.ranks[k], self.ranks[k + 1], is_u, reduced))
+        return out
+
+    @property
+    def dof(self) -> int:
+        frames = sum(stiefel_dof(c.rows, c.cols, c.reduced) for c in self.cores)
+        return frames + (self.rank if self.learned else 0)
+
+    @classmethod
+    def build(cls, out_modes, in_modes, rank: int | None, learned: bool) -> "ChainLayout":
+        out_modes, in_modes = tuple(out_modes), tuple(in_modes)
+        ranks = tuple(tt_ranks(out_modes + in_modes, rank))
+        return cls(out_modes, in_modes, ranks, learned)
+
+
+def _polar(m: Tensor) -> Tensor:
+    """Closest matrix with orthonormal columns (the polar factor), ``(n, r) -> (n, r)``."""
+    u, _, vh = torch.linalg.svd(m, full_matrices=False)
+    return u @ vh
+
+
+class SpectralChain(WeightParametrization):
+    """``W = U diag(s) V^T`` with ``U``, ``V`` tensor-train chains of Householder frames.
+
+    Factors (the tensors the optimizer sees), in order: ``S`` (``(r,)``, learned spectrum
+    only), then for every core its ``bottom`` (``(rows - cols, cols)``) and, on the full
+    ``St``, its packed ``top`` (``(cols (cols - 1) / 2,)``).
+    """
+
+    learned: bool = True
+
+    def __init__(self, shape, transposed=False, rank=None, init="identity"):
+        super().__init__(shape, transposed, rank, init)
+        self.layout = self.chain_layout(self.view, rank)
+        assert self.layout.rank == self.rank, (self.layout.rank, self.rank)
+
+    # -- structure ----------------------------------------------------------------------
+    @classmethod
+    def modes(cls, view: MatrixView) -> tuple[list[int], list[int]]:
+        raise NotImplementedError
+
+    @classmethod
+    def chain_layout(cls, view: MatrixView, rank: int | None) -> ChainLayout:
+        out_modes, in_modes = cls.modes(view)
+        assert math.prod(out_modes) == view.d_out and math.prod(in_modes) == view.d_in
+        return ChainLayout.build(out_modes, in_modes, rank, cls.learned)
+
+    @classmethod
+    def count_dof(cls, shape, transposed, rank):
+        return cls.chain_layout(MatrixView(shape, transposed), rank).dof
+
+    def extra_repr(self) -> str:
+        return (f"{self.view.shape}, rank={self.rank}, dof={self.dof}, "
+                f"modes={self.layout.out_modes}x{self.layout.in_modes}, tt_ranks={self.layout.ranks}")
+
+    # -- forward ------------------------------------------------------------------------
+    def _split(self, factors):
+        """-> (spectrum or None, [(bottom, top or None) per core])."""
+        it = iter(factors)
+        spectrum = learned_spectrum(next(it)) if self.learned else None
+        frames = []
+        for core in self.layout.cores:
+            bottom = next(it)
+            frames.append((bottom, None if core.reduced else next(it)))
+        return spectrum, frames
+
+    def chain_cores(self, *factors: Tensor) -> list[Tensor]:
+        """TT cores ``(R_{k-1}, n_k, R_k)`` with the spectrum multiplied into the last U-core."""
+        spectrum, frames = self._split(factors)
+        cores, n_out = [], len(self.layout.out_modes)
+        for k, (core, (bottom, top)) in enumerate(zip(self.layout.cores, frames)):
+            frame = householder_frame(bottom, top)
+            if core.is_u:
+                c = frame.reshape(core.left_rank, core.mode, core.right_rank)
+                if k == n_out - 1 and spectrum is not None:
+                    c = c * spectrum
+            else:
+                c = frame.reshape(core.mode, core.right_rank, core.left_rank).permute(2, 0, 1)
+            cores.append(c)
+        return cores
+
+    def forward(self, *factors: Tensor) -> Tensor:
+        full = tt_contract(self.chain_cores(*factors))
+        return self.view.from_matrix(full.reshape(self.view.d_out, self.view.d_in))
+
+    # -- spectrum -----------------------------------------------------------------------
+    def singular_values(self, *factors: Tensor) -> Tensor:
+        if not self.learned:
+            return torch.ones(self.rank, dtype=factors[0].dtype, device=factors[0].device)
+        return torch.sort(learned_spectrum(factors[0]).abs(), descending=True).values
+
+    def log_spectrum(self, *factors: Tensor) -> Tensor:
+        if not self.learned:
+            return super().log_spectrum(*factors)
+        return torch.log(learned_spectrum(factors[0]).abs())
+
+    # -- initialization -----------------------------------------------------------------
+    def identity_factors(self, dtype=torch.float32, device=None, generator=None):
+        out = [torch.ones(self.rank, dtype=dtype)] if self.learned else []
+        for core in self.layout.cores:
+            bottom, top = identity_frame_params(core.rows, core.cols, core.reduced, IDENTITY_NOISE,
+                                                dtype=dtype, generator=generator)
+            out.append(bottom)
+            if top is not None:
+                out.append(top)
+        return tuple(t.to(device) for t in out)
+
+    def decompose(self, weight: Tensor) -> tuple[Tensor, ...]:
+        """Factors of the best rank-``r`` chain approximation of ``weight``.
+
+        Exact for weights of rank ``<= r`` when the TT ranks are not truncated, up to what
+        the spectrum allows: the learned spectrum keeps ``W / sigma_max(W)``, the fixed one
+        the polar factor ``U_r V_r^T``.
+        """
+        lay, r = self.layout, self.rank
+        mat = self.view.to_matrix(weight.detach()).to(torch.float64)
+        u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        u, s, v = u[:, :r], s[:r], vh[:r].transpose(0, 1)
+        cores = lay.cores
+        n_out = len(lay.out_modes)
+
+        u_params, u_last = self._sweep_u(u, cores[:n_out])
+        if self.learned:
+            # signs of both frames next to Sigma go into the learned spectrum
+            bottom, top, sign_u, _ = frame_params_from_frame(u_last, reduced=False, flip=True)
+            u_params.append((bottom, top))
+            v_params, v_first = self._sweep_v(v, cores[n_out:])
+            bottom, top, sign_v, _ = frame_params_from_frame(v_first, reduced=False, flip=True)
+            s = s * sign_u * sign_v
+        else:
+            # U V^T = (U P)(V P)^T: rotate the last U-core into St_U form, move P to V
+            u_last, p = self._reduce_last(u_last)
+            v_params, v_first = self._sweep_v(v @ p, cores[n_out:])
+            # a sign flip on V's column j goes to U's column j, where the St_U diagonal
+            # (in [-1, 0] now) must stay below +1 after the flip
+            diag = torch.diagonal(u_last[: u_last.shape[1]])
+            bottom, top, sign_v, _ = frame_params_from_frame(v_first, reduced=False, flip=diag > -1 + 1e-6)
+            bottom_u, _, _, _ = frame_params_from_frame(u_last * sign_v, reduced=True, rotate=False)
+            u_params.append((bottom_u, None))
+        v_params.insert(0, (bottom, top))
+        out = []
+        if self.learned:
+            out.append(s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny))
+        for bottom, top in u_params + v_params:
+            out.append(bottom)
+            if top is not None:
+                out.append(top)
+        return tuple(t.to(dtype=weight.dtype, device=weight.device).contiguous() for t in out)
+
+    @staticmethod
+    def _reduce_last(frame: Tensor) -> tuple[Tensor, Tensor]:
+        """Rotate a frame into St_U form: ``(frame @ P, P)``."""
+        rotated = st_u_gauge(frame)
+        return rotated, frame.transpose(0, 1) @ rotated
+
+    @staticmethod
+    def _sweep_u(u: Tensor, cores: list[CoreFrame]):
+        """Left-to-right TT-SVD of ``u`` (``d_out x r``) into St_U frames (gauge-fixed).
+
+        Returns the parameters of all but the last core and the last core's frame."""
+        params, rest = [], u
+        for core in cores[:-1]:
+            rest = rest.reshape(core.rows, -1)
+            left, sv, right = torch.linalg.svd(rest, full_matrices=False)
+            frame = left[:, : core.cols]
+            bottom, _, _, p = frame_params_from_frame(frame, reduced=True)
+            params.append((bottom, None))
+            rest = p.transpose(0, 1) @ (sv[: core.cols, None] * right[: core.cols])
+        return params, _polar(rest.reshape(cores[-1].rows, cores[-1].cols))
+
+    @staticmethod
+    def _sweep_v(v: Tensor, cores: list[CoreFrame]):
+        """Right-to-left TT-SVD of ``v^T`` (``r x d_in``) into transposed St_U frames.
+
+        Returns the parameters of all but the first core (in chain order) and the first
+        core's frame ``(n_1 R_1) x r``."""
+        params, rest = [], v.transpose(0, 1)
+        for core in reversed(cores[1:]):
+            rest = rest.reshape(-1, core.rows)  # columns are (mode, right rank), row-major
+            left, sv, right = torch.linalg.svd(rest, full_matrices=False)
+            frame = right[: core.cols].transpose(0, 1)
+            bottom, _, _, p = frame_params_from_frame(frame, reduced=True)
+            params.insert(0, (bottom, None))
+            rest = (left[:, : core.cols] * sv[: core.cols]) @ p
+        first = cores[0]
+        return params, _polar(rest.reshape(first.cols, first.rows).transpose(0, 1))

@@ -1,0 +1,402 @@
+"""Model surgery: put layers' weights into a parametrization, account for compression, undo it.
+
+``parameterize`` registers a ``torch.nn.utils.parametrize`` parametrization on the
+``weight`` of selected Conv / ConvTranspose2d / Linear / Embedding layers. The model keeps
+its classes and structure; only ``weight`` becomes a function of factors. Surgery is
+atomic: it validates everything first, and if any layer fails, every layer touched so
+far gets its original weight back.
+
+Compression ``Z`` (Obukhov et al. 2021):
+``Z = 100 * (sum of DOF of parameterized weights + everything else in the state_dict)
+/ (everything in the dense model's state_dict)``, where "everything else" counts biases,
+BN affine parameters and running statistics and untouched layers, and never
+``num_batches_tracked``.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sttpfast.params import (
+    BASELINES,
+    PARAMETRIZATIONS,
+    MatrixView,
+    WeightParametrization,
+    default_init,
+    resolve_param,
+)
+
+__all__ = [
+    "SUPPORTED_LAYERS", "LayerRow", "CompressionReport", "parameterize", "compression_report",
+    "densify", "parameterization_spec", "apply_spec", "parametrization_of", "factors_of",
+    "parameterized_layers", "rank_for_compression",
+]
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear, nn.Embedding,
+)
+INITS = ("identity", "spectral")
+
+
+# ---------------------------------------------------------------------------------------
+# access to what surgery registered
+def parametrization_of(module: nn.Module) -> nn.Module | None:
+    """The (first) parametrization on ``module.weight``, or None."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    return module.parametrizations.weight[0]
+
+
+def factors_of(module: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The factor tensors (``original0, original1, ...``) behind ``module.weight``."""
+    plist = module.parametrizations.weight
+    if plist.is_tensor:
+        return (plist.original,)
+    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+
+
+def parameterized_layers(model: nn.Module):
+    """Yield ``(name, module, parametrization)`` for every parametrized weight."""
+    for name, module in model.named_modules():
+        p = parametrization_of(module)
+        if p is not None:
+            yield name, module, p
+
+
+def _param_name(p: nn.Module) -> str:
+    if isinstance(p, WeightParametrization):
+        return p.name
+    if type(p).__name__ == "_SpectralNorm":
+        return "sn"
+    return type(p).__name__
+
+
+def _dense_shape(module: nn.Module) -> tuple[int, ...]:
+    p = parametrization_of(module)
+    if isinstance(p, WeightParametrization):
+        return p.view.shape
+    if p is not None:
+        plist = module.parametrizations.weight
+        if hasattr(plist, "original"):
+            return tuple(plist.original.shape)
+    return tuple(module.weight.shape)
+
+
+def _layer_type(module: nn.Module) -> str:
+    """The layer's own class name (parametrize swaps in a generated subclass)."""
+    cls = type(module)
+    return cls.__bases__[0].__name__ if parametrize.is_parametrized(module) else cls.__name__
+
+
+def _transposed(module: nn.Module) -> bool:
+    return isinstance(module, nn.ConvTranspose2d)
+
+
+# ---------------------------------------------------------------------------------------
+# compression accounting
+@dataclass
+class LayerRow:
+    name: str
+    layer: str
+    shape: tuple[int, ...]
+    param: str
+    rank: int | None
+    dof: int
+    dense: int
+
+    @property
+    def ratio(self) -> float:
+        return 100.0 * self.dof / self.dense
+
+
+@dataclass
+class CompressionReport:
+    """Per-layer DOF and the model's compression ``z`` (percent, the paper's definition).
+
+    ``weights_ratio`` is the same ratio over the parameterized weights alone.
+    """
+
+    rows: list[LayerRow] = field(default_factory=list)
+    dense_total: int = 0
+    compressed_total: int = 0
+    rank: int | None = None
+    param: str = "dense"
+
+    @property
+    def z(self) -> float:
+        return 100.0 * self.compressed_total / self.dense_total if self.dense_total else 100.0
+
+    @property
+    def weights_ratio(self) -> float:
+        dense = sum(r.dense for r in self.rows)
+        return 100.0 * sum(r.dof for r in self.rows) / dense if dense else 100.0
+
+    def table(self) -> str:
+        head = f"{'layer':<36} {'type':<16} {'shape':<20} {'param':<8} {'rank':>5} {'dof':>10} {'dense':>10} {'%':>7}"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(f"{r.name:<36} {r.layer:<16} {'x'.join(map(str, r.shape)):<20} {r.param:<8} "
+                         f"{'-' if r.rank is None else r.rank:>5} {r.dof:>10} {r.dense:>10} {r.ratio:>7.2f}")
+        lines.append("-" * len(head))
+        lines.append(self.summary())
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        return (f"layers {len(self.rows)}  params {self.compressed_total:,} / {self.dense_total:,}  "
+                f"Z = {self.z:.2f}%  (weights only {self.weights_ratio:.2f}%)")
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _layer_dof(module: nn.Module, p: nn.Module) -> int:
+    if isinstance(p, WeightParametrization):
+        return p.dof
+    if _param_name(p) == "sn":  # a rescaling of the full weight: every entry is free
+        return math.prod(_dense_shape(module))
+    return sum(t.numel() for t in factors_of(module))
+
+
+def compression_report(model: nn.Module) -> CompressionReport:
+    """Per-layer table and ``Z`` of a (possibly) parameterized model."""
+    report = CompressionReport()
+    params = set()
+    for name, module, p in parameterized_layers(model):
+        dense = math.prod(_dense_shape(module))
+        rank = getattr(p, "rank", None)
+        row = LayerRow(name, _layer_type(module), _dense_shape(module), _param_name(p), rank, _layer_dof(module, p), dense)
+        report.rows.append(row)
+        report.dense_total += dense
+        report.compressed_total += row.dof
+        params.add(row.param)
+    for key, tensor in model.state_dict().items():
+        if key.endswith("num_batches_tracked") or ".parametrizations." in f".{key}":
+            continue
+        report.dense_total += tensor.numel()
+        report.compressed_total += tensor.numel()
+    ranks = {r.rank for r in report.rows}
+    report.rank = ranks.pop() if len(ranks) == 1 else None
+    report.param = "+".join(sorted(params)) or "dense"
+    return report
+
+
+# ---------------------------------------------------------------------------------------
+# selection
+def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
+    """Layers to parameterize, in module order. Errors name the offending pattern/layer."""
+    include = [include] if isinstance(include, str) else list(include or [])
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    if not include:
+        exclude += list(getattr(model, "default_param_exclude", ()))
+    modules = dict(model.named_modules())
+    supported = {n: m for n, m in modules.items() if n and isinstance(m, SUPPORTED_LAYERS)}
+    allowed = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
+    for pattern in include:
+        if pattern in modules and pattern not in supported:
+            raise ValueError(f"layer {pattern!r} is a {type(modules[pattern]).__name__}, which cannot be "
+                             f"parameterized; supported layer types: {allowed}")
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in supported):
+            raise ValueError(f"include pattern {pattern!r} matches no {allowed} layer; "
+                             f"examples of layer names: {', '.join(list(supported)[:6])}")
+    chosen = []
+    for name, module in supported.items():
+        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        chosen.append((name, module))
+    return chosen
+
+
+def _check_rank(rank) -> None:
+    if rank is None:
+        return
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+
+
+def _check_compression(compression) -> float:
+    try:
+        value = float(compression)
+    except (TypeError, ValueError):
+        raise ValueError(f"compression must be a number in (0, 100] (percent), got {compression!r}") from None
+    if not 0.0 < value <= 100.0 or math.isnan(value):
+        raise ValueError(f"compression must be in (0, 100] (percent of the dense size), got {compression!r}")
+    return value
+
+
+def _layer_count_dof(param: str, module: nn.Module, rank: int | None) -> int:
+    return PARAMETRIZATIONS[param].count_dof(tuple(module.weight.shape), _transposed(module), rank)
+
+
+def _z_for_rank(param, layers, base_dense, base_other, rank) -> float:
+    dof = sum(_layer_count_dof(param, m, rank) for _, m in layers)
+    return 100.0 * (base_other + dof) / base_dense
+
+
+def rank_for_compression(model: nn.Module, param: str, compression: float, layers=None) -> tuple[int, float]:
+    """The global rank whose ``Z`` is closest to ``compression`` (bisection; Z grows with rank)."""
+    param = resolve_param(param)
+    layers = layers if layers is not None else _select(model, None, None)
+    base = compression_report(model)
+    chosen_dense = sum(m.weight.numel() for _, m in layers)
+    base_other = base.compressed_total - chosen_dense
+    views = [MatrixView(tuple(m.weight.shape), _transposed(m)) for _, m in layers]
+    max_rank = max(min(v.d_out, v.d_in) for v in views)
+    z = lambda r: _z_for_rank(param, layers, base.dense_total, base_other, r)  # noqa: E731
+    lo, hi = 1, max_rank
+    while lo < hi:  # smallest rank with Z >= target
+        mid = (lo + hi) // 2
+        if z(mid) >= compression:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min({lo, max(lo - 1, 1)}, key=lambda r: (abs(z(r) - compression), r))
+    return best, z(best)
+
+
+# ---------------------------------------------------------------------------------------
+# surgery
+def _register(module: nn.Module, param: str, rank: int | None, init: str) -> None:
+    if param == "sn":
+        torch.nn.utils.parametrizations.spectral_norm(module)
+        return
+    p = PARAMETRIZATIONS[param](tuple(module.weight.shape), _transposed(module), rank, init)
+    p = p.to(device=module.weight.device)
+    if init == "identity":
+        with p.registering_identity():
+            parametrize.register_parametrization(module, "weight", p, unsafe=True)
+    else:
+        parametrize.register_parametrization(module, "weight", p, unsafe=True)
+
+
+def parameterize(
+    model: nn.Module,
+    param: str,
+    rank: int | None = None,
+    compression: float | None = None,
+    include=None,
+    exclude=None,
+    init: str | None = None,
+) -> CompressionReport:
+    """Replace the weights of selected layers by ``param`` in place; return the report.
+
+    Args:
+        model: any ``nn.Module`` (a timm model, a registered sttpfast model...).
+        param: ``svdp-c|svdp-l|svdp-r|sttp-c|sttp-l|sttp-r|lowrank|sn|dense`` (``svdp`` and
+            ``sttp`` mean the ``-l`` forms).
+        rank: the SVD rank ``r`` shared by all layers (capped per layer by its shape);
+            None means full rank.
+        compression: instead of ``rank``, a target ``Z`` in percent; the global rank whose
+            ``Z`` is closest is used.
+        include / exclude: glob patterns over module names (``"blocks.*.conv1"``). Without
+            ``include`` every supported layer is taken except the model's
+            ``default_param_exclude``.
+        init: ``identity`` (the paper's; default for SVDP/STTP) or ``spectral`` (decompose
+            the layer's current weight; default for ``lowrank``; converts pretrained layers).
+    Raises:
+        ValueError: a bad argument, naming it and the allowed values; ``model`` is unchanged.
+    """
+    param = resolve_param(param)
+    if rank is not None and compression is not None:
+        raise ValueError("give either rank or compression, not both")
+    _check_rank(rank)
+    if compression is not None:
+        compression = _check_compression(compression)
+        if param in BASELINES:
+            raise ValueError(f"compression needs a low-rank parameterization, not {param!r}")
+    init = init or default_init(param)
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
+    layers = _select(model, include, exclude)
+    for name, module in layers:
+        if parametrize.is_parametrized(module, "weight"):
+            raise ValueError(f"layer {name!r} is already parameterized ({_param_name(parametrization_of(module))}); "
+                             "densify the model first")
+    if param == "dense":
+        return compression_report(model)
+    if compression is not None:
+        rank, _ = rank_for_compression(model, param, compression, layers)
+    if param in PARAMETRIZATIONS and rank is not None:
+        over = [n for n, m in layers if _layer_count_dof(param, m, rank) > m.weight.numel()]
+        if over:
+            warnings.warn(f"{param} at rank {rank} has more degrees of freedom than the dense weight in "
+                          f"{len(over)} layer(s): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}",
+                          stacklevel=2)
+    _apply_atomically([(name, module, param, rank, init) for name, module in layers])
+    report = compression_report(model)
+    report.rank, report.param = rank, param
+    return report
+
+
+def _apply_atomically(plan) -> None:
+    done: list[tuple[nn.Module, nn.Parameter]] = []
+    try:
+        for name, module, param, rank, init in plan:
+            original = module.weight
+            try:
+                _register(module, param, rank, init)
+            except Exception as err:
+                raise ValueError(f"cannot parameterize layer {name!r} ({_layer_type(module)} "
+                                 f"{tuple(original.shape)}) as {param}: {err}") from err
+            done.append((module, original))
+    except BaseException:
+        for module, original in reversed(done):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            module.weight = original
+        raise
+
+
+def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """A plain model with every parametrized weight materialized (same outputs).
+
+    By default the parameterized ``model`` is left alone and a dense copy is returned."""
+    target = model if inplace else copy.deepcopy(model)
+    for _, module, _ in list(parameterized_layers(target)):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return target
+
+
+# ---------------------------------------------------------------------------------------
+# specs: what a checkpoint stores to rebuild the same parameterization
+def parameterization_spec(model: nn.Module) -> dict[str, dict]:
+    """``{layer name: {"param", "rank", "shape"}}`` for every parametrized weight."""
+    spec = {}
+    for name, module, p in parameterized_layers(model):
+        if isinstance(p, WeightParametrization):
+            spec[name] = p.spec()
+        elif _param_name(p) == "sn":
+            spec[name] = {"param": "sn", "rank": None, "shape": list(_dense_shape(module))}
+        else:
+            raise ValueError(f"layer {name!r} has a foreign parametrization {type(p).__name__}; "
+                             "only sttpfast's and spectral_norm can be saved")
+    return spec
+
+
+def apply_spec(model: nn.Module, spec: dict[str, dict]) -> None:
+    """Re-apply a stored spec to a dense model of the same architecture (identity init;
+    the checkpoint's tensors are loaded afterwards). Mismatches are reported together."""
+    modules = dict(model.named_modules())
+    problems = []
+    for name, entry in spec.items():
+        module = modules.get(name)
+        if module is None:
+            problems.append(f"layer {name!r} does not exist in the model")
+        elif not isinstance(module, SUPPORTED_LAYERS):
+            problems.append(f"layer {name!r} is a {type(module).__name__}, not a parameterizable layer")
+        elif parametrize.is_parametrized(module, "weight"):
+            problems.append(f"layer {name!r} is already parameterized")
+        elif list(module.weight.shape) != list(entry["shape"]):
+            problems.append(f"layer {name!r} has weight shape {list(module.weight.shape)}, "
+                            f"the checkpoint has {list(entry['shape'])}")
+    if problems:
+        raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
+    _apply_atomically([(name, modules[name], resolve_param(e["param"]), e.get("rank"), "identity")
+                       for name, e in spec.items()])
