@@ -1,0 +1,60 @@
+"""Timing helpers shared by the benchmarks: interleaved repeats, medians, markdown tables."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn, device="cpu") -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(fns: dict, repeats: int, warmup: int = 2, device="cpu", inner: int = 1) -> dict[str, list[float]]:
+    """Time every function ``repeats`` times, A B C A B C ..., after ``warmup`` rounds.
+
+    Interleaving puts A and B under the same machine load, so their ratio is fair on a
+    shared, noisy machine. Each sample is the mean of ``inner`` calls (seconds)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            samples[name].append(time_once(lambda: [fn() for _ in range(inner)], device) / inner)
+    return samples
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def ratio_stats(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median and min-max of the per-repeat ratios num/den (paired samples)."""
+    ratios = [a / b for a, b in zip(num, den)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, "
+            f"torch {torch.__version__}, {date.today().isoformat()}")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)

@@ -1,0 +1,233 @@
+"""Model surgery: the paper's compression numbers, selection, atomicity, densify, checkpoints."""
+import json
+import warnings
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+import sttpfast
+from sttpfast import compression_report, densify, load_parameterized, parameterize, save_parameterized
+from sttpfast.surgery import parameterized_layers, rank_for_compression
+
+
+def state_snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_unchanged(model, snapshot):
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    now = model.state_dict()
+    assert now.keys() == snapshot.keys()
+    assert all(torch.equal(now[k], snapshot[k]) for k in now)
+
+
+# FACTS.md: SNGAN CIFAR-10 discriminator at rank 64
+@pytest.mark.parametrize("param,z", [("svdp-c", 51.74), ("svdp-l", 53.36), ("svdp-r", 53.36),
+                                     ("sttp-c", 16.71), ("sttp-l", 18.33), ("sttp-r", 18.33)])
+def test_paper_compression_of_sngan_discriminator(param, z):
+    model = timm.create_model("sngan_d32")
+    report = parameterize(model, param, rank=64)
+    assert round(report.z, 2) == z
+    assert round(compression_report(model).z, 2) == z
+    assert len(report.rows) == 11  # every conv and the linear
+
+
+def test_wrn28_10_sttp_compression_matches_paper_scale():
+    model = timm.create_model("wrn28_10", num_classes=10)
+    assert abs(parameterize(model, "sttp-r", rank=32).z - 1.0) < 0.1  # "Z about 1%"
+    model = timm.create_model("wrn28_10", num_classes=10)
+    assert abs(parameterize(model, "sttp-r", rank=64).z - 2.9) < 0.1  # "Z about 2.9%"
+
+
+def test_report_counts_bn_statistics_but_not_num_batches_tracked():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.BatchNorm2d(8))
+    dense = compression_report(model)
+    assert dense.dense_total == 3 * 8 * 9 + 4 * 8 and dense.z == 100.0
+    report = parameterize(model, "svdp-l", rank=2)
+    dof = 2 * (8 + 27) - 4
+    assert report.compressed_total == dof + 32 and report.dense_total == 216 + 32
+    assert abs(report.weights_ratio - 100 * dof / 216) < 1e-9
+    assert "Z =" in str(report) and "0" in report.table()
+
+
+def test_generator_first_linear_is_never_parameterized():
+    model = timm.create_model("sngan_g32")
+    report = parameterize(model, "sttp-c", rank=64)
+    names = [r.name for r in report.rows]
+    assert "l1" not in names and "conv_out" in names
+
+
+def test_compression_target_picks_the_closest_rank():
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    rank, z = rank_for_compression(model, "sttp-r", 10.0)
+    report = parameterize(model, "sttp-r", compression=10.0)
+    assert report.rank == rank and abs(report.z - z) < 1e-9
+    for other in (rank - 1, rank + 1):
+        probe = timm.create_model("resnet20_cifar", num_classes=10)
+        assert abs(parameterize(probe, "sttp-r", rank=other).z - 10.0) >= abs(z - 10.0) - 1e-9
+
+
+@pytest.mark.parametrize("param", ["svdp-l", "sttp-r", "svdp-c", "sttp-c", "lowrank", "sn"])
+def test_densify_reproduces_outputs(param):
+    model = timm.create_model("resnet20_cifar", num_classes=10).eval()
+    parameterize(model, param, init="spectral" if param != "sn" else None)
+    with torch.no_grad():
+        # perturb every factor so the check is not about the identity init
+        for _, module, _ in parameterized_layers(model):
+            for t in module.parametrizations.weight.parameters():
+                t.add_(0.01 * torch.randn_like(t))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        dense = densify(model)
+        assert not any(parametrize.is_parametrized(m) for m in dense.modules())
+        assert any(parametrize.is_parametrized(m) for m in model.modules())  # a copy by default
+        assert (dense(x) - out).abs().max() <= 1e-5
+
+
+def test_full_rank_spectral_conversion_keeps_a_trained_lowrank_model():
+    model = timm.create_model("resnet20_cifar", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        parameterize(model, "lowrank", init="spectral")  # full rank: an exact conversion
+        assert (model(x) - ref).abs().max() < 1e-4
+
+
+def test_dense_and_sn_baselines():
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    assert parameterize(model, "dense").z == 100.0
+    report = parameterize(model, "sn")
+    assert report.z == 100.0 and all(r.param == "sn" for r in report.rows)
+
+
+def test_include_exclude_patterns():
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    report = parameterize(model, "sttp", rank=4, include=["blocks.*.conv1"], exclude=["blocks.0.*"])
+    names = {r.name for r in report.rows}
+    assert names == {f"blocks.{i}.conv1" for i in range(1, 9)}
+
+
+def test_rank_above_dense_warns():
+    model = nn.Sequential(nn.Linear(16, 16))
+    with pytest.warns(UserWarning, match="more degrees of freedom"):
+        parameterize(model, "lowrank", rank=16)
+
+
+BAD_CALLS = [
+    (dict(param="nope", rank=4), "unknown parameterization 'nope'; allowed"),
+    (dict(param="sttp", rank=0), "rank must be a positive integer"),
+    (dict(param="sttp", rank=2.5), "rank must be a positive integer"),
+    (dict(param="sttp", rank=True), "rank must be a positive integer"),
+    (dict(param="sttp", compression=0), r"compression must be in \(0, 100\]"),
+    (dict(param="sttp", compression=120), r"compression must be in \(0, 100\]"),
+    (dict(param="sttp", compression="x"), "compression must be a number"),
+    (dict(param="sttp", rank=4, compression=5), "either rank or compression"),
+    (dict(param="sn", compression=5), "needs a low-rank"),
+    (dict(param="sttp", rank=4, include=["nothing.*"]), "include pattern 'nothing.*' matches no"),
+    (dict(param="sttp", rank=4, include=["blocks.0.bn1"]), "layer 'blocks.0.bn1' is a BatchNorm2d.*supported layer types"),
+    (dict(param="sttp", rank=4, init="orthogonal"), "unknown init 'orthogonal'; allowed"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD_CALLS)
+def test_bad_input_is_one_clear_error_and_leaves_the_model_alone(kwargs, message):
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    snapshot = state_snapshot(model)
+    with pytest.raises(ValueError, match=message):
+        parameterize(model, **kwargs)
+    assert_unchanged(model, snapshot)
+
+
+def test_surgery_is_atomic_when_a_layer_fails(monkeypatch):
+    import sttpfast.surgery as surgery
+
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    snapshot = state_snapshot(model)
+    originals = {n: m.weight for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    real, calls = surgery._register, []
+
+    def flaky(module, *args):
+        calls.append(module)
+        if len(calls) == 5:
+            raise RuntimeError("boom")
+        return real(module, *args)
+
+    monkeypatch.setattr(surgery, "_register", flaky)
+    with pytest.raises(ValueError, match="cannot parameterize layer .*boom"):
+        parameterize(model, "sttp", rank=4)
+    assert_unchanged(model, snapshot)
+    assert all(dict(model.named_modules())[n].weight is w for n, w in originals.items())
+
+
+def test_parameterizing_twice_is_refused():
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    parameterize(model, "sttp", rank=4)
+    with pytest.raises(ValueError, match="already parameterized"):
+        parameterize(model, "svdp", rank=4)
+
+
+def test_every_supported_layer_type():
+    model = nn.ModuleDict({
+        "c1": nn.Conv1d(4, 6, 3), "c3": nn.Conv3d(2, 4, 3), "ct": nn.ConvTranspose2d(4, 6, 3),
+        "lin": nn.Linear(12, 10), "emb": nn.Embedding(20, 8),
+    })
+    report = parameterize(model, "sttp-r", rank=3)
+    assert len(report.rows) == 5
+    assert model["ct"](torch.randn(1, 4, 5, 5)).shape == (1, 6, 7, 7)
+    assert model["emb"](torch.tensor([1, 2])).shape == (2, 8)
+    for _, module, p in parameterized_layers(model):
+        assert module.weight.shape == p.view.shape
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
+    model = timm.create_model("resnet20_cifar", num_classes=7).eval()
+    parameterize(model, "sttp-r", rank=6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    path = save_parameterized(model, tmp_path / "m.safetensors", metadata={"epoch": 3})
+    loaded = load_parameterized(path).eval()  # architecture and spec come from the file
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    assert sttpfast.parameterization_spec(loaded) == sttpfast.parameterization_spec(model)
+    into_dense = load_parameterized(path, timm.create_model("resnet20_cifar", num_classes=7))
+    assert sttpfast.parameterization_spec(into_dense) == sttpfast.parameterization_spec(model)
+
+
+def test_checkpoint_mismatch_says_what_differs(tmp_path):
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    parameterize(model, "sttp-r", rank=6)
+    path = save_parameterized(model, tmp_path / "m.safetensors")
+    other = timm.create_model("resnet20_cifar", num_classes=10)
+    parameterize(other, "sttp-r", rank=4)
+    with pytest.raises(ValueError, match=r"blocks.0.conv1: model has sttp-r rank 4 .* checkpoint has sttp-r rank 6"):
+        load_parameterized(path, other)
+    wrong_arch = timm.create_model("resnet32_cifar", num_classes=10)
+    snapshot = state_snapshot(wrong_arch)
+    with pytest.raises(ValueError, match="does not match"):
+        load_parameterized(path, wrong_arch)
+    assert_unchanged(wrong_arch, snapshot)
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable safetensors checkpoint"):
+        load_parameterized(bad)
+
+
+def test_checkpoint_metadata_is_plain_json(tmp_path):
+    from sttpfast.checkpoint import read_metadata
+
+    model = timm.create_model("sngan_d32")
+    parameterize(model, "svdp-c", rank=64)
+    meta = read_metadata(save_parameterized(model, tmp_path / "d.safetensors"))
+    spec = json.loads(meta["sttpfast_spec"])
+    assert spec["blocks.1.conv1"] == {"param": "svdp-c", "rank": 64, "shape": [128, 128, 3, 3]}
+    assert meta["architecture"] == "sngan_d32"
