@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sttpfast.params.frame_bank import attach_frame_bank, detach_frame_bank
 from sttpfast.params import (
     BASELINES,
     PARAMETRIZATIONS,
@@ -330,13 +331,13 @@ def parameterize(
             warnings.warn(f"{param} at rank {rank} has more degrees of freedom than the dense weight in "
                           f"{len(over)} layer(s): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}",
                           stacklevel=2)
-    _apply_atomically([(name, module, param, rank, init) for name, module in layers])
+    _apply_atomically([(name, module, param, rank, init) for name, module in layers], model)
     report = compression_report(model)
     report.rank, report.param = rank, param
     return report
 
 
-def _apply_atomically(plan) -> None:
+def _apply_atomically(plan, root: nn.Module | None = None) -> None:
     done: list[tuple[nn.Module, nn.Parameter]] = []
     try:
         for name, module, param, rank, init in plan:
@@ -347,6 +348,8 @@ def _apply_atomically(plan) -> None:
                 raise ValueError(f"cannot parameterize layer {name!r} ({_layer_type(module)} "
                                  f"{tuple(original.shape)}) as {param}: {err}") from err
             done.append((module, original))
+        if root is not None:
+            attach_frame_bank(root)
     except BaseException:
         for module, original in reversed(done):
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
@@ -359,6 +362,7 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     By default the parameterized ``model`` is left alone and a dense copy is returned."""
     target = model if inplace else copy.deepcopy(model)
+    detach_frame_bank(target)
     for _, module, _ in list(parameterized_layers(target)):
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return target
@@ -399,4 +403,4 @@ def apply_spec(model: nn.Module, spec: dict[str, dict]) -> None:
     if problems:
         raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
     _apply_atomically([(name, modules[name], resolve_param(e["param"]), e.get("rank"), "identity")
-                       for name, e in spec.items()])
+                       for name, e in spec.items()], model)

@@ -156,3 +156,54 @@ def test_resolve_param():
     assert resolve_param("STTP") == "sttp-l" and resolve_param("svdp") == "svdp-l"
     with pytest.raises(ValueError, match="allowed: .*sttp-c"):
         resolve_param("ttp")
+
+
+@pytest.mark.parametrize("cls", [STTPLearned, STTPConstant, SVDPLearned])
+def test_matmul_sweeps_equal_the_tt_contraction_of_the_cores(cls):
+    """forward() contracts by matmul sweeps; check against the generic TT contraction of
+    the cores as DESIGN.md defines them (U-core = frame reshaped, V-core = transposed frame)."""
+    from sttpfast.linalg.tt import tt_contract
+
+    p = cls((24, 12, 3, 3), rank=5).double()
+    factors = [t + 0.3 * torch.randn_like(t) for t in p.identity_factors(torch.float64)]
+    spectrum, frames = p.frames(*factors)
+    cores, n_out = [], len(p.layout.out_modes)
+    for k, (core, frame) in enumerate(zip(p.layout.cores, frames)):
+        if core.is_u:
+            c = frame.reshape(core.left_rank, core.mode, core.right_rank)
+            if k == n_out - 1 and spectrum is not None:
+                c = c * spectrum
+        else:
+            c = frame.reshape(core.mode, core.right_rank, core.left_rank).permute(2, 0, 1)
+        cores.append(c)
+    full = tt_contract(cores).reshape(24, 12 * 9)
+    assert torch.allclose(p.view.to_matrix(p(*factors)), full, atol=1e-12)
+    u, _, v = p.svd_factors(*factors)
+    assert torch.allclose(u.T @ u, torch.eye(5, dtype=u.dtype), atol=1e-12)
+    assert torch.allclose(v.T @ v, torch.eye(5, dtype=v.dtype), atol=1e-12)
+
+
+def test_frame_bank_matches_per_layer_frames():
+    import copy
+
+    import timm
+    import torch.nn.functional as F
+
+    import sttpfast
+    from sttpfast.params.frame_bank import detach_frame_bank
+
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    sttpfast.parameterize(model, "sttp-r", rank=8)
+    with torch.no_grad():
+        for t in model.parameters():
+            t.add_(0.01 * torch.randn_like(t))
+    plain = copy.deepcopy(model)
+    detach_frame_bank(plain)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for m in (model, plain):
+        F.cross_entropy(m(x), y).backward()
+    assert torch.allclose(model(x), plain(x), atol=1e-5)  # batched matmuls round differently
+    for a, b in zip(model.parameters(), plain.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+    bank = model.__dict__["_sttpfast_frame_bank"]
+    assert bank.weight(bank.members[0][1]) is None  # outside a forward pass nothing is kept

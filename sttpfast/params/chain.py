@@ -35,10 +35,10 @@ from sttpfast.linalg.householder import (
     st_u_gauge,
     stiefel_dof,
 )
-from sttpfast.linalg.tt import tt_contract, tt_ranks
+from sttpfast.linalg.tt import tt_ranks
 from sttpfast.params.base import MatrixView, WeightParametrization, learned_spectrum
 
-__all__ = ["ChainLayout", "SpectralChain", "IDENTITY_NOISE"]
+__all__ = ["ChainLayout", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix"]
 
 #: standard deviation of the reflector entries at the identity initialization
 IDENTITY_NOISE = 1e-3
@@ -106,6 +106,37 @@ def _polar(m: Tensor) -> Tensor:
     return u @ vh
 
 
+def contract_chain(layout: ChainLayout, frames: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Contract the U- and V-chains of ``frames`` (each ``(..., rows, cols)``).
+
+    Returns ``U (..., d_out, r)`` and ``V (..., d_in, r)``, both with orthonormal columns.
+    The chains are contracted by two sweeps of matmuls whose reshapes are all views (U left
+    to right, V right to left): a chain's cheapest order is the sweep, and it needs no
+    permuted copies, unlike a generic einsum path. Leading dims batch equal layouts.
+    """
+    n_out = len(layout.out_modes)
+    u = None
+    for core, frame in zip(layout.cores[:n_out], frames[:n_out]):
+        # frame: (R_{k-1} n_k) x R_k, i.e. the core as R_{k-1} x (n_k R_k)
+        step = frame.reshape(*frame.shape[:-2], core.left_rank, core.mode * core.right_rank)
+        u = step if u is None else u @ step
+        u = u.reshape(*frame.shape[:-2], -1, core.right_rank)
+    v = None
+    for core, frame in zip(reversed(layout.cores[n_out:]), reversed(frames[n_out:])):
+        # frame: (n_k R_k) x R_{k-1}; the rows of v are the input modes right of k
+        f3 = frame.reshape(*frame.shape[:-2], core.mode, core.right_rank, core.left_rank)
+        v = f3 if v is None else torch.matmul(v.unsqueeze(-3), f3)  # (..., n_k, rows of v, R_{k-1})
+        v = v.reshape(*frame.shape[:-2], -1, core.left_rank)
+    return u, v
+
+
+def weight_matrix(u: Tensor, spectrum: Tensor | None, v: Tensor) -> Tensor:
+    """``U diag(s) V^T``: ``(..., d_out, r), (..., r) or None, (..., d_in, r) -> (..., d_out, d_in)``."""
+    if spectrum is not None:
+        u = u * spectrum.unsqueeze(-2)
+    return u @ v.mT
+
+
 class SpectralChain(WeightParametrization):
     """``W = U diag(s) V^T`` with ``U``, ``V`` tensor-train chains of Householder frames.
 
@@ -141,34 +172,35 @@ class SpectralChain(WeightParametrization):
                 f"modes={self.layout.out_modes}x{self.layout.in_modes}, tt_ranks={self.layout.ranks}")
 
     # -- forward ------------------------------------------------------------------------
-    def _split(self, factors):
-        """-> (spectrum or None, [(bottom, top or None) per core])."""
+    def split_factors(self, factors):
+        """-> (raw spectrum ``S`` or None, [(bottom, top or None) per core])."""
         it = iter(factors)
-        spectrum = learned_spectrum(next(it)) if self.learned else None
+        spectrum = next(it) if self.learned else None
         frames = []
         for core in self.layout.cores:
             bottom = next(it)
             frames.append((bottom, None if core.reduced else next(it)))
         return spectrum, frames
 
-    def chain_cores(self, *factors: Tensor) -> list[Tensor]:
-        """TT cores ``(R_{k-1}, n_k, R_k)`` with the spectrum multiplied into the last U-core."""
-        spectrum, frames = self._split(factors)
-        cores, n_out = [], len(self.layout.out_modes)
-        for k, (core, (bottom, top)) in enumerate(zip(self.layout.cores, frames)):
-            frame = householder_frame(bottom, top)
-            if core.is_u:
-                c = frame.reshape(core.left_rank, core.mode, core.right_rank)
-                if k == n_out - 1 and spectrum is not None:
-                    c = c * spectrum
-            else:
-                c = frame.reshape(core.mode, core.right_rank, core.left_rank).permute(2, 0, 1)
-            cores.append(c)
-        return cores
+    def frames(self, *factors: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+        """``(s or None, [frame per core])``, built here, one WY call per core."""
+        raw, params = self.split_factors(factors)
+        frames = [householder_frame(bottom, top) for bottom, top in params]
+        return (None if raw is None else learned_spectrum(raw)), frames
+
+    def svd_factors(self, *factors: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(U (d_out, r), s (r,) or None, V (d_in, r))`` with ``W = U diag(s) V^T``."""
+        spectrum, frames = self.frames(*factors)
+        u, v = contract_chain(self.layout, frames)
+        return u, spectrum, v
 
     def forward(self, *factors: Tensor) -> Tensor:
-        full = tt_contract(self.chain_cores(*factors))
-        return self.view.from_matrix(full.reshape(self.view.d_out, self.view.d_in))
+        bank = self.__dict__.get("frame_bank")
+        matrix = bank.weight(self) if bank is not None else None
+        if matrix is None:
+            u, spectrum, v = self.svd_factors(*factors)
+            matrix = weight_matrix(u, spectrum, v)
+        return self.view.from_matrix(matrix)
 
     # -- spectrum -----------------------------------------------------------------------
     def singular_values(self, *factors: Tensor) -> Tensor:
