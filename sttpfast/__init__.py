@@ -7,6 +7,8 @@
 """
 from sttpfast import models  # noqa: F401  (registers the architectures in timm)
 from sttpfast.checkpoint import load_parameterized, save_parameterized
+from sttpfast.data import get_dls
+from sttpfast.learner import fit, spectral_learner
 from sttpfast.surgery import (
     CompressionReport,
     compression_report,
@@ -19,5 +21,6 @@ from sttpfast.surgery import (
 __version__ = "0.1.0"
 __all__ = [
     "parameterize", "compression_report", "densify", "parameterization_spec", "rank_for_compression",
-    "CompressionReport", "save_parameterized", "load_parameterized", "__version__",
+    "CompressionReport", "save_parameterized", "load_parameterized", "get_dls", "spectral_learner", "fit",
+    "__version__",
 ]

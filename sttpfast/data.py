@@ -701,6 +701,46 @@ class InMemoryImageDL(DataLoader):
         self._norm_device, self._norm_on_device = None, None
         self._shuffle_gen = torch.Generator().manual_seed(seed)
         self._aug_gen = torch.Generator().manual_seed((seed + _AUG_SEED_OFFSET) % 2**63)
+        self.rank, self.world_size = 0, 1
+
+    # --- distributed training and exact resume ---------------------------------------------------
+    def shard(self, rank: int, world_size: int) -> "InMemoryImageDL":
+        """Make this loader deliver rank ``rank``'s part of every epoch (in place).
+
+        Shuffled (training) loaders give rank ``r`` every ``world_size``-th batch of the common
+        seeded order, all ranks the same number of batches (DDP needs it): with per-rank batch
+        ``bs`` a step sees the same ``world_size * bs`` images as one process with that batch.
+        Unshuffled (validation) loaders split the items, ``order[r::world_size]``, so every
+        item is evaluated exactly once across ranks."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size = rank, world_size
+        return self
+
+    def rng_state(self) -> dict[str, Tensor]:
+        """States of the shuffling and augmentation generators (uint8 tensors)."""
+        return {"shuffle": self._shuffle_gen.get_state(), "augment": self._aug_gen.get_state()}
+
+    def set_rng_state(self, state: dict[str, Tensor]) -> None:
+        self._shuffle_gen.set_state(state["shuffle"])
+        self._aug_gen.set_state(state["augment"])
+
+    def _batches(self, order: Tensor) -> list[Tensor]:
+        if self.world_size > 1 and not self.shuffle:
+            order = order[self.rank::self.world_size]
+        batches = list(order.split(self.bs)) if len(order) else []
+        if self.drop_last and batches and len(batches[-1]) < self.bs:
+            batches.pop()
+        if self.world_size > 1 and self.shuffle:
+            keep = len(batches) // self.world_size * self.world_size
+            batches = batches[:keep][self.rank::self.world_size]
+        return batches
+
+    def __len__(self) -> int:
+        n = self.n if self.n is not None else len(self.dataset)
+        if self.world_size == 1:
+            return super().__len__()
+        return len(self._batches(torch.arange(n)))
 
     def __iter__(self):
         # Each batch is a handful of memory-bound ops on ~10^5..10^6 bytes: splitting them over
@@ -733,9 +773,7 @@ class InMemoryImageDL(DataLoader):
         """Index tensors ``(bs,)``, one per batch (the last one shorter unless ``drop_last``)."""
         # fastai's __iter__ stores the get_idxs() result in its private (name-mangled) __idxs.
         order = torch.as_tensor(self._DataLoader__idxs, dtype=torch.int64)
-        batches = list(order.split(self.bs)) if len(order) else []
-        if self.drop_last and batches and len(batches[-1]) < self.bs:
-            batches.pop()
+        batches = self._batches(order)
         # With worker processes, batch i goes to worker i % num_workers (fastai sets
         # num_workers / offs inside each worker), which keeps the batch order.
         return (b for i, b in enumerate(batches) if i % self.num_workers == self.offs)
@@ -771,7 +809,7 @@ class InMemoryImageDL(DataLoader):
     def new(self, dataset=None, cls=None, **kwargs):
         kwargs = {"augment": self.augment, "pad": self.pad, "flip": self.flip, "mean": self.mean,
                   "std": self.std, "seed": self.seed, **kwargs}
-        return super().new(dataset=dataset, cls=cls, **kwargs)
+        return super().new(dataset=dataset, cls=cls, **kwargs).shard(self.rank, self.world_size)
 
     def decode(self, b):
         """Undo the normalization: float ``(B, C, H, W)`` -> values in [0, 1]."""

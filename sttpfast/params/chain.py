@@ -198,8 +198,10 @@ class SpectralChain(WeightParametrization):
         bank = self.__dict__.get("frame_bank")
         matrix = bank.weight(self) if bank is not None else None
         if matrix is None:
-            u, spectrum, v = self.svd_factors(*factors)
-            matrix = weight_matrix(u, spectrum, v)
+            # orthogonality needs full precision: never build frames under bf16/fp16 autocast
+            with torch.autocast(factors[-1].device.type, enabled=False):
+                u, spectrum, v = self.svd_factors(*factors)
+                matrix = weight_matrix(u, spectrum, v)
         return self.view.from_matrix(matrix)
 
     # -- spectrum -----------------------------------------------------------------------

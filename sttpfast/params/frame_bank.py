@@ -52,7 +52,9 @@ class FrameBank:
         if not self._active:
             return None
         if self._weights is None:
-            self._weights = self._compute()
+            # orthogonality needs full precision: never build frames under bf16/fp16 autocast
+            with torch.autocast(_device_type(self), enabled=False):
+                self._weights = self._compute()
         return self._weights.get(id(parametrization))
 
     def _layout_groups(self):
@@ -97,6 +99,12 @@ class FrameBank:
             for (pid, _, _), w in zip(members, weight_matrix(u, spectrum, v).unbind(0)):
                 out[pid] = w
         return out
+
+
+def _device_type(bank: FrameBank) -> str:
+    from sttpfast.surgery import factors_of
+
+    return factors_of(bank.members[0][0])[0].device.type
 
 
 def detach_frame_bank(model: nn.Module) -> None:

@@ -1,0 +1,125 @@
+"""Helpers shared by the callbacks: unwrapping, the main process, the run folder, logging.
+
+Every callback that writes something goes through :func:`log_scalars` / :func:`log_image`,
+which forward to whichever loggers (callbacks with a ``log_scalars`` method, see
+:mod:`sttpfast.callbacks.logging`) the learner has. A callback therefore never needs to
+know whether TensorBoard, W&B, both or neither are in use.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from sttpfast.params.base import MatrixView
+from sttpfast.surgery import factors_of, parameterized_layers
+
+__all__ = [
+    "unwrap_model", "is_main_process", "run_dir", "loggers", "log_scalars", "log_image",
+    "global_step", "DENSE_LAYERS", "matrix_of", "weight_matrix_of", "spectral_layers",
+]
+
+#: layers whose plain (unparametrized) weight is bounded / logged as a dense matrix
+DENSE_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under DistributedDataParallel / accelerate wrappers (``.module`` chains)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def is_main_process() -> bool:
+    """True when not distributed, or on rank 0: the only process that logs and writes files."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def run_dir(learn) -> Path:
+    """The run's output folder: ``learn.run_dir`` if set, else ``learn.path`` (created)."""
+    path = Path(getattr(learn, "run_dir", None) or learn.path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def global_step(learn) -> int:
+    """Optimizer steps done so far. fastai's TrainEvalCallback (order -10) increments
+    ``train_iter`` in ``after_batch`` before any later callback runs, so in ``after_batch``
+    of step ``k`` (0-based) this is ``k + 1``: the step count that the batch completes."""
+    return int(getattr(learn, "train_iter", 0) or 0)
+
+
+def loggers(learn) -> list:
+    """The learner's callbacks that can take scalars (they define ``log_scalars``)."""
+    # Look on the class: a fastai Callback forwards unknown attributes to the learner.
+    return [cb for cb in getattr(learn, "cbs", []) if callable(getattr(type(cb), "log_scalars", None))]
+
+
+def log_scalars(learn, scalars: dict[str, float], step: int) -> None:
+    """Send ``{tag: value}`` at ``step`` to every logger (only the main process logs)."""
+    if not scalars or not is_main_process():
+        return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for cb in loggers(learn):
+        cb.log_scalars(scalars, step)
+
+
+def log_image(learn, tag: str, fig_or_png_path, step: int) -> None:
+    """Send a matplotlib figure or a PNG file's path to every logger that takes images."""
+    if not is_main_process():
+        return
+    for cb in loggers(learn):
+        if callable(getattr(type(cb), "log_image", None)):
+            cb.log_image(tag, fig_or_png_path, step)
+
+
+# ---------------------------------------------------------------------------------------
+# spectra
+def matrix_of(module: nn.Module, weight: Tensor) -> Tensor:
+    """``weight`` of ``module`` as its ``(d_out, d_in)`` matrix (transposed convs swap dims 0/1)."""
+    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    return MatrixView(tuple(weight.shape), transposed).to_matrix(weight)
+
+
+def weight_matrix_of(module: nn.Module) -> Tensor:
+    """The effective weight of ``module`` (parametrized or not) as ``(d_out, d_in)``."""
+    return matrix_of(module, module.weight)
+
+
+def _exact_svdvals(module: nn.Module) -> Callable[[], Tensor]:
+    def values() -> Tensor:
+        with torch.no_grad():
+            return torch.linalg.svdvals(weight_matrix_of(module).float())
+    return values
+
+
+def _param_svdvals(module: nn.Module, p: nn.Module) -> Callable[[], Tensor]:
+    def values() -> Tensor:
+        with torch.no_grad():
+            return p.singular_values(*factors_of(module)).float()
+    return values
+
+
+def spectral_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module | None, Callable[[], Tensor]]]:
+    """Yield ``(name, module, parametrization or None, sigma_fn)`` in module order.
+
+    Covers every parametrized weight and every plain Conv / ConvTranspose / Linear layer.
+    ``sigma_fn()`` returns the singular values of the layer's matricized weight, descending,
+    detached float32 ``(min(d_out, d_in),)`` (``(rank,)`` for low-rank parametrizations): from
+    the parametrization's own ``singular_values`` when it has one (cheap for STTP / SVDP,
+    whose spectrum is a factor), else the exact ``torch.linalg.svdvals`` of the weight.
+    """
+    model = unwrap_model(model)
+    parametrized = {id(m): (m, p) for _, m, p in parameterized_layers(model)}
+    for name, module in model.named_modules():
+        if id(module) in parametrized:
+            p = parametrized[id(module)][1]
+            fn = _param_svdvals(module, p) if callable(getattr(p, "singular_values", None)) else _exact_svdvals(module)
+            yield name, module, p, fn
+        elif isinstance(module, DENSE_LAYERS) and isinstance(getattr(module, "weight", None), Tensor):
+            yield name, module, None, _exact_svdvals(module)

@@ -1,0 +1,285 @@
+"""Checkpoints that resume exactly: model, optimizer, schedule position, RNG and data order.
+
+A checkpoint is a folder (``run_dir/checkpoints/last`` and ``.../best``):
+
+* ``model.safetensors``: the parameterized model (its factors + the parameterization spec);
+* ``optimizer.safetensors``: every tensor of the optimizer state (``state.{i}.{name}``);
+* ``rng.safetensors``: torch CPU / CUDA generator states, numpy's key, and the training
+  loader's shuffling and augmentation generators *at the start of the epoch* to resume;
+* ``state.json``: counters (epoch, batches done in it, global step), optimizer scalars and
+  hyper-parameters, python's RNG state, the best metric so far.
+
+Folders are written under a temporary name and renamed into place, so a crash never
+leaves a half-written ``last``. Resuming replays the data order: the epoch's generators
+are restored, the batches already trained are drawn and skipped (no forward pass), and the
+global RNG is restored right before the first new batch, so the resumed run ends with
+weights identical to an uninterrupted one (on CPU, fixed seed). Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback
+from fastcore.foundation import L
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from sttpfast.callbacks._util import is_main_process, unwrap_model
+from sttpfast.checkpoint import load_parameterized, save_parameterized
+
+__all__ = ["Checkpointer", "load_checkpoint_state", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (missing, corrupt, or not this model's)."""
+
+
+# ---------------------------------------------------------------------------------------
+# optimizer state <-> tensors + JSON
+def _optimizer_to_files(opt) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for i, state in enumerate(sd["state"]):
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{i}.{key}"] = value.detach().cpu().contiguous().clone()
+            else:
+                scalars.setdefault(str(i), {})[key] = value
+    hypers = [{k: _plain(v) for k, v in group.items()} for group in sd["hypers"]]
+    return tensors, {"n_params": len(sd["state"]), "scalars": _plain(scalars), "hypers": hypers}
+
+
+def _plain(value):
+    """JSON-able copy: fastai's L lists and numpy scalars become lists and floats."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, L)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    return float(value)
+
+
+def _optimizer_from_files(opt, tensors: dict, meta: dict) -> None:
+    n = sum(len(group) for group in opt.param_lists)
+    if meta["n_params"] != n:
+        raise CheckpointError(f"optimizer has {n} parameters, the checkpoint {meta['n_params']}: "
+                              "not the same model or parameterization")
+    params = [p for group in opt.param_lists for p in group]
+    states = [dict(meta["scalars"].get(str(i), {})) for i in range(n)]
+    for key, value in tensors.items():
+        _, i, name = key.split(".", 2)
+        p = params[int(i)]
+        if value.shape != p.shape and name != "step":
+            raise CheckpointError(f"optimizer state {key} has shape {tuple(value.shape)}, parameter {tuple(p.shape)}")
+        states[int(i)][name] = value.to(p.device)
+    opt.load_state_dict({"state": states, "hypers": L(meta["hypers"])})
+
+
+# ---------------------------------------------------------------------------------------
+# RNG state
+def _global_rng() -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.uint32).astype(np.int64))
+    version, state, gauss_next = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(state), gauss_next]}
+    return tensors, meta
+
+
+def _set_global_rng(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, gauss_next = meta["python"]
+    random.setstate((version, tuple(state), gauss_next))
+
+
+# ---------------------------------------------------------------------------------------
+def _write_folder(final: Path, write) -> None:
+    """Write a checkpoint folder atomically: temp folder, then renames."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _read(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"corrupt checkpoint {what} {path}: {err}") from None
+
+
+def load_checkpoint_state(folder: str | os.PathLike) -> dict:
+    """Read and check a checkpoint folder (not yet applied). CheckpointError if unusable."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"no checkpoint folder at {folder}")
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file missing: {folder / 'state.json'}") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"corrupt checkpoint state {folder / 'state.json'}: {err}") from None
+    return {"folder": folder, "meta": meta, "optimizer": _read(folder / "optimizer.safetensors", "optimizer"),
+            "rng": _read(folder / "rng.safetensors", "RNG state")}
+
+
+class Checkpointer(Callback):
+    """Saves ``last`` every ``every`` steps (and at each epoch end) and ``best`` by ``monitor``.
+
+    Args:
+        every: steps between ``last`` checkpoints (None: only at epoch ends).
+        monitor: a recorder column (``accuracy``, ``valid_loss``...) for ``best``.
+        mode: ``max`` or ``min`` for ``monitor``.
+        resume: a state from :func:`load_checkpoint_state` to continue from; apply it with
+            :meth:`restore` after ``learn.create_opt()``.
+    After a non-finite loss (NaNGuard) nothing more is written: ``last`` stays good.
+    """
+
+    order = 70  # after the Recorder has the epoch's metrics
+
+    def __init__(self, every: int | None = None, monitor: str = "accuracy", mode: str = "max",
+                 folder: str | os.PathLike | None = None):
+        self.every, self.monitor, self.mode = every, monitor, mode
+        self.folder = None if folder is None else Path(folder)
+        self.best = None
+        self._resume = None  # (epoch, skip, train_iter, loader rng, global rng) while resuming
+        self._epoch_rng = None  # training loader generators at the start of this epoch
+
+    # -- paths ----------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        if self.folder is not None:
+            return self.folder
+        return Path(getattr(self.learn, "run_dir", None) or self.learn.path) / "checkpoints"
+
+    # -- saving ---------------------------------------------------------------------------
+    def _save(self, name: str, epoch: int, skip: int, loader_rng: dict) -> None:
+        if not is_main_process() or getattr(self.learn, "nan_step", None) is not None:
+            return
+        model = unwrap_model(self.learn.model)
+        opt_tensors, opt_meta = _optimizer_to_files(self.learn.opt)
+        rng_tensors, rng_meta = _global_rng()
+        rng_tensors.update({f"loader.{k}": v for k, v in loader_rng.items()})
+        meta = {"epoch": epoch, "skip": skip, "train_iter": int(self.learn.train_iter), "best": self.best,
+                "monitor": self.monitor, "optimizer": opt_meta, "rng": rng_meta}
+
+        def write(tmp: Path):
+            save_parameterized(model, tmp / "model.safetensors", metadata={"epoch": epoch, "train_iter": meta["train_iter"]})
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            save_file(rng_tensors, str(tmp / "rng.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(meta))
+
+        _write_folder(self.root / name, write)
+
+    def before_train(self):
+        self._apply_resume_at_epoch_start()
+        self._epoch_rng = {k: v.clone() for k, v in self.dls.train.rng_state().items()}
+
+    def after_batch(self):
+        if self.training and self.every and self.train_iter % self.every == 0 and self._resume is None:
+            self._save("last", self.epoch, self.iter + 1, self._epoch_rng)
+
+    def after_epoch(self):
+        if self._skipped_epoch():
+            return
+        # the next epoch starts with the generators as they are now
+        loader_rng = {k: v.clone() for k, v in self.dls.train.rng_state().items()}
+        value = self._monitored()
+        if value is not None and (self.best is None or (value > self.best if self.mode == "max" else value < self.best)):
+            self.best = value
+            self._save("best", self.epoch + 1, 0, loader_rng)
+        self._save("last", self.epoch + 1, 0, loader_rng)
+
+    def _monitored(self) -> float | None:
+        recorder = getattr(self.learn, "recorder", None)
+        if recorder is None or not recorder.values:
+            return None
+        names = list(recorder.metric_names[1:-1])  # drop 'epoch' and 'time'
+        if self.monitor not in names:
+            return None
+        value = recorder.values[-1][names.index(self.monitor)]
+        return None if value is None else float(value)
+
+    # -- resuming -------------------------------------------------------------------------
+    def restore(self, state: dict) -> int:
+        """Apply a checkpoint state to ``self.learn`` (model, optimizer); return the epoch to
+        start from. Call after ``learn.create_opt()`` and before ``fit``."""
+        meta = state["meta"]
+        load_parameterized(state["folder"] / "model.safetensors", unwrap_model(self.learn.model))
+        _optimizer_from_files(self.learn.opt, state["optimizer"], meta["optimizer"])
+        rng = state["rng"]
+        loader = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("loader.")}
+        self.best = meta.get("best")
+        self._resume = (meta["epoch"], meta["skip"], meta["train_iter"], loader,
+                        ({k: v for k, v in rng.items() if not k.startswith("loader.")}, meta["rng"]))
+        return meta["epoch"]
+
+    def _skipped_epoch(self) -> bool:
+        return self._resume is not None and self.epoch < self._resume[0]
+
+    def _apply_resume_at_epoch_start(self):
+        if self._resume is None or self.epoch != self._resume[0]:
+            return
+        epoch, skip, train_iter, loader_rng, global_rng = self._resume
+        self.dls.train.set_rng_state(loader_rng)
+        self.learn.train_iter = train_iter
+        if skip:
+            self.learn.dl = _SkipFirst(self.learn.dl, skip)
+        self._pending_rng = global_rng
+
+    def before_batch(self):
+        if self._resume is not None and self.training and getattr(self, "_pending_rng", None) is not None:
+            _set_global_rng(*self._pending_rng)
+            self._pending_rng = None
+            self._resume = None
+
+    def after_train(self):
+        # an epoch whose batches were all skipped still ends the resume phase
+        if self._resume is not None and self.epoch == self._resume[0] and getattr(self, "_pending_rng", None) is not None:
+            _set_global_rng(*self._pending_rng)
+            self._pending_rng, self._resume = None, None
+
+
+class _SkipFirst:
+    """A loader view that draws and drops the first ``n`` batches (keeping their RNG draws)."""
+
+    def __init__(self, dl, n: int):
+        self.dl, self.n = dl, n
+
+    def __len__(self):
+        return max(len(self.dl) - self.n, 0)
+
+    def __iter__(self):
+        it = iter(self.dl)
+        for _ in range(self.n):
+            next(it, None)
+        yield from it
+
+    def __getattr__(self, name):
+        return getattr(self.dl, name)

@@ -1,0 +1,103 @@
+"""Training on one CPU, one GPU or many processes through accelerate.
+
+fastai's own DistributedTrainer calls ``.cuda()`` unconditionally and fails on CPU; this
+callback uses accelerate directly, so the same code runs with gloo on CPUs and NCCL on
+GPUs (``accelerate launch`` or ``torchrun``), with optional bf16 autocast.
+
+* before_fit: the model goes through ``accelerator.prepare_model`` (DDP when several
+  processes, autocast when mixed precision); each rank's loaders deliver its shard
+  (training: every world-th batch of the common order; validation: every world-th item).
+* validation runs the unwrapped model (no DDP collectives while ranks hold different
+  numbers of validation batches), then the metric accumulators are summed over ranks,
+  so every rank reports the metrics of the whole validation set.
+* after_fit: the model is unwrapped again and the ranks compare a hash of their
+  parameters (``learn.ranks_in_sync``, ``learn.rank_hashes``).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import torch
+import torch.distributed as dist
+from fastai.callback.core import Callback
+from fastai.learner import AvgLoss, AvgMetric
+from fastai.metrics import AccumMetric
+
+__all__ = ["AccelerateTrainer", "parameter_hash", "make_accelerator"]
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    """An ``accelerate.Accelerator`` for this machine. Without CUDA it is created with
+    ``cpu=True``: only then does accelerate join the processes of ``torchrun`` /
+    ``accelerate launch`` with gloo (otherwise each CPU process trains alone)."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
+def parameter_hash(model: torch.nn.Module) -> str:
+    """sha256 of every parameter's bytes, in order (identical weights <=> identical hash)."""
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class AccelerateTrainer(Callback):
+    """Runs the fastai loop under an ``accelerate.Accelerator`` (see the module docstring)."""
+
+    order = -5  # after TrainEvalCallback moved the model, before everything else
+
+    def __init__(self, accelerator=None, mixed_precision: str = "no"):
+        self.accelerator, self.mixed_precision = accelerator, mixed_precision
+
+    @property
+    def distributed(self) -> bool:
+        return self.accelerator.num_processes > 1
+
+    def before_fit(self):
+        if self.accelerator is None:
+            self.accelerator = make_accelerator(self.mixed_precision)
+        acc = self.accelerator
+        self.learn.accelerator = acc
+        self.learn.model = acc.prepare_model(self.learn.model)
+        self._wrapped = self.learn.model
+        for dl in (self.dls.train, self.dls.valid):
+            if hasattr(dl, "shard"):
+                dl.shard(acc.process_index, acc.num_processes)
+
+    def before_validate(self):
+        self.learn.model = self.accelerator.unwrap_model(self._wrapped, keep_fp32_wrapper=True)
+
+    def after_validate(self):
+        self.learn.model = self._wrapped
+        if not self.distributed:
+            return
+        recorder = getattr(self.learn, "recorder", None)
+        if recorder is None:
+            return
+        for metric in recorder._valid_mets:
+            self._reduce(metric)
+
+    def _reduce(self, metric) -> None:
+        device = self.accelerator.device
+        if isinstance(metric, (AvgLoss, AvgMetric)):
+            totals = torch.tensor([float(metric.total), float(metric.count)], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            metric.total, metric.count = totals[0].item(), int(totals[1].item())
+        elif isinstance(metric, AccumMetric):
+            parts = [None] * self.accelerator.num_processes
+            dist.all_gather_object(parts, ([p.cpu() for p in metric.preds], [t.cpu() for t in metric.targs]))
+            metric.preds = [p for preds, _ in parts for p in preds]
+            metric.targs = [t for _, targs in parts for t in targs]
+
+    def after_fit(self):
+        acc = self.accelerator
+        self.learn.model = acc.unwrap_model(self._wrapped, keep_fp32_wrapper=False)
+        own = parameter_hash(self.learn.model)
+        hashes = [own]
+        if self.distributed:
+            hashes = [None] * acc.num_processes
+            dist.all_gather_object(hashes, own)
+        self.learn.rank_hashes = hashes
+        self.learn.ranks_in_sync = len(set(hashes)) == 1

@@ -1,0 +1,228 @@
+"""Loggers: TensorBoard and Weights & Biases, as fastai callbacks.
+
+Both log the same things under the same tags:
+
+* every ``every`` training steps (``after_batch``): ``train/loss`` (the task loss of the
+  batch, ``learn.loss``), ``train/smooth_loss`` (the Recorder's running mean) and
+  ``train/lr`` (the last parameter group's learning rate);
+* every epoch (``after_epoch``): ``epoch`` and the Recorder's values of that epoch,
+  ``train_loss`` -> ``train/epoch_loss``, ``valid_loss`` -> ``valid/loss`` and each metric
+  ``m`` -> ``valid/m`` (``train_m`` with ``train_metrics=True``);
+
+and accept whatever the other callbacks send through
+:func:`sttpfast.callbacks._util.log_scalars` / :func:`~sttpfast.callbacks._util.log_image`.
+The step is always :func:`~sttpfast.callbacks._util.global_step` (optimizer steps done),
+which never decreases, as W&B requires. Only the main process logs.
+
+Order 70: after the Recorder (50, whose epoch values are read) and after the callbacks
+that log through them, so that their last images reach the logger before it closes.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+from fastai.callback.core import Callback
+
+from sttpfast.callbacks._util import global_step, is_main_process, run_dir, unwrap_model
+
+__all__ = ["TensorBoardLogger", "WandbLogger"]
+
+LOGGER_ORDER = 70
+
+
+def _recorder_tag(name: str) -> str:
+    """Recorder column name -> tag (``valid_loss`` -> ``valid/loss``, ``accuracy`` -> ``valid/accuracy``)."""
+    if name == "train_loss":
+        return "train/epoch_loss"
+    for prefix in ("train_", "valid_"):
+        if name.startswith(prefix):
+            return f"{prefix[:-1]}/{name[len(prefix):]}"
+    return f"valid/{name}"  # fastai's metrics are validation metrics unless prefixed
+
+
+def _finite(value) -> float | None:
+    """``value`` (a number or a one-element tensor) as a finite float, else None."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+class _LoggerBase(Callback):
+    """What both loggers log; subclasses implement ``_open``, ``_write``, ``_image``, ``_close``."""
+
+    order = LOGGER_ORDER
+
+    def __init__(self, every: int = 1):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every!r}")
+        self.every = int(every)
+        self._open_now = False
+
+    # -- what subclasses provide ---------------------------------------------------------
+    def _open(self) -> None: raise NotImplementedError
+    def _write(self, scalars: dict[str, float], step: int) -> None: raise NotImplementedError
+    def _image(self, tag: str, fig_or_path, step: int) -> None: raise NotImplementedError
+    def _close(self, cancelled: bool, failed: bool = False) -> None: raise NotImplementedError
+
+    # -- the interface of a logger (see _util.loggers) -----------------------------------
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        """Write ``{tag: value}`` at ``step``; non-finite values are written as they are."""
+        if self._open_now and scalars:
+            self._write({k: float(v) for k, v in scalars.items()}, int(step))
+
+    def log_image(self, tag: str, fig_or_png_path, step: int) -> None:
+        """Write a matplotlib figure or a PNG file (path) as image ``tag`` at ``step``."""
+        if self._open_now:
+            self._image(tag, fig_or_png_path, int(step))
+
+    # -- events --------------------------------------------------------------------------
+    def before_fit(self):
+        if self._open_now:  # a previous fit died of an exception fastai does not catch
+            self._open_now = False
+            self._close(cancelled=True, failed=True)
+        if is_main_process():
+            self._open()
+            self._open_now = True
+
+    def after_batch(self):
+        if not self.training or not self._open_now:
+            return
+        step = global_step(self.learn)
+        if step % self.every:
+            return
+        scalars = {}
+        for tag, value in (("train/loss", getattr(self.learn, "loss", None)),
+                           ("train/smooth_loss", getattr(self.learn, "smooth_loss", None))):
+            value = _finite(value)  # None when absent (no Recorder) or not finite
+            if value is not None:
+                scalars[tag] = value
+        opt = getattr(self.learn, "opt", None)
+        if opt is not None and getattr(opt, "hypers", None):
+            scalars["train/lr"] = float(opt.hypers[-1]["lr"])
+        self.log_scalars(scalars, step)
+
+    def after_epoch(self):
+        if not self._open_now:
+            return
+        scalars = {"epoch": float(self.learn.epoch)}
+        recorder = getattr(self.learn, "recorder", None)
+        values = getattr(recorder, "values", None)
+        if values:
+            # metric_names = ['epoch', 'train_loss', 'valid_loss', *metrics, ('time')];
+            # values[-1] holds the same columns without 'epoch' and 'time'
+            for name, value in zip(list(recorder.metric_names)[1:], values[-1]):
+                value = _finite(value)
+                if value is not None:
+                    scalars[_recorder_tag(name)] = value
+        self.log_scalars(scalars, global_step(self.learn))
+
+    def after_cancel_fit(self):
+        self._shutdown(cancelled=True)
+
+    def after_fit(self):
+        self._shutdown(cancelled=False)
+
+    def _shutdown(self, cancelled: bool) -> None:
+        if self._open_now:
+            self._open_now = False
+            self._close(cancelled)
+
+
+class TensorBoardLogger(_LoggerBase):
+    """Scalars and images to TensorBoard event files (``log_dir``, default ``run_dir/tb``).
+
+    Events: ``before_fit`` opens a ``SummaryWriter``, ``after_batch`` / ``after_epoch`` log,
+    ``after_fit`` (and ``after_cancel_fit``) flush and close it.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike | None = None, every: int = 1):
+        super().__init__(every)
+        self.log_dir = log_dir
+        self.writer = None
+
+    def _open(self) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
+
+        path = Path(self.log_dir) if self.log_dir is not None else run_dir(self.learn) / "tb"
+        path.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(path))
+
+    def _write(self, scalars, step):
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def _image(self, tag, fig_or_path, step):
+        if isinstance(fig_or_path, (str, os.PathLike)):
+            import matplotlib.image
+
+            img = matplotlib.image.imread(str(fig_or_path))  # (H, W, 3|4) float in [0, 1]
+            self.writer.add_image(tag, img[..., :3], step, dataformats="HWC")
+        else:
+            self.writer.add_figure(tag, fig_or_path, step, close=False)
+
+    def _close(self, cancelled, failed=False):
+        self.writer.flush()
+        self.writer.close()
+        self.writer = None
+
+
+class WandbLogger(_LoggerBase):
+    """Scalars and images to Weights & Biases (a replacement for fastai 2.8.12's
+    WandbCallback, which crashes in ``before_fit``).
+
+    ``mode`` is passed to ``wandb.init`` (None: ``$WANDB_MODE`` decides; ``"offline"`` writes
+    the run under ``run_dir/wandb``, ``"disabled"`` makes every call a no-op). ``config`` is
+    logged as the run's config, completed with a few facts of the learner.
+
+    Events: ``before_fit`` starts the run, ``after_batch`` / ``after_epoch`` log,
+    ``after_cancel_fit`` and ``after_fit`` finish it (whichever comes first; a cancelled fit
+    is marked ``cancelled`` in the summary). A run left open by an exception fastai does not
+    catch is finished, as failed, at the next ``before_fit`` (or by wandb at exit).
+    """
+
+    def __init__(self, project: str = "sttpfast", config: dict | None = None, mode: str | None = None,
+                 every: int = 1):
+        super().__init__(every)
+        self.project, self.config, self.mode = project, dict(config or {}), mode
+        # not `self.run`: that is fastai's switch that turns a callback on and off
+        self.wandb_run = None
+
+    def _learner_config(self) -> dict:
+        learn = self.learn
+        facts = {"model": type(unwrap_model(learn.model)).__name__, "n_epoch": getattr(learn, "n_epoch", None)}
+        dls = getattr(learn, "dls", None)
+        if dls is not None and getattr(dls, "train", None) is not None:
+            facts["bs"] = getattr(dls.train, "bs", None)
+        return {k: v for k, v in facts.items() if v is not None}
+
+    def _open(self) -> None:
+        import wandb
+
+        config = {**self._learner_config(), **self.config}
+        # wandb reads $WANDB_MODE once per process (its settings singleton); read it per fit
+        mode = self.mode or os.environ.get("WANDB_MODE") or None
+        self.wandb_run = wandb.init(project=self.project, config=config, mode=mode,
+                                    dir=str(run_dir(self.learn)))
+
+    def _write(self, scalars, step):
+        self.wandb_run.log(scalars, step=step)
+
+    def _image(self, tag, fig_or_path, step):
+        import wandb
+
+        data = str(fig_or_path) if isinstance(fig_or_path, (str, os.PathLike)) else fig_or_path
+        self.wandb_run.log({tag: wandb.Image(data)}, step=step)
+
+    def _close(self, cancelled, failed=False):
+        run, self.wandb_run = self.wandb_run, None
+        if cancelled:
+            run.summary["cancelled"] = True
+        run.finish(exit_code=1 if failed else 0)

@@ -1,0 +1,265 @@
+"""Callbacks on the layers' spectra: a hard bound on sigma_max, logging, an orthogonality check.
+
+* :class:`SpectralNormBound` (``after_step``) projects every weight back to
+  ``sigma_max <= c`` after each optimizer step.
+* :class:`SingularValueLogger` (``after_batch``, ``after_epoch``, ``after_fit``) logs
+  ``sigma_max`` and the stable rank of every layer and draws a heat map of the spectra.
+* :class:`OrthogonalityMonitor` (``after_batch``) measures how far the chain factors ``U``,
+  ``V`` of STTP / SVDP layers are from orthonormal (round-off only, by construction).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from fastai.callback.core import Callback
+from torch import Tensor, nn
+
+from sttpfast.callbacks._util import (
+    global_step,
+    is_main_process,
+    log_image,
+    log_scalars,
+    matrix_of,
+    run_dir,
+    spectral_layers,
+    unwrap_model,
+)
+from sttpfast.params.chain import SpectralChain
+from sttpfast.params.lowrank import LowRank
+from sttpfast.surgery import factors_of
+
+__all__ = ["SpectralNormBound", "SingularValueLogger", "OrthogonalityMonitor", "stable_rank"]
+
+
+def _is_torch_spectral_norm(p: nn.Module) -> bool:
+    # torch.nn.utils.parametrizations.spectral_norm's class is private
+    return type(p).__name__ == "_SpectralNorm"
+
+
+def stable_rank(s: Tensor) -> float:
+    """``sum s^2 / max s^2`` of singular values ``s`` ``(k,)`` (0 for a zero matrix)."""
+    top = float(s.max()) if s.numel() else 0.0
+    return float((s * s).sum()) / (top * top) if top > 0 else 0.0
+
+
+class SpectralNormBound(Callback):
+    """Keep every layer's largest singular value ``<= c`` by projecting after the step.
+
+    Every ``every`` optimizer steps (``after_step``):
+
+    * plain Conv / ConvTranspose / Linear weights (``include_dense``): the exact
+      ``sigma_max`` of the ``(d_out, d_in)`` matrix; if ``> c`` the weight is scaled by
+      ``c / sigma_max`` in place (the closest scaling of W that satisfies the bound);
+    * :class:`~sttpfast.params.LowRank` ``W = U V^T``: ``U`` and ``V`` are each scaled by
+      ``sqrt(c / sigma_max)`` (an ``r x r`` SVD; the balance of the factors is kept);
+    * SVDP / STTP chains: nothing to do. A learned spectrum is normalized to
+      ``max|s| = 1`` and a constant one is all ones, so ``sigma_max = 1`` by construction;
+    * PyTorch's ``spectral_norm`` (``sn``): nothing to do, it divides W by (an estimate of)
+      its ``sigma_max``, so ``sigma_max ~ 1``.
+
+    The last two cannot be pushed below 1: ``before_fit`` raises a ValueError for them
+    when ``c < 1``. Layers with any other parametrization are left alone (one warning).
+    Order 10: after TrainEvalCallback, before the Recorder and anything that reads weights.
+    """
+
+    order = 10
+    run_valid = False
+
+    def __init__(self, c: float = 1.0, every: int = 1, include_dense: bool = True):
+        super().__init__()
+        if not c > 0 or math.isinf(c):
+            raise ValueError(f"c must be a positive finite bound on sigma_max, got {c!r}")
+        if int(every) < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every!r}")
+        self.c, self.every, self.include_dense = float(c), int(every), include_dense
+
+    def before_fit(self):
+        model = unwrap_model(self.learn.model)
+        unbounded, fixed_at_one = [], []
+        for name, _, p, _ in spectral_layers(model):
+            if p is None or isinstance(p, LowRank):
+                continue
+            if isinstance(p, SpectralChain) or _is_torch_spectral_norm(p):
+                fixed_at_one.append(name)
+            else:
+                unbounded.append(f"{name} ({type(p).__name__})")
+        if fixed_at_one and self.c < 1:
+            raise ValueError(
+                f"SpectralNormBound(c={self.c}) cannot hold for {len(fixed_at_one)} layer(s) "
+                f"({', '.join(fixed_at_one[:4])}{' ...' if len(fixed_at_one) > 4 else ''}): their "
+                "sigma_max is 1 by construction (SVDP/STTP learned spectra are normalized to "
+                "max|s| = 1, constant spectra are all ones, spectral_norm divides by sigma_max). "
+                "Use c >= 1, or scale the layer outputs instead.")
+        if unbounded:
+            warnings.warn(f"SpectralNormBound does not know how to bound {', '.join(unbounded[:4])}"
+                          f"{' ...' if len(unbounded) > 4 else ''}; those layers are left alone",
+                          stacklevel=2)
+
+    @torch.no_grad()
+    def after_step(self):
+        # train_iter is incremented in after_batch: here it is the 0-based index of this step
+        if (global_step(self.learn) + 1) % self.every:
+            return
+        for _, module, p, sigma_fn in spectral_layers(self.learn.model):
+            if p is None and self.include_dense:
+                self._project_dense(module)
+            elif isinstance(p, LowRank):
+                self._project_lowrank(module, p)
+
+    def _project_dense(self, module: nn.Module) -> None:
+        w = module.weight
+        # spectral norm of the (d_out, d_in) matrix; in float32 at least, for a sharp bound
+        sigma = float(torch.linalg.matrix_norm(matrix_of(module, w).float(), ord=2))
+        if sigma > self.c:
+            w.mul_(self.c / sigma)
+
+    def _project_lowrank(self, module: nn.Module, p: LowRank) -> None:
+        u, v = factors_of(module)
+        sigma = float(p.singular_values(u.float(), v.float())[0])
+        if sigma > self.c:
+            scale = math.sqrt(self.c / sigma)
+            u.mul_(scale)
+            v.mul_(scale)
+
+
+class SingularValueLogger(Callback):
+    """Log every layer's ``sigma_max`` and stable rank, and draw its spectra as a heat map.
+
+    Every ``every`` training steps (``after_batch``) for each layer of
+    :func:`~sttpfast.callbacks._util.spectral_layers`: scalars ``sv/{layer}/sigma_max``
+    and ``sv/{layer}/stable_rank`` (``sum s^2 / max s^2``) through the learner's loggers,
+    and one row ``{"step", "epoch", "layer", "sigma_max", "stable_rank", "values"}`` in
+    ``self.history`` (``values``: the top ``top_k`` singular values, a list).
+
+    With ``heatmap``, ``after_epoch`` and ``after_fit`` (``after_cancel_fit`` too, so a
+    stopped run still gets it before the loggers close) draw the current top-``top_k``
+    singular values of all layers (rows: layers, columns: index, color: value) into
+    ``run_dir/singular_values.png`` and send it to the loggers as image ``singular_values``.
+    Order 55: after the Recorder, before the loggers (70).
+    """
+
+    order = 55
+    run_valid = False
+
+    def __init__(self, every: int = 100, top_k: int = 32, heatmap: bool = True):
+        super().__init__()
+        if int(every) < 1 or int(top_k) < 1:
+            raise ValueError(f"every and top_k must be positive, got every={every!r}, top_k={top_k!r}")
+        self.every, self.top_k, self.heatmap = int(every), int(top_k), heatmap
+        self.history: list[dict] = []
+        self.heatmap_path = None
+        self._drawn_at = None
+
+    def before_fit(self):
+        self.history, self._drawn_at = [], None
+
+    def spectra(self) -> dict[str, Tensor]:
+        """``{layer: singular values (k,)}`` of the model now, descending, on the CPU."""
+        return {name: fn().cpu() for name, _, _, fn in spectral_layers(self.learn.model)}
+
+    def after_batch(self):
+        step = global_step(self.learn)
+        if step % self.every:
+            return
+        scalars = {}
+        for name, s in self.spectra().items():
+            sigma_max, srank = float(s.max()) if s.numel() else 0.0, stable_rank(s)
+            scalars[f"sv/{name}/sigma_max"], scalars[f"sv/{name}/stable_rank"] = sigma_max, srank
+            self.history.append({"step": step, "epoch": int(self.learn.epoch), "layer": name,
+                                 "sigma_max": sigma_max, "stable_rank": srank,
+                                 "values": s[: self.top_k].tolist()})
+        log_scalars(self.learn, scalars, step)
+
+    def after_epoch(self):
+        self._draw()
+
+    def after_cancel_fit(self):
+        self._draw()
+
+    def after_fit(self):
+        self._draw()
+
+    def _draw(self) -> None:
+        step = global_step(self.learn)
+        if not self.heatmap or not is_main_process() or self._drawn_at == step:
+            return
+        self._drawn_at = step
+        spectra = self.spectra()
+        if not spectra:
+            return
+        path = run_dir(self.learn) / "singular_values.png"
+        save_heatmap(spectra, self.top_k, path, title=f"top-{self.top_k} singular values, step {step}")
+        self.heatmap_path = path
+        log_image(self.learn, "singular_values", path, step)
+
+
+def save_heatmap(spectra: dict[str, Tensor], top_k: int, path, title: str = "") -> None:
+    """Heat map of ``{layer: s (k,)}``: one row per layer, the first ``top_k`` values as columns
+    (missing ones blank), written as a PNG to ``path`` with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)  # no display needed; does nothing if already set
+    from matplotlib.figure import Figure  # a bare Figure: no pyplot state, nothing to close
+
+    names = list(spectra)
+    grid = torch.full((len(names), top_k), float("nan"))
+    for i, s in enumerate(spectra.values()):
+        k = min(top_k, s.numel())
+        grid[i, :k] = s[:k]
+    fig = Figure(figsize=(2.0 + 0.25 * top_k, 1.2 + 0.22 * len(names)))
+    ax = fig.add_subplot()
+    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(names)), labels=names, fontsize=6)
+    ax.set_xlabel("singular value index")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="singular value")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+class OrthogonalityMonitor(Callback):
+    """Check that the chain factors of SVDP / STTP layers stay orthonormal.
+
+    Every ``every`` training steps (``after_batch``), for each SpectralChain layer with
+    ``U (d_out, r)``, ``V (d_in, r)`` from ``p.svd_factors``:
+    ``err = max(max|U^T U - I|, max|V^T V - I|)``, logged as ``ortho/{layer}``.
+    ``self.errors`` holds the latest ``{layer: err}``, ``self.max_error`` the largest
+    error seen during the fit. Order 55, like the other monitors.
+    """
+
+    order = 55
+    run_valid = False
+
+    def __init__(self, every: int = 100):
+        super().__init__()
+        if int(every) < 1:
+            raise ValueError(f"every must be a positive number of steps, got {every!r}")
+        self.every = int(every)
+        self.max_error = 0.0
+        self.errors: dict[str, float] = {}
+
+    def before_fit(self):
+        self.max_error, self.errors = 0.0, {}
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, float]:
+        """``{layer: orthogonality error}`` of every chain layer now."""
+        errors = {}
+        for name, module, p, _ in spectral_layers(self.learn.model):
+            if not isinstance(p, SpectralChain):
+                continue
+            u, _, v = p.svd_factors(*factors_of(module))
+            eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device)
+            errors[name] = max(float((u.mT @ u - eye).abs().max()), float((v.mT @ v - eye).abs().max()))
+        return errors
+
+    def after_batch(self):
+        step = global_step(self.learn)
+        if step % self.every:
+            return
+        self.errors = self.measure()
+        if self.errors:
+            self.max_error = max(self.max_error, *self.errors.values())
+            log_scalars(self.learn, {f"ortho/{k}": v for k, v in self.errors.items()}, step)

@@ -1,0 +1,223 @@
+"""The classification app end to end on real data (scikit-learn's digits): the CLI, the
+script, exact resume, two processes, bad input, NaN handling."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from fastai.callback.core import Callback, CancelFitException
+from safetensors.torch import load_file
+
+from sttpfast.cli import main
+from sttpfast.config import build_config
+from sttpfast.run import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--arch", "resnet20_cifar", "--bs", "64", "--subset", "512", "--logger", "tensorboard"]
+
+
+def cli(*args):
+    return CliRunner().invoke(main, ["train", *map(str, args)])
+
+
+def run_folder(output: str) -> Path:
+    return Path(re.search(r"\| run (\S+)", output).group(1))
+
+
+def test_cli_trains_digits_and_writes_the_run_folder(tmp_path):
+    result = cli("digits", "--arch", "resnet20_cifar", "--bs", "64", "--param", "sttp-r", "--rank", "8",
+                 "--epochs", "3", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    run = run_folder(result.output)
+    assert (run / "checkpoints/last/model.safetensors").is_file()
+    assert (run / "checkpoints/best/model.safetensors").is_file()
+    assert (run / "config.yaml").is_file() and "sttp-r" in (run / "config.yaml").read_text()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    assert (run / "singular_values.png").stat().st_size > 1000
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["param"] == "sttp-r" and summary["z_percent"] < 10
+    assert summary["metrics"]["accuracy"] > 0.2  # 10 classes: chance is 0.1
+    assert "summary: accuracy" in result.output
+
+
+def test_apps_train_script(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "apps/train.py"), "digits", *QUICK, "--param", "svdp",
+                           "--compression", "20", "--epochs", "1", "--out", str(tmp_path), "--logger", "none"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_folder(proc.stdout) / "summary.json").read_text())
+    assert abs(summary["z_percent"] - 20) < 3
+
+
+def _cfg(tmp_path, name, **extra):
+    overrides = [f"{k}={v}" for k, v in extra.items()]
+    cfg, _ = build_config(overrides=["data.name=digits", "data.bs=64", "data.subset=512", "param.name=sttp-r",
+                                     "param.rank=6", "optim.steps=14", "optim.schedule=linear", "log.logger=none",
+                                     "log.progress=false", f"train.out={tmp_path}", f"train.name={name}",
+                                     "train.checkpoint_every=3", *overrides])
+    return cfg
+
+
+class Interrupt(Callback):
+    """Stops the fit after ``k`` optimizer steps, like a killed job (after the checkpoint)."""
+
+    order = 90
+
+    def __init__(self, k):
+        self.k = k
+
+    def after_batch(self):
+        if self.training and self.train_iter == self.k:
+            raise CancelFitException()
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "checkpoints/last/model.safetensors"))
+
+
+@pytest.mark.parametrize("k", [3, 9])  # mid-epoch in epoch 1 and in epoch 2 (7 batches per epoch)
+def test_resume_is_exact(tmp_path, k):
+    full = run_training(_cfg(tmp_path, "full"), echo=lambda *a: None)
+    cut = run_training(_cfg(tmp_path, "cut"), extra_cbs=[Interrupt(k)], echo=lambda *a: None)
+    assert cut["steps"] == k
+    resumed = run_training(resume=tmp_path / "cut", echo=lambda *a: None)
+    assert resumed["steps"] == full["steps"] == 14
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[key], b[key]) for key in a), [key for key in a if not torch.equal(a[key], b[key])][:5]
+    assert resumed["rank_hashes"] == full["rank_hashes"]
+
+
+def test_cli_resume_continues_and_bad_checkpoints_are_refused(tmp_path):
+    result = cli("digits", *QUICK, "--param", "sttp-r", "--rank", "4", "--steps", "6", "--out", tmp_path, "--name", "r")
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "r"
+    again = cli("--resume", run)
+    assert again.exit_code == 0, again.output
+    assert "resuming" in again.output
+    mixed = cli("--resume", run, "--lr", "0.5")
+    assert mixed.exit_code == 2 and "drop the other options" in mixed.output
+
+    backup = tmp_path / "backup"
+    shutil.copytree(run / "checkpoints/last", backup)
+    (run / "checkpoints/last/model.safetensors").write_bytes(b"garbage")
+    bad = cli("--resume", run)
+    assert bad.exit_code == 2 and "not a readable safetensors checkpoint" in bad.output, bad.output
+    assert "Traceback" not in bad.output
+    assert (run / "checkpoints/last/model.safetensors").read_bytes() == b"garbage"  # nothing overwritten
+
+    shutil.rmtree(run / "checkpoints/last")
+    shutil.copytree(backup, run / "checkpoints/last")
+    config = (run / "config.yaml").read_text().replace("rank: 4", "rank: 5")
+    (run / "config.yaml").write_text(config)
+    mismatch = cli("--resume", run)
+    assert mismatch.exit_code == 2 and "rank 5" in mismatch.output and "rank 4" in mismatch.output, mismatch.output
+
+
+def test_two_processes_stay_in_sync_and_match_one_process(tmp_path):
+    common = ["digits", "--arch", "resnet20_cifar", "--param", "sttp-r", "--rank", "6", "--epochs", "2",
+              "--logger", "none", "--lr", "0.05", "--set", "log.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(ROOT / "apps/train.py"), *common, "--bs", "64", "--out",
+                          str(tmp_path / "one")], capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          str(ROOT / "apps/train.py"), *common, "--bs", "32", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, (two.stdout[-2000:], two.stderr[-3000:])
+    s1 = json.loads(next((tmp_path / "one").glob("*/summary.json")).read_text())
+    s2 = json.loads(next((tmp_path / "two").glob("*/summary.json")).read_text())
+    assert s2["processes"] == 2 and s2["ranks_in_sync"] is True and len(set(s2["rank_hashes"])) == 1
+    assert s2["steps"] == s1["steps"]  # same images per step: 2 x 32 = 64
+    assert abs(s2["metrics"]["accuracy"] - s1["metrics"]["accuracy"]) < 0.08, (s1["metrics"], s2["metrics"])
+
+
+class InjectNaN(Callback):
+    order = 1  # before NaNGuard looks at the loss
+
+    def after_loss(self):
+        if self.training and self.train_iter == 5:
+            self.learn.loss_grad = self.learn.loss_grad * float("nan")
+            self.learn.loss = self.learn.loss * float("nan")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    summary = run_training(_cfg(tmp_path, "nan"), extra_cbs=[InjectNaN()], echo=lambda *a: None)
+    assert summary["nan_step"] == 5
+    state = json.loads((tmp_path / "nan/checkpoints/last/state.json").read_text())
+    assert state["train_iter"] == 3  # the checkpoint before the NaN, never overwritten
+    weights = _weights(tmp_path / "nan")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def _truncated_fashion_mnist(root: Path) -> Path:
+    import gzip
+    import struct
+
+    d = root / "fashion_mnist"
+    d.mkdir(parents=True)
+    for stem, n in [("train", 60000), ("t10k", 10000)]:
+        with gzip.open(d / f"{stem}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + bytes(1000))  # far fewer bytes than promised
+        with gzip.open(d / f"{stem}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + bytes(n))
+    return root
+
+
+BAD = [
+    (["nosuchdata", "--arch", "resnet20_cifar"], "unknown dataset 'nosuchdata'"),
+    (["digits", "--arch", "resnet20_cifr"], "unknown architecture 'resnet20_cifr'"),
+    (["digits", "--param", "sttpp"], "unknown parameterization 'sttpp'"),
+    (["digits", "--rank", "4", "--compression", "5", "--param", "sttp"], "either .*rank .*compression"),
+    (["digits", "--epochs", "0"], "epochs >= 1"),
+    (["digits", "--set", "optim.lrr=0.1"], "unknown config key 'optim.lrr'.*did you mean 'optim.lr'"),
+    (["digits", "--cfg", "/nonexistent/cfg.yml"], "cannot read config file"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_exit_2_one_message(tmp_path, args, message):
+    result = cli(*args, "--out", tmp_path / "runs")
+    assert result.exit_code == 2, result.output
+    assert re.search(message, result.output), result.output
+    assert "Traceback" not in result.output
+    assert not list((tmp_path / "runs").glob("*/checkpoints/last"))
+
+
+def test_missing_and_truncated_datasets_and_unwritable_out(tmp_path):
+    missing = cli("cifar10", "--data-dir", tmp_path / "empty", "--out", tmp_path / "runs")
+    assert missing.exit_code == 2 and str(tmp_path / "empty") in missing.output and "--download" in missing.output
+    truncated = cli("fashion_mnist", "--data-dir", _truncated_fashion_mnist(tmp_path / "fm"), "--out", tmp_path / "runs")
+    assert truncated.exit_code == 2 and "train-images-idx3-ubyte" in truncated.output, truncated.output
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    unwritable = cli("digits", "--out", blocker / "runs")
+    assert unwritable.exit_code == 2 and "cannot write to output folder" in unwritable.output, unwritable.output
+    for result in (missing, truncated, unwritable):
+        assert "Traceback" not in result.output
+
+
+def test_user_callback_sees_every_event_through_spectral_learner():
+    from sttpfast import get_dls, spectral_learner
+
+    events = ["before_fit", "before_epoch", "before_train", "before_batch", "after_pred", "after_loss",
+              "before_backward", "after_backward", "after_step", "after_batch", "after_train",
+              "before_validate", "after_validate", "after_epoch", "after_fit"]
+
+    class Spy(Callback):
+        def __init__(self):
+            self.seen = set()
+
+    for event in events:
+        setattr(Spy, event, lambda self, e=event: self.seen.add(e))
+    spy = Spy()
+    dls = get_dls("digits", bs=64, subset=128)
+    learn = spectral_learner(dls, "resnet20_cifar", param="sttp-r", rank=4, cbs=[spy])
+    learn.fit(1, 0.01)
+    assert spy.seen == set(events)
