@@ -15,14 +15,21 @@ $(STAMP): setup.py
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The paper's compression of the SNGAN discriminator, then a real STTP-R training run on
+# scikit-learn's digits (zero setup, a couple of minutes on a laptop CPU).
 demo: $(STAMP)
-	$(VENV)/bin/sttpfast info --arch sngan_d32 --param sttp-c --rank 64
-	$(PY) apps/demo.py
+	$(VENV)/bin/sttpfast info --arch sngan_d32 --param sttp-c --rank 64 | tail -n 3
+	$(VENV)/bin/sttpfast train --cfg configs/demo.yml --set log.progress=false
 
+# Timing tables (see BENCHMARKS in README.md); quality.py needs Fashion-MNIST
+# (apt-get install dataset-fashion-mnist) and takes about half an hour on 2 cores.
 bench: $(STAMP)
-	$(PY) -m pip install -q torch-householder || echo "torch-householder not installable: its column is skipped"
+	$(PY) -m pip install -q torch-householder || echo "torch-householder not installable: its column is left out"
 	$(PY) bench/householder.py
+	$(PY) bench/householder.py --batch 16
 	$(PY) bench/step.py
+	$(PY) bench/data_speed.py
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -14,8 +14,10 @@ and accept whatever the other callbacks send through
 The step is always :func:`~sttpfast.callbacks._util.global_step` (optimizer steps done),
 which never decreases, as W&B requires. Only the main process logs.
 
-Order 70: after the Recorder (50, whose epoch values are read) and after the callbacks
-that log through them, so that their last images reach the logger before it closes.
+Order 70: after the Recorder (50, whose epoch values are read) and after the monitors
+that log through them (55), so that their last scalars and images arrive before the
+logger closes. The loggers close in ``after_cancel_fit`` already when a fit is cancelled
+(NaNGuard, early stopping), and otherwise in ``after_fit``; anything logged later is dropped.
 """
 from __future__ import annotations
 
@@ -67,10 +69,19 @@ class _LoggerBase(Callback):
         self._open_now = False
 
     # -- what subclasses provide ---------------------------------------------------------
-    def _open(self) -> None: raise NotImplementedError
-    def _write(self, scalars: dict[str, float], step: int) -> None: raise NotImplementedError
-    def _image(self, tag: str, fig_or_path, step: int) -> None: raise NotImplementedError
-    def _close(self, cancelled: bool, failed: bool = False) -> None: raise NotImplementedError
+    def _open(self) -> None:
+        """Start writing (main process, ``before_fit``)."""
+        raise NotImplementedError
+
+    def _write(self, scalars: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def _image(self, tag: str, fig_or_path, step: int) -> None:
+        raise NotImplementedError
+
+    def _close(self, cancelled: bool, failed: bool = False) -> None:
+        """Flush and stop; ``failed``: the previous fit died without ``after_fit``."""
+        raise NotImplementedError
 
     # -- the interface of a logger (see _util.loggers) -----------------------------------
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
@@ -207,8 +218,10 @@ class WandbLogger(_LoggerBase):
         import wandb
 
         config = {**self._learner_config(), **self.config}
-        # wandb reads $WANDB_MODE once per process (its settings singleton); read it per fit
+        # wandb reads $WANDB_MODE once per process (its settings singleton); read it per fit,
+        # mapping the legacy values that wandb.init(mode=...) does not take
         mode = self.mode or os.environ.get("WANDB_MODE") or None
+        mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
         self.wandb_run = wandb.init(project=self.project, config=config, mode=mode,
                                     dir=str(run_dir(self.learn)))
 

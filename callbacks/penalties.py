@@ -99,7 +99,11 @@ class FrobeniusDecay(Callback):
         if isinstance(opt, Optimizer):
             for t in factors:
                 opt.state[t]["do_wd"] = False
-        elif factors and any(g.get("weight_decay", 0) for g in getattr(opt, "param_groups", [])):
+            return
+        # a wrapped torch optimizer (fastai OptimWrapper): no per-parameter switch exists
+        ids = {id(t) for t in factors}
+        groups = getattr(getattr(opt, "opt", opt), "param_groups", [])
+        if any(g.get("weight_decay", 0) and any(id(p) in ids for p in g["params"]) for g in groups):
             raise ValueError("FrobeniusDecay needs the low-rank factors out of the optimizer's weight "
                              "decay; with a wrapped torch optimizer put them in a parameter group "
                              "with weight_decay=0, or use a fastai optimizer")

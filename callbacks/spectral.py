@@ -30,7 +30,7 @@ from sttpfast.params.chain import SpectralChain
 from sttpfast.params.lowrank import LowRank
 from sttpfast.surgery import factors_of
 
-__all__ = ["SpectralNormBound", "SingularValueLogger", "OrthogonalityMonitor", "stable_rank"]
+__all__ = ["SpectralNormBound", "SingularValueLogger", "OrthogonalityMonitor", "stable_rank", "save_heatmap"]
 
 
 def _is_torch_spectral_norm(p: nn.Module) -> bool:
@@ -47,7 +47,7 @@ def stable_rank(s: Tensor) -> float:
 class SpectralNormBound(Callback):
     """Keep every layer's largest singular value ``<= c`` by projecting after the step.
 
-    Every ``every`` optimizer steps (``after_step``):
+    In ``before_fit`` and every ``every`` optimizer steps (``after_step``):
 
     * plain Conv / ConvTranspose / Linear weights (``include_dense``): the exact
       ``sigma_max`` of the ``(d_out, d_in)`` matrix; if ``> c`` the weight is scaled by
@@ -96,13 +96,17 @@ class SpectralNormBound(Callback):
             warnings.warn(f"SpectralNormBound does not know how to bound {', '.join(unbounded[:4])}"
                           f"{' ...' if len(unbounded) > 4 else ''}; those layers are left alone",
                           stacklevel=2)
+        self.project()  # the bound holds from the first forward pass on, not after step 1
 
-    @torch.no_grad()
     def after_step(self):
         # train_iter is incremented in after_batch: here it is the 0-based index of this step
-        if (global_step(self.learn) + 1) % self.every:
-            return
-        for _, module, p, sigma_fn in spectral_layers(self.learn.model):
+        if (global_step(self.learn) + 1) % self.every == 0:
+            self.project()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Scale every boundable weight whose ``sigma_max`` exceeds ``c`` back to ``c``."""
+        for _, module, p, _ in spectral_layers(self.learn.model):
             if p is None and self.include_dense:
                 self._project_dense(module)
             elif isinstance(p, LowRank):
