@@ -31,7 +31,13 @@ def make_accelerator(mixed_precision: str = "no"):
     ``cpu=True``: only then does accelerate join the processes of ``torchrun`` /
     ``accelerate launch`` with gloo (otherwise each CPU process trains alone)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # AcceleratorState is process-wide and refuses a second, different mixed_precision (a
+    # notebook or a test running several trainings). Its process group (PartialState) is
+    # kept; only the per-run settings are cleared (accelerate's own tests do the same).
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
 
 

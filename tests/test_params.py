@@ -207,3 +207,29 @@ def test_frame_bank_matches_per_layer_frames():
         assert torch.allclose(a.grad, b.grad, rtol=1e-4, atol=1e-5)
     bank = model.__dict__["_sttpfast_frame_bank"]
     assert bank.weight(bank.members[0][1]) is None  # outside a forward pass nothing is kept
+
+
+def test_tt_helpers():
+    from sttpfast.linalg.tt import prime_factors, tt_contract, tt_ranks, tt_svd
+
+    assert prime_factors(640) == [2, 2, 2, 2, 2, 2, 2, 5] and prime_factors(1) == [] and prime_factors(97) == [97]
+    assert tt_ranks([2, 2, 2, 2], None) == [1, 2, 4, 2, 1] and tt_ranks([2, 2, 2, 2], 3) == [1, 2, 3, 2, 1]
+    full = torch.randn(3, 4, 5, 2, dtype=torch.float64)
+    cores = tt_svd(full)  # untruncated: exact
+    assert [tuple(c.shape) for c in cores] == [(1, 3, 3), (3, 4, 10), (10, 5, 2), (2, 2, 1)]
+    assert torch.allclose(tt_contract(cores), full, atol=1e-12)
+    for c in cores[:-1]:  # left-orthonormal
+        m = c.reshape(-1, c.shape[-1])
+        assert torch.allclose(m.T @ m, torch.eye(m.shape[1], dtype=m.dtype), atol=1e-12)
+    low = tt_svd(full, max_rank=2)
+    assert max(c.shape[-1] for c in low) <= 2
+    assert (tt_contract(low) - full).norm() < full.norm()
+
+
+def test_chain_stays_orthonormal_under_bf16_autocast():
+    p = STTPLearned((32, 16, 3, 3), rank=8)
+    factors = [t + 0.3 * torch.randn_like(t) for t in p.identity_factors()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w = p(*factors)
+    assert w.dtype == torch.float32
+    assert torch.linalg.svdvals(p.view.to_matrix(w))[0] <= 1 + 1e-5

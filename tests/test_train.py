@@ -221,3 +221,11 @@ def test_user_callback_sees_every_event_through_spectral_learner():
     learn = spectral_learner(dls, "resnet20_cifar", param="sttp-r", rank=4, cbs=[spy])
     learn.fit(1, 0.01)
     assert spy.seen == set(events)
+
+
+def test_bf16_mixed_precision_run(tmp_path):
+    result = cli("digits", *QUICK, "--param", "sttp-r", "--rank", "4", "--steps", "4", "--out", tmp_path,
+                 "--mixed-precision", "bf16", "--logger", "none")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((run_folder(result.output) / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["metrics"]["valid_loss"] == summary["metrics"]["valid_loss"]  # not NaN
