@@ -121,12 +121,25 @@ def contract_chain(layout: ChainLayout, frames: list[Tensor]) -> tuple[Tensor, T
         step = frame.reshape(*frame.shape[:-2], core.left_rank, core.mode * core.right_rank)
         u = step if u is None else u @ step
         u = u.reshape(*frame.shape[:-2], -1, core.right_rank)
+    # V right to left with plain (batched) matmuls: the rows come out in reversed mode order
+    # (i_D outermost), fixed by one permutation at the end; a broadcasting matmul that keeps
+    # the natural order costs an expand and, in backward, a reduction per core.
     v = None
-    for core, frame in zip(reversed(layout.cores[n_out:]), reversed(frames[n_out:])):
-        # frame: (n_k R_k) x R_{k-1}; the rows of v are the input modes right of k
-        f3 = frame.reshape(*frame.shape[:-2], core.mode, core.right_rank, core.left_rank)
-        v = f3 if v is None else torch.matmul(v.unsqueeze(-3), f3)  # (..., n_k, rows of v, R_{k-1})
-        v = v.reshape(*frame.shape[:-2], -1, core.left_rank)
+    in_cores = layout.cores[n_out:]
+    for core, frame in zip(reversed(in_cores), reversed(frames[n_out:])):
+        # frame: (n_k R_k) x R_{k-1} -> the core as R_k x (n_k R_{k-1})
+        batch = frame.shape[:-2]
+        step = frame.reshape(*batch, core.mode, core.right_rank, core.left_rank).transpose(-3, -2)
+        step = step.reshape(*batch, core.right_rank, core.mode * core.left_rank)
+        v = step if v is None else v @ step
+        v = v.reshape(*batch, -1, core.left_rank)
+    if len(in_cores) > 1:
+        batch = v.shape[:-2]
+        modes = [c.mode for c in reversed(in_cores)]
+        nb, d = len(batch), len(modes)
+        v = v.reshape(*batch, *modes, v.shape[-1])
+        v = v.permute(*range(nb), *[nb + d - 1 - i for i in range(d)], nb + d)
+        v = v.reshape(*batch, -1, v.shape[-1])
     return u, v
 
 
