@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
 from fastai.callback.core import Callback, CancelTrainException
 from fastai.callback.schedule import SchedCos, SchedLin, combined_cos
 from fastai.learner import Learner

@@ -1,6 +1,5 @@
 """Model surgery: the paper's compression numbers, selection, atomicity, densify, checkpoints."""
 import json
-import warnings
 
 import pytest
 import timm

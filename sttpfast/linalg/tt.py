@@ -12,7 +12,7 @@ import opt_einsum
 import torch
 from torch import Tensor
 
-__all__ = ["prime_factors", "tt_ranks", "tt_contract", "tt_svd", "tt_full_shape"]
+__all__ = ["prime_factors", "tt_ranks", "tt_contract", "tt_svd"]
 
 
 def prime_factors(n: int) -> list[int]:
@@ -43,10 +43,6 @@ def tt_ranks(modes: list[int] | tuple[int, ...], max_rank: int | None = None) ->
         ranks.append(r if max_rank is None else min(r, max_rank))
     ranks.append(1)
     return ranks
-
-
-def tt_full_shape(cores: list[Tensor]) -> tuple[int, ...]:
-    return tuple(c.shape[1] for c in cores)
 
 
 @lru_cache(maxsize=512)
