@@ -105,6 +105,7 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
         model_kwargs=cfg["model"]["kwargs"], run_dir=run_dir)
     if not (main and lg["progress"]):
         learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
+        learn.logger = _epoch_logger(learn, echo if main else (lambda *a: None))
     start_epoch = 0
     if state is not None:
         learn.create_opt()
@@ -121,6 +122,15 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
     if main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _epoch_logger(learn, echo):
+    """One readable line per epoch (fastai prints raw lists when there is no progress bar)."""
+
+    def log(values):
+        pairs = zip(learn.recorder.metric_names, values)
+        echo("  ".join(f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in pairs))
+    return log
 
 
 def _summary(learn, report, run_dir: Path, seconds: float, processes: int) -> dict:
