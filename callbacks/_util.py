@@ -28,6 +28,13 @@ DENSE_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 
+def positive_steps(every, name: str = "every") -> int:
+    """``every`` as a positive int, or a ValueError naming it."""
+    if int(every) < 1:
+        raise ValueError(f"{name} must be a positive number of steps, got {every!r}")
+    return int(every)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare model under DistributedDataParallel / accelerate wrappers (``.module`` chains)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):

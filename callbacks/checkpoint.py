@@ -170,6 +170,7 @@ class Checkpointer(Callback):
         self.best = None
         self._resume = None  # (epoch, skip, train_iter, loader rng, global rng) while resuming
         self._epoch_rng = None  # training loader generators at the start of this epoch
+        self._pending_rng = None  # global RNG to restore right before the first new batch
 
     # -- paths ----------------------------------------------------------------------------
     @property
@@ -253,17 +254,18 @@ class Checkpointer(Callback):
             self.learn.dl = _SkipFirst(self.learn.dl, skip)
         self._pending_rng = global_rng
 
-    def before_batch(self):
-        if self._resume is not None and self.training and getattr(self, "_pending_rng", None) is not None:
+    def _finish_resume(self):
+        if self._pending_rng is not None:
             _set_global_rng(*self._pending_rng)
-            self._pending_rng = None
-            self._resume = None
+            self._pending_rng, self._resume = None, None
+
+    def before_batch(self):
+        if self.training:
+            self._finish_resume()
 
     def after_train(self):
         # an epoch whose batches were all skipped still ends the resume phase
-        if self._resume is not None and self.epoch == self._resume[0] and getattr(self, "_pending_rng", None) is not None:
-            _set_global_rng(*self._pending_rng)
-            self._pending_rng, self._resume = None, None
+        self._finish_resume()
 
 
 class _SkipFirst:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from fastai.callback.core import Callback
 
-from sttpfast.callbacks._util import global_step, is_main_process, run_dir, unwrap_model
+from sttpfast.callbacks._util import global_step, is_main_process, positive_steps, run_dir, unwrap_model
 
 __all__ = ["TensorBoardLogger", "WandbLogger"]
 
@@ -63,9 +63,7 @@ class _LoggerBase(Callback):
 
     def __init__(self, every: int = 1):
         super().__init__()
-        if int(every) < 1:
-            raise ValueError(f"every must be a positive number of steps, got {every!r}")
-        self.every = int(every)
+        self.every = positive_steps(every)
         self._open_now = False
 
     # -- what subclasses provide ---------------------------------------------------------

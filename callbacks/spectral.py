@@ -20,6 +20,7 @@ from sttpfast.callbacks._util import (
     global_step,
     is_main_process,
     log_image,
+    positive_steps,
     log_scalars,
     matrix_of,
     run_dir,
@@ -71,9 +72,7 @@ class SpectralNormBound(Callback):
         super().__init__()
         if not c > 0 or math.isinf(c):
             raise ValueError(f"c must be a positive finite bound on sigma_max, got {c!r}")
-        if int(every) < 1:
-            raise ValueError(f"every must be a positive number of steps, got {every!r}")
-        self.c, self.every, self.include_dense = float(c), int(every), include_dense
+        self.c, self.every, self.include_dense = float(c), positive_steps(every), include_dense
 
     def before_fit(self):
         model = unwrap_model(self.learn.model)
@@ -238,9 +237,7 @@ class OrthogonalityMonitor(Callback):
 
     def __init__(self, every: int = 100):
         super().__init__()
-        if int(every) < 1:
-            raise ValueError(f"every must be a positive number of steps, got {every!r}")
-        self.every = int(every)
+        self.every = positive_steps(every)
         self.max_error = 0.0
         self.errors: dict[str, float] = {}
 

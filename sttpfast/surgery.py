@@ -14,6 +14,7 @@ BN affine parameters and running statistics and untouched layers, and never
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import math
@@ -271,10 +272,7 @@ def _register(module: nn.Module, param: str, rank: int | None, init: str) -> Non
         return
     p = PARAMETRIZATIONS[param](tuple(module.weight.shape), _transposed(module), rank, init)
     p = p.to(device=module.weight.device)
-    if init == "identity":
-        with p.registering_identity():
-            parametrize.register_parametrization(module, "weight", p, unsafe=True)
-    else:
+    with p.registering_identity() if init == "identity" else contextlib.nullcontext():
         parametrize.register_parametrization(module, "weight", p, unsafe=True)
 
 
