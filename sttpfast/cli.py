@@ -4,14 +4,13 @@ Every bad input ends in one ``Error: ...`` line and exit status 2, never a trace
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import sys
 import warnings
 
 import click
 
-__all__ = ["main", "CLIError", "create_model"]
+__all__ = ["main", "CLIError"]
 
 
 class CLIError(click.ClickException):
@@ -31,20 +30,6 @@ def user_errors(fn):
             raise CLIError(str(err)) from None
 
     return wrapper
-
-
-def create_model(arch: str, **kwargs):
-    """``timm.create_model`` with sttpfast's architectures registered and a clear error
-    (with close names) for an unknown one."""
-    import timm
-
-    import sttpfast.models  # noqa: F401  (registration)
-
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise ValueError(f"unknown architecture {arch!r}{hint}")
-    return timm.create_model(arch, pretrained=False, **{k: v for k, v in kwargs.items() if v is not None})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -81,6 +66,8 @@ def param_options(fn):
 def info(arch, param, rank, compression, include, exclude, init, num_classes, in_chans):
     """Per-layer table (rank, DOF) and the compression Z of ARCH under PARAM."""
     from sttpfast.surgery import parameterize
+
+    from sttpfast.models import create_model
 
     model = create_model(arch, num_classes=num_classes, in_chans=in_chans)
     with warnings.catch_warnings(record=True) as caught:

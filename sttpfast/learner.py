@@ -142,7 +142,7 @@ def spectral_learner(
     The report of the surgery is ``learn.compression``; ``learn.run_dir`` is where the
     callbacks write (``run_dir`` or ``learn.path``).
     """
-    from sttpfast.cli import create_model
+    from sttpfast.models import create_model
 
     param = resolve_param(param)
     if isinstance(arch, nn.Module):

@@ -1,0 +1,1 @@
+"""Pure tensor math (no nn.Module): Householder frames, tensor-train helpers."""
