@@ -16,6 +16,7 @@ from PIL import Image
 from torch import nn
 
 import sttpfast.data as data
+import sttpfast.data.readers.idx as idx_reader
 from sttpfast.data import (
     DATASETS,
     DatasetCorrupt,
@@ -362,8 +363,8 @@ def test_imagefolder(tmp_path, valid_name):
 
 
 def test_fashion_mnist_debian_package():
-    if not data._DEBIAN_FASHION_MNIST.is_dir():
-        pytest.skip(f"{data._DEBIAN_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)")
+    if not idx_reader.DEBIAN_FASHION_MNIST.is_dir():
+        pytest.skip(f"{idx_reader.DEBIAN_FASHION_MNIST} absent (apt-get install dataset-fashion-mnist)")
     dls = get_dls("fashion_mnist", data_dir="/nonexistent", bs=128, subset=512, device="cpu")
     check_dls(dls, 10, 1, 28, n_train=512, n_valid=512, bs=128)
     assert dls.vocab[9] == "Ankle boot"
@@ -383,7 +384,7 @@ def test_fashion_mnist_debian_package():
     ("tiny_imagenet", "tiny-imagenet-200/wnids.txt"),
 ])
 def test_missing_dataset_names_the_expected_files(tmp_path, monkeypatch, name, expected):
-    monkeypatch.setattr(data, "_DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(idx_reader, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
     root = tmp_path / "empty"
     with pytest.raises(DatasetNotFound) as err:
         get_dls(name, data_dir=root)
@@ -482,7 +483,11 @@ def test_download_only_on_request(tmp_path, monkeypatch):
         get_dls("cifar10", data_dir=tmp_path)
     assert calls == []
     dls = get_dls("cifar10", data_dir=tmp_path, bs=4, download=True, device="cpu")
-    assert calls == [(str(tmp_path), True, True)] and dls.train.n == 20
+    # fetched into a staging folder inside the data dir, then moved into place
+    [(staging, train, download)] = calls
+    assert (Path(staging).parent, Path(staging).name[:18], train, download) == (
+        tmp_path, ".download-cifar10-", True, True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-batches-py"] and dls.train.n == 20
     get_dls("cifar10", data_dir=tmp_path, bs=4, download=True, device="cpu")
     assert len(calls) == 1  # present now: not fetched again
     with pytest.raises(DatasetNotFound, match="cannot be downloaded automatically"):
