@@ -137,3 +137,59 @@ def test_cli_download_failure_is_one_error_line(tmp_path, monkeypatch):
         f"Temporary failure in name resolution>); nothing was kept in {root}. "
         f"{cifar10_by_hand(root)}\n")
     assert tree(root) == []
+
+
+def _fake_cifar10(write_batches, calls):
+    """A torchvision CIFAR10 stand-in whose 'download' writes the given batch files."""
+
+    class FakeCIFAR10:
+        url = CIFAR10_URL
+
+        def __init__(self, root, train, download):
+            calls.append(Path(root))
+            write_batches(Path(root) / "cifar-10-batches-py")
+
+    return FakeCIFAR10
+
+
+def test_incomplete_download_is_not_kept(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    from test_data import write_cifar  # pytest puts tests/ on sys.path
+
+    def three_batches_only(folder: Path):  # e.g. an archive whose layout changed
+        write_cifar(folder.parent, n=2)
+        for name in ("data_batch_4", "data_batch_5", "test_batch"):
+            (folder / name).unlink()
+
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", _fake_cifar10(three_batches_only, calls))
+    root = tmp_path / "data"
+    with pytest.raises(DatasetNotFound) as err:
+        get_dls("cifar10", data_dir=root, download=True)
+    [staging] = calls
+    missing = ", ".join(str(staging / "cifar-10-batches-py" / f) for f in ("data_batch_4", "data_batch_5", "test_batch"))
+    assert str(err.value) == (
+        f"cifar10: downloading {CIFAR10_URL} failed (DatasetNotFound: cifar10 not found: missing "
+        f"{missing}.); nothing was kept in {root}. {cifar10_by_hand(root)}")
+    assert tree(root) == ["<absent>"]
+
+
+def test_download_completes_a_partial_folder_keeping_the_users_files(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    from test_data import write_cifar  # pytest puts tests/ on sys.path
+
+    root = tmp_path / "data"
+    write_cifar(root, n=3, seed=1)
+    folder = root / "cifar-10-batches-py"
+    mine = (folder / "data_batch_1").read_bytes()
+    (folder / "test_batch").unlink()  # the user's copy lacks the test batch
+    calls = []
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10",
+                        _fake_cifar10(lambda f: write_cifar(f.parent, n=5, seed=2), calls))
+    dls = get_dls("cifar10", data_dir=root, bs=4, download=True, device="cpu")
+    assert (folder / "data_batch_1").read_bytes() == mine  # kept, not overwritten
+    assert dls.train.n == 5 * 3 and dls.valid.n == 5  # the user's five batches, the downloaded test batch
+    assert tree(root) == ["cifar-10-batches-py"] + [f"cifar-10-batches-py/{n}" for n in sorted(
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])]
