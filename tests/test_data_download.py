@@ -193,3 +193,15 @@ def test_download_completes_a_partial_folder_keeping_the_users_files(tmp_path, m
     assert dls.train.n == 5 * 3 and dls.valid.n == 5  # the user's five batches, the downloaded test batch
     assert tree(root) == ["cifar-10-batches-py"] + [f"cifar-10-batches-py/{n}" for n in sorted(
         [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])]
+
+
+def test_data_dir_that_cannot_be_created(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    (tmp_path / "a_file").write_text("not a folder")
+    root = tmp_path / "a_file" / "data"
+    with pytest.raises(DatasetNotFound) as err:
+        get_dls("cifar10", data_dir=root, download=True)
+    assert str(err.value) == (
+        f"cifar10: cannot create a folder in the data dir {root} (NotADirectoryError: [Errno 20] "
+        f"Not a directory: '{root}'). {cifar10_by_hand(root)}")
+    assert tree(tmp_path) == ["a_file"]

@@ -83,13 +83,15 @@ def download_dataset(spec: DatasetSpec, root: Path, missing: DatasetNotFound | N
 
     downloader = getattr(tvd, spec.torchvision_class)
     url = _source_url(downloader)
-    created = [p for p in (root, *root.parents) if not p.exists()]
+    created = [p for p in (root, *root.parents) if not p.exists()]  # removed again if left empty
+    staging = None
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".download-{spec.name}-", dir=root))
-    except OSError as e:
-        raise DatasetNotFound(f"{spec.name}: cannot create the data dir {root} ({_one_line(e)}).") from None
-    try:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".download-{spec.name}-", dir=root))
+        except OSError as e:
+            raise DatasetNotFound(f"{spec.name}: cannot create a folder in the data dir {root} "
+                                  f"({_one_line(e)}).{by_hand}") from None
         try:
             if spec.name == "stl10":
                 downloader(root=str(staging), split="train", download=True)
@@ -102,9 +104,10 @@ def download_dataset(spec: DatasetSpec, root: Path, missing: DatasetNotFound | N
         for entry in staging.iterdir():
             _move_into(entry, root / entry.name)
     finally:  # also on Ctrl-C: no partial files either way
-        shutil.rmtree(staging, ignore_errors=True)
-        for folder in created:  # a data dir this call created is removed again if left empty
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
             try:
                 folder.rmdir()
-            except OSError:
+            except OSError:  # not empty (the dataset is there), or not ours to remove
                 break
