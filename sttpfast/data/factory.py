@@ -1,0 +1,94 @@
+"""``get_dls``: a dataset name -> fastai ``DataLoaders`` over in-memory uint8 image tensors."""
+from __future__ import annotations
+
+import os
+
+import torch
+from fastai.data.core import DataLoaders
+from fastai.torch_core import default_device
+from torch import Tensor
+
+from sttpfast.data.loaders import InMemoryImageDataset, InMemoryImageDL
+from sttpfast.data.readers.imagefolder import decode_images
+from sttpfast.data.readers.raw import Split
+from sttpfast.data.registry import DatasetSpec, data_root, resolve_dataset
+from sttpfast.data.source import read_or_download
+from sttpfast.data.transforms import channel_stats
+
+__all__ = ["get_dls"]
+
+
+def _subset_indices(n: int, k: int, generator: torch.Generator) -> Tensor:
+    """The first ``k`` of a seeded permutation of ``range(n)``, sorted back into file order."""
+    return torch.randperm(n, generator=generator)[: min(k, n)].sort().values
+
+
+def _to_tensors(split: Split, spec: DatasetSpec) -> tuple[Tensor, Tensor]:
+    if isinstance(split.x, Tensor):
+        return split.x, split.y
+    size = spec.image_size if isinstance(spec.image_size, tuple) else (spec.image_size,) * 2
+    return decode_images(split.x, size, spec.in_chans), split.y
+
+
+def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
+            subset: int | None = None, download: bool = False, num_workers: int = 0,
+            seed: int = 0, augment: bool = True, device: str | torch.device | None = None
+            ) -> DataLoaders:
+    """Load dataset ``name`` into memory and wrap it in fastai ``DataLoaders``.
+
+    Args:
+        name: one of ``DATASETS`` (cifar10, cifar100, stl10, mnist, fashion_mnist, digits,
+            tiny_imagenet) or ``imagefolder:PATH``.
+        data_dir: folder holding the datasets; default ``$STTPFAST_DATA`` or ``~/data``.
+        bs: batch size (training batches drop the incomplete last batch).
+        subset: keep the first ``subset`` training images of a seeded shuffle, and
+            ``min(subset, len(valid))`` validation images, for quick runs.
+        download: fetch a missing dataset with torchvision (never done otherwise; all or
+            nothing: a failed download leaves no file behind).
+        num_workers: fastai worker processes (0 is usually fastest: the data are in memory).
+        seed: seeds the subset choice, the shuffling and the augmentation.
+        augment: random crop (+ flip for natural images) on the training loader.
+        device: where batches are delivered; default fastai's ``default_device()``.
+
+    Returns:
+        ``DataLoaders`` whose ``train`` / ``valid`` yield ``(x float32 (B,C,H,W), y int64 (B,))``,
+        with ``n_classes``, ``in_chans``, ``image_size``, ``dataset_name``, ``mean``, ``std``,
+        ``c`` (= n_classes) and ``vocab`` attached.
+
+    Raises:
+        ValueError: unknown ``name`` (the message lists the allowed names).
+        DatasetNotFound: files missing (the message names them and their full paths), or the
+            download failed (the message says what failed and where to put the files by hand).
+        DatasetCorrupt: a file is truncated or malformed (the message names it).
+    """
+    if bs < 1:
+        raise ValueError(f"bs must be >= 1, got {bs}")
+    if subset is not None and subset < 1:
+        raise ValueError(f"subset must be None or >= 1, got {subset}")
+    root = data_root(data_dir)
+    spec = resolve_dataset(name, root)
+    raw = read_or_download(spec, root, download)
+
+    train, valid = raw.train, raw.valid
+    if subset is not None:
+        generator = torch.Generator().manual_seed(seed)
+        train = train.select(_subset_indices(len(train), subset, generator))
+        valid = valid.select(_subset_indices(len(valid), subset, generator))
+    train_x, train_y = _to_tensors(train, spec)
+    valid_x, valid_y = _to_tensors(valid, spec)
+    mean, std = channel_stats(train_x)
+
+    device = default_device() if device is None else torch.device(device)
+    train_ds = InMemoryImageDataset(train_x, train_y, raw.classes)
+    valid_ds = InMemoryImageDataset(valid_x, valid_y, raw.classes)
+    common = dict(bs=bs, mean=mean, std=std, seed=seed, pad=spec.pad, flip=spec.flip,
+                  num_workers=num_workers, device=device)
+    # drop_last only when at least one full batch exists, so a tiny subset still trains.
+    train_dl = InMemoryImageDL(train_ds, shuffle=True, drop_last=len(train_ds) >= bs,
+                               augment=augment, **common)
+    valid_dl = InMemoryImageDL(valid_ds, shuffle=False, drop_last=False, augment=False, **common)
+    dls = DataLoaders(train_dl, valid_dl, path=root, device=device)
+    dls.n_classes = dls.c = len(raw.classes)  # = spec.n_classes for the official data
+    dls.in_chans, dls.image_size, dls.dataset_name = spec.in_chans, spec.image_size, spec.name
+    dls.mean, dls.std, dls.vocab = mean, std, list(raw.classes)
+    return dls

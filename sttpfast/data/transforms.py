@@ -1,0 +1,52 @@
+"""Batched image transforms: random crop + flip of a whole batch at once, and the exact
+per-channel statistics the normalization uses."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["random_crop_flip", "channel_stats"]
+
+
+def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and std, in [0, 1] units, of uint8 images ``(N, C, H, W)``.
+
+    Uses a 256-bin histogram per channel: exact, float64 and no float copy of the data.
+    """
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        counts = torch.bincount(x[:, c].reshape(-1), minlength=256).to(torch.float64)
+        total = counts.sum().clamp_min(1.0)
+        mean = (counts * values).sum() / total
+        var = (counts * values.square()).sum() / total - mean.square()
+        means.append(float(mean))
+        # A constant channel would divide by zero: floor the std at one grey level.
+        stds.append(max(float(var.clamp_min(0.0).sqrt()), 1.0 / 255.0))
+    return tuple(means), tuple(stds)
+
+
+def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator) -> Tensor:
+    """Random crop after ``pad`` pixels of zero padding, and random horizontal flip, per image.
+
+    ``x``: ``(B, C, H, W)`` of any dtype on any device -> same shape, dtype and device. The random
+    draws come from ``generator`` (a CPU generator), so the augmentation stream depends only on
+    its seed. Vectorized: one ``torch.gather`` with a per-image index map, no Python loop.
+    """
+    b, c, h, w = x.shape
+    if b == 0 or (pad <= 0 and not flip):
+        return x
+    pad = max(pad, 0)
+    offset_y = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    offset_x = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    rows = offset_y[:, None] + torch.arange(h)  # (B, H): row of the padded image per output row
+    cols = offset_x[:, None] + torch.arange(w)  # (B, W)
+    if flip:
+        flipped = torch.rand(b, generator=generator) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    padded = F.pad(x, (pad, pad, pad, pad)) if pad else x  # zeros: black border, as torchvision
+    width = w + 2 * pad
+    index = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, h * w).to(x.device)
+    out = torch.gather(padded.reshape(b, c, -1), 2, index.expand(b, c, h * w))
+    return out.view(b, c, h, w)
