@@ -48,7 +48,7 @@ class CifarResNet(ClassifierHeadMixin, nn.Module):
                 blocks.append(_BasicBlock(c_in, w, 2 if (i == 0 and g > 0) else 1))
                 c_in = w
         self.blocks = nn.Sequential(*blocks)
-        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="stem")] + [
+        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="stem.2")] + [
             dict(num_chs=w, reduction=2**g, module=f"blocks.{(g + 1) * n - 1}") for g, w in enumerate(widths)]
         self.init_head(widths[-1], num_classes, global_pool)
         for m in self.modules():
@@ -65,8 +65,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> CifarResNet:
-    return build_registered(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                            **kwargs)
+    return build_registered(CifarResNet, variant, pretrained,
+                            feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs)
 
 
 @register_model

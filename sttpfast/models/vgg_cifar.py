@@ -52,7 +52,7 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> CifarVGG:
-    return build_registered(CifarVGG, variant, pretrained, feature_cfg=dict(), **kwargs)
+    return build_registered(CifarVGG, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 
 @register_model

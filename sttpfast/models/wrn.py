@@ -135,8 +135,8 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> WideResNet:
-    return build_registered(WideResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)),
-                            **kwargs)
+    return build_registered(WideResNet, variant, pretrained,
+                            feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs)
 
 
 @register_model
