@@ -225,3 +225,11 @@ def test_img_size_below_a_known_minimum_is_refused():
         create_model("vit_tiny_patch16_224", num_classes=10, img_size=8)
     with pytest.warns(UserWarning, match="img_size=28 is not a multiple of its patch size 16; the last 12 pixel"):
         create_model("vit_tiny_patch16_224", num_classes=10, img_size=28)
+
+
+def test_pretrained_true_without_cache_or_network_is_one_clear_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as if there were no network
+    with pytest.raises(ValueError, match="cannot get the pretrained weights of 'resnet18' .not in timm's cache"):
+        create_model("resnet18", pretrained=True, cache_dir=tmp_path)  # an empty cache

@@ -58,7 +58,14 @@ def create_model(arch: str, *, pretrained: bool | str | os.PathLike = False, img
         raise ValueError(f"no pretrained weights are published for {arch!r}; train one, or start "
                          f"from a local file: pretrained='path/to/weights.safetensors'")
     else:
-        model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+        try:
+            model = timm.create_model(arch, pretrained=pretrained, **kwargs)
+        except OSError as err:  # only the weight download does I/O here (not cached, hub unreachable)
+            if not pretrained:
+                raise
+            raise ValueError(f"cannot get the pretrained weights of {arch!r} (not in timm's cache and "
+                             f"not downloadable: {err}); fetch them where there is a network and pass "
+                             f"pretrained='path/to/file', or set HF_HUB_OFFLINE=1 to fail fast") from None
     if img_size is not None:
         _check_patch_size(arch, model, img_size)
     return model

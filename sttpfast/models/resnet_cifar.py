@@ -56,6 +56,7 @@ class CifarResNet(ClassifierHeadMixin, nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward_features(self, x):
+        """``(B, C, H, W) -> (B, 4 * base_width, H / 4, W / 4)``."""
         return self.blocks(self.stem(x))
 
 

@@ -43,6 +43,7 @@ class CifarVGG(ClassifierHeadMixin, nn.Module):
         self.init_head(c_in, num_classes, global_pool)
 
     def forward_features(self, x):
+        """``(B, C, H, W) -> (B, 512, ceil(H / 32), ceil(W / 32))``."""
         return self.features(x)
 
 
