@@ -6,10 +6,11 @@ A 3x3 stem with 16 channels, three stages of ``(depth - 2) / 6`` basic blocks wi
 from __future__ import annotations
 
 import torch
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from sttpfast.models._factory import ClassifierHeadMixin, build
+from sttpfast.models.builder import build_registered, cifar_cfg
+from sttpfast.models.head import ClassifierHeadMixin
 
 __all__ = ["CifarResNet"]
 
@@ -33,13 +34,13 @@ class _BasicBlock(nn.Module):
 class CifarResNet(ClassifierHeadMixin, nn.Module):
     """Input ``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``."""
 
-    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, base_width: int = 16):
+    def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, base_width: int = 16,
+                 global_pool: str = "avg"):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
         n = (depth - 2) // 6
         widths = [base_width, 2 * base_width, 4 * base_width]
-        self.num_classes, self.num_features = num_classes, widths[-1]
         self.stem = nn.Sequential(nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         blocks, c_in = [], widths[0]
         for g, w in enumerate(widths):
@@ -47,29 +48,58 @@ class CifarResNet(ClassifierHeadMixin, nn.Module):
                 blocks.append(_BasicBlock(c_in, w, 2 if (i == 0 and g > 0) else 1))
                 c_in = w
         self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(widths[-1], num_classes)
+        self.feature_info = [dict(num_chs=widths[0], reduction=1, module="stem.2")] + [
+            dict(num_chs=w, reduction=2**g, module=f"blocks.{(g + 1) * n - 1}") for g, w in enumerate(widths)]
+        self.init_head(widths[-1], num_classes, global_pool)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward_features(self, x):
+        """``(B, C, H, W) -> (B, 4 * base_width, H / 4, W / 4)``."""
         return self.blocks(self.stem(x))
 
-    def forward_head(self, x, pre_logits: bool = False):
-        x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.fc(x)
+
+default_cfgs = generate_default_cfgs({
+    f"resnet{depth}_cifar": cifar_cfg(first_conv="stem.0", pool_size=(8, 8)) for depth in (20, 32, 44, 56, 110)
+})
 
 
-def _resnet(depth: int):
-    name = f"resnet{depth}_cifar"
-
-    def entry(pretrained: bool = False, **kwargs):
-        return build(CifarResNet, name, pretrained, dict(depth=depth), kwargs)
-
-    entry.__name__, entry.__module__ = name, __name__
-    entry.__doc__ = f"ResNet-{depth} for 32x32 images (He et al. 2016)."
-    return register_model(entry)
+def _create(variant: str, pretrained: bool, **kwargs) -> CifarResNet:
+    return build_registered(CifarResNet, variant, pretrained,
+                            feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **kwargs)
 
 
-for _d in (20, 32, 44, 56, 110):
-    globals()[f"resnet{_d}_cifar"] = _resnet(_d)
+@register_model
+def resnet20_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-20 for 32x32 images (He et al. 2016, 0.27M parameters)."""
+    model_args = dict(depth=20)
+    return _create("resnet20_cifar", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet32_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-32 for 32x32 images (He et al. 2016, 0.46M parameters)."""
+    model_args = dict(depth=32)
+    return _create("resnet32_cifar", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet44_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-44 for 32x32 images (He et al. 2016, 0.66M parameters)."""
+    model_args = dict(depth=44)
+    return _create("resnet44_cifar", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet56_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-56 for 32x32 images (He et al. 2016, 0.85M parameters)."""
+    model_args = dict(depth=56)
+    return _create("resnet56_cifar", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet110_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-110 for 32x32 images (He et al. 2016, 1.7M parameters)."""
+    model_args = dict(depth=110)
+    return _create("resnet110_cifar", pretrained, **dict(model_args, **kwargs))

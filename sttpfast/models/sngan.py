@@ -15,10 +15,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from sttpfast.models._factory import build
+from sttpfast.models.builder import build_registered
 
 __all__ = ["SNGANGenerator", "SNGANDiscriminator"]
 
@@ -114,24 +114,48 @@ class SNGANDiscriminator(nn.Module):
         return self.fc(self.forward_features(x))
 
 
-_CONFIGS = {
-    "sngan_g32": (SNGANGenerator, dict(widths=(256, 256, 256, 256), bottom_width=4)),
-    "sngan_g48": (SNGANGenerator, dict(widths=(512, 256, 128, 64), bottom_width=6)),
-    "sngan_d32": (SNGANDiscriminator, dict(widths=(128, 128, 128, 128), downs=(True, True, False, False))),
-    "sngan_d48": (SNGANDiscriminator, dict(widths=(64, 128, 256, 512, 1024), downs=(True, True, True, True, False))),
-}
+def _gan_cfg(size: int, **overrides) -> dict:
+    """Cfg of a GAN network for ``size`` px images in ``[-1, 1]`` (mean = std = 0.5). For a
+    generator ``input_size`` is the size of the images it makes (the data it is trained on)."""
+    return dict(dict(input_size=(3, size, size), crop_pct=1.0, interpolation="bilinear", mean=(0.5, 0.5, 0.5),
+                     std=(0.5, 0.5, 0.5)), **overrides)
 
 
-def _entry(name: str):
-    cls, defaults = _CONFIGS[name]
+default_cfgs = generate_default_cfgs({
+    "sngan_g32": _gan_cfg(32, num_classes=0),
+    "sngan_g48": _gan_cfg(48, num_classes=0),
+    # the critic's global sum pooling sees 8x8 (CIFAR) and 3x3 (STL-10) maps; at least one
+    # pixel must be left after its 2 (4) halvings
+    "sngan_d32": _gan_cfg(32, min_input_size=(3, 4, 4), pool_size=(8, 8), first_conv="blocks.0.conv1",
+                          classifier="fc", num_classes=1),
+    "sngan_d48": _gan_cfg(48, min_input_size=(3, 16, 16), pool_size=(3, 3), first_conv="blocks.0.conv1",
+                          classifier="fc", num_classes=1),
+})
 
-    def entry(pretrained: bool = False, **kwargs):
-        return build(cls, name, pretrained, defaults, kwargs)
 
-    entry.__name__, entry.__module__ = name, __name__
-    entry.__doc__ = (cls.__doc__ or "").strip()
-    return register_model(entry)
+@register_model
+def sngan_g32(pretrained: bool = False, **kwargs) -> SNGANGenerator:
+    """CIFAR-10 generator: z (128) -> 4x4x256, three up-blocks 256 -> 256, images 32x32."""
+    model_args = dict(widths=(256, 256, 256, 256), bottom_width=4)
+    return build_registered(SNGANGenerator, "sngan_g32", pretrained, **dict(model_args, **kwargs))
 
 
-for _name in _CONFIGS:
-    globals()[_name] = _entry(_name)
+@register_model
+def sngan_g48(pretrained: bool = False, **kwargs) -> SNGANGenerator:
+    """STL-10 generator: z (128) -> 6x6x512, up-blocks 512 -> 256 -> 128 -> 64, images 48x48."""
+    model_args = dict(widths=(512, 256, 128, 64), bottom_width=6)
+    return build_registered(SNGANGenerator, "sngan_g48", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sngan_d32(pretrained: bool = False, **kwargs) -> SNGANDiscriminator:
+    """CIFAR-10 discriminator (128 channels): optimized block, a downsampling block, two plain blocks."""
+    model_args = dict(widths=(128, 128, 128, 128), downs=(True, True, False, False))
+    return build_registered(SNGANDiscriminator, "sngan_d32", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def sngan_d48(pretrained: bool = False, **kwargs) -> SNGANDiscriminator:
+    """STL-10 discriminator: 64, 128, 256, 512 with downsampling, then a plain block 512 -> 1024."""
+    model_args = dict(widths=(64, 128, 256, 512, 1024), downs=(True, True, True, True, False))
+    return build_registered(SNGANDiscriminator, "sngan_d48", pretrained, **dict(model_args, **kwargs))

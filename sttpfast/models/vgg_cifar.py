@@ -5,10 +5,11 @@ then global average pooling and one Linear classifier (the usual CIFAR variant).
 """
 from __future__ import annotations
 
-from timm.models import register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
-from sttpfast.models._factory import ClassifierHeadMixin, build
+from sttpfast.models.builder import build_registered, cifar_cfg
+from sttpfast.models.head import ClassifierHeadMixin
 
 __all__ = ["CifarVGG", "VGG_CONFIGS"]
 
@@ -23,38 +24,61 @@ VGG_CONFIGS = {
 class CifarVGG(ClassifierHeadMixin, nn.Module):
     """Input ``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``."""
 
-    def __init__(self, depth: int = 16, num_classes: int = 10, in_chans: int = 3):
+    def __init__(self, depth: int = 16, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg"):
         super().__init__()
-        layers, c_in = [], in_chans
+        if depth not in VGG_CONFIGS:
+            raise ValueError(f"VGG depth must be one of {sorted(VGG_CONFIGS)}, got {depth}")
+        layers, c_in, self.feature_info = [], in_chans, []
         for v in VGG_CONFIGS[depth]:
             if v == "M":
+                # the features before each pooling (the ReLU just added)
+                self.feature_info.append(dict(num_chs=c_in, reduction=2 ** len(self.feature_info),
+                                              module=f"features.{len(layers) - 1}"))
                 # ceil_mode keeps inputs smaller than 32 px (e.g. 8x8 digits) valid
                 layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
                 layers += [nn.Conv2d(c_in, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
                 c_in = v
         self.features = nn.Sequential(*layers)
-        self.num_classes, self.num_features = num_classes, c_in
-        self.fc = nn.Linear(c_in, num_classes)
+        self.init_head(c_in, num_classes, global_pool)
 
     def forward_features(self, x):
+        """``(B, C, H, W) -> (B, 512, ceil(H / 32), ceil(W / 32))``."""
         return self.features(x)
 
-    def forward_head(self, x, pre_logits: bool = False):
-        x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.fc(x)
+
+default_cfgs = generate_default_cfgs({
+    f"vgg{depth}_bn_cifar": cifar_cfg(first_conv="features.0", pool_size=(1, 1)) for depth in VGG_CONFIGS
+})
 
 
-def _vgg(depth: int):
-    name = f"vgg{depth}_bn_cifar"
-
-    def entry(pretrained: bool = False, **kwargs):
-        return build(CifarVGG, name, pretrained, dict(depth=depth), kwargs)
-
-    entry.__name__, entry.__module__ = name, __name__
-    entry.__doc__ = f"VGG-{depth} with batch norm for 32x32 images."
-    return register_model(entry)
+def _create(variant: str, pretrained: bool, **kwargs) -> CifarVGG:
+    return build_registered(CifarVGG, variant, pretrained, feature_cfg=dict(flatten_sequential=True), **kwargs)
 
 
-for _d in VGG_CONFIGS:
-    globals()[f"vgg{_d}_bn_cifar"] = _vgg(_d)
+@register_model
+def vgg11_bn_cifar(pretrained: bool = False, **kwargs) -> CifarVGG:
+    """VGG-11 with batch norm for 32x32 images."""
+    model_args = dict(depth=11)
+    return _create("vgg11_bn_cifar", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vgg13_bn_cifar(pretrained: bool = False, **kwargs) -> CifarVGG:
+    """VGG-13 with batch norm for 32x32 images."""
+    model_args = dict(depth=13)
+    return _create("vgg13_bn_cifar", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vgg16_bn_cifar(pretrained: bool = False, **kwargs) -> CifarVGG:
+    """VGG-16 with batch norm for 32x32 images."""
+    model_args = dict(depth=16)
+    return _create("vgg16_bn_cifar", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vgg19_bn_cifar(pretrained: bool = False, **kwargs) -> CifarVGG:
+    """VGG-19 with batch norm for 32x32 images."""
+    model_args = dict(depth=19)
+    return _create("vgg19_bn_cifar", pretrained, **dict(model_args, **kwargs))
