@@ -1,13 +1,26 @@
-"""SNGAN ResNet generator and discriminator (Miyato et al. 2018), as used by the STTP paper.
+"""SNGAN ResNet generator and discriminator (Miyato et al. 2018), as in the STTP paper's code.
 
-``sngan_g32`` / ``sngan_d32``: CIFAR-10 (32 px). G: Linear z -> 4x4x256, three up-blocks
-256 -> 256, BN, ReLU, conv3x3 -> 3, tanh. D (128 channels): an optimized first block,
-a downsampling block, two plain blocks, ReLU, global sum pooling, Linear -> 1.
-``sngan_g48`` / ``sngan_d48``: STL-10 (48 px). G: z -> 6x6x512, up-blocks 512 -> 256 ->
-128 -> 64. D: 64, 128, 256, 512 with downsampling, a plain block 512 -> 1024.
-Upsampling is bilinear, as in the paper's code.
+``sngan_g32`` / ``sngan_d32``: CIFAR-10 (32 px). G (ngf 256): Linear z -> 4x4x256, three
+up-blocks 256 -> 256, BN, ReLU, conv3x3 -> 3, tanh. D (ndf 128): an optimized first block
+3 -> 128, a downsampling block and two plain blocks 128 -> 128, ReLU, global sum pooling,
+Linear 128 -> 1 without bias.
+``sngan_g48`` / ``sngan_d48``: STL-10 (48 px). G (ngf 512): z -> 6x6x512, up-blocks
+512 -> 256 -> 128 -> 64. D (ndf 1024): optimized block 3 -> 64, downsampling blocks
+64 -> 128 -> 256 -> 512, a plain block 512 -> 1024, Linear 1024 -> 1 without bias.
 
-The generator's first Linear is never parameterized (``default_param_exclude``).
+Block layout (what the paper's Z values are computed on):
+
+- generator block ``c_in -> c_out``: BN, ReLU, upsample, conv3x3 c_in -> c_out, BN, ReLU,
+  conv3x3 c_out -> c_out; shortcut: upsample, conv1x1 c_in -> c_out. Upsampling is bilinear.
+- discriminator block ``c_in -> c_out`` (not the first): ReLU, conv3x3 c_in -> c_in, ReLU,
+  conv3x3 c_in -> c_out, [avgpool]; shortcut: conv1x1 c_in -> c_out, [avgpool] when the block
+  downsamples or changes width, else the identity. The first conv keeps the input width.
+- optimized first discriminator block: conv3x3 c_in -> c_out, ReLU, conv3x3, avgpool;
+  shortcut: avgpool, conv1x1 (it sees raw images: no ReLU before either path).
+
+Every conv has a bias; weights are Xavier-uniform (gain sqrt(2) in the residual convs, 1 in
+shortcuts, the generator's Linear and its output conv), biases zero. The generator's first
+Linear is never parameterized (``default_param_exclude``).
 """
 from __future__ import annotations
 
@@ -20,35 +33,50 @@ from torch import nn
 
 from sttpfast.models.builder import build_registered
 
-__all__ = ["SNGANGenerator", "SNGANDiscriminator"]
+__all__ = ["SNGANGenerator", "SNGANDiscriminator", "SHORTCUT_INPUTS"]
+
+#: what the shortcut of a non-first discriminator block receives: ``"relu"`` (relu(x), the
+#: reference code, whose first ReLU acts in place on the block's input) or ``"input"`` (x)
+SHORTCUT_INPUTS = ("relu", "input")
 
 
-def _init(conv: nn.Module, gain: float) -> nn.Module:
-    nn.init.xavier_uniform_(conv.weight, gain)
-    nn.init.zeros_(conv.bias)
-    return conv
+def _xavier(layer: nn.Module, gain: float) -> nn.Module:
+    """Xavier-uniform weight, zero bias (if any)."""
+    nn.init.xavier_uniform_(layer.weight, gain)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def _upsample(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, C, 2H, 2W)``, bilinear (the paper's code)."""
+    return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
 
 
 class _GBlock(nn.Module):
+    """Upsampling generator block ``(B, c_in, H, W)`` -> ``(B, c_out, 2H, 2W)``."""
+
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.bn1, self.bn2 = nn.BatchNorm2d(c_in), nn.BatchNorm2d(c_out)
-        self.conv1 = _init(nn.Conv2d(c_in, c_out, 3, 1, 1), math.sqrt(2))
-        self.conv2 = _init(nn.Conv2d(c_out, c_out, 3, 1, 1), math.sqrt(2))
-        self.shortcut = _init(nn.Conv2d(c_in, c_out, 1), 1.0)
+        self.conv1 = _xavier(nn.Conv2d(c_in, c_out, 3, 1, 1), math.sqrt(2))
+        self.conv2 = _xavier(nn.Conv2d(c_out, c_out, 3, 1, 1), math.sqrt(2))
+        self.shortcut = _xavier(nn.Conv2d(c_in, c_out, 1), 1.0)
 
-    @staticmethod
-    def _up(x):
-        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
-
-    def forward(self, x):
-        y = self.conv1(self._up(F.relu(self.bn1(x))))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(_upsample(F.relu(self.bn1(x))))
         y = self.conv2(F.relu(self.bn2(y)))
-        return y + self.shortcut(self._up(x))
+        return y + self.shortcut(_upsample(x))
 
 
 class SNGANGenerator(nn.Module):
-    """``z (B, z_dim)`` -> images ``(B, in_chans, H, W)`` in ``[-1, 1]``."""
+    """``z (B, z_dim)`` -> images ``(B, in_chans, H, W)`` in ``[-1, 1]``, ``H = W = bottom_width * 2**blocks``.
+
+    Args:
+        widths: channels at the bottom, then after each up-block (``len(widths) - 1`` blocks).
+        bottom_width: side of the first feature map (the Linear's output is reshaped to it).
+        in_chans: channels of the images made (3; 1 for grey-scale data).
+    """
 
     default_param_exclude = ("l1",)
 
@@ -57,60 +85,94 @@ class SNGANGenerator(nn.Module):
         super().__init__()
         self.z_dim, self.bottom_width, self.num_classes = z_dim, bottom_width, 0
         self.image_size = bottom_width * 2 ** (len(widths) - 1)
-        self.l1 = _init(nn.Linear(z_dim, bottom_width**2 * widths[0]), 1.0)
+        self.l1 = _xavier(nn.Linear(z_dim, bottom_width**2 * widths[0]), 1.0)
         self.blocks = nn.Sequential(*[_GBlock(a, b) for a, b in zip(widths[:-1], widths[1:])])
         self.bn = nn.BatchNorm2d(widths[-1])
-        self.conv_out = _init(nn.Conv2d(widths[-1], in_chans, 3, 1, 1), 1.0)
+        self.conv_out = _xavier(nn.Conv2d(widths[-1], in_chans, 3, 1, 1), 1.0)
 
     def sample_z(self, n: int, device=None, generator=None) -> torch.Tensor:
+        """Standard normal latents ``(n, z_dim)``."""
         return torch.randn(n, self.z_dim, device=device, generator=generator)
 
-    def forward(self, z):
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.l1(z).view(z.shape[0], -1, self.bottom_width, self.bottom_width)
         x = self.blocks(x)
         return torch.tanh(self.conv_out(F.relu(self.bn(x))))
 
 
-class _DBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, down: bool, optimized: bool = False):
-        super().__init__()
-        self.down, self.optimized = down, optimized
-        self.conv1 = _init(nn.Conv2d(c_in, c_out, 3, 1, 1), math.sqrt(2))
-        self.conv2 = _init(nn.Conv2d(c_out, c_out, 3, 1, 1), math.sqrt(2))
-        learnable = optimized or down or c_in != c_out
-        self.shortcut = _init(nn.Conv2d(c_in, c_out, 1), 1.0) if learnable else None
+class _DBlockOptimized(nn.Module):
+    """First discriminator block, on raw images: ``(B, c_in, H, W)`` -> ``(B, c_out, H/2, W/2)``."""
 
-    def forward(self, x):
-        # the optimized first block sees raw images: no ReLU before its first conv
-        y = self.conv1(x if self.optimized else F.relu(x))
-        y = self.conv2(F.relu(y))
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = _xavier(nn.Conv2d(c_in, c_out, 3, 1, 1), math.sqrt(2))
+        self.conv2 = _xavier(nn.Conv2d(c_out, c_out, 3, 1, 1), math.sqrt(2))
+        self.shortcut = _xavier(nn.Conv2d(c_in, c_out, 1), 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.avg_pool2d(self.conv2(F.relu(self.conv1(x))), 2)
+        return y + self.shortcut(F.avg_pool2d(x, 2))  # pool, then conv (cheaper, same map)
+
+
+class _DBlock(nn.Module):
+    """Discriminator block ``(B, c_in, H, W)`` -> ``(B, c_out, H', W')`` (``H' = H/2`` when ``down``).
+
+    The first conv keeps the input width (c_in -> c_in), the second changes it (c_in -> c_out).
+    ``shortcut`` is a 1x1 conv c_in -> c_out when the block downsamples or changes width, else
+    ``nn.Identity`` (a module, so that hooks can see what it receives). It is fed relu(x) or x
+    by ``shortcut_sees`` (see :data:`SHORTCUT_INPUTS`).
+    """
+
+    def __init__(self, c_in: int, c_out: int, down: bool, shortcut_sees: str = "relu"):
+        super().__init__()
+        self.down, self.shortcut_sees = down, shortcut_sees
+        self.conv1 = _xavier(nn.Conv2d(c_in, c_in, 3, 1, 1), math.sqrt(2))
+        self.conv2 = _xavier(nn.Conv2d(c_in, c_out, 3, 1, 1), math.sqrt(2))
+        learnable = down or c_in != c_out
+        self.shortcut = _xavier(nn.Conv2d(c_in, c_out, 1), 1.0) if learnable else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(x)
+        y = self.conv2(F.relu(self.conv1(h)))
+        s = self.shortcut(h if self.shortcut_sees == "relu" else x)
         if self.down:
-            y = F.avg_pool2d(y, 2)
-        if self.shortcut is None:
-            return y + x
-        if self.optimized:  # pool, then conv (cheaper, same map)
-            return y + self.shortcut(F.avg_pool2d(x, 2))
-        s = self.shortcut(x)
-        return y + (F.avg_pool2d(s, 2) if self.down else s)
+            y, s = F.avg_pool2d(y, 2), F.avg_pool2d(s, 2)
+        return y + s
 
 
 class SNGANDiscriminator(nn.Module):
-    """Images ``(B, in_chans, H, W)`` -> critic scores ``(B, num_classes)`` (``num_classes=1``)."""
+    """Images ``(B, in_chans, H, W)`` -> critic scores ``(B, num_classes)`` (``num_classes=1``).
+
+    Args:
+        widths: output channels of the optimized first block, then of each further block.
+        downs: whether each block halves the resolution (the first block always does).
+        in_chans: channels of the images (3; 1 for grey-scale data).
+        shortcut_sees: what the shortcut of every non-first block receives: ``"relu"``
+            (relu(x), the default: the reference code's first ReLU acts in place on the block's
+            input, so its shortcut sees the rectified input) or ``"input"`` (the raw input x,
+            the textbook pre-activation block). The optimized first block has no ReLU before
+            its shortcut, so this does not change it.
+
+    Raises:
+        ValueError: ``shortcut_sees`` not one of :data:`SHORTCUT_INPUTS`.
+    """
 
     def __init__(self, widths=(128, 128, 128, 128), downs=(True, True, False, False), in_chans: int = 3,
-                 num_classes: int = 1):
+                 num_classes: int = 1, shortcut_sees: str = "relu"):
         super().__init__()
-        self.num_classes = self.num_features = num_classes
-        self.num_features = widths[-1]
-        blocks = [_DBlock(in_chans, widths[0], downs[0], optimized=True)]
-        blocks += [_DBlock(a, b, d) for a, b, d in zip(widths[:-1], widths[1:], downs[1:])]
+        if shortcut_sees not in SHORTCUT_INPUTS:
+            raise ValueError(f"shortcut_sees={shortcut_sees!r}: expected one of {', '.join(SHORTCUT_INPUTS)}")
+        self.num_classes, self.num_features, self.shortcut_sees = num_classes, widths[-1], shortcut_sees
+        blocks = [_DBlockOptimized(in_chans, widths[0])]
+        blocks += [_DBlock(a, b, d, shortcut_sees) for a, b, d in zip(widths[:-1], widths[1:], downs[1:])]
         self.blocks = nn.Sequential(*blocks)
-        self.fc = _init(nn.Linear(widths[-1], num_classes), 1.0)
+        self.fc = _xavier(nn.Linear(widths[-1], num_classes, bias=False), 1.0)  # no bias: the reference
 
-    def forward_features(self, x):
-        return F.relu(self.blocks(x)).sum(dim=(2, 3))  # global sum pooling
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W)`` -> ``(B, widths[-1])``: ReLU, then global sum pooling."""
+        return F.relu(self.blocks(x)).sum(dim=(2, 3))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.forward_features(x))
 
 
@@ -156,6 +218,7 @@ def sngan_d32(pretrained: bool = False, **kwargs) -> SNGANDiscriminator:
 
 @register_model
 def sngan_d48(pretrained: bool = False, **kwargs) -> SNGANDiscriminator:
-    """STL-10 discriminator: 64, 128, 256, 512 with downsampling, then a plain block 512 -> 1024."""
+    """STL-10 discriminator (ndf 1024, 10.14M parameters): 64, 128, 256, 512 with downsampling, then a
+    plain block 512 -> 1024."""
     model_args = dict(widths=(64, 128, 256, 512, 1024), downs=(True, True, True, True, False))
     return build_registered(SNGANDiscriminator, "sngan_d48", pretrained, **dict(model_args, **kwargs))

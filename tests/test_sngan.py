@@ -1,0 +1,190 @@
+"""The paper's SNGAN networks, exactly (FACTS.md: layer lists, parameter counts, Z at rank 64)."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sttpfast  # noqa: F401  (registers the models)
+from sttpfast.models.sngan import SNGANDiscriminator
+from sttpfast.surgery import parameterize
+
+
+def _conv(c_in: int, c_out: int, k: int) -> int:
+    """Parameters of a Conv2d with bias: weight c_out*c_in*k*k plus c_out biases."""
+    return c_out * c_in * k * k + c_out
+
+
+def _count(name: str) -> int:
+    return sum(p.numel() for p in timm.create_model(name).parameters())
+
+
+def _convs(model: nn.Module) -> dict:
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+# --- parameter counts ---------------------------------------------------------------------
+
+def test_sngan_d48_has_the_reference_parameter_count():
+    # optimized block 3->64: conv3x3 3->64, conv3x3 64->64, conv1x1 3->64
+    #   1792 + 36928 + 256 = 38976
+    # block 64->128 (down): conv3x3 64->64 (first conv keeps the input width), conv3x3 64->128, 1x1 64->128
+    #   36928 + 73856 + 8320 = 119104
+    # block 128->256 (down): 147584 + 295168 + 33024 = 475776
+    # block 256->512 (down): 590080 + 1180160 + 131584 = 1901824
+    # block 512->1024 (plain, width changes: 1x1 shortcut): 2359808 + 4719616 + 525312 = 7604736
+    # Linear 1024->1, no bias: 1024
+    # total 38976 + 119104 + 475776 + 1901824 + 7604736 + 1024 = 10141440 (FACTS.md: about 10.14M)
+    blocks = [(3, 64, 64, True)] + [(a, a, b, True) for a, b in ((64, 128), (128, 256), (256, 512), (512, 1024))]
+    by_hand = sum(_conv(i, h, 3) + _conv(h, o, 3) + _conv(i, o, 1) for i, h, o, _ in blocks) + 1024
+    assert by_hand == 10_141_440
+    assert _count("sngan_d48") == 10_141_440
+
+
+def test_sngan_d32_has_the_reference_parameter_count():
+    # optimized block 3->128: 3584 + 147584 + 512; downsampling block 128->128: 147584 * 2 + 16512;
+    # two plain blocks (identity shortcut): 147584 * 2 each; Linear 128->1 without bias: 128
+    by_hand = (_conv(3, 128, 3) + _conv(128, 128, 3) + _conv(3, 128, 1)
+               + 2 * _conv(128, 128, 3) + _conv(128, 128, 1) + 4 * _conv(128, 128, 3) + 128)
+    assert by_hand == 1_053_824
+    assert _count("sngan_d32") == 1_053_824
+
+
+def test_sngan_generators_have_the_reference_parameter_counts():
+    bn = lambda c: 2 * c  # noqa: E731  (weight and bias; running statistics are buffers)
+    block = lambda i, o: bn(i) + _conv(i, o, 3) + bn(o) + _conv(o, o, 3) + _conv(i, o, 1)  # noqa: E731
+    # 32 px: Linear 128 -> 4*4*256 (528384), three blocks 256->256 (1246976 each), BN 256, conv3x3 256->3
+    g32 = 128 * 4096 + 4096 + 3 * block(256, 256) + bn(256) + _conv(256, 3, 3)
+    assert g32 == 4_276_739 and _count("sngan_g32") == 4_276_739
+    # 48 px: Linear 128 -> 6*6*512 (2377728), blocks 512->256, 256->128, 128->64, BN 64, conv3x3 64->3
+    g48 = 128 * 18432 + 18432 + block(512, 256) + block(256, 128) + block(128, 64) + bn(64) + _conv(64, 3, 3)
+    assert g48 == 4_878_083 and _count("sngan_g48") == 4_878_083
+
+
+# --- layer lists --------------------------------------------------------------------------
+
+def test_sngan_d48_first_conv_of_each_block_keeps_the_input_width():
+    convs = _convs(timm.create_model("sngan_d48"))
+    assert convs["blocks.0.conv1"] == (64, 3, 3, 3) and convs["blocks.0.conv2"] == (64, 64, 3, 3)
+    for i, (c_in, c_out) in enumerate(((64, 128), (128, 256), (256, 512), (512, 1024)), start=1):
+        assert convs[f"blocks.{i}.conv1"] == (c_in, c_in, 3, 3)
+        assert convs[f"blocks.{i}.conv2"] == (c_out, c_in, 3, 3)
+        assert convs[f"blocks.{i}.shortcut"] == (c_out, c_in, 1, 1)
+    assert [b.down for b in timm.create_model("sngan_d48").blocks[1:]] == [True, True, True, False]
+
+
+@pytest.mark.parametrize("name,width", [("sngan_d32", 128), ("sngan_d48", 1024)])
+def test_discriminator_final_linear_has_no_bias_and_every_conv_has_one(name, width):
+    disc = timm.create_model(name)
+    assert disc.fc.bias is None and tuple(disc.fc.weight.shape) == (1, width)
+    assert all(m.bias is not None for m in disc.modules() if isinstance(m, nn.Conv2d))
+
+
+@pytest.mark.parametrize("name,widths,bottom", [("sngan_g32", (256, 256, 256, 256), 4),
+                                                ("sngan_g48", (512, 256, 128, 64), 6)])
+def test_generator_layers_of_the_paper(name, widths, bottom):
+    gen = timm.create_model(name)
+    assert (gen.z_dim, gen.bottom_width) == (128, bottom)
+    assert tuple(gen.l1.weight.shape) == (bottom * bottom * widths[0], 128)
+    convs = _convs(gen)
+    for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+        block = gen.blocks[i]
+        assert (block.bn1.num_features, block.bn2.num_features) == (c_in, c_out)
+        assert convs[f"blocks.{i}.conv1"] == (c_out, c_in, 3, 3)  # first conv in -> out
+        assert convs[f"blocks.{i}.conv2"] == (c_out, c_out, 3, 3)
+        assert convs[f"blocks.{i}.shortcut"] == (c_out, c_in, 1, 1)
+    assert len(gen.blocks) == 3 and gen.bn.num_features == widths[-1]
+    assert convs["conv_out"] == (3, widths[-1], 3, 3)
+
+
+def test_generator_block_upsamples_bilinearly():
+    torch.manual_seed(0)
+    block = timm.create_model("sngan_g32").blocks[0].eval()
+    x = torch.randn(2, 256, 4, 4)
+    up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)  # noqa: E731
+    y = block.conv2(F.relu(block.bn2(block.conv1(up(F.relu(block.bn1(x)))))))
+    expected = y + block.shortcut(up(x))
+    with torch.no_grad():
+        assert torch.allclose(block(x), expected, atol=1e-5)
+        nearest = F.interpolate(x, scale_factor=2, mode="nearest")
+        assert not torch.allclose(block.shortcut(nearest), block.shortcut(up(x)), atol=1e-3)
+
+
+# --- what the shortcut sees ---------------------------------------------------------------
+
+def _record_inputs(disc: nn.Module, names: list[str]) -> dict:
+    """Forward hooks that record the input of the named modules and of their blocks."""
+    seen = {}
+    modules = dict(disc.named_modules())
+    for name in names:
+        modules[name].register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0]))
+        block = name.rsplit(".", 1)[0]
+        modules[block].register_forward_hook(lambda m, args, out, block=block: seen.__setitem__(block, args[0]))
+    return seen
+
+
+def test_shortcut_sees_relu_of_the_block_input_by_default():
+    torch.manual_seed(0)
+    disc = timm.create_model("sngan_d32")
+    assert disc.shortcut_sees == "relu"
+    seen = _record_inputs(disc, ["blocks.1.shortcut", "blocks.2.shortcut"])
+    disc(torch.randn(2, 3, 32, 32))
+    for block in ("blocks.1", "blocks.2"):  # the downsampling block and a plain block
+        assert (seen[block] < 0).any()
+        assert torch.equal(seen[f"{block}.shortcut"], F.relu(seen[block]))
+    assert isinstance(disc.blocks[2].shortcut, nn.Identity)
+
+
+def test_shortcut_sees_the_raw_input_when_asked_and_the_outputs_differ():
+    torch.manual_seed(0)
+    reference = timm.create_model("sngan_d32")
+    raw = timm.create_model("sngan_d32", shortcut_sees="input")
+    raw.load_state_dict(reference.state_dict())
+    seen = _record_inputs(raw, ["blocks.1.shortcut", "blocks.3.shortcut"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out_raw, out_ref = raw(x), reference(x)
+    for block in ("blocks.1", "blocks.3"):
+        assert torch.equal(seen[f"{block}.shortcut"], seen[block])
+    assert not torch.allclose(out_raw, out_ref, atol=1e-3)
+
+
+def test_shortcut_of_a_plain_block_by_hand():
+    torch.manual_seed(0)
+    block = timm.create_model("sngan_d32").blocks[2]
+    x = torch.randn(2, 128, 8, 8)
+    h = F.relu(x)
+    with torch.no_grad():
+        assert torch.allclose(block(x), block.conv2(F.relu(block.conv1(h))) + h, atol=1e-5)
+
+
+def test_unknown_shortcut_input_is_one_clear_error():
+    with pytest.raises(ValueError, match="shortcut_sees='relu\\(x\\)': expected one of relu, input"):
+        SNGANDiscriminator(shortcut_sees="relu(x)")
+    with pytest.raises(ValueError, match="shortcut_sees='x'"):
+        timm.create_model("sngan_d48", shortcut_sees="x")
+
+
+# --- grey-scale data ----------------------------------------------------------------------
+
+def test_in_chans_one_for_grey_scale_images():
+    disc = timm.create_model("sngan_d32", in_chans=1)
+    gen = timm.create_model("sngan_g32", in_chans=1).eval()
+    assert tuple(disc.blocks[0].conv1.weight.shape) == (128, 1, 3, 3)
+    assert tuple(disc.blocks[0].shortcut.weight.shape) == (128, 1, 1, 1)
+    with torch.no_grad():
+        images = gen(gen.sample_z(2))
+        assert images.shape == (2, 1, 32, 32)
+        assert disc(images).shape == (2, 1)
+
+
+# --- the paper's Z at rank 64 -------------------------------------------------------------
+
+@pytest.mark.parametrize("param,z", [("svdp-c", 51.74), ("svdp-l", 53.36), ("svdp-r", 53.36),
+                                     ("sttp-c", 16.71), ("sttp-l", 18.33), ("sttp-r", 18.33)])
+def test_cifar_discriminator_z_of_the_paper(param, z):
+    assert abs(parameterize(timm.create_model("sngan_d32"), param, rank=64).z - z) < 0.005
+
+
+def test_stl10_discriminator_sttp_c_z_of_the_paper():
+    assert abs(parameterize(timm.create_model("sngan_d48"), "sttp-c", rank=64).z - 3.25) < 0.005
