@@ -188,3 +188,20 @@ def test_cifar_discriminator_z_of_the_paper(param, z):
 
 def test_stl10_discriminator_sttp_c_z_of_the_paper():
     assert abs(parameterize(timm.create_model("sngan_d48"), "sttp-c", rank=64).z - 3.25) < 0.005
+
+
+# --- initialization -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["sngan_d32", "sngan_g32"])
+def test_xavier_weights_and_pytorch_default_biases_as_in_the_reference(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    for layer_name, layer in layers.items():
+        fan_in = layer.weight[0].numel()
+        fan_out = layer.weight.shape[0] * layer.weight[0, 0].numel()
+        residual = layer_name.endswith(("conv1", "conv2"))
+        bound = (2 ** 0.5 if residual else 1.0) * (6 / (fan_in + fan_out)) ** 0.5  # Xavier-uniform
+        assert 0.9 * bound < layer.weight.abs().max() <= bound, layer_name
+        if layer.bias is not None:  # PyTorch's default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            assert 0.5 / fan_in ** 0.5 < layer.bias.abs().max() <= 1 / fan_in ** 0.5, layer_name

@@ -19,8 +19,9 @@ Block layout (what the paper's Z values are computed on):
   shortcut: avgpool, conv1x1 (it sees raw images: no ReLU before either path).
 
 Every conv has a bias; weights are Xavier-uniform (gain sqrt(2) in the residual convs, 1 in
-shortcuts, the generator's Linear and its output conv), biases zero. The generator's first
-Linear is never parameterized (``default_param_exclude``).
+shortcuts, the generator's Linear and its output conv); biases keep PyTorch's default init,
+as in the reference code. The generator's first Linear is never parameterized
+(``default_param_exclude``).
 """
 from __future__ import annotations
 
@@ -41,10 +42,8 @@ SHORTCUT_INPUTS = ("relu", "input")
 
 
 def _xavier(layer: nn.Module, gain: float) -> nn.Module:
-    """Xavier-uniform weight, zero bias (if any)."""
+    """Xavier-uniform weight; the bias (if any) keeps PyTorch's default init, as in the reference."""
     nn.init.xavier_uniform_(layer.weight, gain)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
     return layer
 
 
