@@ -14,7 +14,8 @@ compared three ways:
   set); the peak resident set (``VmHWM``, reset by ``/proc/self/clear_refs`` once the model
   and optimizer exist) during ``--mem-steps`` steps, minus the resident set before the
   model was created: parameters, gradients, optimizer state, activations and every
-  temporary of the weight build.
+  temporary of the weight build. torch keeps no allocator statistics for the CPU, hence
+  the resident set; on a GPU the CUDA allocator's peak is used instead.
 
     python bench/step.py [--models resnet20_cifar wrn16_4] [--params sttp-r svdp-r] [--rank 32]
     python bench/step.py --device cuda --models wrn28_10      # the GPU row
@@ -116,26 +117,33 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_child(arch: str, param: str, rank: int, bs: int, steps: int) -> dict:
-    """In this (fresh) process: resident memory of ``steps`` training steps, in MiB."""
-    x, y = torch.randn(bs, 3, 32, 32), torch.randint(0, 10, (bs,))
+def memory_child(arch: str, param: str, rank: int, bs: int, steps: int, device: str) -> dict:
+    """In this (fresh) process: peak memory of ``steps`` training steps above the memory in
+    use before the model was created, in MiB. CPU: resident set (``VmHWM``, reset once the
+    model and optimizer exist); GPU: the CUDA allocator's peak of allocated bytes."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    x, y = torch.randn(bs, 3, 32, 32, device=device), torch.randint(0, 10, (bs,), device=device)
     gc.collect()
-    before_model = _proc_status_kib("VmRSS")
-    model = build(arch, param, rank, "cpu")
+    before_model = torch.cuda.memory_allocated(device) if cuda else 1024 * _proc_status_kib("VmRSS")
+    model = build(arch, param, rank, device)
     step = train_step_fn(model, x, y, param.endswith("-r"))
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
     for _ in range(steps):
         step()
-    peak = _proc_status_kib("VmHWM")
-    return {"peak_mib": (peak - before_model) / 1024, "before_model_mib": before_model / 1024}
+    peak = torch.cuda.max_memory_allocated(device) if cuda else 1024 * _proc_status_kib("VmHWM")
+    return {"peak_mib": (peak - before_model) / 2**20, "before_model_mib": before_model / 2**20}
 
 
-def measure_memory(arch: str, param: str, rank: int, bs: int, steps: int) -> float | None:
+def measure_memory(arch: str, param: str, rank: int, bs: int, steps: int, device) -> float | None:
     """Peak memory of a training step of one configuration (MiB), from a fresh subprocess."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     cmd = [sys.executable, __file__, "--memory-child", arch, param, str(rank), str(bs), str(steps),
-           str(torch.get_num_threads())]
+           str(torch.get_num_threads()), str(device)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"memory of {arch} {param} not measured:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -143,11 +151,19 @@ def measure_memory(arch: str, param: str, rank: int, bs: int, steps: int) -> flo
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+def memory_method(device) -> str:
+    """How :func:`memory_child` measures on ``device``, for the table's header."""
+    if torch.device(device).type == "cuda":
+        return "CUDA allocator's peak allocated bytes minus those allocated before model creation"
+    return (f"peak resident set (VmHWM, reset after model and optimizer creation) minus the resident set "
+            f"before model creation, glibc MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}")
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
-        arch, param, rank, bs, steps, threads = sys.argv[2:8]
+        arch, param, rank, bs, steps, threads, device = sys.argv[2:9]
         set_threads(int(threads))
-        print(json.dumps(memory_child(arch, param, int(rank), int(bs), int(steps))))
+        print(json.dumps(memory_child(arch, param, int(rank), int(bs), int(steps), device)))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet20_cifar", "wrn16_4"])
@@ -163,7 +179,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     set_threads(args.threads)
     device = torch.device(args.device)
-    measure_mem = args.mem_steps > 0 and device.type == "cpu" and Path("/proc/self/clear_refs").exists()
+    measure_mem = args.mem_steps > 0 and (device.type == "cuda" or Path("/proc/self/clear_refs").exists())
     rows = []
     for arch in args.models:
         configs = ["dense"] + args.params
@@ -178,7 +194,9 @@ def main(argv=None):
             learners = {p: validation_learner(arch, p, args.rank, dls, run_dir) for p in configs}
             t_val = time_validation(learners, args.val_repeats, device)
         del learners
-        mem = {p: measure_memory(arch, p, args.rank, args.bs, args.mem_steps) for p in configs} if measure_mem else {}
+        mem = {}
+        if measure_mem:
+            mem = {p: measure_memory(arch, p, args.rank, args.bs, args.mem_steps, device) for p in configs}
         for p in args.params:
             s_med, s_lo, s_hi = ratio_stats(t_step[p], t_step["dense"])
             v_med, v_lo, v_hi = ratio_stats(t_val[p], t_val["dense"])
@@ -200,10 +218,8 @@ def main(argv=None):
           f"Train step: SGD (momentum 0.9), {args.repeats} interleaved repeats, median (min-max). "
           f"Validation pass: spectral_learner's (default callbacks and metrics) validation pass as fit runs it, over "
           f"{args.val_images} random images, {args.val_repeats} interleaved repeats. Step peak memory: "
-          f"fresh process per configuration, peak resident set (VmHWM, reset after model and optimizer "
-          f"creation) over {args.mem_steps} training steps minus the resident set before model creation, "
-          f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}"
-          f"{'' if measure_mem else ' (not measured: needs a CPU run on Linux)'}.\n")
+          f"fresh process per configuration, {args.mem_steps} training steps; "
+          f"{memory_method(device) if measure_mem else 'not measured (--mem-steps 0 or no /proc/self/clear_refs)'}.\n")
     print(markdown_table(header, rows))
 
 
