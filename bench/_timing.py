@@ -10,6 +10,13 @@ from datetime import date
 import torch
 
 
+def set_threads(n: int) -> None:
+    """Use ``n`` CPU threads (0: keep torch's default). On a machine that other work keeps
+    busy, one thread avoids OpenMP threads waiting for each other's time slices."""
+    if n:
+        torch.set_num_threads(n)
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -50,7 +57,8 @@ def ratio_stats(num: list[float], den: list[float]) -> tuple[float, float, float
 
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {gpu}, "
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+            f"({torch.get_num_threads()} torch threads), {gpu}, "
             f"torch {torch.__version__}, {date.today().isoformat()}")
 
 
