@@ -26,7 +26,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q torch-householder || echo "torch-householder not installable: its column is left out"
 	$(PY) bench/householder.py
-	$(PY) bench/householder.py --batch 16
+	$(PY) bench/householder.py --tables frames --batch 16
 	$(PY) bench/step.py
 	$(PY) bench/data_speed.py
 	$(PY) bench/quality.py
