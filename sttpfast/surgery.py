@@ -26,6 +26,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sttpfast.params.frame_bank import attach_frame_bank, detach_frame_bank
+from sttpfast.params.layers import (
+    factors_of,
+    layer_type,
+    parameterized_layers,
+    parametrization_of,
+    remove_weight_parametrization,
+)
 from sttpfast.params import (
     BASELINES,
     PARAMETRIZATIONS,
@@ -48,30 +55,6 @@ INITS = ("identity", "spectral")
 
 
 # ---------------------------------------------------------------------------------------
-# access to what surgery registered
-def parametrization_of(module: nn.Module) -> nn.Module | None:
-    """The (first) parametrization on ``module.weight``, or None."""
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    return module.parametrizations.weight[0]
-
-
-def factors_of(module: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The factor tensors (``original0, original1, ...``) behind ``module.weight``."""
-    plist = module.parametrizations.weight
-    if plist.is_tensor:
-        return (plist.original,)
-    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
-
-
-def parameterized_layers(model: nn.Module):
-    """Yield ``(name, module, parametrization)`` for every parametrized weight."""
-    for name, module in model.named_modules():
-        p = parametrization_of(module)
-        if p is not None:
-            yield name, module, p
-
-
 def _param_name(p: nn.Module) -> str:
     if isinstance(p, WeightParametrization):
         return p.name
@@ -92,9 +75,7 @@ def _dense_shape(module: nn.Module) -> tuple[int, ...]:
 
 
 def _layer_type(module: nn.Module) -> str:
-    """The layer's own class name (parametrize swaps in a generated subclass)."""
-    cls = type(module)
-    return cls.__bases__[0].__name__ if parametrize.is_parametrized(module) else cls.__name__
+    return layer_type(module).__name__
 
 
 def _transposed(module: nn.Module) -> bool:
@@ -350,7 +331,7 @@ def _apply_atomically(plan, root: nn.Module | None = None) -> None:
             attach_frame_bank(root)
     except BaseException:
         for module, original in reversed(done):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            remove_weight_parametrization(module)
             module.weight = original
         raise
 
@@ -362,7 +343,7 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
     target = model if inplace else copy.deepcopy(model)
     detach_frame_bank(target)
     for _, module, _ in list(parameterized_layers(target)):
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        remove_weight_parametrization(module)
     return target
 
 

@@ -87,6 +87,34 @@ def test_densify_reproduces_outputs(param):
         assert (dense(x) - out).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("param", ["sttp-r", "svdp-c", "sn"])
+def test_densify_copy_leaves_the_original_working(param):
+    """A deep copy shares the class that parametrize generates: densifying the copy used to
+    delete the original's ``weight`` property (AttributeError on its next forward)."""
+    model = timm.create_model("resnet20_cifar", num_classes=10).eval()
+    parameterize(model, param, rank=None if param == "sn" else 4)
+    bank = model.__dict__.get("_sttpfast_frame_bank")
+    assert (bank is not None) == (param != "sn")  # >= 2 chain layers share one bank
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        dense = densify(model)
+        after = model(x)
+        out = dense(x)
+    assert torch.equal(after, before)  # the original: same outputs, same bank, same classes
+    assert model.__dict__.get("_sttpfast_frame_bank") is bank
+    assert all(parametrize.is_parametrized(m, "weight") for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d))
+    assert (out - before).abs().max() <= 1e-5
+    # the copy: plain nn classes, no parametrizations, no bank, no hooks
+    assert type(dense.blocks[0].conv1) is nn.Conv2d and type(dense.fc) is nn.Linear
+    assert not any(parametrize.is_parametrized(m) for m in dense.modules())
+    assert all(type(m).__module__.startswith(("torch.nn", "sttpfast.models", "timm")) for m in dense.modules())
+    assert "_sttpfast_frame_bank" not in dense.__dict__
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in dense.modules())
+    assert all(isinstance(m.weight, nn.Parameter) for m in dense.modules() if isinstance(m, nn.Conv2d))
+
+
 def test_full_rank_spectral_conversion_keeps_a_trained_lowrank_model():
     model = timm.create_model("resnet20_cifar", num_classes=10).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sttpfast.linalg.householder import householder_frame
+from sttpfast.params.layers import factors_of, parameterized_layers
 
 __all__ = ["FrameBank", "attach_frame_bank", "detach_frame_bank"]
 
@@ -58,8 +59,6 @@ class FrameBank:
         return self._weights.get(id(parametrization))
 
     def _layout_groups(self):
-        from sttpfast.surgery import factors_of
-
         groups = defaultdict(list)
         for layer, p in self.members:
             raw, params = p.split_factors(factors_of(layer))
@@ -102,8 +101,6 @@ class FrameBank:
 
 
 def _device_type(bank: FrameBank) -> str:
-    from sttpfast.surgery import factors_of
-
     return factors_of(bank.members[0][0])[0].device.type
 
 
@@ -121,7 +118,6 @@ def detach_frame_bank(model: nn.Module) -> None:
 def attach_frame_bank(model: nn.Module) -> FrameBank | None:
     """(Re)build the bank of every spectral-chain layer under ``model``."""
     from sttpfast.params.chain import SpectralChain
-    from sttpfast.surgery import parameterized_layers
 
     detach_frame_bank(model)
     members = [(m, p) for _, m, p in parameterized_layers(model) if isinstance(p, SpectralChain)]
