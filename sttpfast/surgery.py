@@ -252,7 +252,7 @@ def _register(module: nn.Module, param: str, rank: int | None, init: str) -> Non
         torch.nn.utils.parametrizations.spectral_norm(module)
         return
     p = PARAMETRIZATIONS[param](tuple(module.weight.shape), _transposed(module), rank, init)
-    p = p.to(device=module.weight.device)
+    p = p.to(module.weight)  # its buffers (the gain) follow the layer's device and dtype
     with p.registering_identity() if init == "identity" else contextlib.nullcontext():
         parametrize.register_parametrization(module, "weight", p, unsafe=True)
 

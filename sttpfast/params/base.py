@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MatrixView", "WeightParametrization", "learned_spectrum"]
+__all__ = ["MatrixView", "WeightParametrization", "learned_spectrum", "SPECTRUM_FLOOR"]
 
 
 class MatrixView:
@@ -46,9 +46,14 @@ class MatrixView:
         return f"MatrixView(shape={self.shape}, transposed={self.transposed})"
 
 
+#: floor of ``max|S|`` in :func:`learned_spectrum` (the reference code's value): a raw spectrum
+#: that training drives to zero gives ``s = S / 1e-8`` (still ``|s| <= 1``), never 0/0
+SPECTRUM_FLOOR = 1e-8
+
+
 def learned_spectrum(raw: Tensor) -> Tensor:
-    """``s = S / max|S|``: a spectrum whose largest magnitude is exactly 1 (``(..., r)``)."""
-    return raw / raw.abs().amax(dim=-1, keepdim=True)
+    """``s = S / max(max|S|, 1e-8)``: ``max|s| = 1`` exactly (``<= 1`` for a vanishing ``S``), ``(..., r)``."""
+    return raw / raw.abs().amax(dim=-1, keepdim=True).clamp_min(SPECTRUM_FLOOR)
 
 
 class WeightParametrization(nn.Module):

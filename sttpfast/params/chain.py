@@ -19,6 +19,13 @@ bond itself has an orthogonal gauge and the last U-core is on ``St_U`` as well.
 Spectrum: ``learned`` gives ``s = S / max|S|`` (``|Sigma|_inf = 1``), ``fixed`` gives
 ``s = 1``. SVDP is the chain with one core on each side; STTP splits both sides into
 prime modes (see :mod:`sttpfast.params.sttp`).
+
+Gain: ``W = g U diag(s) V^T`` with a per-layer constant ``g`` (a buffer, 1 by default).
+Both variants bound the spectrum (``|s| <= 1``), so without ``g`` a layer converted from a
+trained dense weight would lose its scale ``sigma_max(W)``. ``g`` is fixed, not learned:
+the bound is the point of these variants, and a learned ``g`` would make it unbounded.
+With it, ``sigma_max(W) = g`` exactly (the Lipschitz bound of the layer is ``g * 1``), and
+``g`` is a constant of the layer like its rank: not a degree of freedom, not in ``Z``.
 """
 from __future__ import annotations
 
@@ -38,10 +45,13 @@ from sttpfast.linalg.householder import (
 from sttpfast.linalg.tt import tt_ranks
 from sttpfast.params.base import MatrixView, WeightParametrization, learned_spectrum
 
-__all__ = ["ChainLayout", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix"]
+__all__ = ["ChainLayout", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum"]
 
-#: standard deviation of the reflector entries at the identity initialization
-IDENTITY_NOISE = 1e-3
+#: standard deviation of the reflector entries at the identity initialization. The STTP
+#: reference code perturbs the frame ``E`` by ``1e-4 * randn`` and re-orthogonalizes; a
+#: reflector ``y_j = e_j + b`` turns ``e_j`` into ``-e_j - 2 b + O(|b|^2)``, so reflector
+#: noise 5e-5 gives the same frame deviation (standard deviation 1e-4 from ``-E``).
+IDENTITY_NOISE = 5e-5
 
 
 @dataclass(frozen=True)
@@ -143,6 +153,15 @@ def contract_chain(layout: ChainLayout, frames: list[Tensor]) -> tuple[Tensor, T
     return u, v
 
 
+def scaled_spectrum(raw: Tensor | None, gain: Tensor, rank: int) -> Tensor:
+    """``g s``: ``g * S / max|S|`` for a learned spectrum ``raw`` (``(..., r)``), ``g * 1`` for
+    a fixed one (``raw`` None); ``gain`` is ``(...)``. Returns ``(..., r)``."""
+    gain = gain.unsqueeze(-1)
+    if raw is None:
+        return gain.expand(*gain.shape[:-1], rank)
+    return learned_spectrum(raw) * gain
+
+
 def weight_matrix(u: Tensor, spectrum: Tensor | None, v: Tensor) -> Tensor:
     """``U diag(s) V^T``: ``(..., d_out, r), (..., r) or None, (..., d_in, r) -> (..., d_out, d_in)``."""
     if spectrum is not None:
@@ -164,6 +183,8 @@ class SpectralChain(WeightParametrization):
         super().__init__(shape, transposed, rank, init)
         self.layout = self.chain_layout(self.view, rank)
         assert self.layout.rank == self.rank, (self.layout.rank, self.rank)
+        # the layer's scale (see the module docstring); set by right_inverse
+        self.register_buffer("gain", torch.ones(()))
 
     # -- structure ----------------------------------------------------------------------
     @classmethod
@@ -196,16 +217,17 @@ class SpectralChain(WeightParametrization):
         return spectrum, frames
 
     def frames(self, *factors: Tensor) -> tuple[Tensor | None, list[Tensor]]:
-        """``(s or None, [frame per core])``, built here, one WY call per core."""
+        """``(s or None, [frame per core])``, built here, one WY call per core (``s`` without the gain)."""
         raw, params = self.split_factors(factors)
         frames = [householder_frame(bottom, top) for bottom, top in params]
         return (None if raw is None else learned_spectrum(raw)), frames
 
-    def svd_factors(self, *factors: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """``(U (d_out, r), s (r,) or None, V (d_in, r))`` with ``W = U diag(s) V^T``."""
-        spectrum, frames = self.frames(*factors)
+    def svd_factors(self, *factors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(U (d_out, r), g s (r,), V (d_in, r))`` with ``W = U diag(g s) V^T``."""
+        raw, params = self.split_factors(factors)
+        frames = [householder_frame(bottom, top) for bottom, top in params]
         u, v = contract_chain(self.layout, frames)
-        return u, spectrum, v
+        return u, scaled_spectrum(raw, self.gain, self.rank), v
 
     def forward(self, *factors: Tensor) -> Tensor:
         bank = self.__dict__.get("frame_bank")
@@ -219,9 +241,13 @@ class SpectralChain(WeightParametrization):
 
     # -- spectrum -----------------------------------------------------------------------
     def singular_values(self, *factors: Tensor) -> Tensor:
-        if not self.learned:
-            return torch.ones(self.rank, dtype=factors[0].dtype, device=factors[0].device)
-        return torch.sort(learned_spectrum(factors[0]).abs(), descending=True).values
+        raw = factors[0] if self.learned else None
+        s = scaled_spectrum(raw, self.gain.to(factors[0].dtype), self.rank)
+        return torch.sort(s.abs(), descending=True).values
+
+    def spectral_bound(self) -> float:
+        """``sigma_max(W) <= g`` by construction (equality: ``max|s| = 1``, or ``s = 1``)."""
+        return float(self.gain)
 
     def log_spectrum(self, *factors: Tensor) -> Tensor:
         if not self.learned:
@@ -229,6 +255,11 @@ class SpectralChain(WeightParametrization):
         return torch.log(learned_spectrum(factors[0]).abs())
 
     # -- initialization -----------------------------------------------------------------
+    def right_inverse(self, weight: Tensor):
+        if self._identity_on_register:
+            self.gain = torch.ones((), dtype=weight.dtype, device=weight.device)
+        return super().right_inverse(weight)
+
     def identity_factors(self, dtype=torch.float32, device=None, generator=None):
         out = [torch.ones(self.rank, dtype=dtype)] if self.learned else []
         for core in self.layout.cores:
@@ -240,16 +271,23 @@ class SpectralChain(WeightParametrization):
         return tuple(t.to(device) for t in out)
 
     def decompose(self, weight: Tensor) -> tuple[Tensor, ...]:
-        """Factors of the best rank-``r`` chain approximation of ``weight``.
+        """Factors of the best rank-``r`` chain approximation of ``weight``; sets ``self.gain``.
 
-        Exact for weights of rank ``<= r`` when the TT ranks are not truncated, up to what
-        the spectrum allows: the learned spectrum keeps ``W / sigma_max(W)``, the fixed one
-        the polar factor ``U_r V_r^T``.
+        With ``W = U_r diag(S_r) V_r^T + (rest)`` the truncated SVD (``S`` descending):
+
+        * learned spectrum: ``g = S_1`` and ``s = S_r / S_1``, so the chain is exactly
+          ``U_r diag(S_r) V_r^T``: ``W`` itself at full rank, the best rank-``r``
+          approximation otherwise (error ``sqrt(sum_{i>r} S_i^2)`` in Frobenius norm), as long
+          as the TT ranks do not truncate ``U_r``, ``V_r`` (always for SVDP);
+        * fixed spectrum: the chain can only hold ``g`` times a partial isometry; the closest
+          one in Frobenius norm is ``g = mean(S_r)`` times the polar factor ``U_r V_r^T``.
         """
         lay, r = self.layout, self.rank
         mat = self.view.to_matrix(weight.detach()).to(torch.float64)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         u, s, v = u[:, :r], s[:r], vh[:r].transpose(0, 1)
+        scale = s[0] if self.learned else s.mean()
+        self.gain = scale.to(dtype=weight.dtype, device=weight.device)
         cores = lay.cores
         n_out = len(lay.out_modes)
 
@@ -274,7 +312,7 @@ class SpectralChain(WeightParametrization):
         v_params.insert(0, (bottom, top))
         out = []
         if self.learned:
-            out.append(s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny))
+            out.append(s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny))  # max|s| = 1: gain * s = S_r
         for bottom, top in u_params + v_params:
             out.append(bottom)
             if top is not None:

@@ -63,12 +63,11 @@ class FrameBank:
         for layer, p in self.members:
             raw, params = p.split_factors(factors_of(layer))
             key = (p.layout, params[0][0].dtype, params[0][0].device)
-            groups[key].append((id(p), raw, params))
+            groups[key].append((id(p), raw, params, p.gain))
         return groups
 
     def _compute(self) -> dict[int, Tensor]:
-        from sttpfast.params.base import learned_spectrum
-        from sttpfast.params.chain import contract_chain, weight_matrix
+        from sttpfast.params.chain import contract_chain, scaled_spectrum, weight_matrix
 
         layouts = self._layout_groups()
         # 1. frames, one WY call per frame shape; a (layout, core) block is a contiguous run
@@ -78,7 +77,7 @@ class FrameBank:
             for k, core in enumerate(lkey[0].cores):
                 fkey = (core.rows, core.cols, core.reduced, lkey[1], lkey[2])
                 where[lkey, k] = (fkey, len(shape_items[fkey]), len(members))
-                shape_items[fkey].extend(params[k] for _, _, params in members)
+                shape_items[fkey].extend(params[k] for _, _, params, _ in members)
         built = {}
         for fkey, items in shape_items.items():
             bottoms = torch.stack([b for b, _ in items])
@@ -92,10 +91,9 @@ class FrameBank:
                 fkey, start, count = where[lkey, k]
                 frames.append(built[fkey][start:start + count])
             u, v = contract_chain(lkey[0], frames)
-            spectrum = None
-            if lkey[0].learned:
-                spectrum = learned_spectrum(torch.stack([raw for _, raw, _ in members]))
-            for (pid, _, _), w in zip(members, weight_matrix(u, spectrum, v).unbind(0)):
+            raw = torch.stack([raw for _, raw, _, _ in members]) if lkey[0].learned else None
+            spectrum = scaled_spectrum(raw, torch.stack([gain for _, _, _, gain in members]), lkey[0].rank)
+            for (pid, _, _, _), w in zip(members, weight_matrix(u, spectrum, v).unbind(0)):
                 out[pid] = w
         return out
 
