@@ -49,7 +49,10 @@ def test_report_counts_bn_statistics_but_not_num_batches_tracked():
     dof = 2 * (8 + 27) - 4
     assert report.compressed_total == dof + 32 and report.dense_total == 216 + 32
     assert abs(report.weights_ratio - 100 * dof / 216) < 1e-9
-    assert "Z =" in str(report) and "0" in report.table()
+    lines = report.table().splitlines()
+    assert lines[2].split() == ["0", "Conv2d", "8x3x3x3", "svdp-l", "2", "66", "216", "30.56"]
+    assert lines[-1] == "layers 1  params 98 / 248  Z = 39.52%  (weights only 30.56%)"  # 98/248, 66/216
+    assert str(report) == report.table() and len(lines) == 5
 
 
 def test_generator_first_linear_is_never_parameterized():
