@@ -33,6 +33,7 @@ from sttpfast.params.layers import (
     parametrization_of,
     remove_weight_parametrization,
 )
+from sttpfast.params.base import check_rank
 from sttpfast.params import (
     BASELINES,
     PARAMETRIZATIONS,
@@ -199,10 +200,7 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
 
 
 def _check_rank(rank) -> None:
-    if rank is None:
-        return
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    check_rank(rank)
 
 
 def _check_compression(compression) -> float:
@@ -295,8 +293,13 @@ def parameterize(
     init = init or default_init(param)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
+    if rank is not None and param in BASELINES:
+        raise ValueError(f"--rank/rank has no meaning for {param} (it keeps the full weight); leave it out")
     layers = _select(model, include, exclude)
     for name, module in layers:
+        if 0 in module.weight.shape:
+            raise ValueError(f"layer {name!r} has a zero-size weight {tuple(module.weight.shape)}; "
+                             "exclude it (exclude=[...])")
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"layer {name!r} is already parameterized ({_param_name(parametrization_of(module))}); "
                              "densify the model first")
@@ -304,7 +307,12 @@ def parameterize(
         return compression_report(model)
     if compression is not None:
         rank, _ = rank_for_compression(model, param, compression, layers)
-    if param in PARAMETRIZATIONS and rank is not None:
+    if param in PARAMETRIZATIONS and rank is not None and layers:
+        cls = PARAMETRIZATIONS[param]
+        useful = max(cls.largest_useful_rank(tuple(m.weight.shape), _transposed(m)) for _, m in layers)
+        if rank > useful:
+            warnings.warn(f"rank {rank} is above what every selected layer can use; the largest useful "
+                          f"rank of {param} here is {useful} (the same as full rank)", stacklevel=2)
         over = [n for n, m in layers if _layer_count_dof(param, m, rank) > m.weight.numel()]
         if over:
             warnings.warn(f"{param} at rank {rank} has more degrees of freedom than the dense weight in "

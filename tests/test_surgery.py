@@ -160,6 +160,8 @@ BAD_CALLS = [
     (dict(param="sttp", rank=4, include=["nothing.*"]), "include pattern 'nothing.*' matches no"),
     (dict(param="sttp", rank=4, include=["blocks.0.bn1"]), "layer 'blocks.0.bn1' is a BatchNorm2d.*supported layer types"),
     (dict(param="sttp", rank=4, init="orthogonal"), "unknown init 'orthogonal'; allowed"),
+    (dict(param="sn", rank=4), r"^--rank/rank has no meaning for sn \(it keeps the full weight\); leave it out$"),
+    (dict(param="dense", rank=8), r"^--rank/rank has no meaning for dense"),
 ]
 
 
@@ -170,6 +172,44 @@ def test_bad_input_is_one_clear_error_and_leaves_the_model_alone(kwargs, message
     with pytest.raises(ValueError, match=message):
         parameterize(model, **kwargs)
     assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("param", ["sttp", "svdp-c", "lowrank"])
+def test_zero_size_layer_is_named_not_prime_factors_of_zero(param):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 0))
+    with pytest.raises(ValueError, match=r"^layer '1' has a zero-size weight \(0, 4\); exclude it"):
+        parameterize(model, param, rank=2)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert parameterize(model, param, rank=2, exclude=["1"]).rows[0].name == "0"
+
+
+@pytest.mark.parametrize("rank,message", [(0, "rank must be a positive integer, got 0"),
+                                          (-3, "rank must be a positive integer, got -3")])
+def test_parametrization_classes_refuse_bad_ranks_and_shapes(rank, message):
+    from sttpfast.params import LowRank, STTPLearned, SVDPConstant
+
+    for cls in (STTPLearned, SVDPConstant, LowRank):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            cls((8, 4), rank=rank)
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            cls.count_dof((8, 4), False, rank)
+        with pytest.raises(ValueError, match=r"^cannot parameterize a weight of shape \(8, 0, 3\)"):
+            cls((8, 0, 3), rank=2)
+
+
+@pytest.mark.parametrize("param,useful", [("sttp-r", 144), ("svdp-l", 64), ("lowrank", 64)])
+def test_rank_above_every_layer_says_the_largest_useful_rank(param, useful):
+    """STTP's rank also caps its TT ranks, which reach 144 in resnet20_cifar (64 x 64 x 3 x 3:
+    modes 2^6 | 2^6, 9): its largest useful rank is above min(d_out, d_in) = 64."""
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    with pytest.warns(UserWarning, match=rf"^rank 200 is above what every selected layer can use; the largest "
+                                         rf"useful rank of {param} here is {useful} \(the same as full rank\)$"):
+        report = parameterize(model, param, rank=200)
+    full = parameterize(timm.create_model("resnet20_cifar", num_classes=10), param)
+    at_useful = parameterize(timm.create_model("resnet20_cifar", num_classes=10), param, rank=useful)
+    below = parameterize(timm.create_model("resnet20_cifar", num_classes=10), param, rank=useful - 1)
+    assert report.compressed_total == full.compressed_total == at_useful.compressed_total
+    assert below.compressed_total < full.compressed_total
 
 
 def test_surgery_is_atomic_when_a_layer_fails(monkeypatch):

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MatrixView", "WeightParametrization", "learned_spectrum", "SPECTRUM_FLOOR"]
+__all__ = ["MatrixView", "WeightParametrization", "learned_spectrum", "check_rank", "SPECTRUM_FLOOR"]
 
 
 class MatrixView:
@@ -21,6 +21,9 @@ class MatrixView:
 
     def __init__(self, shape: tuple[int, ...], transposed: bool = False):
         self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) < 2 or min(self.shape) < 1:
+            raise ValueError(f"cannot parameterize a weight of shape {self.shape}: it needs at least two "
+                             "dimensions, none of them of size 0")
         self.transposed = bool(transposed)
         dims = list(self.shape)
         if self.transposed:
@@ -51,6 +54,12 @@ class MatrixView:
 SPECTRUM_FLOOR = 1e-8
 
 
+def check_rank(rank) -> None:
+    """None (full rank) or a positive int, else a ValueError naming the value."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+
+
 def learned_spectrum(raw: Tensor) -> Tensor:
     """``s = S / max(max|S|, 1e-8)``: ``max|s| = 1`` exactly (``<= 1`` for a vanishing ``S``), ``(..., r)``."""
     return raw / raw.abs().amax(dim=-1, keepdim=True).clamp_min(SPECTRUM_FLOOR)
@@ -72,6 +81,7 @@ class WeightParametrization(nn.Module):
 
     def __init__(self, shape, transposed: bool = False, rank: int | None = None, init: str = "identity"):
         super().__init__()
+        check_rank(rank)
         self.view = MatrixView(shape, transposed)
         self.requested_rank = rank
         cap = min(self.view.d_out, self.view.d_in)
@@ -88,6 +98,12 @@ class WeightParametrization(nn.Module):
     @classmethod
     def count_dof(cls, shape, transposed: bool, rank: int | None) -> int:
         raise NotImplementedError
+
+    @classmethod
+    def largest_useful_rank(cls, shape, transposed: bool = False) -> int:
+        """The smallest rank that gives the same parametrization as full rank (``rank=None``)."""
+        view = MatrixView(shape, transposed)
+        return min(view.d_out, view.d_in)
 
     def spec(self) -> dict:
         """What is needed to rebuild this parametrization on a layer of the same shape."""

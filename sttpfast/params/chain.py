@@ -43,7 +43,7 @@ from sttpfast.linalg.householder import (
     stiefel_dof,
 )
 from sttpfast.linalg.tt import tt_ranks
-from sttpfast.params.base import MatrixView, WeightParametrization, learned_spectrum
+from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, learned_spectrum
 
 __all__ = ["ChainLayout", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum"]
 
@@ -193,6 +193,7 @@ class SpectralChain(WeightParametrization):
 
     @classmethod
     def chain_layout(cls, view: MatrixView, rank: int | None) -> ChainLayout:
+        check_rank(rank)
         out_modes, in_modes = cls.modes(view)
         assert math.prod(out_modes) == view.d_out and math.prod(in_modes) == view.d_in
         return ChainLayout.build(out_modes, in_modes, rank, cls.learned)
@@ -200,6 +201,11 @@ class SpectralChain(WeightParametrization):
     @classmethod
     def count_dof(cls, shape, transposed, rank):
         return cls.chain_layout(MatrixView(shape, transposed), rank).dof
+
+    @classmethod
+    def largest_useful_rank(cls, shape, transposed=False):
+        # the rank caps the TT ranks too, and those can exceed the SVD rank min(d_out, d_in)
+        return max(cls.chain_layout(MatrixView(shape, transposed), None).ranks)
 
     def extra_repr(self) -> str:
         return (f"{self.view.shape}, rank={self.rank}, dof={self.dof}, "

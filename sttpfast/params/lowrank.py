@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sttpfast.params.base import MatrixView, WeightParametrization
+from sttpfast.params.base import MatrixView, WeightParametrization, check_rank
 
 __all__ = ["LowRank"]
 
@@ -21,6 +21,7 @@ class LowRank(WeightParametrization):
 
     @classmethod
     def count_dof(cls, shape, transposed, rank):
+        check_rank(rank)
         view = MatrixView(shape, transposed)
         r = min(view.d_out, view.d_in) if rank is None else min(rank, view.d_out, view.d_in)
         return r * (view.d_out + view.d_in)
