@@ -14,7 +14,6 @@ BN affine parameters and running statistics and untouched layers, and never
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import math
@@ -33,15 +32,8 @@ from sttpfast.params.layers import (
     parametrization_of,
     remove_weight_parametrization,
 )
+from sttpfast.params import MatrixView, WeightParametrization, default_init, method, method_of, resolve_param
 from sttpfast.params.base import check_rank
-from sttpfast.params import (
-    BASELINES,
-    PARAMETRIZATIONS,
-    MatrixView,
-    WeightParametrization,
-    default_init,
-    resolve_param,
-)
 
 __all__ = [
     "SUPPORTED_LAYERS", "LayerRow", "CompressionReport", "parameterize", "compression_report",
@@ -57,11 +49,8 @@ INITS = ("identity", "spectral")
 
 # ---------------------------------------------------------------------------------------
 def _param_name(p: nn.Module) -> str:
-    if isinstance(p, WeightParametrization):
-        return p.name
-    if type(p).__name__ == "_SpectralNorm":
-        return "sn"
-    return type(p).__name__
+    entry = method_of(p)
+    return entry.name if entry is not None else type(p).__name__
 
 
 def _dense_shape(module: nn.Module) -> tuple[int, ...]:
@@ -141,11 +130,10 @@ class CompressionReport:
 
 
 def _layer_dof(module: nn.Module, p: nn.Module) -> int:
-    if isinstance(p, WeightParametrization):
-        return p.dof
-    if _param_name(p) == "sn":  # a rescaling of the full weight: every entry is free
-        return math.prod(_dense_shape(module))
-    return sum(t.numel() for t in factors_of(module))
+    entry = method_of(p)
+    if entry is not None:
+        return entry.count_dof(_dense_shape(module), _transposed(module), getattr(p, "requested_rank", None))
+    return sum(t.numel() for t in factors_of(module))  # a foreign parametrization: its tensors
 
 
 def compression_report(model: nn.Module) -> CompressionReport:
@@ -213,8 +201,8 @@ def _check_compression(compression) -> float:
     return value
 
 
-def _layer_count_dof(param: str, module: nn.Module, rank: int | None) -> int:
-    return PARAMETRIZATIONS[param].count_dof(tuple(module.weight.shape), _transposed(module), rank)
+def _layer_count_dof(param: str, module: nn.Module, rank) -> int:
+    return method(param).count_dof(tuple(module.weight.shape), _transposed(module), rank)
 
 
 def _z_for_rank(param, layers, base_dense, base_other, rank) -> float:
@@ -245,14 +233,8 @@ def rank_for_compression(model: nn.Module, param: str, compression: float, layer
 
 # ---------------------------------------------------------------------------------------
 # surgery
-def _register(module: nn.Module, param: str, rank: int | None, init: str) -> None:
-    if param == "sn":
-        torch.nn.utils.parametrizations.spectral_norm(module)
-        return
-    p = PARAMETRIZATIONS[param](tuple(module.weight.shape), _transposed(module), rank, init)
-    p = p.to(module.weight)  # its buffers (the gain) follow the layer's device and dtype
-    with p.registering_identity() if init == "identity" else contextlib.nullcontext():
-        parametrize.register_parametrization(module, "weight", p, unsafe=True)
+def _register(module: nn.Module, param: str, rank, init: str) -> None:
+    method(param).apply(module, rank, init)
 
 
 def parameterize(
@@ -288,12 +270,12 @@ def parameterize(
     _check_rank(rank)
     if compression is not None:
         compression = _check_compression(compression)
-        if param in BASELINES:
+        if not method(param).compresses:
             raise ValueError(f"compression needs a low-rank parameterization, not {param!r}")
     init = init or default_init(param)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
-    if rank is not None and param in BASELINES:
+    if rank is not None and method(param).rank_kind is None:
         raise ValueError(f"--rank/rank has no meaning for {param} (it keeps the full weight); leave it out")
     layers = _select(model, include, exclude)
     for name, module in layers:
@@ -307,9 +289,9 @@ def parameterize(
         return compression_report(model)
     if compression is not None:
         rank, _ = rank_for_compression(model, param, compression, layers)
-    if param in PARAMETRIZATIONS and rank is not None and layers:
-        cls = PARAMETRIZATIONS[param]
-        useful = max(cls.largest_useful_rank(tuple(m.weight.shape), _transposed(m)) for _, m in layers)
+    entry = method(param)
+    if entry.largest_useful_rank is not None and rank is not None and layers:
+        useful = max(entry.largest_useful_rank(tuple(m.weight.shape), _transposed(m)) for _, m in layers)
         if rank > useful:
             warnings.warn(f"rank {rank} is above what every selected layer can use; the largest useful "
                           f"rank of {param} here is {useful} (the same as full rank)", stacklevel=2)
@@ -361,10 +343,10 @@ def parameterization_spec(model: nn.Module) -> dict[str, dict]:
     """``{layer name: {"param", "rank", "shape"}}`` for every parametrized weight."""
     spec = {}
     for name, module, p in parameterized_layers(model):
-        if isinstance(p, WeightParametrization):
-            spec[name] = p.spec()
-        elif _param_name(p) == "sn":
-            spec[name] = {"param": "sn", "rank": None, "shape": list(_dense_shape(module))}
+        entry = method_of(p)
+        if entry is not None:
+            spec[name] = {"param": entry.name, "rank": entry.rank_to_spec(getattr(p, "requested_rank", None)),
+                          "shape": list(_dense_shape(module))}
         else:
             raise ValueError(f"layer {name!r} has a foreign parametrization {type(p).__name__}; "
                              "only sttpfast's and spectral_norm can be saved")
@@ -389,5 +371,8 @@ def apply_spec(model: nn.Module, spec: dict[str, dict]) -> None:
                             f"the checkpoint has {list(entry['shape'])}")
     if problems:
         raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
-    _apply_atomically([(name, modules[name], resolve_param(e["param"]), e.get("rank"), "identity")
-                       for name, e in spec.items()], model)
+    plan = []
+    for name, e in spec.items():
+        entry = method(e["param"])
+        plan.append((name, modules[name], entry.name, entry.rank_from_spec(e.get("rank")), "identity"))
+    _apply_atomically(plan, model)

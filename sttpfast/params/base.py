@@ -12,6 +12,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from sttpfast.params.registry import METHOD_ATTR, Method, register_method
 
 __all__ = ["MatrixView", "WeightParametrization", "learned_spectrum", "check_rank", "SPECTRUM_FLOOR"]
 
@@ -65,19 +68,61 @@ def learned_spectrum(raw: Tensor) -> Tensor:
     return raw / raw.abs().amax(dim=-1, keepdim=True).clamp_min(SPECTRUM_FLOOR)
 
 
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
 class WeightParametrization(nn.Module):
     """Base of the project's parametrizations (used with ``torch.nn.utils.parametrize``).
 
     Subclasses implement ``forward(*factors) -> W``, ``right_inverse(W) -> factors``,
     ``identity_factors()``, ``count_dof`` and ``singular_values(*factors)``.
 
-    ``name`` is the registry name (``"sttp-l"``...), ``rank`` the SVD rank ``r`` actually
-    used (capped by the matrix shape), ``requested_rank`` what the user asked for.
+    A subclass that defines ``name`` registers itself (:mod:`sttpfast.params.registry`) with
+    what its class attributes say: ``aliases``, ``learned`` (a learned spectrum),
+    ``bounded`` (``sigma_max <= spectral_bound()`` by construction), ``penalty``,
+    ``default_init``. ``rank`` is the SVD rank ``r`` actually used (capped by the matrix
+    shape), ``requested_rank`` what the user asked for.
     """
 
     name: str = "?"
-    #: whether the D-optimal penalty applies (the -R variants)
-    penalized: bool = False
+    aliases: tuple[str, ...] = ()
+    #: a learned spectrum (``log_spectrum``), and whether its sigma_max is bounded by construction
+    learned: bool = False
+    bounded: bool = False
+    #: the training penalty of the method: "d_optimal" (the -R variants), "frobenius_decay"
+    penalty: str | None = None
+    default_init: str = "identity"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            return  # an abstract intermediate class (SpectralChain, _SVDP...)
+        setattr(cls, METHOD_ATTR, cls.name)
+        register_method(Method(
+            name=cls.name, aliases=tuple(cls.aliases), rank_kind=int, learned_spectrum=cls.learned,
+            bounded=cls.bounded, penalty=cls.penalty, default_init=cls.default_init,
+            apply=cls.apply_to, count_dof=cls.count_dof, largest_useful_rank=cls.largest_useful_rank, cls=cls,
+        ))
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the D-optimal penalty applies (the -R variants)."""
+        return self.penalty == "d_optimal"
+
+    @classmethod
+    def apply_to(cls, module: nn.Module, rank=None, init: str = "identity") -> None:
+        """Register this parametrization on ``module.weight`` (``init``: identity or spectral)."""
+        p = cls(tuple(module.weight.shape), isinstance(module, _TRANSPOSED), rank, init)
+        p = p.to(module.weight)  # its buffers (the gain) follow the layer's device and dtype
+        if init == "identity":
+            with p.registering_identity():
+                parametrize.register_parametrization(module, "weight", p, unsafe=True)
+        else:
+            parametrize.register_parametrization(module, "weight", p, unsafe=True)
+
+    def spectral_bound(self) -> float | None:
+        """``sigma_max(W)`` bound that holds by construction, or None."""
+        return None
 
     def __init__(self, shape, transposed: bool = False, rank: int | None = None, init: str = "identity"):
         super().__init__()

@@ -17,7 +17,7 @@ __all__ = ["LowRank"]
 class LowRank(WeightParametrization):
     """Maps ``U (d_out x r)``, ``V (d_in x r)`` onto ``U V^T``: the matrices of rank ``<= r``."""
 
-    name = "lowrank"
+    name, penalty, default_init = "lowrank", "frobenius_decay", "spectral"
 
     @classmethod
     def count_dof(cls, shape, transposed, rank):
