@@ -6,6 +6,8 @@ Spectral initialization: the SVD of the layer's freshly initialized dense weight
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -39,6 +41,17 @@ class LowRank(WeightParametrization):
     def identity_factors(self, dtype=torch.float32, device=None):
         eye = lambda n: torch.eye(n, self.rank, dtype=dtype, device=device)  # noqa: E731
         return eye(self.view.d_out), eye(self.view.d_in)
+
+    @torch.no_grad()
+    def clip_sigma_max(self, factors: tuple[Tensor, Tensor], c: float) -> None:
+        """Scale ``U`` and ``V`` in place by ``sqrt(c / sigma_max)`` if ``sigma_max(U V^T) > c``
+        (an ``r x r`` SVD; the balance of the factors is kept)."""
+        u, v = factors
+        sigma = float(self.singular_values(u.float(), v.float())[0])
+        if sigma > c:
+            scale = math.sqrt(c / sigma)
+            u.mul_(scale)
+            v.mul_(scale)
 
     def singular_values(self, u: Tensor, v: Tensor) -> Tensor:
         # svdvals(U V^T) = svdvals(R_u R_v^T) with U = Q_u R_u, V = Q_v R_v: an r x r problem
