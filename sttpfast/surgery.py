@@ -245,6 +245,7 @@ def parameterize(
     include=None,
     exclude=None,
     init: str | None = None,
+    frame_bank: bool = True,
 ) -> CompressionReport:
     """Replace the weights of selected layers by ``param`` in place; return the report.
 
@@ -261,6 +262,8 @@ def parameterize(
             ``default_param_exclude``.
         init: ``identity`` (the paper's; default for SVDP/STTP) or ``spectral`` (decompose
             the layer's current weight; default for ``lowrank``; converts pretrained layers).
+        frame_bank: build the weights of equal-shaped chain layers together (the default);
+            False builds each layer on its own (same values; for debugging and reference).
     Raises:
         ValueError: a bad argument, naming it and the allowed values; ``model`` is unchanged.
     """
@@ -300,7 +303,7 @@ def parameterize(
             warnings.warn(f"{param} at rank {rank} has more degrees of freedom than the dense weight in "
                           f"{len(over)} layer(s): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}",
                           stacklevel=2)
-    _apply_atomically([(name, module, param, rank, init) for name, module in layers], model)
+    _apply_atomically([(name, module, param, rank, init) for name, module in layers], model if frame_bank else None)
     report = compression_report(model)
     report.rank, report.param = rank, param
     return report
@@ -353,7 +356,7 @@ def parameterization_spec(model: nn.Module) -> dict[str, dict]:
     return spec
 
 
-def apply_spec(model: nn.Module, spec: dict[str, dict]) -> None:
+def apply_spec(model: nn.Module, spec: dict[str, dict], frame_bank: bool = True) -> None:
     """Re-apply a stored spec to a dense model of the same architecture (identity init;
     the checkpoint's tensors are loaded afterwards). Mismatches are reported together."""
     modules = dict(model.named_modules())
@@ -375,4 +378,4 @@ def apply_spec(model: nn.Module, spec: dict[str, dict]) -> None:
     for name, e in spec.items():
         entry = method(e["param"])
         plan.append((name, modules[name], entry.name, entry.rank_from_spec(e.get("rank")), "identity"))
-    _apply_atomically(plan, model)
+    _apply_atomically(plan, model if frame_bank else None)

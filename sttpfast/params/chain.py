@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,7 +46,7 @@ from sttpfast.linalg.householder import (
 from sttpfast.linalg.tt import tt_ranks
 from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, learned_spectrum
 
-__all__ = ["ChainLayout", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum"]
+__all__ = ["ChainLayout", "ChainFactors", "CoreFactors", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum"]
 
 #: standard deviation of the reflector entries at the identity initialization. The STTP
 #: reference code perturbs the frame ``E`` by ``1e-4 * randn`` and re-orthogonalizes; a
@@ -108,6 +109,39 @@ class ChainLayout:
         out_modes, in_modes = tuple(out_modes), tuple(in_modes)
         ranks = tuple(tt_ranks(out_modes + in_modes, rank))
         return cls(out_modes, in_modes, ranks, learned)
+
+
+class CoreFactors(NamedTuple):
+    """The registered tensors of one core's frame: ``bottom`` ``(rows - cols, cols)`` and, on
+    the full ``St``, the packed ``top`` ``(cols (cols - 1) / 2,)`` (None on ``St_U``)."""
+
+    bottom: Tensor
+    top: Tensor | None
+
+
+class ChainFactors(NamedTuple):
+    """A chain's factors by role: the raw spectrum ``S`` (``(r,)``, learned spectrum only, else
+    None) and one :class:`CoreFactors` per core in chain order (U-cores, then V-cores).
+
+    The parametrization's flat factor order (what ``torch.nn.utils.parametrize`` registers as
+    ``original0, original1, ...``) is :meth:`flat`; :meth:`unpack` is its inverse.
+    """
+
+    spectrum: Tensor | None
+    cores: tuple[CoreFactors, ...]
+
+    @classmethod
+    def unpack(cls, layout: "ChainLayout", factors) -> "ChainFactors":
+        it = iter(factors)
+        spectrum = next(it) if layout.learned else None
+        cores = tuple(CoreFactors(next(it), None if core.reduced else next(it)) for core in layout.cores)
+        return cls(spectrum, cores)
+
+    def flat(self) -> tuple[Tensor, ...]:
+        out = [] if self.spectrum is None else [self.spectrum]
+        for core in self.cores:
+            out.extend(t for t in core if t is not None)
+        return tuple(out)
 
 
 def _polar(m: Tensor) -> Tensor:
@@ -212,26 +246,21 @@ class SpectralChain(WeightParametrization):
                 f"modes={self.layout.out_modes}x{self.layout.in_modes}, tt_ranks={self.layout.ranks}")
 
     # -- forward ------------------------------------------------------------------------
-    def split_factors(self, factors):
-        """-> (raw spectrum ``S`` or None, [(bottom, top or None) per core])."""
-        it = iter(factors)
-        spectrum = next(it) if self.learned else None
-        frames = []
-        for core in self.layout.cores:
-            bottom = next(it)
-            frames.append((bottom, None if core.reduced else next(it)))
-        return spectrum, frames
+    def chain_factors(self, factors) -> ChainFactors:
+        """The flat factors (``original0, original1, ...``) by role."""
+        return ChainFactors.unpack(self.layout, factors)
+
 
     def frames(self, *factors: Tensor) -> tuple[Tensor | None, list[Tensor]]:
         """``(s or None, [frame per core])``, built here, one WY call per core (``s`` without the gain)."""
-        raw, params = self.split_factors(factors)
-        frames = [householder_frame(bottom, top) for bottom, top in params]
+        raw, cores = self.chain_factors(factors)
+        frames = [householder_frame(core.bottom, core.top) for core in cores]
         return (None if raw is None else learned_spectrum(raw)), frames
 
     def svd_factors(self, *factors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(U (d_out, r), g s (r,), V (d_in, r))`` with ``W = U diag(g s) V^T``."""
-        raw, params = self.split_factors(factors)
-        frames = [householder_frame(bottom, top) for bottom, top in params]
+        raw, cores = self.chain_factors(factors)
+        frames = [householder_frame(core.bottom, core.top) for core in cores]
         u, v = contract_chain(self.layout, frames)
         return u, scaled_spectrum(raw, self.gain, self.rank), v
 
@@ -267,14 +296,11 @@ class SpectralChain(WeightParametrization):
         return super().right_inverse(weight)
 
     def identity_factors(self, dtype=torch.float32, device=None, generator=None):
-        out = [torch.ones(self.rank, dtype=dtype)] if self.learned else []
-        for core in self.layout.cores:
-            bottom, top = identity_frame_params(core.rows, core.cols, core.reduced, IDENTITY_NOISE,
-                                                dtype=dtype, generator=generator)
-            out.append(bottom)
-            if top is not None:
-                out.append(top)
-        return tuple(t.to(device) for t in out)
+        spectrum = torch.ones(self.rank, dtype=dtype) if self.learned else None
+        cores = tuple(CoreFactors(*identity_frame_params(core.rows, core.cols, core.reduced, IDENTITY_NOISE,
+                                                         dtype=dtype, generator=generator))
+                      for core in self.layout.cores)
+        return tuple(t.to(device) for t in ChainFactors(spectrum, cores).flat())
 
     def decompose(self, weight: Tensor) -> tuple[Tensor, ...]:
         """Factors of the best rank-``r`` chain approximation of ``weight``; sets ``self.gain``.
@@ -316,13 +342,9 @@ class SpectralChain(WeightParametrization):
             bottom_u, _, _, _ = frame_params_from_frame(u_last * sign_v, reduced=True, rotate=False)
             u_params.append((bottom_u, None))
         v_params.insert(0, (bottom, top))
-        out = []
-        if self.learned:
-            out.append(s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny))  # max|s| = 1: gain * s = S_r
-        for bottom, top in u_params + v_params:
-            out.append(bottom)
-            if top is not None:
-                out.append(top)
+        # max|s| = 1, so gain * s = S_r
+        spectrum = s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny) if self.learned else None
+        out = ChainFactors(spectrum, tuple(CoreFactors(b, t) for b, t in u_params + v_params)).flat()
         return tuple(t.to(dtype=weight.dtype, device=weight.device).contiguous() for t in out)
 
     @staticmethod
