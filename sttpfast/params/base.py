@@ -150,10 +150,6 @@ class WeightParametrization(nn.Module):
         view = MatrixView(shape, transposed)
         return min(view.d_out, view.d_in)
 
-    def spec(self) -> dict:
-        """What is needed to rebuild this parametrization on a layer of the same shape."""
-        return {"param": self.name, "rank": self.requested_rank, "shape": list(self.view.shape)}
-
     def extra_repr(self) -> str:
         return f"{self.view.shape}, rank={self.rank}, dof={self.dof}"
 
