@@ -15,7 +15,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from sttpfast.params.base import MatrixView
-from sttpfast.surgery import factors_of, parameterized_layers
+from sttpfast.params.layers import factors_of, parameterized_layers
+from sttpfast.params.registry import method_of
 
 __all__ = [
     "unwrap_model", "is_main_process", "run_dir", "loggers", "log_scalars", "log_image",
@@ -89,7 +90,7 @@ def log_image(learn, tag: str, fig_or_png_path, step: int) -> None:
 # spectra
 def matrix_of(module: nn.Module, weight: Tensor) -> Tensor:
     """``weight`` of ``module`` as its ``(d_out, d_in)`` matrix (transposed convs swap dims 0/1)."""
-    transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
+    transposed = isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
     return MatrixView(tuple(weight.shape), transposed).to_matrix(weight)
 
 
@@ -126,7 +127,9 @@ def spectral_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Modul
     for name, module in model.named_modules():
         if id(module) in parametrized:
             p = parametrized[id(module)][1]
-            fn = _param_svdvals(module, p) if callable(getattr(p, "singular_values", None)) else _exact_svdvals(module)
+            entry = method_of(p)
+            cheap = entry is not None and entry.cls is not None  # the project's classes compute their own
+            fn = _param_svdvals(module, p) if cheap else _exact_svdvals(module)
             yield name, module, p, fn
         elif isinstance(module, DENSE_LAYERS) and isinstance(getattr(module, "weight", None), Tensor):
             yield name, module, None, _exact_svdvals(module)

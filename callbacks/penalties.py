@@ -14,9 +14,8 @@ from fastai.optimizer import Optimizer
 from torch import nn
 
 from sttpfast.callbacks._util import global_step, log_scalars, unwrap_model
-from sttpfast.params.lowrank import LowRank
-from sttpfast.penalties import d_optimal_penalty
-from sttpfast.surgery import factors_of, parameterized_layers
+from sttpfast.params.layers import factors_of
+from sttpfast.penalties import d_optimal_layers, d_optimal_penalty, frobenius_decay_layers
 
 __all__ = ["DOptimalPenalty", "FrobeniusDecay", "DivergencePenalty"]
 
@@ -41,9 +40,7 @@ class DOptimalPenalty(Callback):
 
     def before_fit(self):
         model = unwrap_model(self.learn.model)
-        self.active = self.weight != 0 and any(
-            getattr(p, "learned", False) and (getattr(p, "penalized", False) or not self.only_penalized)
-            for _, _, p in parameterized_layers(model))
+        self.active = self.weight != 0 and any(True for _ in d_optimal_layers(model, self.only_penalized))
 
     def after_loss(self):
         if not self.active or not len(self.learn.yb):
@@ -66,7 +63,8 @@ class DOptimalPenalty(Callback):
 class FrobeniusDecay(Callback):
     """Frobenius decay for low-rank layers (Khodak et al. 2021) in place of weight decay.
 
-    The penalty ``(wd / 2) |U V^T|_F^2`` of each :class:`~sttpfast.params.LowRank` layer
+    The penalty ``(wd / 2) |U V^T|_F^2`` of each layer whose method takes Frobenius decay
+    (the registry's ``penalty``; :class:`~sttpfast.params.LowRank`)
     (``U (d_out, r)``, ``V (d_in, r)``) enters through its analytic gradient, added in
     ``after_backward`` (before the step, after DDP's gradient all-reduce, identically on all
     ranks since the factors are): ``U.grad += wd U (V^T V)``, ``V.grad += wd V (U^T U)``
@@ -89,7 +87,7 @@ class FrobeniusDecay(Callback):
 
     def _factor_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         model = unwrap_model(self.learn.model)
-        return [factors_of(m) for _, m, p in parameterized_layers(model) if isinstance(p, LowRank)]
+        return [factors_of(m) for _, m, _ in frobenius_decay_layers(model)]
 
     def before_fit(self):
         if self.learn.opt is None:

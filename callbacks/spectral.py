@@ -27,16 +27,10 @@ from sttpfast.callbacks._util import (
     spectral_layers,
     unwrap_model,
 )
-from sttpfast.params.chain import SpectralChain
-from sttpfast.params.lowrank import LowRank
-from sttpfast.surgery import factors_of
+from sttpfast.params.layers import factors_of
+from sttpfast.params.registry import method_of
 
 __all__ = ["SpectralNormBound", "SingularValueLogger", "OrthogonalityMonitor", "stable_rank", "save_heatmap"]
-
-
-def _is_torch_spectral_norm(p: nn.Module) -> bool:
-    # torch.nn.utils.parametrizations.spectral_norm's class is private
-    return type(p).__name__ == "_SpectralNorm"
 
 
 def stable_rank(s: Tensor) -> float:
@@ -53,15 +47,14 @@ class SpectralNormBound(Callback):
     * plain Conv / ConvTranspose / Linear weights (``include_dense``): the exact
       ``sigma_max`` of the ``(d_out, d_in)`` matrix; if ``> c`` the weight is scaled by
       ``c / sigma_max`` in place (the closest scaling of W that satisfies the bound);
-    * :class:`~sttpfast.params.LowRank` ``W = U V^T``: ``U`` and ``V`` are each scaled by
-      ``sqrt(c / sigma_max)`` (an ``r x r`` SVD; the balance of the factors is kept);
-    * SVDP / STTP chains: nothing to do. A learned spectrum is normalized to
-      ``max|s| = 1`` and a constant one is all ones, so ``sigma_max = 1`` by construction;
-    * PyTorch's ``spectral_norm`` (``sn``): nothing to do, it divides W by (an estimate of)
-      its ``sigma_max``, so ``sigma_max ~ 1``.
+    * parametrizations that offer ``clip_sigma_max(factors, c)`` (low rank ``W = U V^T``
+      scales ``U`` and ``V`` by ``sqrt(c / sigma_max)``) are asked to clip;
+    * methods whose ``sigma_max`` is bounded by construction (the registry's ``bounded``:
+      SVDP / STTP, ``sigma_max = g``, their gain, 1 unless converted from a dense weight;
+      PyTorch's ``spectral_norm``, ``sigma_max ~ 1``): nothing to do.
 
-    The last two cannot be pushed below 1: ``before_fit`` raises a ValueError for them
-    when ``c < 1``. Layers with any other parametrization are left alone (one warning).
+    A bound by construction cannot be pushed lower: ``before_fit`` raises a ValueError when
+    it exceeds ``c``. Layers with any other parametrization are left alone (one warning).
     Order 10: after TrainEvalCallback, before the Recorder and anything that reads weights.
     """
 
@@ -76,21 +69,23 @@ class SpectralNormBound(Callback):
 
     def before_fit(self):
         model = unwrap_model(self.learn.model)
-        unbounded, fixed_at_one = [], []
+        unbounded, fixed = [], []
         for name, _, p, _ in spectral_layers(model):
-            if p is None or isinstance(p, LowRank):
+            if p is None or callable(getattr(p, "clip_sigma_max", None)):
                 continue
-            if isinstance(p, SpectralChain) or _is_torch_spectral_norm(p):
-                fixed_at_one.append(name)
-            else:
+            entry = method_of(p)
+            bound = entry.spectral_bound(p) if entry is not None else None
+            if bound is None:
                 unbounded.append(f"{name} ({type(p).__name__})")
-        if fixed_at_one and self.c < 1:
+            elif bound > self.c * (1 + 1e-6):
+                fixed.append(f"{name} ({bound:.4g})")
+        if fixed:
             raise ValueError(
-                f"SpectralNormBound(c={self.c}) cannot hold for {len(fixed_at_one)} layer(s) "
-                f"({', '.join(fixed_at_one[:4])}{' ...' if len(fixed_at_one) > 4 else ''}): their "
-                "sigma_max is 1 by construction (SVDP/STTP learned spectra are normalized to "
-                "max|s| = 1, constant spectra are all ones, spectral_norm divides by sigma_max). "
-                "Use c >= 1, or scale the layer outputs instead.")
+                f"SpectralNormBound(c={self.c}) cannot hold for {len(fixed)} layer(s) "
+                f"({', '.join(fixed[:4])}{' ...' if len(fixed) > 4 else ''}): their sigma_max is fixed "
+                "by construction (SVDP/STTP: learned spectra normalized to max|s| = 1 times the "
+                "layer's gain, constant spectra all equal to the gain; spectral_norm divides by "
+                "sigma_max). Use a larger c, or scale the layer outputs instead.")
         if unbounded:
             warnings.warn(f"SpectralNormBound does not know how to bound {', '.join(unbounded[:4])}"
                           f"{' ...' if len(unbounded) > 4 else ''}; those layers are left alone",
@@ -108,8 +103,8 @@ class SpectralNormBound(Callback):
         for _, module, p, _ in spectral_layers(self.learn.model):
             if p is None and self.include_dense:
                 self._project_dense(module)
-            elif isinstance(p, LowRank):
-                self._project_lowrank(module, p)
+            elif p is not None and callable(getattr(p, "clip_sigma_max", None)):
+                p.clip_sigma_max(factors_of(module), self.c)
 
     def _project_dense(self, module: nn.Module) -> None:
         w = module.weight
@@ -118,13 +113,6 @@ class SpectralNormBound(Callback):
         if sigma > self.c:
             w.mul_(self.c / sigma)
 
-    def _project_lowrank(self, module: nn.Module, p: LowRank) -> None:
-        u, v = factors_of(module)
-        sigma = float(p.singular_values(u.float(), v.float())[0])
-        if sigma > self.c:
-            scale = math.sqrt(self.c / sigma)
-            u.mul_(scale)
-            v.mul_(scale)
 
 
 class SingularValueLogger(Callback):
@@ -225,8 +213,8 @@ def save_heatmap(spectra: dict[str, Tensor], top_k: int, path, title: str = "") 
 class OrthogonalityMonitor(Callback):
     """Check that the chain factors of SVDP / STTP layers stay orthonormal.
 
-    Every ``every`` training steps (``after_batch``), for each SpectralChain layer with
-    ``U (d_out, r)``, ``V (d_in, r)`` from ``p.svd_factors``:
+    Every ``every`` training steps (``after_batch``), for each layer whose parametrization
+    offers ``svd_factors`` (SVDP / STTP), with ``U (d_out, r)``, ``V (d_in, r)``:
     ``err = max(max|U^T U - I|, max|V^T V - I|)``, logged as ``ortho/{layer}``.
     ``self.errors`` holds the latest ``{layer: err}``, ``self.max_error`` the largest
     error seen during the fit. Order 55, like the other monitors.
@@ -249,8 +237,8 @@ class OrthogonalityMonitor(Callback):
         """``{layer: orthogonality error}`` of every chain layer now."""
         errors = {}
         for name, module, p, _ in spectral_layers(self.learn.model):
-            if not isinstance(p, SpectralChain):
-                continue
+            if not callable(getattr(p, "svd_factors", None)):
+                continue  # only parametrizations with orthonormal factors offer svd_factors
             u, _, v = p.svd_factors(*factors_of(module))
             eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device)
             errors[name] = max(float((u.mT @ u - eye).abs().max()), float((v.mT @ v - eye).abs().max()))

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from sttpfast.params import LowRank
-from sttpfast.surgery import factors_of, parameterized_layers
+from sttpfast.params.layers import factors_of, parameterized_layers
+from sttpfast.params.registry import method_of
 
-__all__ = ["d_optimal_penalty", "frobenius_decay_penalty"]
+__all__ = ["d_optimal_penalty", "frobenius_decay_penalty", "d_optimal_layers", "frobenius_decay_layers"]
 
 
 def d_optimal_penalty(model: nn.Module, only_penalized: bool = True) -> Tensor:
@@ -17,16 +17,32 @@ def d_optimal_penalty(model: nn.Module, only_penalized: bool = True) -> Tensor:
     the spectrum towards 1, the D-optimal design. ``only_penalized=False`` also counts
     -L layers. Zero (a scalar) when no layer has a learned spectrum.
     """
-    logs = [p.log_spectrum(*factors_of(m)) for _, m, p in parameterized_layers(model)
-            if getattr(p, "learned", False) and (p.penalized or not only_penalized)]
+    logs = [p.log_spectrum(*factors_of(m)) for _, m, p in d_optimal_layers(model, only_penalized)]
     if not logs:
         return torch.zeros(())
     return -torch.cat(logs).mean()
 
 
+def d_optimal_layers(model: nn.Module, only_penalized: bool = True):
+    """``(name, module, p)`` of the layers with a learned spectrum whose method takes the
+    D-optimal penalty (all learned spectra with ``only_penalized=False``)."""
+    for name, m, p in parameterized_layers(model):
+        entry = method_of(p)
+        if entry is not None and entry.learned_spectrum and (entry.penalty == "d_optimal" or not only_penalized):
+            yield name, m, p
+
+
+def frobenius_decay_layers(model: nn.Module):
+    """``(name, module, p)`` of the layers whose method takes Frobenius decay (``W = U V^T``)."""
+    for name, m, p in parameterized_layers(model):
+        entry = method_of(p)
+        if entry is not None and entry.penalty == "frobenius_decay":
+            yield name, m, p
+
+
 def frobenius_decay_penalty(model: nn.Module) -> Tensor:
     """``(1/2) sum |U V^T|_F^2`` over low-rank layers (Khodak et al. 2021), computed as
     ``(1/2) tr((U^T U)(V^T V))`` without forming ``U V^T`` (``r x r`` work)."""
-    terms = [0.5 * ((u.mT @ u) * (v.mT @ v)).sum() for _, m, p in parameterized_layers(model)
-             if isinstance(p, LowRank) for u, v in [factors_of(m)]]
+    terms = [0.5 * ((u.mT @ u) * (v.mT @ v)).sum() for _, m, _ in frobenius_decay_layers(model)
+             for u, v in [factors_of(m)]]
     return torch.stack(terms).sum() if terms else torch.zeros(())

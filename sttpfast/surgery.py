@@ -14,7 +14,6 @@ BN affine parameters and running statistics and untouched layers, and never
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import math
@@ -26,14 +25,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sttpfast.params.frame_bank import attach_frame_bank, detach_frame_bank
-from sttpfast.params import (
-    BASELINES,
-    PARAMETRIZATIONS,
-    MatrixView,
-    WeightParametrization,
-    default_init,
-    resolve_param,
+from sttpfast.params.layers import (
+    factors_of,
+    layer_type,
+    parameterized_layers,
+    parametrization_of,
+    remove_weight_parametrization,
 )
+from sttpfast.params import MatrixView, WeightParametrization, default_init, method, method_of, resolve_param
+from sttpfast.params.base import check_rank
 
 __all__ = [
     "SUPPORTED_LAYERS", "LayerRow", "CompressionReport", "parameterize", "compression_report",
@@ -48,36 +48,9 @@ INITS = ("identity", "spectral")
 
 
 # ---------------------------------------------------------------------------------------
-# access to what surgery registered
-def parametrization_of(module: nn.Module) -> nn.Module | None:
-    """The (first) parametrization on ``module.weight``, or None."""
-    if not parametrize.is_parametrized(module, "weight"):
-        return None
-    return module.parametrizations.weight[0]
-
-
-def factors_of(module: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The factor tensors (``original0, original1, ...``) behind ``module.weight``."""
-    plist = module.parametrizations.weight
-    if plist.is_tensor:
-        return (plist.original,)
-    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
-
-
-def parameterized_layers(model: nn.Module):
-    """Yield ``(name, module, parametrization)`` for every parametrized weight."""
-    for name, module in model.named_modules():
-        p = parametrization_of(module)
-        if p is not None:
-            yield name, module, p
-
-
 def _param_name(p: nn.Module) -> str:
-    if isinstance(p, WeightParametrization):
-        return p.name
-    if type(p).__name__ == "_SpectralNorm":
-        return "sn"
-    return type(p).__name__
+    entry = method_of(p)
+    return entry.name if entry is not None else type(p).__name__
 
 
 def _dense_shape(module: nn.Module) -> tuple[int, ...]:
@@ -92,9 +65,7 @@ def _dense_shape(module: nn.Module) -> tuple[int, ...]:
 
 
 def _layer_type(module: nn.Module) -> str:
-    """The layer's own class name (parametrize swaps in a generated subclass)."""
-    cls = type(module)
-    return cls.__bases__[0].__name__ if parametrize.is_parametrized(module) else cls.__name__
+    return layer_type(module).__name__
 
 
 def _transposed(module: nn.Module) -> bool:
@@ -159,11 +130,10 @@ class CompressionReport:
 
 
 def _layer_dof(module: nn.Module, p: nn.Module) -> int:
-    if isinstance(p, WeightParametrization):
-        return p.dof
-    if _param_name(p) == "sn":  # a rescaling of the full weight: every entry is free
-        return math.prod(_dense_shape(module))
-    return sum(t.numel() for t in factors_of(module))
+    entry = method_of(p)
+    if entry is not None:
+        return entry.count_dof(_dense_shape(module), _transposed(module), getattr(p, "requested_rank", None))
+    return sum(t.numel() for t in factors_of(module))  # a foreign parametrization: its tensors
 
 
 def compression_report(model: nn.Module) -> CompressionReport:
@@ -218,10 +188,7 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
 
 
 def _check_rank(rank) -> None:
-    if rank is None:
-        return
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    check_rank(rank)
 
 
 def _check_compression(compression) -> float:
@@ -234,8 +201,8 @@ def _check_compression(compression) -> float:
     return value
 
 
-def _layer_count_dof(param: str, module: nn.Module, rank: int | None) -> int:
-    return PARAMETRIZATIONS[param].count_dof(tuple(module.weight.shape), _transposed(module), rank)
+def _layer_count_dof(param: str, module: nn.Module, rank) -> int:
+    return method(param).count_dof(tuple(module.weight.shape), _transposed(module), rank)
 
 
 def _z_for_rank(param, layers, base_dense, base_other, rank) -> float:
@@ -266,14 +233,8 @@ def rank_for_compression(model: nn.Module, param: str, compression: float, layer
 
 # ---------------------------------------------------------------------------------------
 # surgery
-def _register(module: nn.Module, param: str, rank: int | None, init: str) -> None:
-    if param == "sn":
-        torch.nn.utils.parametrizations.spectral_norm(module)
-        return
-    p = PARAMETRIZATIONS[param](tuple(module.weight.shape), _transposed(module), rank, init)
-    p = p.to(device=module.weight.device)
-    with p.registering_identity() if init == "identity" else contextlib.nullcontext():
-        parametrize.register_parametrization(module, "weight", p, unsafe=True)
+def _register(module: nn.Module, param: str, rank, init: str) -> None:
+    method(param).apply(module, rank, init)
 
 
 def parameterize(
@@ -284,6 +245,7 @@ def parameterize(
     include=None,
     exclude=None,
     init: str | None = None,
+    frame_bank: bool = True,
 ) -> CompressionReport:
     """Replace the weights of selected layers by ``param`` in place; return the report.
 
@@ -300,6 +262,8 @@ def parameterize(
             ``default_param_exclude``.
         init: ``identity`` (the paper's; default for SVDP/STTP) or ``spectral`` (decompose
             the layer's current weight; default for ``lowrank``; converts pretrained layers).
+        frame_bank: build the weights of equal-shaped chain layers together (the default);
+            False builds each layer on its own (same values; for debugging and reference).
     Raises:
         ValueError: a bad argument, naming it and the allowed values; ``model`` is unchanged.
     """
@@ -309,13 +273,18 @@ def parameterize(
     _check_rank(rank)
     if compression is not None:
         compression = _check_compression(compression)
-        if param in BASELINES:
+        if not method(param).compresses:
             raise ValueError(f"compression needs a low-rank parameterization, not {param!r}")
     init = init or default_init(param)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
+    if rank is not None and method(param).rank_kind is None:
+        raise ValueError(f"--rank/rank has no meaning for {param} (it keeps the full weight); leave it out")
     layers = _select(model, include, exclude)
     for name, module in layers:
+        if 0 in module.weight.shape:
+            raise ValueError(f"layer {name!r} has a zero-size weight {tuple(module.weight.shape)}; "
+                             "exclude it (exclude=[...])")
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"layer {name!r} is already parameterized ({_param_name(parametrization_of(module))}); "
                              "densify the model first")
@@ -323,13 +292,18 @@ def parameterize(
         return compression_report(model)
     if compression is not None:
         rank, _ = rank_for_compression(model, param, compression, layers)
-    if param in PARAMETRIZATIONS and rank is not None:
+    entry = method(param)
+    if entry.largest_useful_rank is not None and rank is not None and layers:
+        useful = max(entry.largest_useful_rank(tuple(m.weight.shape), _transposed(m)) for _, m in layers)
+        if rank > useful:
+            warnings.warn(f"rank {rank} is above what every selected layer can use; the largest useful "
+                          f"rank of {param} here is {useful} (the same as full rank)", stacklevel=2)
         over = [n for n, m in layers if _layer_count_dof(param, m, rank) > m.weight.numel()]
         if over:
             warnings.warn(f"{param} at rank {rank} has more degrees of freedom than the dense weight in "
                           f"{len(over)} layer(s): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}",
                           stacklevel=2)
-    _apply_atomically([(name, module, param, rank, init) for name, module in layers], model)
+    _apply_atomically([(name, module, param, rank, init) for name, module in layers], model if frame_bank else None)
     report = compression_report(model)
     report.rank, report.param = rank, param
     return report
@@ -350,7 +324,7 @@ def _apply_atomically(plan, root: nn.Module | None = None) -> None:
             attach_frame_bank(root)
     except BaseException:
         for module, original in reversed(done):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+            remove_weight_parametrization(module)
             module.weight = original
         raise
 
@@ -362,7 +336,7 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
     target = model if inplace else copy.deepcopy(model)
     detach_frame_bank(target)
     for _, module, _ in list(parameterized_layers(target)):
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        remove_weight_parametrization(module)
     return target
 
 
@@ -372,17 +346,17 @@ def parameterization_spec(model: nn.Module) -> dict[str, dict]:
     """``{layer name: {"param", "rank", "shape"}}`` for every parametrized weight."""
     spec = {}
     for name, module, p in parameterized_layers(model):
-        if isinstance(p, WeightParametrization):
-            spec[name] = p.spec()
-        elif _param_name(p) == "sn":
-            spec[name] = {"param": "sn", "rank": None, "shape": list(_dense_shape(module))}
+        entry = method_of(p)
+        if entry is not None:
+            spec[name] = {"param": entry.name, "rank": entry.rank_to_spec(getattr(p, "requested_rank", None)),
+                          "shape": list(_dense_shape(module))}
         else:
             raise ValueError(f"layer {name!r} has a foreign parametrization {type(p).__name__}; "
                              "only sttpfast's and spectral_norm can be saved")
     return spec
 
 
-def apply_spec(model: nn.Module, spec: dict[str, dict]) -> None:
+def apply_spec(model: nn.Module, spec: dict[str, dict], frame_bank: bool = True) -> None:
     """Re-apply a stored spec to a dense model of the same architecture (identity init;
     the checkpoint's tensors are loaded afterwards). Mismatches are reported together."""
     modules = dict(model.named_modules())
@@ -400,5 +374,8 @@ def apply_spec(model: nn.Module, spec: dict[str, dict]) -> None:
                             f"the checkpoint has {list(entry['shape'])}")
     if problems:
         raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
-    _apply_atomically([(name, modules[name], resolve_param(e["param"]), e.get("rank"), "identity")
-                       for name, e in spec.items()], model)
+    plan = []
+    for name, e in spec.items():
+        entry = method(e["param"])
+        plan.append((name, modules[name], entry.name, entry.rank_from_spec(e.get("rank")), "identity"))
+    _apply_atomically(plan, model if frame_bank else None)

@@ -7,6 +7,7 @@ import torch
 import sttpfast
 from sttpfast.linalg.householder import (
     frame_params_from_frame,
+    identity_frame_params,
     householder_frame,
     sequential_householder_frame,
     stiefel_dof,
@@ -112,3 +113,19 @@ def test_chain_layout_st_u_placement():
     constant = STTPConstant((128, 128, 3, 3), rank=64).layout
     assert [c.reduced for c in constant.cores][n_out - 1] is True
     assert isinstance(STTPLearned((4, 4), rank=2), SpectralChain)
+
+
+@pytest.mark.parametrize("reduced", [True, False])
+def test_identity_init_deviates_from_minus_e_like_the_reference(reduced):
+    """The STTP reference perturbs E by 1e-4 * randn before orthogonalizing: our frames at the
+    identity init must deviate from -E by the same amount (std 1e-4 below the top block)."""
+    from sttpfast.params.chain import IDENTITY_NOISE
+
+    g = torch.Generator().manual_seed(0)
+    n, r = 1000, 50
+    bottom, top = identity_frame_params(n, r, reduced, IDENTITY_NOISE, dtype=torch.float64, generator=g)
+    dev = householder_frame(bottom, top) + torch.eye(n, r, dtype=torch.float64)
+    assert 0.98e-4 < dev[r:].std().item() < 1.02e-4
+    assert dev.abs().max().item() < 6e-4  # measured 4.3e-4 (the old noise: std 2e-3)
+    if reduced:  # St_U: the top block moves at second order only
+        assert dev[:r].abs().max().item() < 1e-5  # measured 5.5e-6

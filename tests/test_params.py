@@ -58,10 +58,73 @@ def test_round_trip_of_weights_in_the_image(cls, shape):
     assert rel_err(p(*p.decompose(w)), w) < 1e-4
 
 
-def test_learned_spectrum_keeps_only_the_scale_free_part():
+def test_learned_conversion_keeps_the_layer_scale_in_the_gain():
     p = SVDPLearned((6, 5), rank=3).double()
-    w = low_rank_weight((6, 5), 3)
-    assert rel_err(p(*p.decompose(7.5 * w)), w) < 1e-6
+    w = low_rank_weight((6, 5), 3)  # sigma_max = 1
+    assert rel_err(p(*p.decompose(7.5 * w)), 7.5 * w) < 1e-12
+    assert abs(p.gain.item() - 7.5) < 1e-12 and p.spectral_bound() == p.gain.item()
+    assert p.singular_values(*p.decompose(7.5 * w))[0].item() == pytest.approx(7.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("cls,shape,rank", [(SVDPLearned, (12, 6, 3, 3), 4), (SVDPPenalized, (10, 64), 7),
+                                            (STTPLearned, (7, 3, 2), 4), (STTPPenalized, (5, 2, 3), 3)])
+def test_conversion_at_rank_r_is_the_svd_truncation(cls, shape, rank):
+    """The converted layer is U_r diag(S_r) V_r^T: its error is exactly the SVD tail (for STTP on
+    shapes whose TT ranks leave U_r, V_r untruncated: a prime C_out, short input modes)."""
+    view = MatrixView(shape)
+    w = torch.randn(shape, dtype=torch.float64)
+    p = cls(shape, rank=rank).double()
+    approx = p(*p.decompose(w))
+    s = torch.linalg.svdvals(view.to_matrix(w))
+    tail = s[rank:].square().sum().sqrt()
+    assert abs((approx - w).norm() - tail).item() < 1e-12 * s[0].item()
+    u, sv, vh = torch.linalg.svd(view.to_matrix(w), full_matrices=False)
+    best = (u[:, :rank] * sv[:rank]) @ vh[:rank]
+    assert rel_err(view.to_matrix(approx), best) < 1e-12
+
+
+@pytest.mark.parametrize("cls,shape,rank", [(SVDPConstant, (12, 6, 3, 3), 4), (SVDPConstant, (9, 5), 5),
+                                            (STTPConstant, (8, 4, 3, 3), None)])
+def test_fixed_spectrum_conversion_is_the_mean_scale_times_the_polar_factor(cls, shape, rank):
+    """-C holds g U V^T only; the closest such matrix to W (Frobenius) is mean(S_r) U_r V_r^T."""
+    view = MatrixView(shape)
+    w = torch.randn(shape, dtype=torch.float64)
+    p = cls(shape, rank=rank).double()
+    approx = view.to_matrix(p(*p.decompose(w)))
+    u, sv, vh = torch.linalg.svd(view.to_matrix(w), full_matrices=False)
+    r = p.rank
+    assert abs(p.gain.item() - sv[:r].mean().item()) < 1e-12
+    assert rel_err(approx, sv[:r].mean() * u[:, :r] @ vh[:r]) < 1e-12
+    assert torch.allclose(torch.linalg.svdvals(approx)[:r], sv[:r].mean().expand(r), rtol=1e-12)
+
+
+def test_spectral_conversion_of_a_trained_resnet_is_exact_at_full_rank():
+    """A trained dense resnet20_cifar (float64) converted with init="spectral" keeps its outputs."""
+    import copy
+
+    import timm
+
+    import sttpfast
+
+    torch.manual_seed(0)
+    dense = timm.create_model("resnet20_cifar", num_classes=10).double()
+    opt = torch.optim.SGD(dense.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):  # a few steps: the weights are no longer the fresh init
+        x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (8,))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(dense(x), y).backward()
+        opt.step()
+    dense.eval()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ref = dense(x)
+        for param in ("svdp-l", "sttp-l", "sttp-r"):
+            model = copy.deepcopy(dense)
+            sttpfast.parameterize(model, param, init="spectral")
+            out = model(x)
+            assert rel_err(out, ref) < 1e-12, param  # measured 3.7e-15 (svdp-l), 6.7e-15 (sttp)
+            gains = [p.gain.item() for _, _, p in sttpfast.surgery.parameterized_layers(model)]
+            assert all(g != 1.0 for g in gains)  # every layer kept its own scale
 
 
 def test_transposed_conv_view_round_trip():
@@ -233,3 +296,53 @@ def test_chain_stays_orthonormal_under_bf16_autocast():
         w = p(*factors)
     assert w.dtype == torch.float32
     assert torch.linalg.svdvals(p.view.to_matrix(w))[0] <= 1 + 1e-5
+
+
+def test_learned_spectrum_stays_in_range_even_when_it_vanishes():
+    """s = S / max(max|S|, 1e-8) (the reference's clamp): |s| <= 1 always, and a raw spectrum
+    driven to zero gives zeros and finite gradients instead of 0/0."""
+    from sttpfast.params.base import learned_spectrum
+
+    raw = torch.zeros(4, requires_grad=True)
+    s = learned_spectrum(raw)
+    s.sum().backward()
+    assert torch.equal(s, torch.zeros(4)) and torch.isfinite(raw.grad).all()
+    tiny = torch.tensor([1e-12, -3e-12])
+    assert torch.equal(learned_spectrum(tiny), tiny / 1e-8)
+    big = torch.tensor([2.0, -4.0, 1.0])
+    assert torch.equal(learned_spectrum(big), torch.tensor([0.5, -1.0, 0.25]))
+
+
+@pytest.mark.parametrize("cls", [SVDPConstant, STTPLearned])
+def test_spectrum_stays_in_range_during_training(cls):
+    conv = nn.Conv2d(8, 12, 3)
+    p = cls(tuple(conv.weight.shape), rank=6)
+    with p.registering_identity():
+        parametrize.register_parametrization(conv, "weight", p, unsafe=True)
+    opt = torch.optim.SGD(conv.parameters(), lr=1.0)
+    for _ in range(5):
+        opt.zero_grad()
+        (-conv(torch.randn(4, 8, 6, 6)).square().mean()).backward()  # pushes the weight to grow
+        opt.step()
+    sv = torch.linalg.svdvals(conv.weight.detach().reshape(12, -1))
+    if cls.learned:
+        assert sv[0].item() == pytest.approx(1.0, abs=1e-5) and sv[6:].max() < 1e-5
+    else:
+        assert torch.allclose(sv[:6], torch.ones(6), atol=1e-5) and sv[6:].max() < 1e-5
+
+
+def test_registry_entries_say_what_each_method_offers():
+    from sttpfast.params import ALL_PARAMS, method, method_of, methods
+    from sttpfast.params.registry import Method, register_method
+
+    assert list(methods()) == ["svdp-l", "svdp-r", "svdp-c", "sttp-l", "sttp-r", "sttp-c", "lowrank", "dense", "sn"]
+    assert ALL_PARAMS == tuple(methods()) + ("svdp", "sttp")
+    offers = {n: (m.learned_spectrum, m.bounded, m.penalty, m.rank_kind, m.default_init) for n, m in methods().items()}
+    assert offers["sttp-r"] == (True, True, "d_optimal", int, "identity")
+    assert offers["svdp-c"] == (False, True, None, int, "identity")
+    assert offers["lowrank"] == (False, False, "frobenius_decay", int, "spectral")
+    assert offers["sn"] == (False, True, None, None, "identity") and offers["dense"][3] is None
+    assert method("STTP") is methods()["sttp-l"] and method_of(STTPLearned((4, 4), rank=2)).name == "sttp-l"
+    with pytest.raises(ValueError, match="^parameterization name 'sttp' is already registered by 'sttp-l'$"):
+        register_method(Method(name="my-sttp", aliases=("sttp",), apply=None, count_dof=None))
+    assert "my-sttp" not in methods()

@@ -49,7 +49,10 @@ def test_report_counts_bn_statistics_but_not_num_batches_tracked():
     dof = 2 * (8 + 27) - 4
     assert report.compressed_total == dof + 32 and report.dense_total == 216 + 32
     assert abs(report.weights_ratio - 100 * dof / 216) < 1e-9
-    assert "Z =" in str(report) and "0" in report.table()
+    lines = report.table().splitlines()
+    assert lines[2].split() == ["0", "Conv2d", "8x3x3x3", "svdp-l", "2", "66", "216", "30.56"]
+    assert lines[-1] == "layers 1  params 98 / 248  Z = 39.52%  (weights only 30.56%)"  # 98/248, 66/216
+    assert str(report) == report.table() and len(lines) == 5
 
 
 def test_generator_first_linear_is_never_parameterized():
@@ -85,6 +88,34 @@ def test_densify_reproduces_outputs(param):
         assert not any(parametrize.is_parametrized(m) for m in dense.modules())
         assert any(parametrize.is_parametrized(m) for m in model.modules())  # a copy by default
         assert (dense(x) - out).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("param", ["sttp-r", "svdp-c", "sn"])
+def test_densify_copy_leaves_the_original_working(param):
+    """A deep copy shares the class that parametrize generates: densifying the copy used to
+    delete the original's ``weight`` property (AttributeError on its next forward)."""
+    model = timm.create_model("resnet20_cifar", num_classes=10).eval()
+    parameterize(model, param, rank=None if param == "sn" else 4)
+    bank = model.__dict__.get("_sttpfast_frame_bank")
+    assert (bank is not None) == (param != "sn")  # >= 2 chain layers share one bank
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        dense = densify(model)
+        after = model(x)
+        out = dense(x)
+    assert torch.equal(after, before)  # the original: same outputs, same bank, same classes
+    assert model.__dict__.get("_sttpfast_frame_bank") is bank
+    assert all(parametrize.is_parametrized(m, "weight") for n, m in model.named_modules()
+               if isinstance(m, nn.Conv2d))
+    assert (out - before).abs().max() <= 1e-5
+    # the copy: plain nn classes, no parametrizations, no bank, no hooks
+    assert type(dense.blocks[0].conv1) is nn.Conv2d and type(dense.fc) is nn.Linear
+    assert not any(parametrize.is_parametrized(m) for m in dense.modules())
+    assert all(type(m).__module__.startswith(("torch.nn", "sttpfast.models", "timm")) for m in dense.modules())
+    assert "_sttpfast_frame_bank" not in dense.__dict__
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in dense.modules())
+    assert all(isinstance(m.weight, nn.Parameter) for m in dense.modules() if isinstance(m, nn.Conv2d))
 
 
 def test_full_rank_spectral_conversion_keeps_a_trained_lowrank_model():
@@ -129,6 +160,8 @@ BAD_CALLS = [
     (dict(param="sttp", rank=4, include=["nothing.*"]), "include pattern 'nothing.*' matches no"),
     (dict(param="sttp", rank=4, include=["blocks.0.bn1"]), "layer 'blocks.0.bn1' is a BatchNorm2d.*supported layer types"),
     (dict(param="sttp", rank=4, init="orthogonal"), "unknown init 'orthogonal'; allowed"),
+    (dict(param="sn", rank=4), r"^--rank/rank has no meaning for sn \(it keeps the full weight\); leave it out$"),
+    (dict(param="dense", rank=8), r"^--rank/rank has no meaning for dense"),
 ]
 
 
@@ -139,6 +172,44 @@ def test_bad_input_is_one_clear_error_and_leaves_the_model_alone(kwargs, message
     with pytest.raises(ValueError, match=message):
         parameterize(model, **kwargs)
     assert_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("param", ["sttp", "svdp-c", "lowrank"])
+def test_zero_size_layer_is_named_not_prime_factors_of_zero(param):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 0))
+    with pytest.raises(ValueError, match=r"^layer '1' has a zero-size weight \(0, 4\); exclude it"):
+        parameterize(model, param, rank=2)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert parameterize(model, param, rank=2, exclude=["1"]).rows[0].name == "0"
+
+
+@pytest.mark.parametrize("rank,message", [(0, "rank must be a positive integer, got 0"),
+                                          (-3, "rank must be a positive integer, got -3")])
+def test_parametrization_classes_refuse_bad_ranks_and_shapes(rank, message):
+    from sttpfast.params import LowRank, STTPLearned, SVDPConstant
+
+    for cls in (STTPLearned, SVDPConstant, LowRank):
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            cls((8, 4), rank=rank)
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            cls.count_dof((8, 4), False, rank)
+        with pytest.raises(ValueError, match=r"^cannot parameterize a weight of shape \(8, 0, 3\)"):
+            cls((8, 0, 3), rank=2)
+
+
+@pytest.mark.parametrize("param,useful", [("sttp-r", 144), ("svdp-l", 64), ("lowrank", 64)])
+def test_rank_above_every_layer_says_the_largest_useful_rank(param, useful):
+    """STTP's rank also caps its TT ranks, which reach 144 in resnet20_cifar (64 x 64 x 3 x 3:
+    modes 2^6 | 2^6, 9): its largest useful rank is above min(d_out, d_in) = 64."""
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    with pytest.warns(UserWarning, match=rf"^rank 200 is above what every selected layer can use; the largest "
+                                         rf"useful rank of {param} here is {useful} \(the same as full rank\)$"):
+        report = parameterize(model, param, rank=200)
+    full = parameterize(timm.create_model("resnet20_cifar", num_classes=10), param)
+    at_useful = parameterize(timm.create_model("resnet20_cifar", num_classes=10), param, rank=useful)
+    below = parameterize(timm.create_model("resnet20_cifar", num_classes=10), param, rank=useful - 1)
+    assert report.compressed_total == full.compressed_total == at_useful.compressed_total
+    assert below.compressed_total < full.compressed_total
 
 
 def test_surgery_is_atomic_when_a_layer_fails(monkeypatch):

@@ -143,7 +143,7 @@ def sequential_householder_frame(bottom: Tensor, top: Tensor | None = None) -> T
 
 
 def identity_frame_params(
-    n: int, r: int, reduced: bool, noise: float = 1e-3, batch: tuple[int, ...] = (),
+    n: int, r: int, reduced: bool, noise: float = 5e-5, batch: tuple[int, ...] = (),
     dtype=torch.float32, generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Parameters of a frame near ``-E`` (reflectors ``Y ~ E``): the paper's identity init.

@@ -1,38 +1,39 @@
-"""Weight parametrizations, one file each, and the registry of their names."""
+"""Weight parametrizations, one file each, and the registry of their names.
+
+Importing this package registers every method (:mod:`sttpfast.params.registry`).
+"""
 from __future__ import annotations
 
 from sttpfast.params.base import MatrixView, WeightParametrization
-from sttpfast.params.lowrank import LowRank
-from sttpfast.params.sttp import STTPConstant, STTPLearned, STTPPenalized
 from sttpfast.params.svdp import SVDPConstant, SVDPLearned, SVDPPenalized
+from sttpfast.params.sttp import STTPConstant, STTPLearned, STTPPenalized
+from sttpfast.params.lowrank import LowRank
+from sttpfast.params.baselines import DENSE, SPECTRAL_NORM  # noqa: F401  (registers dense, sn)
+from sttpfast.params.registry import Method, all_names, method, method_of, methods, resolve_method
 
 __all__ = [
     "PARAMETRIZATIONS", "ALIASES", "BASELINES", "ALL_PARAMS", "resolve_param", "default_init",
-    "MatrixView", "WeightParametrization", "LowRank",
+    "MatrixView", "WeightParametrization", "LowRank", "Method", "method", "method_of", "methods",
     "SVDPConstant", "SVDPLearned", "SVDPPenalized", "STTPConstant", "STTPLearned", "STTPPenalized",
 ]
 
-#: low-rank parametrizations, built by the project (name -> class)
+#: the project's parametrization classes (name -> class), from the registry
 PARAMETRIZATIONS: dict[str, type[WeightParametrization]] = {
-    cls.name: cls
-    for cls in (SVDPConstant, SVDPLearned, SVDPPenalized, STTPConstant, STTPLearned, STTPPenalized, LowRank)
+    name: entry.cls for name, entry in methods().items() if entry.cls is not None
 }
-#: short names: plain svdp / sttp mean the learned-spectrum (-L) form
-ALIASES = {"svdp": "svdp-l", "sttp": "sttp-l"}
-#: full-rank baselines: no-op, and PyTorch's own spectral_norm parametrization (SNGAN)
-BASELINES = ("dense", "sn")
-ALL_PARAMS = tuple(PARAMETRIZATIONS) + tuple(ALIASES) + BASELINES
+#: short names -> canonical names (plain svdp / sttp mean the learned-spectrum -L form)
+ALIASES = {alias: entry.name for entry in methods().values() for alias in entry.aliases}
+#: methods that keep the full weight and take no rank
+BASELINES = tuple(name for name, entry in methods().items() if not entry.compresses)
+#: every accepted name (CLI choices, config validation)
+ALL_PARAMS = all_names()
 
 
 def resolve_param(name: str) -> str:
     """Canonical parametrization name, or a ValueError listing the allowed ones."""
-    key = str(name).lower()
-    key = ALIASES.get(key, key)
-    if key not in PARAMETRIZATIONS and key not in BASELINES:
-        raise ValueError(f"unknown parameterization {name!r}; allowed: {', '.join(ALL_PARAMS)}")
-    return key
+    return resolve_method(name)
 
 
 def default_init(param: str) -> str:
     """The paper's identity init for SVDP/STTP; spectral init for plain low rank (Khodak et al.)."""
-    return "spectral" if param == "lowrank" else "identity"
+    return method(param).default_init

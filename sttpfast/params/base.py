@@ -12,8 +12,11 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
-__all__ = ["MatrixView", "WeightParametrization", "learned_spectrum"]
+from sttpfast.params.registry import METHOD_ATTR, Method, register_method
+
+__all__ = ["MatrixView", "WeightParametrization", "learned_spectrum", "check_rank", "SPECTRUM_FLOOR"]
 
 
 class MatrixView:
@@ -21,6 +24,9 @@ class MatrixView:
 
     def __init__(self, shape: tuple[int, ...], transposed: bool = False):
         self.shape = tuple(int(s) for s in shape)
+        if len(self.shape) < 2 or min(self.shape) < 1:
+            raise ValueError(f"cannot parameterize a weight of shape {self.shape}: it needs at least two "
+                             "dimensions, none of them of size 0")
         self.transposed = bool(transposed)
         dims = list(self.shape)
         if self.transposed:
@@ -46,9 +52,23 @@ class MatrixView:
         return f"MatrixView(shape={self.shape}, transposed={self.transposed})"
 
 
+#: floor of ``max|S|`` in :func:`learned_spectrum` (the reference code's value): a raw spectrum
+#: that training drives to zero gives ``s = S / 1e-8`` (still ``|s| <= 1``), never 0/0
+SPECTRUM_FLOOR = 1e-8
+
+
+def check_rank(rank) -> None:
+    """None (full rank) or a positive int, else a ValueError naming the value."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+
+
 def learned_spectrum(raw: Tensor) -> Tensor:
-    """``s = S / max|S|``: a spectrum whose largest magnitude is exactly 1 (``(..., r)``)."""
-    return raw / raw.abs().amax(dim=-1, keepdim=True)
+    """``s = S / max(max|S|, 1e-8)``: ``max|s| = 1`` exactly (``<= 1`` for a vanishing ``S``), ``(..., r)``."""
+    return raw / raw.abs().amax(dim=-1, keepdim=True).clamp_min(SPECTRUM_FLOOR)
+
+
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class WeightParametrization(nn.Module):
@@ -57,16 +77,56 @@ class WeightParametrization(nn.Module):
     Subclasses implement ``forward(*factors) -> W``, ``right_inverse(W) -> factors``,
     ``identity_factors()``, ``count_dof`` and ``singular_values(*factors)``.
 
-    ``name`` is the registry name (``"sttp-l"``...), ``rank`` the SVD rank ``r`` actually
-    used (capped by the matrix shape), ``requested_rank`` what the user asked for.
+    A subclass that defines ``name`` registers itself (:mod:`sttpfast.params.registry`) with
+    what its class attributes say: ``aliases``, ``learned`` (a learned spectrum),
+    ``bounded`` (``sigma_max <= spectral_bound()`` by construction), ``penalty``,
+    ``default_init``. ``rank`` is the SVD rank ``r`` actually used (capped by the matrix
+    shape), ``requested_rank`` what the user asked for.
     """
 
     name: str = "?"
-    #: whether the D-optimal penalty applies (the -R variants)
-    penalized: bool = False
+    aliases: tuple[str, ...] = ()
+    #: a learned spectrum (``log_spectrum``), and whether its sigma_max is bounded by construction
+    learned: bool = False
+    bounded: bool = False
+    #: the training penalty of the method: "d_optimal" (the -R variants), "frobenius_decay"
+    penalty: str | None = None
+    default_init: str = "identity"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            return  # an abstract intermediate class (SpectralChain, _SVDP...)
+        setattr(cls, METHOD_ATTR, cls.name)
+        register_method(Method(
+            name=cls.name, aliases=tuple(cls.aliases), rank_kind=int, learned_spectrum=cls.learned,
+            bounded=cls.bounded, penalty=cls.penalty, default_init=cls.default_init,
+            apply=cls.apply_to, count_dof=cls.count_dof, largest_useful_rank=cls.largest_useful_rank, cls=cls,
+        ))
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the D-optimal penalty applies (the -R variants)."""
+        return self.penalty == "d_optimal"
+
+    @classmethod
+    def apply_to(cls, module: nn.Module, rank=None, init: str = "identity") -> None:
+        """Register this parametrization on ``module.weight`` (``init``: identity or spectral)."""
+        p = cls(tuple(module.weight.shape), isinstance(module, _TRANSPOSED), rank, init)
+        p = p.to(module.weight)  # its buffers (the gain) follow the layer's device and dtype
+        if init == "identity":
+            with p.registering_identity():
+                parametrize.register_parametrization(module, "weight", p, unsafe=True)
+        else:
+            parametrize.register_parametrization(module, "weight", p, unsafe=True)
+
+    def spectral_bound(self) -> float | None:
+        """``sigma_max(W)`` bound that holds by construction, or None."""
+        return None
 
     def __init__(self, shape, transposed: bool = False, rank: int | None = None, init: str = "identity"):
         super().__init__()
+        check_rank(rank)
         self.view = MatrixView(shape, transposed)
         self.requested_rank = rank
         cap = min(self.view.d_out, self.view.d_in)
@@ -84,9 +144,11 @@ class WeightParametrization(nn.Module):
     def count_dof(cls, shape, transposed: bool, rank: int | None) -> int:
         raise NotImplementedError
 
-    def spec(self) -> dict:
-        """What is needed to rebuild this parametrization on a layer of the same shape."""
-        return {"param": self.name, "rank": self.requested_rank, "shape": list(self.view.shape)}
+    @classmethod
+    def largest_useful_rank(cls, shape, transposed: bool = False) -> int:
+        """The smallest rank that gives the same parametrization as full rank (``rank=None``)."""
+        view = MatrixView(shape, transposed)
+        return min(view.d_out, view.d_in)
 
     def extra_repr(self) -> str:
         return f"{self.view.shape}, rank={self.rank}, dof={self.dof}"

@@ -19,11 +19,19 @@ bond itself has an orthogonal gauge and the last U-core is on ``St_U`` as well.
 Spectrum: ``learned`` gives ``s = S / max|S|`` (``|Sigma|_inf = 1``), ``fixed`` gives
 ``s = 1``. SVDP is the chain with one core on each side; STTP splits both sides into
 prime modes (see :mod:`sttpfast.params.sttp`).
+
+Gain: ``W = g U diag(s) V^T`` with a per-layer constant ``g`` (a buffer, 1 by default).
+Both variants bound the spectrum (``|s| <= 1``), so without ``g`` a layer converted from a
+trained dense weight would lose its scale ``sigma_max(W)``. ``g`` is fixed, not learned:
+the bound is the point of these variants, and a learned ``g`` would make it unbounded.
+With it, ``sigma_max(W) = g`` exactly (the Lipschitz bound of the layer is ``g * 1``), and
+``g`` is a constant of the layer like its rank: not a degree of freedom, not in ``Z``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,12 +44,15 @@ from sttpfast.linalg.householder import (
     stiefel_dof,
 )
 from sttpfast.linalg.tt import tt_ranks
-from sttpfast.params.base import MatrixView, WeightParametrization, learned_spectrum
+from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, learned_spectrum
 
-__all__ = ["ChainLayout", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix"]
+__all__ = ["ChainLayout", "ChainFactors", "CoreFactors", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum"]
 
-#: standard deviation of the reflector entries at the identity initialization
-IDENTITY_NOISE = 1e-3
+#: standard deviation of the reflector entries at the identity initialization. The STTP
+#: reference code perturbs the frame ``E`` by ``1e-4 * randn`` and re-orthogonalizes; a
+#: reflector ``y_j = e_j + b`` turns ``e_j`` into ``-e_j - 2 b + O(|b|^2)``, so reflector
+#: noise 5e-5 gives the same frame deviation (standard deviation 1e-4 from ``-E``).
+IDENTITY_NOISE = 5e-5
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,39 @@ class ChainLayout:
         return cls(out_modes, in_modes, ranks, learned)
 
 
+class CoreFactors(NamedTuple):
+    """The registered tensors of one core's frame: ``bottom`` ``(rows - cols, cols)`` and, on
+    the full ``St``, the packed ``top`` ``(cols (cols - 1) / 2,)`` (None on ``St_U``)."""
+
+    bottom: Tensor
+    top: Tensor | None
+
+
+class ChainFactors(NamedTuple):
+    """A chain's factors by role: the raw spectrum ``S`` (``(r,)``, learned spectrum only, else
+    None) and one :class:`CoreFactors` per core in chain order (U-cores, then V-cores).
+
+    The parametrization's flat factor order (what ``torch.nn.utils.parametrize`` registers as
+    ``original0, original1, ...``) is :meth:`flat`; :meth:`unpack` is its inverse.
+    """
+
+    spectrum: Tensor | None
+    cores: tuple[CoreFactors, ...]
+
+    @classmethod
+    def unpack(cls, layout: "ChainLayout", factors) -> "ChainFactors":
+        it = iter(factors)
+        spectrum = next(it) if layout.learned else None
+        cores = tuple(CoreFactors(next(it), None if core.reduced else next(it)) for core in layout.cores)
+        return cls(spectrum, cores)
+
+    def flat(self) -> tuple[Tensor, ...]:
+        out = [] if self.spectrum is None else [self.spectrum]
+        for core in self.cores:
+            out.extend(t for t in core if t is not None)
+        return tuple(out)
+
+
 def _polar(m: Tensor) -> Tensor:
     """Closest matrix with orthonormal columns (the polar factor), ``(n, r) -> (n, r)``."""
     u, _, vh = torch.linalg.svd(m, full_matrices=False)
@@ -143,6 +187,15 @@ def contract_chain(layout: ChainLayout, frames: list[Tensor]) -> tuple[Tensor, T
     return u, v
 
 
+def scaled_spectrum(raw: Tensor | None, gain: Tensor, rank: int) -> Tensor:
+    """``g s``: ``g * S / max|S|`` for a learned spectrum ``raw`` (``(..., r)``), ``g * 1`` for
+    a fixed one (``raw`` None); ``gain`` is ``(...)``. Returns ``(..., r)``."""
+    gain = gain.unsqueeze(-1)
+    if raw is None:
+        return gain.expand(*gain.shape[:-1], rank)
+    return learned_spectrum(raw) * gain
+
+
 def weight_matrix(u: Tensor, spectrum: Tensor | None, v: Tensor) -> Tensor:
     """``U diag(s) V^T``: ``(..., d_out, r), (..., r) or None, (..., d_in, r) -> (..., d_out, d_in)``."""
     if spectrum is not None:
@@ -164,6 +217,8 @@ class SpectralChain(WeightParametrization):
         super().__init__(shape, transposed, rank, init)
         self.layout = self.chain_layout(self.view, rank)
         assert self.layout.rank == self.rank, (self.layout.rank, self.rank)
+        # the layer's scale (see the module docstring); set by right_inverse
+        self.register_buffer("gain", torch.ones(()))
 
     # -- structure ----------------------------------------------------------------------
     @classmethod
@@ -172,6 +227,7 @@ class SpectralChain(WeightParametrization):
 
     @classmethod
     def chain_layout(cls, view: MatrixView, rank: int | None) -> ChainLayout:
+        check_rank(rank)
         out_modes, in_modes = cls.modes(view)
         assert math.prod(out_modes) == view.d_out and math.prod(in_modes) == view.d_in
         return ChainLayout.build(out_modes, in_modes, rank, cls.learned)
@@ -180,32 +236,33 @@ class SpectralChain(WeightParametrization):
     def count_dof(cls, shape, transposed, rank):
         return cls.chain_layout(MatrixView(shape, transposed), rank).dof
 
+    @classmethod
+    def largest_useful_rank(cls, shape, transposed=False):
+        # the rank caps the TT ranks too, and those can exceed the SVD rank min(d_out, d_in)
+        return max(cls.chain_layout(MatrixView(shape, transposed), None).ranks)
+
     def extra_repr(self) -> str:
         return (f"{self.view.shape}, rank={self.rank}, dof={self.dof}, "
                 f"modes={self.layout.out_modes}x{self.layout.in_modes}, tt_ranks={self.layout.ranks}")
 
     # -- forward ------------------------------------------------------------------------
-    def split_factors(self, factors):
-        """-> (raw spectrum ``S`` or None, [(bottom, top or None) per core])."""
-        it = iter(factors)
-        spectrum = next(it) if self.learned else None
-        frames = []
-        for core in self.layout.cores:
-            bottom = next(it)
-            frames.append((bottom, None if core.reduced else next(it)))
-        return spectrum, frames
+    def chain_factors(self, factors) -> ChainFactors:
+        """The flat factors (``original0, original1, ...``) by role."""
+        return ChainFactors.unpack(self.layout, factors)
+
 
     def frames(self, *factors: Tensor) -> tuple[Tensor | None, list[Tensor]]:
-        """``(s or None, [frame per core])``, built here, one WY call per core."""
-        raw, params = self.split_factors(factors)
-        frames = [householder_frame(bottom, top) for bottom, top in params]
+        """``(s or None, [frame per core])``, built here, one WY call per core (``s`` without the gain)."""
+        raw, cores = self.chain_factors(factors)
+        frames = [householder_frame(core.bottom, core.top) for core in cores]
         return (None if raw is None else learned_spectrum(raw)), frames
 
-    def svd_factors(self, *factors: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        """``(U (d_out, r), s (r,) or None, V (d_in, r))`` with ``W = U diag(s) V^T``."""
-        spectrum, frames = self.frames(*factors)
+    def svd_factors(self, *factors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(U (d_out, r), g s (r,), V (d_in, r))`` with ``W = U diag(g s) V^T``."""
+        raw, cores = self.chain_factors(factors)
+        frames = [householder_frame(core.bottom, core.top) for core in cores]
         u, v = contract_chain(self.layout, frames)
-        return u, spectrum, v
+        return u, scaled_spectrum(raw, self.gain, self.rank), v
 
     def forward(self, *factors: Tensor) -> Tensor:
         bank = self.__dict__.get("frame_bank")
@@ -219,9 +276,13 @@ class SpectralChain(WeightParametrization):
 
     # -- spectrum -----------------------------------------------------------------------
     def singular_values(self, *factors: Tensor) -> Tensor:
-        if not self.learned:
-            return torch.ones(self.rank, dtype=factors[0].dtype, device=factors[0].device)
-        return torch.sort(learned_spectrum(factors[0]).abs(), descending=True).values
+        raw = factors[0] if self.learned else None
+        s = scaled_spectrum(raw, self.gain.to(factors[0].dtype), self.rank)
+        return torch.sort(s.abs(), descending=True).values
+
+    def spectral_bound(self) -> float:
+        """``sigma_max(W) <= g`` by construction (equality: ``max|s| = 1``, or ``s = 1``)."""
+        return float(self.gain)
 
     def log_spectrum(self, *factors: Tensor) -> Tensor:
         if not self.learned:
@@ -229,27 +290,36 @@ class SpectralChain(WeightParametrization):
         return torch.log(learned_spectrum(factors[0]).abs())
 
     # -- initialization -----------------------------------------------------------------
+    def right_inverse(self, weight: Tensor):
+        if self._identity_on_register:
+            self.gain = torch.ones((), dtype=weight.dtype, device=weight.device)
+        return super().right_inverse(weight)
+
     def identity_factors(self, dtype=torch.float32, device=None, generator=None):
-        out = [torch.ones(self.rank, dtype=dtype)] if self.learned else []
-        for core in self.layout.cores:
-            bottom, top = identity_frame_params(core.rows, core.cols, core.reduced, IDENTITY_NOISE,
-                                                dtype=dtype, generator=generator)
-            out.append(bottom)
-            if top is not None:
-                out.append(top)
-        return tuple(t.to(device) for t in out)
+        spectrum = torch.ones(self.rank, dtype=dtype) if self.learned else None
+        cores = tuple(CoreFactors(*identity_frame_params(core.rows, core.cols, core.reduced, IDENTITY_NOISE,
+                                                         dtype=dtype, generator=generator))
+                      for core in self.layout.cores)
+        return tuple(t.to(device) for t in ChainFactors(spectrum, cores).flat())
 
     def decompose(self, weight: Tensor) -> tuple[Tensor, ...]:
-        """Factors of the best rank-``r`` chain approximation of ``weight``.
+        """Factors of the best rank-``r`` chain approximation of ``weight``; sets ``self.gain``.
 
-        Exact for weights of rank ``<= r`` when the TT ranks are not truncated, up to what
-        the spectrum allows: the learned spectrum keeps ``W / sigma_max(W)``, the fixed one
-        the polar factor ``U_r V_r^T``.
+        With ``W = U_r diag(S_r) V_r^T + (rest)`` the truncated SVD (``S`` descending):
+
+        * learned spectrum: ``g = S_1`` and ``s = S_r / S_1``, so the chain is exactly
+          ``U_r diag(S_r) V_r^T``: ``W`` itself at full rank, the best rank-``r``
+          approximation otherwise (error ``sqrt(sum_{i>r} S_i^2)`` in Frobenius norm), as long
+          as the TT ranks do not truncate ``U_r``, ``V_r`` (always for SVDP);
+        * fixed spectrum: the chain can only hold ``g`` times a partial isometry; the closest
+          one in Frobenius norm is ``g = mean(S_r)`` times the polar factor ``U_r V_r^T``.
         """
         lay, r = self.layout, self.rank
         mat = self.view.to_matrix(weight.detach()).to(torch.float64)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         u, s, v = u[:, :r], s[:r], vh[:r].transpose(0, 1)
+        scale = s[0] if self.learned else s.mean()
+        self.gain = scale.to(dtype=weight.dtype, device=weight.device)
         cores = lay.cores
         n_out = len(lay.out_modes)
 
@@ -272,13 +342,9 @@ class SpectralChain(WeightParametrization):
             bottom_u, _, _, _ = frame_params_from_frame(u_last * sign_v, reduced=True, rotate=False)
             u_params.append((bottom_u, None))
         v_params.insert(0, (bottom, top))
-        out = []
-        if self.learned:
-            out.append(s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny))
-        for bottom, top in u_params + v_params:
-            out.append(bottom)
-            if top is not None:
-                out.append(top)
+        # max|s| = 1, so gain * s = S_r
+        spectrum = s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny) if self.learned else None
+        out = ChainFactors(spectrum, tuple(CoreFactors(b, t) for b, t in u_params + v_params)).flat()
         return tuple(t.to(dtype=weight.dtype, device=weight.device).contiguous() for t in out)
 
     @staticmethod

@@ -2,19 +2,29 @@
 
 A spectral chain layer builds a dozen or more small Householder frames and contracts
 them; a model does that hundreds of times per step, and on a CPU each tiny op costs
-mostly fixed overhead. The bank builds every layer's weight together:
+mostly fixed overhead. The bank builds the weights of many layers together:
 
 1. frames of equal shape (they recur across layers) are stacked and built in one batched
    :func:`~sttpfast.linalg.householder.householder_frame` call per shape;
 2. layers of equal layout (shape, rank, variant) are contracted together: their frames
    are contiguous slices of the shape groups (the stacking order makes sure), so the
-   U/V sweeps and ``U diag(s) V^T`` run once per layout, batched.
+   U/V sweeps and ``U diag(g s) V^T`` run once per layout, batched.
 
-The bank lives for one forward pass of the module it is attached to: a forward pre-hook
-clears it, the first layer that needs its weight computes all of them, the other layers
-take theirs, and a forward hook (``always_call``) drops them afterwards. Outside a
-forward pass (a callback reading one layer's weight, say) layers build their own
-weight, so nothing stale or with a freed autograd graph is ever reused.
+Ownership (DESIGN.md, "the batched weight build"). One bank belongs to one parameterized
+tree (the module ``parameterize`` was called on): two trees parameterized separately (a
+GAN's G and D) have separate banks, and ``copy.deepcopy`` copies the bank with the tree
+(the hooks are bound methods of per-module scopes, which deepcopy duplicates together with
+the modules they point to). Every module of the tree that holds two or more chain layers
+gets a :class:`_Scope`: forward pre/post hooks that open and close a pass over the layers
+under that module. The outermost scope whose forward is running builds the weights of its
+own layers only, on first use; nested scopes join its pass; ``always_call`` post hooks
+close it even when forward raises. So a forward of the whole model, of one block, or of
+the model under a DDP / accelerate wrapper (which calls the model's forward) is batched,
+and a layer called outside any scope (or outside a forward: a callback reading one
+layer's weight) builds its own weight, never a stale one.
+
+Switching it off (``parameterize(..., frame_bank=False)`` or :func:`detach_frame_bank`) gives
+per-layer builds: the reference the tests compare against.
 """
 from __future__ import annotations
 
@@ -24,112 +34,137 @@ import torch
 from torch import Tensor, nn
 
 from sttpfast.linalg.householder import householder_frame
+from sttpfast.params.layers import factors_of, parameterized_layers
 
-__all__ = ["FrameBank", "attach_frame_bank", "detach_frame_bank"]
+__all__ = ["FrameBank", "attach_frame_bank", "detach_frame_bank", "frame_bank_of"]
 
 _ATTR = "_sttpfast_frame_bank"
 
 
-class FrameBank:
-    """Weights of all spectral-chain layers under one module, computed together."""
+class _Scope:
+    """The chain layers under one module, and the hooks that open / close a pass over them."""
 
-    def __init__(self, members: list[tuple[nn.Module, nn.Module]]):
-        self.members = members  # (layer, its SpectralChain parametrization)
-        self._weights: dict[int, Tensor] | None = None
-        self._active = False
-        self._handles = []
+    def __init__(self, bank: "FrameBank", module: nn.Module, members: list[tuple[nn.Module, nn.Module]]):
+        self.bank, self.members = bank, members
+        self.handles = [module.register_forward_pre_hook(self.before_forward),
+                        module.register_forward_hook(self.after_forward, always_call=True)]
 
-    # -- hooks --------------------------------------------------------------------------
     def before_forward(self, module, args):
-        self._active, self._weights = True, None
+        self.bank._open(self)
 
     def after_forward(self, module, args, output):
-        self._active, self._weights = False, None
+        self.bank._close()
+
+
+class FrameBank:
+    """Weights of the spectral-chain layers of one parameterized tree, computed together."""
+
+    def __init__(self, members: list[tuple[nn.Module, nn.Module]]):
+        self.members = members  # (layer, its SpectralChain parametrization), all of the tree
+        self.scopes: list[_Scope] = []
+        self._depth = 0
+        self._scope: _Scope | None = None
+        self._weights: dict[int, Tensor] | None = None
+
+    # -- passes -------------------------------------------------------------------------
+    def _open(self, scope: _Scope) -> None:
+        if self._depth == 0:
+            self._scope, self._weights = scope, None
+        self._depth += 1
+
+    def _close(self) -> None:
+        self._depth = max(self._depth - 1, 0)
+        if self._depth == 0:
+            self._scope, self._weights = None, None
+
+    @property
+    def active(self) -> bool:
+        return self._depth > 0
 
     # -- weights ------------------------------------------------------------------------
     def weight(self, parametrization: nn.Module) -> Tensor | None:
-        """``parametrization``'s weight matrix ``(d_out, d_in)``, or None outside a forward."""
-        if not self._active:
+        """``parametrization``'s weight matrix ``(d_out, d_in)``, or None outside a pass of its scope."""
+        if self._scope is None:
             return None
         if self._weights is None:
+            members = self._scope.members
             # orthogonality needs full precision: never build frames under bf16/fp16 autocast
-            with torch.autocast(_device_type(self), enabled=False):
-                self._weights = self._compute()
+            with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False):
+                self._weights = build_weights(members)
         return self._weights.get(id(parametrization))
 
-    def _layout_groups(self):
-        from sttpfast.surgery import factors_of
 
-        groups = defaultdict(list)
-        for layer, p in self.members:
-            raw, params = p.split_factors(factors_of(layer))
-            key = (p.layout, params[0][0].dtype, params[0][0].device)
-            groups[key].append((id(p), raw, params))
-        return groups
+def build_weights(members: list[tuple[nn.Module, nn.Module]]) -> dict[int, Tensor]:
+    """``{id(parametrization): W (d_out, d_in)}`` of chain layers ``(layer, parametrization)``, batched."""
+    from sttpfast.params.chain import contract_chain, scaled_spectrum, weight_matrix
 
-    def _compute(self) -> dict[int, Tensor]:
-        from sttpfast.params.base import learned_spectrum
-        from sttpfast.params.chain import contract_chain, weight_matrix
-
-        layouts = self._layout_groups()
-        # 1. frames, one WY call per frame shape; a (layout, core) block is a contiguous run
-        shape_items = defaultdict(list)  # frame key -> [(bottom, top)]
-        where = {}  # (layout key, core index) -> (frame key, start, count)
-        for lkey, members in layouts.items():
-            for k, core in enumerate(lkey[0].cores):
-                fkey = (core.rows, core.cols, core.reduced, lkey[1], lkey[2])
-                where[lkey, k] = (fkey, len(shape_items[fkey]), len(members))
-                shape_items[fkey].extend(params[k] for _, _, params in members)
-        built = {}
-        for fkey, items in shape_items.items():
-            bottoms = torch.stack([b for b, _ in items])
-            tops = None if fkey[2] else torch.stack([t for _, t in items])
-            built[fkey] = householder_frame(bottoms, tops)
-        # 2. contraction, one batched sweep per layout
-        out = {}
-        for lkey, members in layouts.items():
-            frames = []
-            for k in range(len(lkey[0].cores)):
-                fkey, start, count = where[lkey, k]
-                frames.append(built[fkey][start:start + count])
-            u, v = contract_chain(lkey[0], frames)
-            spectrum = None
-            if lkey[0].learned:
-                spectrum = learned_spectrum(torch.stack([raw for _, raw, _ in members]))
-            for (pid, _, _), w in zip(members, weight_matrix(u, spectrum, v).unbind(0)):
-                out[pid] = w
-        return out
+    layouts = defaultdict(list)
+    for layer, p in members:
+        factors = p.chain_factors(factors_of(layer))
+        key = (p.layout, factors.cores[0].bottom.dtype, factors.cores[0].bottom.device)
+        layouts[key].append((id(p), factors, p.gain))
+    # 1. frames, one WY call per frame shape; a (layout, core) block is a contiguous run
+    shape_items = defaultdict(list)  # frame key -> [CoreFactors]
+    where = {}  # (layout key, core index) -> (frame key, start, count)
+    for lkey, group in layouts.items():
+        for k, core in enumerate(lkey[0].cores):
+            fkey = (core.rows, core.cols, core.reduced, lkey[1], lkey[2])
+            where[lkey, k] = (fkey, len(shape_items[fkey]), len(group))
+            shape_items[fkey].extend(factors.cores[k] for _, factors, _ in group)
+    built = {}
+    for fkey, items in shape_items.items():
+        bottoms = torch.stack([c.bottom for c in items])
+        tops = None if fkey[2] else torch.stack([c.top for c in items])
+        built[fkey] = householder_frame(bottoms, tops)
+    # 2. contraction, one batched sweep per layout
+    out = {}
+    for lkey, group in layouts.items():
+        frames = []
+        for k in range(len(lkey[0].cores)):
+            fkey, start, count = where[lkey, k]
+            frames.append(built[fkey][start:start + count])
+        u, v = contract_chain(lkey[0], frames)
+        raw = torch.stack([f.spectrum for _, f, _ in group]) if lkey[0].learned else None
+        spectrum = scaled_spectrum(raw, torch.stack([gain for _, _, gain in group]), lkey[0].rank)
+        for (pid, _, _), w in zip(group, weight_matrix(u, spectrum, v).unbind(0)):
+            out[pid] = w
+    return out
 
 
-def _device_type(bank: FrameBank) -> str:
-    from sttpfast.surgery import factors_of
-
-    return factors_of(bank.members[0][0])[0].device.type
+def frame_bank_of(model: nn.Module) -> FrameBank | None:
+    """The bank owned by ``model`` (the root ``parameterize`` was called on), or None."""
+    return model.__dict__.get(_ATTR)
 
 
 def detach_frame_bank(model: nn.Module) -> None:
-    """Remove the bank (hooks and references) from ``model``, if it has one."""
+    """Switch batching off for ``model``: remove its bank (hooks and references), if any."""
     bank = model.__dict__.pop(_ATTR, None)
     if bank is None:
         return
-    for handle in bank._handles:
-        handle.remove()
+    for scope in bank.scopes:
+        for handle in scope.handles:
+            handle.remove()
     for _, p in bank.members:
-        p.__dict__.pop("frame_bank", None)
+        if p.__dict__.get("frame_bank") is bank:
+            p.__dict__.pop("frame_bank")
 
 
 def attach_frame_bank(model: nn.Module) -> FrameBank | None:
-    """(Re)build the bank of every spectral-chain layer under ``model``."""
-    from sttpfast.params.chain import SpectralChain
-    from sttpfast.surgery import parameterized_layers
-
+    """(Re)build the bank of every spectral-chain layer under ``model``; None if fewer than two."""
     detach_frame_bank(model)
-    members = [(m, p) for _, m, p in parameterized_layers(model) if isinstance(p, SpectralChain)]
+    members = [(m, p) for _, m, p in parameterized_layers(model) if callable(getattr(p, "chain_factors", None))]
     if len(members) < 2:
         return None
+    for _, p in members:  # a layer belongs to one bank: the newest tree that contains it
+        old = p.__dict__.get("frame_bank")
+        for root in ([] if old is None else [m for m in model.modules() if m.__dict__.get(_ATTR) is old]):
+            detach_frame_bank(root)
     bank = FrameBank(members)
-    bank._handles = [model.register_forward_pre_hook(bank.before_forward),
-                     model.register_forward_hook(bank.after_forward, always_call=True)]
+    by_layer = {id(m): (m, p) for m, p in members}
+    for module in model.modules():
+        inside = [by_layer[id(m)] for m in module.modules() if id(m) in by_layer]
+        if len(inside) >= 2:
+            bank.scopes.append(_Scope(bank, module, inside))
     for _, p in members:
         p.__dict__["frame_bank"] = bank  # a plain attribute: not a submodule, not in state_dict
     model.__dict__[_ATTR] = bank

@@ -6,10 +6,12 @@ Spectral initialization: the SVD of the layer's freshly initialized dense weight
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from sttpfast.params.base import MatrixView, WeightParametrization
+from sttpfast.params.base import MatrixView, WeightParametrization, check_rank
 
 __all__ = ["LowRank"]
 
@@ -17,10 +19,11 @@ __all__ = ["LowRank"]
 class LowRank(WeightParametrization):
     """Maps ``U (d_out x r)``, ``V (d_in x r)`` onto ``U V^T``: the matrices of rank ``<= r``."""
 
-    name = "lowrank"
+    name, penalty, default_init = "lowrank", "frobenius_decay", "spectral"
 
     @classmethod
     def count_dof(cls, shape, transposed, rank):
+        check_rank(rank)
         view = MatrixView(shape, transposed)
         r = min(view.d_out, view.d_in) if rank is None else min(rank, view.d_out, view.d_in)
         return r * (view.d_out + view.d_in)
@@ -38,6 +41,17 @@ class LowRank(WeightParametrization):
     def identity_factors(self, dtype=torch.float32, device=None):
         eye = lambda n: torch.eye(n, self.rank, dtype=dtype, device=device)  # noqa: E731
         return eye(self.view.d_out), eye(self.view.d_in)
+
+    @torch.no_grad()
+    def clip_sigma_max(self, factors: tuple[Tensor, Tensor], c: float) -> None:
+        """Scale ``U`` and ``V`` in place by ``sqrt(c / sigma_max)`` if ``sigma_max(U V^T) > c``
+        (an ``r x r`` SVD; the balance of the factors is kept)."""
+        u, v = factors
+        sigma = float(self.singular_values(u.float(), v.float())[0])
+        if sigma > c:
+            scale = math.sqrt(c / sigma)
+            u.mul_(scale)
+            v.mul_(scale)
 
     def singular_values(self, u: Tensor, v: Tensor) -> Tensor:
         # svdvals(U V^T) = svdvals(R_u R_v^T) with U = Q_u R_u, V = Q_v R_v: an r x r problem

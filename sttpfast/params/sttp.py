@@ -24,16 +24,16 @@ class STTPLearned(_STTP):
     """Maps onto rank-``r`` matrices ``U diag(s) V^T`` with TT-structured orthonormal
     ``U``, ``V`` and ``max|s| = 1``."""
 
-    name, learned = "sttp-l", True
+    name, aliases, learned, bounded = "sttp-l", ("sttp",), True, True
 
 
 class STTPPenalized(STTPLearned):
     """``sttp-l`` whose spectrum the D-optimal penalty pushes towards 1."""
 
-    name, penalized = "sttp-r", True
+    name, aliases, penalty = "sttp-r", (), "d_optimal"
 
 
 class STTPConstant(_STTP):
     """Maps onto ``U V^T`` with TT-structured orthonormal ``U``, ``V`` (all singular values 1)."""
 
-    name, learned = "sttp-c", False
+    name, learned, bounded = "sttp-c", False, True

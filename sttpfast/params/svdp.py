@@ -24,16 +24,16 @@ class _SVDP(SpectralChain):
 class SVDPLearned(_SVDP):
     """Maps onto ``{U diag(s) V^T : U in St(d_out, r), V in St(d_in, r), max|s| = 1}``."""
 
-    name, learned = "svdp-l", True
+    name, aliases, learned, bounded = "svdp-l", ("svdp",), True, True
 
 
 class SVDPPenalized(SVDPLearned):
     """``svdp-l`` whose spectrum the D-optimal penalty pushes towards 1."""
 
-    name, penalized = "svdp-r", True
+    name, aliases, penalty = "svdp-r", (), "d_optimal"
 
 
 class SVDPConstant(_SVDP):
     """Maps onto ``{U V^T : U in St_U(d_out, r), V in St(d_in, r)}`` (all singular values 1)."""
 
-    name, learned = "svdp-c", False
+    name, learned, bounded = "svdp-c", False, True

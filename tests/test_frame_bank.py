@@ -1,0 +1,128 @@
+"""The frame bank's ownership contract (DESIGN.md, "the batched weight build"): it batches
+whichever module's forward is called, belongs to one parameterized tree, is copied with it,
+and switched off it gives the per-layer reference."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import sttpfast
+from sttpfast.params.frame_bank import FrameBank, frame_bank_of
+
+
+def perturbed(model):
+    with torch.no_grad():
+        for t in model.parameters():
+            t.add_(0.01 * torch.randn_like(t))
+    return model
+
+
+def resnet_pair():
+    """A float64 resnet20_cifar with a bank, and the same model without one."""
+    model = timm.create_model("resnet20_cifar", num_classes=10).double().eval()
+    sttpfast.parameterize(model, "sttp-r", rank=8)
+    perturbed(model)
+    plain = timm.create_model("resnet20_cifar", num_classes=10).double().eval()
+    sttpfast.parameterize(plain, "sttp-r", rank=8, frame_bank=False)
+    plain.load_state_dict(model.state_dict())
+    return model, plain
+
+
+def spy_on_builds(bank, monkeypatch):
+    """Record (scope module count, built layers) of every batched build of ``bank``."""
+    import sttpfast.params.frame_bank as fb
+
+    calls, real = [], fb.build_weights
+
+    def build(members):
+        out = real(members)
+        calls.append(len(members))
+        return out
+
+    monkeypatch.setattr(fb, "build_weights", build)
+    return calls
+
+
+def test_flag_off_means_no_bank_and_the_same_outputs():
+    model, plain = resnet_pair()
+    assert isinstance(frame_bank_of(model), FrameBank) and frame_bank_of(plain) is None
+    assert not any(p.__dict__.get("frame_bank") for _, _, p in sttpfast.surgery.parameterized_layers(plain))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert (model(x) - plain(x)).abs().max().item() < 1e-12
+
+
+def test_one_block_forward_is_batched_and_equals_the_per_layer_build(monkeypatch):
+    model, plain = resnet_pair()
+    calls = spy_on_builds(frame_bank_of(model), monkeypatch)
+    x = torch.randn(2, 16, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out, ref = model.blocks[1](x), plain.blocks[1](x)
+    assert calls == [2]  # one batched build of the block's two convs, not the whole model's 22
+    assert (out - ref).abs().max().item() < 1e-12
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32, dtype=torch.float64))
+    assert calls == [2, 22]  # the whole model: one build of all its chain layers
+
+
+def test_a_wrapped_model_is_batched(monkeypatch):
+    """DDP and accelerate call the wrapped model's forward: the model's scope opens."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, x):
+            return self.module(x)
+
+    model, plain = resnet_pair()
+    calls = spy_on_builds(frame_bank_of(model), monkeypatch)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert (Wrapper(model)(x) - plain(x)).abs().max().item() < 1e-12
+    assert calls == [22]
+
+
+def test_training_step_gradients_match_the_per_layer_build():
+    model, plain = resnet_pair()
+    model.train(), plain.train()
+    x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
+    for m in (model, plain):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    for (name, a), b in zip(model.named_parameters(), plain.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-10, atol=1e-12), name
+    bank = frame_bank_of(model)
+    assert not bank.active and bank.weight(bank.members[0][1]) is None  # nothing kept after a pass
+
+
+def test_deep_copy_gets_its_own_bank(monkeypatch):
+    model, _ = resnet_pair()
+    twin = copy.deepcopy(model)
+    bank, twin_bank = frame_bank_of(model), frame_bank_of(twin)
+    assert twin_bank is not None and twin_bank is not bank
+    twin_layers = {id(m) for m in twin.modules()}
+    assert all(id(layer) in twin_layers for layer, _ in twin_bank.members)
+    assert all(p.__dict__["frame_bank"] is twin_bank for _, p in twin_bank.members)
+    opened = []
+    monkeypatch.setattr(FrameBank, "_open", lambda self, scope: opened.append(self) or FrameBank._close)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        twin(x)
+    assert opened and all(b is twin_bank for b in opened)  # the original's bank is never touched
+
+
+def test_generator_and_discriminator_have_separate_banks(monkeypatch):
+    gan = nn.ModuleDict({"G": timm.create_model("sngan_g32"), "D": timm.create_model("sngan_d32")})
+    sttpfast.parameterize(gan["G"], "sttp-c", rank=16, exclude=["l1"])
+    sttpfast.parameterize(gan["D"], "sttp-c", rank=16)
+    g_bank, d_bank = frame_bank_of(gan["G"]), frame_bank_of(gan["D"])
+    assert g_bank is not None and d_bank is not None and g_bank is not d_bank
+    g_layers, d_layers = {id(m) for m, _ in g_bank.members}, {id(m) for m, _ in d_bank.members}
+    assert not g_layers & d_layers and len(d_layers) == 11
+    calls = spy_on_builds(g_bank, monkeypatch)
+    with torch.no_grad():
+        gan["D"](gan["G"](torch.randn(2, 128)))
+    assert sorted(calls) == sorted([len(g_layers), 11])  # each network built its own, once

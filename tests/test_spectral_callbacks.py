@@ -1,0 +1,61 @@
+"""Spectral callbacks read what a parametrization offers (its bound, its spectrum) through
+the registry: converted layers keep their gain, and the bound check names it."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import sttpfast
+from sttpfast.callbacks.spectral import OrthogonalityMonitor, SpectralNormBound
+from sttpfast.callbacks._util import spectral_layers
+from sttpfast.penalties import d_optimal_layers, frobenius_decay_layers
+
+
+def converted(param, scale):
+    """Two Linear layers with sigma_max = scale each, converted with init="spectral"."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 5)).double()
+    with torch.no_grad():
+        for layer in model:
+            layer.weight.mul_(scale / torch.linalg.svdvals(layer.weight)[0])
+    sttpfast.parameterize(model, param, init="spectral")
+    return model
+
+
+@pytest.mark.parametrize("param", ["svdp-l", "sttp-r", "svdp-c"])
+def test_bound_check_uses_each_layers_gain(param):
+    model = converted(param, 3.0)
+    bounds = [p.spectral_bound() for _, _, p, _ in spectral_layers(model)]
+    if param == "svdp-c":  # the gain is the mean singular value there, below sigma_max
+        assert all(1.0 < b < 3.0 for b in bounds)
+    else:
+        assert bounds == pytest.approx([3.0, 3.0], abs=1e-12)
+    cb = SpectralNormBound(c=max(bounds) * 0.9)
+    cb.learn = SimpleNamespace(model=model)
+    with pytest.raises(ValueError, match=r"cannot hold for 2 layer\(s\) \(0 \(.*\), 1 \(.*\)\).*gain"):
+        cb.before_fit()
+    ok = SpectralNormBound(c=max(bounds) * 1.01)
+    ok.learn = SimpleNamespace(model=model)
+    ok.before_fit()  # nothing to project, nothing raised
+
+
+def test_spectra_come_from_the_parametrization_with_the_gain():
+    model = converted("sttp-l", 2.5)
+    for _, module, p, sigma in spectral_layers(model):
+        exact = torch.linalg.svdvals(module.weight.detach().reshape(module.weight.shape[0], -1))
+        got = sigma()
+        assert torch.allclose(got.double(), exact[: got.numel()], atol=1e-5)
+        assert got[0].item() == pytest.approx(2.5, abs=1e-5)
+
+
+def test_penalty_layers_follow_the_registry():
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+    sttpfast.parameterize(model, "sttp-r", rank=2, include=["0"])
+    sttpfast.parameterize(model, "svdp-l", rank=2, include=["1"])
+    sttpfast.parameterize(model, "lowrank", rank=2, include=["2"])
+    assert [n for n, _, _ in d_optimal_layers(model)] == ["0"]
+    assert [n for n, _, _ in d_optimal_layers(model, only_penalized=False)] == ["0", "1"]
+    assert [n for n, _, _ in frobenius_decay_layers(model)] == ["2"]
+    mon = OrthogonalityMonitor()
+    mon.learn = SimpleNamespace(model=model)
+    assert set(mon.measure()) == {"0", "1"}  # the layers that offer orthonormal factors
