@@ -29,7 +29,7 @@ from sttpfast.callbacks.weight_cache import CachedValidationWeights
 from sttpfast.params import resolve_param
 from sttpfast.surgery import parameterize
 
-__all__ = ["spectral_learner", "fit", "SpectralLearner", "StepScheduler", "StepBudget", "schedule_functions",
+__all__ = ["spectral_learner", "fit", "release_validation_cache", "SpectralLearner", "StepScheduler", "StepBudget", "schedule_functions",
            "top5_accuracy", "SCHEDULES"]
 
 SCHEDULES = ("one_cycle", "linear", "cosine", "const")
@@ -240,5 +240,15 @@ def fit(learn: Learner, epochs: int | None = None, lr: float | None = None, sche
     if steps is not None:
         extra.append(StepBudget(steps))
     learn.total_steps = total
-    learn.fit(epochs, lr, cbs=extra + list(cbs or []), start_epoch=start_epoch)
+    try:
+        learn.fit(epochs, lr, cbs=extra + list(cbs or []), start_epoch=start_epoch)
+    finally:
+        release_validation_cache(learn)  # an exception fastai does not catch skipped after_validate
     return learn
+
+
+def release_validation_cache(learn: Learner) -> None:
+    """Leave ``parametrize.cached()`` if a validation pass of ``learn`` still holds it."""
+    for cb in learn.cbs:
+        if isinstance(cb, CachedValidationWeights):
+            cb.release()
