@@ -16,6 +16,8 @@ GPUs (``accelerate launch`` or ``torchrun``), with optional bf16 autocast.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -23,7 +25,10 @@ from fastai.callback.core import Callback
 from fastai.learner import AvgLoss, AvgMetric
 from fastai.metrics import AccumMetric
 
-__all__ = ["AccelerateTrainer", "parameter_hash", "make_accelerator"]
+__all__ = ["AccelerateTrainer", "parameter_hash", "make_accelerator", "requested_processes",
+           "warn_missing_processes"]
+
+_NUM_PROCESSES = re.compile(r"^--num[_-]processes(?:=(\d+))?$")
 
 
 def make_accelerator(mixed_precision: str = "no"):
@@ -39,6 +44,42 @@ def make_accelerator(mixed_precision: str = "no"):
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
+def requested_processes() -> int | None:
+    """How many processes the launcher was asked for, where that can be known.
+
+    ``torchrun`` and ``accelerate launch --multi_gpu`` set ``WORLD_SIZE``.
+    ``accelerate launch --num_processes N --cpu`` starts ONE process with no variable
+    saying N (accelerate 1.x: only ``ACCELERATE_USE_CPU=True``); the request is then read
+    from the launcher's command line (the parent process, Linux ``/proc``)."""
+    if os.environ.get("WORLD_SIZE", "").isdigit():
+        return int(os.environ["WORLD_SIZE"])
+    if "ACCELERATE_USE_CPU" not in os.environ:
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(a.endswith("accelerate") or "accelerate" in a.rsplit("/", 1)[-1] for a in argv[:3]):
+        return None
+    for i, arg in enumerate(argv):
+        match = _NUM_PROCESSES.match(arg)
+        if match:
+            value = match.group(1) or (argv[i + 1] if i + 1 < len(argv) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def warn_missing_processes(accelerator, echo=print) -> None:
+    """Say so (once, main process) when fewer processes run than the launcher was asked for."""
+    wanted, running = requested_processes(), accelerator.num_processes
+    if wanted is None or wanted <= running or not accelerator.is_main_process:
+        return
+    echo(f"warning: asked for {wanted} processes, running {running}: `accelerate launch --cpu` starts one "
+         f"process; on CPU use `accelerate launch --multi_gpu --num_processes {wanted} ...` (without --cpu) "
+         f"or `torchrun --nproc_per_node {wanted} ...`")
 
 
 def parameter_hash(model: torch.nn.Module) -> str:
