@@ -8,8 +8,9 @@ GPUs (``accelerate launch`` or ``torchrun``), with optional bf16 autocast.
   processes, autocast when mixed precision); each rank's loaders deliver its shard
   (training: every world-th batch of the common order; validation: every world-th item).
 * validation runs the unwrapped model (no DDP collectives while ranks hold different
-  numbers of validation batches), then the metric accumulators are summed over ranks,
-  so every rank reports the metrics of the whole validation set.
+  numbers of validation batches) with rank 0's buffers (BN statistics) on every rank, then
+  the metric accumulators are summed over ranks, so every rank reports the metrics of the
+  whole validation set for the model that is saved.
 * after_fit: the model is unwrapped again and the ranks compare a hash of their
   parameters (``learn.ranks_in_sync``, ``learn.rank_hashes``).
 """
@@ -115,6 +116,13 @@ class AccelerateTrainer(Callback):
 
     def before_validate(self):
         self.learn.model = self.accelerator.unwrap_model(self._wrapped, keep_fp32_wrapper=True)
+        if self.distributed:
+            # DDP broadcasts rank 0's buffers at the start of each training forward, so after
+            # the last step every rank holds BN running statistics of its own shard. Validate
+            # (and checkpoint) the same model everywhere: rank 0's, the one that is saved.
+            with torch.no_grad():
+                for buffer in self.learn.model.buffers():
+                    dist.broadcast(buffer, src=0)
 
     def after_validate(self):
         self.learn.model = self._wrapped

@@ -179,3 +179,43 @@ def test_ctrl_c_exits_130_through_the_cli(tmp_path, monkeypatch):
     assert result.exit_code == 130, result.output
     assert f"resume with: sttpfast train --resume {tmp_path / 'c'}" in result.output
     assert "Traceback" not in result.output and "Aborted" not in result.output
+
+
+# ---------------------------------------------------------------------------------------
+# asked for more processes than run
+class _OneProcess:
+    num_processes, is_main_process = 1, True
+
+
+def test_fewer_processes_than_asked_for_are_warned_about(monkeypatch):
+    from sttpfast.callbacks.distributed import warn_missing_processes
+
+    said = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    warn_missing_processes(_OneProcess(), said.append)  # a plain `python train.py`: nothing asked
+    assert said == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    warn_missing_processes(_OneProcess(), said.append)
+    assert said == ["warning: asked for 2 processes, running 1: `accelerate launch --cpu` starts one process; "
+                    "on CPU use `accelerate launch --multi_gpu --num_processes 2 ...` (without --cpu) or "
+                    "`torchrun --nproc_per_node 2 ...`"]
+
+
+def test_accelerate_launch_cpu_with_two_processes_warns(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(root / "apps/train.py"), "digits", "--bs", "64", "--subset", "256",
+                           "--param", "sttp-r", "--rank", "4", "--steps", "1", "--logger", "none",
+                           "--set", "log.progress=false", "--out", str(tmp_path), "--name", "one"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: asked for 2 processes, running 1" in proc.stdout, proc.stdout[-2000:]
+    assert json.loads((tmp_path / "one/summary.json").read_text())["processes"] == 1
