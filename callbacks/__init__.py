@@ -23,12 +23,13 @@ from sttpfast.callbacks.guards import NaNGuard
 from sttpfast.callbacks.logging import TensorBoardLogger, WandbLogger
 from sttpfast.callbacks.penalties import DivergencePenalty, DOptimalPenalty, FrobeniusDecay
 from sttpfast.callbacks.spectral import OrthogonalityMonitor, SingularValueLogger, SpectralNormBound
+from sttpfast.callbacks.weight_cache import CachedValidationWeights
 
 __all__ = [
     "TensorBoardLogger", "WandbLogger",
     "SpectralNormBound", "SingularValueLogger", "OrthogonalityMonitor",
     "DOptimalPenalty", "FrobeniusDecay", "DivergencePenalty",
-    "NaNGuard",
+    "NaNGuard", "CachedValidationWeights",
     "Checkpointer", "AccelerateTrainer",
     "unwrap_model", "is_main_process", "run_dir", "loggers", "log_scalars", "log_image", "spectral_layers",
 ]

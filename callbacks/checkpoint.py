@@ -171,6 +171,7 @@ class Checkpointer(Callback):
         self._resume = None  # (epoch, skip, train_iter, loader rng, global rng) while resuming
         self._epoch_rng = None  # training loader generators at the start of this epoch
         self._pending_rng = None  # global RNG to restore right before the first new batch
+        self._epoch_start_iter = 0  # global step at the start of the current epoch
 
     # -- paths ----------------------------------------------------------------------------
     @property
@@ -199,8 +200,22 @@ class Checkpointer(Callback):
         _write_folder(self.root / name, write)
 
     def before_train(self):
-        self._apply_resume_at_epoch_start()
+        skip = self._apply_resume_at_epoch_start()
         self._epoch_rng = {k: v.clone() for k, v in self.dls.train.rng_state().items()}
+        self._epoch_start_iter = int(self.learn.train_iter) - skip  # global step at this epoch's start
+
+    def save_interrupted(self) -> int | None:
+        """Save ``last`` where an exception fastai does not catch (Ctrl-C) stopped the fit, so
+        that resuming continues exactly. Returns the step saved, or None when nothing new was
+        trained in this fit (``last`` is then already the right checkpoint).
+
+        Exact when the interruption falls between steps (any callback event but the middle
+        of a step); inside a step the step is redone on resume."""
+        if self._epoch_rng is None or self._resume is not None:
+            return None  # before the first epoch started, or while still replaying a resume
+        done = int(self.learn.train_iter) - self._epoch_start_iter
+        self._save("last", self.epoch, done, self._epoch_rng)
+        return int(self.learn.train_iter)
 
     def after_batch(self):
         if self.training and self.every and self.train_iter % self.every == 0 and self._resume is None:
@@ -244,15 +259,17 @@ class Checkpointer(Callback):
     def _skipped_epoch(self) -> bool:
         return self._resume is not None and self.epoch < self._resume[0]
 
-    def _apply_resume_at_epoch_start(self):
+    def _apply_resume_at_epoch_start(self) -> int:
+        """Position the resumed epoch; returns the number of its batches already trained."""
         if self._resume is None or self.epoch != self._resume[0]:
-            return
+            return 0
         epoch, skip, train_iter, loader_rng, global_rng = self._resume
         self.dls.train.set_rng_state(loader_rng)
         self.learn.train_iter = train_iter
         if skip:
             self.learn.dl = _SkipFirst(self.learn.dl, skip)
         self._pending_rng = global_rng
+        return skip
 
     def _finish_resume(self):
         if self._pending_rng is not None:

@@ -8,14 +8,17 @@ GPUs (``accelerate launch`` or ``torchrun``), with optional bf16 autocast.
   processes, autocast when mixed precision); each rank's loaders deliver its shard
   (training: every world-th batch of the common order; validation: every world-th item).
 * validation runs the unwrapped model (no DDP collectives while ranks hold different
-  numbers of validation batches), then the metric accumulators are summed over ranks,
-  so every rank reports the metrics of the whole validation set.
+  numbers of validation batches) with rank 0's buffers (BN statistics) on every rank, then
+  the metric accumulators are summed over ranks, so every rank reports the metrics of the
+  whole validation set for the model that is saved.
 * after_fit: the model is unwrapped again and the ranks compare a hash of their
   parameters (``learn.ranks_in_sync``, ``learn.rank_hashes``).
 """
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -23,7 +26,10 @@ from fastai.callback.core import Callback
 from fastai.learner import AvgLoss, AvgMetric
 from fastai.metrics import AccumMetric
 
-__all__ = ["AccelerateTrainer", "parameter_hash", "make_accelerator"]
+__all__ = ["AccelerateTrainer", "parameter_hash", "make_accelerator", "requested_processes",
+           "warn_missing_processes"]
+
+_NUM_PROCESSES = re.compile(r"^--num[_-]processes(?:=(\d+))?$")
 
 
 def make_accelerator(mixed_precision: str = "no"):
@@ -39,6 +45,42 @@ def make_accelerator(mixed_precision: str = "no"):
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
         AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
+
+
+def requested_processes() -> int | None:
+    """How many processes the launcher was asked for, where that can be known.
+
+    ``torchrun`` and ``accelerate launch --multi_gpu`` set ``WORLD_SIZE``.
+    ``accelerate launch --num_processes N --cpu`` starts ONE process with no variable
+    saying N (accelerate 1.x: only ``ACCELERATE_USE_CPU=True``); the request is then read
+    from the launcher's command line (the parent process, Linux ``/proc``)."""
+    if os.environ.get("WORLD_SIZE", "").isdigit():
+        return int(os.environ["WORLD_SIZE"])
+    if "ACCELERATE_USE_CPU" not in os.environ:
+        return None
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if not any(a.endswith("accelerate") or "accelerate" in a.rsplit("/", 1)[-1] for a in argv[:3]):
+        return None
+    for i, arg in enumerate(argv):
+        match = _NUM_PROCESSES.match(arg)
+        if match:
+            value = match.group(1) or (argv[i + 1] if i + 1 < len(argv) else "")
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def warn_missing_processes(accelerator, echo=print) -> None:
+    """Say so (once, main process) when fewer processes run than the launcher was asked for."""
+    wanted, running = requested_processes(), accelerator.num_processes
+    if wanted is None or wanted <= running or not accelerator.is_main_process:
+        return
+    echo(f"warning: asked for {wanted} processes, running {running}: `accelerate launch --cpu` starts one "
+         f"process; on CPU use `accelerate launch --multi_gpu --num_processes {wanted} ...` (without --cpu) "
+         f"or `torchrun --nproc_per_node {wanted} ...`")
 
 
 def parameter_hash(model: torch.nn.Module) -> str:
@@ -74,6 +116,13 @@ class AccelerateTrainer(Callback):
 
     def before_validate(self):
         self.learn.model = self.accelerator.unwrap_model(self._wrapped, keep_fp32_wrapper=True)
+        if self.distributed:
+            # DDP broadcasts rank 0's buffers at the start of each training forward, so after
+            # the last step every rank holds BN running statistics of its own shard. Validate
+            # (and checkpoint) the same model everywhere: rank 0's, the one that is saved.
+            with torch.no_grad():
+                for buffer in self.learn.model.buffers():
+                    dist.broadcast(buffer, src=0)
 
     def after_validate(self):
         self.learn.model = self._wrapped

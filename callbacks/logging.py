@@ -188,7 +188,8 @@ class WandbLogger(_LoggerBase):
     WandbCallback, which crashes in ``before_fit``).
 
     ``mode`` is passed to ``wandb.init`` (None: ``$WANDB_MODE`` decides; ``"offline"`` writes
-    the run under ``run_dir/wandb``, ``"disabled"`` makes every call a no-op). ``config`` is
+    the run under ``run_dir/wandb``, ``"disabled"`` makes every call a no-op). Online without
+    an API key, the run is logged offline instead (one line says so). ``config`` is
     logged as the run's config, completed with a few facts of the learner.
 
     Events: ``before_fit`` starts the run, ``after_batch`` / ``after_epoch`` log,
@@ -220,8 +221,16 @@ class WandbLogger(_LoggerBase):
         # mapping the legacy values that wandb.init(mode=...) does not take
         mode = self.mode or os.environ.get("WANDB_MODE") or None
         mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
-        self.wandb_run = wandb.init(project=self.project, config=config, mode=mode,
-                                    dir=str(run_dir(self.learn)))
+        folder = str(run_dir(self.learn))
+        try:
+            self.wandb_run = wandb.init(project=self.project, config=config, mode=mode, dir=folder)
+        except wandb.errors.UsageError as err:
+            # no API key (and no prompt possible): log offline rather than fail the run
+            if mode in ("offline", "disabled") or "api key" not in str(err).lower():
+                raise
+            print(f"wandb: no API key configured, logging offline to {folder}/wandb "
+                  "(upload later with `wandb sync`, or `wandb login` before the next run)")
+            self.wandb_run = wandb.init(project=self.project, config=config, mode="offline", dir=folder)
 
     def _write(self, scalars, step):
         self.wandb_run.log(scalars, step=step)

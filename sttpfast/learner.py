@@ -10,11 +10,12 @@ the D-optimal penalty, ``lowrank`` gets Frobenius decay in place of weight decay
 """
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
-from fastai.callback.core import Callback, CancelTrainException
-from fastai.callback.schedule import SchedCos, SchedLin, combined_cos
+from fastai.callback.core import Callback
+from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combined_cos
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, top_k_accuracy
@@ -24,10 +25,12 @@ from torch import nn
 from sttpfast.callbacks.guards import NaNGuard
 from sttpfast.callbacks.penalties import DOptimalPenalty, FrobeniusDecay
 from sttpfast.callbacks.spectral import SingularValueLogger, SpectralNormBound
+from sttpfast.callbacks.weight_cache import CachedValidationWeights
 from sttpfast.params import resolve_param
 from sttpfast.surgery import parameterize
 
-__all__ = ["spectral_learner", "fit", "LRSchedule", "StepBudget", "top5_accuracy", "SCHEDULES"]
+__all__ = ["spectral_learner", "fit", "release_validation_cache", "SpectralLearner", "StepScheduler", "StepBudget", "schedule_functions",
+           "top5_accuracy", "SCHEDULES"]
 
 SCHEDULES = ("one_cycle", "linear", "cosine", "const")
 
@@ -37,51 +40,100 @@ def top5_accuracy(inp, targ):
     return top_k_accuracy(inp, targ, k=5)
 
 
-class LRSchedule(Callback):
-    """Sets the learning rate (and momentum, for one-cycle) from the global step.
+def _one_cycle_defaults() -> dict:
+    """fastai's own one-cycle defaults (div, div_final, pct_start), read from
+    ``Learner.fit_one_cycle`` so that both always agree."""
+    params = inspect.signature(Learner.fit_one_cycle).parameters
+    return {name: params[name].default for name in ("div", "div_final", "pct_start")}
 
-    ``pos = train_iter / total_steps``, so a resumed run continues the schedule exactly
-    and ``--steps`` budgets that end mid-epoch are honoured. Schedules: ``one_cycle``
-    (fastai's: cosine warm-up for 25%, cosine decay to lr/1e5, momentum 0.95-0.85-0.95),
-    ``linear`` (the paper's: linear decay to 0), ``cosine`` (to 0), ``const``."""
 
-    order = 5  # after TrainEvalCallback has counted the step
+def schedule_functions(kind: str, lr_max: float, moms=(0.95, 0.85, 0.95)) -> dict:
+    """``{hyper-parameter: f(pos)}`` for fastai's ``ParamScheduler``, ``pos`` in [0, 1].
 
-    def __init__(self, lr_max: float, total_steps: int, kind: str = "one_cycle"):
-        if kind not in SCHEDULES:
-            raise ValueError(f"unknown schedule {kind!r}; allowed: {', '.join(SCHEDULES)}")
-        self.lr_max, self.total_steps, self.kind = lr_max, max(1, total_steps), kind
-        self.mom = None
-        if kind == "one_cycle":
-            self.lr = combined_cos(0.25, lr_max / 25.0, lr_max, lr_max / 25e4)
-            self.mom = combined_cos(0.25, 0.95, 0.85, 0.95)
-        elif kind == "linear":
-            self.lr = SchedLin(lr_max, 0.0)
-        elif kind == "cosine":
-            self.lr = SchedCos(lr_max, 0.0)
-        else:
-            self.lr = lambda pos: lr_max
+    ``one_cycle`` is exactly fastai's ``fit_one_cycle`` (cosine warm-up from lr/div to lr
+    over ``pct_start``, cosine decay to lr/div_final, momentum ``moms``); ``linear`` (the
+    paper's) and ``cosine`` decay to 0; ``const`` keeps ``lr_max``."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; allowed: {', '.join(SCHEDULES)}")
+    if kind == "one_cycle":
+        d = _one_cycle_defaults()
+        return {"lr": combined_cos(d["pct_start"], lr_max / d["div"], lr_max, lr_max / d["div_final"]),
+                "mom": combined_cos(d["pct_start"], *moms)}
+    if kind == "linear":
+        return {"lr": SchedLin(lr_max, 0.0)}
+    if kind == "cosine":
+        return {"lr": SchedCos(lr_max, 0.0)}
+    return {"lr": SchedNo(lr_max, lr_max)}
+
+
+class StepScheduler(ParamScheduler):
+    """fastai's ``ParamScheduler`` positioned by optimizer steps: ``pos = train_iter / total_steps``.
+
+    fastai's own position (``pct_train``) assumes every epoch runs all its batches and the
+    fit starts at step 0; a step budget that ends mid-epoch (``--steps``) or a resumed run
+    breaks both. ``train_iter`` is exact in both cases (the Checkpointer restores it)."""
+
+    def __init__(self, scheds: dict, total_steps: int):
+        super().__init__(scheds)
+        self.total_steps = max(1, int(total_steps))
 
     def before_batch(self):
-        if not self.training:
-            return
-        pos = min(self.train_iter / self.total_steps, 1.0)
-        self.opt.set_hyper("lr", self.lr(pos))
-        if self.mom is not None:
-            self.opt.set_hyper("mom", self.mom(pos))
+        self._update_val(min(self.train_iter / self.total_steps, 1.0))
+
+
+class _StepLimit:
+    """A view of a training loader that stops once ``learn.train_iter`` reaches ``total``.
+
+    The check runs before each batch is drawn, so the epoch simply ends early: fastai sees a
+    normal end of training (no cancel event), validation and the Recorder run as usual."""
+
+    def __init__(self, dl, learn, total: int):
+        self.dl, self.learn, self.total = dl, learn, total
+
+    def __len__(self):
+        return max(0, min(len(self.dl), self.total - int(self.learn.train_iter)))
+
+    def __iter__(self):
+        for batch in self.dl:
+            if self.learn.train_iter >= self.total:
+                return
+            yield batch
+
+    def __getattr__(self, name):
+        return getattr(self.dl, name)
 
 
 class StepBudget(Callback):
-    """Ends training after ``total_steps`` optimizer steps (the epoch still validates)."""
+    """Ends training after ``total_steps`` optimizer steps, also in the middle of an epoch.
 
-    order = 6
+    It shortens the last epoch's loader instead of cancelling the epoch: fastai's Recorder
+    drops the training-loss column of a cancelled epoch, which shifted every later column
+    (``accuracy`` showed top-5) in the table, summary.json, TensorBoard and ``best``.
+    Order 75: the outermost loader view, after the Checkpointer (70) skipped the batches a
+    resumed epoch already trained."""
+
+    order = 75
 
     def __init__(self, total_steps: int):
         self.total_steps = total_steps
 
-    def before_batch(self):
-        if self.training and self.train_iter >= self.total_steps:
-            raise CancelTrainException()
+    def before_train(self):
+        self.learn.dl = _StepLimit(self.learn.dl, self.learn, self.total_steps)
+        pbar = getattr(getattr(self.learn, "progress", None), "pbar", None)
+        if pbar is not None:  # the progress bar was sized before the loader was shortened
+            pbar.total = len(self.learn.dl)
+
+
+class SpectralLearner(Learner):
+    """fastai's Learner; ``export`` refuses (parameterized modules cannot be pickled)."""
+
+    def export(self, fname="export.pkl", *args, **kwargs):
+        """Refused before anything is written: ``torch.nn.utils.parametrize`` modules (generated
+        classes) and the frame bank's hooks do not pickle. Save weights with safetensors."""
+        raise ValueError(
+            f"learn.export({str(fname)!r}) cannot pickle a parameterized model; save it with "
+            "sttpfast.save_parameterized(learn.model, 'model.safetensors') (load with "
+            "sttpfast.load_parameterized), or densify it first: sttpfast.densify(learn.model)")
 
 
 def default_metrics(n_classes: int) -> list:
@@ -91,7 +143,7 @@ def default_metrics(n_classes: int) -> list:
 def default_callbacks(param: str, d_optimal: float = 1.0, frobenius_decay: float | None = None,
                       spectral_bound: float | None = None, sv_every: int = 100) -> list[Callback]:
     """Callbacks that the parameterization calls for."""
-    cbs: list[Callback] = [NaNGuard()]
+    cbs: list[Callback] = [NaNGuard(), CachedValidationWeights()]
     if param in ("svdp-l", "svdp-r", "sttp-l", "sttp-r"):
         cbs.append(SingularValueLogger(every=sv_every))
     if param.endswith("-r") and d_optimal:
@@ -159,7 +211,7 @@ def spectral_learner(
         frobenius_decay = wd
     callbacks = default_callbacks(param, d_optimal, frobenius_decay, spectral_bound, sv_every) + list(cbs or [])
     path = Path(run_dir) if run_dir is not None else Path(".")
-    learn = Learner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,
+    learn = SpectralLearner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,
                     metrics=metrics if metrics is not None else default_metrics(getattr(dls, "n_classes", 10)),
                     cbs=callbacks, wd=wd, wd_bn_bias=False, path=path, model_dir=".", **learner_kwargs)
     learn.compression, learn.param, learn.run_dir = report, param, path
@@ -168,9 +220,12 @@ def spectral_learner(
 
 def fit(learn: Learner, epochs: int | None = None, lr: float | None = None, schedule: str = "one_cycle",
         steps: int | None = None, start_epoch: int = 0, cbs=None) -> Learner:
-    """Train for ``epochs`` (or ``steps`` optimizer steps) with a step-based ``schedule``."""
+    """Train for ``epochs`` (or ``steps`` optimizer steps, which may end mid-epoch) with a
+    step-based ``schedule`` (fastai's schedule functions, see :func:`schedule_functions`)."""
     if epochs is None and steps is None:
         raise ValueError("give epochs or steps")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     per_epoch = len(learn.dls.train)
     if per_epoch == 0:
         raise ValueError("the training loader yields no batch (batch size larger than the data?)")
@@ -180,7 +235,20 @@ def fit(learn: Learner, epochs: int | None = None, lr: float | None = None, sche
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     total = steps if steps is not None else epochs * per_epoch
     lr = learn.lr if lr is None else lr
-    extra = [LRSchedule(lr, total, schedule)] + ([StepBudget(steps)] if steps is not None else [])
+    moms = getattr(learn, "moms", None) or (0.95, 0.85, 0.95)
+    extra = [StepScheduler(schedule_functions(schedule, lr, moms), total)]
+    if steps is not None:
+        extra.append(StepBudget(steps))
     learn.total_steps = total
-    learn.fit(epochs, lr, cbs=extra + list(cbs or []), start_epoch=start_epoch)
+    try:
+        learn.fit(epochs, lr, cbs=extra + list(cbs or []), start_epoch=start_epoch)
+    finally:
+        release_validation_cache(learn)  # an exception fastai does not catch skipped after_validate
     return learn
+
+
+def release_validation_cache(learn: Learner) -> None:
+    """Leave ``parametrize.cached()`` if a validation pass of ``learn`` still holds it."""
+    for cb in learn.cbs:
+        if isinstance(cb, CachedValidationWeights):
+            cb.release()

@@ -244,6 +244,24 @@ def test_wandb_logger_offline(dls, tmp_path, monkeypatch):
     assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "images" / "*.png"))
 
 
+def test_wandb_logger_without_an_api_key_logs_offline(dls, tmp_path, monkeypatch, capsys):
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / "no-netrc"))
+    import wandb
+
+    wandb.teardown()  # wandb reads its environment once per process: forget the earlier tests'
+    logger = WandbLogger()
+    learn = learner(dls, small_net(), tmp_path, cbs=[logger])
+    learn.fit(1, 0.01)
+    said = [line for line in capsys.readouterr().out.splitlines() if "no API key" in line]
+    assert said == [f"wandb: no API key configured, logging offline to {tmp_path}/wandb "
+                    "(upload later with `wandb sync`, or `wandb login` before the next run)"]
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(runs) == 1 and logger.wandb_run is None
+
+
 def test_wandb_logger_disabled(dls, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     logger = WandbLogger()

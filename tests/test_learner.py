@@ -1,0 +1,174 @@
+"""The Learner factory: fastai's schedules by step count, weights built once per validation
+pass, and an ``export`` that refuses before writing anything."""
+import pytest
+import torch
+from fastai.callback.core import Callback, CancelValidException
+from fastai.callback.schedule import combined_cos
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sttpfast.data import get_dls
+from sttpfast.learner import fit, schedule_functions, spectral_learner
+from sttpfast.surgery import parameterized_layers
+
+STEPS_PER_EPOCH = 4  # 256 training images, bs 64
+
+
+@pytest.fixture(scope="module")
+def dls():
+    return get_dls("digits", bs=64, subset=256, augment=False)
+
+
+def tiny_net():
+    """(B, 1, 16, 16) -> (B, 10); three layers that a spectral chain can parameterize."""
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 12, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10))
+
+
+def _learner(dls, tmp_path, param="dense", cbs=(), **kwargs):
+    return spectral_learner(dls, tiny_net(), param=param, rank=4 if param != "dense" else None, cbs=list(cbs),
+                            run_dir=tmp_path, sv_every=1000, **kwargs)
+
+
+class RecordHypers(Callback):
+    """The lr and momentum the optimizer used at each training step."""
+
+    order = 90
+
+    def before_fit(self):
+        self.lr_seen, self.mom_seen = [], []
+
+    def after_batch(self):
+        if self.training:
+            self.lr_seen.append(self.opt.hypers[-1]["lr"])
+            self.mom_seen.append(self.opt.hypers[-1]["mom"])
+
+
+# ---------------------------------------------------------------------------------------
+# schedules
+def test_one_cycle_matches_fastais_fit_one_cycle_step_by_step(dls, tmp_path):
+    ours, theirs = RecordHypers(), RecordHypers()
+    fit(_learner(dls, tmp_path, cbs=[ours], opt="adam"), epochs=2, lr=0.01, schedule="one_cycle")
+    _learner(dls, tmp_path, cbs=[theirs], opt="adam").fit_one_cycle(2, 0.01)
+    assert len(ours.lr_seen) == len(theirs.lr_seen) == 2 * STEPS_PER_EPOCH
+    # fastai sums 1/n per step where we divide: equal to float rounding
+    assert ours.lr_seen == pytest.approx(theirs.lr_seen, rel=1e-12, abs=0)
+    assert ours.mom_seen == pytest.approx(theirs.mom_seen, rel=1e-12, abs=0)
+
+
+def test_one_cycle_ends_at_fastais_lr_over_1e5_and_a_step_budget_follows_it(dls, tmp_path):
+    lr = 0.01
+    reference = combined_cos(0.25, lr / 25.0, lr, lr / 1e5)  # fit_one_cycle's defaults
+    f = schedule_functions("one_cycle", lr)["lr"]
+    for pos in (0.0, 0.1, 0.25, 0.5, 0.9, 1.0):
+        assert f(pos) == reference(pos)
+    assert f(1.0) == pytest.approx(lr / 1e5, rel=1e-12) and f(0.0) == pytest.approx(lr / 25, rel=1e-12)
+
+    rec = RecordHypers()
+    fit(_learner(dls, tmp_path, cbs=[rec]), lr=lr, steps=6, schedule="one_cycle")  # ends mid-epoch 2
+    assert rec.lr_seen == [reference(i / 6) for i in range(6)]
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "const"])
+def test_linear_cosine_const_schedules_by_step(dls, tmp_path, kind):
+    lr, rec = 0.05, RecordHypers()
+    fit(_learner(dls, tmp_path, cbs=[rec]), lr=lr, steps=6, schedule=kind)
+    import math
+    expected = {"linear": [lr * (1 - i / 6) for i in range(6)],
+                "cosine": [lr * (1 + math.cos(math.pi * i / 6)) / 2 for i in range(6)],
+                "const": [lr] * 6}[kind]
+    assert rec.lr_seen == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert len(set(rec.lr_seen)) == (1 if kind == "const" else 6)
+
+
+def test_unknown_schedule_is_refused(dls, tmp_path):
+    with pytest.raises(ValueError, match="unknown schedule 'warmup'"):
+        fit(_learner(dls, tmp_path), epochs=1, schedule="warmup")
+
+
+# ---------------------------------------------------------------------------------------
+# weights built once per validation pass
+class CountBuilds(Callback):
+    """Counts calls of every parametrization's forward, per phase of each epoch."""
+
+    order = 95
+
+    def before_fit(self):
+        self.counts = []  # one dict per (epoch, phase): {layer name: builds}
+        self.handles = []
+        self.phase = None
+        for name, _, p in parameterized_layers(self.learn.model):
+            self.handles.append(p.register_forward_hook(lambda *a, name=name: self._count(name)))
+        self.valid_batches = 0
+
+    def _count(self, name):
+        self.counts[-1][name] = self.counts[-1].get(name, 0) + 1
+
+    def before_train(self):
+        self.counts.append({})
+
+    def before_validate(self):
+        self.counts.append({})
+        self.valid_batches = 0
+
+    def after_batch(self):
+        if not self.training:
+            self.valid_batches += 1
+
+    def after_fit(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_validation_builds_each_weight_once_and_training_gets_fresh_weights(dls, tmp_path):
+    counter = CountBuilds()
+    learn = _learner(dls, tmp_path, param="sttp-r", cbs=[counter])
+    names = [name for name, _, _ in parameterized_layers(learn.model)]
+    assert len(names) == 3
+    fit(learn, epochs=2, lr=0.05, schedule="const")
+    train1, valid1, train2, valid2 = counter.counts
+    assert counter.valid_batches >= 2
+    assert valid1 == valid2 == {name: 1 for name in names}
+    # every training step rebuilds every weight, also after a validation pass
+    assert train1 == train2 == {name: STEPS_PER_EPOCH for name in names}
+    assert parametrize._cache_enabled == 0
+    losses = [float(v) for v in learn.recorder.losses]
+    assert len(set(losses)) == len(losses)  # every step trained
+
+
+class FailInValidation(Callback):
+    def __init__(self, exc):
+        self.exc = exc
+
+    def after_batch(self):
+        if not self.training:
+            raise self.exc
+
+
+def test_an_interrupted_validation_never_leaves_cached_weights_for_training(dls, tmp_path):
+    counter = CountBuilds()
+    learn = _learner(dls, tmp_path, param="sttp-r", cbs=[counter, FailInValidation(CancelValidException())])
+    fit(learn, epochs=2, lr=0.05, schedule="const")  # fastai cancels each validation pass
+    assert counter.counts[2] == {name: STEPS_PER_EPOCH for name, _, _ in parameterized_layers(learn.model)}
+
+    failing = FailInValidation(KeyboardInterrupt())
+    learn = _learner(dls, tmp_path, param="sttp-r", cbs=[failing])
+    with pytest.raises(KeyboardInterrupt):
+        fit(learn, epochs=2, lr=0.05)  # escapes fastai: after_validate never runs
+    assert parametrize._cache_enabled == 0
+    layer = next(iter(parameterized_layers(learn.model)))[1]
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        for factor in layer.parameters():  # change the factors: the weight must follow
+            factor.add_(0.1 * torch.randn_like(factor))
+    assert not torch.equal(layer.weight, before)
+
+
+# ---------------------------------------------------------------------------------------
+def test_export_refuses_before_writing_anything(dls, tmp_path):
+    learn = _learner(dls, tmp_path / "run", param="sttp-r")
+    (tmp_path / "run").mkdir()
+    with pytest.raises(ValueError, match=r"export\('model.pkl'\).*sttpfast.save_parameterized"):
+        learn.export("model.pkl")
+    assert list((tmp_path / "run").iterdir()) == []
+    assert learn.opt is None and len(learn.dls.train) == STEPS_PER_EPOCH  # nothing torn down

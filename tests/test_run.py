@@ -1,0 +1,221 @@
+"""The `train` run's contract: metric columns that line up for any step budget, resuming a
+finished run, run folders created only for runs that start, Ctrl-C, the process count."""
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+from sttpfast.checkpoint import load_parameterized
+from sttpfast.config import build_config
+from sttpfast.run import run_training
+
+
+def _cfg(tmp_path, name, *overrides):
+    cfg, _ = build_config(overrides=["data.name=digits", "data.bs=64", "data.subset=512", "param.name=sttp-r",
+                                     "param.rank=4", "optim.schedule=linear", "log.logger=none",
+                                     "log.progress=false", f"train.out={tmp_path}", f"train.name={name}",
+                                     *overrides])
+    return cfg
+
+
+class KeepValidLoader(Callback):
+    """Keeps the run's validation loader, to recompute its metrics afterwards."""
+
+    def before_fit(self):
+        self.valid = self.learn.dls.valid
+
+
+def _accuracies(model, loader) -> tuple[float, float]:
+    """(top-1, top-5) of ``model`` over ``loader``, counted exactly."""
+    model.eval()
+    top1 = top5 = n = 0
+    with torch.no_grad():
+        for x, y in loader:
+            best = model(x).topk(5, dim=1).indices
+            top1 += int((best[:, 0] == y).sum())
+            top5 += int((best == y[:, None]).any(dim=1).sum())
+            n += len(y)
+    return top1 / n, top5 / n
+
+
+def test_a_budget_ending_mid_epoch_keeps_metric_names_and_values_aligned(tmp_path):
+    lines = []
+    keep = KeepValidLoader()
+    summary = run_training(_cfg(tmp_path, "mid", "optim.steps=10"), extra_cbs=[keep], echo=lines.append)
+    assert summary["steps"] == 10  # 7 batches per epoch: the second epoch stops after 3
+
+    model = load_parameterized(tmp_path / "mid/checkpoints/last/model.safetensors")
+    top1, top5 = _accuracies(model, keep.valid)
+    metrics = summary["metrics"]
+    assert list(metrics) == ["train_loss", "valid_loss", "accuracy", "top5_accuracy"]
+    assert abs(metrics["accuracy"] - top1) < 1e-6, (metrics, top1, top5)
+    assert abs(metrics["top5_accuracy"] - top5) < 1e-6, (metrics, top1, top5)
+    assert top5 > top1  # the two columns differ, so a swap cannot pass
+
+    # the printed per-epoch table: every name followed by its own value
+    last = [line for line in lines if line.startswith("epoch 1")][-1]
+    shown = dict(re.findall(r"(\w+) (\S+)", last))
+    assert shown["accuracy"] == f"{metrics['accuracy']:.4f}" and shown["top5_accuracy"] == f"{metrics['top5_accuracy']:.4f}"
+    assert shown["train_loss"] == f"{metrics['train_loss']:.4f}" and shown["valid_loss"] == f"{metrics['valid_loss']:.4f}"
+
+    # the best checkpoint was chosen by, and stores, real top-1 accuracy
+    state = json.loads((tmp_path / "mid/checkpoints/best/state.json").read_text())
+    best_top1, _ = _accuracies(load_parameterized(tmp_path / "mid/checkpoints/best/model.safetensors"), keep.valid)
+    assert state["monitor"] == "accuracy" and abs(state["best"] - best_top1) < 1e-6, (state["best"], best_top1)
+
+
+# ---------------------------------------------------------------------------------------
+# resuming a finished run
+def _files(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resuming_a_finished_run_changes_nothing_and_a_raised_budget_continues(tmp_path):
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    run_training(_cfg(tmp_path, "done", "optim.steps=6", "log.logger=tensorboard"), echo=lambda *a: None)
+    run = tmp_path / "done"
+    before = _files(run)
+    result = CliRunner().invoke(main, ["train", "--resume", str(run)])
+    assert result.exit_code == 0, result.output
+    assert f"{run} is already finished (6 steps); nothing changed" in result.output
+    assert _files(run) == before  # byte-identical, no file added
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+    more = run_training(resume=run, steps=9, echo=lambda *a: None)
+    assert more["steps"] == 9 and "already_finished" not in more
+    assert json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"] == 9
+    assert "steps: 9" in (run / "config.yaml").read_text()
+
+
+# ---------------------------------------------------------------------------------------
+# run folders: only for runs that start, only inside --out
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    return CliRunner().invoke(main, ["train", *map(str, args)])
+
+
+BAD_STARTS = [
+    (["nosuchdata"], "unknown dataset 'nosuchdata'"),                     # data
+    (["digits", "--arch", "resnet20_cifr"], "unknown architecture"),      # model
+    (["digits", "--param", "sttp", "--rank", "0"], "param.rank = 0"),     # config
+    (["digits", "--param", "sttp", "--compression", "150"], "compression must be in"),  # parameterization
+    (["digits", "--param", "sttp", "--rank", "4", "--include", "nosuchlayer*"], "include pattern 'nosuchlayer\\*'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_STARTS)
+def test_a_failed_start_leaves_no_run_folder(tmp_path, args, message):
+    out = tmp_path / "runs"
+    result = _cli(*args, "--out", out, "--steps", "1")
+    assert result.exit_code == 2 and re.search(message, result.output), result.output
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["../..", "..", "a/b", "/tmp/elsewhere", "."])
+def test_a_run_name_that_leaves_out_is_refused(tmp_path, name):
+    out = tmp_path / "a" / "runs"
+    result = _cli("digits", "--out", out, "--name", name, "--steps", "1")
+    assert result.exit_code == 2, result.output
+    assert f"run name {name!r} is not a plain folder name" in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing created, inside --out or outside
+
+
+# ---------------------------------------------------------------------------------------
+# Ctrl-C
+class CtrlC(Callback):
+    """Raises KeyboardInterrupt after ``k`` optimizer steps, as a Ctrl-C would."""
+
+    order = 90
+
+    def __init__(self, k):
+        self.k = k
+
+    def after_batch(self):
+        if self.training and self.train_iter == self.k:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    from sttpfast.run import TrainingInterrupted
+
+    full = run_training(_cfg(tmp_path, "full", "optim.steps=12"), echo=lambda *a: None)
+    lines = []
+    with pytest.raises(TrainingInterrupted) as stop:  # mid-epoch 2 (7 batches per epoch)
+        run_training(_cfg(tmp_path, "cut", "optim.steps=12"), extra_cbs=[CtrlC(9)], echo=lines.append)
+    assert stop.value.code == 130
+    run = tmp_path / "cut"
+    assert lines[-2:] == [f"interrupted at step 9: checkpoint saved in {run / 'checkpoints/last'}",
+                          f"resume with: sttpfast train --resume {run}"]
+    assert json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"] == 9
+    resumed = run_training(resume=run, echo=lambda *a: None)
+    assert resumed["steps"] == full["steps"] == 12
+    a, b = load_file(str(tmp_path / "full/checkpoints/last/model.safetensors")), load_file(
+        str(run / "checkpoints/last/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # validation metrics identical; train_loss is fastai's smoothed loss, restarted on resume
+    assert {k: v for k, v in resumed["metrics"].items() if k != "train_loss"} == \
+        {k: v for k, v in full["metrics"].items() if k != "train_loss"}
+
+
+def test_ctrl_c_exits_130_through_the_cli(tmp_path, monkeypatch):
+    import sttpfast.run as run_module
+
+    original = run_module.run_training
+    monkeypatch.setattr(run_module, "run_training",
+                        lambda *a, **k: original(*a, **{**k, "extra_cbs": [CtrlC(2)]}))
+    result = _cli("digits", "--bs", "64", "--subset", "512", "--param", "sttp-r", "--rank", "4", "--steps", "5",
+                  "--logger", "none", "--out", tmp_path, "--name", "c")
+    assert result.exit_code == 130, result.output
+    assert f"resume with: sttpfast train --resume {tmp_path / 'c'}" in result.output
+    assert "Traceback" not in result.output and "Aborted" not in result.output
+
+
+# ---------------------------------------------------------------------------------------
+# asked for more processes than run
+class _OneProcess:
+    num_processes, is_main_process = 1, True
+
+
+def test_fewer_processes_than_asked_for_are_warned_about(monkeypatch):
+    from sttpfast.callbacks.distributed import warn_missing_processes
+
+    said = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    warn_missing_processes(_OneProcess(), said.append)  # a plain `python train.py`: nothing asked
+    assert said == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    warn_missing_processes(_OneProcess(), said.append)
+    assert said == ["warning: asked for 2 processes, running 1: `accelerate launch --cpu` starts one process; "
+                    "on CPU use `accelerate launch --multi_gpu --num_processes 2 ...` (without --cpu) or "
+                    "`torchrun --nproc_per_node 2 ...`"]
+
+
+def test_accelerate_launch_cpu_with_two_processes_warns(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           str(root / "apps/train.py"), "digits", "--bs", "64", "--subset", "256",
+                           "--param", "sttp-r", "--rank", "4", "--steps", "1", "--logger", "none",
+                           "--set", "log.progress=false", "--out", str(tmp_path), "--name", "one"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: asked for 2 processes, running 1" in proc.stdout, proc.stdout[-2000:]
+    assert json.loads((tmp_path / "one/summary.json").read_text())["processes"] == 1
