@@ -206,7 +206,8 @@ def type_members(tp) -> tuple:
 
 def choices(key: str) -> tuple[str, ...]:
     """The allowed string values of a schema key (its ``Literal`` members); () when free."""
-    return tuple(a for m in type_members(SCHEMA[key].type) if typing.get_origin(m) is Literal for a in typing.get_args(m))
+    literals = [m for m in type_members(SCHEMA[key].type) if typing.get_origin(m) is Literal]
+    return tuple(a for m in literals for a in typing.get_args(m))
 
 
 def _describe(tp) -> str:
