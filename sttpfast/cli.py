@@ -1,16 +1,27 @@
 """The ``sttpfast`` command line (click).
 
-Every bad input ends in one ``Error: ...`` line and exit status 2, never a traceback.
+Every bad input ends in one ``Error: ...`` line and exit status 2, never a traceback; Ctrl-C
+before training starts ends in one line and exit status 130.
+
+Start-up is cheap: this module imports click and the config schema only (no torch), so
+``--help`` answers at once; each command imports what it needs when it runs. The options
+are built from the schema in :mod:`sttpfast.config` (types, choices, help), and the
+parameterization names are checked after parsing by :func:`sttpfast.params.resolve_param`.
 """
 from __future__ import annotations
 
 import functools
 import sys
+import typing
 import warnings
 
 import click
 
+from sttpfast.config import CLI_FLAGS, FULL_RANK, SCHEMA, build_config, choices, type_members
+
 __all__ = ["main", "CLIError"]
+
+INTERRUPTED = "interrupted before training started; nothing was written"
 
 
 class CLIError(click.ClickException):
@@ -20,7 +31,8 @@ class CLIError(click.ClickException):
 
 
 def user_errors(fn):
-    """Turn the library's ValueErrors (bad arguments, bad files) into CLIError."""
+    """Turn the library's ValueErrors (bad arguments, bad files) into CLIError, and Ctrl-C
+    that reaches this level (start-up: imports, data, model) into one line and exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -28,8 +40,81 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except ValueError as err:
             raise CLIError(str(err)) from None
+        except KeyboardInterrupt:
+            click.echo(INTERRUPTED, err=True)
+            sys.exit(130)
 
     return wrapper
+
+
+class RankType(click.ParamType):
+    """``--rank``: a positive integer, or ``full``."""
+
+    name = "INTEGER|full"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value == FULL_RANK:
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a valid rank: give a positive integer or {FULL_RANK!r}", param, ctx)
+
+
+def schema_option(flag: str, key: str | None = None):
+    """A click option for the schema key ``key`` (default ``CLI_FLAGS[flag]``): its type,
+    choices and help come from the schema; unset it is None, so the config files' value stays."""
+    key = key or CLI_FLAGS[flag]
+    s = SCHEMA[key]
+    members = [m for m in type_members(s.type) if m is not type(None)]
+    decl = "--" + flag.replace("_", "-")
+    kwargs: dict = {"default": None, "help": s.help}
+    if key == "param.rank":
+        kwargs["type"] = RankType()
+    elif choices(key):
+        kwargs["type"] = click.Choice(choices(key))
+    elif members == [bool]:
+        kwargs["is_flag"] = True
+    elif typing.get_origin(members[0]) is list:
+        kwargs.update(multiple=True, default=())
+        kwargs["help"] += " (repeatable)"
+    elif members[0] in (int, float):
+        kwargs["type"] = members[0]
+    return click.option(decl, flag, **kwargs)
+
+
+def param_options(fn):
+    """--param / --rank / --compression / --include / --exclude / --init, shared by commands."""
+    for flag in reversed(("param", "rank", "compression", "include", "exclude", "init")):
+        fn = schema_option(flag)(fn)
+    return fn
+
+
+def rank_line(param: str, rank, how: str) -> str:
+    """What rank a run uses and why, printed before any work starts."""
+    if how == "default":
+        return (f"rank {rank} (the default for {param}; --rank N, --rank full or --compression Z to change it)")
+    if how == "full":
+        return "rank full (every layer at its full rank: no compression)"
+    if how == "compression":
+        return f"rank chosen for the target compression Z = {rank:g}%"
+    if how == "none":
+        return f"no rank ({param} keeps every weight at full size)"
+    return f"rank {rank}"
+
+
+def _rank_choice(cfg: dict, sources: dict) -> tuple[object, str]:
+    """``(value, how)`` for :func:`rank_line` from a built config."""
+    from sttpfast.params import BASELINES, resolve_param
+
+    p = cfg["param"]
+    if resolve_param(p["name"]) in BASELINES:
+        return None, "none"
+    if p["compression"] is not None:
+        return p["compression"], "compression"
+    if p["rank"] is None:
+        return None, "full"
+    return p["rank"], "default" if sources.get("param.rank") == "default" else "given"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,102 +123,70 @@ def main():
     """sttpfast: train compressed, spectrally controlled networks (STTP, SVDP and baselines)."""
 
 
-def param_options(fn):
-    """--param / --rank / --compression / --include / --exclude / --init, shared by commands."""
-    from sttpfast.params import ALL_PARAMS
-
-    options = [
-        click.option("--param", "param", default="dense", show_default=True,
-                     help=f"weight parameterization: {', '.join(ALL_PARAMS)}"),
-        click.option("--rank", type=int, default=None, help="SVD rank r shared by all layers"),
-        click.option("--compression", type=float, default=None, help="target Z in percent (instead of --rank)"),
-        click.option("--include", multiple=True, help="glob of layer names to parameterize (repeatable)"),
-        click.option("--exclude", multiple=True, help="glob of layer names to leave dense (repeatable)"),
-        click.option("--init", type=click.Choice(["identity", "spectral"]), default=None,
-                     help="factor initialization (default: identity for SVDP/STTP, spectral for lowrank)"),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-
 @main.command()
-@click.option("--arch", required=True, help="any timm model name or a registered sttpfast model")
+@schema_option("arch")
 @param_options
 @click.option("--num-classes", type=int, default=None, help="classifier outputs (model default if unset)")
 @click.option("--in-chans", type=int, default=None, help="input channels (model default if unset)")
 @user_errors
 def info(arch, param, rank, compression, include, exclude, init, num_classes, in_chans):
     """Per-layer table (rank, DOF) and the compression Z of ARCH under PARAM."""
-    from sttpfast.surgery import parameterize
+    if arch is None:
+        raise CLIError("give the architecture: --arch NAME (any timm model or a registered sttpfast model)")
+    # the same rank rules as `train` (the default rank for the low-rank methods, 'full', none for dense/sn)
+    cli = {CLI_FLAGS[k]: v for k, v in dict(param=param, rank=rank, compression=compression, init=init,
+                                             include=list(include), exclude=list(exclude)).items() if v is not None}
+    cfg, sources = build_config(cli=cli)
+    p = cfg["param"]
 
     from sttpfast.models import create_model
+    from sttpfast.surgery import parameterize
 
     model = create_model(arch, num_classes=num_classes, in_chans=in_chans)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = parameterize(model, param, rank=rank, compression=compression,
-                              include=list(include) or None, exclude=list(exclude) or None, init=init)
+        report = parameterize(model, p["name"], rank=p["rank"], compression=p["compression"],
+                              include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"])
+    click.echo(rank_line(p["name"], *_rank_choice(cfg, sources)))
+    if p["compression"] is not None:
+        click.echo(f"rank {report.rank} gives Z = {report.z:.2f}%")
     click.echo(report.table())
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
 
 
-# flag -> dotted config key; a flag left unset keeps the config files' value
-_TRAIN_FLAGS = {
-    "dataset": "data.name", "data_dir": "data.data_dir", "bs": "data.bs", "subset": "data.subset",
-    "download": "data.download", "arch": "model.arch", "param": "param.name", "rank": "param.rank",
-    "compression": "param.compression", "init": "param.init", "include": "param.include",
-    "exclude": "param.exclude", "opt": "optim.opt", "lr": "optim.lr", "wd": "optim.wd",
-    "schedule": "optim.schedule", "epochs": "optim.epochs", "steps": "optim.steps", "seed": "train.seed",
-    "out": "train.out", "name": "train.name", "logger": "log.logger", "mixed_precision": "train.mixed_precision",
-}
+def train_options(fn):
+    """Every ``sttpfast train`` flag of :data:`sttpfast.config.CLI_FLAGS`, from the schema."""
+    for flag in reversed([f for f in CLI_FLAGS if f != "dataset"]):
+        fn = schema_option(flag)(fn)
+    return fn
 
 
 @main.command()
 @click.argument("dataset", required=False)
-@click.option("--arch", default=None, help="any timm model name or a registered sttpfast model")
-@click.option("--param", default=None, help="weight parameterization (default dense)")
-@click.option("--rank", type=int, default=None, help="SVD rank r shared by all layers")
-@click.option("--compression", type=float, default=None, help="target Z in percent (instead of --rank)")
-@click.option("--include", multiple=True, help="glob of layer names to parameterize (repeatable)")
-@click.option("--exclude", multiple=True, help="glob of layer names to leave dense (repeatable)")
-@click.option("--init", type=click.Choice(["identity", "spectral"]), default=None)
-@click.option("--epochs", type=int, default=None)
-@click.option("--steps", type=int, default=None, help="total optimizer steps (instead of --epochs)")
-@click.option("--bs", type=int, default=None, help="batch size per process")
-@click.option("--lr", type=float, default=None)
-@click.option("--wd", type=float, default=None, help="weight decay")
-@click.option("--opt", type=click.Choice(["sgd", "adam"]), default=None)
-@click.option("--schedule", type=click.Choice(["one_cycle", "linear", "cosine", "const"]), default=None)
-@click.option("--seed", type=int, default=None)
-@click.option("--data-dir", default=None, help="where datasets live (default $STTPFAST_DATA or ~/data)")
-@click.option("--download", is_flag=True, default=None, help="download a missing dataset")
-@click.option("--subset", type=int, default=None, help="use N training images (quick runs)")
-@click.option("--out", default=None, help="folder for run folders (default runs)")
-@click.option("--name", default=None, help="run folder name")
-@click.option("--logger", type=click.Choice(["tensorboard", "wandb", "none"]), default=None)
-@click.option("--mixed-precision", type=click.Choice(["no", "bf16"]), default=None)
+@train_options
 @click.option("--resume", default=None, type=click.Path(), help="continue the run in this folder")
 @click.option("--cfg", multiple=True, type=click.Path(), help="YAML config, repeatable (later wins)")
 @click.option("--set", "overrides", multiple=True, help="dotted override, e.g. optim.lr=0.05 (repeatable)")
 @user_errors
 def train(resume, cfg, overrides, **flags):
-    """Train a classifier: sttpfast train DATASET --arch ARCH --param PARAM [--rank R]."""
-    from sttpfast.config import build_config
-    from sttpfast.run import run_training
+    """Train a classifier: sttpfast train DATASET --arch ARCH --param PARAM [--rank R|full].
 
-    explicit = {key: flags[name] for name, key in _TRAIN_FLAGS.items()
-                if flags.get(name) is not None and flags.get(name) != ()}
-    for key in ("param.include", "param.exclude"):
-        if key in explicit:
-            explicit[key] = list(explicit[key])
+    Low-rank methods without --rank or --compression use rank 32 (the STTP paper's rank for
+    classification); --rank full trains at full rank."""
+    explicit = {CLI_FLAGS[name]: list(v) if isinstance(v, tuple) else v for name, v in flags.items()
+                if v is not None and v != ()}
     if resume is not None:
         if explicit or cfg or overrides:
             raise CLIError("--resume continues with the run's own config.yaml; drop the other options")
+        from sttpfast.run import run_training
+
         summary = run_training(resume=resume, echo=click.echo)
     else:
-        config, _ = build_config(cfg, overrides, explicit)
+        config, sources = build_config(cfg, overrides, explicit)
+        click.echo(rank_line(config["param"]["name"], *_rank_choice(config, sources)))
+        from sttpfast.run import run_training
+
         summary = run_training(config, echo=click.echo)
     _print_summary(summary)
     if summary.get("nan_step") is not None:

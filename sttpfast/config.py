@@ -1,82 +1,275 @@
-"""Run configuration: defaults, YAML files merged in order, dotted overrides.
+"""Run configuration: one schema, YAML files merged in order, dotted overrides.
 
-    cfg = build_config(["configs/env.yml", "configs/aistats21/.../sttp_r32.yml"],
-                       overrides=["optim.lr=0.05"], cli={"data.bs": 64})
+    cfg, sources = build_config(["configs/env.yml", "configs/aistats21/.../sttp_r32.yml"],
+                                overrides=["optim.lr=0.05"], cli={"data.bs": 64})
 
-Precedence, lowest first: :data:`DEFAULTS`, the ``--cfg`` files in order (a later file
+The dataclasses below are the schema, and the only place it is written: every key, its
+default, its type (values from files and ``--set`` are checked and coerced against it), its
+allowed values (``Literal`` types) and its range. The command line's flags map onto these
+keys (:data:`CLI_FLAGS`) and take their choices from here.
+
+Precedence, lowest first: the defaults, the ``--cfg`` files in order (a later file
 overriding an earlier one's value is warned about), explicit CLI flags, ``--set`` pairs.
 Unknown keys are rejected with the closest valid key suggested. ``model.kwargs`` is the
 one free-form table (extra keyword arguments for ``timm.create_model``).
+
+Rank. Without ``param.rank`` and ``param.compression``, a low-rank parameterization gets
+rank :data:`DEFAULT_RANK` (the STTP paper's rank for classification), so the first command a
+user types compresses; ``rank: full`` asks for full rank explicitly. ``dense`` and ``sn``
+take no rank. In the returned config full rank is ``rank: None`` (what
+:func:`sttpfast.parameterize` takes); :func:`save_config` writes it back as ``full``.
+
+This module does not import torch (the CLI's ``--help`` reads it); the parameterization
+names are checked through :func:`sttpfast.params.resolve_param` when a config is built.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import math
+import types
+import typing
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Optional, Union
 
 import yaml
 
-__all__ = ["DEFAULTS", "ConfigError", "build_config", "load_yaml", "merge", "apply_overrides",
-           "save_config", "get", "flatten"]
+__all__ = ["DEFAULTS", "DEFAULT_RANK", "SCHEMA", "CLI_FLAGS", "ConfigError", "Setting", "build_config", "load_yaml",
+           "merge", "apply_overrides", "save_config", "get", "flatten", "settings", "choices", "coerce", "type_members"]
 
-DEFAULTS: dict = {
-    "data": {
-        "name": "digits",          # dataset (see sttpfast.data.DATASETS) or imagefolder:PATH
-        "data_dir": None,          # default: $STTPFAST_DATA or ~/data
-        "bs": 128,                 # batch size per process
-        "subset": None,            # keep N training images (quick runs)
-        "download": False,         # fetch a missing dataset with torchvision
-        "num_workers": 0,
-        "augment": True,
-    },
-    "model": {
-        "arch": "resnet20_cifar",  # any timm name or a registered sttpfast model
-        "kwargs": {},              # extra timm.create_model keyword arguments
-    },
-    "param": {
-        "name": "dense",           # svdp-c|svdp-l|svdp-r|sttp-c|sttp-l|sttp-r|lowrank|sn|dense
-        "rank": None,
-        "compression": None,       # target Z in percent, instead of rank
-        "init": None,              # identity | spectral (default per parameterization)
-        "include": [],
-        "exclude": [],
-    },
-    "optim": {
-        "opt": "sgd",              # sgd | adam
-        "lr": 0.1,
-        "mom": 0.9,
-        "wd": 5.0e-4,
-        "schedule": "one_cycle",   # one_cycle | linear | cosine | const
-        "epochs": 10,
-        "steps": None,             # total optimizer steps; replaces epochs when set
-    },
-    "reg": {
-        "d_optimal": 1.0,          # D-optimal penalty weight for the -r variants
-        "frobenius_decay": None,   # lowrank: Frobenius decay (default: optim.wd)
-        "spectral_bound": None,    # c: keep sigma_max <= c (SpectralNormBound)
-    },
-    "log": {
-        "logger": "tensorboard",   # tensorboard | wandb | none
-        "every": 10,               # steps between logged training scalars
-        "sv_every": 100,           # steps between singular-value snapshots
-        "wandb_project": "sttpfast",
-        "progress": True,
-    },
-    "train": {
-        "seed": 0,
-        "out": "runs",             # the run folder goes under this directory
-        "name": None,              # run folder name (default: derived from the config)
-        "mixed_precision": "no",   # no | bf16
-        "checkpoint_every": None,  # steps between 'last' checkpoints (default: each epoch)
-    },
-}
-
-FREE_FORM = {("model", "kwargs")}
+#: rank of the low-rank parameterizations when neither rank nor compression is given
+DEFAULT_RANK = 32
+FULL_RANK = "full"
 
 
 class ConfigError(ValueError):
     """A bad configuration file, key or value."""
+
+
+def _positive(v) -> bool:
+    return v is None or v > 0
+
+
+def _non_negative(v) -> bool:
+    return v is None or v >= 0
+
+
+def _percent(v) -> bool:
+    return v is None or 0 < v <= 100
+
+
+def _rank(v) -> bool:
+    return v is None or v == FULL_RANK or v > 0
+
+
+def setting(default, help: str, check=None, what: str = ""):
+    """A schema field: its default, a help line, and an optional range check ``check(value) -> bool``
+    described by ``what`` (used in the error message)."""
+    kind = {"default_factory": lambda: copy.deepcopy(default)} if isinstance(default, (list, dict)) \
+        else {"default": default}
+    return field(**kind, metadata={"help": help, "check": check, "what": what})
+
+
+@dataclass
+class DataConfig:
+    name: str = setting("digits", "dataset (see sttpfast.data) or imagefolder:PATH")
+    data_dir: Optional[str] = setting(None, "where datasets live (default $STTPFAST_DATA or ~/data)")
+    bs: int = setting(128, "batch size per process", _positive, "a positive integer")
+    subset: Optional[int] = setting(None, "use N training images (quick runs)", _positive, "a positive integer")
+    download: bool = setting(False, "download a missing dataset with torchvision")
+    num_workers: int = setting(0, "data loader worker processes", _non_negative, "an integer >= 0")
+    augment: bool = setting(True, "training-time augmentation")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = setting("resnet20_cifar", "any timm model name or a registered sttpfast model")
+    kwargs: dict = setting({}, "extra timm.create_model keyword arguments (free-form)")
+
+
+@dataclass
+class ParamConfig:
+    name: str = setting("dense", "weight parameterization (sttp, svdp-c, lowrank, sn, dense...)")
+    rank: Union[int, Literal["full"], None] = setting(
+        None, f"SVD rank r shared by all layers, or 'full' (default {DEFAULT_RANK} for the low-rank methods)",
+        _rank, "a positive integer or 'full'")
+    compression: Optional[float] = setting(None, "target Z in percent (instead of rank)", _percent,
+                                           "a number in (0, 100] (percent of the dense size)")
+    init: Optional[Literal["identity", "spectral"]] = setting(
+        None, "factor initialization (default: identity for SVDP/STTP, spectral for lowrank)")
+    include: list[str] = setting([], "globs of layer names to parameterize")
+    exclude: list[str] = setting([], "globs of layer names to leave dense")
+
+
+@dataclass
+class OptimConfig:
+    opt: Literal["sgd", "adam"] = setting("sgd", "optimizer")
+    lr: float = setting(0.1, "peak learning rate", _positive, "a positive number")
+    mom: float = setting(0.9, "SGD momentum", _non_negative, "a number >= 0")
+    wd: float = setting(5.0e-4, "weight decay", _non_negative, "a number >= 0")
+    schedule: Literal["one_cycle", "linear", "cosine", "const"] = setting("one_cycle", "learning-rate schedule")
+    epochs: int = setting(10, "epochs", _positive, "a positive integer (epochs >= 1)")
+    steps: Optional[int] = setting(None, "total optimizer steps (replaces epochs when set)", _positive,
+                                   "a positive integer")
+
+
+@dataclass
+class RegConfig:
+    d_optimal: float = setting(1.0, "D-optimal penalty weight for the -r variants", _non_negative, "a number >= 0")
+    frobenius_decay: Optional[float] = setting(None, "lowrank: Frobenius decay (default: optim.wd)", _non_negative,
+                                               "a number >= 0")
+    spectral_bound: Optional[float] = setting(None, "keep sigma_max <= c (SpectralNormBound)", _positive,
+                                              "a positive number")
+
+
+@dataclass
+class LogConfig:
+    logger: Literal["tensorboard", "wandb", "none"] = setting("tensorboard", "where training scalars go")
+    every: int = setting(10, "steps between logged training scalars", _positive, "a positive integer")
+    sv_every: int = setting(100, "steps between singular-value snapshots", _positive, "a positive integer")
+    wandb_project: str = setting("sttpfast", "Weights & Biases project")
+    progress: bool = setting(True, "fastai's progress bar")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = setting(0, "random seed")
+    out: str = setting("runs", "folder for run folders")
+    name: Optional[str] = setting(None, "run folder name (default: derived from the config)")
+    mixed_precision: Literal["no", "bf16"] = setting("no", "autocast dtype")
+    checkpoint_every: Optional[int] = setting(None, "steps between 'last' checkpoints (default: each epoch)",
+                                              _positive, "a positive integer")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    param: ParamConfig = field(default_factory=ParamConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One leaf of the schema: ``key`` is dotted (``optim.lr``)."""
+
+    key: str
+    type: object
+    default: object
+    help: str
+    check: object = None
+    what: str = ""
+
+
+def settings() -> dict[str, Setting]:
+    """Every schema key (dotted) -> its :class:`Setting`, in schema order."""
+    out = {}
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        hints = typing.get_type_hints(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            key = f"{section.name}.{f.name}"
+            out[key] = Setting(key, hints[f.name], getattr(defaults, f.name), f.metadata["help"],
+                               f.metadata["check"], f.metadata["what"])
+    return out
+
+
+SCHEMA = settings()
+#: the defaults as a nested dict (the shape every config has)
+DEFAULTS: dict = dataclasses.asdict(Config())
+FREE_FORM = {"model.kwargs"}
+
+#: ``sttpfast train`` flag -> schema key; a flag left unset keeps the files' value
+CLI_FLAGS = {
+    "dataset": "data.name", "data_dir": "data.data_dir", "bs": "data.bs", "subset": "data.subset",
+    "download": "data.download", "arch": "model.arch", "param": "param.name", "rank": "param.rank",
+    "compression": "param.compression", "init": "param.init", "include": "param.include",
+    "exclude": "param.exclude", "opt": "optim.opt", "lr": "optim.lr", "wd": "optim.wd",
+    "schedule": "optim.schedule", "epochs": "optim.epochs", "steps": "optim.steps", "seed": "train.seed",
+    "out": "train.out", "name": "train.name", "logger": "log.logger", "mixed_precision": "train.mixed_precision",
+}
+
+
+def type_members(tp) -> tuple:
+    """The alternatives of a ``Union`` / ``Optional`` type (the type itself otherwise)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The allowed string values of a schema key (its ``Literal`` members); () when free."""
+    literals = [m for m in type_members(SCHEMA[key].type) if typing.get_origin(m) is Literal]
+    return tuple(a for m in literals for a in typing.get_args(m))
+
+
+def _describe(tp) -> str:
+    parts = []
+    for m in type_members(tp):
+        if m is type(None):
+            parts.append("null")
+        elif typing.get_origin(m) is Literal:
+            parts.append(" or ".join(repr(a) for a in typing.get_args(m)))
+        elif typing.get_origin(m) is list:
+            parts.append("a list of strings")
+        else:
+            parts.append({int: "an integer", float: "a number", str: "a string", bool: "true or false",
+                          dict: "a mapping"}[m])
+    return ", ".join(parts[:-1]) + " or " + parts[-1] if len(parts) > 1 else parts[0]
+
+
+def _coerce_to(tp, value):
+    """``value`` as type ``tp``, or raise TypeError."""
+    if tp is type(None):
+        if value is None:
+            return None
+    elif typing.get_origin(tp) is Literal:
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:  # an integer is a number too; nan and inf are not useful anywhere here
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is list:  # a single glob is a list of one
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    raise TypeError
+
+
+def coerce(key: str, value):
+    """``value`` checked against the schema's type and range for ``key``; ConfigError naming both."""
+    s = SCHEMA[key]
+    for tp in type_members(s.type):
+        try:
+            value = _coerce_to(tp, value)
+            break
+        except TypeError:
+            continue
+    else:
+        raise ConfigError(f"config {key} = {value!r}: expected {_describe(s.type)}")
+    if s.check is not None and not s.check(value):
+        raise ConfigError(f"config {key} = {value!r}: expected {s.what}")
+    return value
 
 
 def _suggest(key: str, valid) -> str:
@@ -89,15 +282,11 @@ def flatten(cfg: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in cfg.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and tuple(key.split(".")) not in FREE_FORM:
+        if isinstance(v, dict) and key not in FREE_FORM:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
-
-
-def _valid_leaf(dotted: str) -> bool:
-    return dotted in flatten(DEFAULTS)
 
 
 def get(cfg: dict, dotted: str):
@@ -113,6 +302,20 @@ def _set(cfg: dict, dotted: str, value) -> None:
     for part in path:
         node = node[part]
     node[last] = value
+
+
+def _nest(flat: dict) -> dict:
+    """``{"a.b": 1} -> {"a": {"b": 1}}``."""
+    out: dict = {}
+    for dotted, value in flat.items():
+        node = out
+        *path, last = dotted.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {dotted!r}: {part!r} is a value, not a section")
+        node[last] = value
+    return out
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -132,18 +335,18 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def merge(base: dict, update: dict, source: str, sources: dict | None = None) -> dict:
-    """Merge ``update`` (nested mapping) into a copy of ``base``, checking every key.
+    """Merge ``update`` (nested mapping) into a copy of ``base``, checking every key and value.
 
     ``sources`` (dotted key -> where it was last set) is updated in place; a value set by an
     earlier source and changed by this one is warned about."""
     out = copy.deepcopy(base)
     sources = {} if sources is None else sources
     for dotted, value in flatten(update).items():
-        if not _valid_leaf(dotted):
+        if dotted not in SCHEMA:
             section = dotted.split(".")[0]
-            valid = flatten(DEFAULTS) if section not in DEFAULTS else \
-                [k for k in flatten(DEFAULTS) if k.startswith(section + ".")]
+            valid = [k for k in SCHEMA if k.startswith(section + ".")] or list(SCHEMA)
             raise ConfigError(f"unknown config key {dotted!r} in {source}{_suggest(dotted, valid)}")
+        value = coerce(dotted, value)
         old = get(out, dotted)
         if dotted in sources and old != value:
             warnings.warn(f"config {dotted}: {old!r} from {sources[dotted]} overridden by {value!r} from {source}",
@@ -164,66 +367,60 @@ def apply_overrides(cfg: dict, pairs: list[str], sources: dict | None = None) ->
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"override {pair!r}: {raw!r} is not a valid YAML value") from None
-        node = update
-        *path, last = key.strip().split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return merge(cfg, update, "--set", sources)
+        update[key.strip()] = value
+    return merge(cfg, _nest(update), "--set", sources)
 
 
-def _validate(cfg: dict) -> None:
-    def want(dotted, ok, what):
-        if not ok(get(cfg, dotted)):
-            raise ConfigError(f"config {dotted} = {get(cfg, dotted)!r}: expected {what}")
+def _resolve_param(cfg: dict, sources: dict) -> None:
+    """Check the parameterization name and fill in the rank it gets (see the module docstring)."""
+    from sttpfast.params import BASELINES, resolve_param
 
-    pos_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0  # noqa: E731
-    opt_pos_int = lambda v: v is None or pos_int(v)  # noqa: E731
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    want("data.bs", pos_int, "a positive integer")
-    want("data.subset", opt_pos_int, "a positive integer or null")
-    want("optim.epochs", pos_int, "a positive integer (epochs >= 1)")
-    want("optim.steps", opt_pos_int, "a positive integer or null")
-    want("optim.lr", lambda v: number(v) and v > 0, "a positive number")
-    want("optim.wd", lambda v: number(v) and v >= 0, "a number >= 0")
-    want("optim.opt", lambda v: v in ("sgd", "adam"), "sgd or adam")
-    want("optim.schedule", lambda v: v in ("one_cycle", "linear", "cosine", "const"), "one_cycle, linear, cosine or const")
-    want("log.logger", lambda v: v in ("tensorboard", "wandb", "none"), "tensorboard, wandb or none")
-    want("train.mixed_precision", lambda v: v in ("no", "bf16"), "no or bf16")
-    want("train.seed", lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer")
-    want("train.checkpoint_every", opt_pos_int, "a positive integer or null")
-    want("param.rank", opt_pos_int, "a positive integer or null")
-    if get(cfg, "param.rank") is not None and get(cfg, "param.compression") is not None:
+    p = cfg["param"]
+    try:
+        name = resolve_param(p["name"])
+    except ValueError as err:
+        raise ConfigError(f"config param.name: {err}") from None
+    if p["rank"] is not None and p["compression"] is not None:
         raise ConfigError("give either param.rank or param.compression, not both")
-    for key in ("param.include", "param.exclude"):
-        if isinstance(get(cfg, key), str):
-            _set(cfg, key, [get(cfg, key)])
+    if name in BASELINES:
+        if p["rank"] not in (None, FULL_RANK):
+            raise ConfigError(f"param.rank = {p['rank']!r}: {p['name']!r} takes no rank "
+                              f"(ranks are for the low-rank parameterizations)")
+        p["rank"] = None
+    elif p["rank"] == FULL_RANK:
+        p["rank"] = None
+    elif p["rank"] is None and p["compression"] is None:
+        p["rank"] = DEFAULT_RANK
+        sources["param.rank"] = "default"
 
 
 def build_config(files=(), overrides=(), cli: dict | None = None) -> tuple[dict, dict]:
     """Defaults <- files (in order) <- explicit CLI values (dotted keys) <- ``--set`` pairs.
 
-    Returns ``(config, sources)``; ``sources`` maps each dotted key that was set to where."""
+    Returns ``(config, sources)``: the nested config (the keys of :data:`DEFAULTS`) and a map
+    from each dotted key that was set to where (a file, ``the command line``, ``--set``, or
+    ``default`` for the rank filled in for a low-rank parameterization)."""
     sources: dict = {}
     cfg = copy.deepcopy(DEFAULTS)
     for path in files:
         cfg = merge(cfg, load_yaml(path), str(path), sources)
-    cli_update: dict = {}
-    for dotted, value in (cli or {}).items():
-        node = cli_update
-        *path, last = dotted.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
     # the command line is explicit: no warning when it overrides a file
+    cli_update = _nest(dict(cli or {}))
     cfg = merge(cfg, cli_update, "the command line")
     sources.update({k: "the command line" for k in flatten(cli_update)})
     cfg = apply_overrides(cfg, list(overrides), sources)
-    _validate(cfg)
+    _resolve_param(cfg, sources)
     return cfg, sources
 
 
 def save_config(cfg: dict, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML that :func:`build_config` reads back to the same config."""
+    from sttpfast.params import BASELINES, resolve_param
+
+    out = copy.deepcopy(cfg)
+    p = out["param"]
+    if p["rank"] is None and p["compression"] is None and resolve_param(p["name"]) not in BASELINES:
+        p["rank"] = FULL_RANK  # None would read back as the default rank
     path = Path(path)
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    path.write_text(yaml.safe_dump(out, sort_keys=False), encoding="utf-8")
     return path

@@ -1,11 +1,15 @@
 """The command line, run as a user would (click's runner and a real subprocess)."""
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from click.testing import CliRunner
 
-from sttpfast.cli import main
+import sttpfast.cli
+from sttpfast.cli import INTERRUPTED, main
 
 
 def run(*args):
@@ -21,7 +25,24 @@ def test_info_sngan_discriminator_z():
 def test_info_compression_target():
     result = run("info", "--arch", "resnet20_cifar", "--param", "sttp", "--compression", "10")
     assert result.exit_code == 0, result.output
-    assert "Z = 1" in result.output or "Z = 9" in result.output
+    assert "rank chosen for the target compression Z = 10%\nrank 14 gives Z = 10.08%\n" in result.output
+    assert "Z = 10.08%  (weights only 9.04%)" in result.output
+
+
+@pytest.mark.parametrize("args,lines", [
+    # low rank without --rank: the documented default (32) compresses, and says so
+    (["--param", "sttp"], ["rank 32 (the default for sttp; --rank N, --rank full or --compression Z to change it)",
+                           "layers 22  params 80,762 / 274,042  Z = 29.47%  (weights only 28.65%)"]),
+    (["--param", "sttp", "--rank", "full"], ["rank full (every layer at its full rank: no compression)",
+                                             "layers 22  params 274,042 / 274,042  Z = 100.00%  (weights only 100.00%)"]),
+    (["--param", "dense"], ["no rank (dense keeps every weight at full size)", "layers 0  params 274,042 / 274,042  "
+                            "Z = 100.00%  (weights only 100.00%)"]),
+])
+def test_info_rank_default_full_and_none(args, lines):
+    result = run("info", "--arch", "resnet20_cifar", *args)
+    assert result.exit_code == 0, result.output
+    out = result.output.splitlines()
+    assert out[0] == lines[0] and out[-1] == lines[1]
 
 
 def test_info_any_timm_model():
@@ -32,11 +53,15 @@ def test_info_any_timm_model():
 
 @pytest.mark.parametrize("args,message", [
     (["--arch", "wrn28_1", "--param", "sttp"], "unknown architecture 'wrn28_1'; did you mean"),
-    (["--arch", "wrn16_4", "--param", "sttpx"], "unknown parameterization 'sttpx'"),
-    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "0"], "rank must be a positive integer"),
-    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "x"], "'x' is not a valid integer"),
-    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "4", "--compression", "3"], "either rank or compression"),
-    (["--arch", "wrn16_4", "--param", "sttp", "--compression", "150"], r"compression must be in \(0, 100\]"),
+    (["--arch", "wrn16_4", "--param", "sttpx"], "Error: config param.name: unknown parameterization 'sttpx'; allowed: "
+                                                "svdp-c, svdp-l, svdp-r, sttp-c, sttp-l, sttp-r, lowrank, svdp, sttp, dense, sn"),
+    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "0"], r"config param.rank = 0: expected a positive integer or 'full'"),
+    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "x"], "'x' is not a valid rank: give a positive integer or 'full'"),
+    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "4", "--compression", "3"],
+     "give either param.rank or param.compression, not both"),
+    (["--arch", "wrn16_4", "--param", "sttp", "--compression", "150"], r"config param.compression = 150.0: expected a "
+                                                                        r"number in \(0, 100\]"),
+    (["--arch", "wrn16_4", "--param", "sn", "--rank", "8"], "param.rank = 8: 'sn' takes no rank"),
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "nope"], "matches no"),
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "bn"], "'bn' is a BatchNorm2d"),
 ])
@@ -57,3 +82,72 @@ def test_console_script_subprocess():
     bad = subprocess.run([sys.executable, "-m", "sttpfast.cli", "info", "--arch", "sngan_d32", "--param", "nope"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "unknown parameterization" in bad.stderr
+
+
+def _imports(args):
+    """Top-level module names a fresh ``python -X importtime -m sttpfast.cli ARGS`` imported."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "sttpfast.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc, {line.rsplit("|", 1)[1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                  if line.startswith("import time:") and "|" in line}
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["info", "--help"]])
+def test_help_does_not_import_torch(args):
+    proc, modules = _imports(args)
+    assert "click" in modules and "sttpfast" in modules
+    assert not modules & {"torch", "fastai", "timm", "accelerate", "sklearn"}
+    assert "Usage:" in proc.stdout and "Warning" not in proc.stderr
+
+
+def test_help_takes_its_choices_from_the_schema():
+    result = run("train", "--help")
+    assert "--schedule [one_cycle|linear|cosine|const]" in result.output
+    assert "--rank INTEGER|FULL" in result.output and "(default 32 for the low-rank methods)" in result.output
+
+
+def test_fastai_jit_warning_is_silenced_and_no_other():
+    code = ("import warnings, sttpfast, fastai.layers\n"
+            "warnings.warn('a FutureWarning of the user', FutureWarning)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "torch.jit.script" not in proc.stderr
+    assert "FutureWarning: a FutureWarning of the user" in proc.stderr
+
+
+@pytest.mark.parametrize("pair,message", [
+    ("optim.lr=abc", "Error: config optim.lr = 'abc': expected a number"),
+    ("param.name=[sttp]", "Error: config param.name = ['sttp']: expected a string"),
+    # once a traceback-free `Unknown format code 'g' for object of type 'str'` from the run name
+    ("param.compression=abc", "Error: config param.compression = 'abc': expected a number or null"),
+])
+def test_train_bad_set_value_one_line_nothing_created(tmp_path, pair, message):
+    result = run("train", "digits", "--param", "sttp", "--out", str(tmp_path / "runs"), "--set", pair)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [message]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_before_training_one_line_exit_130(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sttpfast.cli, "build_config", interrupted)
+    result = run("train", "digits", "--out", str(tmp_path / "runs"))
+    assert result.exit_code == 130
+    assert result.output == INTERRUPTED + "\n" == "interrupted before training started; nothing was written\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_during_start_up_subprocess(tmp_path):
+    """A real SIGINT while the command imports torch: one line, exit 130, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "sttpfast.cli", "train", "digits", "--param", "sttp",
+                             "--out", str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    time.sleep(2.5)  # past the interpreter's start, well inside torch's import
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err == INTERRUPTED + "\n" and out == ""
+    assert list(tmp_path.iterdir()) == []

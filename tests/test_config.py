@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sttpfast.config import ConfigError, build_config, save_config
+from sttpfast.config import CLI_FLAGS, DEFAULT_RANK, DEFAULTS, SCHEMA, ConfigError, build_config, flatten, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,8 @@ def test_files_merge_in_order_with_a_warning_on_override(tmp_path):
 
 def test_cli_then_dotted_overrides_win(tmp_path):
     a = write(tmp_path, "a.yml", "optim:\n  lr: 0.2\n")
-    cfg, _ = build_config([a], overrides=["optim.lr=0.01", "param.include=[blocks.*, fc]"], cli={"optim.lr": 0.3})
+    with pytest.warns(UserWarning, match=r"^config optim.lr: 0.3 from the command line overridden by 0.01 from --set$"):
+        cfg, _ = build_config([a], overrides=["optim.lr=0.01", "param.include=[blocks.*, fc]"], cli={"optim.lr": 0.3})
     assert cfg["optim"]["lr"] == 0.01
     assert cfg["param"]["include"] == ["blocks.*", "fc"]
 
@@ -39,12 +40,81 @@ def test_unknown_key_suggests_the_closest(tmp_path):
 
 
 @pytest.mark.parametrize("pair,message", [
-    ("optim.epochs=0", "epochs >= 1"), ("data.bs=-1", "positive integer"), ("optim.opt=rmsprop", "sgd or adam"),
-    ("log.logger=mlflow", "tensorboard, wandb or none"), ("optim.lr", "key=value"),
+    ("optim.epochs=0", "config optim.epochs = 0: expected a positive integer (epochs >= 1)"),
+    ("data.bs=-1", "config data.bs = -1: expected a positive integer"),
+    ("optim.opt=rmsprop", "config optim.opt = 'rmsprop': expected 'sgd' or 'adam'"),
+    ("log.logger=mlflow", "config log.logger = 'mlflow': expected 'tensorboard' or 'wandb' or 'none'"),
+    ("optim.lr", "override 'optim.lr' must look like key=value (e.g. optim.lr=0.05)"),
+    # wrong types: one message naming the key, the value and the type the schema wants
+    ("optim.lr=abc", "config optim.lr = 'abc': expected a number"),
+    ("param.name=[sttp]", "config param.name = ['sttp']: expected a string"),
+    ("param.compression=abc", "config param.compression = 'abc': expected a number or null"),
+    ("param.compression=150", "config param.compression = 150.0: expected a number in (0, 100] (percent of the dense size)"),
+    ("data.bs=true", "config data.bs = True: expected an integer"),
+    ("data.bs=2.5", "config data.bs = 2.5: expected an integer"),
+    ("param.rank=0", "config param.rank = 0: expected a positive integer or 'full'"),
+    ("param.rank=half", "config param.rank = 'half': expected an integer, 'full' or null"),
+    ("param.include=[1, 2]", "config param.include = [1, 2]: expected a list of strings"),
+    ("optim.lr.x=1", "unknown config key 'optim.lr.x' in --set; did you mean 'optim.lr'?"),
+    ("param.name=sttpx", "config param.name: unknown parameterization 'sttpx'; allowed: "),
 ])
 def test_bad_values(pair, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError) as err:
         build_config(overrides=[pair])
+    assert str(err.value).startswith(message)
+
+
+def test_values_are_coerced_to_the_schema_type():
+    cfg, _ = build_config(overrides=["optim.lr=1", "param.include=fc", "param.compression=5"])
+    assert cfg["optim"]["lr"] == 1.0 and isinstance(cfg["optim"]["lr"], float)
+    assert cfg["param"]["include"] == ["fc"] and cfg["param"]["compression"] == 5.0
+
+
+def test_the_schema_is_the_one_list_of_keys():
+    assert list(flatten(DEFAULTS)) == list(SCHEMA)
+    assert {k: v for k, v in DEFAULTS.items() if k != "param"} | {"param": None} == {
+        "data": {"name": "digits", "data_dir": None, "bs": 128, "subset": None, "download": False, "num_workers": 0,
+                 "augment": True},
+        "model": {"arch": "resnet20_cifar", "kwargs": {}},
+        "param": None,
+        "optim": {"opt": "sgd", "lr": 0.1, "mom": 0.9, "wd": 5e-4, "schedule": "one_cycle", "epochs": 10, "steps": None},
+        "reg": {"d_optimal": 1.0, "frobenius_decay": None, "spectral_bound": None},
+        "log": {"logger": "tensorboard", "every": 10, "sv_every": 100, "wandb_project": "sttpfast", "progress": True},
+        "train": {"seed": 0, "out": "runs", "name": None, "mixed_precision": "no", "checkpoint_every": None},
+    }
+    assert DEFAULTS["param"] == {"name": "dense", "rank": None, "compression": None, "init": None,
+                                 "include": [], "exclude": []}
+    assert set(CLI_FLAGS.values()) <= set(SCHEMA)
+
+
+@pytest.mark.parametrize("sets,rank,source", [
+    (["param.name=sttp"], DEFAULT_RANK, "default"),          # low rank without a size: compress
+    (["param.name=svdp-c", "param.rank=8"], 8, "--set"),
+    (["param.name=sttp-r", "param.rank=full"], None, "--set"),   # full rank, asked for explicitly
+    (["param.name=lowrank", "param.compression=5"], None, None),
+    (["param.name=dense"], None, None),                      # the baselines take no rank
+    (["param.name=sn"], None, None),
+])
+def test_rank_default_and_full(sets, rank, source):
+    cfg, sources = build_config(overrides=sets)
+    assert DEFAULT_RANK == 32
+    assert cfg["param"]["rank"] == rank and sources.get("param.rank") == source
+
+
+def test_rank_with_a_baseline_is_an_error():
+    with pytest.raises(ConfigError, match=r"^param.rank = 4: 'sn' takes no rank"):
+        build_config(overrides=["param.name=sn", "param.rank=4"])
+
+
+def test_full_and_default_rank_survive_a_save(tmp_path):
+    full, _ = build_config(overrides=["param.name=sttp", "param.rank=full"])
+    save_config(full, tmp_path / "full.yml")
+    assert "rank: full" in (tmp_path / "full.yml").read_text()
+    again, sources = build_config([tmp_path / "full.yml"])
+    assert again == full and again["param"]["rank"] is None and "param.rank" in sources
+    default, _ = build_config(overrides=["param.name=sttp"])
+    again, _ = build_config([save_config(default, tmp_path / "default.yml")])
+    assert again["param"]["rank"] == 32
 
 
 def test_malformed_yaml(tmp_path):
@@ -61,10 +131,29 @@ def test_model_kwargs_are_free_form_and_config_round_trips(tmp_path):
     assert again == cfg
 
 
-@pytest.mark.parametrize("preset", sorted((ROOT / "configs").rglob("*.yml")), ids=lambda p: p.name)
-def test_every_preset_is_valid(preset):
-    cfg, _ = build_config([ROOT / "configs/env.yml", preset])
-    assert cfg["model"]["arch"]
+FIGURE7 = "configs/aistats21/figure7_classification"
+# preset -> (dataset, arch, param, rank, lr, wd, epochs, steps, schedule, bs): the values each one must give
+PRESETS = {
+    "configs/env.yml": ("digits", "resnet20_cifar", "dense", None, 0.1, 5e-4, 10, None, "one_cycle", 128),
+    "configs/demo.yml": ("digits", "resnet20_cifar", "sttp-r", 8, 0.05, 5e-4, 4, None, "one_cycle", 64),
+    **{f"{FIGURE7}/{name}.yml": ("cifar10", "wrn28_10", param, rank, 0.1, 1e-4, 10, 100000, "linear", 128)
+       for name, param, rank in [("dense", "dense", None)] + [
+           (f"{kind}_r{r}", f"{kind}-r", r) for kind in ("sttp", "svdp") for r in (8, 16, 32, 64)]},
+}
+
+
+def test_the_preset_table_lists_every_preset():
+    assert sorted(PRESETS) == sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yml"))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_gives_its_values(preset):
+    cfg, _ = build_config([ROOT / "configs/env.yml", ROOT / preset])
+    d, p, o = cfg["data"], cfg["param"], cfg["optim"]
+    assert (d["name"], cfg["model"]["arch"], p["name"], p["rank"], o["lr"], o["wd"], o["epochs"], o["steps"],
+            o["schedule"], d["bs"]) == PRESETS[preset]
+    assert (d["data_dir"], d["num_workers"], cfg["train"]["out"], cfg["log"]["logger"]) == \
+        ("~/data", 0, "runs", "tensorboard")
 
 
 def test_paper_preset_values():
