@@ -177,11 +177,15 @@ def train(resume, cfg, overrides, **flags):
     explicit = {CLI_FLAGS[name]: list(v) if isinstance(v, tuple) else v for name, v in flags.items()
                 if v is not None and v != ()}
     if resume is not None:
+        # only the budget may change on resume: --steps / --epochs continue a finished run
+        budget = {key: explicit.pop(key) for key in ("optim.steps", "optim.epochs") if key in explicit}
         if explicit or cfg or overrides:
-            raise CLIError("--resume continues with the run's own config.yaml; drop the other options")
+            raise CLIError("--resume continues with the run's own config.yaml; drop the other options "
+                           "(only --steps / --epochs may raise its budget)")
         from sttpfast.run import run_training
 
-        summary = run_training(resume=resume, echo=click.echo)
+        summary = run_training(resume=resume, echo=click.echo, steps=budget.get("optim.steps"),
+                               epochs=budget.get("optim.epochs"))
     else:
         config, sources = build_config(cfg, overrides, explicit)
         click.echo(rank_line(config["param"]["name"], *_rank_choice(config, sources)))

@@ -87,8 +87,14 @@ def test_resuming_a_finished_run_changes_nothing_and_a_raised_budget_continues(t
     assert _files(run) == before  # byte-identical, no file added
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
-    more = run_training(resume=run, steps=9, echo=lambda *a: None)
-    assert more["steps"] == 9 and "already_finished" not in more
+    refused = CliRunner().invoke(main, ["train", "--resume", str(run), "--lr", "0.5"])
+    assert refused.exit_code == 2 and "only --steps / --epochs may raise its budget" in refused.output
+    assert _files(run) == before
+
+    more = CliRunner().invoke(main, ["train", "--resume", str(run), "--steps", "9"])
+    assert more.exit_code == 0, more.output
+    assert "already finished" not in more.output
+    assert json.loads((run / "summary.json").read_text())["steps"] == 9
     assert json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"] == 9
     assert "steps: 9" in (run / "config.yaml").read_text()
 
@@ -107,7 +113,7 @@ BAD_STARTS = [
     (["nosuchdata"], "unknown dataset 'nosuchdata'"),                     # data
     (["digits", "--arch", "resnet20_cifr"], "unknown architecture"),      # model
     (["digits", "--param", "sttp", "--rank", "0"], "param.rank = 0"),     # config
-    (["digits", "--param", "sttp", "--compression", "150"], "compression must be in"),  # parameterization
+    (["digits", "--param", "sttp", "--compression", "150"], "param.compression = 150.0: expected a number in"),
     (["digits", "--param", "sttp", "--rank", "4", "--include", "nosuchlayer*"], "include pattern 'nosuchlayer\\*'"),
 ]
 
