@@ -152,7 +152,7 @@ class SingularValueLogger(Callback):
 
     def after_batch(self):
         step = global_step(self.learn)
-        if step % self.every:
+        if not self.training or step % self.every:  # training steps only, not validation batches
             return
         scalars = {}
         for name, s in self.spectra().items():
@@ -189,10 +189,8 @@ class SingularValueLogger(Callback):
 def save_heatmap(spectra: dict[str, Tensor], top_k: int, path, title: str = "") -> None:
     """Heat map of ``{layer: s (k,)}``: one row per layer, the first ``top_k`` values as columns
     (missing ones blank), written as a PNG to ``path`` with matplotlib's Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)  # no display needed; does nothing if already set
-    from matplotlib.figure import Figure  # a bare Figure: no pyplot state, nothing to close
+    # a bare Figure renders through Agg by itself: no pyplot state, no global backend switch
+    from matplotlib.figure import Figure
 
     names = list(spectra)
     grid = torch.full((len(names), top_k), float("nan"))
@@ -246,7 +244,7 @@ class OrthogonalityMonitor(Callback):
 
     def after_batch(self):
         step = global_step(self.learn)
-        if step % self.every:
+        if not self.training or step % self.every:  # training steps only, not validation batches
             return
         self.errors = self.measure()
         if self.errors:

@@ -26,13 +26,16 @@ from sttpfast.callbacks.guards import NaNGuard
 from sttpfast.callbacks.penalties import DOptimalPenalty, FrobeniusDecay
 from sttpfast.callbacks.spectral import SingularValueLogger, SpectralNormBound
 from sttpfast.callbacks.weight_cache import CachedValidationWeights
+from sttpfast.config import choices
 from sttpfast.params import resolve_param
 from sttpfast.surgery import parameterize
 
 __all__ = ["spectral_learner", "fit", "release_validation_cache", "SpectralLearner", "StepScheduler", "StepBudget", "schedule_functions",
-           "top5_accuracy", "SCHEDULES"]
+           "top5_accuracy", "SCHEDULES", "OPTIMIZERS"]
 
-SCHEDULES = ("one_cycle", "linear", "cosine", "const")
+#: the schedules and optimizers the config schema allows (one list, in sttpfast/config.py)
+SCHEDULES = choices("optim.schedule")
+OPTIMIZERS = choices("optim.opt")
 
 
 def top5_accuracy(inp, targ):
@@ -204,8 +207,8 @@ def spectral_learner(
         model = create_model(arch, **{**kwargs, **(model_kwargs or {})})
     report = parameterize(model, param, rank=rank, compression=compression, include=include,
                           exclude=exclude, init=init)
-    if opt not in ("sgd", "adam"):
-        raise ValueError(f"unknown optimizer {opt!r}; allowed: sgd, adam")
+    if opt not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {opt!r}; allowed: {', '.join(OPTIMIZERS)}")
     opt_func = (lambda params, **kw: SGD(params, mom=mom, **kw)) if opt == "sgd" else Adam
     if frobenius_decay is None and param == "lowrank":
         frobenius_decay = wd

@@ -59,3 +59,16 @@ def test_penalty_layers_follow_the_registry():
     mon = OrthogonalityMonitor()
     mon.learn = SimpleNamespace(model=model)
     assert set(mon.measure()) == {"0", "1"}  # the layers that offer orthonormal factors
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_singular_values_are_logged_on_training_steps_only(training):
+    from sttpfast.callbacks.spectral import SingularValueLogger
+
+    model = converted("sttp-l", 2.0)
+    cb = SingularValueLogger(every=1)
+    cb.learn = SimpleNamespace(model=model, train_iter=4, epoch=0, training=training, cbs=[])
+    cb.history = []
+    cb.after_batch()
+    # a validation batch at a logging step used to log one more row per layer and batch
+    assert len(cb.history) == (2 if training else 0)
