@@ -1,0 +1,19 @@
+"""GAN training: the two-optimizer learner, its objectives and the generator's moving average.
+
+    from sttpfast.gan import gan_learner
+    learn = gan_learner(dls, g="sngan_g32", d="sngan_d32", d_param="sttp-c", rank=64)
+    learn.fit(steps=20000)
+
+Modules (imports flow down): ``losses`` (hinge / non-saturating), ``reals`` (real images
+into ``[-1, 1]``), ``ema`` (:class:`GeneratorEMA`), ``learner`` (:class:`GANLearner`,
+:func:`gan_learner`).
+"""
+from sttpfast.gan.ema import GeneratorEMA, ema_update, make_ema_copy
+from sttpfast.gan.learner import DISCRIMINATOR, GENERATOR, GANLearner, GANPair, LinearLRDecay, gan_learner
+from sttpfast.gan.losses import GAN_LOSSES, GANLoss, gan_loss
+from sttpfast.gan.reals import to_gan_range
+
+__all__ = [
+    "gan_learner", "GANLearner", "GANPair", "LinearLRDecay", "GENERATOR", "DISCRIMINATOR",
+    "GeneratorEMA", "ema_update", "make_ema_copy", "GANLoss", "GAN_LOSSES", "gan_loss", "to_gan_range",
+]
