@@ -15,10 +15,9 @@ from sttpfast.callbacks._util import (
     spectral_layers,
     unwrap_model,
 )
-# ---- checkpointing and distributed training (the other engineer's modules) -------------
 from sttpfast.callbacks.checkpoint import Checkpointer
+from sttpfast.callbacks.compensation import SpectralCompensation
 from sttpfast.callbacks.distributed import AccelerateTrainer
-# -----------------------------------------------------------------------------------------
 from sttpfast.callbacks.guards import NaNGuard
 from sttpfast.callbacks.logging import TensorBoardLogger, WandbLogger
 from sttpfast.callbacks.penalties import DivergencePenalty, DOptimalPenalty, FrobeniusDecay
@@ -29,7 +28,7 @@ __all__ = [
     "TensorBoardLogger", "WandbLogger",
     "SpectralNormBound", "SingularValueLogger", "OrthogonalityMonitor",
     "DOptimalPenalty", "FrobeniusDecay", "DivergencePenalty",
-    "NaNGuard", "CachedValidationWeights",
+    "SpectralCompensation", "NaNGuard", "CachedValidationWeights",
     "Checkpointer", "AccelerateTrainer",
     "unwrap_model", "is_main_process", "run_dir", "loggers", "log_scalars", "log_image", "spectral_layers",
 ]
