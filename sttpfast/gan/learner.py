@@ -49,6 +49,7 @@ from typing import Sequence
 
 import torch
 from fastai.callback.core import Callback, CancelBatchException
+from fastai.callback.progress import ProgressCallback  # noqa: F401  (progress bar, Learner.no_bar)
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 from torch import Tensor, nn
@@ -61,6 +62,7 @@ from sttpfast.gan.losses import GANLoss, gan_loss
 from sttpfast.gan.reals import to_gan_range
 from sttpfast.gan.spectral_norm import ExactSpectralNorm
 from sttpfast.params import resolve_param
+from sttpfast.params.registry import method
 from sttpfast.surgery import parameterize
 
 __all__ = ["GANPair", "GANLearner", "LinearLRDecay", "gan_learner", "GENERATOR", "DISCRIMINATOR", "LR_DECAYS"]
@@ -334,6 +336,14 @@ def _build(arch, in_chans: int | None, kwargs: dict | None) -> nn.Module:
     return create_model(arch, in_chans=in_chans, **(kwargs or {}))
 
 
+def _rank_for(param: str, own: int | None, shared: int | None) -> int | None:
+    """The rank to pass for ``param``: its own, else the shared one. Methods without a rank
+    (``dense``, ``sn``) get only their own, so an explicit one is refused by ``parameterize``."""
+    if method(param).rank_kind is None:
+        return own
+    return own if own is not None else shared
+
+
 def gan_learner(
     dls,
     g: str | nn.Module = "sngan_g32",
@@ -401,13 +411,13 @@ def gan_learner(
     if not isinstance(getattr(generator, "z_dim", None), int):
         raise ValueError(f"the generator {type(generator).__name__} has no integer z_dim (latent size)")
     first = _first_linear(generator)
-    report_g = parameterize(generator, g_param, rank=g_rank if g_rank is not None else rank,
+    report_g = parameterize(generator, g_param, rank=_rank_for(g_param, g_rank, rank),
                             exclude=[first] if first else None)
-    report_d = parameterize(discriminator, d_param, rank=d_rank if d_rank is not None else rank)
+    report_d = parameterize(discriminator, d_param, rank=_rank_for(d_param, d_rank, rank))
     pair = GANPair(generator, discriminator,
                    make_ema_copy(generator) if ema_decay is not None else None)
     callbacks: list[Callback] = [NaNGuard()]
-    if any(p.endswith("-r") for p in (g_param, d_param)) and d_optimal:
+    if any(method(p).penalty == "d_optimal" for p in (g_param, d_param)) and d_optimal:
         callbacks.append(DOptimalPenalty(weight=d_optimal))
     if any(p[-2:] in ("-l", "-r") for p in (g_param, d_param)):
         callbacks.append(SingularValueLogger(every=sv_every))
