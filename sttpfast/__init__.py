@@ -35,6 +35,7 @@ _PUBLIC = {
     "get_dls": "sttpfast.data",
     "spectral_learner": "sttpfast.learner",
     "fit": "sttpfast.learner",
+    "create_model": "sttpfast.models",
 }
 
 __all__ = [*_PUBLIC, "__version__"]
