@@ -60,15 +60,22 @@ def checkpoint_segment(layers: Sequence[nn.Module], x: torch.Tensor) -> torch.Te
 
     def run(t: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
-        # the recomputation runs in train mode too: keep BN running statistics from moving twice
-        saved = [buf.clone() for layer in layers for buf in _batchnorm_buffers(layer)] if calls[0] > 1 else None
-        for layer in layers:
-            t = layer(t)
-        if saved is not None:
+        if calls[0] == 1:
+            for layer in layers:
+                t = layer(t)
+            return t
+        # the recomputation runs in train mode too: keep BN running statistics from moving twice.
+        # try/finally: the non-reentrant checkpoint may stop the recomputation early (by raising)
+        buffers = [buf for layer in layers for buf in _batchnorm_buffers(layer)]
+        saved = [buf.clone() for buf in buffers]
+        try:
+            for layer in layers:
+                t = layer(t)
+            return t
+        finally:
             with torch.no_grad():
-                for buf, value in zip([b for layer in layers for b in _batchnorm_buffers(layer)], saved):
+                for buf, value in zip(buffers, saved):
                     buf.copy_(value)
-        return t
 
     return checkpoint(run, x, use_reentrant=False)
 
