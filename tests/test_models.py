@@ -86,8 +86,8 @@ def test_features_only(name, channels, reductions):
 
 
 def test_features_only_is_refused_where_not_supported():
-    with pytest.raises(ValueError, match="'sngan_d32' does not support features_only"):
-        timm.create_model("sngan_d32", features_only=True)
+    with pytest.raises(ValueError, match="'sngan_g32' does not support features_only"):
+        timm.create_model("sngan_g32", features_only=True)
 
 
 def test_known_parameter_counts():

@@ -10,6 +10,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from sttpfast.models.builder import build_registered, cifar_cfg
+from sttpfast.models.feature_chain import FeatureChainMixin
 from sttpfast.models.head import ClassifierHeadMixin
 
 __all__ = ["CifarResNet"]
@@ -31,8 +32,12 @@ class _BasicBlock(nn.Module):
         return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
 
-class CifarResNet(ClassifierHeadMixin, nn.Module):
-    """Input ``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``."""
+class CifarResNet(FeatureChainMixin, ClassifierHeadMixin, nn.Module):
+    """Input ``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``.
+
+    Feature levels: the stem, then the end of each of the three stages (the blocks are one flat
+    ``blocks`` sequence). The architecture has no dropout and no drop path.
+    """
 
     def __init__(self, depth: int = 20, num_classes: int = 10, in_chans: int = 3, base_width: int = 16,
                  global_pool: str = "avg"):
@@ -50,13 +55,30 @@ class CifarResNet(ClassifierHeadMixin, nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.feature_info = [dict(num_chs=widths[0], reduction=1, module="stem.2")] + [
             dict(num_chs=w, reduction=2**g, module=f"blocks.{(g + 1) * n - 1}") for g, w in enumerate(widths)]
+        self.init_feature_chain([0] + [(g + 1) * n for g in range(len(widths))])  # positions in feature_chain()
         self.init_head(widths[-1], num_classes, global_pool)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def feature_chain(self) -> list[nn.Module]:
+        return [self.stem, *self.blocks]
+
+    def _truncate_chain(self, k: int) -> None:
+        self.blocks = self.blocks[:k - 1]
+
+    def _prune_final_norm(self) -> None:
+        pass  # post-activation blocks: no final norm
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups (timm's layer-wise LR decay): the stem, then one group per block."""
+        return dict(stem=r"^stem", blocks=r"^blocks\.(\d+)")
+
     def forward_features(self, x):
         """``(B, C, H, W) -> (B, 4 * base_width, H / 4, W / 4)``."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self._forward_chain_checkpointed(x)
         return self.blocks(self.stem(x))
 
 

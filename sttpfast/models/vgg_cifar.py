@@ -5,10 +5,12 @@ then global average pooling and one Linear classifier (the usual CIFAR variant).
 """
 from __future__ import annotations
 
+import torch
 from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from sttpfast.models.builder import build_registered, cifar_cfg
+from sttpfast.models.feature_chain import FeatureChainMixin
 from sttpfast.models.head import ClassifierHeadMixin
 
 __all__ = ["CifarVGG", "VGG_CONFIGS"]
@@ -21,16 +23,21 @@ VGG_CONFIGS = {
 }
 
 
-class CifarVGG(ClassifierHeadMixin, nn.Module):
-    """Input ``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``."""
+class CifarVGG(FeatureChainMixin, ClassifierHeadMixin, nn.Module):
+    """Input ``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``.
+
+    Feature levels: the ReLU before each max-pool (reductions 1 ... 16); ``forward_features``
+    ends after the last max-pool (reduction 32). No dropout, no drop path.
+    """
 
     def __init__(self, depth: int = 16, num_classes: int = 10, in_chans: int = 3, global_pool: str = "avg"):
         super().__init__()
         if depth not in VGG_CONFIGS:
             raise ValueError(f"VGG depth must be one of {sorted(VGG_CONFIGS)}, got {depth}")
-        layers, c_in, self.feature_info = [], in_chans, []
+        layers, c_in, self.feature_info, feature_ends = [], in_chans, [], []
         for v in VGG_CONFIGS[depth]:
             if v == "M":
+                feature_ends.append(len(layers) - 1)
                 # the features before each pooling (the ReLU just added)
                 self.feature_info.append(dict(num_chs=c_in, reduction=2 ** len(self.feature_info),
                                               module=f"features.{len(layers) - 1}"))
@@ -40,10 +47,27 @@ class CifarVGG(ClassifierHeadMixin, nn.Module):
                 layers += [nn.Conv2d(c_in, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
                 c_in = v
         self.features = nn.Sequential(*layers)
+        self.init_feature_chain(feature_ends)  # positions in feature_chain()
         self.init_head(c_in, num_classes, global_pool)
+
+    def feature_chain(self) -> list[nn.Module]:
+        return list(self.features)
+
+    def _truncate_chain(self, k: int) -> None:
+        self.features = self.features[:k]
+
+    def _prune_final_norm(self) -> None:
+        pass  # no final norm
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups (timm's layer-wise LR decay): one group per layer of ``features``."""
+        return dict(stem=r"^features\.0\.", blocks=r"^features\.(\d+)")
 
     def forward_features(self, x):
         """``(B, C, H, W) -> (B, 512, ceil(H / 32), ceil(W / 32))``."""
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self._forward_chain_checkpointed(x)
         return self.features(x)
 
 

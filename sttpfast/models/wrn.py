@@ -27,6 +27,7 @@ from timm.models import generate_default_cfgs, register_model
 from torch import nn
 
 from sttpfast.models.builder import build_registered, cifar_cfg
+from sttpfast.models.feature_chain import FeatureChainMixin
 from sttpfast.models.head import ClassifierHeadMixin
 
 __all__ = ["WideResNet"]
@@ -79,11 +80,14 @@ class ZKBlock(nn.Module):
         return y + (x if self.shortcut is None else self.shortcut(o))
 
 
-class WideResNet(ClassifierHeadMixin, nn.Module):
+class WideResNet(FeatureChainMixin, ClassifierHeadMixin, nn.Module):
     """WRN-depth-width. Input ``(B, in_chans, H, W)`` -> logits ``(B, num_classes)``.
 
     ``layout="sttp"``: the STTP reference network; ``"zk"``: Zagoruyko & Komodakis'
     (see the module docstring for the differences). Features ``(B, 64 * width, H / 4, W / 4)``.
+    ``drop_rate`` is the dropout inside each block (the architecture's); there is no drop path.
+    Feature levels: stem, the three stages; the last one after the final BN + ReLU
+    (``final_norm``, the module ``act``).
     """
 
     def __init__(self, depth: int = 28, width: int = 10, num_classes: int = 10, in_chans: int = 3,
@@ -108,10 +112,13 @@ class WideResNet(ClassifierHeadMixin, nn.Module):
         self.stages = nn.Sequential(*stages)
         # the reference code writes momentum=0.9 here (Keras' convention in PyTorch's argument)
         self.bn = nn.BatchNorm2d(widths[-1], momentum=0.9 if reference else 0.1)
+        self.act = nn.ReLU()  # a module (no parameters) so that features_only can hook the final map
+        self.drop_rate = drop_rate
         self.feature_info = [dict(num_chs=widths[0], reduction=1, module="stem"),
                              dict(num_chs=widths[1], reduction=1, module="stages.0"),
                              dict(num_chs=widths[2], reduction=2, module="stages.1"),
-                             dict(num_chs=widths[3], reduction=4, module="bn")]
+                             dict(num_chs=widths[3], reduction=4, module="act")]
+        self.init_feature_chain([0, 1, 2, 3])  # positions in feature_chain()
         self.init_head(widths[-1], num_classes, global_pool)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -121,9 +128,29 @@ class WideResNet(ClassifierHeadMixin, nn.Module):
                 else:
                     nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def feature_chain(self) -> list[nn.Module]:
+        return [self.stem, *self.stages]
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(x))
+
+    def _truncate_chain(self, k: int) -> None:
+        self.stages = self.stages[:k - 1]
+
+    def _prune_final_norm(self) -> None:
+        self.bn, self.act = nn.Identity(), nn.Identity()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups (timm's layer-wise LR decay): stem, then stages (coarse) or blocks."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.(\d+)", None),
+                                                                             (r"^bn", (99999,))])
+
     def forward_features(self, x):
         """``(B, C, H, W) -> (B, 64 * width, H / 4, W / 4)`` (after the final BN + ReLU)."""
-        return torch.relu(self.bn(self.stages(self.stem(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self._forward_chain_checkpointed(x)
+        return self.act(self.bn(self.stages(self.stem(x))))
 
 
 default_cfgs = generate_default_cfgs({
