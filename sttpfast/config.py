@@ -367,8 +367,20 @@ def apply_overrides(cfg: dict, pairs: list[str], sources: dict | None = None) ->
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"override {pair!r}: {raw!r} is not a valid YAML value") from None
+        if isinstance(value, (bool, int, float)) and _takes_text(key.strip()):
+            value = raw.strip()  # YAML reads `no`, `on`, `1e3` as non-strings; a text field keeps the text
         update[key.strip()] = value
     return merge(cfg, _nest(update), "--set", sources)
+
+
+def _takes_text(key: str) -> bool:
+    """Whether the schema key holds text (``str`` or a ``Literal`` of strings) and no number."""
+    if key not in SCHEMA:
+        return False
+    members = type_members(SCHEMA[key].type)
+    if any(m in (bool, int, float) for m in members):
+        return False
+    return str in members or bool(choices(key))
 
 
 def _resolve_param(cfg: dict, sources: dict) -> None:

@@ -161,3 +161,13 @@ def test_paper_preset_values():
     assert (cfg["model"]["arch"], cfg["param"]["name"], cfg["param"]["rank"]) == ("wrn28_10", "sttp-r", 32)
     assert (cfg["optim"]["lr"], cfg["optim"]["wd"], cfg["optim"]["steps"], cfg["optim"]["schedule"]) == \
         (0.1, 1e-4, 100000, "linear")
+
+
+def test_text_fields_keep_yaml_look_alikes_as_text():
+    # YAML would read these as False / 1000.0; the schema says the fields hold text
+    cfg, _ = build_config(overrides=["train.name=no", "train.mixed_precision=no", "data.name=digits"])
+    assert cfg["train"]["name"] == "no" and cfg["train"]["mixed_precision"] == "no"
+    cfg, _ = build_config(overrides=["train.name=1e3"])
+    assert cfg["train"]["name"] == "1e3"
+    with pytest.raises(ConfigError, match="optim.lr"):
+        build_config(overrides=["optim.lr=abc"])
