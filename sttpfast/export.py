@@ -99,6 +99,15 @@ def _save_safetensors(dense: nn.Module, tmp: str, metadata: dict[str, str]) -> N
     save_file(tensors, tmp, metadata=metadata)
 
 
+def _check_onnx_installed() -> None:
+    """torch.onnx's exporter needs onnx and onnxscript, which sttpfast does not require."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"ONNX export needs the package(s) {', '.join(missing)}: pip install 'sttpfast[onnx]'")
+
+
 def _save_onnx(dense: nn.Module, tmp: str, example: torch.Tensor) -> None:
     import warnings
 
@@ -125,13 +134,15 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str, input_s
         metadata: extra string metadata for the safetensors header (values not str are JSON).
         force: overwrite an existing ``path``.
     Returns the path written. ValueError for an unknown format, a missing ``input_shape`` for
-    ONNX, or an existing ``path`` without ``force``; nothing is written then.
+    ONNX, onnx / onnxscript not installed, or an existing ``path`` without ``force``; nothing
+    is written then.
     """
     fmt = _check_format(format)
     path = _check_out(Path(path), force)
     if fmt == "onnx":
         if input_shape is None or len(input_shape) < 1 or any(int(s) < 1 for s in input_shape):
             raise ValueError(f"ONNX export needs input_shape (B, C, H, W) with positive sizes, got {input_shape!r}")
+        _check_onnx_installed()
     dense = _dense_eval_copy(model)
     if fmt == "safetensors":
         from sttpfast import __version__

@@ -223,3 +223,14 @@ def test_spectral_norm_is_densified_as_the_model_runs_in_eval(tmp_path):
     x = _digits_batch(4)
     with torch.no_grad():
         torch.testing.assert_close(plain.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_onnx_without_its_packages_is_one_clear_error(run, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    result = _cli("export", run, "--format", "onnx", "--out", tmp_path / "x.onnx")
+    assert result.exit_code == 2
+    assert result.output == "Error: ONNX export needs the package(s) onnxscript: pip install 'sttpfast[onnx]'\n"
+    assert list(tmp_path.iterdir()) == []
