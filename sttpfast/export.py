@@ -1,0 +1,281 @@
+"""Export a trained model as a file that runs without sttpfast: plain safetensors or ONNX.
+
+    from sttpfast.export import export_model, export_run, export_generator
+    export_model(model, "net.onnx", "onnx", input_shape=(1, 3, 32, 32))   # any (parameterized) model
+    export_run("train.out/digits-resnet20_cifar-sttp-r-r4-s0", "safetensors")  # what `sttpfast export` does
+    export_generator(learn.model, "g.onnx", "onnx")                        # a GAN's G alone, input z
+
+The model is first densified (:func:`sttpfast.densify`: each parameterized weight becomes the
+plain tensor it stands for, same outputs), so what is written is an ordinary network:
+
+* ``safetensors``: the dense state_dict; it loads with
+  ``timm.create_model(arch, **model_args).load_state_dict(load_file(path), strict=True)``.
+  The header's metadata holds ``architecture`` and ``model_args`` (JSON) for that call. For
+  sttpfast's own architectures (``resnet20_cifar``, ``sngan_g32``...) ``import sttpfast.models``
+  registers them in timm; no parameterization code is involved.
+* ``onnx``: ``torch.onnx.export`` (the torch.export-based exporter) of the dense model in eval
+  mode, one input ``input`` whose first (batch) axis is dynamic, one output ``output``; a
+  single self-contained file (no external data).
+
+Files are written under a temporary name in the target folder and renamed into place, so a
+failed export leaves nothing behind and never a half-written file.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from sttpfast.surgery import densify, parameterized_layers
+
+__all__ = ["FORMATS", "CHECKPOINTS", "export_model", "export_run", "export_generator", "run_checkpoint",
+           "load_run_model", "default_export_path"]
+
+FORMATS = ("safetensors", "onnx")
+CHECKPOINTS = ("last", "best")  # the checkpoints of a run folder that can be exported
+INPUT_NAME, OUTPUT_NAME = "input", "output"
+
+
+def _check_format(format: str) -> str:
+    fmt = format.lower() if isinstance(format, str) else format
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; allowed: {', '.join(FORMATS)}")
+    return fmt
+
+
+def _check_out(path: Path, force: bool) -> Path:
+    """Refuse an existing file without ``force`` and a target that is a folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"export target {path} is a folder; give a file name")
+    if path.exists() and not force:
+        raise ValueError(f"{path} exists; add --force (force=True in Python) to overwrite it")
+    return path
+
+
+def _architecture(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture")
+
+
+def _write_atomically(path: Path, write) -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _dense_eval_copy(model: nn.Module) -> nn.Module:
+    """A densified copy in eval mode; ``model`` itself is not touched (mode included).
+
+    The copy is put in eval mode *before* densifying: a parametrization may compute its
+    weight differently in training (spectral_norm runs a power iteration there and moves
+    its vectors), and the file must hold the weight the model uses for inference."""
+    dense = densify(copy.deepcopy(model).eval(), inplace=True)
+    left = [name for name, _, _ in parameterized_layers(dense)]
+    if left:  # densify removes every parametrization it knows; anything else would not export plainly
+        raise ValueError(f"cannot densify layer(s) {', '.join(left[:5])}")
+    return dense
+
+
+def _save_safetensors(dense: nn.Module, tmp: str, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    # clone: tied or view-sharing tensors would make save_file refuse the dict
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in dense.state_dict().items()}
+    save_file(tensors, tmp, metadata=metadata)
+
+
+def _check_onnx_installed() -> None:
+    """torch.onnx's exporter needs onnx and onnxscript, which sttpfast does not require."""
+    import importlib.util
+
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"ONNX export needs the package(s) {', '.join(missing)}: pip install 'sttpfast[onnx]'")
+
+
+def _save_onnx(dense: nn.Module, tmp: str, example: torch.Tensor) -> None:
+    import warnings
+
+    batch = torch.export.Dim("batch", min=1)
+    with warnings.catch_warnings():
+        # onnxscript's optimizer and torch.export announce internal details on every export
+        warnings.simplefilter("ignore")
+        torch.onnx.export(dense, (example,), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+
+
+def export_model(model: nn.Module, path: str | os.PathLike, format: str, input_shape: Sequence[int] | None = None,
+                 model_args: dict | None = None, metadata: dict | None = None, force: bool = True) -> Path:
+    """Densify ``model`` and write it to ``path`` as ``format`` (``safetensors`` or ``onnx``).
+
+    Args:
+        model: a timm model, parameterized by sttpfast or dense; left unchanged.
+        path: the file to write (its folder is created).
+        format: ``safetensors`` or ``onnx``.
+        input_shape: ``(B, C, H, W)`` (or any shape whose first axis is the batch) of one
+            example input; required for ONNX, where only the batch axis stays dynamic.
+        model_args: keyword arguments that rebuild the architecture with ``timm.create_model``
+            (``num_classes``, ``in_chans``...), stored in the safetensors metadata.
+        metadata: extra string metadata for the safetensors header (values not str are JSON).
+        force: overwrite an existing ``path``.
+    Returns the path written. ValueError for an unknown format, a missing ``input_shape`` for
+    ONNX, onnx / onnxscript not installed, or an existing ``path`` without ``force``; nothing
+    is written then.
+    """
+    fmt = _check_format(format)
+    path = _check_out(Path(path), force)
+    if fmt == "onnx":
+        if input_shape is None or len(input_shape) < 1 or any(int(s) < 1 for s in input_shape):
+            raise ValueError(f"ONNX export needs input_shape (B, C, H, W) with positive sizes, got {input_shape!r}")
+        _check_onnx_installed()
+    dense = _dense_eval_copy(model)
+    if fmt == "safetensors":
+        from sttpfast import __version__
+
+        meta = {"format": "pt", "model_args": json.dumps(model_args or {}), "exported_by": f"sttpfast {__version__}"}
+        if _architecture(model):
+            meta["architecture"] = _architecture(model)
+        for key, value in (metadata or {}).items():
+            meta[key] = value if isinstance(value, str) else json.dumps(value)
+        return _write_atomically(path, lambda tmp: _save_safetensors(dense, tmp, meta))
+    param = next(iter(dense.parameters()), None)
+    example = torch.randn(*map(int, input_shape), dtype=param.dtype if param is not None else torch.float32,
+                          device=param.device if param is not None else "cpu")
+    with torch.no_grad():
+        return _write_atomically(path, lambda tmp: _save_onnx(dense, tmp, example))
+
+
+# ---------------------------------------------------------------------------------------
+# GAN: the generator alone
+def export_generator(model: nn.Module, path: str | os.PathLike, format: str, ema: bool = False,
+                     batch: int = 2, model_args: dict | None = None, force: bool = True) -> Path:
+    """Export a GAN's generator alone: input ``z (B, z_dim)`` (ONNX name ``input``, batch axis
+    dynamic), output images ``(B, C, H, W)`` in ``[-1, 1]``.
+
+    Args:
+        model: a :class:`sttpfast.gan.GANPair` (its ``generator``, or ``generator_ema`` with
+            ``ema=True``) or a generator itself; it must have an integer ``z_dim``.
+        ema: export the moving average of G kept by the learner (``generator_ema``).
+        batch: the example batch traced for ONNX (any batch size runs afterwards).
+        model_args: constructor arguments for the safetensors metadata (``widths``...), over
+            the ``z_dim``, ``in_chans`` and ``bottom_width`` read from the generator.
+    The safetensors metadata also holds ``z_dim``.
+    """
+    generator = model
+    if hasattr(model, "generator"):  # a GANPair: pick the network, do not export D
+        generator = getattr(model, "generator_ema", None) if ema else model.generator
+        if generator is None:
+            raise ValueError("ema=True, but the model keeps no generator_ema (train with ema_decay)")
+    elif ema:
+        raise ValueError("ema=True needs a GANPair (the model with generator and generator_ema)")
+    z_dim = getattr(generator, "z_dim", None)
+    if not isinstance(z_dim, int) or z_dim < 1:
+        raise ValueError(f"{type(generator).__name__} has no integer z_dim (latent size): not a generator")
+    args = {"z_dim": z_dim}
+    if hasattr(generator, "conv_out"):  # sttpfast's SNGAN generators: image channels, first map's side
+        args["in_chans"] = int(generator.conv_out.out_channels)
+    if isinstance(getattr(generator, "bottom_width", None), int):
+        args["bottom_width"] = generator.bottom_width
+    args.update(model_args or {})
+    return export_model(generator, path, format, input_shape=(batch, z_dim), model_args=args,
+                        metadata={"z_dim": str(z_dim)}, force=force)
+
+
+# ---------------------------------------------------------------------------------------
+# run folders
+def run_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Path:
+    """The model file of a run's ``which`` checkpoint (``last`` or ``best``).
+
+    Accepts both checkpoint layouts: ``checkpoints/<which>/`` as a folder, or as a link /
+    one-line pointer file naming a ``checkpoints/ckpt-STEP/`` folder. ValueError (naming the
+    run) when ``run_dir`` is not a run folder or holds no such checkpoint.
+    """
+    run_dir = Path(run_dir).expanduser()
+    if which not in CHECKPOINTS:
+        raise ValueError(f"unknown checkpoint {which!r}; allowed: {', '.join(CHECKPOINTS)}")
+    if not (run_dir / "config.yaml").is_file():
+        raise ValueError(f"{run_dir} is not a run folder (no config.yaml)")
+    root = run_dir / "checkpoints"
+    entry = root / which
+    folder = entry  # a folder, or a symbolic link to one (followed by the file system)
+    if entry.is_file():  # a pointer file: the checkpoint folder's name
+        try:
+            folder = root / entry.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            folder = entry
+    model_file = folder / "model.safetensors"
+    if not model_file.is_file():
+        raise ValueError(f"{run_dir} has no '{which}' checkpoint ({model_file} is missing)")
+    return model_file
+
+
+def _run_config(run_dir: Path) -> dict:
+    import yaml
+
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{run_dir / 'config.yaml'}: unreadable ({err})") from None
+    model, data = cfg.get("model") or {}, cfg.get("data") or {}
+    if not model.get("arch") or not data.get("name"):
+        raise ValueError(f"{run_dir / 'config.yaml'} names no model.arch / data.name")
+    return cfg
+
+
+def load_run_model(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.Module, dict, tuple[int, ...]]:
+    """``(parameterized model, model_args, input_shape)`` of a classification run's checkpoint.
+
+    The model is rebuilt as the run built it (``model.arch``, the dataset's classes and
+    channels, ``model.kwargs``) and the checkpoint loaded into it; ``input_shape`` is
+    ``(1, C, H, W)`` at the dataset's image size (the size the run trained on).
+    """
+    from sttpfast.checkpoint import load_parameterized
+    from sttpfast.data import dataset_info
+    from sttpfast.models import create_model
+
+    run_dir = Path(run_dir).expanduser()
+    model_file = run_checkpoint(run_dir, which)
+    cfg = _run_config(run_dir)
+    info = dataset_info(cfg["data"]["name"], cfg["data"].get("data_dir"))
+    args = {"num_classes": info["n_classes"], "in_chans": info["in_chans"], **(cfg["model"].get("kwargs") or {})}
+    args = {k: v for k, v in args.items() if v is not None}
+    model = create_model(cfg["model"]["arch"], **args)
+    load_parameterized(model_file, model)
+    size = info["image_size"]
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return model, args, (1, info["in_chans"], h, w)
+
+
+def default_export_path(run_dir: str | os.PathLike, format: str, which: str = "last") -> Path:
+    """Where ``sttpfast export`` writes without ``--out``: ``RUN/export/<which>.<format>``."""
+    return Path(run_dir).expanduser() / "export" / f"{which}.{_check_format(format)}"
+
+
+def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike | None = None, which: str = "last",
+               force: bool = False) -> Path:
+    """Export a run folder's ``which`` checkpoint (what ``sttpfast export`` does).
+
+    Every check (format, run folder, checkpoint, target) comes before anything is written.
+    """
+    fmt = _check_format(format)
+    run_dir = Path(run_dir).expanduser()
+    run_checkpoint(run_dir, which)  # not a run / no checkpoint: fail before the target is looked at
+    path = _check_out(Path(out) if out is not None else default_export_path(run_dir, fmt, which), force)
+    model, args, input_shape = load_run_model(run_dir, which)
+    return export_model(model, path, fmt, input_shape=input_shape, model_args=args, force=force,
+                        metadata={"checkpoint": which})

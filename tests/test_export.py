@@ -1,0 +1,236 @@
+"""`sttpfast export` and sttpfast.export: densified files that run without sttpfast."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch.nn.utils import parametrize
+
+import sttpfast.models  # noqa: F401  (registers resnet20_cifar, sngan_*: all a user of the files imports)
+from sttpfast.cli import main
+from sttpfast.export import export_generator, export_model, load_run_model, run_checkpoint
+from sttpfast.surgery import parameterization_spec, parameterize
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny sttp-r run on digits, trained through the CLI (one step is enough: the
+    checkpoint's factors are what is exported)."""
+    out = tmp_path_factory.mktemp("runs")
+    result = _cli("train", "digits", "--arch", "resnet20_cifar", "--param", "sttp-r", "--rank", "4", "--steps", "1",
+                  "--bs", "64", "--subset", "256", "--logger", "none", "--out", out, "--name", "r")
+    assert result.exit_code == 0, result.output
+    return out / "r"
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _digits_batch(n):
+    return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_safetensors_export_loads_into_plain_timm(run, tmp_path):
+    out = tmp_path / "net.safetensors"
+    result = _cli("export", run, "--format", "safetensors", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote {out}\n"
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["architecture"] == "resnet20_cifar"
+    assert json.loads(meta["model_args"]) == {"num_classes": 10, "in_chans": 1}
+    assert meta["checkpoint"] == "last"
+
+    plain = timm.create_model(meta["architecture"], **json.loads(meta["model_args"]))
+    plain.load_state_dict(load_file(str(out)), strict=True)
+    assert not any(parametrize.is_parametrized(m) for m in plain.modules())
+
+    parameterized, _, _ = load_run_model(run)
+    assert len(parameterization_spec(parameterized)) == 22  # every conv and the head: sttp-r rank 4
+    x = _digits_batch(4)
+    with torch.no_grad():
+        want = parameterized.eval()(x)
+        got = plain.eval()(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_onnx_export_matches_pytorch_with_any_batch(run, tmp_path):
+    import onnxruntime
+
+    out = tmp_path / "net.onnx"
+    result = _cli("export", run, "--format", "onnx", "--which", "best", "--out", out)
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (inp,), (outp,) = session.get_inputs(), session.get_outputs()
+    assert (inp.name, outp.name) == ("input", "output")
+    assert inp.shape[1:] == [1, 16, 16] and isinstance(inp.shape[0], str)  # only the batch axis is free
+    model, _, shape = load_run_model(run, "best")
+    assert shape == (1, 1, 16, 16)
+    for n in (1, 5):  # traced at batch 1; the batch axis is dynamic
+        x = _digits_batch(n)
+        with torch.no_grad():
+            want = model.eval()(x).numpy()
+        got = session.run(None, {"input": x.numpy()})[0]
+        assert got.shape == (n, 10)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert not [p for p in tmp_path.iterdir() if p.name != "net.onnx"]  # no temp or external-data file
+
+
+def test_default_target_and_force(run):
+    target = run / "export" / "last.safetensors"
+    try:
+        first = _cli("export", run, "--format", "safetensors")
+        assert first.exit_code == 0, first.output
+        assert first.output == f"wrote {target}\n"
+        before = target.read_bytes()
+        tensors = {k: v.clone() for k, v in load_file(str(target)).items()}  # not views of the mapped file
+        again = _cli("export", run, "--format", "safetensors")
+        assert again.exit_code == 2
+        assert again.output == f"Error: {target} exists; add --force (force=True in Python) to overwrite it\n"
+        assert target.read_bytes() == before and _files(run / "export") == ["last.safetensors"]
+        target.write_bytes(b"stale")
+        forced = _cli("export", run, "--format", "safetensors", "--force")
+        assert forced.exit_code == 0, forced.output
+        rewritten = load_file(str(target))  # the same checkpoint gives the same tensors
+        assert rewritten.keys() == tensors.keys() and all(torch.equal(rewritten[k], tensors[k]) for k in tensors)
+    finally:
+        shutil.rmtree(run / "export", ignore_errors=True)
+
+
+@pytest.mark.parametrize("case", ["not_a_run", "no_checkpoint", "no_best", "format", "which"])
+def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
+    target = tmp_path / "out" / "x.onnx"
+    folder, fmt, extra = run, "onnx", []
+    if case == "not_a_run":
+        folder = tmp_path / "empty"
+        folder.mkdir()
+        message = f"{folder} is not a run folder (no config.yaml)"
+    elif case in ("no_checkpoint", "no_best"):
+        folder = tmp_path / "copy"
+        shutil.copytree(run, folder)
+        which = "last" if case == "no_checkpoint" else "best"
+        shutil.rmtree(folder / "checkpoints" / which)
+        extra = ["--which", which]
+        message = (f"{folder} has no '{which}' checkpoint "
+                   f"({folder / 'checkpoints' / which / 'model.safetensors'} is missing)")
+    elif case == "format":
+        fmt = "tflite"
+        message = "unknown export format 'tflite'; allowed: safetensors, onnx"
+    else:
+        extra = ["--which", "middle"]
+        message = "unknown checkpoint 'middle'; allowed: last, best"
+    before = _files(tmp_path)
+    result = _cli("export", folder, "--format", fmt, "--out", target, *extra)
+    assert result.exit_code == 2
+    assert result.output == f"Error: {message}\n"
+    assert _files(tmp_path) == before  # no file, no folder, no temp file
+
+
+def test_both_checkpoint_layouts_are_found(run, tmp_path):
+    """Today's ``checkpoints/last/`` folder, and ``ckpt-STEP/`` named by a link or a pointer file."""
+    assert run_checkpoint(run) == run / "checkpoints" / "last" / "model.safetensors"
+    linked = tmp_path / "linked"
+    shutil.copytree(run, linked, symlinks=True)
+    ckpts = linked / "checkpoints"
+    os.replace(ckpts / "last", ckpts / "ckpt-1")
+    os.symlink("ckpt-1", ckpts / "last")
+    assert run_checkpoint(linked).resolve() == (ckpts / "ckpt-1" / "model.safetensors").resolve()
+    os.unlink(ckpts / "last")
+    (ckpts / "last").write_text("ckpt-1\n")
+    assert run_checkpoint(linked) == ckpts / "ckpt-1" / "model.safetensors"
+
+
+def test_export_model_leaves_the_model_alone_and_checks_its_arguments(tmp_path):
+    model = timm.create_model("resnet20_cifar", num_classes=3, in_chans=1)
+    parameterize(model, "svdp-c", rank=2)
+    spec = parameterization_spec(model)
+    with pytest.raises(ValueError, match="unknown export format 'pt'; allowed: safetensors, onnx"):
+        export_model(model, tmp_path / "a.pt", "pt")
+    with pytest.raises(ValueError, match=r"ONNX export needs input_shape \(B, C, H, W\) with positive sizes, got None"):
+        export_model(model, tmp_path / "a.onnx", "onnx")
+    assert list(tmp_path.iterdir()) == []
+    path = export_model(model, tmp_path / "a.safetensors", "safetensors", model_args={"num_classes": 3, "in_chans": 1})
+    assert model.training and parameterization_spec(model) == spec  # still parameterized, still training
+    plain = timm.create_model("resnet20_cifar", num_classes=3, in_chans=1)
+    plain.load_state_dict(load_file(str(path)), strict=True)
+    x = _digits_batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_gan_generator_exports_alone_with_a_z_input(tmp_path):
+    import onnxruntime
+
+    from sttpfast.gan import GANPair
+
+    g_args = {"widths": [16, 8], "bottom_width": 4, "z_dim": 8, "in_chans": 1}
+    generator = timm.create_model("sngan_g32", **g_args)
+    discriminator = timm.create_model("sngan_d32", widths=(8, 8, 8, 8), in_chans=1)
+    parameterize(generator, "sttp-r", rank=2, exclude=["l1"])
+    parameterize(discriminator, "sn")
+    pair = GANPair(generator, discriminator)
+    with torch.no_grad():  # BatchNorm statistics that are not the defaults
+        generator.bn.running_mean.uniform_(-0.5, 0.5)
+        generator.bn.running_var.uniform_(0.5, 2.0)
+    z = torch.randn(3, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = generator.eval()(z)
+    assert want.shape == (3, 1, 8, 8)
+
+    onnx_path = export_generator(pair, tmp_path / "g.onnx", "onnx")
+    session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [8]
+    np.testing.assert_allclose(session.run(None, {"input": z.numpy()})[0], want.numpy(), rtol=0, atol=1e-4)
+
+    st_path = export_generator(pair, tmp_path / "g.safetensors", "safetensors", model_args={"widths": [16, 8]})
+    with safe_open(str(st_path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["architecture"] == "sngan_g32" and meta["z_dim"] == "8"
+    assert json.loads(meta["model_args"]) == {"z_dim": 8, "in_chans": 1, "bottom_width": 4, "widths": [16, 8]}
+    tensors = load_file(str(st_path))
+    assert not any(k.startswith("discriminator") or "parametrizations" in k for k in tensors)
+    plain = timm.create_model("sngan_g32", **json.loads(meta["model_args"]))
+    plain.load_state_dict(tensors, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(z), want, rtol=0, atol=1e-5)
+
+    with pytest.raises(ValueError, match="ema=True, but the model keeps no generator_ema"):
+        export_generator(pair, tmp_path / "e.onnx", "onnx", ema=True)
+    with pytest.raises(ValueError, match="SNGANDiscriminator has no integer z_dim"):
+        export_generator(discriminator, tmp_path / "d.onnx", "onnx")
+
+
+def test_spectral_norm_is_densified_as_the_model_runs_in_eval(tmp_path):
+    """torch's spectral_norm runs a power iteration when its weight is computed in training
+    mode; the exported weight must be the one inference uses (no extra iteration)."""
+    model = timm.create_model("resnet20_cifar", num_classes=3, in_chans=1)
+    parameterize(model, "sn")
+    assert model.training
+    path = export_model(model, tmp_path / "sn.safetensors", "safetensors")
+    plain = timm.create_model("resnet20_cifar", num_classes=3, in_chans=1)
+    plain.load_state_dict(load_file(str(path)), strict=True)
+    x = _digits_batch(4)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
+
+
+def test_onnx_without_its_packages_is_one_clear_error(run, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    result = _cli("export", run, "--format", "onnx", "--out", tmp_path / "x.onnx")
+    assert result.exit_code == 2
+    assert result.output == "Error: ONNX export needs the package(s) onnxscript: pip install 'sttpfast[onnx]'\n"
+    assert list(tmp_path.iterdir()) == []
