@@ -30,11 +30,16 @@ setup(
         "matplotlib>=3.7",
         "scikit-learn>=1.3",
         "tensorly>=0.8",
+        # GAN metrics (IS / FID / KID) and export of densified models to ONNX
+        "torch-fidelity>=0.4",
+        "onnx>=1.16",
+        "onnxscript>=0.5",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.2"],
+        # onnxruntime runs the exported file in the tests (and for users who check an export)
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "onnxruntime>=1.18"],
+        "onnx": ["onnxruntime>=1.18"],
         "bench": ["torch-householder"],
-        "fid": ["torch-fidelity>=0.3"],
     },
     entry_points={"console_scripts": ["sttpfast=sttpfast.cli:main"]},
 )
