@@ -113,9 +113,9 @@ def test_auto_path_follows_the_flop_estimate():
     method("tucker").apply(layer, 8, "spectral")
     p = parametrization_of(layer)
     big = torch.randn(8, 64, 32, 32)
-    # materialized 8*64*9*64 + 64*8*64*9 + 8192*64*64*9 = 302,252,032;
+    # materialized (build 8*8*9*64 + 64*8*64*9) + 8192*64*64*9 = 302,321,664;
     # factorized 8192*64*8 + 8192*(8*8*9 + 8*64) = 13,107,200
-    assert p.flops(8 * 32 * 32, 8 * 32 * 32) == (302_252_032, 13_107_200)
+    assert p.flops(8 * 32 * 32, 8 * 32 * 32) == (302_321_664, 13_107_200)
     assert uses_factorized_path(layer, big)
     full = nn.Conv2d(64, 64, 3, padding=1)
     method("tucker").apply(full, 64, "spectral")
@@ -130,7 +130,7 @@ def test_spec_round_trip_through_a_checkpoint(name, tmp_path):
     model = timm.create_model("resnet20_cifar").eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reshaped variants skip the 3-channel stem, with a warning
-        sttpfast.parameterize(model, name, rank=3, include=["layer1.0.*", "fc"], init="identity")
+        sttpfast.parameterize(model, name, rank=3, include=["stem.0", "blocks.0.*", "fc"], init="identity")
     for t in model.parameters():
         nn.init.normal_(t, std=0.1) if t.dim() else None
     path = sttpfast.save_parameterized(model, tmp_path / "m.safetensors")
@@ -151,7 +151,7 @@ def test_tuple_ranks_are_kept_in_the_spec(tmp_path):
     fresh = nn.Sequential(nn.Conv2d(6, 8, 3), nn.Flatten(), nn.Linear(8, 4))
     loaded = sttpfast.load_parameterized(path, fresh)
     assert parametrization_of(loaded[0]).requested_rank == (3, 2, 2)
-    x = torch.randn(1, 6, 5, 5)
+    x = torch.randn(1, 6, 3, 3)
     assert torch.equal(loaded(x), model(x))
 
 
@@ -159,7 +159,7 @@ def test_tuple_ranks_are_kept_in_the_spec(tmp_path):
 LANDS = {"cp": (15, 10.028), "rcp": (40, 10.107), "tucker": (8, 9.550), "rtt": (8, 9.700),
          "rtr": (7, 10.427), "ht": (8, 10.189)}
 #: methods whose Z jumps by more than a point between neighbouring ranks: (rank, Z, Z at rank+1)
-COARSE = {"rtk": (3, 6.714, 14.186), "tt": (5, 8.895, 10.789), "tr": (4, 10.598, 15.866)}
+COARSE = {"rtk": (3, 6.714, 17.394), "tt": (5, 8.895, 11.805), "tr": (4, 10.598, 15.757)}
 
 
 @pytest.mark.parametrize("name", ZOO)
