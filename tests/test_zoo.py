@@ -1,5 +1,4 @@
 """The tensor-layer zoo: cp, tucker, tt, tr, ht and the reshaped rcp, rtk, rtt, rtr."""
-import math
 import warnings
 
 import pytest

@@ -23,14 +23,21 @@ def leading_subspace(matrix: Tensor, rank: int) -> Tensor:
     """The ``rank`` leading left singular vectors of ``matrix (m, n)``, ``(m, rank)``, ``rank <= m``.
 
     When ``rank`` exceeds the numerical rank of ``matrix`` the extra columns are still an
-    orthonormal completion (from the full SVD of the ``m x m`` Gram matrix)."""
+    orthonormal completion. Memory: ``m^2`` (Gram matrix) when ``m <= n``, else ``m n``."""
     if rank > matrix.shape[0]:
         raise ValueError(f"leading_subspace: rank {rank} exceeds the {matrix.shape[0]} rows")
     if matrix.shape[0] <= matrix.shape[1]:
         # the m x m Gram matrix: memory m^2 whatever the number of columns
         vals, vecs = torch.linalg.eigh(matrix @ matrix.transpose(0, 1))
         return vecs.flip(-1)[:, :rank]
-    u = torch.linalg.svd(matrix, full_matrices=True).U
+    # reduced SVD (never the m x m full U: a 131072 x 9 matricization would need 137 GB);
+    # columns beyond n: an orthonormal completion from fixed random directions
+    u = torch.linalg.svd(matrix, full_matrices=False).U
+    if rank > u.shape[1]:
+        gen = torch.Generator().manual_seed(0)
+        extra = torch.randn(u.shape[0], rank - u.shape[1], generator=gen, dtype=torch.float64).to(u)
+        extra = extra - u @ (u.transpose(0, 1) @ extra)
+        u = torch.cat([u, torch.linalg.qr(extra).Q], 1)
     return u[:, :rank]
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import math
 import types
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

@@ -14,7 +14,6 @@ exact when the weight has that multilinear rank.
 """
 from __future__ import annotations
 
-import math
 
 from torch import Tensor
 
