@@ -85,13 +85,16 @@ def test_factorized_forward_equals_materialized(name, rank, conv):
     layer = _conv_layer(name, rank, **conv)
     x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
     p = parametrization_of(layer)
-    p.forward_mode = "factorized"
-    assert uses_factorized_path(layer, x)
-    fast = layer(x)
-    p.forward_mode = "materialized"
-    assert not uses_factorized_path(layer, x)
-    dense = layer(x)
+    grads = {}
+    for mode in ("factorized", "materialized"):
+        p.forward_mode = mode
+        assert uses_factorized_path(layer, x) == (mode == "factorized")
+        out = layer(x)
+        grads[mode] = (out, torch.autograd.grad(out.square().sum(), factors_of(layer)))
+    fast, dense = grads["factorized"][0], grads["materialized"][0]
     assert torch.allclose(fast, dense, atol=1e-12)
+    for a, b in zip(grads["factorized"][1], grads["materialized"][1]):  # training sees the same gradients
+        assert torch.allclose(a, b, atol=1e-10)
     assert torch.allclose(dense, nn.functional.conv2d(x, layer.weight, layer.bias, layer.stride, layer.padding,
                                                       layer.dilation), atol=1e-12)
 
