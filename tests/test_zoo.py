@@ -1,4 +1,5 @@
 """The tensor-layer zoo: cp, tucker, tt, tr, ht and the reshaped rcp, rtk, rtt, rtr."""
+import io
 import warnings
 
 import pytest
@@ -125,6 +126,14 @@ def test_auto_path_follows_the_flop_estimate():
     # the densified model runs the class's forward again and gives the same output
     model = nn.Sequential(layer)
     assert torch.allclose(densify(model)(big[:1]), model(big[:1]), atol=1e-4)
+    # the densified copy still pickles (torch.save); its forward points at its own layer
+    dense = densify(model)
+    buffer = io.BytesIO()
+    torch.save(dense, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert restored[0].forward.layer is restored[0]
+    assert torch.equal(restored(big[:1]), dense(big[:1]))
 
 
 @pytest.mark.parametrize("name", ZOO)

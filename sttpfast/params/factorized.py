@@ -14,7 +14,8 @@ call, picks one of two paths:
 
 Why an instance ``forward`` and not a wrapper module: the layer keeps its class, name,
 attributes and state_dict keys, so surgery, ``densify``, specs, checkpoints and Z see
-exactly the same model; ``copy.deepcopy`` rebinds the method to the copy. After the
+exactly the same model; ``copy.deepcopy`` and pickling carry the override along (it points
+at the copy). After the
 parametrization is removed (densify) the override finds no factorizable parametrization
 and simply runs the class's forward.
 
@@ -30,14 +31,13 @@ convs, non-zero padding modes and transposed convs always run materialized.
 from __future__ import annotations
 
 import math
-import types
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sttpfast.params.layers import factors_of, parametrization_of
 
-__all__ = ["install_factorized_forward", "uses_factorized_path", "FORWARD_MODES"]
+__all__ = ["install_factorized_forward", "uses_factorized_path", "ChoosingForward", "FORWARD_MODES"]
 
 FORWARD_MODES = ("auto", "factorized", "materialized")
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -47,7 +47,7 @@ def install_factorized_forward(module: nn.Module) -> None:
     """Give a Conv1d/2d/3d or Linear layer the path-choosing forward (others are left alone)."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and not isinstance(
             module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        module.forward = types.MethodType(_choosing_forward, module)
+        module.forward = ChoosingForward(module)
 
 
 def _factorizable(module: nn.Module):
@@ -93,6 +93,19 @@ def uses_factorized_path(module: nn.Module, x: Tensor) -> bool:
         return mode == "factorized"
     dense, factored = p.flops(*_positions(module, x))
     return factored < dense
+
+
+class ChoosingForward:
+    """A layer's instance ``forward``: the factorized path when it is cheaper, else the class's.
+
+    A small callable object rather than a bound method, so that the layer still pickles
+    (``torch.save``) and deep-copies (the copy gets its own, pointing at the copy)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _choosing_forward(self.layer, x)
 
 
 def _choosing_forward(self: nn.Module, x: Tensor) -> Tensor:
