@@ -217,3 +217,16 @@ def test_bad_ranks_are_clear_errors():
     with pytest.raises(ValueError, match="unknown policy 'maybe'"):
         with unrepresentable_policy("maybe"):
             pass
+
+
+@pytest.mark.parametrize("name,rank", [("cp", 3), ("tucker", 2)])
+@pytest.mark.parametrize("conv_cls,kernel,spatial", [(nn.Conv1d, 3, (7,)), (nn.Conv3d, (3, 1, 2), (5, 4, 6))])
+def test_factorized_forward_of_1d_and_3d_convs(name, rank, conv_cls, kernel, spatial):
+    layer = conv_cls(4, 5, kernel, stride=2, padding=1).double()
+    method(name).apply(layer, rank, "spectral")
+    x = torch.randn(2, 4, *spatial, dtype=torch.float64)
+    p = parametrization_of(layer)
+    p.forward_mode = "factorized"
+    fast = layer(x)
+    p.forward_mode = "materialized"
+    assert torch.allclose(fast, layer(x), atol=1e-12)
