@@ -8,6 +8,11 @@ from sttpfast.params.base import MatrixView, WeightParametrization
 from sttpfast.params.svdp import SVDPConstant, SVDPLearned, SVDPPenalized
 from sttpfast.params.sttp import STTPConstant, STTPLearned, STTPPenalized
 from sttpfast.params.lowrank import LowRank
+from sttpfast.params.cp import CPLayer, ReshapedCPLayer  # noqa: F401  (registers cp, rcp)
+from sttpfast.params.tucker import TuckerLayer, ReshapedTuckerLayer  # noqa: F401  (registers tucker, rtk)
+from sttpfast.params.ttkernel import TTLayer, ReshapedTTLayer  # noqa: F401  (registers tt, rtt)
+from sttpfast.params.tr import TRLayer, ReshapedTRLayer  # noqa: F401  (registers tr, rtr)
+from sttpfast.params.ht import HTLayer  # noqa: F401  (registers ht)
 from sttpfast.params.baselines import DENSE, SPECTRAL_NORM  # noqa: F401  (registers dense, sn)
 from sttpfast.params.registry import Method, all_names, method, method_of, methods, resolve_method
 

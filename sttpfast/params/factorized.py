@@ -1,0 +1,126 @@
+"""Running a CP / Tucker-2 layer on its factors instead of its materialized kernel.
+
+``torch.nn.utils.parametrize`` can only give a layer a *weight*; to contract the factors
+with the input the layer's forward itself has to change. :func:`install_factorized_forward`
+gives the layer (a Conv1d/2d/3d or Linear) an instance-level ``forward`` that, on every
+call, picks one of two paths:
+
+* materialized: the class's own forward, which reads ``module.weight`` (the
+  parametrization builds the kernel; ``parametrize.cached()`` applies);
+* factorized: 1x1 conv ``C_in -> R_in``, the middle conv (Tucker-2: the ``R_in -> R_out``
+  core with the kernel; CP: a depthwise conv whose kernel is the outer product of the
+  spatial factors) carrying the layer's stride, padding and dilation, then 1x1 conv
+  ``R_out -> C_out`` with the bias. Linear layers: the same with matrix products.
+
+Why an instance ``forward`` and not a wrapper module: the layer keeps its class, name,
+attributes and state_dict keys, so surgery, ``densify``, specs, checkpoints and Z see
+exactly the same model; ``copy.deepcopy`` and pickling carry the override along (it points
+at the copy). After the
+parametrization is removed (densify) the override finds no factorizable parametrization
+and simply runs the class's forward.
+
+The choice (``forward_mode = "auto"`` on the parametrization) compares multiply-adds for
+this call: materialized = building the kernel (``p.flops``) + ``P_out C_out C_in K``;
+factorized = ``P_in C_in R_in + P_out R_out R_in K + P_out R_out C_out`` (Tucker-2) or
+``P_in C_in R + P_out R K + P_out R C_out`` (CP), with ``P_in``/``P_out`` the number of
+input / output positions in the batch (rows of a Linear) and ``K`` the kernel size. The
+backward pass costs about twice the forward on both paths, so the same comparison holds for
+training. ``forward_mode = "factorized"`` / ``"materialized"`` forces a path. Grouped
+convs, non-zero padding modes and transposed convs always run materialized.
+"""
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sttpfast.params.layers import factors_of, parametrization_of
+
+__all__ = ["install_factorized_forward", "uses_factorized_path", "ChoosingForward", "FORWARD_MODES"]
+
+FORWARD_MODES = ("auto", "factorized", "materialized")
+_CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def install_factorized_forward(module: nn.Module) -> None:
+    """Give a Conv1d/2d/3d or Linear layer the path-choosing forward (others are left alone)."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and not isinstance(
+            module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        module.forward = ChoosingForward(module)
+
+
+def _factorizable(module: nn.Module):
+    p = parametrization_of(module)
+    if p is None or not hasattr(p, "conv_factors") or getattr(p, "reshaped", True):
+        return None
+    if isinstance(module, nn.Linear):
+        return p
+    if module.groups != 1 or module.padding_mode != "zeros":
+        return None
+    return p
+
+
+def _positions(module: nn.Module, x: Tensor) -> tuple[int, int]:
+    """Input and output positions in the batch (``P_in``, ``P_out``)."""
+    if isinstance(module, nn.Linear):
+        rows = x.numel() // x.shape[-1]
+        return rows, rows
+    nd = len(module.kernel_size)
+    spatial = x.shape[-nd:]
+    batch = x.numel() // (x.shape[-nd - 1] * math.prod(spatial))
+    if isinstance(module.padding, str):
+        pads = [0] * nd if module.padding == "valid" else None
+    else:
+        pads = module.padding
+    if pads is None:  # "same"
+        out = spatial
+    else:
+        out = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
+               zip(spatial, pads, module.dilation, module.kernel_size, module.stride)]
+    return batch * math.prod(spatial), batch * math.prod(out)
+
+
+def uses_factorized_path(module: nn.Module, x: Tensor) -> bool:
+    """Whether ``module`` runs ``x`` through its factors (the rule in the module docstring)."""
+    p = _factorizable(module)
+    if p is None:
+        return False
+    mode = getattr(p, "forward_mode", "auto")
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"forward_mode must be one of {', '.join(FORWARD_MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode == "factorized"
+    dense, factored = p.flops(*_positions(module, x))
+    return factored < dense
+
+
+class ChoosingForward:
+    """A layer's instance ``forward``: the factorized path when it is cheaper, else the class's.
+
+    A small callable object rather than a bound method, so that the layer still pickles
+    (``torch.save``) and deep-copies (the copy gets its own, pointing at the copy)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return _choosing_forward(self.layer, x)
+
+
+def _choosing_forward(self: nn.Module, x: Tensor) -> Tensor:
+    if not uses_factorized_path(self, x):
+        return type(self).forward(self, x)
+    p = parametrization_of(self)
+    first, middle, last, depthwise = p.conv_factors(factors_of(self))
+    if isinstance(self, nn.Linear):
+        h = F.linear(x, first)
+        h = h * middle.reshape(-1) if depthwise else F.linear(h, middle)
+        return F.linear(h, last, self.bias)
+    nd = len(self.kernel_size)
+    conv = _CONVS[nd]
+    ones = [1] * nd
+    h = conv(x, first.reshape(*first.shape, *ones))
+    h = conv(h, middle, stride=self.stride, padding=self.padding, dilation=self.dilation,
+             groups=middle.shape[0] if depthwise else 1)
+    return conv(h, last.reshape(*last.shape, *ones), self.bias)

@@ -1,0 +1,50 @@
+"""Tensor-ring layers (Wang et al., CVPR 2018): ``tr`` over the kernel's modes, ``rtr`` over the reshaped ones.
+
+Cores ``G_k (R_k, n_k, R_{k+1})`` with the ring closed, ``R_D = R_0``:
+``W[i_1..i_D] = trace(G_1[:, i_1, :] ... G_D[:, i_D, :])``. DOF ``sum_k R_k n_k R_{k+1}``.
+
+Rank: one int for every bond, or a tuple ``(R_0, R_1, ..., R_{D-1})`` (``R_0`` is the bond
+that closes the ring). Bonds ``1..D-1`` are capped like TT ranks; the ring bond at
+``min(n_1 R_1, n_D R_{D-1})`` (a core seen as an ``R_0 x (n R)`` matrix has no more rank).
+Decomposition: TR-ALS from a TT-SVD start (:func:`sttpfast.linalg.ring.tr_als`): ALS can
+stall, so it restarts and keeps the best; it is exact on well-posed ring tensors in practice,
+not by construction.
+"""
+from __future__ import annotations
+
+from sttpfast.linalg.ring import tr_als, tr_to_tensor
+from sttpfast.linalg.tt import tt_ranks
+from sttpfast.params.tensorlayer import TensorLayer
+
+__all__ = ["TRLayer", "ReshapedTRLayer"]
+
+
+class TRLayer(TensorLayer):
+    """Maps ring cores ``(R_k, n_k, R_{k+1 mod D})`` onto the trace of their chain."""
+
+    name, rank_kind = "tr", tuple
+
+    @classmethod
+    def bond_caps(cls, modes):
+        inner = tt_ranks(list(modes))[1:-1]
+        ring = min(modes[0] * inner[0], modes[-1] * inner[-1])
+        return [ring, *inner]
+
+    @classmethod
+    def factor_shapes(cls, modes, ranks):
+        d = len(modes)
+        return [(ranks[k], n, ranks[(k + 1) % d]) for k, n in enumerate(modes)]
+
+    @classmethod
+    def assemble(cls, modes, ranks, factors):
+        return tr_to_tensor(factors).reshape(modes)
+
+    @classmethod
+    def decompose_tensor(cls, tensor, ranks):
+        return tr_als(tensor, ranks)
+
+
+class ReshapedTRLayer(TRLayer):
+    """Tensor ring over the reshaped modes ``(o_1, o_2, i_1, i_2, *spatial)``."""
+
+    name, reshaped = "rtr", True
