@@ -10,7 +10,10 @@ parameterization names are checked after parsing by :func:`sttpfast.params.resol
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
+import signal
 import sys
 import typing
 import warnings
@@ -28,6 +31,39 @@ class CLIError(click.ClickException):
     """A usage problem: printed as one line, exit status 2."""
 
     exit_code = 2
+
+
+@contextlib.contextmanager
+def interrupts_end_start_up():
+    """While the command imports torch, fastai and the rest, Ctrl-C ends it at once with one
+    line and exit 130. A KeyboardInterrupt raised inside a C extension's initialization comes
+    out as an ImportError traceback (scipy's, seen here) or a death by SIGINT, so the handler
+    leaves from where it runs instead of raising; nothing has been written yet."""
+
+    def leave(signum, frame):
+        os.write(2, (INTERRUPTED + "\n").encode())
+        os._exit(130)
+
+    try:
+        previous = signal.signal(signal.SIGINT, leave)
+    except ValueError:  # not the main thread: leave Ctrl-C as it is
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _import_training_modules():
+    """Import what a training run imports lazily, so that it happens during start-up."""
+    import accelerate  # noqa: F401
+    import fastai.callback.progress  # noqa: F401
+
+    import sttpfast.callbacks  # noqa: F401
+    import sttpfast.data  # noqa: F401
+    import sttpfast.learner  # noqa: F401
+    import sttpfast.run  # noqa: F401
 
 
 def user_errors(fn):
@@ -182,12 +218,16 @@ def train(resume, cfg, overrides, **flags):
         if explicit or cfg or overrides:
             raise CLIError("--resume continues with the run's own config.yaml; drop the other options "
                            "(only --steps / --epochs may raise its budget)")
+        with interrupts_end_start_up():
+            _import_training_modules()
         from sttpfast.run import run_training
 
         summary = run_training(resume=resume, echo=click.echo, steps=budget.get("optim.steps"),
                                epochs=budget.get("optim.epochs"))
     else:
-        config, sources = build_config(cfg, overrides, explicit)
+        with interrupts_end_start_up():
+            config, sources = build_config(cfg, overrides, explicit)
+            _import_training_modules()
         click.echo(rank_line(config["param"]["name"], *_rank_choice(config, sources)))
         from sttpfast.run import run_training
 

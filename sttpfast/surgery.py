@@ -210,6 +210,10 @@ def _z_for_rank(param, layers, base_dense, base_other, rank) -> float:
     return 100.0 * (base_other + dof) / base_dense
 
 
+#: how far (percentage points) the achieved Z may be from a compression target without a warning
+COMPRESSION_TOLERANCE = 0.5
+
+
 def rank_for_compression(model: nn.Module, param: str, compression: float, layers=None) -> tuple[int, float]:
     """The global rank whose ``Z`` is closest to ``compression`` (bisection; Z grows with rank)."""
     param = resolve_param(param)
@@ -217,8 +221,12 @@ def rank_for_compression(model: nn.Module, param: str, compression: float, layer
     base = compression_report(model)
     chosen_dense = sum(m.weight.numel() for _, m in layers)
     base_other = base.compressed_total - chosen_dense
-    views = [MatrixView(tuple(m.weight.shape), _transposed(m)) for _, m in layers]
-    max_rank = max(min(v.d_out, v.d_in) for v in views)
+    entry = method(param)
+    if entry.largest_useful_rank is not None:  # e.g. STTP's TT bonds, CP beyond min(d_out, d_in)
+        max_rank = max(entry.largest_useful_rank(tuple(m.weight.shape), _transposed(m)) for _, m in layers)
+    else:
+        max_rank = max(min(v.d_out, v.d_in) for v in (MatrixView(tuple(m.weight.shape), _transposed(m))
+                                                     for _, m in layers))
     z = lambda r: _z_for_rank(param, layers, base.dense_total, base_other, r)  # noqa: E731
     lo, hi = 1, max_rank
     while lo < hi:  # smallest rank with Z >= target
@@ -291,7 +299,11 @@ def parameterize(
     if param == "dense":
         return compression_report(model)
     if compression is not None:
-        rank, _ = rank_for_compression(model, param, compression, layers)
+        rank, achieved = rank_for_compression(model, param, compression, layers)
+        if abs(achieved - compression) > COMPRESSION_TOLERANCE:
+            # one shared rank moves Z in steps; say so instead of silently missing the target
+            warnings.warn(f"{param}: no shared rank gives Z within {COMPRESSION_TOLERANCE} points of "
+                          f"{compression:g}%; rank {rank} gives Z = {achieved:.2f}%", stacklevel=2)
     entry = method(param)
     if entry.largest_useful_rank is not None and rank is not None and layers:
         useful = max(entry.largest_useful_rank(tuple(m.weight.shape), _transposed(m)) for _, m in layers)

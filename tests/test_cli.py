@@ -54,7 +54,8 @@ def test_info_any_timm_model():
 @pytest.mark.parametrize("args,message", [
     (["--arch", "wrn28_1", "--param", "sttp"], "unknown architecture 'wrn28_1'; did you mean"),
     (["--arch", "wrn16_4", "--param", "sttpx"], "Error: config param.name: unknown parameterization 'sttpx'; allowed: "
-                                                "svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, dense, sn, svdp, sttp"),
+                                                "svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tucker, rtk, tt, rtt, tr, "
+                                                "rtr, ht, dense, sn, svdp, sttp"),
     (["--arch", "wrn16_4", "--param", "sttp", "--rank", "0"], r"config param.rank = 0: expected a positive integer or 'full'"),
     (["--arch", "wrn16_4", "--param", "sttp", "--rank", "x"], "'x' is not a valid rank: give a positive integer or 'full'"),
     (["--arch", "wrn16_4", "--param", "sttp", "--rank", "4", "--compression", "3"],
