@@ -418,11 +418,22 @@ class SpectralChain(WeightParametrization):
           as the TT ranks do not truncate ``U_r``, ``V_r`` (always for SVDP);
         * fixed spectrum: the chain can only hold ``g`` times a partial isometry; the closest
           one in Frobenius norm is ``g = mean(S_r)`` times the polar factor ``U_r V_r^T``.
+          A square full-rank chain (``d_out = d_in = r``) holds ``g`` times an orthogonal
+          matrix of one determinant sign only (its factors form a connected set, and the
+          orthogonal group has two components). When the polar factor has the other sign,
+          the closest matrix it holds flips the last (smallest) singular direction:
+          ``Q = U_r diag(1, ..., 1, -1) V_r^T`` and ``g = (S_1 + ... + S_{r-1} - S_r) / r``
+          (the best ``Q`` of that sign for any ``g > 0``, then the best ``g``), with
+          Frobenius error ``sqrt(sum_i S_i^2 - r g^2)``.
         """
         lay, r = self.layout, self.rank
         mat = self.view.to_matrix(weight.detach()).to(torch.float64)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         u, s, v = u[:, :r], s[:r], vh[:r].transpose(0, 1)
+        if not self.learned and self.view.d_out == self.view.d_in == r:
+            if torch.linalg.det(u @ v.T) * self._orthogonal_sign() < 0:
+                u, s = u.clone(), s.clone()
+                u[:, -1], s[-1] = -u[:, -1], -s[-1]  # W = U diag(s) V^T still holds
         scale = s[0] if self.learned else s.mean()
         self.gain = scale.to(dtype=weight.dtype, device=weight.device)
         cores = lay.cores
@@ -451,6 +462,12 @@ class SpectralChain(WeightParametrization):
         spectrum = s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny) if self.learned else None
         out = ChainFactors(spectrum, tuple(CoreFactors(b, t) for b, t in u_params + v_params)).flat()
         return tuple(t.to(dtype=weight.dtype, device=weight.device).contiguous() for t in out)
+
+    def _orthogonal_sign(self) -> float:
+        """Determinant sign of every ``W / g`` a square full-rank fixed-spectrum chain holds:
+        that of the chain whose reflectors are all ``e_j`` (every frame ``-E``)."""
+        frames = [-torch.eye(core.rows, core.cols, dtype=torch.float64) for core in self.layout.cores]
+        return float(torch.linalg.det(chain_weight(self.layout, frames, None)).sign())
 
     @staticmethod
     def _reduce_last(frame: Tensor) -> tuple[Tensor, Tensor]:
