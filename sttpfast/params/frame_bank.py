@@ -32,6 +32,7 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from sttpfast.linalg.householder import householder_frame
 from sttpfast.params.layers import factors_of, parameterized_layers
@@ -89,7 +90,9 @@ class FrameBank:
         if self._weights is None:
             members = self._scope.members
             # orthogonality needs full precision: never build frames under bf16/fp16 autocast
-            with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False):
+            # the label lets a profile tell the weight build from the layers' own work
+            with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
+                    record_function("sttpfast.weight_build"):
                 self._weights = build_weights(members)
         return self._weights.get(id(parametrization))
 
