@@ -7,8 +7,10 @@ mostly fixed overhead. The bank builds the weights of many layers together:
 1. frames of equal shape (they recur across layers) are stacked and built in one batched
    :func:`~sttpfast.linalg.householder.householder_frame` call per shape;
 2. layers of equal layout (shape, rank, variant) are contracted together: their frames
-   are contiguous slices of the shape groups (the stacking order makes sure), so the
-   U/V sweeps and ``U diag(g s) V^T`` run once per layout, batched.
+   are contiguous blocks of the shape groups (the stacking order makes sure), so the
+   chain contraction (:func:`~sttpfast.params.chain.chain_weights`, in the order of fewest
+   FLOPs) runs once per layout, batched, up to the last matmul, which makes each layer's
+   weight on its own.
 
 Ownership (DESIGN.md, "the batched weight build"). One bank belongs to one parameterized
 tree (the module ``parameterize`` was called on): two trees parameterized separately (a
