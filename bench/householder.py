@@ -55,7 +55,8 @@ def chain_of(layer: torch.nn.Module):
     from sttpfast.surgery import factors_of, parametrization_of
 
     p = parametrization_of(layer)
-    raw, reflectors = p.split_factors(factors_of(layer))
+    factors = p.chain_factors(factors_of(layer))
+    raw, reflectors = factors.spectrum, [(core.bottom, core.top) for core in factors.cores]
 
     def assemble(frames: list[torch.Tensor]) -> torch.Tensor:
         u, v = contract_chain(p.layout, frames)
@@ -114,6 +115,26 @@ def per_frame_weights(layers: list[torch.nn.Module], orgqr) -> list[torch.Tensor
     return out
 
 
+def floor_step(layers: list[torch.nn.Module], loss_of):
+    """The floor of a weight build: the final products ``U diag(s) V^T`` alone (forward and
+    backward to ``U``, ``s``, ``V``), from precomputed ``U``, ``s``, ``V`` of every layer."""
+    from sttpfast.params.chain import weight_matrix
+    from sttpfast.surgery import factors_of, parametrization_of
+
+    svd = []
+    with torch.no_grad():
+        for layer in layers:
+            p = parametrization_of(layer)
+            u, s, v = p.svd_factors(*factors_of(layer))
+            svd.append((p, *(t.clone().requires_grad_(True) for t in (u, s, v))))
+    leaves = [t for _, u, s, v in svd for t in (u, s, v)]
+
+    def run():
+        weights = [p.view.from_matrix(weight_matrix(u, s, v)) for p, u, s, v in svd]
+        return torch.autograd.grad(loss_of(weights), leaves)
+    return run
+
+
 def max_abs_diff(xs: list[torch.Tensor], ys: list[torch.Tensor]) -> float:
     """Largest entry difference over paired tensors (empty ones, like the factor of a
     square frame on St_U, count as 0)."""
@@ -141,9 +162,10 @@ def network_table(args, orgqr) -> None:
                     return torch.autograd.grad(loss_of(build()), factors)
                 return run
 
-            builds = {"bank": lambda: batched_weights(model, layers),
-                      "per-layer WY": lambda: per_layer_weights(layers)}
-            if orgqr is not None:
+            builds = {"bank": lambda: batched_weights(model, layers)}
+            if args.reference == "per-layer":
+                builds["per-layer WY"] = lambda: per_layer_weights(layers)
+            if orgqr is not None and args.reference == "per-layer":
                 builds["torch-householder"] = lambda: per_frame_weights(layers, orgqr)
             # the weight check: every path gives the same weights and the same gradients
             ref_w = [w.detach() for w in builds["bank"]()]
@@ -154,9 +176,13 @@ def network_table(args, orgqr) -> None:
                     w = builds[name]()
                 g = step(builds[name])()
                 diffs[name] = (max_abs_diff(w, ref_w), max_abs_diff(g, ref_g))
-            t = interleaved({name: step(build) for name, build in builds.items()}, args.repeats, device=device)
+            fns = {name: step(build) for name, build in builds.items()}
+            fns["floor"] = floor_step(layers, loss_of)
+            t = interleaved(fns, args.repeats, device=device)
+            b_med, b_lo, b_hi = ratio_stats(t["bank"], t["floor"])
             row = [arch, param, args.rank, f"{model.z:.2f}", len(layers), f"{n_frames} / {n_shapes}",
-                   f"{1e3 * median(t['bank']):.1f}"]
+                   f"{1e3 * median(t['bank']):.1f}", f"{1e3 * median(t['floor']):.1f}",
+                   f"**{b_med:.2f}x** ({b_lo:.2f}-{b_hi:.2f})"]
             for name in ("per-layer WY", "torch-householder"):
                 if name in t:
                     med, lo, hi = ratio_stats(t[name], t["bank"])
@@ -164,7 +190,7 @@ def network_table(args, orgqr) -> None:
                 else:
                     row += ["-", "-"]
             name = "torch-householder" if "torch-householder" in diffs else "per-layer WY"
-            row += [f"{diffs[name][0]:.1e} / {diffs[name][1]:.1e}"]
+            row += [f"{diffs[name][0]:.1e} / {diffs[name][1]:.1e}" if name in diffs else "-"]
             rows.append(row)
             print(" | ".join(map(str, row)), file=sys.stderr, flush=True)
     print(f"\nWeight build of a whole network per training step (all parameterized layers, forward + backward "
@@ -172,13 +198,15 @@ def network_table(args, orgqr) -> None:
           f"{args.device}; {machine()}; {args.repeats} interleaved repeats. 'bank': the weights read inside one "
           "forward pass of the model (sttpfast's batched frames, what a training step does); 'per-layer WY': "
           "each layer builds its own frames; 'torch-householder': one torch_householder_orgqr call per frame, "
-          "then the same chain contraction (the reference code's way). Speed-ups are per-repeat time / bank "
+          "then the same chain contraction (the reference code's way); 'floor': the final products "
+          "U diag(s) V^T alone, from precomputed U, s, V (bank / floor: per-repeat ratio). Speed-ups are per-repeat time / bank "
           "time. Max |diff|: the largest entry difference of the weights / of their gradients, "
           f"{'torch-householder' if orgqr is not None else 'per-layer WY'} vs bank.\n")
     if orgqr is None:
         print("torch-householder is not importable here (`pip install torch-householder`): "
               "its columns are left out.\n")
-    print(markdown_table(["model", "param", "rank", "Z %", "layers", "frames / shapes", "bank ms",
+    print(markdown_table(["model", "param", "rank", "Z %", "layers", "frames / shapes", "bank ms", "floor ms",
+                          "bank / floor",
                           "per-layer WY ms", "bank speed-up vs per-layer", "torch-householder ms",
                           "bank speed-up vs t-h", "max abs diff W / grad"], rows))
 
@@ -254,6 +282,8 @@ def main(argv=None):
                     help="network table: models")
     ap.add_argument("--params", nargs="+", default=["sttp-r", "svdp-r"], help="network table: parameterizations")
     ap.add_argument("--rank", type=int, default=32, help="network table: rank")
+    ap.add_argument("--reference", choices=["per-layer", "none"], default="per-layer",
+                    help="network table: time the per-layer builds too (none: bank vs floor only)")
     ap.add_argument("--max-shapes", type=int, default=0, help="frames table: 0 for all shapes")
     ap.add_argument("--batch", type=int, default=1, help="frames table: frames of each shape computed in one call")
     args = ap.parse_args(argv)

@@ -18,7 +18,12 @@ compared three ways:
   the resident set; on a GPU the CUDA allocator's peak is used instead.
 
     python bench/step.py [--models resnet20_cifar wrn16_4] [--params sttp-r svdp-r] [--rank 32]
+    python bench/step.py --timm            # timm's backbones at Z 10%, batch 32, 64x64 images
+    python bench/step.py --profile         # + where a training step's time goes (torch.profiler)
     python bench/step.py --device cuda --models wrn28_10      # the GPU row
+
+``--timm`` sets ``--models`` to TIMM_MODELS, ``--compression 10`` (``parameterize(model, p,
+compression=10)`` instead of a rank), ``--bs 32`` and ``--img-size 64`` (ViT built for it).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import interleaved, machine, markdown_table, median, ratio_stats, set_threads  # noqa: E402
@@ -42,15 +48,22 @@ import sttpfast  # noqa: E402
 from sttpfast.models import create_model  # noqa: E402
 from sttpfast.penalties import d_optimal_penalty  # noqa: E402
 
+#: timm's own backbones of the ``--timm`` set
+TIMM_MODELS = ["resnet18", "convnext_atto", "vit_tiny_patch16_224", "efficientnet_b0"]
+
 #: glibc's mmap threshold for the memory subprocesses: fixed (no dynamic growth), so every
 #: tensor of 64 KiB or more is its own mapping and returns to the OS when freed
 MMAP_THRESHOLD = 65536
 
 
-def build(arch: str, param: str, rank: int, device) -> torch.nn.Module:
+def build(arch: str, param: str, rank: int | None, device, compression: float | None = None,
+          img_size: int = 32) -> torch.nn.Module:
+    """``arch`` with 10 classes for ``img_size`` inputs, ``param`` at ``rank`` or at ``compression`` (Z %)."""
     torch.manual_seed(0)
-    model = create_model(arch, num_classes=10)
-    report = sttpfast.parameterize(model, param, rank=rank if param not in ("dense", "sn") else None)
+    model = create_model(arch, num_classes=10, **({"img_size": img_size} if arch.startswith("vit") else {}))
+    low_rank = param not in ("dense", "sn")
+    report = sttpfast.parameterize(model, param, rank=rank if low_rank and compression is None else None,
+                                   compression=compression if low_rank else None)
     model.z = report.z
     return model.to(device)
 
@@ -59,39 +72,99 @@ def train_step_fn(model, x, y, penalized: bool):
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
     def step():
+        # the labels are what --profile's breakdown reads (negligible cost without a profiler)
         model.train()
-        loss = F.cross_entropy(model(x), y)
-        if penalized:
-            loss = loss + d_optimal_penalty(model)
+        with record_function("step.forward"):
+            loss = F.cross_entropy(model(x), y)
+            if penalized:
+                loss = loss + d_optimal_penalty(model)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        with record_function("step.backward"):
+            loss.backward()
+        with record_function("step.optimizer"):
+            opt.step()
     return step
 
 
 # ---------------------------------------------------------------------------------------
+# where the time of a training step goes
+def _inside(event, name: str) -> bool:
+    while event is not None:
+        if event.name == name:
+            return True
+        event = event.cpu_parent
+    return False
+
+
+def step_breakdown(step, steps: int = 3) -> dict[str, float]:
+    """ms per step of: frames (the Householder WY kernels), contraction (every other op of the
+    weight build: the chain contraction, incl. the final product with s and the other side,
+    and the stacking of the bank), layers (the network's own forward and backward:
+    convolutions, norms, activations, loss) and the optimizer step; forward and backward
+    apart. From one torch.profiler run of ``steps`` steps: the weight build is the frame
+    bank's ``sttpfast.weight_build`` scope in forward; its backward is every autograd node
+    whose sequence number belongs to an op of that scope."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = list(prof.events())
+    total = {name: sum(e.cpu_time_total for e in events if e.name == name)
+             for name in ("step.forward", "step.backward", "step.optimizer", "sttpfast.weight_build",
+                          "_WYFrame", "_WYFrameBackward")}
+    build_seq = {e.sequence_nr for e in events if e.sequence_nr >= 0 and _inside(e, "sttpfast.weight_build")}
+    build_bwd = sum(e.cpu_time_total for e in events
+                    if e.name.startswith("autograd::engine::evaluate_function:") and e.sequence_nr in build_seq)
+    wy_bwd = sum(e.cpu_time_total for e in events if e.name.startswith("autograd::engine::evaluate_function: _WYFrame"))
+    us = {
+        "frames fwd": total["_WYFrame"],
+        "contraction fwd": total["sttpfast.weight_build"] - total["_WYFrame"],
+        "layers fwd": total["step.forward"] - total["sttpfast.weight_build"],
+        "frames bwd": wy_bwd,
+        "contraction bwd": build_bwd - wy_bwd,
+        "layers bwd": total["step.backward"] - build_bwd,
+        "optimizer": total["step.optimizer"],
+    }
+    return {k: v / 1e3 / steps for k, v in us.items()}
+
+
+def profile_table(rows: list[tuple[str, str, dict[str, float]]]) -> str:
+    keys = list(rows[0][2])
+    body = []
+    for arch, param, ms in rows:
+        step_ms = sum(ms.values())
+        body.append([arch, param, f"{step_ms:.0f}"] + [f"{ms[k]:.0f} ({100 * ms[k] / step_ms:.0f}%)" for k in keys])
+    return markdown_table(["model", "param", "step ms"] + [f"{k} ms" for k in keys], body)
+
+
+# ---------------------------------------------------------------------------------------
 # validation pass through the trainer's own path
-def random_dls(n_valid: int, bs: int, device):
-    """fastai DataLoaders over random 3x32x32 images with 10 classes (``n_valid`` to validate)."""
+def random_dls(n_valid: int, bs: int, device, img_size: int = 32):
+    """fastai DataLoaders over random 3 x img_size x img_size images with 10 classes (``n_valid`` to validate)."""
     from fastai.data.core import DataLoaders
     from torch.utils.data import TensorDataset
 
     gen = torch.Generator().manual_seed(0)
     def dataset(n):
-        return TensorDataset(torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen))
+        return TensorDataset(torch.randn(n, 3, img_size, img_size, generator=gen), torch.randint(0, 10, (n,), generator=gen))
     dls = DataLoaders.from_dsets(dataset(bs), dataset(n_valid), bs=bs, device=device)
     dls.n_classes, dls.in_chans = 10, 3
     return dls
 
 
-def validation_learner(arch: str, param: str, rank: int, dls, run_dir):
+def validation_learner(arch: str, param: str, rank: int | None, dls, run_dir, compression: float | None = None,
+                       img_size: int = 32):
     """The project's Learner (``spectral_learner``, default callbacks and metrics) for
     ``arch`` in ``param`` form; its callbacks write into ``run_dir``."""
     from sttpfast.learner import spectral_learner
 
     torch.manual_seed(0)
-    return spectral_learner(dls, arch, param=param, rank=rank if param not in ("dense", "sn") else None,
-                            run_dir=run_dir)
+    low_rank = param not in ("dense", "sn")
+    return spectral_learner(dls, arch, param=param, rank=rank if low_rank and compression is None else None,
+                            compression=compression if low_rank else None, run_dir=run_dir,
+                            model_kwargs={"img_size": img_size} if arch.startswith("vit") else None)
 
 
 def time_validation(learners: dict, repeats: int, device) -> dict[str, list[float]]:
@@ -117,16 +190,18 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_child(arch: str, param: str, rank: int, bs: int, steps: int, device: str) -> dict:
+def memory_child(arch: str, param: str, rank: int, bs: int, steps: int, device: str,
+                 compression: float | None = None, img_size: int = 32) -> dict:
     """In this (fresh) process: peak memory of ``steps`` training steps above the memory in
     use before the model was created, in MiB. CPU: resident set (``VmHWM``, reset once the
     model and optimizer exist); GPU: the CUDA allocator's peak of allocated bytes."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    x, y = torch.randn(bs, 3, 32, 32, device=device), torch.randint(0, 10, (bs,), device=device)
+    x = torch.randn(bs, 3, img_size, img_size, device=device)
+    y = torch.randint(0, 10, (bs,), device=device)
     gc.collect()
     before_model = torch.cuda.memory_allocated(device) if cuda else 1024 * _proc_status_kib("VmRSS")
-    model = build(arch, param, rank, device)
+    model = build(arch, param, rank, device, compression, img_size)
     step = train_step_fn(model, x, y, param.endswith("-r"))
     gc.collect()
     if cuda:
@@ -139,11 +214,12 @@ def memory_child(arch: str, param: str, rank: int, bs: int, steps: int, device: 
     return {"peak_mib": (peak - before_model) / 2**20, "before_model_mib": before_model / 2**20}
 
 
-def measure_memory(arch: str, param: str, rank: int, bs: int, steps: int, device) -> float | None:
+def measure_memory(arch: str, param: str, rank: int, bs: int, steps: int, device,
+                   compression: float | None = None, img_size: int = 32) -> float | None:
     """Peak memory of a training step of one configuration (MiB), from a fresh subprocess."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
     cmd = [sys.executable, __file__, "--memory-child", arch, param, str(rank), str(bs), str(steps),
-           str(torch.get_num_threads()), str(device)]
+           str(torch.get_num_threads()), str(device), str(compression or 0), str(img_size)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         print(f"memory of {arch} {param} not measured:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -159,11 +235,19 @@ def memory_method(device) -> str:
             f"before model creation, glibc MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}")
 
 
+def validation_cell(times: list[float], dense: list[float]) -> str:
+    if not times:
+        return "-"
+    med, lo, hi = ratio_stats(times, dense)
+    return f"{med:.3f} ({lo:.2f}-{hi:.2f})"
+
+
 def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
-        arch, param, rank, bs, steps, threads, device = sys.argv[2:9]
+        arch, param, rank, bs, steps, threads, device, compression, img_size = sys.argv[2:11]
         set_threads(int(threads))
-        print(json.dumps(memory_child(arch, param, int(rank), int(bs), int(steps), device)))
+        print(json.dumps(memory_child(arch, param, int(rank), int(bs), int(steps), device,
+                                      float(compression) or None, int(img_size))))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["resnet20_cifar", "wrn16_4"])
@@ -174,34 +258,49 @@ def main(argv=None):
     ap.add_argument("--val-images", type=int, default=1024, help="size of the random validation set")
     ap.add_argument("--val-repeats", type=int, default=3, help="validation pass timing")
     ap.add_argument("--mem-steps", type=int, default=2, help="training steps per memory subprocess (0: no memory)")
+    ap.add_argument("--compression", type=float, default=None, help="target Z %% instead of --rank")
+    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--timm", action="store_true",
+                    help="timm's backbones (TIMM_MODELS) at --compression 10, --bs 32, --img-size 64")
+    ap.add_argument("--profile", action="store_true", help="also print where a training step's time goes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.timm:
+        args.models, args.compression, args.bs, args.img_size = TIMM_MODELS, 10.0, 32, 64
     set_threads(args.threads)
     device = torch.device(args.device)
+    size = args.img_size
+    profiles = []
     measure_mem = args.mem_steps > 0 and (device.type == "cuda" or Path("/proc/self/clear_refs").exists())
     rows = []
     for arch in args.models:
         configs = ["dense"] + args.params
-        x = torch.randn(args.bs, 3, 32, 32, device=device)
+        x = torch.randn(args.bs, 3, size, size, device=device)
         y = torch.randint(0, 10, (args.bs,), device=device)
-        models = {p: build(arch, p, args.rank, device) for p in configs}
+        models = {p: build(arch, p, args.rank, device, args.compression, size) for p in configs}
         steps = {p: train_step_fn(m, x, y, p.endswith("-r")) for p, m in models.items()}
         t_step = interleaved(steps, args.repeats, device=device)
+        if args.profile:
+            profiles += [(arch, p, step_breakdown(steps[p])) for p in configs]
+            print(profile_table(profiles[-len(configs):]), file=sys.stderr, flush=True)
         del steps
-        dls = random_dls(args.val_images, args.bs, device)
-        with tempfile.TemporaryDirectory() as run_dir:  # what the callbacks write is thrown away
-            learners = {p: validation_learner(arch, p, args.rank, dls, run_dir) for p in configs}
-            t_val = time_validation(learners, args.val_repeats, device)
-        del learners
+        t_val = {p: [] for p in configs}
+        if args.val_repeats > 0:
+            dls = random_dls(args.val_images, args.bs, device, size)
+            with tempfile.TemporaryDirectory() as run_dir:  # what the callbacks write is thrown away
+                learners = {p: validation_learner(arch, p, args.rank, dls, run_dir, args.compression, size)
+                            for p in configs}
+                t_val = time_validation(learners, args.val_repeats, device)
+            del learners
         mem = {}
         if measure_mem:
-            mem = {p: measure_memory(arch, p, args.rank, args.bs, args.mem_steps, device) for p in configs}
+            mem = {p: measure_memory(arch, p, args.rank, args.bs, args.mem_steps, device, args.compression, size)
+                   for p in configs}
         for p in args.params:
             s_med, s_lo, s_hi = ratio_stats(t_step[p], t_step["dense"])
-            v_med, v_lo, v_hi = ratio_stats(t_val[p], t_val["dense"])
-            row = [arch, p, args.rank, f"{models[p].z:.2f}", f"{s_med:.3f} ({s_lo:.2f}-{s_hi:.2f})",
-                   f"{v_med:.3f} ({v_lo:.2f}-{v_hi:.2f})"]
+            row = [arch, p, args.rank if args.compression is None else f"Z {args.compression:g}%", f"{models[p].z:.2f}", f"{s_med:.3f} ({s_lo:.2f}-{s_hi:.2f})",
+                   validation_cell(t_val[p], t_val["dense"])]
             if mem.get(p) is not None and mem.get("dense") is not None:
                 row += [f"{mem['dense']:.0f} / {mem[p]:.0f}", f"{mem[p] / mem['dense']:.3f}"]
             else:
@@ -214,13 +313,18 @@ def main(argv=None):
               "step peak MiB dense / param", "step peak memory / dense"]
     if device.type == "cuda":
         header += ["dense step ms", "param step ms"]
-    print(f"\nParameterized / dense, batch {args.bs} of random 3x32x32 images, 10 classes; {machine()}. "
+    print(f"\nParameterized / dense, batch {args.bs} of random 3x{size}x{size} images, 10 classes; {machine()}. "
           f"Train step: SGD (momentum 0.9), {args.repeats} interleaved repeats, median (min-max). "
           f"Validation pass: spectral_learner's (default callbacks and metrics) validation pass as fit runs it, over "
           f"{args.val_images} random images, {args.val_repeats} interleaved repeats. Step peak memory: "
           f"fresh process per configuration, {args.mem_steps} training steps; "
           f"{memory_method(device) if measure_mem else 'not measured (--mem-steps 0 or no /proc/self/clear_refs)'}.\n")
     print(markdown_table(header, rows))
+    if profiles:
+        print(f"\nWhere a training step's time goes (torch.profiler, CPU time per step, mean of 3 steps; "
+              "frames: the Householder WY kernels; contraction: the rest of the weight build, incl. the final "
+              "product; layers: the network's own ops and the loss; see step_breakdown)\n")
+        print(profile_table(profiles))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import NamedTuple
 
 import torch
@@ -46,7 +47,8 @@ from sttpfast.linalg.householder import (
 from sttpfast.linalg.tt import tt_ranks
 from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, learned_spectrum
 
-__all__ = ["ChainLayout", "ChainFactors", "CoreFactors", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum"]
+__all__ = ["ChainLayout", "ChainFactors", "CoreFactors", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum",
+           "chain_weight", "chain_weights", "contraction_plan"]
 
 #: standard deviation of the reflector entries at the identity initialization. The STTP
 #: reference code perturbs the frame ``E`` by ``1e-4 * randn`` and re-orthogonalizes; a
@@ -203,6 +205,108 @@ def weight_matrix(u: Tensor, spectrum: Tensor | None, v: Tensor) -> Tensor:
     return u @ v.mT
 
 
+# ---------------------------------------------------------------------------------------
+# the weight in one contraction of the whole chain, in the order of fewest FLOPs
+@lru_cache(maxsize=1024)
+def contraction_plan(layout: ChainLayout) -> tuple[tuple, int]:
+    """The cheapest order to contract all cores of ``layout`` (U-cores, ``Sigma``, V-cores) into ``W``.
+
+    The chain is a product of matrices once every core is seen as ``(R_{k-1} n_k, R_k)`` or
+    ``(R_{k-1}, n_k R_k)``: merging the contracted segments ``[a, m]`` and ``[m+1, b]`` is one
+    matmul ``(R_{a-1} N_{a..m}, R_m) @ (R_m, N_{m+1..b} R_b)`` of ``R_{a-1} N_{a..b} R_b R_m``
+    multiply-adds whose operands and result are plain reshapes (row-major
+    ``(R_{a-1}, n_a, ..., n_b, R_b)``), so no order needs a permuted copy, and the result is
+    ``W`` in its natural ``(d_out, d_in)`` layout. The classic matrix-chain dynamic program
+    picks the split of every segment. ``U diag(s) V^T`` (the two sweeps, then the product
+    through the bond of rank ``r``) is one of the orders; a cheaper one contracts through a
+    smaller bond last, e.g. the ``R = 9`` bond before a 3x3 kernel mode.
+
+    Returns ``(tree, flops)``: ``tree`` is a core index (a leaf) or ``(left, right)``.
+    """
+    modes = layout.out_modes + layout.in_modes
+    ranks, n = layout.ranks, len(modes)
+    span = [[math.prod(modes[a:b + 1]) for b in range(n)] for a in range(n)]
+    cost = [[0] * n for _ in range(n)]
+    split = [[0] * n for _ in range(n)]
+    for length in range(2, n + 1):
+        for a in range(n - length + 1):
+            b = a + length - 1
+            best = None
+            for m in range(a, b):
+                c = cost[a][m] + cost[m + 1][b] + ranks[a] * span[a][b] * ranks[b + 1] * ranks[m + 1]
+                if best is None or c < best:
+                    best, split[a][b] = c, m
+            cost[a][b] = best
+
+    def tree(a, b):
+        if a == b:
+            return a
+        m = split[a][b]
+        return tree(a, m), tree(m + 1, b)
+    return tree(0, n - 1), cost[0][n - 1]
+
+
+def _root_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The two operands of the last matmul of :func:`contraction_plan`'s order, every other
+    merge done: ``(..., d_left, R_m)`` and ``(..., R_m, d_right)`` with ``d_left d_right = d_out d_in``."""
+    n_out = len(layout.out_modes)
+    batch = frames[0].shape[:-2]
+    cores = list(frames)
+    if spectrum is not None:  # Sigma goes into the last U-core: (R n) x r, the cheapest place
+        cores[n_out - 1] = cores[n_out - 1] * spectrum.unsqueeze(-2)
+    # a V-core's frame is (n_k R_k) x R_{k-1}: its transpose is the core as R_{k-1} x (n_k R_k)
+    for k in range(n_out, len(cores)):
+        cores[k] = cores[k].mT
+    ranks = layout.ranks
+
+    def operands(node):
+        left, right = contract(node[0]), contract(node[1])
+        bond = ranks[_last_core(node[0]) + 1]
+        return left.reshape(*batch, -1, bond), right.reshape(*batch, bond, -1)
+
+    def contract(node):
+        # segment [a, b] as one row-major (R_{a-1}, n_a..n_b, R_b) array (any reshape of it is
+        # a view), except a V-core leaf: the transposed (R_{a-1}, n_a R_a) view of its frame
+        if isinstance(node, int):
+            return cores[node]
+        left, right = operands(node)
+        return left @ right
+
+    tree, _ = contraction_plan(layout)
+    return operands(tree)
+
+
+def _last_core(node) -> int:
+    return node if isinstance(node, int) else _last_core(node[1])
+
+
+def chain_weight(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> Tensor:
+    """``W = U diag(g s) V^T`` of one chain, contracted in the order of :func:`contraction_plan`.
+
+    Args:
+        frames: one ``(rows, cols)`` frame per core, chain order (U-cores, then V-cores).
+        spectrum: ``g s`` ``(r,)`` or None (``s = 1``, gain 1).
+    Returns:
+        ``(d_out, d_in)``.
+    """
+    left, right = _root_operands(layout, frames, spectrum)
+    return (left @ right).reshape(math.prod(layout.out_modes), -1)
+
+
+def chain_weights(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> list[Tensor]:
+    """:func:`chain_weight` of ``B`` chains of one layout: frames ``(B, rows, cols)``, spectrum
+    ``(B, r)`` or None; returns ``B`` weights ``(d_out, d_in)``.
+
+    Every merge but the last runs batched (small tensors, where a call's fixed cost
+    dominates); the last, which makes the weight, runs per chain, so each weight is its own
+    tensor: unbinding a batched weight would cost a copy of every weight's gradient in
+    backward (the stack behind ``unbind``), about a tenth of a large network's build.
+    """
+    left, right = _root_operands(layout, frames, spectrum)
+    d_out = math.prod(layout.out_modes)
+    return [(a @ b).reshape(d_out, -1) for a, b in zip(left.unbind(0), right.unbind(0))]
+
+
 class SpectralChain(WeightParametrization):
     """``W = U diag(s) V^T`` with ``U``, ``V`` tensor-train chains of Householder frames.
 
@@ -270,8 +374,9 @@ class SpectralChain(WeightParametrization):
         if matrix is None:
             # orthogonality needs full precision: never build frames under bf16/fp16 autocast
             with torch.autocast(factors[-1].device.type, enabled=False):
-                u, spectrum, v = self.svd_factors(*factors)
-                matrix = weight_matrix(u, spectrum, v)
+                raw, cores = self.chain_factors(factors)
+                frames = [householder_frame(core.bottom, core.top) for core in cores]
+                matrix = chain_weight(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))
         return self.view.from_matrix(matrix)
 
     # -- spectrum -----------------------------------------------------------------------
@@ -313,11 +418,22 @@ class SpectralChain(WeightParametrization):
           as the TT ranks do not truncate ``U_r``, ``V_r`` (always for SVDP);
         * fixed spectrum: the chain can only hold ``g`` times a partial isometry; the closest
           one in Frobenius norm is ``g = mean(S_r)`` times the polar factor ``U_r V_r^T``.
+          A square full-rank chain (``d_out = d_in = r``) holds ``g`` times an orthogonal
+          matrix of one determinant sign only (its factors form a connected set, and the
+          orthogonal group has two components). When the polar factor has the other sign,
+          the closest matrix it holds flips the last (smallest) singular direction:
+          ``Q = U_r diag(1, ..., 1, -1) V_r^T`` and ``g = (S_1 + ... + S_{r-1} - S_r) / r``
+          (the best ``Q`` of that sign for any ``g > 0``, then the best ``g``), with
+          Frobenius error ``sqrt(sum_i S_i^2 - r g^2)``.
         """
         lay, r = self.layout, self.rank
         mat = self.view.to_matrix(weight.detach()).to(torch.float64)
         u, s, vh = torch.linalg.svd(mat, full_matrices=False)
         u, s, v = u[:, :r], s[:r], vh[:r].transpose(0, 1)
+        if not self.learned and self.view.d_out == self.view.d_in == r:
+            if torch.linalg.det(u @ v.T) * self._orthogonal_sign() < 0:
+                u, s = u.clone(), s.clone()
+                u[:, -1], s[-1] = -u[:, -1], -s[-1]  # W = U diag(s) V^T still holds
         scale = s[0] if self.learned else s.mean()
         self.gain = scale.to(dtype=weight.dtype, device=weight.device)
         cores = lay.cores
@@ -346,6 +462,12 @@ class SpectralChain(WeightParametrization):
         spectrum = s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny) if self.learned else None
         out = ChainFactors(spectrum, tuple(CoreFactors(b, t) for b, t in u_params + v_params)).flat()
         return tuple(t.to(dtype=weight.dtype, device=weight.device).contiguous() for t in out)
+
+    def _orthogonal_sign(self) -> float:
+        """Determinant sign of every ``W / g`` a square full-rank fixed-spectrum chain holds:
+        that of the chain whose reflectors are all ``e_j`` (every frame ``-E``)."""
+        frames = [-torch.eye(core.rows, core.cols, dtype=torch.float64) for core in self.layout.cores]
+        return float(torch.linalg.det(chain_weight(self.layout, frames, None)).sign())
 
     @staticmethod
     def _reduce_last(frame: Tensor) -> tuple[Tensor, Tensor]:

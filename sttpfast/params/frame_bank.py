@@ -7,8 +7,10 @@ mostly fixed overhead. The bank builds the weights of many layers together:
 1. frames of equal shape (they recur across layers) are stacked and built in one batched
    :func:`~sttpfast.linalg.householder.householder_frame` call per shape;
 2. layers of equal layout (shape, rank, variant) are contracted together: their frames
-   are contiguous slices of the shape groups (the stacking order makes sure), so the
-   U/V sweeps and ``U diag(g s) V^T`` run once per layout, batched.
+   are contiguous blocks of the shape groups (the stacking order makes sure), so the
+   chain contraction (:func:`~sttpfast.params.chain.chain_weights`, in the order of fewest
+   FLOPs) runs once per layout, batched, up to the last matmul, which makes each layer's
+   weight on its own.
 
 Ownership (DESIGN.md, "the batched weight build"). One bank belongs to one parameterized
 tree (the module ``parameterize`` was called on): two trees parameterized separately (a
@@ -32,6 +34,7 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from sttpfast.linalg.householder import householder_frame
 from sttpfast.params.layers import factors_of, parameterized_layers
@@ -89,14 +92,16 @@ class FrameBank:
         if self._weights is None:
             members = self._scope.members
             # orthogonality needs full precision: never build frames under bf16/fp16 autocast
-            with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False):
+            # the label lets a profile tell the weight build from the layers' own work
+            with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
+                    record_function("sttpfast.weight_build"):
                 self._weights = build_weights(members)
         return self._weights.get(id(parametrization))
 
 
 def build_weights(members: list[tuple[nn.Module, nn.Module]]) -> dict[int, Tensor]:
     """``{id(parametrization): W (d_out, d_in)}`` of chain layers ``(layer, parametrization)``, batched."""
-    from sttpfast.params.chain import contract_chain, scaled_spectrum, weight_matrix
+    from sttpfast.params.chain import chain_weights, scaled_spectrum
 
     layouts = defaultdict(list)
     for layer, p in members:
@@ -105,28 +110,27 @@ def build_weights(members: list[tuple[nn.Module, nn.Module]]) -> dict[int, Tenso
         layouts[key].append((id(p), factors, p.gain))
     # 1. frames, one WY call per frame shape; a (layout, core) block is a contiguous run
     shape_items = defaultdict(list)  # frame key -> [CoreFactors]
-    where = {}  # (layout key, core index) -> (frame key, start, count)
+    blocks = defaultdict(list)  # frame key -> rows of each (layout, core) block, in order
+    where = {}  # (layout key, core index) -> (frame key, block index)
     for lkey, group in layouts.items():
         for k, core in enumerate(lkey[0].cores):
             fkey = (core.rows, core.cols, core.reduced, lkey[1], lkey[2])
-            where[lkey, k] = (fkey, len(shape_items[fkey]), len(group))
+            where[lkey, k] = (fkey, len(blocks[fkey]))
+            blocks[fkey].append(len(group))
             shape_items[fkey].extend(factors.cores[k] for _, factors, _ in group)
-    built = {}
+    built = {}  # frame key -> its frames, one tensor per block
     for fkey, items in shape_items.items():
         bottoms = torch.stack([c.bottom for c in items])
         tops = None if fkey[2] else torch.stack([c.top for c in items])
-        built[fkey] = householder_frame(bottoms, tops)
-    # 2. contraction, one batched sweep per layout
+        # one split, not a slice per block: a slice's backward writes zeros of the whole stack
+        built[fkey] = householder_frame(bottoms, tops).split(blocks[fkey])
+    # 2. contraction, one batched chain contraction per layout
     out = {}
     for lkey, group in layouts.items():
-        frames = []
-        for k in range(len(lkey[0].cores)):
-            fkey, start, count = where[lkey, k]
-            frames.append(built[fkey][start:start + count])
-        u, v = contract_chain(lkey[0], frames)
+        frames = [built[fkey][i] for fkey, i in (where[lkey, k] for k in range(len(lkey[0].cores)))]
         raw = torch.stack([f.spectrum for _, f, _ in group]) if lkey[0].learned else None
         spectrum = scaled_spectrum(raw, torch.stack([gain for _, _, gain in group]), lkey[0].rank)
-        for (pid, _, _), w in zip(group, weight_matrix(u, spectrum, v).unbind(0)):
+        for (pid, _, _), w in zip(group, chain_weights(lkey[0], frames, spectrum)):
             out[pid] = w
     return out
 

@@ -1,0 +1,160 @@
+"""Every fast path of the weight build equals a plain, slow reference build (float64, 1e-10
+relative, forward and gradients): the per-layer build (bank switched off), the frame bank
+(batched frames, batched contraction) and the contraction order of fewest FLOPs.
+
+The reference here is written out independently of the library's fast code: frames by
+``r`` sequential Householder reflections, the cores reshaped to ``(R_{k-1}, n_k, R_k)``
+and the whole chain contracted with one ``torch.einsum`` per side, then ``U diag(g s) V^T``.
+"""
+import string
+
+import pytest
+import torch
+from torch import nn
+
+import sttpfast
+from sttpfast.linalg.householder import sequential_householder_frame
+from sttpfast.params.chain import ChainLayout, contraction_plan
+from sttpfast.params.layers import factors_of, parameterized_layers
+
+RTOL = 1e-10
+
+
+def reference_weight(p, factors) -> torch.Tensor:
+    """``W`` of one chain layer, built the plain way (see the module docstring)."""
+    lay = p.layout
+    chain = p.chain_factors(factors)
+    frames = [sequential_householder_frame(c.bottom, c.top) for c in chain.cores]
+    n_out = len(lay.out_modes)
+    cores = []
+    for k, (core, frame) in enumerate(zip(lay.cores, frames)):
+        if k < n_out:  # (R_{k-1} n_k) x R_k
+            cores.append(frame.reshape(core.left_rank, core.mode, core.right_rank))
+        else:  # (n_k R_k) x R_{k-1}, the transposed core
+            cores.append(frame.T.reshape(core.left_rank, core.mode, core.right_rank))
+    letters = iter(string.ascii_letters)
+
+    def side(side_cores):
+        bonds = [next(letters) for _ in range(len(side_cores) + 1)]
+        modes = [next(letters) for _ in side_cores]
+        terms = [bonds[i] + modes[i] + bonds[i + 1] for i in range(len(side_cores))]
+        out = bonds[0] + "".join(modes) + bonds[-1]
+        return torch.einsum(",".join(terms) + "->" + out, *side_cores)
+
+    u = side(cores[:n_out]).reshape(-1, lay.rank)  # (1, n.., r) -> (d_out, r)
+    v_t = side(cores[n_out:]).reshape(lay.rank, -1)  # (r, m.., 1) -> (r, d_in)
+    s = torch.ones(lay.rank, dtype=u.dtype) if chain.spectrum is None else chain.spectrum / chain.spectrum.abs().max()
+    matrix = torch.einsum("ia,a,aj->ij", u, p.gain * s, v_t)
+    return p.view.from_matrix(matrix)
+
+
+class Net(nn.Module):
+    """Layers whose chains differ: 3x3 convs (two of one layout, for the bank's batching),
+    a 1x1 conv, a transposed conv, a square Linear and a wide one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 6, 3, padding=1)
+        self.b = nn.Conv2d(6, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 6, 3, padding=1)
+        self.d = nn.Conv2d(6, 12, 1)
+        self.e = nn.ConvTranspose2d(12, 4, 2)
+        self.f = nn.Linear(4, 4)
+        self.g = nn.Linear(4, 10)
+
+    def forward(self, x):
+        x = self.d(self.c(self.b(self.a(x)).relu()).relu())
+        x = self.e(x).mean((-2, -1))
+        return self.g(self.f(x).relu())
+
+
+def model_pair(param, rank, init):
+    """The same float64 model with the frame bank and without it (spectral init: gains != 1)."""
+    torch.manual_seed(0)
+    model = Net().double()
+    sttpfast.parameterize(model, param, rank=rank, init=init)
+    with torch.no_grad():  # leave the identity: frames differ from -E in every entry
+        for _, layer, _ in parameterized_layers(model):
+            for t in factors_of(layer):
+                t.add_(0.3 * torch.randn_like(t))
+    plain = Net().double()
+    sttpfast.parameterize(plain, param, rank=rank, init=init, frame_bank=False)
+    plain.load_state_dict(model.state_dict())
+    return model, plain
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("param,rank,init", [("sttp-r", 3, "identity"), ("sttp-c", 4, "spectral"),
+                                             ("svdp-l", 3, "spectral"), ("svdp-c", None, "identity")])
+def test_bank_and_per_layer_builds_equal_the_reference(param, rank, init):
+    model, plain = model_pair(param, rank, init)
+    layers = [(layer, p) for _, layer, p in parameterized_layers(model)]
+    plain_layers = [layer for _, layer, _ in parameterized_layers(plain)]
+    gen = torch.Generator().manual_seed(1)
+    probes = [torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64) for layer, _ in layers]
+    factors = [f for layer, _ in layers for f in factors_of(layer)]
+    plain_factors = [f for layer in plain_layers for f in factors_of(layer)]
+
+    ref = [reference_weight(p, factors_of(layer)) for layer, p in layers]
+    ref_grads = torch.autograd.grad(sum((w * g).sum() for w, g in zip(ref, probes)), factors)
+    # the bank builds inside a forward pass of the model
+    model.forward = lambda: [layer.weight for layer, _ in layers]
+    bank = model()
+    del model.forward
+    bank_grads = torch.autograd.grad(sum((w * g).sum() for w, g in zip(bank, probes)), factors)
+    per_layer = [layer.weight for layer in plain_layers]
+    per_layer_grads = torch.autograd.grad(sum((w * g).sum() for w, g in zip(per_layer, probes)), plain_factors)
+
+    for got, got_grads in ((bank, bank_grads), (per_layer, per_layer_grads)):
+        assert max(relative(w, r) for w, r in zip(got, ref)) < RTOL
+        # empty factors (St_U of a square frame) have nothing to compare
+        assert max(relative(g, r) for g, r in zip(got_grads, ref_grads) if r.numel()) < RTOL
+
+
+def tree_cost(lay, node):
+    """(first core, last core, multiply-adds) of contracting ``node`` in ``lay``'s chain."""
+    if isinstance(node, int):
+        return node, node, 0
+    a, m, left = tree_cost(lay, node[0])
+    _, b, right = tree_cost(lay, node[1])
+    modes = lay.out_modes + lay.in_modes
+    span = 1
+    for n in modes[a:b + 1]:
+        span *= n
+    return a, b, left + right + lay.ranks[a] * span * lay.ranks[b + 1] * lay.ranks[m + 1]
+
+
+def all_trees(a, b):
+    if a == b:
+        yield a
+        return
+    for m in range(a, b):
+        for left in all_trees(a, m):
+            for right in all_trees(m + 1, b):
+                yield left, right
+
+
+def test_contraction_plan_is_the_cheapest_of_all_orders():
+    # Linear(12 -> 20) at rank 3: modes 2 2 5 | 2 2 3 1, 7 cores, 132 orders
+    lay = ChainLayout.build([2, 2, 5], [2, 2, 3, 1], 3, True)
+    tree, flops = contraction_plan(lay)
+    costs = [tree_cost(lay, t)[2] for t in all_trees(0, 6)]
+    assert len(costs) == 132
+    assert flops == tree_cost(lay, tree)[2] == min(costs)
+
+
+def test_contraction_plan_beats_the_two_sweeps_on_a_wide_conv():
+    # WRN-28-10's 640 -> 640 3x3 conv at rank 32: modes 2^7 5 | 2^7 5 9
+    lay = ChainLayout.build([2] * 7 + [5], [2] * 7 + [5, 9], 32, True)
+    n_out = 8
+    u_sweep = ((((((((0, 1), 2), 3), 4), 5), 6), 7))
+    v_sweep = 16
+    for k in range(15, n_out - 1, -1):
+        v_sweep = (k, v_sweep)
+    _, flops = contraction_plan(lay)
+    # the two sweeps, then U V^T through the rank-32 bond, against the cheapest order;
+    # the final product alone is 640 * 32 * 5760 = 117,964,800
+    assert (tree_cost(lay, (u_sweep, v_sweep))[2], flops) == (130552768, 123745216)
