@@ -178,12 +178,13 @@ def train_offline_extractor(dls, path: str | Path, arch: str = DEFAULT_ARCH, ste
         return path
     if int(steps) < 1:
         raise ValueError(f"steps must be a positive number of optimizer steps, got {steps!r}")
-    torch.manual_seed(seed)
-    learn = spectral_learner(dls, arch, param="dense", opt="adam", lr=lr, wd=0.0,
-                             model_kwargs=dict(model_kwargs or {}), run_dir=path.parent, cbs=[])
-    with learn.no_bar(), learn.no_logging():
-        fit(learn, steps=int(steps), lr=lr)
-        accuracy = float(learn.validate()[1])
+    with torch.random.fork_rng():  # the caller's (e.g. a GAN run's) global random stream is left as it was
+        torch.manual_seed(seed)
+        learn = spectral_learner(dls, arch, param="dense", opt="adam", lr=lr, wd=0.0,
+                                 model_kwargs=dict(model_kwargs or {}), run_dir=path.parent, cbs=[])
+        with learn.no_bar(), learn.no_logging():
+            fit(learn, steps=int(steps), lr=lr)
+            accuracy = float(learn.validate()[1])
     model = learn.model.eval()
     meta = {"format": _FORMAT, "name": name, "arch": arch, "model_kwargs": json.dumps(dict(model_kwargs or {})),
             "num_classes": str(dls.n_classes), "in_chans": str(dls.in_chans), "image_size": str(dls.image_size),
