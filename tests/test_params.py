@@ -335,13 +335,16 @@ def test_registry_entries_say_what_each_method_offers():
     from sttpfast.params import ALL_PARAMS, method, method_of, methods
     from sttpfast.params.registry import Method, register_method
 
-    assert list(methods()) == ["svdp-l", "svdp-r", "svdp-c", "sttp-l", "sttp-r", "sttp-c", "lowrank", "dense", "sn"]
+    assert list(methods()) == ["svdp-l", "svdp-r", "svdp-c", "sttp-l", "sttp-r", "sttp-c", "lowrank",
+                               "cp", "rcp", "tucker", "rtk", "tt", "rtt", "tr", "rtr", "ht", "dense", "sn"]
     assert ALL_PARAMS == tuple(methods()) + ("svdp", "sttp")
     offers = {n: (m.learned_spectrum, m.bounded, m.penalty, m.rank_kind, m.default_init) for n, m in methods().items()}
     assert offers["sttp-r"] == (True, True, "d_optimal", int, "identity")
     assert offers["svdp-c"] == (False, True, None, int, "identity")
     assert offers["lowrank"] == (False, False, "frobenius_decay", int, "spectral")
     assert offers["sn"] == (False, True, None, None, "identity") and offers["dense"][3] is None
+    assert offers["cp"] == (False, False, None, int, "spectral")
+    assert offers["tt"] == offers["ht"] == (False, False, None, tuple, "spectral")  # a rank per bond / node
     assert method("STTP") is methods()["sttp-l"] and method_of(STTPLearned((4, 4), rank=2)).name == "sttp-l"
     with pytest.raises(ValueError, match="^parameterization name 'sttp' is already registered by 'sttp-l'$"):
         register_method(Method(name="my-sttp", aliases=("sttp",), apply=None, count_dof=None))
