@@ -162,7 +162,10 @@ class TensorBoardLogger(_LoggerBase):
 
         path = Path(self.log_dir) if self.log_dir is not None else run_dir(self.learn) / "tb"
         path.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(path))
+        # a resumed run (train_iter N done) continues at N + 1: purge_step makes TensorBoard drop
+        # what the killed process logged after its checkpoint, so no step shows twice
+        resumed = getattr(self.learn, "resume_iter", None)
+        self.writer = SummaryWriter(log_dir=str(path), purge_step=None if resumed is None else resumed + 1)
 
     def _write(self, scalars, step):
         for tag, value in scalars.items():
