@@ -294,8 +294,8 @@ def _summary(learn, report, run_dir: Path, seconds: float, processes: int, state
     """The run's summary; a resumed run that had nothing left to train (killed after its
     last checkpoint, before summary.json) takes its metrics and step from that checkpoint."""
     recorder = learn.recorder
-    names = list(recorder.metric_names[1:-1])
-    if recorder.values:
+    if getattr(recorder, "values", None):
+        names = list(recorder.metric_names[1:-1])
         last = dict(zip(names, (float(v) if v is not None else None for v in recorder.values[-1])))
     else:
         last = dict((state or {}).get("meta", {}).get("metrics") or {})
