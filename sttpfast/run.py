@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sttpfast.atomic import clean_temporaries, write_file
 from sttpfast.config import save_config
-from sttpfast.run_lock import RunLock
+from sttpfast.run_lock import RunLock, RunLocked
 
 __all__ = ["run_training", "run_name", "check_output", "prepare_run_dir", "RunError", "TrainingInterrupted"]
 
@@ -112,7 +112,10 @@ def resume_config(run_dir: str | Path, warn=print) -> tuple[Path, dict, dict]:
 def _lock_run(run_dir: Path) -> RunLock:
     """Take the run folder's lock (RunError naming the holder's pid if another process has
     it) and remove the temporaries a killed process left behind."""
-    lock = RunLock(run_dir).acquire()
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunLocked as err:
+        raise RunError(str(err)) from None
     clean_temporaries(run_dir)
     clean_temporaries(run_dir / "checkpoints")
     return lock

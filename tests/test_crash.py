@@ -152,7 +152,8 @@ def _cli_args(tmp_path, name, steps) -> list[str]:
 
 def _start(tmp_path, name, steps=60) -> subprocess.Popen:
     """Start a training process and return once it has written its first checkpoint."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    # the thread count of this test process (conftest): results differ in the last bits with another
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     env.pop("STTPFAST_CRASH_AT", None)
     proc = subprocess.Popen(_cli_args(tmp_path, name, steps), env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
