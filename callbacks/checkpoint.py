@@ -217,7 +217,7 @@ class Checkpointer(Callback):
         for pointer in pointers:
             set_pointer(self.root, pointer, folder)
         prune_checkpoints(self.root, keep=2)
-        self.saved_iter = train_iter
+        self.saved_iter = self.learn.checkpoint_iter = train_iter  # the loggers flush at this step
 
     def _recorder_state(self) -> tuple[dict, torch.Tensor | None]:
         """The Recorder's running values that outlive an epoch: the smoothed training loss
@@ -294,7 +294,8 @@ class Checkpointer(Callback):
         self._recorder_resume = (meta.get("recorder", {}), rng.get("recorder.smooth_loss"))
         self._resume = (meta["epoch"], meta["skip"], meta["train_iter"], loader,
                         ({k: v for k, v in rng.items() if k.startswith(("torch", "cuda.", "numpy"))}, meta["rng"]))
-        self.learn.resume_iter = meta["train_iter"]  # loggers continue from here (TensorBoard purge_step)
+        # loggers continue from here (TensorBoard purge_step) and skip the epochs before
+        self.learn.resume_iter, self.learn.resume_epoch = meta["train_iter"], meta["epoch"]
         return meta["epoch"]
 
     def _skipped_epoch(self) -> bool:

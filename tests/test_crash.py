@@ -210,3 +210,23 @@ def test_a_second_process_on_the_run_is_refused_and_a_killed_holder_is_taken_ove
     resumed = run_training(resume=run, echo=quiet)
     assert (run / ".lock").read_text() == f"{os.getpid()}\n"
     _assert_same_run(run, resumed, reference60)
+
+
+def _scalars(tb: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_after_a_kill_and_resume_shows_each_step_once_with_the_uninterrupted_values(tmp_path):
+    full = run_training(_cfg(tmp_path, "full", STEPS, "log.logger=tensorboard", "log.every=1"), echo=quiet)
+    cfg = _cfg(tmp_path, "tb", STEPS, "log.logger=tensorboard", "log.every=1")
+    status = _killed_run(cfg, "checkpoint-files:4")  # while writing step 8's checkpoint: resumes at 6
+    assert os.WTERMSIG(status) == signal.SIGKILL
+    run_training(resume=tmp_path / "tb", echo=quiet)
+    want, have = _scalars(tmp_path / "full/tb"), _scalars(tmp_path / "tb/tb")
+    assert [step for step, _ in have["train/loss"]] == list(range(1, STEPS + 1))
+    assert have == want
+    assert full["steps"] == STEPS
