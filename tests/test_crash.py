@@ -150,7 +150,7 @@ def _cli_args(tmp_path, name, steps) -> list[str]:
             "--logger", "none", "--out", str(tmp_path), "--name", name, *[a for s in sets for a in ("--set", s)]]
 
 
-def _start(tmp_path, name, steps=60) -> subprocess.Popen:
+def _start(tmp_path, name, steps=30) -> subprocess.Popen:
     """Start a training process and return once it has written its first checkpoint."""
     # the thread count of this test process (conftest): results differ in the last bits with another
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -166,39 +166,39 @@ def _start(tmp_path, name, steps=60) -> subprocess.Popen:
 
 
 @pytest.fixture(scope="module")
-def reference60(tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference60")
-    cfg = _cfg(out, "full", 60, "train.checkpoint_every=1")
+def reference30(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference30")
+    cfg = _cfg(out, "full", 30, "train.checkpoint_every=1")
     return run_training(cfg, echo=quiet)
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_sigterm_and_sigint_checkpoint_print_the_resume_command_and_resume_exactly(tmp_path, reference60, sig, code):
+def test_sigterm_and_sigint_checkpoint_print_the_resume_command_and_resume_exactly(tmp_path, reference30, sig, code):
     proc = _start(tmp_path, "s")
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == code, out
     run = tmp_path / "s"
     step = int(re.search(r"interrupted at step (\d+): checkpoint saved in (\S+)", out).group(1))
-    assert 0 < step < 60
+    assert 0 < step < 30
     assert out.rstrip().endswith(f"resume with: sttpfast train --resume {run}"), out
     assert json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"] == step
     assert "Traceback" not in out and "Aborted" not in out
     resumed = run_training(resume=run, echo=quiet)
-    _assert_same_run(run, resumed, reference60)
+    _assert_same_run(run, resumed, reference30)
 
 
-def test_sigusr1_checkpoints_and_training_continues_unchanged(tmp_path, reference60):
+def test_sigusr1_checkpoints_and_training_continues_unchanged(tmp_path, reference30):
     proc = _start(tmp_path, "u")
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert re.search(r"SIGUSR1: checkpoint saved at step \d+; training continues", out), out
     run = tmp_path / "u"
-    _assert_same_run(run, json.loads((run / "summary.json").read_text()), reference60)
+    _assert_same_run(run, json.loads((run / "summary.json").read_text()), reference30)
 
 
-def test_a_second_process_on_the_run_is_refused_and_a_killed_holder_is_taken_over(tmp_path, reference60):
+def test_a_second_process_on_the_run_is_refused_and_a_killed_holder_is_taken_over(tmp_path, reference30):
     proc = _start(tmp_path, "l")
     run = tmp_path / "l"
     with pytest.raises(RunError) as err:
@@ -209,7 +209,7 @@ def test_a_second_process_on_the_run_is_refused_and_a_killed_holder_is_taken_ove
     proc.wait()
     resumed = run_training(resume=run, echo=quiet)
     assert (run / ".lock").read_text() == f"{os.getpid()}\n"
-    _assert_same_run(run, resumed, reference60)
+    _assert_same_run(run, resumed, reference30)
 
 
 def _scalars(tb: Path) -> dict:
