@@ -230,3 +230,16 @@ def test_tensorboard_after_a_kill_and_resume_shows_each_step_once_with_the_unint
     assert [step for step, _ in have["train/loss"]] == list(range(1, STEPS + 1))
     assert have == want
     assert full["steps"] == STEPS
+
+
+def test_a_resume_with_another_thread_count_is_warned_about(tmp_path):
+    run_training(_cfg(tmp_path, "t", 3), echo=quiet)
+    threads = torch.get_num_threads()
+    lines = []
+    torch.set_num_threads(threads + 1)
+    try:
+        run_training(resume=tmp_path / "t", steps=4, echo=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert lines[0] == (f"Warning: the run was checkpointed with {threads} CPU threads, this process uses "
+                        f"{threads + 1}: results can differ in the last bits from an uninterrupted run")
