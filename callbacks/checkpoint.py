@@ -1,6 +1,8 @@
 """Checkpoints that resume exactly: model, optimizer, schedule position, RNG and data order.
 
-A checkpoint is a folder (``run_dir/checkpoints/last`` and ``.../best``):
+A checkpoint is a folder ``run_dir/checkpoints/ckpt-STEP`` written by
+:func:`sttpfast.atomic.write_checkpoint` (with ``manifest.json``: sizes and checksums);
+``checkpoints/last`` and ``checkpoints/best`` are links to the newest and the best one:
 
 * ``model.safetensors``: the parameterized model (its factors + the parameterization spec);
 * ``optimizer.safetensors``: every tensor of the optimizer state (``state.{i}.{name}``);
@@ -9,8 +11,8 @@ A checkpoint is a folder (``run_dir/checkpoints/last`` and ``.../best``):
 * ``state.json``: counters (epoch, batches done in it, global step), optimizer scalars and
   hyper-parameters, python's RNG state, the best metric so far.
 
-Folders are written under a temporary name and renamed into place, so a crash never
-leaves a half-written ``last``. Resuming replays the data order: the epoch's generators
+A crash never leaves a half-written checkpoint where one is looked for, and resuming takes
+the newest complete one (an older one when the newest is damaged, with a warning). Resuming replays the data order: the epoch's generators
 are restored, the batches already trained are drawn and skipped (no forward pass), and the
 global RNG is restored right before the first new batch, so the resumed run ends with
 weights identical to an uninterrupted one (on CPU, fixed seed). Nothing is unpickled.
@@ -20,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,12 @@ from fastcore.foundation import L
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sttpfast.atomic import (MANIFEST, DamagedCheckpoints, latest_complete, prune_checkpoints, set_pointer,
+                             write_checkpoint)
 from sttpfast.callbacks._util import is_main_process, unwrap_model
 from sttpfast.checkpoint import load_parameterized, save_parameterized
 
-__all__ = ["Checkpointer", "load_checkpoint_state", "CheckpointError"]
+__all__ = ["Checkpointer", "load_checkpoint_state", "find_checkpoint", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -110,21 +113,6 @@ def _set_global_rng(tensors: dict, meta: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------
-def _write_folder(final: Path, write) -> None:
-    """Write a checkpoint folder atomically: temp folder, then renames."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp")
-    old = final.with_name(f".{final.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _read(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint file missing: {path}")
@@ -134,11 +122,32 @@ def _read(path: Path, what: str) -> dict:
         raise CheckpointError(f"corrupt checkpoint {what} {path}: {err}") from None
 
 
-def load_checkpoint_state(folder: str | os.PathLike) -> dict:
-    """Read and check a checkpoint folder (not yet applied). CheckpointError if unusable."""
+def find_checkpoint(root: str | os.PathLike, warn=lambda msg: None) -> Path:
+    """The checkpoint folder to resume from under ``root`` (``run_dir/checkpoints``): the newest
+    complete one, verified against its manifest; a damaged newer one is reported through
+    ``warn`` and skipped. CheckpointError when none is complete (naming the damaged files).
+    A folder written before manifests existed (a plain ``last`` folder) is used as it is."""
+    root = Path(root)
+    try:
+        return latest_complete(root, warn)
+    except DamagedCheckpoints as err:
+        raise CheckpointError(str(err)) from None
+    except FileNotFoundError:
+        legacy = root / "last"
+        if legacy.is_dir() and not legacy.is_symlink():
+            return legacy
+        raise CheckpointError(f"no checkpoint folder in {root}") from None
+
+
+def load_checkpoint_state(folder: str | os.PathLike, warn=lambda msg: None) -> dict:
+    """Read and check a checkpoint (not yet applied); CheckpointError if unusable. ``folder``
+    is one checkpoint folder, or a ``checkpoints`` folder to resume from (the newest complete
+    checkpoint in it, see :func:`find_checkpoint`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"no checkpoint folder at {folder}")
+    if not (folder / "state.json").exists() and not (folder / MANIFEST).exists():
+        folder = find_checkpoint(folder, warn)
     try:
         meta = json.loads((folder / "state.json").read_text())
     except FileNotFoundError:
@@ -168,6 +177,7 @@ class Checkpointer(Callback):
         self.every, self.monitor, self.mode = every, monitor, mode
         self.folder = None if folder is None else Path(folder)
         self.best = None
+        self.saved_iter = None  # the step of the last checkpoint written
         self._resume = None  # (epoch, skip, train_iter, loader rng, global rng) while resuming
         self._epoch_rng = None  # training loader generators at the start of this epoch
         self._pending_rng = None  # global RNG to restore right before the first new batch
@@ -181,23 +191,49 @@ class Checkpointer(Callback):
         return Path(getattr(self.learn, "run_dir", None) or self.learn.path) / "checkpoints"
 
     # -- saving ---------------------------------------------------------------------------
-    def _save(self, name: str, epoch: int, skip: int, loader_rng: dict) -> None:
+    def _save(self, pointers: tuple[str, ...], epoch: int, skip: int, loader_rng: dict) -> None:
+        """Write a complete ``ckpt-STEP`` folder, then point ``pointers`` (``last``, ``best``) at it."""
         if not is_main_process() or getattr(self.learn, "nan_step", None) is not None:
             return
         model = unwrap_model(self.learn.model)
         opt_tensors, opt_meta = _optimizer_to_files(self.learn.opt)
         rng_tensors, rng_meta = _global_rng()
         rng_tensors.update({f"loader.{k}": v for k, v in loader_rng.items()})
-        meta = {"epoch": epoch, "skip": skip, "train_iter": int(self.learn.train_iter), "best": self.best,
-                "monitor": self.monitor, "optimizer": opt_meta, "rng": rng_meta}
+        train_iter = int(self.learn.train_iter)
+        recorder, smooth = self._recorder_state()
+        if smooth is not None:
+            rng_tensors["recorder.smooth_loss"] = smooth
+        meta = {"epoch": epoch, "skip": skip, "train_iter": train_iter, "best": self.best,
+                "monitor": self.monitor, "optimizer": opt_meta, "rng": rng_meta, "recorder": recorder,
+                "metrics": self._last_metrics(), "threads": torch.get_num_threads()}
+        files = {
+            "model.safetensors": lambda path: save_parameterized(
+                model, path, metadata={"epoch": epoch, "train_iter": train_iter}),
+            "optimizer.safetensors": lambda path: save_file(opt_tensors, str(path)),
+            "rng.safetensors": lambda path: save_file(rng_tensors, str(path)),
+            "state.json": json.dumps(meta),
+        }
+        folder = write_checkpoint(self.root, train_iter, files, {"epoch": epoch, "skip": skip})
+        for pointer in pointers:
+            set_pointer(self.root, pointer, folder)
+        prune_checkpoints(self.root, keep=2)
+        self.saved_iter = self.learn.checkpoint_iter = train_iter  # the loggers flush at this step
 
-        def write(tmp: Path):
-            save_parameterized(model, tmp / "model.safetensors", metadata={"epoch": epoch, "train_iter": meta["train_iter"]})
-            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-            save_file(rng_tensors, str(tmp / "rng.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(meta))
+    def _recorder_state(self) -> tuple[dict, torch.Tensor | None]:
+        """The Recorder's running values that outlive an epoch: the smoothed training loss
+        (``train_loss`` of the table is its value at the epoch end)."""
+        recorder = getattr(self.learn, "recorder", None)
+        if recorder is None:
+            return {}, None
+        smooth = recorder.smooth_loss
+        return {"smooth_count": int(smooth.count)}, torch.as_tensor(smooth.val).detach().cpu().reshape(1).clone()
 
-        _write_folder(self.root / name, write)
+    def _last_metrics(self) -> dict:
+        recorder = getattr(self.learn, "recorder", None)
+        if recorder is None or not recorder.values:
+            return {}
+        names = list(recorder.metric_names[1:-1])
+        return {n: (None if v is None else float(v)) for n, v in zip(names, recorder.values[-1])}
 
     def before_train(self):
         skip = self._apply_resume_at_epoch_start()
@@ -213,13 +249,15 @@ class Checkpointer(Callback):
         of a step); inside a step the step is redone on resume."""
         if self._epoch_rng is None or self._resume is not None:
             return None  # before the first epoch started, or while still replaying a resume
+        if self.saved_iter == int(self.learn.train_iter):
+            return self.saved_iter  # this step is already checkpointed (epoch end, --every)
         done = int(self.learn.train_iter) - self._epoch_start_iter
-        self._save("last", self.epoch, done, self._epoch_rng)
+        self._save(("last",), self.epoch, done, self._epoch_rng)
         return int(self.learn.train_iter)
 
     def after_batch(self):
         if self.training and self.every and self.train_iter % self.every == 0 and self._resume is None:
-            self._save("last", self.epoch, self.iter + 1, self._epoch_rng)
+            self._save(("last",), self.epoch, self.iter + 1, self._epoch_rng)
 
     def after_epoch(self):
         if self._skipped_epoch():
@@ -229,8 +267,9 @@ class Checkpointer(Callback):
         value = self._monitored()
         if value is not None and (self.best is None or (value > self.best if self.mode == "max" else value < self.best)):
             self.best = value
-            self._save("best", self.epoch + 1, 0, loader_rng)
-        self._save("last", self.epoch + 1, 0, loader_rng)
+            self._save(("best", "last"), self.epoch + 1, 0, loader_rng)  # one folder, two names
+        else:
+            self._save(("last",), self.epoch + 1, 0, loader_rng)
 
     def _monitored(self) -> float | None:
         recorder = getattr(self.learn, "recorder", None)
@@ -252,8 +291,11 @@ class Checkpointer(Callback):
         rng = state["rng"]
         loader = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("loader.")}
         self.best = meta.get("best")
+        self._recorder_resume = (meta.get("recorder", {}), rng.get("recorder.smooth_loss"))
         self._resume = (meta["epoch"], meta["skip"], meta["train_iter"], loader,
-                        ({k: v for k, v in rng.items() if not k.startswith("loader.")}, meta["rng"]))
+                        ({k: v for k, v in rng.items() if k.startswith(("torch", "cuda.", "numpy"))}, meta["rng"]))
+        # loggers continue from here (TensorBoard purge_step) and skip the epochs before
+        self.learn.resume_iter, self.learn.resume_epoch = meta["train_iter"], meta["epoch"]
         return meta["epoch"]
 
     def _skipped_epoch(self) -> bool:
@@ -266,10 +308,27 @@ class Checkpointer(Callback):
         epoch, skip, train_iter, loader_rng, global_rng = self._resume
         self.dls.train.set_rng_state(loader_rng)
         self.learn.train_iter = train_iter
+        self._restore_recorder()
         if skip:
-            self.learn.dl = _SkipFirst(self.learn.dl, skip)
-        self._pending_rng = global_rng
+            # mid-epoch: the state was saved after batch `skip`, so it is restored once the
+            # skipped batches are drawn, before the next one (see _finish_resume)
+            self._pending_rng = global_rng
+            self.learn.dl = _SkipFirst(self.learn.dl, skip, then=self._finish_resume)
+        else:
+            # epoch start: the state was saved at the previous epoch end, before this epoch's
+            # loader iterator drew its base seed from the global generator: restore it now,
+            # before that draw (restoring at the first batch put dropout one draw out of step)
+            _set_global_rng(*global_rng)
+            self._resume = None
         return skip
+
+    def _restore_recorder(self) -> None:
+        recorder = getattr(self.learn, "recorder", None)
+        saved, smooth = getattr(self, "_recorder_resume", ({}, None))
+        if recorder is None or smooth is None:
+            return
+        recorder.smooth_loss.count = saved.get("smooth_count", 0)
+        recorder.smooth_loss.val = smooth.reshape(()).clone()
 
     def _finish_resume(self):
         if self._pending_rng is not None:
@@ -286,10 +345,11 @@ class Checkpointer(Callback):
 
 
 class _SkipFirst:
-    """A loader view that draws and drops the first ``n`` batches (keeping their RNG draws)."""
+    """A loader view that draws and drops the first ``n`` batches (keeping their RNG draws),
+    then calls ``then()`` before drawing the next one."""
 
-    def __init__(self, dl, n: int):
-        self.dl, self.n = dl, n
+    def __init__(self, dl, n: int, then=lambda: None):
+        self.dl, self.n, self.then = dl, n, then
 
     def __len__(self):
         return max(len(self.dl) - self.n, 0)
@@ -298,6 +358,7 @@ class _SkipFirst:
         it = iter(self.dl)
         for _ in range(self.n):
             next(it, None)
+        self.then()
         yield from it
 
     def __getattr__(self, name):

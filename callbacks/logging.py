@@ -81,6 +81,9 @@ class _LoggerBase(Callback):
         """Flush and stop; ``failed``: the previous fit died without ``after_fit``."""
         raise NotImplementedError
 
+    def _flush(self) -> None:
+        """Make what was logged durable (called when a checkpoint was written at this step)."""
+
     # -- the interface of a logger (see _util.loggers) -----------------------------------
     def log_scalars(self, scalars: dict[str, float], step: int) -> None:
         """Write ``{tag: value}`` at ``step``; non-finite values are written as they are."""
@@ -117,10 +120,17 @@ class _LoggerBase(Callback):
         if opt is not None and getattr(opt, "hypers", None):
             scalars["train/lr"] = float(opt.hypers[-1]["lr"])
         self.log_scalars(scalars, step)
+        self._flush_at_checkpoint(step)
+
+    def _flush_at_checkpoint(self, step: int) -> None:
+        # the Checkpointer (same order, added first) just saved this step: a run killed now
+        # resumes after it, so the logs up to it must be on disk (TensorBoard buffers them)
+        if getattr(self.learn, "checkpoint_iter", None) == step:
+            self._flush()
 
     def after_epoch(self):
-        if not self._open_now:
-            return
+        if not self._open_now or self.learn.epoch < getattr(self.learn, "resume_epoch", 0):
+            return  # an epoch a resumed run skips: it was logged before
         scalars = {"epoch": float(self.learn.epoch)}
         recorder = getattr(self.learn, "recorder", None)
         values = getattr(recorder, "values", None)
@@ -132,6 +142,7 @@ class _LoggerBase(Callback):
                 if value is not None:
                     scalars[_recorder_tag(name)] = value
         self.log_scalars(scalars, global_step(self.learn))
+        self._flush_at_checkpoint(global_step(self.learn))
 
     def after_cancel_fit(self):
         self._shutdown(cancelled=True)
@@ -162,7 +173,10 @@ class TensorBoardLogger(_LoggerBase):
 
         path = Path(self.log_dir) if self.log_dir is not None else run_dir(self.learn) / "tb"
         path.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(path))
+        # a resumed run (train_iter N done) continues at N + 1: purge_step makes TensorBoard drop
+        # what the killed process logged after its checkpoint, so no step shows twice
+        resumed = getattr(self.learn, "resume_iter", None)
+        self.writer = SummaryWriter(log_dir=str(path), purge_step=None if resumed is None else resumed + 1)
 
     def _write(self, scalars, step):
         for tag, value in scalars.items():
@@ -176,6 +190,9 @@ class TensorBoardLogger(_LoggerBase):
             self.writer.add_image(tag, img[..., :3], step, dataformats="HWC")
         else:
             self.writer.add_figure(tag, fig_or_path, step, close=False)
+
+    def _flush(self):
+        self.writer.flush()
 
     def _close(self, cancelled, failed=False):
         self.writer.flush()

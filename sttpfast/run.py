@@ -1,17 +1,23 @@
 """One training run from a configuration: the code behind ``sttpfast train`` and apps/train.py.
 
 The run folder (``train.out/NAME``) holds ``config.yaml`` (the merged configuration),
-``checkpoints/last`` and ``checkpoints/best``, ``tb/`` (TensorBoard events),
-``singular_values.png`` for learned spectra, and ``summary.json``.
+``checkpoints/ckpt-STEP`` folders with the links ``checkpoints/last`` and ``checkpoints/best``,
+``tb/`` (TensorBoard events), ``singular_values.png`` for learned spectra, ``summary.json``
+and ``.lock`` (the pid of the process using the run). Every file is written atomically
+(:mod:`sttpfast.atomic`), one process at a time (:mod:`sttpfast.run_lock`); SIGTERM, SIGINT
+and SIGUSR1 checkpoint (:mod:`sttpfast.callbacks.signals`).
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
+from sttpfast.atomic import clean_temporaries, write_file
 from sttpfast.config import save_config
+from sttpfast.run_lock import RunLock, RunLocked
 
 __all__ = ["run_training", "run_name", "check_output", "prepare_run_dir", "RunError", "TrainingInterrupted"]
 
@@ -23,13 +29,14 @@ class RunError(ValueError):
 
 
 class TrainingInterrupted(SystemExit):
-    """Ctrl-C during training: the checkpoint is saved and the process should exit with 130.
+    """Ctrl-C / SIGTERM during training: the checkpoint is saved and the process should exit
+    with 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
 
     A SystemExit (not a KeyboardInterrupt), so that click and the CLI pass the exit status
     through instead of printing ``Aborted!`` with status 1."""
 
-    def __init__(self, run_dir: Path):
-        super().__init__(INTERRUPTED_EXIT_CODE)
+    def __init__(self, run_dir: Path, code: int = INTERRUPTED_EXIT_CODE):
+        super().__init__(code)
         self.run_dir = run_dir
 
 
@@ -87,8 +94,9 @@ def _broadcast(value, accelerator):
     return broadcast_object_list([value])[0]
 
 
-def resume_config(run_dir: str | Path) -> tuple[Path, dict, dict]:
-    """``(run_dir, config, checkpoint state)`` of a run to resume; RunError/CheckpointError."""
+def resume_config(run_dir: str | Path, warn=print) -> tuple[Path, dict, dict]:
+    """``(run_dir, config, checkpoint state)`` of a run to resume: the newest complete
+    checkpoint (a damaged newer one is skipped with a warning); RunError/CheckpointError."""
     from sttpfast.callbacks.checkpoint import load_checkpoint_state
 
     run_dir = Path(run_dir).expanduser()
@@ -97,8 +105,20 @@ def resume_config(run_dir: str | Path) -> tuple[Path, dict, dict]:
     from sttpfast.config import build_config
 
     cfg, _ = build_config([run_dir / "config.yaml"])
-    state = load_checkpoint_state(run_dir / "checkpoints" / "last")
+    state = load_checkpoint_state(run_dir / "checkpoints", warn=lambda msg: warn(f"Warning: {msg}"))
     return run_dir, cfg, state
+
+
+def _lock_run(run_dir: Path) -> RunLock:
+    """Take the run folder's lock (RunError naming the holder's pid if another process has
+    it) and remove the temporaries a killed process left behind."""
+    try:
+        lock = RunLock(run_dir).acquire()
+    except RunLocked as err:
+        raise RunError(str(err)) from None
+    clean_temporaries(run_dir)
+    clean_temporaries(run_dir / "checkpoints")
+    return lock
 
 
 def _finished(cfg: dict, meta: dict) -> bool:
@@ -128,38 +148,69 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
     Resuming a run that already reached its budget changes nothing: it says so and returns
     the run's summary.json (``"already_finished": True``). ``steps`` / ``epochs`` raise a
     resumed run's budget (saved to its config.yaml) so that it continues.
-    Ctrl-C during training saves an exact-resume checkpoint, prints how to resume and
-    raises :class:`TrainingInterrupted` (exit status 130)."""
+    Ctrl-C (SIGINT) or SIGTERM during training saves an exact-resume checkpoint after the
+    current step, prints how to resume and raises :class:`TrainingInterrupted` (exit status
+    130 / 143); SIGUSR1 saves one and continues. Another process on the same run folder is
+    refused (RunError naming its pid)."""
+    import torch
+
+    from sttpfast.callbacks.distributed import make_accelerator
+
+    state, budget_raised, lock = None, False, None
+    try:
+        if resume is not None:
+            run_dir = Path(resume).expanduser()
+            if (run_dir / "config.yaml").is_file() and _is_main_rank():
+                lock = _lock_run(run_dir)  # before reading: nobody else writes while we decide
+            run_dir, cfg, state = resume_config(resume, echo)
+            budget_raised = _raise_budget(cfg, steps, epochs)
+            done = state["meta"]
+            if _finished(cfg, done) and (run_dir / "summary.json").is_file():
+                echo(f"{run_dir} is already finished ({done['train_iter']} steps); nothing changed. "
+                     "To train further, resume with a larger optim.steps / optim.epochs")
+                return {**json.loads((run_dir / "summary.json").read_text()), "already_finished": True}
+            accelerator = make_accelerator(cfg["train"]["mixed_precision"])
+            threads = done.get("threads")
+            if threads is not None and threads != torch.get_num_threads():
+                echo(f"Warning: the run was checkpointed with {threads} CPU threads, this process uses "
+                     f"{torch.get_num_threads()}: results can differ in the last bits from an uninterrupted run")
+        else:
+            check_output(cfg)  # a bad --name / --out fails before any work
+            accelerator = make_accelerator(cfg["train"]["mixed_precision"])
+        return _train(cfg, state, budget_raised, accelerator, run_dir if state is not None else None,
+                      extra_cbs, echo, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 (or a single process), before torch.distributed is set up."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock) -> dict:
     from accelerate.utils import set_seed
     from fastai.callback.progress import ProgressCallback
 
     from sttpfast.callbacks.checkpoint import Checkpointer
-    from sttpfast.callbacks.distributed import AccelerateTrainer, make_accelerator, warn_missing_processes
+    from sttpfast.callbacks.distributed import AccelerateTrainer, warn_missing_processes
     from sttpfast.callbacks.logging import TensorBoardLogger, WandbLogger
+    from sttpfast.callbacks.signals import SignalCheckpoint
     from sttpfast.data import get_dls
     from sttpfast.learner import fit, spectral_learner
 
-    state, budget_raised = None, False
-    if resume is not None:
-        run_dir, cfg, state = resume_config(resume)
-        budget_raised = _raise_budget(cfg, steps, epochs)
-        done = state["meta"]
-        if _finished(cfg, done) and (run_dir / "summary.json").is_file():
-            echo(f"{run_dir} is already finished ({done['train_iter']} steps); nothing changed. "
-                 "To train further, resume with a larger optim.steps / optim.epochs")
-            return {**json.loads((run_dir / "summary.json").read_text()), "already_finished": True}
-    else:
-        check_output(cfg)  # a bad --name / --out fails before any work
-    accelerator = make_accelerator(cfg["train"]["mixed_precision"])
     warn_missing_processes(accelerator, echo)
     main = accelerator.is_main_process
+    say = echo if main else (lambda *a: None)
     set_seed(cfg["train"]["seed"])
     d, o, p, r, lg = cfg["data"], cfg["optim"], cfg["param"], cfg["reg"], cfg["log"]
     dls = get_dls(d["name"], data_dir=d["data_dir"], bs=d["bs"], subset=d["subset"], download=d["download"],
                   num_workers=d["num_workers"], seed=cfg["train"]["seed"], augment=d["augment"],
                   device=accelerator.device)
     checkpointer = Checkpointer(every=cfg["train"]["checkpoint_every"])
-    cbs = [AccelerateTrainer(accelerator), checkpointer]
+    signals = SignalCheckpoint(checkpointer.save_interrupted, say)
+    cbs = [AccelerateTrainer(accelerator), checkpointer, signals]
     if main and lg["logger"] == "tensorboard":
         cbs.append(TensorBoardLogger(every=lg["every"]))
     elif main and lg["logger"] == "wandb":
@@ -169,35 +220,52 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
         include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"], opt=o["opt"], lr=o["lr"],
         mom=o["mom"], wd=o["wd"], d_optimal=r["d_optimal"], frobenius_decay=r["frobenius_decay"],
         spectral_bound=r["spectral_bound"], sv_every=lg["sv_every"], cbs=cbs + list(extra_cbs),
-        model_kwargs=cfg["model"]["kwargs"], run_dir=run_dir if state is not None else None)
+        model_kwargs=cfg["model"]["kwargs"], run_dir=run_dir)
     if state is None:
         # data, model, parameterization and config are good: only now does the run folder exist
         run_dir = prepare_run_dir(cfg) if main else None
         run_dir = Path(_broadcast(str(run_dir) if run_dir else None, accelerator))
         learn.path = learn.run_dir = run_dir
+        if main:
+            lock = _lock_run(run_dir)
+    try:
+        return _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer,
+                                  signals, say, fit, ProgressCallback, main)
+    finally:
+        if state is None and lock is not None:
+            lock.release()
+
+
+def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, signals, say, fit,
+                       ProgressCallback, main) -> dict:
+    o, lg = cfg["optim"], cfg["log"]
     if not (main and lg["progress"]):
         learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
-        learn.logger = _epoch_logger(learn, echo if main else (lambda *a: None))
+        learn.logger = _epoch_logger(learn, say)
     start_epoch = 0
     if state is not None:
         learn.create_opt()
         start_epoch = checkpointer.restore(state)
-        echo(f"resuming {run_dir} at epoch {start_epoch}, step {state['meta']['train_iter']}")
+        say(f"resuming {run_dir} at epoch {start_epoch}, step {state['meta']['train_iter']}")
     if main and (state is None or budget_raised):
-        save_config(cfg, run_dir / "config.yaml")
+        write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path))
     report = learn.compression
-    if main:
-        echo(f"run {run_dir}: {report.summary()}")
+    say(f"run {run_dir}: {report.summary()}")
     started = time.time()
+    signals.install()
     try:
-        fit(learn, epochs=o["epochs"], lr=o["lr"], schedule=o["schedule"], steps=o["steps"],
-            start_epoch=start_epoch)
-    except KeyboardInterrupt:
-        _save_interrupted(learn, checkpointer, run_dir, echo if main else (lambda *a: None))
-        raise TrainingInterrupted(run_dir) from None
-    summary = _summary(learn, report, run_dir, time.time() - started, accelerator.num_processes)
+        if state is None or not _finished(cfg, state["meta"]):
+            fit(learn, epochs=o["epochs"], lr=o["lr"], schedule=o["schedule"], steps=o["steps"],
+                start_epoch=start_epoch)
+    except KeyboardInterrupt as stop:
+        signals.uninstall()
+        _save_interrupted(learn, checkpointer, run_dir, say)
+        raise TrainingInterrupted(run_dir, 128 + getattr(stop, "signum", signal.SIGINT)) from None
+    finally:
+        signals.uninstall()
+    summary = _summary(learn, report, run_dir, time.time() - started, accelerator.num_processes, state)
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 
@@ -225,16 +293,22 @@ def _epoch_logger(learn, echo):
     return log
 
 
-def _summary(learn, report, run_dir: Path, seconds: float, processes: int) -> dict:
+def _summary(learn, report, run_dir: Path, seconds: float, processes: int, state: dict | None = None) -> dict:
+    """The run's summary; a resumed run that had nothing left to train (killed after its
+    last checkpoint, before summary.json) takes its metrics and step from that checkpoint."""
     recorder = learn.recorder
-    names = list(recorder.metric_names[1:-1])
-    last = dict(zip(names, (float(v) if v is not None else None for v in recorder.values[-1]))) if recorder.values else {}
+    if getattr(recorder, "values", None):
+        names = list(recorder.metric_names[1:-1])
+        last = dict(zip(names, (float(v) if v is not None else None for v in recorder.values[-1])))
+    else:
+        last = dict((state or {}).get("meta", {}).get("metrics") or {})
+    steps = int(getattr(learn, "train_iter", 0)) or int((state or {}).get("meta", {}).get("train_iter", 0))
     return {
         "run_dir": str(run_dir),
         "param": report.param, "rank": report.rank,
         "z_percent": round(report.z, 4), "weights_percent": round(report.weights_ratio, 4),
         "params_compressed": report.compressed_total, "params_dense": report.dense_total,
-        "steps": int(getattr(learn, "train_iter", 0)), "seconds": round(seconds, 2), "processes": processes,
+        "steps": steps, "seconds": round(seconds, 2), "processes": processes,
         "metrics": last, "best": getattr(_checkpointer(learn), "best", None),
         "nan_step": getattr(learn, "nan_step", None),
         "ranks_in_sync": getattr(learn, "ranks_in_sync", None), "rank_hashes": getattr(learn, "rank_hashes", None),

@@ -96,10 +96,21 @@ def test_resume_is_exact(tmp_path, k):
 
 
 def _rewind_to_step_3(run: Path) -> None:
-    """Make the last checkpoint claim step 3 (mid-epoch 1), as if the run had stopped there."""
-    state = json.loads((run / "checkpoints/last/state.json").read_text())
+    """Make the last checkpoint claim step 3 (mid-epoch 1), as if the run had stopped there
+    (its manifest updated to match, so that it stays a complete checkpoint)."""
+    import hashlib
+
+    folder = (run / "checkpoints/last").resolve()
+    state = json.loads((folder / "state.json").read_text())
     state.update(epoch=0, skip=3, train_iter=3)
-    (run / "checkpoints/last/state.json").write_text(json.dumps(state))
+    data = json.dumps(state).encode()
+    (folder / "state.json").write_bytes(data)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for other in (run / "checkpoints").glob("ckpt-*"):  # the newest complete one is resumed
+        if other != folder:
+            shutil.rmtree(other)
 
 
 def test_cli_resume_continues_and_bad_checkpoints_are_refused(tmp_path):
@@ -116,16 +127,18 @@ def test_cli_resume_continues_and_bad_checkpoints_are_refused(tmp_path):
     assert mixed.exit_code == 2 and "drop the other options" in mixed.output
 
     _rewind_to_step_3(run)  # unfinished again: resuming must read (and check) the checkpoint
+    folder = (run / "checkpoints/last").resolve()
     backup = tmp_path / "backup"
-    shutil.copytree(run / "checkpoints/last", backup)
-    (run / "checkpoints/last/model.safetensors").write_bytes(b"garbage")
+    shutil.copytree(folder, backup)
+    (folder / "model.safetensors").write_bytes(b"garbage")
     bad = cli("--resume", run)
-    assert bad.exit_code == 2 and "not a readable safetensors checkpoint" in bad.output, bad.output
-    assert "Traceback" not in bad.output
-    assert (run / "checkpoints/last/model.safetensors").read_bytes() == b"garbage"  # nothing overwritten
+    assert bad.exit_code == 2, bad.output
+    assert bad.output == (f"Error: no complete checkpoint in {run / 'checkpoints'}: {folder / 'model.safetensors'}: "
+                          f"7 bytes, the manifest says {(backup / 'model.safetensors').stat().st_size}\n")
+    assert (folder / "model.safetensors").read_bytes() == b"garbage"  # nothing overwritten
 
-    shutil.rmtree(run / "checkpoints/last")
-    shutil.copytree(backup, run / "checkpoints/last")
+    shutil.rmtree(folder)
+    shutil.copytree(backup, folder)
     config = (run / "config.yaml").read_text().replace("rank: 4", "rank: 5")
     (run / "config.yaml").write_text(config)
     mismatch = cli("--resume", run)

@@ -1,0 +1,82 @@
+"""SIGTERM / SIGINT / SIGUSR1 during training, acted on at the next loop hook.
+
+The handler only sets a flag (no I/O inside a signal handler); the callback acts after the
+current training step (or at the epoch end when the signal came during validation):
+
+* SIGTERM, SIGINT: stop by raising :class:`StopRequested` (a KeyboardInterrupt, which the
+  run turns into a checkpoint, the resume command and exit status 128 + signal number:
+  130 for SIGINT, 143 for SIGTERM). A second one while stopping exits at once.
+* SIGUSR1 (what cluster schedulers send before the time limit): write a checkpoint and
+  continue.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+from fastai.callback.core import Callback
+
+__all__ = ["SignalCheckpoint", "StopRequested"]
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StopRequested(KeyboardInterrupt):
+    """Training stopped by ``signum``; the exit status is ``128 + signum``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+class SignalCheckpoint(Callback):
+    """Install with :meth:`install` around the fit, remove with :meth:`uninstall`.
+
+    Args:
+        checkpoint: called with no argument for SIGUSR1; returns the step saved (or None).
+        echo: where to say what was done.
+    """
+
+    order = 95  # after every other after_batch: the step is complete
+
+    def __init__(self, checkpoint, echo=print):
+        self.checkpoint, self.echo = checkpoint, echo
+        self.stop_signal = None
+        self.checkpoint_requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGUSR1:
+            self.checkpoint_requested = True
+        elif self.stop_signal is not None:
+            os._exit(128 + signum)  # the second stop signal: now, no checkpoint
+        else:
+            self.stop_signal = signum
+
+    def install(self) -> "SignalCheckpoint":
+        if threading.current_thread() is threading.main_thread():  # signal.signal works only there
+            for signum in (*STOP_SIGNALS, signal.SIGUSR1):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _act(self):
+        if self.checkpoint_requested:
+            self.checkpoint_requested = False
+            step = self.checkpoint()
+            if step is not None:
+                self.echo(f"SIGUSR1: checkpoint saved at step {step}; training continues")
+        if self.stop_signal is not None:
+            raise StopRequested(self.stop_signal)
+
+    def after_batch(self):
+        if self.training:
+            self._act()
+
+    def after_epoch(self):
+        self._act()

@@ -1,0 +1,287 @@
+"""Crash-safe writing: single files and checkpoint folders that a kill can never leave half-written.
+
+Every learner (classifier, GAN) writes through this module, so that one sequence is trusted:
+
+* a file: written to a temporary in the same folder (``.NAME.tmp-PID-RANDOM``), flushed and
+  fsync'd, renamed over ``NAME`` (atomic on POSIX), then the folder is fsync'd so that the
+  rename itself survives a power loss;
+* a checkpoint: every file written into a temporary folder (``.tmp-ckpt-STEP-PID-RANDOM``),
+  then ``manifest.json`` (each file's size and sha256) last, the folder renamed to
+  ``ckpt-STEP``, and only then the pointers (``last``, ``best``: symbolic links, swapped by
+  one rename) moved to it. The previous complete checkpoint stays until the new one is in
+  place, so at every instant a complete checkpoint exists; :func:`latest_complete` finds the
+  newest one whose files match their manifest (the pointers are for people, resuming does
+  not trust them).
+
+Temporary names carry the process id and a random part, so two processes never share one;
+:func:`clean_temporaries` removes those left by dead processes.
+
+For tests, ``STTPFAST_CRASH_AT=POINT[:N]`` kills the process with SIGKILL the N-th time
+(default first) the write sequence reaches ``POINT`` (see :data:`CRASH_POINTS`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+from pathlib import Path
+from typing import Callable, Union
+
+__all__ = ["write_file", "write_checkpoint", "set_pointer", "read_pointer", "verify_checkpoint",
+           "latest_complete", "checkpoints", "prune_checkpoints", "clean_temporaries", "CRASH_POINTS",
+           "MANIFEST", "DamagedCheckpoints"]
+
+MANIFEST = "manifest.json"
+# the named moments of the write sequence, in order (the chaos test kills at each)
+CRASH_POINTS = ("file-temp-written",      # a file's temporary is written, not yet renamed
+                "file-renamed",           # a file renamed into place, folder not yet fsync'd
+                "checkpoint-files",       # a checkpoint's data files written, no manifest yet
+                "checkpoint-manifest",    # manifest written, folder still temporary
+                "checkpoint-renamed",     # ckpt-STEP in place, pointers not yet moved
+                "pointer-moved",          # a pointer moved, older checkpoints not yet pruned
+                "pruned")                 # older checkpoints removed
+_CKPT = re.compile(r"^ckpt-(\d+)(?:\.(\d+))?$")
+_TEMP = re.compile(r"^\..+\.tmp-(\d+)-[0-9a-f]{8}$")
+
+FileContent = Union[bytes, str, Callable[[Path], None]]
+
+
+class DamagedCheckpoints(ValueError):
+    """No complete checkpoint: the message names every damaged file."""
+
+
+# ---------------------------------------------------------------------------------------
+# test hook
+_hits: dict[str, int] = {}
+
+
+def _crash_point(name: str) -> None:
+    """Kill this process here if ``STTPFAST_CRASH_AT`` names this point (tests only)."""
+    want = os.environ.get("STTPFAST_CRASH_AT")
+    if not want:
+        return
+    point, _, nth = want.partition(":")
+    if point != name:
+        return
+    _hits[name] = _hits.get(name, 0) + 1
+    if _hits[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------
+def _temp_name(name: str) -> str:
+    return f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_content(path: Path, content: FileContent) -> None:
+    """Write ``content`` (bytes, text, or a function that writes the file at the path it is
+    given) to ``path`` and fsync it."""
+    if callable(content):
+        content(path)
+    else:
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        with open(path, "wb") as f:
+            f.write(data)
+            f.flush()
+    _fsync_file(path)
+
+
+def write_file(path: str | os.PathLike, content: FileContent) -> Path:
+    """Replace ``path`` atomically and durably with ``content``: after a crash it holds the old
+    or the new content, never a mix, never an empty file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(_temp_name(path.name))
+    try:
+        _write_content(tmp, content)
+        _crash_point("file-temp-written")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _crash_point("file-renamed")
+    _fsync_dir(path.parent)
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _step_key(folder: Path) -> tuple[int, int]:
+    m = _CKPT.match(folder.name)
+    return (int(m.group(1)), int(m.group(2) or 0))
+
+
+def checkpoints(root: str | os.PathLike) -> list[Path]:
+    """The ``ckpt-*`` folders under ``root``, newest (highest step, then latest written) first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _CKPT.match(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=_step_key, reverse=True)
+
+
+def write_checkpoint(root: str | os.PathLike, step: int, files: dict[str, FileContent],
+                     manifest: dict | None = None) -> Path:
+    """Write ``files`` (name -> content) as the complete checkpoint ``root/ckpt-STEP`` and
+    return its path. ``manifest`` (JSON-able) is stored in ``manifest.json`` next to each
+    file's size and sha256. A second checkpoint of the same step gets ``ckpt-STEP.1``, ...
+    Nothing existing is touched: move a pointer with :func:`set_pointer` afterwards."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name, n = f"ckpt-{step:08d}", 0
+    while (root / name).exists():
+        n += 1
+        name = f"ckpt-{step:08d}.{n}"
+    tmp = root / _temp_name(name)
+    tmp.mkdir()
+    try:
+        entries = {}
+        for fname, content in files.items():
+            _write_content(tmp / fname, content)
+            entries[fname] = {"size": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
+        _crash_point("checkpoint-files")
+        _write_content(tmp / MANIFEST, json.dumps({"step": step, "files": entries, **(manifest or {})}, indent=1))
+        _fsync_dir(tmp)
+        _crash_point("checkpoint-manifest")
+        os.rename(tmp, root / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(root)
+    _crash_point("checkpoint-renamed")
+    return root / name
+
+
+def set_pointer(root: str | os.PathLike, pointer: str, target: str | os.PathLike) -> None:
+    """Point ``root/pointer`` (a relative symbolic link) at the checkpoint folder ``target``,
+    atomically: a new link under a temporary name renamed over the old one."""
+    root = Path(root)
+    tmp = root / _temp_name(pointer)
+    os.symlink(Path(target).name, tmp)
+    try:
+        os.replace(tmp, root / pointer)
+    finally:
+        if tmp.is_symlink():
+            tmp.unlink()
+    _fsync_dir(root)
+    _crash_point("pointer-moved")
+
+
+def read_pointer(root: str | os.PathLike, pointer: str) -> Path | None:
+    """The checkpoint folder ``root/pointer`` points at, or None."""
+    link = Path(root) / pointer
+    if not link.is_symlink():
+        return None
+    return Path(root) / os.readlink(link)
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> list[str]:
+    """What is wrong with the checkpoint ``folder`` (empty when its files match the manifest):
+    one line per damaged or missing file."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        entries = manifest["files"]
+    except FileNotFoundError:
+        return [f"{folder / MANIFEST}: missing (the checkpoint was not finished)"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return [f"{folder / MANIFEST}: unreadable ({err})"]
+    problems = []
+    for fname, want in entries.items():
+        path = folder / fname
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+        elif path.stat().st_size != want["size"]:
+            problems.append(f"{path}: {path.stat().st_size} bytes, the manifest says {want['size']}")
+        elif _sha256(path) != want["sha256"]:
+            problems.append(f"{path}: checksum differs from the manifest")
+    return problems
+
+
+def latest_complete(root: str | os.PathLike, warn: Callable[[str], None] = lambda msg: None) -> Path:
+    """The newest checkpoint under ``root`` whose files match its manifest. Each newer damaged
+    one is reported through ``warn``; DamagedCheckpoints (naming the damaged files) when
+    none is complete, FileNotFoundError when there is no checkpoint at all."""
+    found = checkpoints(root)
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {root}")
+    damaged = []
+    for folder in found:
+        problems = verify_checkpoint(folder)
+        if not problems:
+            if damaged:
+                warn(f"checkpoint {damaged[-1][0].name} is damaged ({'; '.join(damaged[-1][1])}); "
+                     f"falling back to {folder.name}, the newest complete checkpoint")
+            return folder
+        damaged.append((folder, problems))
+    raise DamagedCheckpoints("no complete checkpoint in " + str(root) + ": "
+                             + "; ".join(p for _, problems in damaged for p in problems))
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int = 2, pointers: tuple[str, ...] = ("last", "best")) -> None:
+    """Remove checkpoint folders older than the newest ``keep`` finished ones (those with a
+    manifest), except those a pointer names."""
+    root = Path(root)
+    named = {p.name for p in (read_pointer(root, n) for n in pointers) if p is not None}
+    finished = 0
+    for folder in checkpoints(root):
+        if finished < keep:
+            finished += (folder / MANIFEST).is_file()
+        elif folder.name not in named:
+            shutil.rmtree(folder, ignore_errors=True)
+    _crash_point("pruned")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporaries (files, folders, links) left in ``folder`` by processes that are no
+    longer running; returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _TEMP.match(entry.name)
+        if m is None or (_alive(int(m.group(1))) and int(m.group(1)) != os.getpid()):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

@@ -1,0 +1,245 @@
+"""Crash-safe runs: killed at any point of the checkpoint write sequence, stopped by SIGTERM /
+SIGINT, checkpointed by SIGUSR1, or doubled by a second process, a run resumes to the same
+weights, metrics and smoothed loss as an uninterrupted one. A tiny wide ResNet with dropout
+(depth 10, width 1, drop_rate 0.3) on digits keeps it fast and makes every global RNG draw count."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from safetensors.torch import load_file
+
+from sttpfast.atomic import CRASH_POINTS, checkpoints
+from sttpfast.config import build_config
+from sttpfast.run import RunError, run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.arch=wrn16_4", "model.kwargs.depth=10", "model.kwargs.width=1", "model.kwargs.drop_rate=0.3"]
+STEPS = 10  # 4 batches per epoch: epoch ends at steps 4, 8 and the budget mid-epoch 3
+
+
+def _cfg(tmp_path, name, steps=STEPS, *overrides):
+    cfg, _ = build_config(overrides=["data.name=digits", "data.bs=64", "data.subset=256", "param.name=sttp-r",
+                                     "param.rank=2", f"optim.steps={steps}", "optim.schedule=linear",
+                                     "log.logger=none", "log.progress=false", f"train.out={tmp_path}",
+                                     f"train.name={name}", "train.checkpoint_every=3", *TINY, *overrides])
+    return cfg
+
+
+def quiet(*args):
+    pass
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "checkpoints/last/model.safetensors"))
+
+
+def _assert_same_run(run: Path, summary: dict, reference: dict) -> None:
+    """Bit-identical weights, the same step count and the same metrics (smoothed train_loss
+    included) as the uninterrupted run."""
+    a, b = _weights(Path(reference["run_dir"])), _weights(run)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert summary["steps"] == reference["steps"]
+    assert summary["metrics"] == reference["metrics"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every interrupted one is compared with."""
+    out = tmp_path_factory.mktemp("reference")
+    return run_training(_cfg(out, "full"), echo=quiet)
+
+
+# ---------------------------------------------------------------------------------------
+class StopAfterEpoch(Callback):
+    """Stops the fit right after epoch ``epoch``'s checkpoint, like a kill at that moment."""
+
+    order = 90  # after the Checkpointer (70) wrote the epoch-end checkpoint
+
+    def __init__(self, epoch):
+        self.stop_epoch = epoch
+
+    def after_epoch(self):
+        if self.epoch == self.stop_epoch:
+            raise CancelFitException()
+
+
+def test_dropout_model_resumes_exactly_from_an_epoch_end_with_its_smoothed_loss(tmp_path, reference):
+    cut = run_training(_cfg(tmp_path, "cut"), extra_cbs=[StopAfterEpoch(0)], echo=quiet)
+    assert cut["steps"] == 4
+    resumed = run_training(resume=tmp_path / "cut", echo=quiet)
+    _assert_same_run(tmp_path / "cut", resumed, reference)
+
+
+# ---------------------------------------------------------------------------------------
+# chaos: SIGKILL at each named point of the write sequence (the writer's test hook)
+KILLS = ["file-temp-written:2", "file-renamed:2",  # summary.json (the 1st file is config.yaml)
+         "checkpoint-files:2", "checkpoint-manifest:3", "checkpoint-renamed:4", "pointer-moved:2", "pruned:3"]
+
+
+def _killed_run(cfg: dict, crash_at: str) -> int:
+    """Train ``cfg`` in a forked child that the writer kills at ``crash_at``; its wait status."""
+    pid = os.fork()
+    if pid == 0:  # the child: train until the hook kills it
+        os.environ["STTPFAST_CRASH_AT"] = crash_at
+        try:
+            run_training(cfg, echo=quiet)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    return status
+
+
+def test_a_kill_at_every_point_of_the_write_sequence_resumes_bit_identical(tmp_path, reference):
+    assert {k.split(":")[0] for k in KILLS} == set(CRASH_POINTS)
+    identical = 0
+    for i, point in enumerate(KILLS):
+        status = _killed_run(_cfg(tmp_path, f"k{i}"), point)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (point, status)
+        run = tmp_path / f"k{i}"
+        resumed = run_training(resume=run, echo=quiet)
+        assert not list(run.glob("**/.*.tmp-*")), point  # the resume removed the dead process's temporaries
+        _assert_same_run(run, resumed, reference)
+        identical += 1
+    assert identical == len(KILLS) == 7
+
+
+def test_a_torn_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, reference):
+    status = _killed_run(_cfg(tmp_path, "torn"), "pruned:3")
+    assert os.WTERMSIG(status) == signal.SIGKILL
+    run = tmp_path / "torn"
+    newest, previous = checkpoints(run / "checkpoints")[:2]
+    assert (newest.name, previous.name) == ("ckpt-00000006", "ckpt-00000004")
+    model = newest / "model.safetensors"
+    full = model.stat().st_size
+    model.write_bytes(model.read_bytes()[: full // 2])  # a torn write
+    lines = []
+    resumed = run_training(resume=run, echo=lines.append)
+    assert lines[0] == (f"Warning: checkpoint {newest.name} is damaged ({model}: {full // 2} bytes, "
+                        f"the manifest says {full}); falling back to {previous.name}, the newest complete checkpoint")
+    _assert_same_run(run, resumed, reference)
+
+
+def test_no_complete_checkpoint_is_refused_naming_the_damaged_files(tmp_path):
+    run_training(_cfg(tmp_path, "bad", 3), echo=quiet)  # step 3: the --every and the epoch-end checkpoint
+    folders = checkpoints(tmp_path / "bad/checkpoints")
+    assert [f.name for f in folders] == ["ckpt-00000003.1", "ckpt-00000003"]
+    for folder in folders:
+        (folder / "optimizer.safetensors").write_bytes(b"x")
+    with pytest.raises(ValueError) as err:
+        run_training(resume=tmp_path / "bad", echo=quiet)
+    sizes = [json.loads((f / "manifest.json").read_text())["files"]["optimizer.safetensors"]["size"] for f in folders]
+    assert str(err.value) == (f"no complete checkpoint in {tmp_path / 'bad/checkpoints'}: " + "; ".join(
+        f"{f / 'optimizer.safetensors'}: 1 bytes, the manifest says {size}" for f, size in zip(folders, sizes)))
+
+
+# ---------------------------------------------------------------------------------------
+# real signals to a real `sttpfast train` process
+def _cli_args(tmp_path, name, steps) -> list[str]:
+    sets = ["data.subset=256", "param.rank=2", f"optim.steps={steps}", "optim.schedule=linear",
+            "train.checkpoint_every=1", "log.progress=false", *TINY]
+    return [sys.executable, "-m", "sttpfast.cli", "train", "digits", "--bs", "64", "--param", "sttp-r",
+            "--logger", "none", "--out", str(tmp_path), "--name", name, *[a for s in sets for a in ("--set", s)]]
+
+
+def _start(tmp_path, name, steps=30) -> subprocess.Popen:
+    """Start a training process and return once it has written its first checkpoint."""
+    # the thread count of this test process (conftest): results differ in the last bits with another
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env.pop("STTPFAST_CRASH_AT", None)
+    proc = subprocess.Popen(_cli_args(tmp_path, name, steps), env=env, cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while not (tmp_path / name / "checkpoints/last").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference30(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference30")
+    cfg = _cfg(out, "full", 30, "train.checkpoint_every=1")
+    return run_training(cfg, echo=quiet)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_sigint_checkpoint_print_the_resume_command_and_resume_exactly(tmp_path, reference30, sig, code):
+    proc = _start(tmp_path, "s")
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == code, out
+    run = tmp_path / "s"
+    step = int(re.search(r"interrupted at step (\d+): checkpoint saved in (\S+)", out).group(1))
+    assert 0 < step < 30
+    assert out.rstrip().endswith(f"resume with: sttpfast train --resume {run}"), out
+    assert json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"] == step
+    assert "Traceback" not in out and "Aborted" not in out
+    resumed = run_training(resume=run, echo=quiet)
+    _assert_same_run(run, resumed, reference30)
+
+
+def test_sigusr1_checkpoints_and_training_continues_unchanged(tmp_path, reference30):
+    proc = _start(tmp_path, "u")
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert re.search(r"SIGUSR1: checkpoint saved at step \d+; training continues", out), out
+    run = tmp_path / "u"
+    _assert_same_run(run, json.loads((run / "summary.json").read_text()), reference30)
+
+
+def test_a_second_process_on_the_run_is_refused_and_a_killed_holder_is_taken_over(tmp_path, reference30):
+    proc = _start(tmp_path, "l")
+    run = tmp_path / "l"
+    with pytest.raises(RunError) as err:
+        run_training(resume=run, echo=quiet)
+    assert str(err.value) == (f"run folder {run} is in use by process {proc.pid} (lock {run / '.lock'}); "
+                              "wait for it to end or stop it first")
+    proc.kill()  # SIGKILL at a random moment: its lock goes with it
+    proc.wait()
+    resumed = run_training(resume=run, echo=quiet)
+    assert (run / ".lock").read_text() == f"{os.getpid()}\n"
+    _assert_same_run(run, resumed, reference30)
+
+
+def _scalars(tb: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_after_a_kill_and_resume_shows_each_step_once_with_the_uninterrupted_values(tmp_path):
+    full = run_training(_cfg(tmp_path, "full", STEPS, "log.logger=tensorboard", "log.every=1"), echo=quiet)
+    cfg = _cfg(tmp_path, "tb", STEPS, "log.logger=tensorboard", "log.every=1")
+    status = _killed_run(cfg, "checkpoint-files:4")  # while writing step 8's checkpoint: resumes at 6
+    assert os.WTERMSIG(status) == signal.SIGKILL
+    run_training(resume=tmp_path / "tb", echo=quiet)
+    want, have = _scalars(tmp_path / "full/tb"), _scalars(tmp_path / "tb/tb")
+    assert [step for step, _ in have["train/loss"]] == list(range(1, STEPS + 1))
+    assert have == want
+    assert full["steps"] == STEPS
+
+
+def test_a_resume_with_another_thread_count_is_warned_about(tmp_path):
+    run_training(_cfg(tmp_path, "t", 3), echo=quiet)
+    threads = torch.get_num_threads()
+    lines = []
+    torch.set_num_threads(threads + 1)
+    try:
+        run_training(resume=tmp_path / "t", steps=4, echo=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert lines[0] == (f"Warning: the run was checkpointed with {threads} CPU threads, this process uses "
+                        f"{threads + 1}: results can differ in the last bits from an uninterrupted run")
