@@ -20,6 +20,7 @@ from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, top_k_accuracy
 from fastai.optimizer import SGD, Adam
+import torch
 from torch import nn
 
 from sttpfast.callbacks.guards import NaNGuard
@@ -158,6 +159,27 @@ def default_callbacks(param: str, d_optimal: float = 1.0, frobenius_decay: float
     return cbs
 
 
+def _check_input_size(model: nn.Module, arch: str, dls) -> None:
+    """One forward of a zero batch ``(2, C, H, W)`` at the data's size, so that an
+    architecture that cannot take it (a kernel larger than its feature map, a fixed-size
+    patch embedding) is one clear ValueError before any run folder exists."""
+    size, chans = getattr(dls, "image_size", None), getattr(dls, "in_chans", None)
+    if size is None or chans is None:
+        return
+    h, w = size if isinstance(size, tuple) else (size, size)
+    was_training = model.training
+    model.eval()  # batch statistics of 2 zero images would be meaningless (and BN may refuse)
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, chans, h, w))
+    except (RuntimeError, AssertionError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"architecture {arch!r} cannot run on the data's {chans}x{h}x{w} images "
+                         f"({reason}); pick a model for small inputs (e.g. resnet20_cifar)") from None
+    finally:
+        model.train(was_training)
+
+
 def spectral_learner(
     dls,
     arch: str | nn.Module,
@@ -203,8 +225,11 @@ def spectral_learner(
     if isinstance(arch, nn.Module):
         model = arch
     else:
-        kwargs = dict(num_classes=getattr(dls, "n_classes", None), in_chans=getattr(dls, "in_chans", None))
+        # img_size: models built for a fixed size (ViT, Swin...) are built for the data's size
+        kwargs = dict(num_classes=getattr(dls, "n_classes", None), in_chans=getattr(dls, "in_chans", None),
+                      img_size=getattr(dls, "image_size", None))
         model = create_model(arch, **{**kwargs, **(model_kwargs or {})})
+        _check_input_size(model, arch, dls)
     report = parameterize(model, param, rank=rank, compression=compression, include=include,
                           exclude=exclude, init=init)
     if opt not in OPTIMIZERS:

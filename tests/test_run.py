@@ -115,6 +115,8 @@ BAD_STARTS = [
     (["digits", "--param", "sttp", "--rank", "0"], "param.rank = 0"),     # config
     (["digits", "--param", "sttp", "--compression", "150"], "param.compression = 150.0: expected a number in"),
     (["digits", "--param", "sttp", "--rank", "4", "--include", "nosuchlayer*"], "include pattern 'nosuchlayer\\*'"),
+    (["digits", "--arch", "convnext_atto", "--param", "sttp", "--rank", "4"],
+     "architecture 'convnext_atto' cannot run on the data's 1x16x16 images"),          # model x data
 ]
 
 
@@ -224,3 +226,12 @@ def test_accelerate_launch_cpu_with_two_processes_warns(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning: asked for 2 processes, running 1" in proc.stdout, proc.stdout[-2000:]
     assert json.loads((tmp_path / "one/summary.json").read_text())["processes"] == 1
+
+
+def test_a_vit_is_built_for_the_datas_image_size(tmp_path):
+    """timm's ViT expects 224 px unless told: the learner builds it for the data's size."""
+    result = _cli("digits", "--arch", "vit_tiny_patch16_224", "--param", "sttp-r", "--rank", "4", "--steps", "2",
+                  "--out", tmp_path, "--logger", "none", "--set", "log.progress=false")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    assert summary["steps"] == 2
