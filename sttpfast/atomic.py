@@ -77,15 +77,8 @@ def _temp_name(name: str) -> str:
     return f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename is durable only after this)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -103,7 +96,7 @@ def _write_content(path: Path, content: FileContent) -> None:
         with open(path, "wb") as f:
             f.write(data)
             f.flush()
-    _fsync_file(path)
+    _fsync(path)
 
 
 def write_file(path: str | os.PathLike, content: FileContent) -> Path:
@@ -120,7 +113,7 @@ def write_file(path: str | os.PathLike, content: FileContent) -> Path:
         if tmp.exists():
             tmp.unlink()
     _crash_point("file-renamed")
-    _fsync_dir(path.parent)
+    _fsync(path.parent)
     return path
 
 
@@ -167,13 +160,13 @@ def write_checkpoint(root: str | os.PathLike, step: int, files: dict[str, FileCo
             entries[fname] = {"size": (tmp / fname).stat().st_size, "sha256": _sha256(tmp / fname)}
         _crash_point("checkpoint-files")
         _write_content(tmp / MANIFEST, json.dumps({"step": step, "files": entries, **(manifest or {})}, indent=1))
-        _fsync_dir(tmp)
+        _fsync(tmp)
         _crash_point("checkpoint-manifest")
         os.rename(tmp, root / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    _fsync(root)
     _crash_point("checkpoint-renamed")
     return root / name
 
@@ -189,7 +182,7 @@ def set_pointer(root: str | os.PathLike, pointer: str, target: str | os.PathLike
     finally:
         if tmp.is_symlink():
             tmp.unlink()
-    _fsync_dir(root)
+    _fsync(root)
     _crash_point("pointer-moved")
 
 
