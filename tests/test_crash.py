@@ -198,6 +198,37 @@ def test_sigterm_and_sigint_checkpoint_print_the_resume_command_and_resume_exact
     _assert_same_run(run, resumed, reference30)
 
 
+def _second_sigint(proc: subprocess.Popen, when: str) -> tuple[str, float]:
+    """SIGINT ``proc``, and again ``when``: "soon" (0.01 s later: the step is still running)
+    or "after-save" (once it said it saved its checkpoint: it is on its way out). Its output
+    and the seconds it took to end after the second signal."""
+    proc.send_signal(signal.SIGINT)  # starts the finish-the-step, checkpoint and exit path
+    out = ""
+    if when == "soon":
+        time.sleep(0.01)
+    else:
+        while "interrupted at step" not in out:
+            line = proc.stdout.readline()
+            assert line, out
+            out += line
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)  # the second one: exit now
+    out += proc.communicate(timeout=300)[0]
+    return out, time.time() - sent
+
+
+@pytest.mark.parametrize("when", ["soon", "after-save"])
+def test_a_second_sigint_exits_at_once_with_130_and_the_run_resumes_exactly(tmp_path, reference30, when):
+    proc = _start(tmp_path, "i2")
+    run = tmp_path / "i2"
+    out, seconds = _second_sigint(proc, when)
+    assert (proc.returncode, "Traceback" in out, "KeyboardInterrupt" in out) == (130, False, False), out
+    assert seconds < 2.0, out  # at once: not after another checkpoint write or the rest of the run
+    # the newest checkpoint is complete, or --resume falls back to the previous complete one
+    resumed = run_training(resume=run, echo=quiet)
+    _assert_same_run(run, resumed, reference30)
+
+
 def test_sigusr1_checkpoints_and_training_continues_unchanged(tmp_path, reference30):
     proc = _start(tmp_path, "u")
     proc.send_signal(signal.SIGUSR1)
