@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 from fastai.callback.core import Callback
 
+from sttpfast.atomic import write_file
 from sttpfast.callbacks._util import global_step, is_main_process, positive_steps, run_dir, unwrap_model
 
 __all__ = ["TensorBoardLogger", "WandbLogger"]
 
 LOGGER_ORDER = 70
+WANDB_ID_FILE = "wandb-run-id"  # in the run folder: the W&B run a resumed fit continues
 
 
 def _recorder_tag(name: str) -> str:
@@ -213,6 +215,10 @@ class WandbLogger(_LoggerBase):
     ``after_cancel_fit`` and ``after_fit`` finish it (whichever comes first; a cancelled fit
     is marked ``cancelled`` in the summary). A run left open by an exception fastai does not
     catch is finished, as failed, at the next ``before_fit`` (or by wandb at exit).
+
+    Resume: the run id is saved in ``run_dir/wandb-run-id`` (atomically); a resumed fit
+    (``learn.resume_iter`` set by the Checkpointer) continues that W&B run
+    (``wandb.init(id=..., resume="allow")``) and logs only the steps after its checkpoint.
     """
 
     def __init__(self, project: str = "sttpfast", config: dict | None = None, mode: str | None = None,
@@ -238,16 +244,24 @@ class WandbLogger(_LoggerBase):
         # mapping the legacy values that wandb.init(mode=...) does not take
         mode = self.mode or os.environ.get("WANDB_MODE") or None
         mode = {"dryrun": "offline", "run": "online"}.get(mode, mode)
-        folder = str(run_dir(self.learn))
+        folder = run_dir(self.learn)
+        id_file = folder / WANDB_ID_FILE
+        resume = {}
+        if getattr(self.learn, "resume_iter", None) is not None and id_file.exists():
+            # the killed / stopped process's run: continue it rather than start a second one
+            resume = {"id": id_file.read_text().strip(), "resume": "allow"}
         try:
-            self.wandb_run = wandb.init(project=self.project, config=config, mode=mode, dir=folder)
+            self.wandb_run = wandb.init(project=self.project, config=config, mode=mode, dir=str(folder), **resume)
         except wandb.errors.UsageError as err:
             # no API key (and no prompt possible): log offline rather than fail the run
             if mode in ("offline", "disabled") or "api key" not in str(err).lower():
                 raise
             print(f"wandb: no API key configured, logging offline to {folder}/wandb "
                   "(upload later with `wandb sync`, or `wandb login` before the next run)")
-            self.wandb_run = wandb.init(project=self.project, config=config, mode="offline", dir=folder)
+            self.wandb_run = wandb.init(project=self.project, config=config, mode="offline", dir=str(folder),
+                                        **resume)
+        if mode != "disabled" and not resume:
+            write_file(id_file, f"{self.wandb_run.id}\n")
 
     def _write(self, scalars, step):
         self.wandb_run.log(scalars, step=step)

@@ -5,7 +5,10 @@ current training step (or at the epoch end when the signal came during validatio
 
 * SIGTERM, SIGINT: stop by raising :class:`StopRequested` (a KeyboardInterrupt, which the
   run turns into a checkpoint, the resume command and exit status 128 + signal number:
-  130 for SIGINT, 143 for SIGTERM). A second one while stopping exits at once.
+  130 for SIGINT, 143 for SIGTERM). A second one while stopping exits at once, with that
+  status: also after :meth:`SignalCheckpoint.uninstall`, while the run writes its
+  interrupted checkpoint and the interpreter shuts down (the process is on its way out;
+  a KeyboardInterrupt there would end it with a traceback or killed by SIGINT instead).
 * SIGUSR1 (what cluster schedulers send before the time limit): write a checkpoint and
   continue.
 """
@@ -30,6 +33,12 @@ class StopRequested(KeyboardInterrupt):
         self.signum = int(signum)
 
 
+def _exit_at_once(signum, frame):
+    """The second stop signal: end now, no checkpoint (the last complete one stays), exit
+    status 128 + signum."""
+    os._exit(128 + signum)
+
+
 class SignalCheckpoint(Callback):
     """Install with :meth:`install` around the fit, remove with :meth:`uninstall`.
 
@@ -50,7 +59,7 @@ class SignalCheckpoint(Callback):
         if signum == signal.SIGUSR1:
             self.checkpoint_requested = True
         elif self.stop_signal is not None:
-            os._exit(128 + signum)  # the second stop signal: now, no checkpoint
+            _exit_at_once(signum, frame)
         else:
             self.stop_signal = signum
 
@@ -61,8 +70,11 @@ class SignalCheckpoint(Callback):
         return self
 
     def uninstall(self) -> None:
+        """Restore the previous handlers; after a stop signal, SIGINT and SIGTERM instead end
+        the process at once from now on (it is stopping: the user's second signal wins)."""
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            stopping = self.stop_signal is not None and signum in STOP_SIGNALS
+            signal.signal(signum, _exit_at_once if stopping else handler)
         self._previous = {}
 
     def _act(self):

@@ -510,3 +510,23 @@ def test_nan_guard_leaves_a_healthy_run_alone(dls, tmp_path):
     learn = learner(dls, small_net(), tmp_path, cbs=[NaNGuard()])
     learn.fit(1, 0.01)
     assert getattr(learn, "nan_step", None) is None and math.isfinite(learn.recorder.values[-1][1])
+
+
+def test_wandb_logger_resumed_run_continues_the_same_wandb_run_without_repeating_steps(tmp_path, monkeypatch):
+    from sttpfast.config import build_config
+    from sttpfast.run import run_training
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg, _ = build_config(overrides=[
+        "data.name=digits", "data.bs=64", "data.subset=128", "param.name=sttp-r", "param.rank=2", "optim.steps=3",
+        "log.logger=wandb", "log.every=1", "log.progress=false", f"train.out={tmp_path}", "train.name=w",
+        "model.arch=wrn16_4", "model.kwargs.depth=10", "model.kwargs.width=1"])
+    run = tmp_path / "w"
+    run_training(cfg, echo=lambda *a: None)
+    run_id = (run / "wandb-run-id").read_text().strip()
+    run_training(resume=run, steps=5, echo=lambda *a: None)  # the budget raised: steps 4 and 5 continue it
+    assert (run / "wandb-run-id").read_text() == f"{run_id}\n"
+    files = sorted(glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb")))
+    assert [os.path.basename(f) for f in files] == [f"run-{run_id}.wandb"] * 2  # both sessions: one W&B run
+    steps = [sorted({int(r["_step"]) for r in read_wandb_history(f) if "train/loss" in r}) for f in files]
+    assert steps == [[1, 2, 3], [4, 5]]

@@ -150,18 +150,28 @@ def _cli_args(tmp_path, name, steps) -> list[str]:
             "--logger", "none", "--out", str(tmp_path), "--name", name, *[a for s in sets for a in ("--set", s)]]
 
 
-def _start(tmp_path, name, steps=30) -> subprocess.Popen:
-    """Start a training process and return once it has written its first checkpoint."""
+def _spawn(tmp_path, name, steps=30) -> subprocess.Popen:
+    """Start a training process (without waiting for it)."""
     # the thread count of this test process (conftest): results differ in the last bits with another
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     env.pop("STTPFAST_CRASH_AT", None)
-    proc = subprocess.Popen(_cli_args(tmp_path, name, steps), env=env, cwd=tmp_path, text=True,
+    return subprocess.Popen(_cli_args(tmp_path, name, steps), env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _first_checkpoint(proc: subprocess.Popen, run: Path) -> None:
+    """Return once ``proc`` has written its first checkpoint in ``run``."""
     deadline = time.time() + 300
-    while not (tmp_path / name / "checkpoints/last").exists():
+    while not (run / "checkpoints/last").exists():
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline
         time.sleep(0.05)
+
+
+def _start(tmp_path, name, steps=30) -> subprocess.Popen:
+    """Start a training process and return once it has written its first checkpoint."""
+    proc = _spawn(tmp_path, name, steps)
+    _first_checkpoint(proc, tmp_path / name)
     return proc
 
 
@@ -188,6 +198,37 @@ def test_sigterm_and_sigint_checkpoint_print_the_resume_command_and_resume_exact
     _assert_same_run(run, resumed, reference30)
 
 
+def _second_sigint(proc: subprocess.Popen, when: str) -> tuple[str, float]:
+    """SIGINT ``proc``, and again ``when``: "soon" (0.01 s later: the step is still running)
+    or "after-save" (once it said it saved its checkpoint: it is on its way out). Its output
+    and the seconds it took to end after the second signal."""
+    proc.send_signal(signal.SIGINT)  # starts the finish-the-step, checkpoint and exit path
+    out = ""
+    if when == "soon":
+        time.sleep(0.01)
+    else:
+        while "interrupted at step" not in out:
+            line = proc.stdout.readline()
+            assert line, out
+            out += line
+    sent = time.time()
+    proc.send_signal(signal.SIGINT)  # the second one: exit now
+    out += proc.communicate(timeout=300)[0]
+    return out, time.time() - sent
+
+
+@pytest.mark.parametrize("when", ["soon", "after-save"])
+def test_a_second_sigint_exits_at_once_with_130_and_the_run_resumes_exactly(tmp_path, reference30, when):
+    proc = _start(tmp_path, "i2")
+    run = tmp_path / "i2"
+    out, seconds = _second_sigint(proc, when)
+    assert (proc.returncode, "Traceback" in out, "KeyboardInterrupt" in out) == (130, False, False), out
+    assert seconds < 2.0, out  # at once: not after another checkpoint write or the rest of the run
+    # the newest checkpoint is complete, or --resume falls back to the previous complete one
+    resumed = run_training(resume=run, echo=quiet)
+    _assert_same_run(run, resumed, reference30)
+
+
 def test_sigusr1_checkpoints_and_training_continues_unchanged(tmp_path, reference30):
     proc = _start(tmp_path, "u")
     proc.send_signal(signal.SIGUSR1)
@@ -210,6 +251,42 @@ def test_a_second_process_on_the_run_is_refused_and_a_killed_holder_is_taken_ove
     resumed = run_training(resume=run, echo=quiet)
     assert (run / ".lock").read_text() == f"{os.getpid()}\n"
     _assert_same_run(run, resumed, reference30)
+
+
+RANDOM_KILL_SEED = 7  # moments at 32%, 15% and 65% of the span
+
+
+def test_sigkill_at_random_moments_of_a_real_run_resumes_bit_identical(tmp_path, reference):
+    """Three `sttpfast train` processes (the dropout model, a checkpoint every step) SIGKILLed
+    at seeded random moments after their first checkpoint, each resumed to the end."""
+    import random
+
+    procs = [_spawn(tmp_path, f"r{i}", STEPS) for i in range(3)]  # all three at once: the test stays short
+    for i, proc in enumerate(procs):
+        _first_checkpoint(proc, tmp_path / f"r{i}")
+    # the run's pace under this load: the time process 0 takes from its 1st to its 2nd checkpoint
+    first, last = time.time(), tmp_path / "r0/checkpoints/last/state.json"
+    while json.loads(last.read_text())["train_iter"] < 2:
+        assert procs[0].poll() is None
+        time.sleep(0.02)
+    step_s = time.time() - first
+    # kill within the first 70% of what is left of the run: none ends first
+    rng = random.Random(RANDOM_KILL_SEED)
+    delays = [rng.uniform(0, 0.7 * (STEPS - 2) * step_s) for _ in range(3)]
+    started = time.time()
+    for i, proc in sorted(enumerate(procs), key=lambda p: delays[p[0]]):
+        time.sleep(max(0.0, started + delays[i] - time.time()))
+        proc.kill()
+    killed_at = []
+    for i, proc in enumerate(procs):
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == -signal.SIGKILL, (delays[i], out)  # killed, not finished
+        run = tmp_path / f"r{i}"
+        killed_at.append(json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"])
+        resumed = run_training(resume=run, echo=quiet)
+        _assert_same_run(run, resumed, reference)
+    print(f"random kills: delays {[round(d, 2) for d in delays]} s, newest checkpoint at steps {killed_at}; "
+          f"3 of 3 resumed bit-identical")
 
 
 def _scalars(tb: Path) -> dict:
