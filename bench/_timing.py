@@ -55,6 +55,20 @@ def ratio_stats(num: list[float], den: list[float]) -> tuple[float, float, float
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
+def baseline_columns(times: dict, reference: str, names, ms_fmt: str = ".1f", bold: bool = False) -> list[str]:
+    """For each baseline in ``names``: its median ms and its per-repeat speed-up over
+    ``reference`` (median, min-max); ``-`` columns where a baseline was not run."""
+    row = []
+    for name in names:
+        if name not in times:
+            row += ["-", "-"]
+            continue
+        med, lo, hi = ratio_stats(times[name], times[reference])
+        speedup = f"**{med:.1f}x**" if bold else f"{med:.1f}x"
+        row += [f"{1e3 * statistics.median(times[name]):{ms_fmt}}", f"{speedup} ({lo:.1f}-{hi:.1f})"]
+    return row
+
+
 def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import interleaved, machine, markdown_table, median, ratio_stats, set_threads  # noqa: E402
+from _timing import baseline_columns, interleaved, machine, markdown_table, median, ratio_stats, set_threads  # noqa: E402
 
 import sttpfast  # noqa: E402
 from sttpfast.linalg.householder import householder_frame, reflectors_from_params  # noqa: E402
@@ -183,12 +183,7 @@ def network_table(args, orgqr) -> None:
             row = [arch, param, args.rank, f"{model.z:.2f}", len(layers), f"{n_frames} / {n_shapes}",
                    f"{1e3 * median(t['bank']):.1f}", f"{1e3 * median(t['floor']):.1f}",
                    f"**{b_med:.2f}x** ({b_lo:.2f}-{b_hi:.2f})"]
-            for name in ("per-layer WY", "torch-householder"):
-                if name in t:
-                    med, lo, hi = ratio_stats(t[name], t["bank"])
-                    row += [f"{1e3 * median(t[name]):.1f}", f"**{med:.1f}x** ({lo:.1f}-{hi:.1f})"]
-                else:
-                    row += ["-", "-"]
+            row += baseline_columns(t, "bank", ("per-layer WY", "torch-householder"), bold=True)
             name = "torch-householder" if "torch-householder" in diffs else "per-layer WY"
             row += [f"{diffs[name][0]:.1e} / {diffs[name][1]:.1e}" if name in diffs else "-"]
             rows.append(row)
@@ -257,12 +252,7 @@ def frames_table(args, orgqr) -> None:
                 assert torch.allclose(householder_frame(bottom, top), ref, atol=1e-4)
         t = interleaved(fns, args.repeats, device=device)
         row = [f"{n}x{r}", src, f"{1e3 * median(t['sttpfast WY']):.3f}"]
-        for name in ("torch-householder", "torch.linalg"):
-            if name in t:
-                med, lo, hi = ratio_stats(t[name], t["sttpfast WY"])
-                row += [f"{1e3 * median(t[name]):.3f}", f"{med:.1f}x ({lo:.1f}-{hi:.1f})"]
-            else:
-                row += ["-", "-"]
+        row += baseline_columns(t, "sttpfast WY", ("torch-householder", "torch.linalg"), ms_fmt=".3f")
         rows.append(row)
         print(" | ".join(row), file=sys.stderr, flush=True)
     print(f"\nHouseholder frames, forward+backward, batch {args.batch}, {args.dtype}, {args.device}; "

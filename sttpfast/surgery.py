@@ -187,10 +187,6 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
-def _check_rank(rank) -> None:
-    check_rank(rank)
-
-
 def _check_compression(compression) -> float:
     try:
         value = float(compression)
@@ -278,7 +274,7 @@ def parameterize(
     param = resolve_param(param)
     if rank is not None and compression is not None:
         raise ValueError("give either rank or compression, not both")
-    _check_rank(rank)
+    check_rank(rank)
     if compression is not None:
         compression = _check_compression(compression)
         if not method(param).compresses:
