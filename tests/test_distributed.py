@@ -1,0 +1,94 @@
+"""Several processes on CPU (gloo, ``torch.distributed.run``): validation metrics of the whole
+validation set, exact resume after a crash, and sharded (FSDP2) training."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sttpfast.checkpoint import load_parameterized
+from sttpfast.config import build_config
+from sttpfast.data import get_dls
+
+ROOT = Path(__file__).resolve().parents[1]
+# digits, 512 training images: 8 steps of 2 x 32 images per epoch; 359 validation images, so
+# the ranks' last validation batches differ in size (rank 0: 180 images, rank 1: 179)
+TWO_PROC_STEPS = 14
+TWO_PROC_ARGS = ["digits", "--arch", "resnet20_cifar", "--param", "sttp-r", "--rank", "6", "--bs", "32",
+                 "--logger", "none", "--lr", "0.05", "--set", "data.subset=512",
+                 "--set", "train.checkpoint_every=3", "--set", "log.progress=false"]
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+    env.pop("STTPFAST_CRASH_AT", None)
+    env.update(extra)
+    return env
+
+
+def _torchrun(args: list[str], env: dict, nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           str(ROOT / "apps/train.py"), *args], capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    """An uninterrupted 2-process run of TWO_PROC_STEPS steps (crosses an epoch end)."""
+    out = tmp_path_factory.mktemp("ddp")
+    proc = _torchrun([*TWO_PROC_ARGS, "--steps", str(TWO_PROC_STEPS), "--out", str(out), "--name", "full"], _env())
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    return out / "full"
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "checkpoints/last/model.safetensors"))
+
+
+def test_two_process_validation_metrics_equal_the_checkpoint_on_the_whole_validation_set(two_process_run):
+    summary = _summary(two_process_run)
+    assert summary["processes"] == 2 and summary["ranks_in_sync"] is True
+    cfg, _ = build_config([two_process_run / "config.yaml"])
+    dls = get_dls("digits", bs=64, subset=512, seed=cfg["train"]["seed"], device="cpu")
+    model = load_parameterized(two_process_run / "checkpoints/last/model.safetensors").eval()
+    correct = loss = 0.0
+    with torch.no_grad():
+        for x, y in dls.valid:
+            logits = model(x)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+    n = len(dls.valid.dataset)
+    assert n == 359
+    # the number of right answers over the number of images, as one process computes it
+    assert summary["metrics"]["accuracy"] == correct / n, (summary["metrics"], correct, n)
+    assert summary["metrics"]["valid_loss"] == pytest.approx(loss / n, rel=1e-5)
+
+
+def test_two_process_run_killed_mid_epoch_resumes_bit_identical(two_process_run, tmp_path):
+    # rank 0 (the writer) is killed by SIGKILL at its second checkpoint (step 6, mid-epoch 1),
+    # after the folder is in place and before `last` points at it; the launcher then ends rank 1
+    crashed = _torchrun([*TWO_PROC_ARGS, "--steps", str(TWO_PROC_STEPS), "--out", str(tmp_path), "--name", "cut"],
+                        _env(STTPFAST_CRASH_AT="checkpoint-renamed:2"))
+    assert crashed.returncode != 0
+    run = tmp_path / "cut"
+    assert not (run / "summary.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").glob("ckpt-*")) == ["ckpt-00000003", "ckpt-00000006"]
+    resumed = _torchrun(["--resume", str(run)], _env())
+    assert resumed.returncode == 0, (resumed.stdout[-2000:], resumed.stderr[-3000:])
+    assert f"resuming {run} at epoch 0, step 6" in resumed.stdout
+    a, b = _weights(two_process_run), _weights(run)
+    assert a.keys() == b.keys()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    s_full, s_cut = _summary(two_process_run), _summary(run)
+    assert s_cut["steps"] == s_full["steps"] == TWO_PROC_STEPS
+    assert s_cut["metrics"] == s_full["metrics"]  # smoothed train_loss included
+    assert s_cut["best"] == s_full["best"]
+    assert s_cut["rank_hashes"] == s_full["rank_hashes"] and len(set(s_cut["rank_hashes"])) == 1
