@@ -47,11 +47,20 @@ def make_accelerator(mixed_precision: str = "no"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    # AcceleratorState is process-wide and refuses a second, different mixed_precision (a
-    # notebook or a test running several trainings). Its process group (PartialState) is
-    # kept; only the per-run settings are cleared (accelerate's own tests do the same).
-    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
+    # AcceleratorState is a process-wide singleton that refuses a second, different
+    # mixed_precision (a notebook or a test running several trainings in one process).
+    # accelerate (checked up to 1.15) has no public way to change it: the documented route
+    # is one Accelerator per process, and `AcceleratorState._reset_state` is what its own
+    # test utilities call. It is used only when the precision really changes, keeps the
+    # process group (PartialState), and a missing one is one clear error, not a traceback.
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
+        reset = getattr(AcceleratorState, "_reset_state", None)
+        if reset is None:
+            raise ValueError(f"this process already trained with mixed_precision={shared['_mixed_precision']!r}; "
+                             f"this accelerate version cannot switch to {mixed_precision!r} in the same process: "
+                             "start a new process")
+        reset(reset_partial_state=False)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
 
 

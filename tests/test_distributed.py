@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from fastai.callback.core import Callback, CancelFitException
 from safetensors.torch import load_file
 
 from sttpfast.checkpoint import load_parameterized
 from sttpfast.config import build_config
 from sttpfast.data import get_dls
+from sttpfast.run import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 # digits, 512 training images: 8 steps of 2 x 32 images per epoch; 359 validation images, so
@@ -92,3 +94,41 @@ def test_two_process_run_killed_mid_epoch_resumes_bit_identical(two_process_run,
     assert s_cut["metrics"] == s_full["metrics"]  # smoothed train_loss included
     assert s_cut["best"] == s_full["best"]
     assert s_cut["rank_hashes"] == s_full["rank_hashes"] and len(set(s_cut["rank_hashes"])) == 1
+
+
+class _StopAfter(Callback):
+    """Ends the fit after ``k`` optimizer steps (after that step's checkpoint), like a killed job."""
+
+    order = 90
+
+    def __init__(self, k):
+        self.k = k
+
+    def after_batch(self):
+        if self.training and self.train_iter == self.k:
+            raise CancelFitException()
+
+
+def test_loader_worker_processes_change_nothing_and_resume_exactly(tmp_path):
+    """``data.num_workers`` > 0 is allowed: a worker only indexes the in-memory tensors
+    (``create_batch``); the shuffling order is drawn before the workers start and augmentation
+    runs in ``after_batch`` in the main process, both from generators the checkpoint saves,
+    and the workers' base seed is drawn from the global generator in the main process (the
+    same draw with 0 workers). So workers hold no random state of their own: a run with 2
+    workers, stopped mid-epoch and resumed with 2 workers, has the weights of a run without."""
+    def cfg(name, workers):
+        c, _ = build_config(overrides=[
+            "data.name=digits", "data.bs=64", "data.subset=256", "data.augment=true", f"data.num_workers={workers}",
+            "param.name=sttp-r", "param.rank=2", "optim.steps=6", "log.logger=none", "log.progress=false",
+            "model.arch=wrn16_4", "model.kwargs.depth=10", "model.kwargs.width=1", "model.kwargs.drop_rate=0.3",
+            f"train.out={tmp_path}", f"train.name={name}", "train.checkpoint_every=3"])
+        return c
+
+    plain = run_training(cfg("plain", 0), echo=lambda *a: None)
+    cut = run_training(cfg("workers", 2), extra_cbs=[_StopAfter(3)], echo=lambda *a: None)
+    assert cut["steps"] == 3
+    resumed = run_training(resume=tmp_path / "workers", echo=lambda *a: None)
+    assert resumed["steps"] == plain["steps"] == 6
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "workers")
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert resumed["metrics"] == plain["metrics"]
