@@ -157,6 +157,8 @@ g = torch.Generator().manual_seed(1)
 x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)  # the global batch
 out = {}
 for name, entry in methods().items():
+    if os.environ.get("METHODS") and name not in os.environ["METHODS"].split(","):
+        continue
     torch.manual_seed(0)
     model = create_model("resnet20_cifar", num_classes=10, base_width=4)
     parameterize(model, name, rank=2 if entry.rank_kind else None)
@@ -184,10 +186,10 @@ if world > 1:
 '''
 
 
-def _fsdp_results(script: Path, nproc: int) -> dict:
+def _fsdp_results(script: Path, nproc: int, **env) -> dict:
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                      "--nproc_per_node", str(nproc)]
-    proc = subprocess.run([*launcher, str(script)], capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run([*launcher, str(script)], capture_output=True, text=True, timeout=600, env=_env(**env))
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
@@ -212,3 +214,54 @@ def test_fsdp2_every_parametrization_matches_one_process(tmp_path):
         # own layers (stem conv, head) at the stem, then each block's (3 with a 1x1 shortcut)
         assert one[name]["builds"] == ([22] if chain else []), name
         assert two[name]["builds"] == ([2, 2, 2, 2, 3, 2, 2, 3, 2, 2] if chain else []), name
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_match_one_process(tmp_path):
+    """Two "nodes" of one process each (``torchrun --nnodes 2 --node_rank 0/1 --master_addr
+    127.0.0.1``), sharded with FSDP2 as above: the same losses as one process (1e-5 relative).
+    Slow: 39 s on the shared 2-core machine under load (3 methods)."""
+    script = tmp_path / "fsdp_worker.py"
+    script.write_text(_FSDP_WORKER)
+    methods = "sttp-r,svdp-c,lowrank"
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+                               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_env(METHODS=methods)) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    two = json.loads(outputs[0][0].split("RESULT ", 1)[1])
+    assert "RESULT" not in outputs[1][0]  # node 1 (global rank 1) does not report
+    one = _fsdp_results(script, 1, METHODS=methods)
+    assert sorted(two) == sorted(one) == sorted(methods.split(","))
+    for name in one:
+        assert two[name]["losses"] == pytest.approx(one[name]["losses"], rel=1e-5, abs=0), name
+
+
+def test_shard_model_refuses_a_unit_it_cannot_shard_naming_the_layer():
+    from sttpfast.fsdp import default_units, shard_model
+    from sttpfast.models import create_model
+    from sttpfast.surgery import parameterize
+
+    model = create_model("resnet20_cifar", num_classes=10, base_width=4)
+    parameterize(model, "sttp-r", rank=2)
+    assert default_units(model) == [f"blocks.{i}" for i in range(9)]
+    with pytest.raises(ValueError) as err:
+        shard_model(model, units=["blocks.0", "blocks.1.conv2.parametrizations.weight"])
+    assert str(err.value) == ("cannot shard 'blocks.1.conv2.parametrizations.weight' with FSDP2: it is inside the "
+                              "parametrization of layer 'blocks.1.conv2'; shard a module that contains the layer "
+                              "(its block) instead")
+    with pytest.raises(ValueError) as err:
+        shard_model(model, units=["blocks.9"])
+    assert str(err.value) == ("cannot shard 'blocks.9' with FSDP2: the model has no such module "
+                              "(blocks: blocks.0, blocks.1, blocks.2, blocks.3...)")
+    assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())  # nothing half done
