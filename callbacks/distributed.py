@@ -47,6 +47,18 @@ def make_accelerator(mixed_precision: str = "no"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    from sttpfast.fsdp import fsdp_requested
+
+    version = fsdp_requested()
+    if version is not None:
+        # refused before anything is built: accelerate would shard only the root (or, with
+        # cpu=True, silently fall back to DDP), and the checkpoint writer, validation and the
+        # spectrum callbacks read whole parameters, which a sharded model does not hold
+        raise ValueError(f"this run was launched with an FSDP config (fsdp_version {version}: ACCELERATE_USE_FSDP="
+                         f"{os.environ['ACCELERATE_USE_FSDP']}), which `sttpfast train` does not run yet; launch it "
+                         "with configs/accelerate/cpu_2proc_gloo.yaml or gpu_ddp_multinode.yaml (DDP), or shard "
+                         "the model in your own loop with sttpfast.fsdp.shard_model")
+
     # AcceleratorState is a process-wide singleton that refuses a second, different
     # mixed_precision (a notebook or a test running several trainings in one process).
     # accelerate (checked up to 1.15) has no public way to change it: the documented route

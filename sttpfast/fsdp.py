@@ -26,14 +26,21 @@ from torch import nn
 
 from sttpfast.params.layers import parameterized_layers
 
-__all__ = ["shard_model", "default_units", "fsdp2_requested"]
+__all__ = ["shard_model", "default_units", "fsdp_requested", "fsdp2_requested"]
+
+
+def fsdp_requested() -> str | None:
+    """The FSDP version the launcher asked for (``"1"`` / ``"2"``), or None: ``accelerate
+    launch`` with a ``distributed_type: FSDP`` config sets ``ACCELERATE_USE_FSDP=true`` and
+    ``FSDP_VERSION`` (``fsdp_version``, default 1) in every process."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true", "yes"):
+        return None
+    return os.environ.get("FSDP_VERSION", "1")
 
 
 def fsdp2_requested() -> bool:
-    """Whether the launcher asked for FSDP2: ``accelerate launch`` with an FSDP config of
-    ``fsdp_version: 2`` sets ``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2``."""
-    return (os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true", "yes")
-            and os.environ.get("FSDP_VERSION", "1") == "2")
+    """Whether the launcher asked for FSDP2 (see :func:`fsdp_requested`)."""
+    return fsdp_requested() == "2"
 
 
 def default_units(model: nn.Module) -> list[str]:

@@ -137,7 +137,7 @@ def test_loader_worker_processes_change_nothing_and_resume_exactly(tmp_path):
 # ---------------------------------------------------------------------------------------
 # FSDP2: every registered parametrization, sharded per residual block and at the root
 _FSDP_WORKER = r'''
-import json, os, sys
+import json, logging, os, sys
 import torch, torch.distributed as dist
 from sttpfast.fsdp import shard_model
 from sttpfast.models import create_model
@@ -151,6 +151,11 @@ if world > 1:
     dist.init_process_group("gloo")
 rank = dist.get_rank() if world > 1 else 0
 builds = []  # layers per batched weight build, during the last forward
+notes = []  # the frame bank's log records (it says once per bank that it builds per FSDP unit)
+handler = logging.Handler()
+handler.emit = notes.append
+logging.getLogger("sttpfast.params.frame_bank").addHandler(handler)
+logging.getLogger("sttpfast.params.frame_bank").setLevel(logging.INFO)
 real_build = frame_bank.build_weights
 frame_bank.build_weights = lambda members: builds.append(len(members)) or real_build(members)
 g = torch.Generator().manual_seed(1)
@@ -160,6 +165,7 @@ for name, entry in methods().items():
     if os.environ.get("METHODS") and name not in os.environ["METHODS"].split(","):
         continue
     torch.manual_seed(0)
+    notes.clear()
     model = create_model("resnet20_cifar", num_classes=10, base_width=4)
     parameterize(model, name, rank=2 if entry.rank_kind else None)
     if world > 1:
@@ -178,7 +184,7 @@ for name, entry in methods().items():
         if world > 1:
             dist.all_reduce(total)
         losses.append(total.item() / world)
-    out[name] = {"losses": losses, "builds": list(builds)}
+    out[name] = {"losses": losses, "builds": list(builds), "notes": [r.getMessage() for r in notes]}
 if rank == 0:
     print("RESULT " + json.dumps(out))
 if world > 1:
@@ -214,6 +220,11 @@ def test_fsdp2_every_parametrization_matches_one_process(tmp_path):
         # own layers (stem conv, head) at the stem, then each block's (3 with a 1x1 shortcut)
         assert one[name]["builds"] == ([22] if chain else []), name
         assert two[name]["builds"] == ([2, 2, 2, 2, 3, 2, 2, 3, 2, 2] if chain else []), name
+        assert one[name]["notes"] == []
+        assert two[name]["notes"] == ([
+            "frame bank: the model is sharded (FSDP2): 20 of 22 layers are not gathered at this module's forward; "
+            "each FSDP unit builds its own layers, batched, when its forward gathers them (a layer used while "
+            "sharded builds its weight on its own)"] if chain else []), name
 
 
 def _free_port() -> int:
@@ -265,3 +276,21 @@ def test_shard_model_refuses_a_unit_it_cannot_shard_naming_the_layer():
     assert str(err.value) == ("cannot shard 'blocks.9' with FSDP2: the model has no such module "
                               "(blocks: blocks.0, blocks.1, blocks.2, blocks.3...)")
     assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())  # nothing half done
+
+
+def test_train_under_an_fsdp_config_is_refused_with_one_message(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    # what `accelerate launch --config_file configs/accelerate/gpu_fsdp2.yaml` sets in each process
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    result = CliRunner().invoke(main, ["train", "digits", "--arch", "resnet20_cifar", "--param", "sttp-r", "--rank",
+                                       "4", "--steps", "1", "--logger", "none", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output == "rank 4\n" + (  # the CLI's rank line, then the one error line
+        "Error: this run was launched with an FSDP config (fsdp_version 2: ACCELERATE_USE_FSDP=true), which "
+        "`sttpfast train` does not run yet; launch it with configs/accelerate/cpu_2proc_gloo.yaml or "
+        "gpu_ddp_multinode.yaml (DDP), or shard the model in your own loop with sttpfast.fsdp.shard_model\n")
+    assert list(tmp_path.iterdir()) == []  # no run folder
