@@ -55,7 +55,9 @@ def _weights(run: Path) -> dict:
     return load_file(str(run / "checkpoints/last/model.safetensors"))
 
 
+@pytest.mark.slow
 def test_two_process_validation_metrics_equal_the_checkpoint_on_the_whole_validation_set(two_process_run):
+    """Slow: 37 s (the 2-process run, shared with the next test) on the loaded 2-core machine."""
     summary = _summary(two_process_run)
     assert summary["processes"] == 2 and summary["ranks_in_sync"] is True
     cfg, _ = build_config([two_process_run / "config.yaml"])
@@ -74,7 +76,9 @@ def test_two_process_validation_metrics_equal_the_checkpoint_on_the_whole_valida
     assert summary["metrics"]["valid_loss"] == pytest.approx(loss / n, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_two_process_run_killed_mid_epoch_resumes_bit_identical(two_process_run, tmp_path):
+    """Slow: 59 s (a crashed and a resumed 2-process run) on the loaded 2-core machine."""
     # rank 0 (the writer) is killed by SIGKILL at its second checkpoint (step 6, mid-epoch 1),
     # after the folder is in place and before `last` points at it; the launcher then ends rank 1
     crashed = _torchrun([*TWO_PROC_ARGS, "--steps", str(TWO_PROC_STEPS), "--out", str(tmp_path), "--name", "cut"],
