@@ -234,3 +234,54 @@ def test_factorized_forward_of_1d_and_3d_convs(name, rank, conv_cls, kernel, spa
     fast = layer(x)
     p.forward_mode = "materialized"
     assert torch.allclose(fast, layer(x), atol=1e-12)
+
+
+# -- tuple ranks through parameterize ------------------------------------------------------
+def _two_convs():
+    return nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+
+
+# modes (16, 16, 3, 3): TT bonds at most (16, 9, 3); TR (ring 9, 16, 9, 3); HT nodes
+# ({16,16} 9, 16, 16, {3,3} 9, 3, 3)
+@pytest.mark.parametrize("name,rank,stored,dof", [
+    ("tt", (4, 8, 3), [4, 8, 3], 16 * 4 + 4 * 16 * 8 + 8 * 3 * 3 + 3 * 3),
+    ("tr", (3, 4, 6, 2), [3, 4, 6, 2], 3 * 16 * 4 + 4 * 16 * 6 + 6 * 3 * 2 + 2 * 3 * 3),
+    # the tree ((r{16,16}, r{16}, r{16}), (r{3,3}, r{3}, r{3})), stored flat in pre-order
+    ("ht", ((5, 8, 6), (4, 3, 2)), [5, 8, 6, 4, 3, 2], 5 * 4 + 8 * 6 * 5 + 16 * 8 + 16 * 6 + 3 * 2 * 4 + 3 * 3 + 3 * 2),
+])
+def test_parameterize_takes_tuple_ranks_and_a_checkpoint_rebuilds_them(name, rank, stored, dof, tmp_path):
+    torch.manual_seed(0)
+    model = _two_convs()
+    report = sttpfast.parameterize(model, name, rank=rank)
+    assert [row.dof for row in report.rows] == [dof, dof]
+    assert parameterization_spec(model) == {k: {"param": name, "rank": stored, "shape": [16, 16, 3, 3]}
+                                            for k in ("0", "2")}
+    path = sttpfast.save_parameterized(model, tmp_path / "m.safetensors")
+    loaded = sttpfast.load_parameterized(path, _two_convs())
+    assert parametrization_of(loaded[2]).ranks == stored
+    assert parameterization_spec(loaded) == parameterization_spec(model)
+    x = torch.randn(2, 16, 5, 5)
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("name,rank,message", [
+    ("tt", (4, 8), r"layer '0' \(Conv2d \(16, 16, 3, 3\)\): tt: rank \(4, 8\) has 2 entries; a layer with modes "
+                   r"\(16, 16, 3, 3\) needs 3: \(R_1, R_2, R_3\) \(or one int for all\)"),
+    ("tt", (4, 0, 3), r"^tt: rank must be a positive integer or a tuple of positive integers, got \(4, 0, 3\)$"),
+    ("tr", (3, 4, 6), r"tr: rank \(3, 4, 6\) has 3 entries; .* needs 4: \(R_0 \(the ring bond\), R_1, R_2, R_3\)"),
+    ("ht", (2, 2), r"ht: rank \(2, 2\) has 2 entries; .* needs 6: \(r\{16,16\}, r\{16\}, r\{16\}, r\{3,3\}, "
+                   r"r\{3\}, r\{3\}\)"),
+    ("ht", ((5, 8), (4, 3, 2)), r"ht: an inner node of a rank tree is \(rank, left, right\), got \(5, 8\)"),
+    ("tucker", (2, 2, 2), r"tucker: rank \(2, 2, 2\) has 3 entries; .* needs 2: \(R_out, R_in\)"),
+    ("cp", (2, 2), r"^cp: rank must be a positive integer, got \(2, 2\)$"),
+    ("lowrank", (2, 2), r"^lowrank: rank must be a positive integer, got \(2, 2\)$"),
+    ("tt", (4, 99, 3), r"tt: rank \(4, 99, 3\) is too large for modes \(16, 16, 3, 3\): the largest useful "
+                       r"ranks are \(16, 9, 3\)"),
+])
+def test_bad_tuple_ranks_are_one_error_and_change_nothing(name, rank, message):
+    model = _two_convs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        sttpfast.parameterize(model, name, rank=rank)
+    assert not any(True for _ in parameterized_layers(model))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
