@@ -136,6 +136,10 @@ def rank_line(param: str, rank, how: str) -> str:
         return f"rank chosen for the target compression Z = {rank:g}%"
     if how == "none":
         return f"no rank ({param} keeps every weight at full size)"
+    if how == "rank_scale":
+        return f"rank scale {rank:g}: each layer at that fraction of its full rank"
+    if how == "layer_ranks":
+        return f"per-layer ranks for {rank} layers (param.layer_ranks)"
     return f"rank {rank}"
 
 
@@ -148,6 +152,10 @@ def _rank_choice(cfg: dict, sources: dict) -> tuple[object, str]:
         return None, "none"
     if p["compression"] is not None:
         return p["compression"], "compression"
+    if p.get("rank_scale") is not None:
+        return p["rank_scale"], "rank_scale"
+    if p.get("layer_ranks"):
+        return len(p["layer_ranks"]), "layer_ranks"
     if p["rank"] is None:
         return None, "full"
     return p["rank"], "default" if sources.get("param.rank") == "default" else "given"
@@ -191,6 +199,31 @@ def info(arch, param, rank, compression, include, exclude, init, num_classes, in
         click.echo(f"warning: {w.message}", err=True)
 
 
+#: ``--frobenius-decay`` given without a value: lambda is the run's weight decay
+FROBENIUS_AT_WD = "wd"
+
+
+def _frobenius_decay_value(value: str):
+    """``--frobenius-decay [LAMBDA]``: a number >= 0, or (alone) ``optim.wd``'s value, which
+    the learner uses when ``reg.frobenius_decay`` is unset (None)."""
+    if value == FROBENIUS_AT_WD:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise CLIError(f"--frobenius-decay {value!r}: expected a number >= 0 (or the flag alone)") from None
+    if not number >= 0:
+        raise CLIError(f"--frobenius-decay {value!r}: expected a number >= 0 (or the flag alone)")
+    return number
+
+
+def _check_frobenius_decay_applies(param: str) -> None:
+    from sttpfast.params import method
+
+    if method(param).penalty != "frobenius_decay":
+        raise CLIError(f"--frobenius-decay applies to the methods trained with it (lowrank), not {param!r}")
+
+
 def train_options(fn):
     """Every ``sttpfast train`` flag of :data:`sttpfast.config.CLI_FLAGS`, from the schema."""
     for flag in reversed([f for f in CLI_FLAGS if f != "dataset"]):
@@ -204,14 +237,19 @@ def train_options(fn):
 @click.option("--resume", default=None, type=click.Path(), help="continue the run in this folder")
 @click.option("--cfg", multiple=True, type=click.Path(), help="YAML config, repeatable (later wins)")
 @click.option("--set", "overrides", multiple=True, help="dotted override, e.g. optim.lr=0.05 (repeatable)")
+@click.option("--frobenius-decay", "frobenius_decay", is_flag=False, flag_value=FROBENIUS_AT_WD, default=None,
+              metavar="[LAMBDA]", help="lowrank: Frobenius decay (Khodak et al.) in place of weight decay; "
+                                       "alone: lambda = --wd")
 @user_errors
-def train(resume, cfg, overrides, **flags):
+def train(resume, cfg, overrides, frobenius_decay, **flags):
     """Train a classifier: sttpfast train DATASET --arch ARCH --param PARAM [--rank R|full].
 
     Low-rank methods without --rank or --compression use rank 32 (the STTP paper's rank for
     classification); --rank full trains at full rank."""
     explicit = {CLI_FLAGS[name]: list(v) if isinstance(v, tuple) else v for name, v in flags.items()
                 if v is not None and v != ()}
+    if frobenius_decay is not None:
+        explicit["reg.frobenius_decay"] = _frobenius_decay_value(frobenius_decay)
     if resume is not None:
         # only the budget may change on resume: --steps / --epochs continue a finished run
         budget = {key: explicit.pop(key) for key in ("optim.steps", "optim.epochs") if key in explicit}
@@ -228,6 +266,8 @@ def train(resume, cfg, overrides, **flags):
         with interrupts_end_start_up():
             config, sources = build_config(cfg, overrides, explicit)
             _import_training_modules()
+        if frobenius_decay is not None:
+            _check_frobenius_decay_applies(config["param"]["name"])
         click.echo(rank_line(config["param"]["name"], *_rank_choice(config, sources)))
         from sttpfast.run import run_training
 

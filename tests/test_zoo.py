@@ -285,3 +285,146 @@ def test_bad_tuple_ranks_are_one_error_and_change_nothing(name, rank, message):
         sttpfast.parameterize(model, name, rank=rank)
     assert not any(True for _ in parameterized_layers(model))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- per-layer rank plan by retained energy -------------------------------------------------
+def _spectra_model():
+    """Four 128x128 Linear layers with known spectra: flat (all 1), 0.98^i, linear 1 - i/128, 0.6^i."""
+    g = torch.Generator().manual_seed(0)
+    n = 128
+    spectra = [torch.ones(n, dtype=torch.float64), 0.98 ** torch.arange(n, dtype=torch.float64),
+               1 - torch.arange(n, dtype=torch.float64) / n, 0.6 ** torch.arange(n, dtype=torch.float64)]
+    model = nn.Sequential(*[nn.Linear(n, n, bias=False) for _ in spectra])
+    for layer, s in zip(model, spectra):
+        u = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+        layer.weight.data = ((u * s) @ v.T).float()
+    return model
+
+
+@pytest.mark.parametrize("target,z,ranks", [(10.0, 10.1562, [15, 4, 6, 1]), (25.0, 25.0, [39, 9, 15, 1])])
+def test_energy_plan_spends_the_budget_where_the_spectrum_needs_it(target, z, ranks):
+    model = _spectra_model()
+    report = sttpfast.parameterize(model, "lowrank", compression=target, plan="energy")
+    assert abs(report.z - target) <= 0.5 and round(report.z, 4) == z
+    assert [row["rank"] for row in report.plan] == ranks
+    assert [parametrization_of(m).rank for m in model] == ranks
+    flat, _, _, steep = report.plan
+    assert flat["rank"] > steep["rank"]  # the flat spectrum needs many directions, the steep one one
+    # energy kept by hand: a flat spectrum keeps r/128; 0.6^i keeps 1 - 0.36 with one direction
+    assert flat["energy"] == round(ranks[0] / 128, 6) and steep["energy"] == 0.64
+    assert [row["params"] for row in report.plan] == [256 * r for r in ranks]
+    assert report.rank is None and report.plan_table().splitlines()[2].split() == \
+        ["0", str(ranks[0]), f"{ranks[0] / 128:.4f}", str(256 * ranks[0]), "16384"]
+
+
+def test_energy_plan_needs_a_budget_and_a_known_plan():
+    with pytest.raises(ValueError, match="plan='energy' spends a compression budget: give compression=Z"):
+        sttpfast.parameterize(_spectra_model(), "lowrank", rank=4, plan="energy")
+    with pytest.raises(ValueError, match="unknown rank plan 'entropy'; allowed: shared, energy"):
+        sttpfast.parameterize(_spectra_model(), "lowrank", compression=10, plan="entropy")
+
+
+def test_rank_scale_takes_a_fraction_of_each_layers_full_rank():
+    model = nn.Sequential(nn.Conv2d(6, 8, 3), nn.Flatten(), nn.Linear(8, 36))
+    report = sttpfast.parameterize(model, "lowrank", rank_scale=0.5)
+    assert [row["rank"] for row in report.plan] == [4, 4]  # min(8, 54) / 2, min(36, 8) / 2
+    assert [parametrization_of(model[0]).rank, parametrization_of(model[2]).rank] == [4, 4]
+    with pytest.raises(ValueError, match=r"rank_scale must be a number in \(0, 1\] .* got 1.5"):
+        sttpfast.parameterize(nn.Sequential(nn.Linear(4, 4)), "lowrank", rank_scale=1.5)
+
+
+# -- layers a method cannot represent --------------------------------------------------------
+def _prime_channel_convs():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 3), nn.Conv2d(6, 7, 3))
+
+
+def test_unrepresentable_skip_warns_naming_the_layers():
+    model = _prime_channel_convs()
+    with pytest.warns(UserWarning) as caught:
+        report = sttpfast.parameterize(model, "rtt", rank=2, unrepresentable="skip")
+    assert [str(w.message) for w in caught] == [
+        "2 layer(s) stay dense: rtt cannot represent a weight of shape (8, 3, 3, 3) in layer '0' (channel count 3 "
+        "cannot be split into 2 factors (prime)); rtt cannot represent a weight of shape (7, 6, 3, 3) in layer '2' "
+        "(channel count 7 cannot be split into 2 factors (prime))"]
+    assert [r.name for r in report.rows] == ["1"]
+    assert parametrization_of(model[0]) is None and parametrization_of(model[2]) is None
+
+
+def test_unrepresentable_error_names_the_first_layer_and_changes_nothing():
+    model = _prime_channel_convs()
+    with pytest.raises(ValueError) as err:
+        sttpfast.parameterize(model, "rcp", rank=2, unrepresentable="error")
+    assert str(err.value) == ("rcp cannot represent layer '0' (weight (8, 3, 3, 3)): channel count 3 cannot be "
+                              "split into 2 factors (prime); unrepresentable='skip' leaves such layers dense")
+    assert not any(True for _ in parameterized_layers(model))
+    with pytest.raises(ValueError, match="unknown unrepresentable policy 'ignore'; allowed: skip, error"):
+        sttpfast.parameterize(model, "rcp", rank=2, unrepresentable="ignore")
+
+
+# -- the command line ---------------------------------------------------------------------
+def _train_cli(tmp_path, *args):
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    quick = ["digits", "--arch", "resnet20_cifar", "--bs", "64", "--subset", "128", "--steps", "1",
+             "--logger", "none", "--out", str(tmp_path), "--name", "r"]
+    return CliRunner().invoke(main, ["train", *quick, *map(str, args)])
+
+
+def test_cli_train_tucker_energy_plan_saves_rank_plan(tmp_path):
+    import json
+
+    result = _train_cli(tmp_path, "--param", "tucker", "--compression", "10", "--plan", "energy")
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "r" / "rank_plan.json").read_text())
+    assert len(plan) == 22 and {row["layer"] for row in plan} >= {"stem.0", "blocks.8.conv2", "fc"}
+    assert all(set(row) == {"layer", "rank", "energy", "params", "dense"} for row in plan)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["param"] == "tucker" and abs(summary["z_percent"] - 10.0) <= 0.5
+    assert f"Z = {summary['z_percent']:.2f}%" in result.output
+    assert f"{plan[-1]['layer']:<36}" in result.output  # the plan is printed
+    model = sttpfast.load_parameterized(tmp_path / "r" / "checkpoints" / "last" / "model.safetensors")
+    assert {p.sttpfast_method for _, _, p in parameterized_layers(model)} == {"tucker"}
+
+
+def test_cli_train_lowrank_rank_scale_with_frobenius_decay(tmp_path, monkeypatch):
+    import json
+
+    from sttpfast.callbacks.penalties import FrobeniusDecay
+
+    seen = []
+    original = FrobeniusDecay.after_backward
+    monkeypatch.setattr(FrobeniusDecay, "after_backward", lambda self: (seen.append(self.wd), original(self))[1])
+    result = _train_cli(tmp_path, "--param", "lowrank", "--rank-scale", "0.111", "--frobenius-decay", "--wd", "0.002")
+    assert result.exit_code == 0, result.output
+    assert seen == [0.002]  # active for the one step, lambda = --wd
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["param"] == "lowrank" and summary["rank"] is None
+    assert result.output.startswith("rank scale 0.111: each layer at that fraction of its full rank\n")
+    assert "Z = 13.74%" in result.output and summary["z_percent"] == 13.7397
+    model = sttpfast.load_parameterized(tmp_path / "r" / "checkpoints" / "last" / "model.safetensors")
+    ranks = {name: p.rank for name, _, p in parameterized_layers(model)}
+    assert {p.sttpfast_method for _, _, p in parameterized_layers(model)} == {"lowrank"}
+    # round(0.111 * min(C_out, C_in k k)): the 1-channel stem min(16, 9) -> 1, 16 -> 2, 32 -> 4,
+    # 64 -> 7; fc min(10, 64) -> 1
+    assert (ranks["stem.0"], ranks["blocks.0.conv1"], ranks["blocks.3.conv2"], ranks["blocks.8.conv2"],
+            ranks["fc"]) == (1, 2, 4, 7, 1)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--param", "tucker", "--frobenius-decay"], "Error: --frobenius-decay applies to the methods trained with it "
+                                                 "(lowrank), not 'tucker'"),
+    (["--param", "rtt", "--rank", "2", "--unrepresentable", "error"],
+     "Error: rtt cannot represent layer 'stem.0' (weight (16, 1, 3, 3)): channel count 1 cannot be split into 2 "
+     "factors (too small); unrepresentable='skip' leaves such layers dense"),
+    (["--param", "lowrank", "--rank-scale", "2"], "Error: config param.rank_scale = 2.0: expected a number in (0, 1]"),
+    (["--param", "tt", "--rank", "4", "--plan", "energy"], "Error: param.plan = 'energy' spends a compression budget"),
+])
+def test_cli_train_zoo_bad_input_one_line_exit_2(tmp_path, args, message):
+    result = _train_cli(tmp_path, *args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and lines[-1].startswith(message), result.output
+    # one error line (after the rank line the command prints before any work); nothing written
+    assert len(lines) <= 2 and "Traceback" not in result.output and not (tmp_path / "r").exists()
