@@ -279,6 +279,52 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
         sys.exit(1)
 
 
+# -- compress: decompose a dense run, distil block by block, fine-tune ------------------------
+def _compress_rank(value):
+    """``--rank`` of compress: an int, or comma-separated ints (a tuple: TT / TR bonds, Tucker pair)."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise CLIError(f"--rank {value!r}: give a positive integer or comma-separated integers (4,8,4)") from None
+    return parts[0] if len(parts) == 1 else parts
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--param", required=True, help="the compressed layers' method (tt, tucker, sttp-r, lowrank...)")
+@click.option("--rank", default=None, metavar="R|R1,R2,..", help="the method's rank (an int or a tuple)")
+@click.option("--compression", type=float, default=None, help="target Z in percent (instead of --rank)")
+@click.option("--plan", type=click.Choice(choices("param.plan")), default=None,
+              help="with --compression: one shared rank, or per-layer ranks by retained energy")
+@click.option("--phases", default="0,1,2", show_default=True,
+              help="0 decompose, 1 block-wise distillation, 2 end-to-end fine-tuning")
+@click.option("--epochs", type=int, default=1, show_default=True, help="phase 2's epochs")
+@click.option("--steps", type=int, default=None, help="phase 2's optimizer steps (instead of --epochs)")
+@click.option("--distill-steps", type=int, default=None, help="phase 1's steps per block (default one epoch)")
+@click.option("--lr", type=float, default=None, help="phase 2's peak learning rate (default the dense run's / 10)")
+@click.option("--unrepresentable", type=click.Choice(choices("param.unrepresentable")), default=None,
+              help="layers the method cannot represent: leave dense (skip) or refuse (error)")
+@click.option("--out", default=None, type=click.Path(), help="output run folder (default RUN-PARAM next to RUN)")
+@user_errors
+def compress(run, param, rank, compression, plan, phases, epochs, steps, distill_steps, lr, unrepresentable, out):
+    """Compress a dense run: sttpfast compress RUN --param tt --compression 10 --phases 0,1,2 --epochs 3."""
+    rank = _compress_rank(rank)
+    if rank is None and compression is None:
+        raise CLIError("give the size of the compressed layers: --rank R or --compression Z")
+    for flag, value in (("--steps", steps), ("--distill-steps", distill_steps)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be a positive integer, got {value}")
+    with interrupts_end_start_up():
+        _import_training_modules()
+        from sttpfast.compress import compress_run
+
+    compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases, epochs=epochs,
+                 steps=steps, distill_steps=distill_steps, lr=lr, out=out, unrepresentable=unrepresentable,
+                 echo=click.echo)
+
+
 @main.command()
 @click.argument("run", type=click.Path())
 @click.option("--format", "fmt", required=True, metavar="safetensors|onnx",
