@@ -172,14 +172,20 @@ def main():
 @param_options
 @click.option("--num-classes", type=int, default=None, help="classifier outputs (model default if unset)")
 @click.option("--in-chans", type=int, default=None, help="input channels (model default if unset)")
+@schema_option("plan")
+@schema_option("rank_scale")
+@schema_option("unrepresentable")
 @user_errors
-def info(arch, param, rank, compression, include, exclude, init, num_classes, in_chans):
+def info(arch, param, rank, compression, include, exclude, init, num_classes, in_chans, plan, rank_scale,
+         unrepresentable):
     """Per-layer table (rank, DOF) and the compression Z of ARCH under PARAM."""
     if arch is None:
         raise CLIError("give the architecture: --arch NAME (any timm model or a registered sttpfast model)")
     # the same rank rules as `train` (the default rank for the low-rank methods, 'full', none for dense/sn)
     cli = {CLI_FLAGS[k]: v for k, v in dict(param=param, rank=rank, compression=compression, init=init,
-                                             include=list(include), exclude=list(exclude)).items() if v is not None}
+                                             include=list(include), exclude=list(exclude), plan=plan,
+                                             rank_scale=rank_scale, unrepresentable=unrepresentable).items()
+           if v is not None}
     cfg, sources = build_config(cli=cli)
     p = cfg["param"]
 
@@ -190,9 +196,12 @@ def info(arch, param, rank, compression, include, exclude, init, num_classes, in
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = parameterize(model, p["name"], rank=p["rank"], compression=p["compression"],
-                              include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"])
+                              include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"],
+                              plan=p["plan"], rank_scale=p["rank_scale"], unrepresentable=p["unrepresentable"])
     click.echo(rank_line(p["name"], *_rank_choice(cfg, sources)))
-    if p["compression"] is not None:
+    if report.plan:
+        click.echo(report.plan_table())
+    elif p["compression"] is not None:
         click.echo(f"rank {report.rank} gives Z = {report.z:.2f}%")
     click.echo(report.table())
     for w in caught:

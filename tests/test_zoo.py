@@ -428,3 +428,19 @@ def test_cli_train_zoo_bad_input_one_line_exit_2(tmp_path, args, message):
     assert result.exit_code == 2 and lines[-1].startswith(message), result.output
     # one error line (after the rank line the command prints before any work); nothing written
     assert len(lines) <= 2 and "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_cli_info_prints_the_energy_plan():
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    torch.manual_seed(0)  # the plan follows the freshly initialized weights' spectra
+    result = CliRunner().invoke(main, ["info", "--arch", "resnet20_cifar", "--param", "tt", "--compression", "10",
+                                       "--plan", "energy"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split() == ["layer", "rank", "energy", "params", "dense"]
+    assert lines[3].split() == ["stem.0", "1", "0.1679", "25", "432"]  # the 3-channel stem keeps 17% at rank 1
+    z = float(lines[-1].split("Z = ")[1].split("%")[0])
+    assert abs(z - 10.0) <= 0.5
