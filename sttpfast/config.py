@@ -82,6 +82,9 @@ class DataConfig:
     download: bool = setting(False, "download a missing dataset with torchvision")
     num_workers: int = setting(0, "data loader worker processes", _non_negative, "an integer >= 0")
     augment: bool = setting(True, "training-time augmentation")
+    img_size: Optional[int] = setting(None, "resize images to N x N and build the model for N (default: the "
+                                            "data's size, or the smallest size the model accepts)",
+                                      _positive, "a positive integer")
 
 
 @dataclass
@@ -102,6 +105,8 @@ class ParamConfig:
         None, "factor initialization (default: identity for SVDP/STTP, spectral for lowrank)")
     include: list[str] = setting([], "globs of layer names to parameterize")
     exclude: list[str] = setting([], "globs of layer names to leave dense")
+    attention: Optional[Literal["qk-ov"]] = setting(
+        None, "transformer attention in factored per-head forms: qk-ov (W_Q W_K^T and W_O W_V, rank per head)")
 
 
 @dataclass
@@ -195,6 +200,8 @@ CLI_FLAGS = {
     "schedule": "optim.schedule", "epochs": "optim.epochs", "steps": "optim.steps", "seed": "train.seed",
     "out": "train.out", "name": "train.name", "logger": "log.logger", "mixed_precision": "train.mixed_precision",
 }
+# any timm backbone at the data's size; factored attention forms (issue 11)
+CLI_FLAGS.update({"img_size": "data.img_size", "attention": "param.attention"})
 
 
 def type_members(tp) -> tuple:
@@ -394,7 +401,7 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
         raise ConfigError(f"config param.name: {err}") from None
     if p["rank"] is not None and p["compression"] is not None:
         raise ConfigError("give either param.rank or param.compression, not both")
-    if name in BASELINES:
+    if name in BASELINES and p.get("attention") is None:  # with --attention the rank is per head
         if p["rank"] not in (None, FULL_RANK):
             raise ConfigError(f"param.rank = {p['rank']!r}: {p['name']!r} takes no rank "
                               f"(ranks are for the low-rank parameterizations)")
