@@ -105,8 +105,9 @@ class ParamConfig:
         None, "factor initialization (default: identity for SVDP/STTP, spectral for lowrank)")
     include: list[str] = setting([], "globs of layer names to parameterize")
     exclude: list[str] = setting([], "globs of layer names to leave dense")
-    attention: Optional[Literal["qk-ov"]] = setting(
-        None, "transformer attention in factored per-head forms: qk-ov (W_Q W_K^T and W_O W_V, rank per head)")
+    attention: Optional[Literal["qk-ov", "q-k-v"]] = setting(
+        None, "transformer attention: qk-ov (per-head W_Q W_K^T and W_O W_V factored, rank per head) or q-k-v "
+              "(the fused qkv Linear as three layers that --param parameterizes each on its own)")
 
 
 @dataclass

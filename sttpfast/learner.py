@@ -266,6 +266,8 @@ def spectral_learner(
             output-value forms factored at rank ``rank`` per head (full head width without
             ``rank``), with Frobenius decay ``frobenius_decay`` (default ``wd``) on the products
             (:mod:`sttpfast.params.attention`); ``param`` then applies to the other layers.
+            ``"q-k-v"``: each fused ``qkv`` Linear becomes three Linears that ``param``
+            parameterizes each on its own (own spectrum and bound).
     The report of the surgery is ``learn.compression``; ``learn.run_dir`` is where the
     callbacks write (``run_dir`` or ``learn.path``).
     """
@@ -274,13 +276,15 @@ def spectral_learner(
         model = arch
     else:
         model = _model_for_data(arch, dls, img_size, model_kwargs, echo)
+    factored = attention == "qk-ov"
     if attention is not None:
         # the forms first (from the dense weights); param then leaves their Linears alone
+        # (qk-ov), or treats q, k and v as three layers (q-k-v)
         formed = parameterize_attention(model, attention, rank=rank)
         exclude = ([exclude] if isinstance(exclude, str) else list(exclude or [])) + formed
-    report = parameterize(model, param, rank=None if attention and param in BASELINES else rank,
+    report = parameterize(model, param, rank=None if factored and param in BASELINES else rank,
                           compression=compression, include=include, exclude=exclude, init=init)
-    if attention is not None:
+    if factored:
         report = compression_report(model)
     if opt not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {opt!r}; allowed: {', '.join(OPTIMIZERS)}")
@@ -288,7 +292,7 @@ def spectral_learner(
     if frobenius_decay is None and param == "lowrank":
         frobenius_decay = wd
     callbacks = default_callbacks(param, d_optimal, frobenius_decay, spectral_bound, sv_every) + list(cbs or [])
-    if attention is not None:
+    if factored:
         callbacks.append(AttentionFormDecay(wd if frobenius_decay is None else frobenius_decay))
     path = Path(run_dir) if run_dir is not None else Path(".")
     learn = SpectralLearner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,

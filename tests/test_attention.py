@@ -135,7 +135,7 @@ def test_checkpoint_round_trip_and_densify(tmp_path):
 def test_registered_by_name_but_not_a_layer_param():
     assert "attn-qk-ov" not in methods() and "attn-qk-ov" in methods(scope=None)
     assert methods(scope="attention").keys() == {"attn-qk-ov", "attn-qk-ov-proj"}
-    assert choices("param.attention") == tuple(ATTENTION_FORMS) == ("qk-ov",)
+    assert choices("param.attention") == tuple(ATTENTION_FORMS) == ("qk-ov", "q-k-v")
     with pytest.raises(ValueError, match=r"^unknown parameterization 'attn-qk-ov'; allowed: "):
         parameterize(nn.Sequential(nn.Linear(3, 3)), "attn-qk-ov")
 
@@ -150,7 +150,7 @@ def test_refusals_leave_the_model_unchanged():
                                          r"its forms are not products$"):
         parameterize_attention(normed)
     assert not parametrize.is_parametrized(normed[0].qkv)  # all blocks checked before any change
-    with pytest.raises(ValueError, match=r"^unknown attention form 'qk'; allowed: qk-ov$"):
+    with pytest.raises(ValueError, match=r"^unknown attention form 'qk'; allowed: qk-ov, q-k-v$"):
         parameterize_attention(normed, "qk")
     with pytest.raises(ValueError, match=r"^rank per head must be a positive integer, got 0$"):
         parameterize_attention(normed, rank=0)
@@ -175,3 +175,72 @@ def test_cli_trains_a_vit_with_qk_ov_forms_and_lowrank_linears(tmp_path):
     report = [line for line in result.output.splitlines() if line.startswith("run ")][0]
     # the forms on qkv and proj (3 heads at rank 4); lowrank r4 on patch_embed.proj, fc1, fc2, head
     assert " layers 6 " in report
+
+
+# -- q-k-v: the fused qkv Linear as three layers, each parameterized on its own -----------------
+def tiny_vit(seed: int = 0):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_p4_32", depth=1, embed_dim=24, num_heads=2).double().eval()
+
+
+def test_split_qkv_is_the_fused_layer_with_timms_state_dict():
+    model, ref = tiny_vit(), tiny_vit()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert parameterize_attention(model, "q-k-v") == []
+    assert type(model.blocks[0].attn.qkv).__name__ == "SplitQKV"
+    assert torch.equal(model(x), ref(x))
+    state, timm_state = model.state_dict(), ref.state_dict()
+    assert list(state) == list(timm_state) and all(torch.equal(state[k], timm_state[k]) for k in state)
+    model.load_state_dict(tiny_vit(seed=5).state_dict())  # timm's fused checkpoint loads into the parts
+    assert torch.equal(model.blocks[0].attn.qkv.k.weight, tiny_vit(seed=5).blocks[0].attn.qkv.weight[24:48])
+
+
+def test_q_k_v_each_own_rank_spectrum_bound_and_exact_z(tmp_path):
+    model = tiny_vit()
+    fused = model.blocks[0].attn.qkv.weight.detach().clone()
+    parameterize_attention(model, "q-k-v")
+    parameterize(model, "svdp-l", rank=6, include=["*.qkv.v"], init="spectral")
+    report = parameterize(model, "svdp-l", rank=2, include=["*.qkv.q", "*.qkv.k"], init="spectral")
+    rows = {row.name: row for row in report.rows}
+    svdp = methods()["svdp-l"]
+    assert [rows[f"blocks.0.attn.qkv.{n}"].rank for n in "qkv"] == [2, 2, 6]
+    assert [rows[f"blocks.0.attn.qkv.{n}"].dof for n in "qkv"] == [2 * 48 - 4, 2 * 48 - 4, 6 * 48 - 36] \
+        == [svdp.count_dof((24, 24), False, r) for r in (2, 2, 6)]
+    parts = [getattr(model.blocks[0].attn.qkv, n) for n in "qkv"]
+    spectra = [parametrize_of(p).singular_values(*factors(p)) for p in parts]
+    assert [len(s) for s in spectra] == [2, 2, 6] and not torch.equal(spectra[0], spectra[1])
+    # spectral init: each part's bound is its own initial sigma_max (the fused weight's thirds)
+    own = [float(torch.linalg.matrix_norm(w, 2)) for w in fused.chunk(3, 0)]
+    assert [svdp.spectral_bound(parametrize_of(p)) for p in parts] == pytest.approx(own, rel=1e-12)
+    assert len(set(own)) == 3
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        plain = tiny_vit()
+        plain.load_state_dict(densify(model).state_dict())  # densified: timm's own layout again
+        assert torch.allclose(plain(x), expected, atol=1e-12)
+    save_parameterized(model, tmp_path / "m.safetensors")
+    fresh = tiny_vit(seed=9)
+    split_qkv_first = parameterize_attention(fresh, "q-k-v")
+    again = load_parameterized(tmp_path / "m.safetensors", fresh)
+    with torch.no_grad():
+        assert split_qkv_first == [] and torch.equal(again(x), expected)
+
+
+def parametrize_of(layer):
+    return layer.parametrizations.weight[0]
+
+
+def factors(layer):
+    plist = layer.parametrizations.weight
+    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+
+
+def test_cli_trains_with_q_k_v_split(tmp_path):
+    result = CliRunner().invoke(main, ["train", "digits", "--arch", "vit_tiny_p4_32", "--attention", "q-k-v",
+                                       "--param", "sttp-r", "--rank", "4", "--steps", "2", "--subset", "32",
+                                       "--bs", "16", "--logger", "none", "--out", str(tmp_path),
+                                       "--set", "model.kwargs={depth: 1}", "--set", "log.progress=false"])
+    assert result.exit_code == 0, result.output
+    report = [line for line in result.output.splitlines() if line.startswith("run ")][0]
+    assert " layers 8 " in report  # patch_embed, q, k, v, proj, fc1, fc2, head

@@ -46,11 +46,14 @@ from torch.nn.utils import parametrize
 
 from sttpfast.params.registry import METHOD_ATTR, Method, register_method
 
-__all__ = ["QKVHeadForms", "OutHeadForm", "attention_blocks", "parameterize_attention", "attention_form_pairs",
-           "attention_form_decay", "ATTENTION_FORMS", "QKV_METHOD", "PROJ_METHOD"]
+__all__ = ["QKVHeadForms", "OutHeadForm", "SplitQKV", "attention_blocks", "parameterize_attention", "split_qkv",
+           "attention_form_pairs", "attention_form_decay", "ATTENTION_FORMS", "QKV_METHOD", "PROJ_METHOD"]
 
 #: ``--attention`` choices -> description
-ATTENTION_FORMS = {"qk-ov": "per-head query-key and output-value forms, factored at rank r per head"}
+ATTENTION_FORMS = {
+    "qk-ov": "per-head query-key and output-value forms, factored at rank r per head",
+    "q-k-v": "the fused qkv Linear as three Linears q, k, v, each parameterized on its own by --param",
+}
 #: the registered methods on a block's qkv and proj Linears
 QKV_METHOD, PROJ_METHOD = "attn-qk-ov", "attn-qk-ov-proj"
 
@@ -245,11 +248,13 @@ def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
 
 
 def parameterize_attention(model: nn.Module, form: str = "qk-ov", rank: int | None = None) -> list[str]:
-    """Put every attention block of ``model`` in factored ``form`` (in place); return the names
-    of the Linears it parameterized (``blocks.0.attn.qkv``, ``blocks.0.attn.proj``...).
+    """Put every attention block of ``model`` in ``form`` (in place).
 
     Args:
-        form: ``qk-ov`` (the only form: see the module docstring).
+        form: ``qk-ov``: the factored forms of the module docstring; returns the names of
+            the Linears it parameterized (``blocks.0.attn.qkv``, ``blocks.0.attn.proj``...),
+            which ``parameterize`` must then leave alone. ``q-k-v``: :func:`split_qkv`
+            (returns [], since ``parameterize`` is meant to treat q, k and v next).
         rank: rank per head ``r`` (capped at the head width); None: the head width (the
             forms reproduce the block's function exactly, up to float rounding).
 
@@ -259,6 +264,8 @@ def parameterize_attention(model: nn.Module, form: str = "qk-ov", rank: int | No
     """
     if form not in ATTENTION_FORMS:
         raise ValueError(f"unknown attention form {form!r}; allowed: {', '.join(ATTENTION_FORMS)}")
+    if form == "q-k-v":
+        return split_qkv(model)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank per head must be a positive integer, got {rank!r}")
     blocks = attention_blocks(model)
@@ -271,7 +278,7 @@ def parameterize_attention(model: nn.Module, form: str = "qk-ov", rank: int | No
             reason = f"attention block {name!r} is already parameterized"
         if reason is not None:
             raise ValueError(reason)
-    names = []
+    names: list[str] = []
     for name, block, heads, hd in blocks:
         _factorize_block(block, heads, hd, hd if rank is None else min(rank, hd))
         names += [f"{name}.qkv" if name else "qkv", f"{name}.proj" if name else "proj"]
@@ -305,6 +312,81 @@ def _factorize_block(block: nn.Module, heads: int, hd: int, r: int) -> None:
     p_qkv.pending, p_proj.pending = (left, right, value), (out_left,)
     parametrize.register_parametrization(qkv, "weight", p_qkv, unsafe=True)
     parametrize.register_parametrization(proj, "weight", p_proj, unsafe=True)
+
+
+# ---------------------------------------------------------------------------------------
+# q, k and v as three matrices
+class SplitQKV(nn.Module):
+    """A fused ``qkv`` Linear ``d -> 3 A`` as three Linears ``q``, ``k``, ``v`` (``d -> A``):
+    ``x (..., d) -> cat(q(x), k(x), v(x)) (..., 3 A)``, the fused layer's output.
+
+    ``parameterize`` then sees three layers, each with its own rank, spectrum and bound
+    (``--include '*.qkv.v' --rank 16``...), batched by the frame bank like any equal shapes.
+    The state dict keeps timm's fused layout (``qkv.weight`` ``(3 A, d)``, ``qkv.bias``) while
+    the three are plain Linears, so a dense or densified model loads and saves with timm's
+    own checkpoints; parameterized, each part's factors are saved under its own name."""
+
+    def __init__(self, fused: nn.Linear):
+        super().__init__()
+        d, out = fused.in_features, fused.out_features
+        if out % 3:
+            raise ValueError(f"a fused qkv Linear needs 3 x A outputs, got {out}")
+        self.in_features, self.out_features = d, out
+        weights = fused.weight.detach().chunk(3, 0)
+        biases = fused.bias.detach().chunk(3, 0) if fused.bias is not None else (None,) * 3
+        for name, w, b in zip("qkv", weights, biases):
+            part = nn.Linear(d, out // 3, bias=b is not None, device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                part.weight.copy_(w)
+                if b is not None:
+                    part.bias.copy_(b)
+            setattr(self, name, part)
+        self.register_state_dict_post_hook(_fused_keys)
+        self.register_load_state_dict_pre_hook(_split_keys)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat((self.q(x), self.k(x), self.v(x)), -1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features} (q, k, v)"
+
+
+def _fused_keys(module: SplitQKV, state: dict, prefix: str, local_metadata) -> None:
+    """Plain q, k, v: write timm's ``weight`` / ``bias`` instead of ``q.weight``..."""
+    parts = (module.q, module.k, module.v)
+    if any(parametrize.is_parametrized(p) for p in parts):
+        return
+    for kind in ("weight", "bias"):
+        keys = [f"{prefix}{n}.{kind}" for n in "qkv"]
+        if all(k in state for k in keys):
+            state[f"{prefix}{kind}"] = torch.cat([state.pop(k) for k in keys], 0)
+
+
+def _split_keys(module: SplitQKV, state: dict, prefix: str, *args) -> None:
+    """timm's fused ``weight`` / ``bias`` -> ``q.weight``... (a dense or densified checkpoint)."""
+    for kind in ("weight", "bias"):
+        fused = state.pop(f"{prefix}{kind}", None)
+        if fused is not None:
+            for n, chunk in zip("qkv", fused.chunk(3, 0)):
+                state[f"{prefix}{n}.{kind}"] = chunk
+
+
+def split_qkv(model: nn.Module) -> list[str]:
+    """Replace the fused ``qkv`` Linear of every attention block by :class:`SplitQKV` (in
+    place; same function, same state dict). Returns []: nothing is parameterized yet.
+
+    Raises:
+        ValueError: no attention block, or a block whose qkv is already parameterized."""
+    blocks = attention_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no attention blocks (a fused qkv Linear, num_heads and a "
+                         "proj Linear, as timm's ViT / Swin attention); --attention applies to transformers")
+    for name, block, _, _ in blocks:
+        if parametrize.is_parametrized(block.qkv):
+            raise ValueError(f"attention block {name!r} is already parameterized; split q, k, v first")
+    for _, block, _, _ in blocks:
+        block.qkv = SplitQKV(block.qkv)
+    return []
 
 
 # ---------------------------------------------------------------------------------------
