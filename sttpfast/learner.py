@@ -243,6 +243,7 @@ def spectral_learner(
     img_size: int | None = None,
     echo=None,
     attention: str | None = None,
+    attention_rank: int | None = None,
     **learner_kwargs,
 ) -> Learner:
     """A fastai ``Learner`` whose model has its weights in ``param`` form.
@@ -268,6 +269,8 @@ def spectral_learner(
             (:mod:`sttpfast.params.attention`); ``param`` then applies to the other layers.
             ``"q-k-v"``: each fused ``qkv`` Linear becomes three Linears that ``param``
             parameterizes each on its own (own spectrum and bound).
+        attention_rank: rank per head of the ``qk-ov`` forms when it differs from ``rank``
+            (e.g. with ``compression``, which then picks the other layers' rank).
     The report of the surgery is ``learn.compression``; ``learn.run_dir`` is where the
     callbacks write (``run_dir`` or ``learn.path``).
     """
@@ -280,7 +283,7 @@ def spectral_learner(
     if attention is not None:
         # the forms first (from the dense weights); param then leaves their Linears alone
         # (qk-ov), or treats q, k and v as three layers (q-k-v)
-        formed = parameterize_attention(model, attention, rank=rank)
+        formed = parameterize_attention(model, attention, rank=rank if attention_rank is None else attention_rank)
         exclude = ([exclude] if isinstance(exclude, str) else list(exclude or [])) + formed
     report = parameterize(model, param, rank=None if factored and param in BASELINES else rank,
                           compression=compression, include=include, exclude=exclude, init=init)
