@@ -61,6 +61,10 @@ def size_candidates(model: nn.Module, data_size: int, limit: int = 8) -> list[in
     return sizes
 
 
+class _SizeRefused(Exception):
+    """The constructor refused the image size (not a user error yet: another size may work)."""
+
+
 def _build(arch: str, in_chans: int, size: int, kwargs: dict) -> nn.Module:
     try:
         return create_model(arch, in_chans=in_chans, img_size=size, **kwargs)
@@ -76,10 +80,6 @@ def _build(arch: str, in_chans: int, size: int, kwargs: dict) -> nn.Module:
         if "img_size=" not in str(err):
             raise
         raise _SizeRefused(str(err)) from None
-
-
-class _SizeRefused(Exception):
-    """The constructor refused the image size (not a user error yet: another size may work)."""
 
 
 def create_for_input(arch: str, in_chans: int, data_size: int, img_size: int | None = None,
