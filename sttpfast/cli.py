@@ -229,6 +229,10 @@ def train(resume, cfg, overrides, **flags):
             config, sources = build_config(cfg, overrides, explicit)
             _import_training_modules()
         click.echo(rank_line(config["param"]["name"], *_rank_choice(config, sources)))
+        if config["param"].get("attention") == "qk-ov":  # the forms take the rank per head (issue 11)
+            per_head = config["param"]["rank"]
+            click.echo(f"attention qk-ov: rank {per_head} per head (capped at the head width)" if per_head
+                       else "attention qk-ov: full head width (no compression of the attention)")
         from sttpfast.run import run_training
 
         summary = run_training(config, echo=click.echo)

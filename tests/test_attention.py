@@ -156,6 +156,19 @@ def test_refusals_leave_the_model_unchanged():
         parameterize_attention(normed, rank=0)
 
 
+def test_cli_says_the_rank_per_head_with_a_dense_rest(tmp_path):
+    result = CliRunner().invoke(main, ["train", "digits", "--arch", "vit_tiny_p4_32", "--attention", "qk-ov",
+                                       "--rank", "4", "--steps", "1", "--subset", "16", "--bs", "16", "--logger",
+                                       "none", "--out", str(tmp_path), "--set", "model.kwargs={depth: 1}",
+                                       "--set", "log.progress=false"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[:2] == ["no rank (dense keeps every weight at full size)",
+                         "attention qk-ov: rank 4 per head (capped at the head width)"]
+    # only the forms are factored: qkv 3*3*4*192 and proj 3*4*192 of the dense 4*192^2
+    assert [line for line in lines if line.startswith("run ")][0].split(": ", 1)[1].startswith("layers 2 ")
+
+
 def test_cli_attention_on_a_model_without_attention_one_line_exit_2(tmp_path):
     result = CliRunner().invoke(main, ["train", "digits", "--arch", "resnet20_cifar", "--attention", "qk-ov",
                                        "--steps", "1", "--subset", "16", "--out", str(tmp_path)])
