@@ -278,6 +278,10 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
         if frobenius_decay is not None:
             _check_frobenius_decay_applies(config["param"]["name"])
         click.echo(rank_line(config["param"]["name"], *_rank_choice(config, sources)))
+        if config["param"].get("attention") == "qk-ov":  # the forms take the rank per head (issue 11)
+            per_head = config["param"]["rank"]
+            click.echo(f"attention qk-ov: rank {per_head} per head (capped at the head width)" if per_head
+                       else "attention qk-ov: full head width (no compression of the attention)")
         from sttpfast.run import run_training
 
         summary = run_training(config, echo=click.echo)

@@ -86,6 +86,9 @@ class DataConfig:
     download: bool = setting(False, "download a missing dataset with torchvision")
     num_workers: int = setting(0, "data loader worker processes", _non_negative, "an integer >= 0")
     augment: bool = setting(True, "training-time augmentation")
+    img_size: Optional[int] = setting(None, "resize images to N x N and build the model for N (default: the "
+                                            "data's size, or the smallest size the model accepts)",
+                                      _positive, "a positive integer")
 
 
 @dataclass
@@ -114,6 +117,9 @@ class ParamConfig:
     unrepresentable: Literal["skip", "error"] = setting(
         "skip", "a layer the method cannot represent (e.g. rtt on a prime channel count): leave dense or refuse")
     layer_ranks: dict = setting({}, "per-layer ranks {layer: rank} (a saved rank plan; replaces rank)")
+    attention: Optional[Literal["qk-ov", "q-k-v"]] = setting(
+        None, "transformer attention: qk-ov (per-head W_Q W_K^T and W_O W_V factored, rank per head) or q-k-v "
+              "(the fused qkv Linear as three layers that --param parameterizes each on its own)")
 
 
 @dataclass
@@ -209,6 +215,8 @@ CLI_FLAGS = {
     # tensor-layer zoo: per-layer rank plans, unrepresentable layers
     "plan": "param.plan", "rank_scale": "param.rank_scale", "unrepresentable": "param.unrepresentable",
 }
+# any timm backbone at the data's size; factored attention forms (issue 11)
+CLI_FLAGS.update({"img_size": "data.img_size", "attention": "param.attention"})
 
 
 def type_members(tp) -> tuple:
@@ -414,7 +422,7 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
                           f"not param.{sized[0]} and param.{sized[1]}")
     if p["plan"] == "energy" and p["compression"] is None:
         raise ConfigError("param.plan = 'energy' spends a compression budget: give param.compression as well")
-    if name in BASELINES:
+    if name in BASELINES and p.get("attention") is None:  # with --attention the rank is per head
         if p["rank"] not in (None, FULL_RANK):
             raise ConfigError(f"param.rank = {p['rank']!r}: {p['name']!r} takes no rank "
                               f"(ranks are for the low-rank parameterizations)")

@@ -19,7 +19,7 @@ from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy, top_k_accuracy
-from fastai.optimizer import SGD, Adam
+from fastai.optimizer import SGD, Adam, Optimizer
 import torch
 from torch import nn
 
@@ -28,10 +28,12 @@ from sttpfast.callbacks.penalties import DOptimalPenalty, FrobeniusDecay
 from sttpfast.callbacks.spectral import SingularValueLogger, SpectralNormBound
 from sttpfast.callbacks.weight_cache import CachedValidationWeights
 from sttpfast.config import choices
-from sttpfast.params import resolve_param
-from sttpfast.surgery import parameterize
+from sttpfast.params import BASELINES, resolve_param
+from sttpfast.params.attention import attention_form_decay, attention_form_pairs, parameterize_attention
+from sttpfast.surgery import compression_report, parameterize
 
 __all__ = ["spectral_learner", "fit", "release_validation_cache", "SpectralLearner", "StepScheduler", "StepBudget", "schedule_functions",
+           "AttentionFormDecay",
            "top5_accuracy", "SCHEDULES", "OPTIMIZERS"]
 
 #: the schedules and optimizers the config schema allows (one list, in sttpfast/config.py)
@@ -128,6 +130,36 @@ class StepBudget(Callback):
             pbar.total = len(self.learn.dl)
 
 
+class AttentionFormDecay(Callback):
+    """Frobenius decay on the factored attention forms (``--attention qk-ov``) in place of
+    weight decay on their factors: ``after_backward`` adds the gradient of
+    ``(wd / 2) sum_h |L_h R_h^T|^2 + |P_h Q_h^T|^2`` (:func:`attention_form_decay`);
+    ``before_fit`` takes the factors out of the optimizer's ordinary weight decay. Order 5."""
+
+    order = 5
+    run_valid = False
+
+    def __init__(self, wd: float):
+        if wd < 0:
+            raise ValueError(f"wd must be >= 0, got {wd!r}")
+        self.wd = float(wd)
+
+    def _model(self):
+        return getattr(self.learn.model, "module", self.learn.model)  # DDP-wrapped or not
+
+    def before_fit(self):
+        if self.learn.opt is None:
+            self.learn.create_opt()
+        if not isinstance(self.learn.opt, Optimizer):  # a wrapped torch optimizer: no per-tensor switch
+            raise ValueError("AttentionFormDecay needs a fastai optimizer (sgd or adam)")
+        for u, v in attention_form_pairs(self._model()):
+            for t in (u, v):
+                self.learn.opt.state[t]["do_wd"] = False
+
+    def after_backward(self):
+        attention_form_decay(self._model(), self.wd)
+
+
 class SpectralLearner(Learner):
     """fastai's Learner; ``export`` refuses (parameterized modules cannot be pickled)."""
 
@@ -159,25 +191,31 @@ def default_callbacks(param: str, d_optimal: float = 1.0, frobenius_decay: float
     return cbs
 
 
-def _check_input_size(model: nn.Module, arch: str, dls) -> None:
-    """One forward of a zero batch ``(2, C, H, W)`` at the data's size, so that an
-    architecture that cannot take it (a kernel larger than its feature map, a fixed-size
-    patch embedding) is one clear ValueError before any run folder exists."""
-    size, chans = getattr(dls, "image_size", None), getattr(dls, "in_chans", None)
-    if size is None or chans is None:
-        return
-    h, w = size if isinstance(size, tuple) else (size, size)
-    was_training = model.training
-    model.eval()  # batch statistics of 2 zero images would be meaningless (and BN may refuse)
-    try:
-        with torch.no_grad():
-            model(torch.zeros(2, chans, h, w))
-    except (RuntimeError, AssertionError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"architecture {arch!r} cannot run on the data's {chans}x{h}x{w} images "
-                         f"({reason}); pick a model for small inputs (e.g. resnet20_cifar)") from None
-    finally:
-        model.train(was_training)
+def _model_for_data(arch: str, dls, img_size: int | None, model_kwargs: dict | None, echo) -> nn.Module:
+    """``arch`` built for the data's images; the loaders are fitted to it (resized to the size
+    it needs, normalized as its cfg says when it has weights). One ValueError when no size
+    works, before any run folder exists."""
+    from sttpfast.data.model_config import fit_dls_to_model
+    from sttpfast.models.input_size import create_for_input
+
+    chans, size = getattr(dls, "in_chans", None), getattr(dls, "data_image_size", getattr(dls, "image_size", None))
+    kwargs = {"num_classes": getattr(dls, "n_classes", None), **(model_kwargs or {})}
+    chans = kwargs.pop("in_chans", None) or chans  # the data decide; model.kwargs may repeat them
+    img_size = img_size if img_size is not None else kwargs.pop("img_size", None)
+    if chans is None or size is None:  # loaders that do not say what they deliver: build as asked
+        from sttpfast.models import create_model
+
+        return create_model(arch, in_chans=chans, img_size=img_size, **kwargs)
+    if isinstance(size, tuple):
+        if size[0] != size[1]:
+            raise ValueError(f"the data's images are {size[0]}x{size[1]}; give a square --img-size N to resize to")
+        size = size[0]
+    model, fitted = create_for_input(arch, chans, size, img_size=img_size, **kwargs)
+    changed = fit_dls_to_model(dls, model, fitted, pretrained=bool(kwargs.get("pretrained")))
+    if "resize" in changed and img_size is None and echo is not None:
+        echo(f"resizing the {size}x{size} images to {fitted}x{fitted}: the smallest size {arch} accepts "
+             f"(--img-size N to choose)")
+    return model
 
 
 def spectral_learner(
@@ -205,6 +243,10 @@ def spectral_learner(
     plan: str | None = None,
     rank_scale: float | None = None,
     unrepresentable: str | None = None,
+    img_size: int | None = None,
+    echo=None,
+    attention: str | None = None,
+    attention_rank: int | None = None,
     **learner_kwargs,
 ) -> Learner:
     """A fastai ``Learner`` whose model has its weights in ``param`` form.
@@ -220,29 +262,46 @@ def spectral_learner(
         frobenius_decay: lambda of Frobenius decay for ``lowrank`` (default ``wd``).
         spectral_bound: keep sigma_max <= c (SpectralNormBound) when given.
         cbs: extra callbacks (yours); they run with the defaults.
+        img_size: resize the data to ``img_size`` x ``img_size`` and build ``arch`` for it.
+            Without it ``arch`` is built for the data's size when it can take it (``img_size=``
+            for ViT-style models), else the data are resized to the smallest size it accepts
+            (said through ``echo``); no size works: ValueError naming ``--img-size``.
+        echo: where one-line notes go (the CLI's ``click.echo``); None: silent.
+        attention: ``"qk-ov"``: every attention block learns its per-head query-key and
+            output-value forms factored at rank ``rank`` per head (full head width without
+            ``rank``), with Frobenius decay ``frobenius_decay`` (default ``wd``) on the products
+            (:mod:`sttpfast.params.attention`); ``param`` then applies to the other layers.
+            ``"q-k-v"``: each fused ``qkv`` Linear becomes three Linears that ``param``
+            parameterizes each on its own (own spectrum and bound).
+        attention_rank: rank per head of the ``qk-ov`` forms when it differs from ``rank``
+            (e.g. with ``compression``, which then picks the other layers' rank).
     The report of the surgery is ``learn.compression``; ``learn.run_dir`` is where the
     callbacks write (``run_dir`` or ``learn.path``).
     """
-    from sttpfast.models import create_model
-
     param = resolve_param(param)
     if isinstance(arch, nn.Module):
         model = arch
     else:
-        # img_size: models built for a fixed size (ViT, Swin...) are built for the data's size
-        kwargs = dict(num_classes=getattr(dls, "n_classes", None), in_chans=getattr(dls, "in_chans", None),
-                      img_size=getattr(dls, "image_size", None))
-        model = create_model(arch, **{**kwargs, **(model_kwargs or {})})
-        _check_input_size(model, arch, dls)
-    report = parameterize(model, param, rank=rank, compression=compression, include=include,
-                          exclude=exclude, init=init, plan=plan, rank_scale=rank_scale,
-                          unrepresentable=unrepresentable)
+        model = _model_for_data(arch, dls, img_size, model_kwargs, echo)
+    factored = attention == "qk-ov"
+    if attention is not None:
+        # the forms first (from the dense weights); param then leaves their Linears alone
+        # (qk-ov), or treats q, k and v as three layers (q-k-v)
+        formed = parameterize_attention(model, attention, rank=rank if attention_rank is None else attention_rank)
+        exclude = ([exclude] if isinstance(exclude, str) else list(exclude or [])) + formed
+    report = parameterize(model, param, rank=None if factored and param in BASELINES else rank,
+                          compression=compression, include=include, exclude=exclude, init=init,
+                          plan=plan, rank_scale=rank_scale, unrepresentable=unrepresentable)
+    if factored:
+        report = compression_report(model)
     if opt not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {opt!r}; allowed: {', '.join(OPTIMIZERS)}")
     opt_func = (lambda params, **kw: SGD(params, mom=mom, **kw)) if opt == "sgd" else Adam
     if frobenius_decay is None and param == "lowrank":
         frobenius_decay = wd
     callbacks = default_callbacks(param, d_optimal, frobenius_decay, spectral_bound, sv_every) + list(cbs or [])
+    if factored:
+        callbacks.append(AttentionFormDecay(wd if frobenius_decay is None else frobenius_decay))
     path = Path(run_dir) if run_dir is not None else Path(".")
     learn = SpectralLearner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,
                     metrics=metrics if metrics is not None else default_metrics(getattr(dls, "n_classes", 10)),

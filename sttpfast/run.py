@@ -224,7 +224,8 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
         include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"], opt=o["opt"], lr=o["lr"],
         mom=o["mom"], wd=o["wd"], d_optimal=r["d_optimal"], frobenius_decay=r["frobenius_decay"],
         spectral_bound=r["spectral_bound"], sv_every=lg["sv_every"], cbs=cbs + list(extra_cbs),
-        model_kwargs=cfg["model"]["kwargs"], run_dir=run_dir)
+        model_kwargs=cfg["model"]["kwargs"], run_dir=run_dir,
+        img_size=d.get("img_size"), attention=p.get("attention"), echo=say)
     if state is None:
         # data, model, parameterization and config are good: only now does the run folder exist
         run_dir = prepare_run_dir(cfg) if main else None

@@ -74,7 +74,7 @@ def test_the_schema_is_the_one_list_of_keys():
     assert list(flatten(DEFAULTS)) == list(SCHEMA)
     assert {k: v for k, v in DEFAULTS.items() if k != "param"} | {"param": None} == {
         "data": {"name": "digits", "data_dir": None, "bs": 128, "subset": None, "download": False, "num_workers": 0,
-                 "augment": True},
+                 "augment": True, "img_size": None},
         "model": {"arch": "resnet20_cifar", "kwargs": {}},
         "param": None,
         "optim": {"opt": "sgd", "lr": 0.1, "mom": 0.9, "wd": 5e-4, "schedule": "one_cycle", "epochs": 10, "steps": None},
@@ -84,7 +84,8 @@ def test_the_schema_is_the_one_list_of_keys():
     }
     assert DEFAULTS["param"] == {"name": "dense", "rank": None, "compression": None, "init": None,
                                  "include": [], "exclude": [], "plan": "shared", "rank_scale": None,
-                                 "unrepresentable": "skip", "layer_ranks": {}}
+                                 "unrepresentable": "skip", "layer_ranks": {},
+                                 "attention": None}
     assert set(CLI_FLAGS.values()) <= set(SCHEMA)
 
 

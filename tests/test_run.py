@@ -115,8 +115,8 @@ BAD_STARTS = [
     (["digits", "--param", "sttp", "--rank", "0"], "param.rank = 0"),     # config
     (["digits", "--param", "sttp", "--compression", "150"], "param.compression = 150.0: expected a number in"),
     (["digits", "--param", "sttp", "--rank", "4", "--include", "nosuchlayer*"], "include pattern 'nosuchlayer\\*'"),
-    (["digits", "--arch", "convnext_atto", "--param", "sttp", "--rank", "4"],
-     "architecture 'convnext_atto' cannot run on the data's 1x16x16 images"),          # model x data
+    (["digits", "--arch", "convnext_atto", "--param", "sttp", "--rank", "4", "--img-size", "20"],
+     "architecture 'convnext_atto' cannot run on 1x20x20 images"),                     # model x data
 ]
 
 

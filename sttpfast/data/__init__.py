@@ -15,6 +15,7 @@ The package, one concept per module (imports flow down this list, never up):
     transforms.py  batched random crop + flip; exact per-channel statistics
     loaders.py     the in-memory fastai DataLoader: seeded shuffling/augmentation, rank sharding
     factory.py     get_dls, tying them together
+    model_config.py  fit_dls_to_model: resize / normalize for a model's timm cfg
 
 Nothing is ever downloaded unless ``download=True``. A missing dataset raises
 :class:`DatasetNotFound` naming the exact files and paths expected; a truncated or corrupt file
@@ -36,7 +37,7 @@ from sttpfast.data.registry import DATASET_NAMES, DATASETS, DatasetSpec, dataset
 __all__ = [
     "get_dls", "dataset_info", "loader_throughput", "DATASETS", "DATASET_NAMES", "DatasetSpec",
     "DatasetNotFound", "DatasetCorrupt", "InMemoryImageDataset", "InMemoryImageDL",
-    "random_crop_flip", "channel_stats", "default_data_dir",
+    "random_crop_flip", "channel_stats", "default_data_dir", "fit_dls_to_model",
 ]
 
 # name -> module defining it; imported on first access (these modules import torch / fastai)
@@ -47,6 +48,7 @@ _TORCH_NAMES = {
     "InMemoryImageDL": "sttpfast.data.loaders",
     "random_crop_flip": "sttpfast.data.transforms",
     "channel_stats": "sttpfast.data.transforms",
+    "fit_dls_to_model": "sttpfast.data.model_config",
 }
 
 

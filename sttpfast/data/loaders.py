@@ -15,7 +15,7 @@ import torch
 from fastai.data.load import DataLoader
 from torch import Tensor
 
-from sttpfast.data.transforms import random_crop_flip
+from sttpfast.data.transforms import random_crop_flip, resize_images
 
 __all__ = ["InMemoryImageDataset", "InMemoryImageDL", "loader_throughput"]
 
@@ -58,7 +58,9 @@ class InMemoryImageDL(DataLoader):
       cut into index tensors of ``bs`` (one element of the sample stream = one whole batch);
     * ``create_batch``: ``x[idx], y[idx]`` -> uint8 ``(B, C, H, W)``, int64 ``(B,)``;
     * ``after_batch`` (after the move to ``device``, so uint8 travels and a GPU does the maths):
-      random crop + flip if ``augment``, then float conversion and normalization.
+      random crop + flip if ``augment``, float conversion, resizing to ``resize`` x ``resize``
+      when set (a backbone that needs larger inputs; ``interpolation`` as its timm cfg says),
+      and normalization.
     """
 
     n_inp = 1
@@ -66,14 +68,12 @@ class InMemoryImageDL(DataLoader):
     def __init__(self, dataset: InMemoryImageDataset | None = None, bs: int = 128,
                  shuffle: bool = False, drop_last: bool = False, augment: bool = False,
                  pad: int = 0, flip: bool = False, mean: Sequence[float] = (0.0,),
-                 std: Sequence[float] = (1.0,), seed: int = 0, **kwargs):
+                 std: Sequence[float] = (1.0,), seed: int = 0, resize: int | None = None,
+                 interpolation: str = "bilinear", **kwargs):
         super().__init__(dataset, bs=bs, shuffle=shuffle, drop_last=drop_last, **kwargs)
         self.augment, self.pad, self.flip, self.seed = augment, pad, flip, seed
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        # x_norm = (x_uint8 / 255 - mean) / std = x_uint8 * scale - shift
-        self._scale = 1.0 / (255.0 * torch.tensor(self.std)).view(1, -1, 1, 1)
-        self._shift = (torch.tensor(self.mean) / torch.tensor(self.std)).view(1, -1, 1, 1)
-        self._norm_device, self._norm_on_device = None, None
+        self.resize, self.interpolation = resize, interpolation
+        self.set_normalization(mean, std)
         self._shuffle_gen = torch.Generator().manual_seed(seed)
         self._aug_gen = torch.Generator().manual_seed((seed + _AUG_SEED_OFFSET) % 2**63)
         self.rank, self.world_size = 0, 1
@@ -154,7 +154,18 @@ class InMemoryImageDL(DataLoader):
         if self.augment:
             x = random_crop_flip(x, self.pad, self.flip, self._aug_gen)
         scale, shift = self._norm_constants(x.device)
-        return x.float().mul_(scale).sub_(shift), y
+        x = x.float()
+        if self.resize is not None and tuple(x.shape[-2:]) != (self.resize, self.resize):
+            x = resize_images(x, self.resize, self.interpolation)
+        return x.mul_(scale).sub_(shift), y
+
+    def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Normalize batches with per-channel ``mean`` / ``std`` ([0, 1] units) from now on."""
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        # x_norm = (x_uint8 / 255 - mean) / std = x_uint8 * scale - shift
+        self._scale = 1.0 / (255.0 * torch.tensor(self.std)).view(1, -1, 1, 1)
+        self._shift = (torch.tensor(self.mean) / torch.tensor(self.std)).view(1, -1, 1, 1)
+        self._norm_device, self._norm_on_device = None, None
 
     def _norm_constants(self, device: torch.device) -> tuple[Tensor, Tensor]:
         # Cached per device: no tiny host-to-device copy per batch.
@@ -165,7 +176,8 @@ class InMemoryImageDL(DataLoader):
 
     def new(self, dataset=None, cls=None, **kwargs):
         kwargs = {"augment": self.augment, "pad": self.pad, "flip": self.flip, "mean": self.mean,
-                  "std": self.std, "seed": self.seed, **kwargs}
+                  "std": self.std, "seed": self.seed, "resize": self.resize,
+                  "interpolation": self.interpolation, **kwargs}
         return super().new(dataset=dataset, cls=cls, **kwargs).shard(self.rank, self.world_size)
 
     def decode(self, b):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["random_crop_flip", "channel_stats"]
+__all__ = ["random_crop_flip", "channel_stats", "resize_images"]
 
 
 def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -50,3 +50,17 @@ def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator
     index = (rows[:, :, None] * width + cols[:, None, :]).view(b, 1, h * w).to(x.device)
     out = torch.gather(padded.reshape(b, c, -1), 2, index.expand(b, c, h * w))
     return out.view(b, c, h, w)
+
+
+def resize_images(x: Tensor, size: int, interpolation: str = "bilinear") -> Tensor:
+    """Float images ``(B, C, H, W)`` in uint8 units [0, 255] -> ``(B, C, size, size)``, same range.
+
+    ``interpolation`` is a timm cfg's (``bilinear``, ``bicubic``, ``nearest``...; unknown
+    names fall back to bilinear). Antialiased when shrinking; bicubic overshoot is clipped
+    back to [0, 255] so that the normalization sees the range it was computed on."""
+    mode = interpolation if interpolation in ("nearest", "bilinear", "bicubic", "area") else "bilinear"
+    smooth = mode in ("bilinear", "bicubic")
+    shrink = size < max(x.shape[-2:])
+    out = F.interpolate(x, size=(size, size), mode=mode, **({"align_corners": False, "antialias": shrink}
+                                                            if smooth else {}))
+    return out.clamp_(0.0, 255.0) if mode == "bicubic" else out

@@ -14,6 +14,7 @@ from sttpfast.params.ttkernel import TTLayer, ReshapedTTLayer  # noqa: F401  (re
 from sttpfast.params.tr import TRLayer, ReshapedTRLayer  # noqa: F401  (registers tr, rtr)
 from sttpfast.params.ht import HTLayer  # noqa: F401  (registers ht)
 from sttpfast.params.baselines import DENSE, SPECTRAL_NORM  # noqa: F401  (registers dense, sn)
+from sttpfast.params import attention  # noqa: F401  (registers attn-qk-ov, attn-qk-ov-proj)
 from sttpfast.params.registry import Method, all_names, method, method_of, methods, resolve_method
 
 __all__ = [

@@ -49,6 +49,10 @@ class Method:
         count_dof: ``count_dof(shape, transposed, rank)`` free scalars of one weight.
         largest_useful_rank: ``(shape, transposed) -> int``, or None (no rank).
         cls: the parametrization class, when the project implements it.
+        scope: ``"layer"``: put on any supported layer by ``parameterize`` (a ``--param``
+            choice); ``"attention"``: put on the projections of an attention block as a whole
+            by :func:`sttpfast.params.attention.parameterize_attention` (``--attention``), and
+            found here only by name (checkpoint specs, the report).
     """
 
     name: str
@@ -63,6 +67,7 @@ class Method:
     default_init: str = "identity"
     largest_useful_rank: Callable[[tuple, bool], int] | None = None
     cls: type | None = field(default=None, compare=False)
+    scope: str = "layer"
 
     # -- rank, an opaque per-method hyper-parameter ----------------------------------------
     def normalize_rank(self, rank):
@@ -109,28 +114,30 @@ def register_method(entry: Method) -> Method:
     return entry
 
 
-def methods() -> dict[str, Method]:
-    """``{name: Method}`` in registration order (a copy)."""
-    return dict(_METHODS)
+def methods(scope: str | None = "layer") -> dict[str, Method]:
+    """``{name: Method}`` of ``scope`` (None: every scope) in registration order (a copy)."""
+    return {k: m for k, m in _METHODS.items() if scope is None or m.scope == scope}
 
 
-def all_names() -> tuple[str, ...]:
-    """Every accepted name: canonical names, then aliases."""
-    return tuple(_METHODS) + tuple(_ALIASES)
+def all_names(scope: str | None = "layer") -> tuple[str, ...]:
+    """Every accepted name of ``scope``: canonical names, then aliases."""
+    names = methods(scope)
+    return tuple(names) + tuple(a for a, n in _ALIASES.items() if n in names)
 
 
-def resolve_method(name: str) -> str:
-    """Canonical name of ``name`` (case-insensitive, aliases resolved), or a ValueError listing them."""
+def resolve_method(name: str, scope: str | None = "layer") -> str:
+    """Canonical name of ``name`` (case-insensitive, aliases resolved) among the methods of
+    ``scope``, or a ValueError listing them."""
     key = str(name).lower()
     key = _ALIASES.get(key, key)
-    if key not in _METHODS:
-        raise ValueError(f"unknown parameterization {name!r}; allowed: {', '.join(all_names())}")
+    if key not in methods(scope):
+        raise ValueError(f"unknown parameterization {name!r}; allowed: {', '.join(all_names(scope))}")
     return key
 
 
 def method(name: str) -> Method:
-    """The :class:`Method` registered under ``name`` or one of its aliases."""
-    return _METHODS[resolve_method(name)]
+    """The :class:`Method` registered under ``name`` or one of its aliases (any scope)."""
+    return _METHODS[resolve_method(name, scope=None)]
 
 
 def method_of(p: nn.Module | None) -> Method | None:

@@ -1,0 +1,259 @@
+"""Factored attention forms (issue 11, item 4b): ``qk-ov`` on timm's ``Attention`` (ViT) and
+Swin's ``WindowAttention``. Full rank reproduces timm's block (float64), DOF equals the
+trainable scalars, gradcheck, spectral init = truncated SVD of each head's products,
+Frobenius decay gradient = autograd of the penalty, checkpoints, densify, refusals."""
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from timm.layers import Attention
+from timm.models.swin_transformer import WindowAttention
+from torch import nn
+from torch.nn.utils import parametrize
+
+from sttpfast.checkpoint import load_parameterized, save_parameterized
+from sttpfast.cli import main
+from sttpfast.config import choices
+from sttpfast.params import methods
+from sttpfast.params.attention import (ATTENTION_FORMS, attention_form_decay, attention_form_pairs,
+                                       attention_form_penalty, parameterize_attention)
+from sttpfast.params.registry import method
+from sttpfast.surgery import compression_report, densify, parameterize
+
+
+def perturbed(module: nn.Module) -> nn.Module:
+    """float64, eval, every parameter moved off its init (biases included)."""
+    module = module.double().eval()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return module
+
+
+@pytest.mark.parametrize("qkv_bias, proj_bias", [(True, True), (True, False), (False, True)])
+def test_full_rank_equals_timm_attention_float64(qkv_bias, proj_bias):
+    block = perturbed(Attention(12, num_heads=3, qkv_bias=qkv_bias, proj_bias=proj_bias))
+    x = torch.randn(2, 5, 12, dtype=torch.float64)
+    expected = block(x)
+    assert parameterize_attention(block) == ["qkv", "proj"]
+    assert torch.allclose(block(x), expected, rtol=0, atol=1e-12)
+    assert block.qkv.parametrizations.weight[0].rank == 4  # head width 12 / 3
+
+
+def test_full_rank_equals_swin_window_attention_float64():
+    block = perturbed(WindowAttention(8, num_heads=2, head_dim=None, window_size=2, qkv_bias=True))
+    x = torch.randn(3, 4, 8, dtype=torch.float64)  # 3 windows of 2x2 tokens
+    expected = block(x)
+    parameterize_attention(block)
+    assert torch.allclose(block(x), expected, rtol=0, atol=1e-12)
+
+
+def test_spectral_init_is_the_truncated_svd_of_each_heads_products():
+    block = perturbed(Attention(12, num_heads=3, qkv_bias=False))
+    wq, wk, wv = (w.reshape(3, 4, 12) for w in block.qkv.weight.detach().chunk(3, 0))
+    wo = block.proj.weight.detach().reshape(12, 3, 4).transpose(0, 1)
+    parameterize_attention(block, rank=2)
+    (left, right), (out_left, value) = attention_form_pairs(block)
+    for form, got in ((wq.transpose(1, 2) @ wk, left @ right.mT), (wo @ wv, out_left @ value.mT)):
+        u, s, vh = torch.linalg.svd(form)
+        assert torch.allclose(got, u[..., :2] @ torch.diag_embed(s[..., :2]) @ vh[..., :2, :], atol=1e-12)
+    # the weights hold the forms in a head of width 2: the other rows / columns are zero
+    assert torch.equal(block.qkv.weight.reshape(3, 3, 4, 12)[:, :, 2:], torch.zeros(3, 3, 2, 12, dtype=torch.float64))
+    assert torch.equal(block.proj.weight.reshape(12, 3, 4)[..., 2:], torch.zeros(12, 3, 2, dtype=torch.float64))
+
+
+def test_dof_equals_trainable_scalars_and_z_is_exact():
+    model = timm.create_model("vit_tiny_p4_32", depth=2, embed_dim=48, num_heads=3)  # head width 16
+    dense_total = sum(t.numel() for k, t in model.state_dict().items())
+    parameterize_attention(model, rank=5)
+    report = compression_report(model)
+    rows = {row.name: row for row in report.rows}
+    for i in range(2):
+        qkv, proj = model.blocks[i].attn.qkv, model.blocks[i].attn.proj
+        assert rows[f"blocks.{i}.attn.qkv"].dof == sum(t.numel() for t in qkv.parametrizations.weight.parameters()) \
+            == 3 * 3 * 5 * 48
+        assert rows[f"blocks.{i}.attn.proj"].dof == sum(t.numel() for t in proj.parametrizations.weight.parameters()) \
+            == 3 * 5 * 48
+    assert report.dense_total == dense_total
+    saved = 2 * (4 * 48 * 48 - 4 * 3 * 5 * 48)  # per block: 4 d^2 dense -> 4 H r d factored
+    assert report.compressed_total == dense_total - saved
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report.compressed_total == trainable  # no buffers in a ViT: Z counts exactly what trains
+
+
+def test_gradcheck_through_the_block():
+    block = perturbed(Attention(6, num_heads=2, qkv_bias=True))
+    parameterize_attention(block, rank=2)
+    x = torch.randn(1, 3, 6, dtype=torch.float64)
+    tensors = [block.qkv.parametrizations.weight.original0, block.qkv.parametrizations.weight.original1,
+               block.qkv.parametrizations.weight.original2, block.proj.parametrizations.weight.original0]
+    inputs = [t.detach().clone().requires_grad_(True) for t in tensors]
+
+    def through(*factors):  # functional form: the factors as inputs
+        plist_qkv, plist_proj = block.qkv.parametrizations.weight, block.proj.parametrizations.weight
+        w_qkv, w_proj = plist_qkv[0](*factors[:3]), plist_proj[0](factors[3])
+        b, n, _ = x.shape
+        qkv = torch.nn.functional.linear(x, w_qkv, block.qkv.bias).reshape(b, n, 3, 2, 3).permute(2, 0, 3, 1, 4)
+        attn = (qkv[0] * block.scale @ qkv[1].mT).softmax(-1)
+        return torch.nn.functional.linear((attn @ qkv[2]).transpose(1, 2).reshape(b, n, 6), w_proj, block.proj.bias)
+
+    with torch.no_grad():
+        assert torch.allclose(through(*inputs), block(x), atol=1e-12)  # the functional form is the block
+    assert torch.autograd.gradcheck(through, inputs)
+
+
+def test_frobenius_decay_gradient_is_autograd_of_the_penalty():
+    block = perturbed(Attention(8, num_heads=2))
+    parameterize_attention(block, rank=3)
+    factors = [t for pair in attention_form_pairs(block) for t in pair]
+    attention_form_penalty(block, wd=0.3).backward()
+    expected = [t.grad.clone() for t in factors]
+    for t in factors:
+        t.grad = None
+    attention_form_decay(block, wd=0.3)
+    for t, g in zip(factors, expected):
+        assert torch.allclose(t.grad, g, atol=1e-12)
+
+
+def test_checkpoint_round_trip_and_densify(tmp_path):
+    torch.manual_seed(3)
+    model = timm.create_model("vit_tiny_p4_32", depth=1, embed_dim=24, num_heads=2).eval()
+    parameterize_attention(model, rank=4)
+    parameterize(model, "lowrank", rank=3, exclude=["blocks.0.attn.*"])
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    save_parameterized(model, tmp_path / "m.safetensors")
+    again = load_parameterized(tmp_path / "m.safetensors",
+                               timm.create_model("vit_tiny_p4_32", depth=1, embed_dim=24, num_heads=2).eval())
+    with torch.no_grad():
+        assert torch.equal(again(x), expected)
+        assert torch.allclose(densify(model)(x), expected, atol=1e-5)
+    assert method("attn-qk-ov").rank_to_spec((2, 4)) == [2, 4]
+
+
+def test_registered_by_name_but_not_a_layer_param():
+    assert "attn-qk-ov" not in methods() and "attn-qk-ov" in methods(scope=None)
+    assert methods(scope="attention").keys() == {"attn-qk-ov", "attn-qk-ov-proj"}
+    assert choices("param.attention") == tuple(ATTENTION_FORMS) == ("qk-ov", "q-k-v")
+    with pytest.raises(ValueError, match=r"^unknown parameterization 'attn-qk-ov'; allowed: "):
+        parameterize(nn.Sequential(nn.Linear(3, 3)), "attn-qk-ov")
+
+
+def test_refusals_leave_the_model_unchanged():
+    with pytest.raises(ValueError, match=r"^Sequential has no attention blocks \(a fused qkv Linear, num_heads "
+                                         r"and a proj Linear, as timm's ViT / Swin attention\); --attention "
+                                         r"applies to transformers$"):
+        parameterize_attention(nn.Sequential(nn.Linear(4, 4)))
+    normed = nn.Sequential(Attention(8, num_heads=2), Attention(8, num_heads=2, qk_norm=True, norm_layer=nn.LayerNorm))
+    with pytest.raises(ValueError, match=r"^attention block '1' normalizes between the projections \(q_norm\): "
+                                         r"its forms are not products$"):
+        parameterize_attention(normed)
+    assert not parametrize.is_parametrized(normed[0].qkv)  # all blocks checked before any change
+    with pytest.raises(ValueError, match=r"^unknown attention form 'qk'; allowed: qk-ov, q-k-v$"):
+        parameterize_attention(normed, "qk")
+    with pytest.raises(ValueError, match=r"^rank per head must be a positive integer, got 0$"):
+        parameterize_attention(normed, rank=0)
+
+
+def test_cli_says_the_rank_per_head_with_a_dense_rest(tmp_path):
+    result = CliRunner().invoke(main, ["train", "digits", "--arch", "vit_tiny_p4_32", "--attention", "qk-ov",
+                                       "--rank", "4", "--steps", "1", "--subset", "16", "--bs", "16", "--logger",
+                                       "none", "--out", str(tmp_path), "--set", "model.kwargs={depth: 1}",
+                                       "--set", "log.progress=false"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[:2] == ["no rank (dense keeps every weight at full size)",
+                         "attention qk-ov: rank 4 per head (capped at the head width)"]
+    # only the forms are factored: qkv 3*3*4*192 and proj 3*4*192 of the dense 4*192^2
+    assert [line for line in lines if line.startswith("run ")][0].split(": ", 1)[1].startswith("layers 2 ")
+
+
+def test_cli_attention_on_a_model_without_attention_one_line_exit_2(tmp_path):
+    result = CliRunner().invoke(main, ["train", "digits", "--arch", "resnet20_cifar", "--attention", "qk-ov",
+                                       "--steps", "1", "--subset", "16", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert [line for line in result.output.splitlines() if line.startswith("Error:")] == [
+        "Error: CifarResNet has no attention blocks (a fused qkv Linear, num_heads and a proj Linear, as timm's "
+        "ViT / Swin attention); --attention applies to transformers"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_trains_a_vit_with_qk_ov_forms_and_lowrank_linears(tmp_path):
+    result = CliRunner().invoke(main, ["train", "digits", "--arch", "vit_tiny_p4_32", "--attention", "qk-ov",
+                                       "--param", "lowrank", "--rank", "4", "--steps", "2", "--subset", "32",
+                                       "--bs", "16", "--logger", "none", "--out", str(tmp_path),
+                                       "--set", "model.kwargs={depth: 1}", "--set", "log.progress=false"])
+    assert result.exit_code == 0, result.output
+    report = [line for line in result.output.splitlines() if line.startswith("run ")][0]
+    # the forms on qkv and proj (3 heads at rank 4); lowrank r4 on patch_embed.proj, fc1, fc2, head
+    assert " layers 6 " in report
+
+
+# -- q-k-v: the fused qkv Linear as three layers, each parameterized on its own -----------------
+def tiny_vit(seed: int = 0):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_p4_32", depth=1, embed_dim=24, num_heads=2).double().eval()
+
+
+def test_split_qkv_is_the_fused_layer_with_timms_state_dict():
+    model, ref = tiny_vit(), tiny_vit()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert parameterize_attention(model, "q-k-v") == []
+    assert type(model.blocks[0].attn.qkv).__name__ == "SplitQKV"
+    assert torch.equal(model(x), ref(x))
+    state, timm_state = model.state_dict(), ref.state_dict()
+    assert list(state) == list(timm_state) and all(torch.equal(state[k], timm_state[k]) for k in state)
+    model.load_state_dict(tiny_vit(seed=5).state_dict())  # timm's fused checkpoint loads into the parts
+    assert torch.equal(model.blocks[0].attn.qkv.k.weight, tiny_vit(seed=5).blocks[0].attn.qkv.weight[24:48])
+
+
+def test_q_k_v_each_own_rank_spectrum_bound_and_exact_z(tmp_path):
+    model = tiny_vit()
+    fused = model.blocks[0].attn.qkv.weight.detach().clone()
+    parameterize_attention(model, "q-k-v")
+    parameterize(model, "svdp-l", rank=6, include=["*.qkv.v"], init="spectral")
+    report = parameterize(model, "svdp-l", rank=2, include=["*.qkv.q", "*.qkv.k"], init="spectral")
+    rows = {row.name: row for row in report.rows}
+    svdp = methods()["svdp-l"]
+    assert [rows[f"blocks.0.attn.qkv.{n}"].rank for n in "qkv"] == [2, 2, 6]
+    assert [rows[f"blocks.0.attn.qkv.{n}"].dof for n in "qkv"] == [2 * 48 - 4, 2 * 48 - 4, 6 * 48 - 36] \
+        == [svdp.count_dof((24, 24), False, r) for r in (2, 2, 6)]
+    parts = [getattr(model.blocks[0].attn.qkv, n) for n in "qkv"]
+    spectra = [parametrize_of(p).singular_values(*factors(p)) for p in parts]
+    assert [len(s) for s in spectra] == [2, 2, 6] and not torch.equal(spectra[0], spectra[1])
+    # spectral init: each part's bound is its own initial sigma_max (the fused weight's thirds)
+    own = [float(torch.linalg.matrix_norm(w, 2)) for w in fused.chunk(3, 0)]
+    assert [svdp.spectral_bound(parametrize_of(p)) for p in parts] == pytest.approx(own, rel=1e-12)
+    assert len(set(own)) == 3
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        plain = tiny_vit()
+        plain.load_state_dict(densify(model).state_dict())  # densified: timm's own layout again
+        assert torch.allclose(plain(x), expected, atol=1e-12)
+    save_parameterized(model, tmp_path / "m.safetensors")
+    fresh = tiny_vit(seed=9)
+    split_qkv_first = parameterize_attention(fresh, "q-k-v")
+    again = load_parameterized(tmp_path / "m.safetensors", fresh)
+    with torch.no_grad():
+        assert split_qkv_first == [] and torch.equal(again(x), expected)
+
+
+def parametrize_of(layer):
+    return layer.parametrizations.weight[0]
+
+
+def factors(layer):
+    plist = layer.parametrizations.weight
+    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+
+
+def test_cli_trains_with_q_k_v_split(tmp_path):
+    result = CliRunner().invoke(main, ["train", "digits", "--arch", "vit_tiny_p4_32", "--attention", "q-k-v",
+                                       "--param", "sttp-r", "--rank", "4", "--steps", "2", "--subset", "32",
+                                       "--bs", "16", "--logger", "none", "--out", str(tmp_path),
+                                       "--set", "model.kwargs={depth: 1}", "--set", "log.progress=false"])
+    assert result.exit_code == 0, result.output
+    report = [line for line in result.output.splitlines() if line.startswith("run ")][0]
+    assert " layers 8 " in report  # patch_embed, q, k, v, proj, fc1, fc2, head
