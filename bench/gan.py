@@ -17,8 +17,12 @@ D's parameterization changes. Per method it prints:
 * a plot (``OUT/sigma_max.png``) of the largest ``sigma_max`` over D's layers during
   training, per method (mean over seeds), next to the layers' median stable rank.
 
-    python bench/gan.py                                   # the CPU budget (README's table)
-    python bench/gan.py --width 1 --steps 20000 --bs 64   # the paper's widths (a GPU budget)
+    # README's CPU budget (2 shared cores: one torch thread avoids OpenMP threads waiting
+    # for each other's time slices; about 25 minutes, most of it the extractor)
+    python bench/gan.py --width 0.25 --bs 16 --steps 150 --seeds 0 --subset 6000 \
+        --metrics-samples 1000 --extractor-steps 300 --timing-repeats 5 --threads 1
+    # the paper's widths, rank 64 and batch (not run here: no GPU was lent to this work)
+    python bench/gan.py --width 1 --bs 64 --steps 20000 --seeds 0 1 2 --metrics-samples 10000
 
 Needs Fashion-MNIST: ``apt-get install dataset-fashion-mnist`` (or --data-dir).
 """
