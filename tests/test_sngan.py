@@ -1,4 +1,6 @@
 """The paper's SNGAN networks, exactly (FACTS.md: layer lists, parameter counts, Z at rank 64)."""
+import math
+
 import pytest
 import timm
 import torch
@@ -205,3 +207,136 @@ def test_xavier_weights_and_pytorch_default_biases_as_in_the_reference(name):
         assert 0.9 * bound < layer.weight.abs().max() <= bound, layer_name
         if layer.bias is not None:  # PyTorch's default: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))
             assert 0.5 / fan_in ** 0.5 < layer.bias.abs().max() <= 1 / fan_in ** 0.5, layer_name
+
+
+# --- Z as a user sees it: `sttpfast info` (the ranks of the paper's Tables 1-3) -------------
+#
+# An independent count from the DOF formulas (DESIGN.md), written out here so that the printed
+# numbers are checked against arithmetic that does not go through sttpfast's parametrizations:
+#   SVDP, r = min(d_out, d_in, rank): -L/-R r(d_out + d_in) - r^2; -C r(d_out + d_in) - r(3r+1)/2
+#   STTP: modes = primes of C_out, primes of C_in, kh*kw; TT ranks R_k = min(left, right, rank);
+#   U-cores (R_{k-1} n_k) x R_k frames, V-cores (n_k R_k) x R_{k-1}; St_U: r(n - r), full St:
+#   nr - r(r+1)/2 for the two cores next to Sigma (only the V one with the spectrum fixed); + r
+#   for a learned Sigma.
+
+def _primes(n: int) -> list[int]:
+    out, p = [], 2
+    while n > 1:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out
+
+
+def _svdp_dof(d_out: int, d_in: int, rank: int, fixed: bool) -> int:
+    r = min(d_out, d_in, rank)
+    return r * (d_out + d_in) - (r * (3 * r + 1) // 2 if fixed else r * r)
+
+
+def _sttp_dof(shape: tuple, rank: int, fixed: bool) -> int:
+    out_modes = _primes(shape[0])
+    modes = out_modes + _primes(shape[1]) + [math.prod(shape[2:])]
+    ranks = [1] + [min(math.prod(modes[:k]), math.prod(modes[k:]), rank) for k in range(1, len(modes))] + [1]
+    sigma = len(out_modes)  # the bond of Sigma: after the last output mode
+    dof = 0
+    for k, n in enumerate(modes):
+        rows, cols = (ranks[k] * n, ranks[k + 1]) if k < sigma else (n * ranks[k + 1], ranks[k])
+        full = (k == sigma - 1 and not fixed) or k == sigma
+        dof += rows * cols - cols * (cols + 1) // 2 if full else cols * (rows - cols)
+    return dof + (0 if fixed else ranks[sigma])
+
+
+def _z_by_hand(arch: str, param: str, rank: int, never=(), **kwargs) -> tuple[int, int]:
+    """``(params kept, dense state_dict entries)``: every Conv/Linear but ``never`` parameterized."""
+    model = timm.create_model(arch, **kwargs)
+    dense = sum(v.numel() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked"))
+    kept = dense
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and name not in never:
+            shape, fixed = tuple(m.weight.shape), param.endswith("-c")
+            dof = (_svdp_dof(shape[0], math.prod(shape[1:]), rank, fixed) if param.startswith("svdp")
+                   else _sttp_dof(shape, rank, fixed))
+            kept += dof - m.weight.numel()
+    return kept, dense
+
+
+def _info_summary(*args: str) -> str:
+    """The last line of `sttpfast info ...` (layers, params, Z, weights-only ratio)."""
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    result = CliRunner().invoke(main, ["info", *args])
+    assert result.exit_code == 0, result.output
+    return result.stdout.strip().splitlines()[-1]
+
+
+# (arch, param, rank, printed Z, the paper's value or None where the seeds do not give one)
+_INFO_Z = [
+    # Table 2 (full D) and Table 3 (D of the rank sweep), CIFAR-10 32 px D, rank 64: FACTS.md
+    ("sngan_d32", "svdp-c", 64, "51.74", 51.74), ("sngan_d32", "svdp-l", 64, "53.36", 53.36),
+    ("sngan_d32", "svdp-r", 64, "53.36", 53.36), ("sngan_d32", "sttp-c", 64, "16.71", 16.71),
+    ("sngan_d32", "sttp-l", 64, "18.33", 18.33), ("sngan_d32", "sttp-r", 64, "18.33", 18.33),
+    # Table 2, STL-10 48 px D, rank 64: the paper gives STTP-C 3.25 (FACTS.md)
+    ("sngan_d48", "sttp-c", 64, "3.25", 3.25), ("sngan_d48", "sttp-r", 64, "3.52", None),
+    ("sngan_d48", "svdp-c", 64, "14.23", None), ("sngan_d48", "svdp-r", 64, "14.50", None),
+    # Table 3: the CIFAR-10 G under STTP-R (ranks 16-128) and SVDP-R (ranks 4-64); its first
+    # Linear (528,384 of 4,280,323 state entries) stays dense, which sets a floor of ~12.3%
+    ("sngan_g32", "sttp-r", 16, "13.20", None), ("sngan_g32", "sttp-r", 24, "13.81", None),
+    ("sngan_g32", "sttp-r", 32, "14.61", None), ("sngan_g32", "sttp-r", 48, "16.47", None),
+    ("sngan_g32", "sttp-r", 64, "18.82", None), ("sngan_g32", "sttp-r", 96, "23.92", None),
+    ("sngan_g32", "sttp-r", 128, "30.24", None),
+    ("sngan_g32", "svdp-r", 4, "14.30", None), ("sngan_g32", "svdp-r", 8, "15.87", None),
+    ("sngan_g32", "svdp-r", 16, "18.99", None), ("sngan_g32", "svdp-r", 24, "22.08", None),
+    ("sngan_g32", "svdp-r", 32, "25.14", None), ("sngan_g32", "svdp-r", 48, "31.19", None),
+    ("sngan_g32", "svdp-r", 64, "37.13", None),
+    # the STL-10 G at rank 64 (its dense Linear 128 -> 6*6*512 is half of the network)
+    ("sngan_g48", "sttp-r", 64, "53.24", None), ("sngan_g48", "svdp-r", 64, "66.94", None),
+]
+
+
+@pytest.mark.parametrize("arch,param,rank,printed,paper", _INFO_Z,
+                         ids=[f"{a}-{p}-r{r}" for a, p, r, _, _ in _INFO_Z])
+def test_info_prints_the_z_of_the_paper_networks(arch, param, rank, printed, paper):
+    line = _info_summary("--arch", arch, "--param", param, "--rank", str(rank))
+    kept, dense = _z_by_hand(arch, param, rank, never=("l1",) if arch.startswith("sngan_g") else ())
+    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in timm.create_model(arch).modules())
+    layers -= arch.startswith("sngan_g")  # G's first Linear is never parameterized
+    assert line.startswith(f"layers {layers}  params {kept:,} / {dense:,}  Z = {printed}%  ")
+    assert f"{100 * kept / dense:.2f}" == printed
+    if paper is not None:
+        assert float(printed) == paper
+
+
+def test_info_never_parameterizes_the_generator_first_linear():
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    result = CliRunner().invoke(main, ["info", "--arch", "sngan_g32", "--param", "sttp-c", "--rank", "64"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[0] for line in result.stdout.splitlines() if line.startswith(("l1", "blocks", "conv_out"))]
+    assert rows == [f"blocks.{i}.{c}" for i in range(3) for c in ("conv1", "conv2", "shortcut")] + ["conv_out"]
+    assert result.stdout.strip().splitlines()[-1].startswith("layers 10  params 786,909 / 4,280,323  Z = 18.38%")
+
+
+@pytest.mark.parametrize("param,printed", [("svdp-c", "51.66"), ("sttp-c", "16.54"), ("sttp-r", "18.13")])
+def test_info_z_of_the_grey_scale_discriminator(param, printed):
+    # Fashion-MNIST's D has a 1-channel first conv and shortcut: slightly lower Z than the
+    # paper's CIFAR numbers (51.74 / 16.71 / 18.33), which are for 3 input channels
+    line = _info_summary("--arch", "sngan_d32", "--param", param, "--rank", "64", "--in-chans", "1")
+    kept, dense = _z_by_hand("sngan_d32", param, 64, in_chans=1)
+    assert dense == 1_053_824 - 2 * 128 * 9 - 2 * 128  # conv3x3 and conv1x1 lose two input channels
+    assert line.startswith(f"layers 11  params {kept:,} / {dense:,}  Z = {printed}%  ")
+
+
+def test_info_refuses_classes_for_the_generator():
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    result = CliRunner().invoke(main, ["info", "--arch", "sngan_g32", "--param", "sttp-r", "--num-classes", "10"])
+    assert result.exit_code == 2
+    assert "Error: num_classes=10: the SNGAN generator is unconditional (num_classes=0)" in result.output
+    assert "Traceback" not in result.output
