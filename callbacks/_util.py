@@ -99,10 +99,26 @@ def weight_matrix_of(module: nn.Module) -> Tensor:
     return matrix_of(module, module.weight)
 
 
+def _read_weight_matrix(module: nn.Module) -> Tensor:
+    """``weight_matrix_of(module)`` with its parametrizations in eval mode: torch's spectral norm
+    runs a power iteration (moving its ``u``, ``v`` buffers) each time its weight is read in
+    training mode, so reading it for a log would change training."""
+    plist = getattr(module, "parametrizations", None)
+    steps = list(plist["weight"]) if plist is not None and "weight" in plist else []
+    modes = [m.training for m in steps]
+    for m in steps:
+        m.train(False)
+    try:
+        return weight_matrix_of(module)
+    finally:
+        for m, mode in zip(steps, modes):
+            m.train(mode)
+
+
 def _exact_svdvals(module: nn.Module) -> Callable[[], Tensor]:
     def values() -> Tensor:
         with torch.no_grad():
-            return torch.linalg.svdvals(weight_matrix_of(module).float())
+            return torch.linalg.svdvals(_read_weight_matrix(module).float())
     return values
 
 

@@ -72,3 +72,18 @@ def test_singular_values_are_logged_on_training_steps_only(training):
     cb.after_batch()
     # a validation batch at a logging step used to log one more row per layer and batch
     assert len(cb.history) == (2 if training else 0)
+
+
+def test_reading_the_spectrum_of_an_sn_layer_does_not_advance_its_power_iteration():
+    """Logging must not change training: torch's spectral norm runs one power iteration each
+    time its weight is read in training mode, so a logger reading it moved u and v."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    sttpfast.parameterize(model, "sn")
+    model.train()
+    sn = model[0].parametrizations.weight[0]
+    u, v = sn._u.clone(), sn._v.clone()
+    for _, _, _, sigma in spectral_layers(model):
+        sigma()
+    assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
+    assert model.training and sn.training  # the mode is restored
