@@ -161,8 +161,8 @@ def test_accelerate_launch_apps_gan_writes_checkpoints_grid_and_metrics(tmp_path
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    common = [str(ROOT / "apps/gan.py"), "digits", "--d-param", "sttp-c", "--g-param", "svdp-c", "--rank", "4",
-              "--steps", "4", "--n-dis", "2", "--subset", "256", "--logger", "none", *TINY_SET, *QUIET]
+    common = [str(ROOT / "apps/gan.py"), "digits", "--d-param", "sn", "--steps", "4", "--n-dis", "2", "--subset", "256",
+              "--logger", "none", *TINY_SET, *QUIET]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     one = subprocess.run([sys.executable, *common, "--bs", "32", "--out", str(tmp_path / "one"), "--name", "r"],
                          capture_output=True, text=True, timeout=600, env=env)
@@ -174,17 +174,26 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     s1 = json.loads((tmp_path / "one/r/summary.json").read_text())
     s2 = json.loads((tmp_path / "two/r/summary.json").read_text())
     assert (s2["processes"], s2["ranks_in_sync"], s2["steps"], s2["d_steps"]) == (2, True, 4, 8)
+    assert (s1["processes"], s1["steps"], s1["d_steps"]) == (1, 4, 8)
     # rank 1 wrote nothing: one run folder, and its files are rank 0's (one checkpoint writer)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["r"]
     assert sorted(p.name for p in (tmp_path / "two/r/checkpoints").iterdir()) == sorted(
         p.name for p in (tmp_path / "one/r/checkpoints").iterdir())
-    # Same images, codes and noise per step, global-batch BatchNorm statistics: the two runs
-    # differ only by float summation order (two half-batch gradients averaged vs one mean),
-    # which Adam's first steps (update ~ lr * sign(g) while v is small) do not amplify.
+    # Same images, latent codes and noise per step and G's BatchNorm statistics over the
+    # global batch: the runs differ only by float summation order (two half-batch gradients
+    # averaged vs one mean). Adam divides each gradient entry by its own scale, so where the
+    # true gradient is ~0 it turns that rounding noise into steps of up to lr: G's conv biases
+    # (each followed by BatchNorm, which removes them: zero gradient) and the BN running means
+    # they shift may differ by up to lr per update (4 G updates: 8e-4; measured 2.8e-4). D's
+    # entries with cancelling gradients move less (measured 2.7e-5); G's weights, which
+    # have real gradients, agree to 3e-8 (measured).
     a, b = _weights(tmp_path / "one/r"), _weights(tmp_path / "two/r")
     assert a.keys() == b.keys()
-    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point())
-    assert worst < 1e-4, worst
+    gap = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point() and a[k].numel()}
+    g_weights = [k for k in gap if k.startswith("generator.") and k.endswith(".weight") and ".bn" not in k]
+    assert len(g_weights) == 8 and max(gap[k] for k in g_weights) < 1e-6, {k: gap[k] for k in g_weights}
+    assert max(gap[k] for k in gap if k.startswith("discriminator.")) < 1e-4
+    assert max(gap.values()) < 4 * 2e-4
 
 
 def _table_rows():
@@ -210,7 +219,7 @@ def test_every_gan_table_config_is_valid_and_has_the_papers_z():
         report = parameterize(d, param, rank=(g["d_rank"] or g["rank"]) if param not in ("dense", "sn") else None)
         checked[str(path.relative_to(ROOT))] = round(report.z, 2)
         assert round(report.z, 2) == expected, path
-    assert len(checked) >= 7, checked
+    assert len(checked) == 11, checked  # table 2: 6 CIFAR-10 + 3 STL-10 rows; table 3: rank 64 twice
 
 
 def _expected_z(path: Path):

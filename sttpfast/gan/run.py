@@ -32,7 +32,7 @@ from sttpfast.atomic import write_file
 from sttpfast.callbacks._util import log_scalars
 from sttpfast.config import save_config
 from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _is_main_rank, _lock_run,
-                          check_output, prepare_run_dir, resume_config)
+                          _save_interrupted, check_output, prepare_run_dir, resume_config)
 
 __all__ = ["run_gan", "gan_run_name", "check_gan_config", "GANLossLogger", "SR"]
 
@@ -265,7 +265,7 @@ def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, s
             learn.fit(cfg["gan"]["steps"])
     except KeyboardInterrupt as stop:
         signals.uninstall()
-        _save_interrupted(learn, checkpointer, run_dir, say)
+        _save_interrupted(learn, checkpointer, run_dir, say, command="gan", step="G step")
         raise TrainingInterrupted(run_dir, 128 + getattr(stop, "signum", signal.SIGINT)) from None
     finally:
         signals.uninstall()
@@ -273,21 +273,6 @@ def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, s
     if main:
         write_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
-
-
-def _save_interrupted(learn, checkpointer, run_dir: Path, echo) -> None:
-    """After Ctrl-C / SIGTERM: an exact-resume checkpoint, loggers closed, how to resume."""
-    for cb in learn.cbs:
-        shutdown = getattr(type(cb), "_shutdown", None)  # the loggers: flush what was logged
-        if shutdown is not None:
-            cb._shutdown(cancelled=True)
-    step = checkpointer.save_interrupted()
-    where = run_dir / "checkpoints" / "last"
-    if step is None:
-        echo(f"interrupted before the first G step of this session; {where} is unchanged")
-    else:
-        echo(f"interrupted at G step {step}: checkpoint saved in {where}")
-    echo(f"resume with: sttpfast gan --resume {run_dir}")
 
 
 def _summary(learn, cfg, run_dir: Path, seconds: float, processes: int, metrics, state) -> dict:
