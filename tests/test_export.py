@@ -253,7 +253,8 @@ def test_export_of_a_gan_run_writes_its_ema_generator(tmp_path):
     pair, args = load_gan_run_pair(run)
     assert args == {"in_chans": 1, "widths": [8, 8, 8], "bottom_width": 2, "z_dim": 16}
     ema = pair.generator_ema.eval()
-    assert len(parameterization_spec(ema)) == 6  # every conv of G's copy: sttp-r rank 4 (not l1)
+    spec = parameterization_spec(ema)  # every conv of G's copy, sttp-r rank 4; never the first Linear
+    assert len(spec) == 7 and "l1" not in spec and {s["rank"] for s in spec.values()} == {4}
     z = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = ema(z)
