@@ -287,7 +287,8 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
 
         summary = run_gan(config, echo=click.echo)
     best = summary.get("best")
-    parts = [f"G {summary['g_param']} Z {summary['g_z_percent']:.2f}%", f"D {summary['d_param']} Z {summary['d_z_percent']:.2f}%"]
+    parts = [f"G {summary['g_param']} Z {summary['g_z_percent']:.2f}%",
+             f"D {summary['d_param']} Z {summary['d_z_percent']:.2f}%"]
     parts += [f"{k} {v:.4g}" for k, v in summary.get("metrics", {}).items() if not k.endswith("_std")]
     if best:
         parts.append(f"best {best['metric']} {best['value']:.4g} at step {best['step']}")

@@ -37,7 +37,7 @@ from typing import Literal, Optional, Union
 
 import yaml
 
-__all__ = ["DEFAULTS", "DEFAULT_RANK", "SCHEMA", "CLI_FLAGS", "GAN_CLI_FLAGS", "ConfigError", "Setting", "build_config", "load_yaml",
+__all__ = ["DEFAULTS", "DEFAULT_RANK", "SCHEMA", "CLI_FLAGS", "ConfigError", "Setting", "build_config", "load_yaml",
            "merge", "apply_overrides", "save_config", "get", "flatten", "settings", "choices", "coerce", "type_members"]
 
 #: rank of the low-rank parameterizations when neither rank nor compression is given
@@ -145,11 +145,7 @@ class TrainConfig:
 
 
 # --- the GAN app (``sttpfast gan``, apps/gan.py); data / log / train sections are shared ---------
-def _betas(v) -> bool:
-    return v is None or 0 <= v < 1
-
-
-def _decay(v) -> bool:
+def _fraction(v) -> bool:
     return v is None or 0 <= v < 1
 
 
@@ -171,14 +167,14 @@ class GanConfig:
     bs: int = setting(64, "batch size per process (of reals and of fakes)", _positive, "a positive integer")
     lr_g: float = setting(2.0e-4, "generator Adam learning rate", _positive, "a positive number")
     lr_d: float = setting(2.0e-4, "discriminator Adam learning rate", _positive, "a positive number")
-    beta1: float = setting(0.0, "Adam beta1 of both networks", _betas, "a number in [0, 1)")
-    beta2: float = setting(0.9, "Adam beta2 of both networks", _betas, "a number in [0, 1)")
+    beta1: float = setting(0.0, "Adam beta1 of both networks", _fraction, "a number in [0, 1)")
+    beta2: float = setting(0.9, "Adam beta2 of both networks", _fraction, "a number in [0, 1)")
     lr_decay: Literal["linear", "const"] = setting("linear", "learning rates: linear to 0, or constant")
-    ema: Optional[float] = setting(None, "keep an EMA of G with this decay (e.g. 0.9999)", _decay,
+    ema: Optional[float] = setting(None, "keep an EMA of G with this decay (e.g. 0.9999)", _fraction,
                                    "a number in [0, 1)")
     ema_start: int = setting(0, "G step from which the EMA averages (copies before)", _non_negative,
                              "an integer >= 0")
-    dequantize: float = setting(1.0 / 255.0, "uniform noise half-width on reals in [-1, 1] units", _betas,
+    dequantize: float = setting(1.0 / 255.0, "uniform noise half-width on reals in [-1, 1] units", _fraction,
                                 "a number in [0, 1)")
     sn_exact: bool = setting(False, "sn: divide by the exact sigma_max instead of the power-iteration estimate")
     sr_every: int = setting(5, "sr: discriminator steps between spectral compensations", _positive,
@@ -262,6 +258,7 @@ GAN_CLI_FLAGS = {
     "extractor": "gan.extractor", "inception_weights": "gan.inception_weights", "seed": "train.seed",
     "out": "train.out", "name": "train.name", "checkpoint_every": "train.checkpoint_every", "logger": "log.logger",
 }
+__all__ += ["GAN_CLI_FLAGS"]
 
 def type_members(tp) -> tuple:
     """The alternatives of a ``Union`` / ``Optional`` type (the type itself otherwise)."""

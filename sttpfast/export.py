@@ -274,6 +274,7 @@ def load_gan_run_pair(run_dir: str | os.PathLike, which: str = "last") -> tuple[
     """``(GANPair, generator model_args)`` of a GAN run's checkpoint: G and D rebuilt as the run
     built them (``gan.g`` / ``gan.d`` with the dataset's channels and ``gan.g_kwargs`` /
     ``gan.d_kwargs``), the EMA copy of G when the checkpoint holds one, the checkpoint loaded."""
+    import yaml
     from safetensors import safe_open
 
     from sttpfast.checkpoint import load_parameterized
@@ -283,8 +284,6 @@ def load_gan_run_pair(run_dir: str | os.PathLike, which: str = "last") -> tuple[
 
     run_dir = Path(run_dir).expanduser()
     model_file = run_checkpoint(run_dir, which)
-    import yaml
-
     try:
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
@@ -296,8 +295,9 @@ def load_gan_run_pair(run_dir: str | os.PathLike, which: str = "last") -> tuple[
     g_args = {"in_chans": in_chans, **(gan.get("g_kwargs") or {})}
     with safe_open(str(model_file), framework="pt") as f:
         has_ema = any(k.startswith("generator_ema.") for k in f.keys())
-    pair = GANPair(create_model(gan["g"], **g_args), create_model(gan["d"], in_chans=in_chans, **(gan.get("d_kwargs") or {})),
-                   create_model(gan["g"], **g_args) if has_ema else None)
+    discriminator = create_model(gan["d"], in_chans=in_chans, **(gan.get("d_kwargs") or {}))
+    ema = create_model(gan["g"], **g_args) if has_ema else None
+    pair = GANPair(create_model(gan["g"], **g_args), discriminator, ema)
     load_parameterized(model_file, pair)
     return pair, g_args
 

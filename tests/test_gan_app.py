@@ -15,7 +15,7 @@ from fastai.callback.core import Callback
 from safetensors.torch import load_file
 
 from sttpfast.cli import main
-from sttpfast.config import build_config
+from sttpfast.config import DEFAULTS, GAN_CLI_FLAGS, SCHEMA, ConfigError, build_config
 from sttpfast.gan.run import check_gan_config, run_gan
 from sttpfast.run import TrainingInterrupted
 from sttpfast.run_lock import RunLock
@@ -81,7 +81,7 @@ class SendSignal(Callback):
 @pytest.mark.parametrize("k,signum,params", [
     (3, signal.SIGINT, ["gan.d_param=sttp-c", "gan.g_param=svdp-r", "gan.rank=4", "gan.ema=0.9"]),  # mid-epoch
     (4, signal.SIGTERM, ["gan.d_param=sr", "gan.sr_every=3"]),  # at an epoch end (4 G steps per epoch)
-])
+], ids=["sigint-mid-epoch-sttp-c-svdp-r-ema", "sigterm-epoch-end-sr"])
 def test_resume_after_a_signal_is_bit_identical(tmp_path, k, signum, params):
     whole = run_gan(_cfg(tmp_path, "whole", *params), echo=lambda *a: None)
     assert whole["steps"] == 10
@@ -111,7 +111,8 @@ def test_resume_refuses_a_classification_run(tmp_path):
                                     f"sttpfast train --resume {tmp_path / 'c'}"
 
 
-ALLOWED = "svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tucker, rtk, tt, rtt, tr, rtr, ht, dense, sn, svdp, sttp"
+ALLOWED = ("svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tucker, rtk, tt, rtt, tr, rtr, ht, "
+           "dense, sn, svdp, sttp")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -189,11 +190,27 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     # have real gradients, agree to 3e-8 (measured).
     a, b = _weights(tmp_path / "one/r"), _weights(tmp_path / "two/r")
     assert a.keys() == b.keys()
-    gap = {k: float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].is_floating_point() and a[k].numel()}
+    gap = {k: float((a[k].double() - b[k].double()).abs().max())
+           for k in a if a[k].is_floating_point() and a[k].numel()}
     g_weights = [k for k in gap if k.startswith("generator.") and k.endswith(".weight") and ".bn" not in k]
     assert len(g_weights) == 8 and max(gap[k] for k in g_weights) < 1e-6, {k: gap[k] for k in g_weights}
     assert max(gap[k] for k in gap if k.startswith("discriminator.")) < 1e-4
     assert max(gap.values()) < 4 * 2e-4
+
+
+def test_the_gan_section_of_the_schema():
+    assert DEFAULTS["gan"] == {
+        "g": "sngan_g32", "d": "sngan_d32", "g_param": "dense", "d_param": "sn", "rank": None, "g_rank": None,
+        "d_rank": None, "g_kwargs": {}, "d_kwargs": {}, "loss": "hinge", "n_dis": 5, "steps": 100000, "bs": 64,
+        "lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.0, "beta2": 0.9, "lr_decay": "linear", "ema": None, "ema_start": 0,
+        "dequantize": 1.0 / 255.0, "sn_exact": False, "sr_every": 5, "d_optimal": 1.0, "metrics_every": None,
+        "metrics_samples": 5000, "metrics": ["fid", "isc", "kid"], "best_by": "fid", "extractor": "inception",
+        "inception_weights": None, "extractor_steps": 300, "extractor_kwargs": {}, "grid": 64}
+    assert set(GAN_CLI_FLAGS.values()) <= set(SCHEMA)
+    with pytest.raises(ConfigError, match=r"config gan.beta2 = 1.0: expected a number in \[0, 1\)"):
+        build_config(overrides=["gan.beta2=1"])
+    with pytest.raises(ConfigError, match="unknown config key 'gan.ndis' in --set; did you mean 'gan.n_dis'"):
+        build_config(overrides=["gan.ndis=3"])
 
 
 def _table_rows():

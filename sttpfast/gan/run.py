@@ -222,7 +222,8 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     generator, discriminator = _build_networks(g, dls.in_chans)
     checkpointer, signals, metrics, cbs = _callbacks(cfg, g, main, say)
     learn = gan_learner(
-        dls, g=generator, d=discriminator, g_param=g["g_param"], d_param="dense" if g["d_param"] == SR else g["d_param"],
+        dls, g=generator, d=discriminator, g_param=g["g_param"],
+        d_param="dense" if g["d_param"] == SR else g["d_param"],
         rank=g["rank"], g_rank=g["g_rank"], d_rank=g["d_rank"], loss=g["loss"], n_dis=g["n_dis"],
         lr_g=g["lr_g"], lr_d=g["lr_d"], betas_g=(g["beta1"], g["beta2"]), betas_d=(g["beta1"], g["beta2"]),
         lr_decay=g["lr_decay"], ema_decay=g["ema"], ema_start=g["ema_start"], dequantize=g["dequantize"],
