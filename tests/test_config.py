@@ -143,7 +143,9 @@ PRESETS = {
 
 
 def test_the_preset_table_lists_every_preset():
-    assert sorted(PRESETS) == sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yml"))
+    gan = "_gan_"  # configs/aistats21/table*_gan_*/: the GAN app's, checked in test_gan_app.py
+    assert sorted(PRESETS) == sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yml")
+                                     if gan not in p.parent.name)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
