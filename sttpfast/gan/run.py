@@ -117,11 +117,14 @@ def _check_rank(which: str, model, param: str, rank: int | None, skip: set[str] 
 
 def _build_networks(g: dict, in_chans: int):
     """``(G, D)`` as configured, with their ranks checked (before any parameterization)."""
+    from torch import nn
+
     from sttpfast.models import create_model
 
     generator = create_model(g["g"], in_chans=in_chans, **g["g_kwargs"])
     discriminator = create_model(g["d"], in_chans=in_chans, **g["d_kwargs"])
-    first = next((n for n, m in generator.named_modules() if type(m).__name__ == "Linear"), None)
+    # G's first Linear (z -> features) is never parameterized (gan_learner), so its rank does not count
+    first = next((n for n, m in generator.named_modules() if isinstance(m, nn.Linear)), None)
     _check_rank("generator", generator, g["g_param"], g["g_rank"] or g["rank"], {first} if first else set())
     _check_rank("discriminator", discriminator, g["d_param"], g["d_rank"] or g["rank"])
     return generator, discriminator
