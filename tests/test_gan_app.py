@@ -101,6 +101,28 @@ def test_resume_after_a_signal_is_bit_identical(tmp_path, k, signum, params):
     assert again["already_finished"] is True
 
 
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(tmp_path):
+    """SIGKILL in the middle of writing the third checkpoint (STTPFAST_CRASH_AT, the chaos hook
+    of sttpfast.atomic): the run resumes from the second one (step 4) and ends as if never killed."""
+    args = [str(ROOT / "apps/gan.py"), "digits", "--d-param", "sttp-r", "--rank", "4", "--ema", "0.9", "--steps", "10",
+            "--n-dis", "2", "--bs", "32", "--subset", "256", "--checkpoint-every", "2", "--logger", "none",
+            *TINY_SET, *QUIET]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--name", "whole"],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--name", "cut"], capture_output=True,
+                            text=True, timeout=600, env={**env, "STTPFAST_CRASH_AT": "checkpoint-files:3"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run([sys.executable, str(ROOT / "apps/gan.py"), "--resume", str(tmp_path / "cut")],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {tmp_path / 'cut'} at G step 4" in resumed.stdout
+    for load in (_weights, _optimizer):
+        a, b = load(tmp_path / "whole"), load(tmp_path / "cut")
+        assert a.keys() == b.keys() and [key for key in a if not torch.equal(a[key], b[key])] == []
+
+
 def test_resume_refuses_a_classification_run(tmp_path):
     trained = _cli("train", "digits", "--arch", "resnet20_cifar", "--param", "dense", "--steps", "1", "--bs", "64",
                    "--subset", "128", "--logger", "none", "--out", tmp_path, "--name", "c", *QUIET)
