@@ -16,6 +16,14 @@ the newest complete one (an older one when the newest is damaged, with a warning
 are restored, the batches already trained are drawn and skipped (no forward pass), and the
 global RNG is restored right before the first new batch, so the resumed run ends with
 weights identical to an uninterrupted one (on CPU, fixed seed). Nothing is unpickled.
+
+DataLoader worker processes (``data.num_workers`` > 0) hold no random state to save: a
+worker only indexes the in-memory tensors; the order is drawn before the workers start and
+augmentation runs in the main process (``after_batch``), both from the loader's generators
+saved here, and the workers' base seed is one draw from the global generator in the main
+process, made with or without workers (tests/test_distributed.py checks both claims).
+Under several processes rank 0 writes; the ranks' RNG states are equal (same seed, same
+draws), so rank 0's state resumes every rank.
 """
 from __future__ import annotations
 

@@ -4,13 +4,20 @@ fastai's own DistributedTrainer calls ``.cuda()`` unconditionally and fails on C
 callback uses accelerate directly, so the same code runs with gloo on CPUs and NCCL on
 GPUs (``accelerate launch`` or ``torchrun``), with optional bf16 autocast.
 
+* after_create (the Learner is built with an accelerator) and before_fit: each rank's
+  loaders deliver its shard (training: every world-th batch of the common order;
+  validation: every world-th item), so that ``len(dls.train)`` is the steps per epoch.
 * before_fit: the model goes through ``accelerator.prepare_model`` (DDP when several
-  processes, autocast when mixed precision); each rank's loaders deliver its shard
-  (training: every world-th batch of the common order; validation: every world-th item).
+  processes, autocast when mixed precision).
 * validation runs the unwrapped model (no DDP collectives while ranks hold different
   numbers of validation batches) with rank 0's buffers (BN statistics) on every rank, then
   the metric accumulators are summed over ranks, so every rank reports the metrics of the
-  whole validation set for the model that is saved.
+  whole validation set for the model that is saved. That sum is the only reduction:
+  fastai's ``Learner.to_detach`` would otherwise all-gather every batch's metric and average
+  it over ranks (``maybe_gather``, on whenever ``WORLD_SIZE`` > 1) before weighting it by the
+  local batch size, which is wrong as soon as the ranks' last validation batches differ in
+  size (measured: digits, 359 images on 2 ranks, accuracy 0.31429 reported against 113/359 =
+  0.31476 recomputed from the checkpoint).
 * after_fit: the model is unwrapped again and the ranks compare a hash of their
   parameters (``learn.ranks_in_sync``, ``learn.rank_hashes``).
 """
@@ -25,6 +32,7 @@ import torch.distributed as dist
 from fastai.callback.core import Callback
 from fastai.learner import AvgLoss, AvgMetric
 from fastai.metrics import AccumMetric
+from fastai.torch_core import to_detach
 
 __all__ = ["AccelerateTrainer", "parameter_hash", "make_accelerator", "requested_processes",
            "warn_missing_processes"]
@@ -39,11 +47,32 @@ def make_accelerator(mixed_precision: str = "no"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    # AcceleratorState is process-wide and refuses a second, different mixed_precision (a
-    # notebook or a test running several trainings). Its process group (PartialState) is
-    # kept; only the per-run settings are cleared (accelerate's own tests do the same).
-    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
-        AcceleratorState._reset_state(reset_partial_state=False)
+    from sttpfast.fsdp import fsdp_requested
+
+    version = fsdp_requested()
+    if version is not None:
+        # refused before anything is built: accelerate would shard only the root (or, with
+        # cpu=True, silently fall back to DDP), and the checkpoint writer, validation and the
+        # spectrum callbacks read whole parameters, which a sharded model does not hold
+        raise ValueError(f"this run was launched with an FSDP config (fsdp_version {version}: ACCELERATE_USE_FSDP="
+                         f"{os.environ['ACCELERATE_USE_FSDP']}), which `sttpfast train` does not run yet; launch it "
+                         "with configs/accelerate/cpu_2proc_gloo.yaml or gpu_ddp_multinode.yaml (DDP), or shard "
+                         "the model in your own loop with sttpfast.fsdp.shard_model")
+
+    # AcceleratorState is a process-wide singleton that refuses a second, different
+    # mixed_precision (a notebook or a test running several trainings in one process).
+    # accelerate (checked up to 1.15) has no public way to change it: the documented route
+    # is one Accelerator per process, and `AcceleratorState._reset_state` is what its own
+    # test utilities call. It is used only when the precision really changes, keeps the
+    # process group (PartialState), and a missing one is one clear error, not a traceback.
+    shared = AcceleratorState._shared_state
+    if shared and shared.get("_mixed_precision") not in (None, mixed_precision):
+        reset = getattr(AcceleratorState, "_reset_state", None)
+        if reset is None:
+            raise ValueError(f"this process already trained with mixed_precision={shared['_mixed_precision']!r}; "
+                             f"this accelerate version cannot switch to {mixed_precision!r} in the same process: "
+                             "start a new process")
+        reset(reset_partial_state=False)
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision)
 
 
@@ -110,9 +139,30 @@ class AccelerateTrainer(Callback):
         self.learn.accelerator = acc
         self.learn.model = acc.prepare_model(self.learn.model)
         self._wrapped = self.learn.model
+        if self.distributed:
+            # an instance attribute shadows Learner.to_detach for this fit (removed in after_fit)
+            self.learn.to_detach = self._to_detach
+        self._shard_loaders()
+
+    def after_create(self):
+        # Shard as soon as the Learner exists: whatever sizes the fit from the loader's length
+        # (learner.fit turns a step budget into epochs) must see this rank's batches per
+        # epoch; sharding only in before_fit made `--steps 14` on 2 processes stop after one
+        # 8-step epoch (epochs = ceil(14 / 16 unsharded batches) = 1).
+        if self.accelerator is not None:
+            self._shard_loaders()
+
+    def _shard_loaders(self) -> None:
+        acc = self.accelerator
         for dl in (self.dls.train, self.dls.valid):
             if hasattr(dl, "shard"):
                 dl.shard(acc.process_index, acc.num_processes)
+
+    def _to_detach(self, b, cpu: bool = True, gather: bool = True):
+        """fastai's ``to_detach`` that gathers over ranks only in training (the smoothed loss
+        stays the mean over ranks); validation accumulators stay per rank until
+        :meth:`_reduce` sums them once, weighted by each rank's own batch sizes."""
+        return to_detach(b, cpu, gather and self.learn.training)
 
     def before_validate(self):
         self.learn.model = self.accelerator.unwrap_model(self._wrapped, keep_fp32_wrapper=True)
@@ -149,6 +199,7 @@ class AccelerateTrainer(Callback):
     def after_fit(self):
         acc = self.accelerator
         self.learn.model = acc.unwrap_model(self._wrapped, keep_fp32_wrapper=False)
+        self.learn.__dict__.pop("to_detach", None)
         own = parameter_hash(self.learn.model)
         hashes = [own]
         if self.distributed:

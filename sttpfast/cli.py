@@ -136,6 +136,10 @@ def rank_line(param: str, rank, how: str) -> str:
         return f"rank chosen for the target compression Z = {rank:g}%"
     if how == "none":
         return f"no rank ({param} keeps every weight at full size)"
+    if how == "rank_scale":
+        return f"rank scale {rank:g}: each layer at that fraction of its full rank"
+    if how == "layer_ranks":
+        return f"per-layer ranks for {rank} layers (param.layer_ranks)"
     return f"rank {rank}"
 
 
@@ -148,6 +152,10 @@ def _rank_choice(cfg: dict, sources: dict) -> tuple[object, str]:
         return None, "none"
     if p["compression"] is not None:
         return p["compression"], "compression"
+    if p.get("rank_scale") is not None:
+        return p["rank_scale"], "rank_scale"
+    if p.get("layer_ranks"):
+        return len(p["layer_ranks"]), "layer_ranks"
     if p["rank"] is None:
         return None, "full"
     return p["rank"], "default" if sources.get("param.rank") == "default" else "given"
@@ -164,14 +172,20 @@ def main():
 @param_options
 @click.option("--num-classes", type=int, default=None, help="classifier outputs (model default if unset)")
 @click.option("--in-chans", type=int, default=None, help="input channels (model default if unset)")
+@schema_option("plan")
+@schema_option("rank_scale")
+@schema_option("unrepresentable")
 @user_errors
-def info(arch, param, rank, compression, include, exclude, init, num_classes, in_chans):
+def info(arch, param, rank, compression, include, exclude, init, num_classes, in_chans, plan, rank_scale,
+         unrepresentable):
     """Per-layer table (rank, DOF) and the compression Z of ARCH under PARAM."""
     if arch is None:
         raise CLIError("give the architecture: --arch NAME (any timm model or a registered sttpfast model)")
     # the same rank rules as `train` (the default rank for the low-rank methods, 'full', none for dense/sn)
     cli = {CLI_FLAGS[k]: v for k, v in dict(param=param, rank=rank, compression=compression, init=init,
-                                             include=list(include), exclude=list(exclude)).items() if v is not None}
+                                             include=list(include), exclude=list(exclude), plan=plan,
+                                             rank_scale=rank_scale, unrepresentable=unrepresentable).items()
+           if v is not None}
     cfg, sources = build_config(cli=cli)
     p = cfg["param"]
 
@@ -182,13 +196,41 @@ def info(arch, param, rank, compression, include, exclude, init, num_classes, in
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = parameterize(model, p["name"], rank=p["rank"], compression=p["compression"],
-                              include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"])
+                              include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"],
+                              plan=p["plan"], rank_scale=p["rank_scale"], unrepresentable=p["unrepresentable"])
     click.echo(rank_line(p["name"], *_rank_choice(cfg, sources)))
-    if p["compression"] is not None:
+    if report.plan:
+        click.echo(report.plan_table())
+    elif p["compression"] is not None:
         click.echo(f"rank {report.rank} gives Z = {report.z:.2f}%")
     click.echo(report.table())
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
+
+
+#: ``--frobenius-decay`` given without a value: lambda is the run's weight decay
+FROBENIUS_AT_WD = "wd"
+
+
+def _frobenius_decay_value(value: str):
+    """``--frobenius-decay [LAMBDA]``: a number >= 0, or (alone) ``optim.wd``'s value, which
+    the learner uses when ``reg.frobenius_decay`` is unset (None)."""
+    if value == FROBENIUS_AT_WD:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise CLIError(f"--frobenius-decay {value!r}: expected a number >= 0 (or the flag alone)") from None
+    if not number >= 0:
+        raise CLIError(f"--frobenius-decay {value!r}: expected a number >= 0 (or the flag alone)")
+    return number
+
+
+def _check_frobenius_decay_applies(param: str) -> None:
+    from sttpfast.params import method
+
+    if method(param).penalty != "frobenius_decay":
+        raise CLIError(f"--frobenius-decay applies to the methods trained with it (lowrank), not {param!r}")
 
 
 def train_options(fn):
@@ -204,14 +246,19 @@ def train_options(fn):
 @click.option("--resume", default=None, type=click.Path(), help="continue the run in this folder")
 @click.option("--cfg", multiple=True, type=click.Path(), help="YAML config, repeatable (later wins)")
 @click.option("--set", "overrides", multiple=True, help="dotted override, e.g. optim.lr=0.05 (repeatable)")
+@click.option("--frobenius-decay", "frobenius_decay", is_flag=False, flag_value=FROBENIUS_AT_WD, default=None,
+              metavar="[LAMBDA]", help="lowrank: Frobenius decay (Khodak et al.) in place of weight decay; "
+                                       "alone: lambda = --wd")
 @user_errors
-def train(resume, cfg, overrides, **flags):
+def train(resume, cfg, overrides, frobenius_decay, **flags):
     """Train a classifier: sttpfast train DATASET --arch ARCH --param PARAM [--rank R|full].
 
     Low-rank methods without --rank or --compression use rank 32 (the STTP paper's rank for
     classification); --rank full trains at full rank."""
     explicit = {CLI_FLAGS[name]: list(v) if isinstance(v, tuple) else v for name, v in flags.items()
                 if v is not None and v != ()}
+    if frobenius_decay is not None:
+        explicit["reg.frobenius_decay"] = _frobenius_decay_value(frobenius_decay)
     if resume is not None:
         # only the budget may change on resume: --steps / --epochs continue a finished run
         budget = {key: explicit.pop(key) for key in ("optim.steps", "optim.epochs") if key in explicit}
@@ -228,6 +275,8 @@ def train(resume, cfg, overrides, **flags):
         with interrupts_end_start_up():
             config, sources = build_config(cfg, overrides, explicit)
             _import_training_modules()
+        if frobenius_decay is not None:
+            _check_frobenius_decay_applies(config["param"]["name"])
         click.echo(rank_line(config["param"]["name"], *_rank_choice(config, sources)))
         from sttpfast.run import run_training
 
@@ -294,6 +343,52 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
         parts.append(f"best {best['metric']} {best['value']:.4g} at step {best['step']}")
     parts += [f"{summary['steps']} G steps in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]
     click.echo("summary: " + " | ".join(parts))
+
+
+# -- compress: decompose a dense run, distil block by block, fine-tune ------------------------
+def _compress_rank(value):
+    """``--rank`` of compress: an int, or comma-separated ints (a tuple: TT / TR bonds, Tucker pair)."""
+    if value is None:
+        return None
+    try:
+        parts = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise CLIError(f"--rank {value!r}: give a positive integer or comma-separated integers (4,8,4)") from None
+    return parts[0] if len(parts) == 1 else parts
+
+
+@main.command()
+@click.argument("run", type=click.Path())
+@click.option("--param", required=True, help="the compressed layers' method (tt, tucker, sttp-r, lowrank...)")
+@click.option("--rank", default=None, metavar="R|R1,R2,..", help="the method's rank (an int or a tuple)")
+@click.option("--compression", type=float, default=None, help="target Z in percent (instead of --rank)")
+@click.option("--plan", type=click.Choice(choices("param.plan")), default=None,
+              help="with --compression: one shared rank, or per-layer ranks by retained energy")
+@click.option("--phases", default="0,1,2", show_default=True,
+              help="0 decompose, 1 block-wise distillation, 2 end-to-end fine-tuning")
+@click.option("--epochs", type=int, default=1, show_default=True, help="phase 2's epochs")
+@click.option("--steps", type=int, default=None, help="phase 2's optimizer steps (instead of --epochs)")
+@click.option("--distill-steps", type=int, default=None, help="phase 1's steps per block (default one epoch)")
+@click.option("--lr", type=float, default=None, help="phase 2's peak learning rate (default the dense run's / 10)")
+@click.option("--unrepresentable", type=click.Choice(choices("param.unrepresentable")), default=None,
+              help="layers the method cannot represent: leave dense (skip) or refuse (error)")
+@click.option("--out", default=None, type=click.Path(), help="output run folder (default RUN-PARAM next to RUN)")
+@user_errors
+def compress(run, param, rank, compression, plan, phases, epochs, steps, distill_steps, lr, unrepresentable, out):
+    """Compress a dense run: sttpfast compress RUN --param tt --compression 10 --phases 0,1,2 --epochs 3."""
+    rank = _compress_rank(rank)
+    if rank is None and compression is None:
+        raise CLIError("give the size of the compressed layers: --rank R or --compression Z")
+    for flag, value in (("--steps", steps), ("--distill-steps", distill_steps)):
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be a positive integer, got {value}")
+    with interrupts_end_start_up():
+        _import_training_modules()
+        from sttpfast.compress import compress_run
+
+    compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases, epochs=epochs,
+                 steps=steps, distill_steps=distill_steps, lr=lr, out=out, unrepresentable=unrepresentable,
+                 echo=click.echo)
 
 
 @main.command()

@@ -61,6 +61,10 @@ def _percent(v) -> bool:
     return v is None or 0 < v <= 100
 
 
+def _fraction(v) -> bool:
+    return v is None or 0 < v <= 1
+
+
 def _rank(v) -> bool:
     return v is None or v == FULL_RANK or v > 0
 
@@ -102,6 +106,14 @@ class ParamConfig:
         None, "factor initialization (default: identity for SVDP/STTP, spectral for lowrank)")
     include: list[str] = setting([], "globs of layer names to parameterize")
     exclude: list[str] = setting([], "globs of layer names to leave dense")
+    # -- per-layer ranks and unrepresentable layers (tensor-layer zoo) --
+    plan: Literal["shared", "energy"] = setting(
+        "shared", "with --compression: one shared rank, or per-layer ranks by retained energy")
+    rank_scale: Optional[float] = setting(None, "each layer at this fraction of its full rank (instead of rank)",
+                                          _fraction, "a number in (0, 1]")
+    unrepresentable: Literal["skip", "error"] = setting(
+        "skip", "a layer the method cannot represent (e.g. rtt on a prime channel count): leave dense or refuse")
+    layer_ranks: dict = setting({}, "per-layer ranks {layer: rank} (a saved rank plan; replaces rank)")
 
 
 @dataclass
@@ -235,7 +247,7 @@ def settings() -> dict[str, Setting]:
 SCHEMA = settings()
 #: the defaults as a nested dict (the shape every config has)
 DEFAULTS: dict = dataclasses.asdict(Config())
-FREE_FORM = {"model.kwargs", "gan.g_kwargs", "gan.d_kwargs", "gan.extractor_kwargs"}
+FREE_FORM = {"model.kwargs", "param.layer_ranks", "gan.g_kwargs", "gan.d_kwargs", "gan.extractor_kwargs"}
 
 #: ``sttpfast train`` flag -> schema key; a flag left unset keeps the files' value
 CLI_FLAGS = {
@@ -245,6 +257,8 @@ CLI_FLAGS = {
     "exclude": "param.exclude", "opt": "optim.opt", "lr": "optim.lr", "wd": "optim.wd",
     "schedule": "optim.schedule", "epochs": "optim.epochs", "steps": "optim.steps", "seed": "train.seed",
     "out": "train.out", "name": "train.name", "logger": "log.logger", "mixed_precision": "train.mixed_precision",
+    # tensor-layer zoo: per-layer rank plans, unrepresentable layers
+    "plan": "param.plan", "rank_scale": "param.rank_scale", "unrepresentable": "param.unrepresentable",
 }
 
 
@@ -457,6 +471,12 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
         raise ConfigError(f"config param.name: {err}") from None
     if p["rank"] is not None and p["compression"] is not None:
         raise ConfigError("give either param.rank or param.compression, not both")
+    sized = [k for k in ("rank", "compression", "rank_scale", "layer_ranks") if p[k] not in (None, {})]
+    if len(sized) > 1:
+        raise ConfigError(f"give one of param.rank, param.compression, param.rank_scale and param.layer_ranks, "
+                          f"not param.{sized[0]} and param.{sized[1]}")
+    if p["plan"] == "energy" and p["compression"] is None:
+        raise ConfigError("param.plan = 'energy' spends a compression budget: give param.compression as well")
     if name in BASELINES:
         if p["rank"] not in (None, FULL_RANK):
             raise ConfigError(f"param.rank = {p['rank']!r}: {p['name']!r} takes no rank "
@@ -464,7 +484,7 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
         p["rank"] = None
     elif p["rank"] == FULL_RANK:
         p["rank"] = None
-    elif p["rank"] is None and p["compression"] is None:
+    elif p["rank"] is None and p["compression"] is None and p["rank_scale"] is None and not p["layer_ranks"]:
         p["rank"] = DEFAULT_RANK
         sources["param.rank"] = "default"
 
@@ -494,7 +514,8 @@ def save_config(cfg: dict, path: str | Path) -> Path:
 
     out = copy.deepcopy(cfg)
     p = out["param"]
-    if p["rank"] is None and p["compression"] is None and resolve_param(p["name"]) not in BASELINES:
+    if (p["rank"] is None and p["compression"] is None and p["rank_scale"] is None and not p["layer_ranks"]
+            and resolve_param(p["name"]) not in BASELINES):
         p["rank"] = FULL_RANK  # None would read back as the default rank
     path = Path(path)
     path.write_text(yaml.safe_dump(out, sort_keys=False), encoding="utf-8")

@@ -202,6 +202,9 @@ def spectral_learner(
     model_kwargs: dict | None = None,
     run_dir: str | Path | None = None,
     loss_func=None,
+    plan: str | None = None,
+    rank_scale: float | None = None,
+    unrepresentable: str | None = None,
     **learner_kwargs,
 ) -> Learner:
     """A fastai ``Learner`` whose model has its weights in ``param`` form.
@@ -209,7 +212,8 @@ def spectral_learner(
     Args:
         dls: fastai DataLoaders (``get_dls``), with ``n_classes`` / ``in_chans`` attached.
         arch: a timm / registered model name, or a model.
-        param, rank, compression, include, exclude, init: see :func:`sttpfast.parameterize`.
+        param, rank, compression, include, exclude, init, plan, rank_scale, unrepresentable:
+            see :func:`sttpfast.parameterize` (``rank`` may be a per-layer mapping).
         opt: ``sgd`` (momentum ``mom``) or ``adam``; ``wd`` is decoupled weight decay, never
             applied to BN / biases, and replaced by Frobenius decay on ``lowrank`` factors.
         d_optimal: weight of the D-optimal penalty for -r variants.
@@ -231,7 +235,8 @@ def spectral_learner(
         model = create_model(arch, **{**kwargs, **(model_kwargs or {})})
         _check_input_size(model, arch, dls)
     report = parameterize(model, param, rank=rank, compression=compression, include=include,
-                          exclude=exclude, init=init)
+                          exclude=exclude, init=init, plan=plan, rank_scale=rank_scale,
+                          unrepresentable=unrepresentable)
     if opt not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {opt!r}; allowed: {', '.join(OPTIMIZERS)}")
     opt_func = (lambda params, **kw: SGD(params, mom=mom, **kw)) if opt == "sgd" else Adam

@@ -44,6 +44,8 @@ def run_name(cfg: dict) -> str:
     """The default run folder name: ``DATA-ARCH-PARAM[-rR|-zZ]-sSEED`` (path-safe)."""
     p = cfg["param"]
     size = f"-r{p['rank']}" if p["rank"] else (f"-z{p['compression']:g}" if p["compression"] else "")
+    if not size and p.get("rank_scale"):
+        size = f"-rs{p['rank_scale']:g}"
     name = f"{cfg['data']['name']}-{cfg['model']['arch']}-{p['name']}{size}-s{cfg['train']['seed']}"
     return name.replace(":", "_").replace("/", "_").replace("\\", "_")
 
@@ -216,7 +218,9 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     elif main and lg["logger"] == "wandb":
         cbs.append(WandbLogger(project=lg["wandb_project"], config=cfg, every=lg["every"]))
     learn = spectral_learner(
-        dls, cfg["model"]["arch"], param=p["name"], rank=p["rank"], compression=p["compression"],
+        dls, cfg["model"]["arch"], param=p["name"], rank=p.get("layer_ranks") or p["rank"],
+        compression=p["compression"], plan=p.get("plan"), rank_scale=p.get("rank_scale"),
+        unrepresentable=p.get("unrepresentable"),
         include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"], opt=o["opt"], lr=o["lr"],
         mom=o["mom"], wd=o["wd"], d_optimal=r["d_optimal"], frobenius_decay=r["frobenius_decay"],
         spectral_bound=r["spectral_bound"], sv_every=lg["sv_every"], cbs=cbs + list(extra_cbs),
@@ -250,6 +254,10 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
     if main and (state is None or budget_raised):
         write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path))
     report = learn.compression
+    if report.plan:  # per-layer ranks: print the plan and keep it with the run
+        say(report.plan_table())
+        if main:
+            write_file(run_dir / "rank_plan.json", json.dumps(report.plan, indent=2))
     say(f"run {run_dir}: {report.summary()}")
     started = time.time()
     signals.install()

@@ -18,6 +18,7 @@ import copy
 import fnmatch
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -33,12 +34,12 @@ from sttpfast.params.layers import (
     remove_weight_parametrization,
 )
 from sttpfast.params import MatrixView, WeightParametrization, default_init, method, method_of, resolve_param
-from sttpfast.params.base import check_rank
+from sttpfast.params.tensorlayer import Unrepresentable, current_unrepresentable_policy, unrepresentable_policy
 
 __all__ = [
     "SUPPORTED_LAYERS", "LayerRow", "CompressionReport", "parameterize", "compression_report",
     "densify", "parameterization_spec", "apply_spec", "parametrization_of", "factors_of",
-    "parameterized_layers", "rank_for_compression",
+    "parameterized_layers", "rank_for_compression", "energy_plan", "PLANS", "UNREPRESENTABLE",
 ]
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (
@@ -101,6 +102,8 @@ class CompressionReport:
     compressed_total: int = 0
     rank: int | None = None
     param: str = "dense"
+    #: per-layer ranks when they differ per layer: ``[{layer, rank, energy, params, dense}]``
+    plan: list[dict] | None = None
 
     @property
     def z(self) -> float:
@@ -119,6 +122,18 @@ class CompressionReport:
                          f"{'-' if r.rank is None else r.rank:>5} {r.dof:>10} {r.dense:>10} {r.ratio:>7.2f}")
         lines.append("-" * len(head))
         lines.append(self.summary())
+        return "\n".join(lines)
+
+    def plan_table(self) -> str:
+        """The per-layer rank plan (layer, rank, energy kept, params), or '' without one."""
+        if not self.plan:
+            return ""
+        head = f"{'layer':<36} {'rank':>14} {'energy':>8} {'params':>10} {'dense':>10}"
+        lines = [head, "-" * len(head)]
+        for row in self.plan:
+            rank = row["rank"] if not isinstance(row["rank"], list) else "x".join(map(str, row["rank"]))
+            energy = "-" if row["energy"] is None else f"{row['energy']:.4f}"
+            lines.append(f"{row['layer']:<36} {str(rank):>14} {energy:>8} {row['params']:>10} {row['dense']:>10}")
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -236,54 +251,195 @@ def rank_for_compression(model: nn.Module, param: str, compression: float, layer
 
 
 # ---------------------------------------------------------------------------------------
+# per-layer rank plans
+PLANS = ("shared", "energy")
+UNREPRESENTABLE = ("skip", "error")
+
+
+def _layer_spectrum_energy(module: nn.Module) -> torch.Tensor:
+    """Cumulative retained energy ``e_k = sum_{i<=k} s_i^2 / sum s_i^2`` of the layer's
+    matricized weight ``(C_out, C_in*k*k)``, ``(min(d_out, d_in),)``; all ones for a zero weight."""
+    view = MatrixView(tuple(module.weight.shape), _transposed(module))
+    s2 = torch.linalg.svdvals(view.to_matrix(module.weight.detach().to(torch.float64))).square()
+    total = s2.sum()
+    return torch.ones_like(s2) if total == 0 else s2.cumsum(0) / total
+
+
+def _useful_rank(param: str, module: nn.Module) -> int:
+    entry = method(param)
+    if entry.largest_useful_rank is not None:
+        return entry.largest_useful_rank(tuple(module.weight.shape), _transposed(module))
+    view = MatrixView(tuple(module.weight.shape), _transposed(module))
+    return min(view.d_out, view.d_in)
+
+
+def energy_plan(model: nn.Module, param: str, compression: float, layers) -> tuple[dict[str, int], dict[str, float], float]:
+    """Per-layer ranks by retained energy: ``({layer: rank}, {layer: energy kept}, achieved Z)``.
+
+    One threshold ``tau`` is shared by all layers; each layer takes the smallest rank ``k``
+    whose leading ``k`` singular values of its weight (the pretrained spectrum) keep a
+    fraction ``>= tau`` of ``|W|_F^2``, so a flat spectrum gets a larger rank than a steep
+    one. ``Z`` only changes where ``tau`` crosses one of the layers' cumulative energies, so
+    the bisection runs over those values and takes the one whose ``Z`` is closest to the
+    target. The rank is the method's int knob (for the tensor methods every bond is capped
+    at it): the SVD rank for SVDP/STTP/lowrank, a proxy for the others.
+    """
+    base = compression_report(model)
+    base_other = base.compressed_total - sum(m.weight.numel() for _, m in layers)
+    energies = {name: _layer_spectrum_energy(m) for name, m in layers}
+    caps = {name: _useful_rank(param, m) for name, m in layers}
+
+    def ranks_for(tau: float) -> dict[str, int]:
+        out = {}
+        for name, e in energies.items():
+            k = int(torch.searchsorted(e, torch.tensor(tau, dtype=e.dtype) - 1e-12).item()) + 1
+            out[name] = max(1, min(k, len(e), caps[name]))
+        return out
+
+    modules = dict(layers)
+
+    def z(ranks: dict[str, int]) -> float:
+        dof = sum(_layer_count_dof(param, modules[n], r) for n, r in ranks.items())
+        return 100.0 * (base_other + dof) / base.dense_total
+
+    taus = sorted({0.0, *(float(v) for e in energies.values() for v in e)})
+    lo, hi = 0, len(taus) - 1
+    while lo < hi:  # smallest threshold whose Z reaches the target (Z grows with tau)
+        mid = (lo + hi) // 2
+        if z(ranks_for(taus[mid])) >= compression:
+            hi = mid
+        else:
+            lo = mid + 1
+    best = min({lo, max(lo - 1, 0)}, key=lambda i: (abs(z(ranks_for(taus[i])) - compression), i))
+    ranks = ranks_for(taus[best])
+    kept = {name: float(energies[name][r - 1]) for name, r in ranks.items()}
+    return ranks, kept, z(ranks)
+
+
+def _scaled_ranks(param: str, layers, rank_scale: float) -> dict[str, int]:
+    """Khodak et al.'s rank scale: each layer at ``round(scale * its full rank)`` (at least 1)."""
+    return {name: max(1, round(rank_scale * _useful_rank(param, m))) for name, m in layers}
+
+
+def _screen_representable(param: str, layers, policy: str):
+    """``(layers the method can represent, [(name, reason)] of the others)``; with policy
+    ``error`` the first one it cannot represent is a ValueError naming it."""
+    entry, keep, skipped = method(param), [], []
+    for name, module in layers:
+        try:
+            with unrepresentable_policy("error"):
+                entry.count_dof(tuple(module.weight.shape), _transposed(module), None)
+        except Unrepresentable as err:
+            shape = tuple(module.weight.shape)
+            if policy == "error":
+                raise ValueError(f"{param} cannot represent layer {name!r} (weight {shape}): {err}; "
+                                 "unrepresentable='skip' leaves such layers dense") from None
+            skipped.append((name, f"{param} cannot represent a weight of shape {shape} in layer {name!r} ({err})"))
+            continue
+        keep.append((name, module))
+    return keep, skipped
+
+
+def _normalize_layer_ranks(entry, ranks, layers) -> None:
+    """Check a rank against every layer it goes to (tuple lengths, caps): one ValueError
+    naming the first layer it does not fit."""
+    for name, module in layers:
+        rank = ranks[name] if isinstance(ranks, dict) else ranks
+        try:
+            entry.count_dof(tuple(module.weight.shape), _transposed(module), rank)
+        except Unrepresentable:
+            raise
+        except ValueError as err:
+            raise ValueError(f"layer {name!r} ({_layer_type(module)} {tuple(module.weight.shape)}): {err}") from None
+
+
+# ---------------------------------------------------------------------------------------
 # surgery
 def _register(module: nn.Module, param: str, rank, init: str) -> None:
     method(param).apply(module, rank, init)
 
 
+def _check_choice(what: str, value, allowed) -> None:
+    if value is not None and value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; allowed: {', '.join(allowed)}")
+
+
 def parameterize(
     model: nn.Module,
     param: str,
-    rank: int | None = None,
+    rank=None,
     compression: float | None = None,
     include=None,
     exclude=None,
     init: str | None = None,
     frame_bank: bool = True,
+    plan: str | None = None,
+    rank_scale: float | None = None,
+    unrepresentable: str | None = None,
 ) -> CompressionReport:
     """Replace the weights of selected layers by ``param`` in place; return the report.
 
     Args:
         model: any ``nn.Module`` (a timm model, a registered sttpfast model...).
-        param: ``svdp-c|svdp-l|svdp-r|sttp-c|sttp-l|sttp-r|lowrank|sn|dense`` (``svdp`` and
-            ``sttp`` mean the ``-l`` forms).
-        rank: the SVD rank ``r`` shared by all layers (capped per layer by its shape);
+        param: a registered method (``sttp-r``, ``svdp-c``, ``lowrank``, ``tt``, ``ht``, ``sn``,
+            ``dense``...; ``svdp`` and ``sttp`` mean the ``-l`` forms).
+        rank: the method's rank shared by all layers (capped per layer by its shape): an
+            int, a tuple for the tensor formats (TT / TR bonds, Tucker ``(R_out, R_in)``, an HT
+            tree), or a mapping ``{layer name: rank}`` (a per-layer plan; those layers only).
             None means full rank.
-        compression: instead of ``rank``, a target ``Z`` in percent; the global rank whose
-            ``Z`` is closest is used.
+        compression: instead of ``rank``, a target ``Z`` in percent; with ``plan="shared"``
+            (the default) the global int rank whose ``Z`` is closest, with ``plan="energy"``
+            one rank per layer by retained energy (:func:`energy_plan`).
+        rank_scale: instead of ``rank``, each layer at ``round(scale * full rank)`` (Khodak et al.).
         include / exclude: glob patterns over module names (``"blocks.*.conv1"``). Without
             ``include`` every supported layer is taken except the model's
             ``default_param_exclude``.
         init: ``identity`` (the paper's; default for SVDP/STTP) or ``spectral`` (decompose
-            the layer's current weight; default for ``lowrank``; converts pretrained layers).
+            the layer's current weight; default for ``lowrank`` and the tensor formats;
+            converts pretrained layers).
         frame_bank: build the weights of equal-shaped chain layers together (the default);
             False builds each layer on its own (same values; for debugging and reference).
+        unrepresentable: a layer the method cannot represent (a reshaped format on a prime
+            channel count): ``skip`` (warn naming the layers; they stay dense) or ``error``
+            (a ValueError naming the first); None follows ``unrepresentable_policy``.
+    The report's ``plan`` lists ``{layer, rank, energy, params, dense}`` per layer when the
+    ranks differ per layer (``plan="energy"``, ``rank_scale`` or a mapping), else None.
     Raises:
         ValueError: a bad argument, naming it and the allowed values; ``model`` is unchanged.
     """
     param = resolve_param(param)
-    if rank is not None and compression is not None:
-        raise ValueError("give either rank or compression, not both")
-    check_rank(rank)
+    entry = method(param)
+    given = [n for n, v in (("rank", rank), ("compression", compression), ("rank_scale", rank_scale))
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give either {given[0]} or {given[1]}, not both")
+    _check_choice("rank plan", plan, PLANS)
+    _check_choice("unrepresentable policy", unrepresentable, UNREPRESENTABLE)
+    if plan == "energy" and compression is None:
+        raise ValueError("plan='energy' spends a compression budget: give compression=Z as well")
     if compression is not None:
         compression = _check_compression(compression)
-        if not method(param).compresses:
+        if not entry.compresses:
             raise ValueError(f"compression needs a low-rank parameterization, not {param!r}")
+    if rank_scale is not None:
+        if isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float)) or not 0 < rank_scale <= 1:
+            raise ValueError(f"rank_scale must be a number in (0, 1] (a fraction of each layer's full rank), "
+                             f"got {rank_scale!r}")
+        if not entry.compresses:
+            raise ValueError(f"rank_scale needs a low-rank parameterization, not {param!r}")
     init = init or default_init(param)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
-    if rank is not None and method(param).rank_kind is None:
+    if rank is not None and entry.rank_kind is None:
         raise ValueError(f"--rank/rank has no meaning for {param} (it keeps the full weight); leave it out")
+    per_layer = isinstance(rank, Mapping)
+    if per_layer:
+        if include is not None or exclude is not None:
+            raise ValueError("a per-layer rank mapping names its layers; leave include / exclude out")
+        include = list(rank)
+        rank = {name: entry.normalize_rank(tuple(r) if isinstance(r, list) else r) for name, r in rank.items()}
+    else:
+        rank = entry.normalize_rank(tuple(rank) if isinstance(rank, list) else rank)
     layers = _select(model, include, exclude)
     for name, module in layers:
         if 0 in module.weight.shape:
@@ -294,26 +450,47 @@ def parameterize(
                              "densify the model first")
     if param == "dense":
         return compression_report(model)
-    if compression is not None:
+    layers, skipped = _screen_representable(param, layers, unrepresentable or current_unrepresentable_policy())
+    if skipped:
+        warnings.warn(f"{len(skipped)} layer(s) stay dense: " + "; ".join(why for _, why in skipped), stacklevel=2)
+    energies = None
+    if compression is not None and plan == "energy":
+        rank, energies, achieved = energy_plan(model, param, compression, layers)
+        per_layer = True
+        if abs(achieved - compression) > COMPRESSION_TOLERANCE:
+            warnings.warn(f"{param}: the energy plan gives Z = {achieved:.2f}%, not within "
+                          f"{COMPRESSION_TOLERANCE} points of {compression:g}% (the ranks move Z in steps)",
+                          stacklevel=2)
+    elif compression is not None:
         rank, achieved = rank_for_compression(model, param, compression, layers)
         if abs(achieved - compression) > COMPRESSION_TOLERANCE:
             # one shared rank moves Z in steps; say so instead of silently missing the target
             warnings.warn(f"{param}: no shared rank gives Z within {COMPRESSION_TOLERANCE} points of "
                           f"{compression:g}%; rank {rank} gives Z = {achieved:.2f}%", stacklevel=2)
-    entry = method(param)
-    if entry.largest_useful_rank is not None and rank is not None and layers:
+    elif rank_scale is not None:
+        rank, per_layer = _scaled_ranks(param, layers, float(rank_scale)), True
+    _normalize_layer_ranks(entry, rank, layers)
+    if entry.largest_useful_rank is not None and isinstance(rank, int) and layers:
         useful = max(entry.largest_useful_rank(tuple(m.weight.shape), _transposed(m)) for _, m in layers)
         if rank > useful:
             warnings.warn(f"rank {rank} is above what every selected layer can use; the largest useful "
                           f"rank of {param} here is {useful} (the same as full rank)", stacklevel=2)
+    if not per_layer:
         over = [n for n, m in layers if _layer_count_dof(param, m, rank) > m.weight.numel()]
         if over:
             warnings.warn(f"{param} at rank {rank} has more degrees of freedom than the dense weight in "
                           f"{len(over)} layer(s): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}",
                           stacklevel=2)
-    _apply_atomically([(name, module, param, rank, init) for name, module in layers], model if frame_bank else None)
+    layer_rank = (lambda name: rank[name]) if per_layer else (lambda name: rank)  # noqa: E731
+    _apply_atomically([(name, module, param, layer_rank(name), init) for name, module in layers],
+                      model if frame_bank else None)
     report = compression_report(model)
-    report.rank, report.param = rank, param
+    report.rank, report.param = (None if per_layer else rank), param
+    if per_layer:
+        report.plan = [{"layer": name, "rank": entry.rank_to_spec(rank[name]),
+                        "energy": None if energies is None else round(energies[name], 6),
+                        "params": _layer_count_dof(param, module, rank[name]), "dense": module.weight.numel()}
+                       for name, module in layers]
     return report
 
 

@@ -14,3 +14,7 @@ torch.set_num_threads(int(os.environ.get("STTPFAST_TEST_THREADS", "1")))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that takes more than 20 s (its docstring says how long)")

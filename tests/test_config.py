@@ -83,7 +83,8 @@ def test_the_schema_is_the_one_list_of_keys():
         "train": {"seed": 0, "out": "runs", "name": None, "mixed_precision": "no", "checkpoint_every": None},
     }
     assert DEFAULTS["param"] == {"name": "dense", "rank": None, "compression": None, "init": None,
-                                 "include": [], "exclude": []}
+                                 "include": [], "exclude": [], "plan": "shared", "rank_scale": None,
+                                 "unrepresentable": "skip", "layer_ranks": {}}
     assert set(CLI_FLAGS.values()) <= set(SCHEMA)
 
 

@@ -234,3 +234,213 @@ def test_factorized_forward_of_1d_and_3d_convs(name, rank, conv_cls, kernel, spa
     fast = layer(x)
     p.forward_mode = "materialized"
     assert torch.allclose(fast, layer(x), atol=1e-12)
+
+
+# -- tuple ranks through parameterize ------------------------------------------------------
+def _two_convs():
+    return nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1))
+
+
+# modes (16, 16, 3, 3): TT bonds at most (16, 9, 3); TR (ring 9, 16, 9, 3); HT nodes
+# ({16,16} 9, 16, 16, {3,3} 9, 3, 3)
+@pytest.mark.parametrize("name,rank,stored,dof", [
+    ("tt", (4, 8, 3), [4, 8, 3], 16 * 4 + 4 * 16 * 8 + 8 * 3 * 3 + 3 * 3),
+    ("tr", (3, 4, 6, 2), [3, 4, 6, 2], 3 * 16 * 4 + 4 * 16 * 6 + 6 * 3 * 2 + 2 * 3 * 3),
+    # the tree ((r{16,16}, r{16}, r{16}), (r{3,3}, r{3}, r{3})), stored flat in pre-order
+    ("ht", ((5, 8, 6), (4, 3, 2)), [5, 8, 6, 4, 3, 2], 5 * 4 + 8 * 6 * 5 + 16 * 8 + 16 * 6 + 3 * 2 * 4 + 3 * 3 + 3 * 2),
+])
+def test_parameterize_takes_tuple_ranks_and_a_checkpoint_rebuilds_them(name, rank, stored, dof, tmp_path):
+    torch.manual_seed(0)
+    model = _two_convs()
+    report = sttpfast.parameterize(model, name, rank=rank)
+    assert [row.dof for row in report.rows] == [dof, dof]
+    assert parameterization_spec(model) == {k: {"param": name, "rank": stored, "shape": [16, 16, 3, 3]}
+                                            for k in ("0", "2")}
+    path = sttpfast.save_parameterized(model, tmp_path / "m.safetensors")
+    loaded = sttpfast.load_parameterized(path, _two_convs())
+    assert parametrization_of(loaded[2]).ranks == stored
+    assert parameterization_spec(loaded) == parameterization_spec(model)
+    x = torch.randn(2, 16, 5, 5)
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("name,rank,message", [
+    ("tt", (4, 8), r"layer '0' \(Conv2d \(16, 16, 3, 3\)\): tt: rank \(4, 8\) has 2 entries; a layer with modes "
+                   r"\(16, 16, 3, 3\) needs 3: \(R_1, R_2, R_3\) \(or one int for all\)"),
+    ("tt", (4, 0, 3), r"^tt: rank must be a positive integer or a tuple of positive integers, got \(4, 0, 3\)$"),
+    ("tr", (3, 4, 6), r"tr: rank \(3, 4, 6\) has 3 entries; .* needs 4: \(R_0 \(the ring bond\), R_1, R_2, R_3\)"),
+    ("ht", (2, 2), r"ht: rank \(2, 2\) has 2 entries; .* needs 6: \(r\{16,16\}, r\{16\}, r\{16\}, r\{3,3\}, "
+                   r"r\{3\}, r\{3\}\)"),
+    ("ht", ((5, 8), (4, 3, 2)), r"ht: an inner node of a rank tree is \(rank, left, right\), got \(5, 8\)"),
+    ("tucker", (2, 2, 2), r"tucker: rank \(2, 2, 2\) has 3 entries; .* needs 2: \(R_out, R_in\)"),
+    ("cp", (2, 2), r"^cp: rank must be a positive integer, got \(2, 2\)$"),
+    ("lowrank", (2, 2), r"^lowrank: rank must be a positive integer, got \(2, 2\)$"),
+    ("tt", (4, 99, 3), r"tt: rank \(4, 99, 3\) is too large for modes \(16, 16, 3, 3\): the largest useful "
+                       r"ranks are \(16, 9, 3\)"),
+])
+def test_bad_tuple_ranks_are_one_error_and_change_nothing(name, rank, message):
+    model = _two_convs()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        sttpfast.parameterize(model, name, rank=rank)
+    assert not any(True for _ in parameterized_layers(model))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- per-layer rank plan by retained energy -------------------------------------------------
+def _spectra_model():
+    """Four 128x128 Linear layers with known spectra: flat (all 1), 0.98^i, linear 1 - i/128, 0.6^i."""
+    g = torch.Generator().manual_seed(0)
+    n = 128
+    spectra = [torch.ones(n, dtype=torch.float64), 0.98 ** torch.arange(n, dtype=torch.float64),
+               1 - torch.arange(n, dtype=torch.float64) / n, 0.6 ** torch.arange(n, dtype=torch.float64)]
+    model = nn.Sequential(*[nn.Linear(n, n, bias=False) for _ in spectra])
+    for layer, s in zip(model, spectra):
+        u = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+        layer.weight.data = ((u * s) @ v.T).float()
+    return model
+
+
+@pytest.mark.parametrize("target,z,ranks", [(10.0, 10.1562, [15, 4, 6, 1]), (25.0, 25.0, [39, 9, 15, 1])])
+def test_energy_plan_spends_the_budget_where_the_spectrum_needs_it(target, z, ranks):
+    model = _spectra_model()
+    report = sttpfast.parameterize(model, "lowrank", compression=target, plan="energy")
+    assert abs(report.z - target) <= 0.5 and round(report.z, 4) == z
+    assert [row["rank"] for row in report.plan] == ranks
+    assert [parametrization_of(m).rank for m in model] == ranks
+    flat, _, _, steep = report.plan
+    assert flat["rank"] > steep["rank"]  # the flat spectrum needs many directions, the steep one one
+    # energy kept by hand: a flat spectrum keeps r/128; 0.6^i keeps 1 - 0.36 with one direction
+    assert flat["energy"] == round(ranks[0] / 128, 6) and steep["energy"] == 0.64
+    assert [row["params"] for row in report.plan] == [256 * r for r in ranks]
+    assert report.rank is None and report.plan_table().splitlines()[2].split() == \
+        ["0", str(ranks[0]), f"{ranks[0] / 128:.4f}", str(256 * ranks[0]), "16384"]
+
+
+def test_energy_plan_needs_a_budget_and_a_known_plan():
+    with pytest.raises(ValueError, match="plan='energy' spends a compression budget: give compression=Z"):
+        sttpfast.parameterize(_spectra_model(), "lowrank", rank=4, plan="energy")
+    with pytest.raises(ValueError, match="unknown rank plan 'entropy'; allowed: shared, energy"):
+        sttpfast.parameterize(_spectra_model(), "lowrank", compression=10, plan="entropy")
+
+
+def test_rank_scale_takes_a_fraction_of_each_layers_full_rank():
+    model = nn.Sequential(nn.Conv2d(6, 8, 3), nn.Flatten(), nn.Linear(8, 36))
+    report = sttpfast.parameterize(model, "lowrank", rank_scale=0.5)
+    assert [row["rank"] for row in report.plan] == [4, 4]  # min(8, 54) / 2, min(36, 8) / 2
+    assert [parametrization_of(model[0]).rank, parametrization_of(model[2]).rank] == [4, 4]
+    with pytest.raises(ValueError, match=r"rank_scale must be a number in \(0, 1\] .* got 1.5"):
+        sttpfast.parameterize(nn.Sequential(nn.Linear(4, 4)), "lowrank", rank_scale=1.5)
+
+
+# -- layers a method cannot represent --------------------------------------------------------
+def _prime_channel_convs():
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 3), nn.Conv2d(6, 7, 3))
+
+
+def test_unrepresentable_skip_warns_naming_the_layers():
+    model = _prime_channel_convs()
+    with pytest.warns(UserWarning) as caught:
+        report = sttpfast.parameterize(model, "rtt", rank=2, unrepresentable="skip")
+    assert [str(w.message) for w in caught] == [
+        "2 layer(s) stay dense: rtt cannot represent a weight of shape (8, 3, 3, 3) in layer '0' (channel count 3 "
+        "cannot be split into 2 factors (prime)); rtt cannot represent a weight of shape (7, 6, 3, 3) in layer '2' "
+        "(channel count 7 cannot be split into 2 factors (prime))"]
+    assert [r.name for r in report.rows] == ["1"]
+    assert parametrization_of(model[0]) is None and parametrization_of(model[2]) is None
+
+
+def test_unrepresentable_error_names_the_first_layer_and_changes_nothing():
+    model = _prime_channel_convs()
+    with pytest.raises(ValueError) as err:
+        sttpfast.parameterize(model, "rcp", rank=2, unrepresentable="error")
+    assert str(err.value) == ("rcp cannot represent layer '0' (weight (8, 3, 3, 3)): channel count 3 cannot be "
+                              "split into 2 factors (prime); unrepresentable='skip' leaves such layers dense")
+    assert not any(True for _ in parameterized_layers(model))
+    with pytest.raises(ValueError, match="unknown unrepresentable policy 'ignore'; allowed: skip, error"):
+        sttpfast.parameterize(model, "rcp", rank=2, unrepresentable="ignore")
+
+
+# -- the command line ---------------------------------------------------------------------
+def _train_cli(tmp_path, *args):
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    quick = ["digits", "--arch", "resnet20_cifar", "--bs", "64", "--subset", "128", "--steps", "1",
+             "--logger", "none", "--out", str(tmp_path), "--name", "r"]
+    return CliRunner().invoke(main, ["train", *quick, *map(str, args)])
+
+
+def test_cli_train_tucker_energy_plan_saves_rank_plan(tmp_path):
+    import json
+
+    result = _train_cli(tmp_path, "--param", "tucker", "--compression", "10", "--plan", "energy")
+    assert result.exit_code == 0, result.output
+    plan = json.loads((tmp_path / "r" / "rank_plan.json").read_text())
+    assert len(plan) == 22 and {row["layer"] for row in plan} >= {"stem.0", "blocks.8.conv2", "fc"}
+    assert all(set(row) == {"layer", "rank", "energy", "params", "dense"} for row in plan)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["param"] == "tucker" and abs(summary["z_percent"] - 10.0) <= 0.5
+    assert f"Z = {summary['z_percent']:.2f}%" in result.output
+    assert f"{plan[-1]['layer']:<36}" in result.output  # the plan is printed
+    model = sttpfast.load_parameterized(tmp_path / "r" / "checkpoints" / "last" / "model.safetensors")
+    assert {p.sttpfast_method for _, _, p in parameterized_layers(model)} == {"tucker"}
+
+
+def test_cli_train_lowrank_rank_scale_with_frobenius_decay(tmp_path, monkeypatch):
+    import json
+
+    from sttpfast.callbacks.penalties import FrobeniusDecay
+
+    seen = []
+    original = FrobeniusDecay.after_backward
+    monkeypatch.setattr(FrobeniusDecay, "after_backward", lambda self: (seen.append(self.wd), original(self))[1])
+    result = _train_cli(tmp_path, "--param", "lowrank", "--rank-scale", "0.111", "--frobenius-decay", "--wd", "0.002")
+    assert result.exit_code == 0, result.output
+    assert seen == [0.002]  # active for the one step, lambda = --wd
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["param"] == "lowrank" and summary["rank"] is None
+    assert result.output.startswith("rank scale 0.111: each layer at that fraction of its full rank\n")
+    assert "Z = 13.74%" in result.output and summary["z_percent"] == 13.7397
+    model = sttpfast.load_parameterized(tmp_path / "r" / "checkpoints" / "last" / "model.safetensors")
+    ranks = {name: p.rank for name, _, p in parameterized_layers(model)}
+    assert {p.sttpfast_method for _, _, p in parameterized_layers(model)} == {"lowrank"}
+    # round(0.111 * min(C_out, C_in k k)): the 1-channel stem min(16, 9) -> 1, 16 -> 2, 32 -> 4,
+    # 64 -> 7; fc min(10, 64) -> 1
+    assert (ranks["stem.0"], ranks["blocks.0.conv1"], ranks["blocks.3.conv2"], ranks["blocks.8.conv2"],
+            ranks["fc"]) == (1, 2, 4, 7, 1)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--param", "tucker", "--frobenius-decay"], "Error: --frobenius-decay applies to the methods trained with it "
+                                                 "(lowrank), not 'tucker'"),
+    (["--param", "rtt", "--rank", "2", "--unrepresentable", "error"],
+     "Error: rtt cannot represent layer 'stem.0' (weight (16, 1, 3, 3)): channel count 1 cannot be split into 2 "
+     "factors (too small); unrepresentable='skip' leaves such layers dense"),
+    (["--param", "lowrank", "--rank-scale", "2"], "Error: config param.rank_scale = 2.0: expected a number in (0, 1]"),
+    (["--param", "tt", "--rank", "4", "--plan", "energy"], "Error: param.plan = 'energy' spends a compression budget"),
+])
+def test_cli_train_zoo_bad_input_one_line_exit_2(tmp_path, args, message):
+    result = _train_cli(tmp_path, *args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and lines[-1].startswith(message), result.output
+    # one error line (after the rank line the command prints before any work); nothing written
+    assert len(lines) <= 2 and "Traceback" not in result.output and not (tmp_path / "r").exists()
+
+
+def test_cli_info_prints_the_energy_plan():
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    torch.manual_seed(0)  # the plan follows the freshly initialized weights' spectra
+    result = CliRunner().invoke(main, ["info", "--arch", "resnet20_cifar", "--param", "tt", "--compression", "10",
+                                       "--plan", "energy"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1].split() == ["layer", "rank", "energy", "params", "dense"]
+    assert lines[3].split() == ["stem.0", "1", "0.1679", "25", "432"]  # the 3-channel stem keeps 17% at rank 1
+    z = float(lines[-1].split("Z = ")[1].split("%")[0])
+    assert abs(z - 10.0) <= 0.5

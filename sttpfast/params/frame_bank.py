@@ -25,11 +25,21 @@ the model under a DDP / accelerate wrapper (which calls the model's forward) is 
 and a layer called outside any scope (or outside a forward: a callback reading one
 layer's weight) builds its own weight, never a stale one.
 
+Sharded models (FSDP2, ``fully_shard`` on blocks and the root). A unit's parameters are
+gathered only while that unit's forward runs, so a pass never builds everything at its
+first use: a miss builds the layers of the scope whose parameters are gathered at that
+moment (plain tensors, not sharded DTensors) and not built yet in this pass. Unsharded,
+that is every layer at once, as before; sharded, it is one batched build per FSDP unit,
+run inside the unit's forward, and a layer whose parameters are sharded when it is used
+builds its own weight. Which one happened is logged once per bank.
+
 Switching it off (``parameterize(..., frame_bank=False)`` or :func:`detach_frame_bank`) gives
 per-layer builds: the reference the tests compare against.
 """
 from __future__ import annotations
 
+import logging
+import sys
 from collections import defaultdict
 
 import torch
@@ -42,6 +52,7 @@ from sttpfast.params.layers import factors_of, parameterized_layers
 __all__ = ["FrameBank", "attach_frame_bank", "detach_frame_bank", "frame_bank_of"]
 
 _ATTR = "_sttpfast_frame_bank"
+_log = logging.getLogger(__name__)
 
 
 class _Scope:
@@ -68,6 +79,7 @@ class FrameBank:
         self._depth = 0
         self._scope: _Scope | None = None
         self._weights: dict[int, Tensor] | None = None
+        self._said_sharded = False  # the FSDP2 note is logged once per bank
 
     # -- passes -------------------------------------------------------------------------
     def _open(self, scope: _Scope) -> None:
@@ -86,17 +98,60 @@ class FrameBank:
 
     # -- weights ------------------------------------------------------------------------
     def weight(self, parametrization: nn.Module) -> Tensor | None:
-        """``parametrization``'s weight matrix ``(d_out, d_in)``, or None outside a pass of its scope."""
+        """``parametrization``'s weight matrix ``(d_out, d_in)``, or None outside a pass of its
+        scope or while its own parameters are sharded (the layer then builds its own weight).
+
+        A miss builds, together, every layer of the scope not built yet in this pass whose
+        parameters are gathered now. Unsharded, that is the whole scope at its first use (one
+        build per pass). Under FSDP2 (``fully_shard``) a unit's parameters are gathered only
+        while its forward runs, so each unit's first layer builds that unit's layers: one
+        batched build per FSDP unit, never mixing gathered tensors with sharded DTensors."""
         if self._scope is None:
             return None
         if self._weights is None:
-            members = self._scope.members
+            self._weights = {}
+        key = id(parametrization)
+        if key not in self._weights:
+            members = [m for m in self._scope.members if id(m[1]) not in self._weights]
+            sharded = _sharded_members(members)
+            if sharded:
+                self._say_sharded(len(sharded), len(members))
+                members = [m for m in members if id(m[1]) not in sharded]
+            if not any(id(p) == key for _, p in members):
+                return None  # this layer's parameters are sharded right now: it builds its own
             # orthogonality needs full precision: never build frames under bf16/fp16 autocast
             # the label lets a profile tell the weight build from the layers' own work
             with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
                     record_function("sttpfast.weight_build"):
-                self._weights = build_weights(members)
-        return self._weights.get(id(parametrization))
+                self._weights.update(build_weights(members))
+        return self._weights.get(key)
+
+    def _say_sharded(self, n_sharded: int, n_members: int) -> None:
+        if self._said_sharded:
+            return
+        self._said_sharded = True
+        _log.info("frame bank: the model is sharded (FSDP2): %d of %d layers are not gathered at this "
+                  "module's forward; each FSDP unit builds its own layers, batched, when its forward "
+                  "gathers them (a layer used while sharded builds its weight on its own)", n_sharded, n_members)
+
+
+def _sharded_members(members: list[tuple[nn.Module, nn.Module]]) -> set[int]:
+    """ids of the parametrizations among ``members`` whose factors are sharded DTensors now."""
+    # DTensors exist only once torch.distributed.tensor is imported: otherwise nothing is
+    # sharded, and the single-process path pays one dictionary lookup
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if dtensor is None:
+        return set()
+    return {id(p) for layer, p in members if isinstance(_first_factor(layer), dtensor.DTensor)}
+
+
+def _first_factor(layer: nn.Module) -> Tensor | None:
+    """The layer's first non-empty factor. A unit gathers or shards all of a layer's factors
+    together (empty ones are never sharded: see sttpfast.fsdp), so one tells for all. Read
+    from the modules' dicts, where FSDP2 puts the gathered or sharded tensor: factors_of's
+    attribute lookups cost ~40 us per layer, paid at every pass."""
+    plist = layer._modules["parametrizations"]._modules["weight"]
+    return next((t for t in plist._parameters.values() if t is not None and t.numel()), None)
 
 
 def build_weights(members: list[tuple[nn.Module, nn.Module]]) -> dict[int, Tensor]:

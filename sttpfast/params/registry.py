@@ -65,6 +65,13 @@ class Method:
     cls: type | None = field(default=None, compare=False)
 
     # -- rank, an opaque per-method hyper-parameter ----------------------------------------
+    def normalize_rank(self, rank):
+        """``rank`` in the method's canonical form (None: full rank / no rank), or a ValueError
+        naming the method and the form it expects. Here: None or a positive int."""
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+            raise ValueError(f"{self.name}: rank must be a positive integer, got {rank!r}")
+        return rank
+
     def rank_to_spec(self, rank):
         """The rank as stored in a spec (JSON); None means full rank / no rank."""
         return rank

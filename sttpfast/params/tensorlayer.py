@@ -32,7 +32,7 @@ from sttpfast.params.registry import Method, register_method
 
 __all__ = [
     "TensorLayer", "TensorMethod", "Unrepresentable", "RESHAPE_MODES", "balanced_factors",
-    "unrepresentable_policy", "set_unrepresentable_policy",
+    "unrepresentable_policy", "set_unrepresentable_policy", "current_unrepresentable_policy",
 ]
 
 #: number of modes each channel count is split into by the reshaped variants
@@ -51,6 +51,11 @@ def set_unrepresentable_policy(policy: str) -> None:
         raise ValueError(f"unknown policy {policy!r} for layers a method cannot represent; allowed: "
                          f"{', '.join(_POLICIES)}")
     _POLICY["unrepresentable"] = policy
+
+
+def current_unrepresentable_policy() -> str:
+    """The policy in force: ``"skip"`` (the default) or ``"error"``."""
+    return _POLICY["unrepresentable"]
 
 
 @contextmanager
@@ -79,6 +84,9 @@ def balanced_factors(n: int, parts: int) -> list[int]:
 
 class TensorMethod(Method):
     """Registry entry of a tensor-layer method: the rank may be an int or a tuple (a JSON list)."""
+
+    def normalize_rank(self, rank):
+        return self.cls.normalize_rank(rank)
 
     def rank_to_spec(self, rank):
         return list(rank) if isinstance(rank, tuple) else rank
@@ -134,6 +142,11 @@ class TensorLayer(WeightParametrization):
         raise NotImplementedError
 
     @classmethod
+    def rank_entries(cls, modes: tuple[int, ...]) -> list[str]:
+        """Names of the rank entries of a layer with ``modes`` (for messages): ``R_1, R_2...``."""
+        return [f"R_{k + 1}" for k in range(len(cls.bond_caps(modes)))]
+
+    @classmethod
     def normalize_rank(cls, rank):
         """None, a positive int, or (for tuple ranks) a tuple of positive ints; else ValueError."""
         if rank is None or _is_positive_int(rank):
@@ -154,7 +167,8 @@ class TensorLayer(WeightParametrization):
             return [min(rank, c) for c in caps]
         if len(rank) != len(caps):
             raise ValueError(f"{cls.name}: rank {rank!r} has {len(rank)} entries; a layer with modes "
-                             f"{modes} needs {len(caps)} (or one int for all)")
+                             f"{modes} needs {len(caps)}: ({', '.join(cls.rank_entries(modes))}) "
+                             "(or one int for all)")
         over = [(r, c) for r, c in zip(rank, caps) if r > c]
         if over:
             raise ValueError(f"{cls.name}: rank {rank!r} is too large for modes {modes}: the largest "

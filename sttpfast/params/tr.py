@@ -31,6 +31,10 @@ class TRLayer(TensorLayer):
         return [ring, *inner]
 
     @classmethod
+    def rank_entries(cls, modes):
+        return ["R_0 (the ring bond)", *(f"R_{k}" for k in range(1, len(modes)))]
+
+    @classmethod
     def factor_shapes(cls, modes, ranks):
         d = len(modes)
         return [(ranks[k], n, ranks[(k + 1) % d]) for k, n in enumerate(modes)]

@@ -29,6 +29,10 @@ class TTLayer(TensorLayer):
         return tt_ranks(list(modes))[1:-1]
 
     @classmethod
+    def rank_entries(cls, modes):
+        return [f"R_{k}" for k in range(1, len(modes))]
+
+    @classmethod
     def factor_shapes(cls, modes, ranks):
         full = [1, *ranks, 1]
         return [(full[k], n, full[k + 1]) for k, n in enumerate(modes)]

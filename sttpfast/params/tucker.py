@@ -37,6 +37,12 @@ class TuckerLayer(TensorLayer):
         return [modes[a] for a in cls.factored_axes(modes)]
 
     @classmethod
+    def rank_entries(cls, modes):
+        if not cls.reshaped:
+            return ["R_out", "R_in"]
+        return [*(f"R_o{k + 1}" for k in range(RESHAPE_MODES)), *(f"R_i{k + 1}" for k in range(RESHAPE_MODES))]
+
+    @classmethod
     def factor_shapes(cls, modes, ranks):
         axes = cls.factored_axes(modes)
         core = list(modes)

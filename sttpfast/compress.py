@@ -1,0 +1,292 @@
+"""Compress a trained dense classifier in three phases: the code behind ``sttpfast compress``.
+
+    sttpfast compress runs/dense_resnet20 --param tt --compression 10 --phases 0,1,2 --epochs 3
+
+* phase 0 decomposes the dense checkpoint: ``parameterize(..., init="spectral")`` turns every
+  trained weight into the method's factors (exact up to the truncation to the rank);
+* phase 1 distils block by block: block ``i`` of the compressed student matches block ``i``
+  of the dense teacher (the model's ``feature_chain()``) with MSE, blocks in order, the
+  earlier blocks kept trainable (their outputs feed block ``i``);
+* phase 2 fine-tunes end to end with the task loss, as an ordinary ``sttpfast train`` run
+  (:func:`sttpfast.run.run_training`) whose config holds the per-layer ranks
+  (``param.layer_ranks``): its checkpoint resumes with ``sttpfast train --resume`` and exports
+  with ``sttpfast export``.
+
+The output is a run folder (default: next to the dense run, ``NAME-PARAM``) with
+``compress_report.json`` (accuracy and Z after every phase, phase 1's per-block MSE on the
+held-out data before and after) and the same numbers under ``compress`` in summary.json.
+Without phase 2 the folder holds the config and ``checkpoints/last/model.safetensors``
+(``sttpfast export`` reads it; there is no training state to resume).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from pathlib import Path
+
+import torch
+from fastai.callback.core import Callback
+from torch import nn
+
+from sttpfast.atomic import write_file
+from sttpfast.callbacks._util import unwrap_model
+from sttpfast.config import build_config, save_config
+
+__all__ = ["PHASES", "parse_phases", "distillation_blocks", "block_mse", "distill_blocks", "compress_run", "LoadWeights"]
+
+PHASES = (0, 1, 2)
+REPORT = "compress_report.json"
+
+
+def parse_phases(phases) -> tuple[int, ...]:
+    """``"0,1,2"`` / ``"0,2"`` / a sequence -> increasing phases that start with 0; else ValueError."""
+    text = phases if isinstance(phases, str) else ",".join(map(str, phases))
+    try:
+        parsed = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        parsed = None
+    if (not parsed or any(p not in PHASES for p in parsed) or parsed[0] != 0
+            or list(parsed) != sorted(set(parsed))):
+        raise ValueError(f"--phases {text!r}: give increasing phases from 0, 1, 2 starting with 0 (the "
+                         "decomposition), e.g. 0,1,2 or 0,2")
+    return parsed
+
+
+def distillation_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``[(name, block)]`` of the model's ``feature_chain()`` (stem, then the blocks), in order."""
+    chain = getattr(model, "feature_chain", None)
+    if chain is None:
+        raise ValueError(f"{type(model).__name__} has no feature_chain(): phase 1 (block-wise distillation) "
+                         "needs the model's blocks in order; leave phase 1 out (--phases 0,2)")
+    names = {id(m): n for n, m in model.named_modules()}
+    return [(names[id(block)], block) for block in chain()]
+
+
+def _capture(blocks, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs ``(B, C, H, W)`` of ``blocks`` during one forward of ``model`` on ``x``."""
+    outputs: list[torch.Tensor] = []
+    hooks = [block.register_forward_hook(lambda mod, inp, out: outputs.append(out)) for _, block in blocks]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return outputs
+
+
+@torch.no_grad()
+def block_mse(student: nn.Module, teacher: nn.Module, loader) -> list[float]:
+    """Mean squared error of every block's output, student vs teacher, over ``loader`` (eval mode)."""
+    s_blocks, t_blocks = distillation_blocks(student), distillation_blocks(teacher)
+    was = student.training
+    student.eval()
+    teacher.eval()
+    sums, count = [0.0] * len(s_blocks), 0
+    try:
+        for x, _ in loader:
+            for i, (s, t) in enumerate(zip(_capture(s_blocks, student, x), _capture(t_blocks, teacher, x))):
+                sums[i] += float(nn.functional.mse_loss(s, t, reduction="sum")) / s[0].numel()
+            count += len(x)
+    finally:
+        student.train(was)
+    return [v / count for v in sums]
+
+
+def _relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.mse_loss(out, target) / target.square().mean().clamp_min(1e-12)
+
+
+def _batches(loader):
+    while True:  # as many passes as a block's budget needs
+        yield from loader
+
+
+def distill_blocks(student: nn.Module, teacher: nn.Module, loader, steps_per_block: int, lr: float = 1e-3,
+                   echo=print) -> None:
+    """Phase 1: for block ``i`` in order, ``steps_per_block`` Adam steps on
+    ``sum_{j <= i} MSE(student block j, teacher block j) / mean(teacher block j ** 2)``.
+
+    Block ``i``'s term is the new one; the earlier blocks stay trainable (they feed block ``i``)
+    and keep their own terms, so matching block ``i`` does not undo them; each term is
+    relative to its target's power, so deep blocks' larger activations do not drown the
+    early ones. Later blocks get
+    no gradient. Both networks run in eval mode: the student's normalization layers use the
+    running statistics it inherited from the teacher (their affine parameters still train),
+    so the targets and the student's outputs are computed the same way."""
+    s_blocks, t_blocks = distillation_blocks(student), distillation_blocks(teacher)
+    teacher.eval()
+    was = student.training
+    student.eval()
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    batches = _batches(loader)
+    try:
+        for i, (name, _) in enumerate(s_blocks):
+            for _ in range(steps_per_block):
+                x, _ = next(batches)
+                with torch.no_grad():
+                    targets = _capture(t_blocks[: i + 1], teacher, x)
+                outs = _capture(s_blocks[: i + 1], student, x)
+                loss = sum(_relative_mse(o, t) for o, t in zip(outs, targets))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            echo(f"phase 1: block {i + 1}/{len(s_blocks)} {name}: train MSE {float(loss.detach()):.5f}")
+    finally:
+        student.train(was)
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, loader) -> float:
+    was = model.training
+    model.eval()
+    right = total = 0
+    try:
+        for x, y in loader:
+            right += int((model(x).argmax(dim=-1) == y).sum())
+            total += len(y)
+    finally:
+        model.train(was)
+    return right / total
+
+
+def _dense_teacher(run_dir: Path) -> tuple[nn.Module, dict]:
+    """The run's dense model (its ``last`` checkpoint) and config; ValueError for anything else."""
+    from sttpfast.checkpoint import read_metadata
+    from sttpfast.export import load_run_model, run_checkpoint
+
+    model_file = run_checkpoint(run_dir, "last")
+    spec = json.loads(read_metadata(model_file).get("sttpfast_spec", "{}"))
+    if spec:
+        params = sorted({entry["param"] for entry in spec.values()})
+        raise ValueError(f"{run_dir}: the checkpoint is not a dense model ({len(spec)} layer(s) are "
+                         f"{', '.join(params)}); compress starts from a run trained with --param dense")
+    teacher, _, _ = load_run_model(run_dir, "last")
+    cfg, _ = build_config([run_dir / "config.yaml"])
+    return teacher.eval(), cfg
+
+
+def _check_rank_useful(param: str, rank, report) -> None:
+    from sttpfast.params import method
+
+    entry = method(param)
+    if not isinstance(rank, int) or entry.largest_useful_rank is None or not report.rows:
+        return
+    useful = max(entry.largest_useful_rank(row.shape, row.layer == "ConvTranspose2d") for row in report.rows)
+    if rank > useful:
+        raise ValueError(f"rank {rank} is too large for {param} on this model: the largest useful rank is "
+                         f"{useful} (no compression)")
+
+
+def _output_config(cfg: dict, student: nn.Module, param: str, out: Path, epochs: int, steps, lr) -> dict:
+    """The compressed run's config: the dense run's data and model, the student's per-layer ranks."""
+    from sttpfast.surgery import parameterization_spec
+
+    new = copy.deepcopy(cfg)
+    ranks = {name: entry["rank"] for name, entry in parameterization_spec(student).items()}
+    new["param"].update(name=param, rank=None, compression=None, rank_scale=None, plan="shared",
+                        layer_ranks=ranks, init="identity", include=[], exclude=[])
+    new["optim"].update(epochs=epochs, steps=steps)
+    if lr is not None:
+        new["optim"]["lr"] = lr
+    new["train"].update(out=str(out.parent), name=out.name)
+    return new
+
+
+class LoadWeights(Callback):
+    """Copies ``state`` (the distilled student's tensors) into the freshly built model before
+    the first step of phase 2 (the run built it with the same per-layer ranks)."""
+
+    order = -10
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def before_fit(self):
+        unwrap_model(self.learn.model).load_state_dict(self.state)
+
+
+def compress_run(run_dir, param: str, rank=None, compression: float | None = None, plan: str | None = None,
+                 phases="0,1,2", epochs: int = 1, steps: int | None = None, distill_steps: int | None = None,
+                 lr: float | None = None, distill_lr: float = 1e-3, out=None, unrepresentable: str | None = None,
+                 echo=print) -> dict:
+    """Run the phases on the dense run ``run_dir``; returns the report (also ``compress_report.json``).
+
+    Args:
+        param, rank, compression, plan, unrepresentable: see :func:`sttpfast.parameterize`.
+        phases: ``"0,1,2"``, ``"0,2"``...; 0 always comes first.
+        epochs / steps: phase 2's budget (``steps`` replaces ``epochs`` when given).
+        distill_steps: phase 1's Adam steps per block (default: one pass over the training data).
+        lr: phase 2's peak learning rate (default: the dense run's / 10); distill_lr: phase 1's.
+        out: the output run folder (default ``RUN-PARAM`` next to ``run_dir``, numbered if taken).
+    Every check (run folder, dense checkpoint, phases, rank) comes before anything is written.
+    """
+    from sttpfast.data import get_dls
+    from sttpfast.params import resolve_param
+    from sttpfast.run import prepare_run_dir, run_training
+    from sttpfast.surgery import compression_report, parameterize
+
+    run_dir = Path(run_dir).expanduser()
+    phases = parse_phases(phases)
+    param = resolve_param(param)
+    if epochs is None or epochs < 1:
+        raise ValueError(f"--epochs must be a positive integer, got {epochs!r}")
+    teacher, cfg = _dense_teacher(run_dir)
+    if 1 in phases:
+        distillation_blocks(teacher)
+    student = copy.deepcopy(teacher)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = parameterize(student, param, rank=rank, compression=compression, plan=plan, init="spectral",
+                              unrepresentable=unrepresentable)
+    _check_rank_useful(param, rank, report)
+    for w in caught:
+        echo(f"warning: {w.message}")
+    if report.plan:
+        echo(report.plan_table())
+    out = Path(out).expanduser() if out is not None else run_dir.parent / f"{run_dir.name}-{param}"
+    new_cfg = _output_config(cfg, student, param, out, epochs, steps,
+                             lr if lr is not None else cfg["optim"]["lr"] / 10)
+    d = cfg["data"]
+    dls = get_dls(d["name"], data_dir=d["data_dir"], bs=d["bs"], subset=d["subset"], download=d["download"],
+                  num_workers=d["num_workers"], seed=cfg["train"]["seed"], augment=d["augment"])
+    dense_z = compression_report(teacher).z
+    result = {"teacher": str(run_dir), "param": param, "rank": report.rank, "plan": report.plan,
+              "dense": {"accuracy": _accuracy(teacher, dls.valid), "z_percent": round(dense_z, 4)},
+              "phases": {}}
+    echo(f"dense: accuracy {result['dense']['accuracy']:.4f}")
+    z = round(report.z, 4)
+    result["phases"]["0"] = {"accuracy": _accuracy(student, dls.valid), "z_percent": z}
+    echo(f"phase 0 (decomposed, {report.summary()}): accuracy {result['phases']['0']['accuracy']:.4f}")
+    if 1 in phases:
+        before = block_mse(student, teacher, dls.valid)
+        distill_blocks(student, teacher, dls.train, distill_steps or len(dls.train), distill_lr, echo)
+        after = block_mse(student, teacher, dls.valid)
+        names = [name for name, _ in distillation_blocks(student)]
+        result["phases"]["1"] = {"accuracy": _accuracy(student, dls.valid), "z_percent": z,
+                                 "block_mse_before": dict(zip(names, before)),
+                                 "block_mse_after": dict(zip(names, after))}
+        echo(f"phase 1 (block-wise distillation): accuracy {result['phases']['1']['accuracy']:.4f}")
+    state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    if 2 in phases:
+        summary = run_training(new_cfg, extra_cbs=[LoadWeights(state)], echo=echo)
+        folder = Path(summary["run_dir"])
+        result["phases"]["2"] = {"accuracy": summary["metrics"].get("accuracy"), "z_percent": summary["z_percent"],
+                                 "steps": summary["steps"]}
+    else:
+        from sttpfast.checkpoint import save_parameterized
+
+        folder = prepare_run_dir(new_cfg)
+        write_file(folder / "config.yaml", lambda path: save_config(new_cfg, path))
+        save_parameterized(student, folder / "checkpoints" / "last" / "model.safetensors")
+        summary = {"run_dir": str(folder), "param": param, "z_percent": z,
+                   "metrics": {"accuracy": result["phases"][str(phases[-1])]["accuracy"]}}
+    if report.plan:
+        write_file(folder / "rank_plan.json", json.dumps(report.plan, indent=2))
+    result["run_dir"] = str(folder)
+    write_file(folder / REPORT, json.dumps(result, indent=2))
+    write_file(folder / "summary.json", json.dumps({**summary, "compress": result}, indent=2))
+    last = result["phases"][str(phases[-1])]
+    echo(f"compressed: accuracy {last['accuracy']:.4f} at Z {last['z_percent']:.2f}% (dense "
+         f"{result['dense']['accuracy']:.4f}) in {folder}")
+    return result

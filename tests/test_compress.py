@@ -1,0 +1,110 @@
+"""sttpfast compress: decompose a dense run (phase 0), distil block by block (1), fine-tune (2)."""
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+import sttpfast
+from sttpfast.cli import main
+from sttpfast.compress import parse_phases
+from sttpfast.config import build_config
+from sttpfast.surgery import parameterization_spec
+
+
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory):
+    """A dense resnet20_cifar at width 4 trained for a few steps on 256 digits."""
+    from sttpfast.run import run_training
+
+    out = tmp_path_factory.mktemp("compress")
+    cfg, _ = build_config(overrides=[
+        "data.name=digits", "data.bs=64", "data.subset=256", "param.name=dense", "optim.steps=8", "optim.opt=adam",
+        "optim.lr=0.01", "log.logger=none", "log.progress=false", f"train.out={out}", "train.name=dense",
+        "model.kwargs={base_width: 4}"])
+    run_training(cfg, echo=lambda *a: None)
+    return out / "dense"
+
+
+def test_three_phases_report_lower_block_mse_and_a_resumable_run(dense_run, tmp_path):
+    from sttpfast.compress import compress_run
+    from sttpfast.export import export_run
+    from sttpfast.run import run_training
+
+    torch.manual_seed(0)
+    report = compress_run(dense_run, "tucker", compression=20, phases="0,1,2", distill_steps=12, epochs=1,
+                          out=tmp_path / "c", echo=lambda *a: None)
+    assert list(report["phases"]) == ["0", "1", "2"]
+    z = report["phases"]["0"]["z_percent"]
+    # the shared Tucker rank closest to 20% (the width-4 net moves Z in coarse steps)
+    assert z == 19.4746 and report["phases"]["1"]["z_percent"] == report["phases"]["2"]["z_percent"] == z
+    assert all(0 <= phase["accuracy"] <= 1 for phase in report["phases"].values())
+    before, after = report["phases"]["1"]["block_mse_before"], report["phases"]["1"]["block_mse_after"]
+    assert list(before) == ["stem", *(f"blocks.{i}" for i in range(9))]
+    for block in before:  # held-out MSE against the teacher, per block
+        assert after[block] < before[block], (block, before[block], after[block])
+    folder = tmp_path / "c"
+    assert json.loads((folder / "compress_report.json").read_text()) == report
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["compress"] == report and summary["steps"] == 4 and summary["z_percent"] == z
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    assert cfg["param"]["name"] == "tucker" and cfg["param"]["layer_ranks"]
+    model = sttpfast.load_parameterized(folder / "checkpoints" / "last" / "model.safetensors")
+    assert {e["param"] for e in parameterization_spec(model).values()} == {"tucker"}
+    # a normal run folder: export reads it, --resume continues phase 2
+    assert export_run(folder, "safetensors").is_file()
+    resumed = run_training(resume=folder, epochs=2, echo=lambda *a: None)  # 4 batches an epoch
+    assert resumed["steps"] == 8 and resumed["z_percent"] == z
+
+
+@pytest.mark.parametrize("text,phases", [("0,1,2", (0, 1, 2)), ("0,2", (0, 2)), ("0", (0,)), ([0, 1], (0, 1))])
+def test_parse_phases(text, phases):
+    assert parse_phases(text) == phases
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, ["compress", *map(str, args)])
+
+
+def _one_error_line(result, message, tmp_path):
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert lines == [message], result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--phases", "1,2"], "Error: --phases '1,2': give increasing phases from 0, 1, 2 starting with 0 (the "
+                          "decomposition), e.g. 0,1,2 or 0,2"),
+    (["--phases", "0,3"], "Error: --phases '0,3': give increasing phases from 0, 1, 2 starting with 0 (the "
+                          "decomposition), e.g. 0,1,2 or 0,2"),
+    (["--phases", "0,2,1"], "Error: --phases '0,2,1': give increasing phases from 0, 1, 2 starting with 0 (the "
+                            "decomposition), e.g. 0,1,2 or 0,2"),
+    (["--rank", "999"], "Error: rank 999 is too large for tucker on this model: the largest useful rank is 16 "
+                        "(no compression)"),
+    (["--rank", "4,x"], "Error: --rank '4,x': give a positive integer or comma-separated integers (4,8,4)"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(dense_run, tmp_path, args, message):
+    if "--rank" not in args:
+        args = [*args, "--compression", "20"]
+    result = _cli(dense_run, "--param", "tucker", *args, "--out", tmp_path / "c")
+    _one_error_line(result, message, tmp_path)
+    assert not (tmp_path / "c").exists()
+
+
+def test_missing_run_and_non_dense_checkpoint_are_refused(dense_run, tmp_path):
+    missing = tmp_path / "nope"
+    _one_error_line(_cli(missing, "--param", "tt", "--rank", "2"),
+                    f"Error: {missing} is not a run folder (no config.yaml)", tmp_path)
+    # a run folder whose checkpoint is already compressed
+    fake = tmp_path / "sttp"
+    (fake / "checkpoints" / "last").mkdir(parents=True)
+    shutil.copy(dense_run / "config.yaml", fake / "config.yaml")
+    model = sttpfast.load_parameterized(dense_run / "checkpoints" / "last" / "model.safetensors")
+    sttpfast.parameterize(model, "sttp-r", rank=2)
+    sttpfast.save_parameterized(model, fake / "checkpoints" / "last" / "model.safetensors")
+    _one_error_line(_cli(fake, "--param", "tt", "--rank", "2", "--out", tmp_path / "c"),
+                    f"Error: {fake}: the checkpoint is not a dense model (22 layer(s) are sttp-r); compress starts "
+                    "from a run trained with --param dense", tmp_path)
+    assert not (tmp_path / "c").exists()
