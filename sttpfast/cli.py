@@ -20,7 +20,7 @@ import warnings
 
 import click
 
-from sttpfast.config import CLI_FLAGS, FULL_RANK, SCHEMA, build_config, choices, type_members
+from sttpfast.config import CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, build_config, choices, type_members
 
 __all__ = ["main", "CLIError"]
 
@@ -290,6 +290,63 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
         click.echo(f"Error: the loss became non-finite at step {summary['nan_step']}; training stopped. "
                    f"The last good checkpoint is {summary['checkpoint']}", err=True)
         sys.exit(1)
+
+
+# --- sttpfast gan ---------------------------------------------------------------------------
+def gan_options(fn):
+    """Every ``sttpfast gan`` flag of :data:`sttpfast.config.GAN_CLI_FLAGS`, from the schema."""
+    for flag in reversed([f for f in GAN_CLI_FLAGS if f != "dataset"]):
+        fn = schema_option(flag, GAN_CLI_FLAGS[flag])(fn)
+    return fn
+
+
+@main.command()
+@click.argument("dataset", required=False)
+@gan_options
+@click.option("--dataset", "dataset_option", default=None, help="the dataset (instead of the DATASET argument)")
+@click.option("--resume", default=None, type=click.Path(), help="continue the GAN run in this folder")
+@click.option("--cfg", multiple=True, type=click.Path(), help="YAML config, repeatable (later wins)")
+@click.option("--set", "overrides", multiple=True, help="dotted override, e.g. gan.lr_d=4e-4 (repeatable)")
+@user_errors
+def gan(resume, cfg, overrides, dataset_option, **flags):
+    """Train a GAN: sttpfast gan DATASET --d-param sttp-c --rank 64 [--g-param svdp-r] [--steps N].
+
+    SNGAN networks (sngan_g32 / sngan_d32 by default), hinge loss, n_dis D steps per G step,
+    Adam 2e-4 (0, 0.9), linear decay; --d-param sn (SNGAN) or sr (spectral compensation) for
+    the baselines; IS / FID / KID every --metrics-every G steps."""
+    if dataset_option is not None:
+        if flags["dataset"] not in (None, dataset_option):
+            raise CLIError(f"two datasets given: {flags['dataset']!r} and --dataset {dataset_option!r}")
+        flags["dataset"] = dataset_option
+    explicit = {GAN_CLI_FLAGS[name]: list(v) if isinstance(v, tuple) else v for name, v in flags.items()
+                if v is not None and v != ()}
+    if resume is not None:
+        steps = explicit.pop("gan.steps", None)
+        if explicit or cfg or overrides:
+            raise CLIError("--resume continues with the run's own config.yaml; drop the other options "
+                           "(only --steps may raise its budget)")
+        with interrupts_end_start_up():
+            _import_training_modules()
+            import sttpfast.gan.run  # noqa: F401
+        from sttpfast.gan.run import run_gan
+
+        summary = run_gan(resume=resume, echo=click.echo, steps=steps)
+    else:
+        with interrupts_end_start_up():
+            config, _ = build_config(cfg, overrides, explicit)
+            _import_training_modules()
+            import sttpfast.gan.run  # noqa: F401
+        from sttpfast.gan.run import run_gan
+
+        summary = run_gan(config, echo=click.echo)
+    best = summary.get("best")
+    parts = [f"G {summary['g_param']} Z {summary['g_z_percent']:.2f}%",
+             f"D {summary['d_param']} Z {summary['d_z_percent']:.2f}%"]
+    parts += [f"{k} {v:.4g}" for k, v in summary.get("metrics", {}).items() if not k.endswith("_std")]
+    if best:
+        parts.append(f"best {best['metric']} {best['value']:.4g} at step {best['step']}")
+    parts += [f"{summary['steps']} G steps in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]
+    click.echo("summary: " + " | ".join(parts))
 
 
 # -- compress: decompose a dense run, distil block by block, fine-tune ------------------------

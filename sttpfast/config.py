@@ -162,6 +162,56 @@ class TrainConfig:
                                               _positive, "a positive integer")
 
 
+# --- the GAN app (``sttpfast gan``, apps/gan.py); data / log / train sections are shared ---------
+def _fraction(v) -> bool:
+    return v is None or 0 <= v < 1
+
+
+@dataclass
+class GanConfig:
+    g: str = setting("sngan_g32", "generator architecture (sngan_g32, sngan_g48 or any registered generator)")
+    d: str = setting("sngan_d32", "discriminator architecture (sngan_d32, sngan_d48...)")
+    g_param: str = setting("dense", "generator parameterization (its first Linear is never parameterized)")
+    d_param: str = setting("sn", "discriminator parameterization (sn, sr, sttp-c, svdp-r...); sr: dense + "
+                                 "spectral compensation")
+    rank: Optional[int] = setting(None, "SVD rank of both networks' low-rank layers", _positive, "a positive integer")
+    g_rank: Optional[int] = setting(None, "generator rank (overrides gan.rank)", _positive, "a positive integer")
+    d_rank: Optional[int] = setting(None, "discriminator rank (overrides gan.rank)", _positive, "a positive integer")
+    g_kwargs: dict = setting({}, "generator constructor arguments (free-form: widths, bottom_width, z_dim)")
+    d_kwargs: dict = setting({}, "discriminator constructor arguments (free-form: widths...)")
+    loss: Literal["hinge", "ns"] = setting("hinge", "GAN objective (hinge or non-saturating)")
+    n_dis: int = setting(5, "discriminator steps per generator step", _positive, "a positive integer (>= 1)")
+    steps: int = setting(100000, "generator steps", _positive, "a positive integer")
+    bs: int = setting(64, "batch size per process (of reals and of fakes)", _positive, "a positive integer")
+    lr_g: float = setting(2.0e-4, "generator Adam learning rate", _positive, "a positive number")
+    lr_d: float = setting(2.0e-4, "discriminator Adam learning rate", _positive, "a positive number")
+    beta1: float = setting(0.0, "Adam beta1 of both networks", _fraction, "a number in [0, 1)")
+    beta2: float = setting(0.9, "Adam beta2 of both networks", _fraction, "a number in [0, 1)")
+    lr_decay: Literal["linear", "const"] = setting("linear", "learning rates: linear to 0, or constant")
+    ema: Optional[float] = setting(None, "keep an EMA of G with this decay (e.g. 0.9999)", _fraction,
+                                   "a number in [0, 1)")
+    ema_start: int = setting(0, "G step from which the EMA averages (copies before)", _non_negative,
+                             "an integer >= 0")
+    dequantize: float = setting(1.0 / 255.0, "uniform noise half-width on reals in [-1, 1] units", _fraction,
+                                "a number in [0, 1)")
+    sn_exact: bool = setting(False, "sn: divide by the exact sigma_max instead of the power-iteration estimate")
+    sr_every: int = setting(5, "sr: discriminator steps between spectral compensations", _positive,
+                            "a positive integer")
+    d_optimal: float = setting(1.0, "D-optimal penalty weight for the -r variants", _non_negative, "a number >= 0")
+    metrics_every: Optional[int] = setting(None, "G steps between IS / FID / KID evaluations (and at the end; "
+                                                 "default: no metrics)", _positive, "a positive integer")
+    metrics_samples: int = setting(5000, "images generated per evaluation", _positive, "a positive integer")
+    metrics: list[str] = setting(["fid", "isc", "kid"], "metrics computed (fid, isc, kid)")
+    best_by: Literal["fid", "isc", "kid"] = setting("fid", "metric of the best checkpoint")
+    extractor: str = setting("inception", "feature extractor: inception, offline (a classifier sttpfast trains "
+                                          "on the dataset) or an extractor file")
+    inception_weights: Optional[str] = setting(None, "InceptionV3 weights file (.pth; default torch-fidelity's "
+                                                     "cache)")
+    extractor_steps: int = setting(300, "training steps of the offline extractor", _positive, "a positive integer")
+    extractor_kwargs: dict = setting({}, "offline extractor model arguments (free-form; arch picks the classifier)")
+    grid: int = setting(64, "images in the sample grid", _positive, "a positive integer")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -171,6 +221,7 @@ class Config:
     reg: RegConfig = field(default_factory=RegConfig)
     log: LogConfig = field(default_factory=LogConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    gan: GanConfig = field(default_factory=GanConfig)
 
 
 @dataclass(frozen=True)
@@ -202,7 +253,7 @@ def settings() -> dict[str, Setting]:
 SCHEMA = settings()
 #: the defaults as a nested dict (the shape every config has)
 DEFAULTS: dict = dataclasses.asdict(Config())
-FREE_FORM = {"model.kwargs", "param.layer_ranks"}
+FREE_FORM = {"model.kwargs", "param.layer_ranks", "gan.g_kwargs", "gan.d_kwargs", "gan.extractor_kwargs"}
 
 #: ``sttpfast train`` flag -> schema key; a flag left unset keeps the files' value
 CLI_FLAGS = {
@@ -218,6 +269,18 @@ CLI_FLAGS = {
 # any timm backbone at the data's size; factored attention forms (issue 11)
 CLI_FLAGS.update({"img_size": "data.img_size", "attention": "param.attention"})
 
+
+#: ``sttpfast gan`` flag -> schema key (the GAN app shares data / log / train with ``train``)
+GAN_CLI_FLAGS = {
+    "dataset": "data.name", "data_dir": "data.data_dir", "subset": "data.subset", "download": "data.download",
+    "g_arch": "gan.g", "d_arch": "gan.d", "g_param": "gan.g_param", "d_param": "gan.d_param", "rank": "gan.rank",
+    "g_rank": "gan.g_rank", "d_rank": "gan.d_rank", "loss": "gan.loss", "n_dis": "gan.n_dis",
+    "steps": "gan.steps", "bs": "gan.bs", "lr_g": "gan.lr_g", "lr_d": "gan.lr_d", "ema": "gan.ema",
+    "sn_exact": "gan.sn_exact", "metrics_every": "gan.metrics_every", "metrics_samples": "gan.metrics_samples",
+    "extractor": "gan.extractor", "inception_weights": "gan.inception_weights", "seed": "train.seed",
+    "out": "train.out", "name": "train.name", "checkpoint_every": "train.checkpoint_every", "logger": "log.logger",
+}
+__all__ += ["GAN_CLI_FLAGS"]
 
 def type_members(tp) -> tuple:
     """The alternatives of a ``Union`` / ``Optional`` type (the type itself otherwise)."""

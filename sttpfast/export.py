@@ -35,7 +35,7 @@ from torch import nn
 from sttpfast.surgery import densify, parameterized_layers
 
 __all__ = ["FORMATS", "CHECKPOINTS", "export_model", "export_run", "export_generator", "run_checkpoint",
-           "load_run_model", "default_export_path"]
+           "load_run_model", "load_gan_run_pair", "is_gan_run", "default_export_path"]
 
 FORMATS = ("safetensors", "onnx")
 CHECKPOINTS = ("last", "best")  # the checkpoints of a run folder that can be exported
@@ -261,6 +261,47 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.
     return model, args, (1, info["in_chans"], h, w)
 
 
+def is_gan_run(run_dir: str | os.PathLike, which: str = "last") -> bool:
+    """Whether the run's ``which`` checkpoint was written by the GAN app (``state.json``: ``"app": "gan"``)."""
+    state = run_checkpoint(run_dir, which).parent / "state.json"
+    try:
+        return json.loads(state.read_text()).get("app") == "gan"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_gan_run_pair(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.Module, dict]:
+    """``(GANPair, generator model_args)`` of a GAN run's checkpoint: G and D rebuilt as the run
+    built them (``gan.g`` / ``gan.d`` with the dataset's channels and ``gan.g_kwargs`` /
+    ``gan.d_kwargs``), the EMA copy of G when the checkpoint holds one, the checkpoint loaded."""
+    import yaml
+    from safetensors import safe_open
+
+    from sttpfast.checkpoint import load_parameterized
+    from sttpfast.data import dataset_info
+    from sttpfast.gan.learner import GANPair
+    from sttpfast.models import create_model
+
+    run_dir = Path(run_dir).expanduser()
+    model_file = run_checkpoint(run_dir, which)
+    try:
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{run_dir / 'config.yaml'}: unreadable ({err})") from None
+    gan, data = cfg.get("gan") or {}, cfg.get("data") or {}
+    if not gan.get("g") or not gan.get("d") or not data.get("name"):
+        raise ValueError(f"{run_dir / 'config.yaml'} names no gan.g / gan.d / data.name")
+    in_chans = dataset_info(data["name"], data.get("data_dir"))["in_chans"]
+    g_args = {"in_chans": in_chans, **(gan.get("g_kwargs") or {})}
+    with safe_open(str(model_file), framework="pt") as f:
+        has_ema = any(k.startswith("generator_ema.") for k in f.keys())
+    discriminator = create_model(gan["d"], in_chans=in_chans, **(gan.get("d_kwargs") or {}))
+    ema = create_model(gan["g"], **g_args) if has_ema else None
+    pair = GANPair(create_model(gan["g"], **g_args), discriminator, ema)
+    load_parameterized(model_file, pair)
+    return pair, g_args
+
+
 def default_export_path(run_dir: str | os.PathLike, format: str, which: str = "last") -> Path:
     """Where ``sttpfast export`` writes without ``--out``: ``RUN/export/<which>.<format>``."""
     return Path(run_dir).expanduser() / "export" / f"{which}.{_check_format(format)}"
@@ -268,7 +309,8 @@ def default_export_path(run_dir: str | os.PathLike, format: str, which: str = "l
 
 def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike | None = None, which: str = "last",
                force: bool = False) -> Path:
-    """Export a run folder's ``which`` checkpoint (what ``sttpfast export`` does).
+    """Export a run folder's ``which`` checkpoint (what ``sttpfast export`` does): a classifier
+    whole, a GAN run's generator alone (its EMA copy when the run kept one; input ``z``).
 
     Every check (format, run folder, checkpoint, target) comes before anything is written.
     """
@@ -276,6 +318,9 @@ def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike |
     run_dir = Path(run_dir).expanduser()
     run_checkpoint(run_dir, which)  # not a run / no checkpoint: fail before the target is looked at
     path = _check_out(Path(out) if out is not None else default_export_path(run_dir, fmt, which), force)
+    if is_gan_run(run_dir, which):  # a GAN run exports its generator (the EMA copy when kept)
+        pair, args = load_gan_run_pair(run_dir, which)
+        return export_generator(pair, path, fmt, ema=pair.generator_ema is not None, model_args=args, force=force)
     model, args, input_shape = load_run_model(run_dir, which)
     return export_model(model, path, fmt, input_shape=input_shape, model_args=args, force=force,
                         metadata={"checkpoint": which})

@@ -278,19 +278,20 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
     return summary
 
 
-def _save_interrupted(learn, checkpointer, run_dir: Path, echo) -> None:
-    """After Ctrl-C: an exact-resume checkpoint, loggers closed, how to resume."""
+def _save_interrupted(learn, checkpointer, run_dir: Path, echo, command: str = "train", step: str = "step") -> None:
+    """After Ctrl-C: an exact-resume checkpoint, loggers closed, how to resume (``sttpfast
+    COMMAND --resume``; ``step`` names what the run counts, e.g. ``G step``)."""
     for cb in learn.cbs:
         shutdown = getattr(cb, "_shutdown", None)  # the loggers: flush what was logged
         if shutdown is not None:
             shutdown(cancelled=True)
-    step = checkpointer.save_interrupted()
+    saved = checkpointer.save_interrupted()
     where = run_dir / "checkpoints" / "last"
-    if step is None:
-        echo(f"interrupted before the first step of this session; {where} is unchanged")
+    if saved is None:
+        echo(f"interrupted before the first {step} of this session; {where} is unchanged")
     else:
-        echo(f"interrupted at step {step}: checkpoint saved in {where}")
-    echo(f"resume with: sttpfast train --resume {run_dir}")
+        echo(f"interrupted at {step} {saved}: checkpoint saved in {where}")
+    echo(f"resume with: sttpfast {command} --resume {run_dir}")
 
 
 def _epoch_logger(learn, echo):

@@ -234,3 +234,48 @@ def test_onnx_without_its_packages_is_one_clear_error(run, tmp_path, monkeypatch
     assert result.exit_code == 2
     assert result.output == "Error: ONNX export needs the package(s) onnxscript: pip install 'sttpfast[onnx]'\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_of_a_gan_run_writes_its_ema_generator(tmp_path):
+    """`sttpfast export RUN` on a GAN run folder: the generator alone (its EMA copy, which the
+    run kept), densified; safetensors loads into plain timm, ONNX runs in onnxruntime."""
+    import onnxruntime
+
+    from sttpfast.export import load_gan_run_pair
+
+    trained = _cli("gan", "digits", "--g-param", "sttp-r", "--d-param", "svdp-c", "--rank", "4", "--ema", "0.5",
+                   "--steps", "3", "--n-dis", "1", "--bs", "32", "--subset", "128", "--logger", "none",
+                   "--out", tmp_path, "--name", "g", "--set", "log.progress=false",
+                   "--set", "gan.g_kwargs={widths: [8, 8, 8], bottom_width: 2, z_dim: 16}",
+                   "--set", "gan.d_kwargs={widths: [8, 8, 8, 8]}")
+    assert trained.exit_code == 0, trained.output
+    run = tmp_path / "g"
+    pair, args = load_gan_run_pair(run)
+    assert args == {"in_chans": 1, "widths": [8, 8, 8], "bottom_width": 2, "z_dim": 16}
+    ema = pair.generator_ema.eval()
+    spec = parameterization_spec(ema)  # every conv of G's copy, sttp-r rank 4; never the first Linear
+    assert len(spec) == 7 and "l1" not in spec and {s["rank"] for s in spec.values()} == {4}
+    z = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = ema(z)
+        assert not torch.equal(want, pair.generator.eval()(z))  # the EMA is what is exported, not G
+
+    result = _cli("export", run, "--format", "safetensors")
+    out = run / "export/last.safetensors"
+    assert result.exit_code == 0 and result.output == f"wrote {out}\n", result.output
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["architecture"] == "sngan_g32" and meta["z_dim"] == "16"
+    tensors = load_file(str(out))
+    assert not any(k.startswith(("discriminator", "generator")) or "parametrizations" in k for k in tensors)
+    plain = timm.create_model(meta["architecture"], **json.loads(meta["model_args"]))
+    plain.load_state_dict(tensors, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(z), want, rtol=0, atol=1e-5)
+
+    onnx_out = tmp_path / "g.onnx"
+    assert _cli("export", run, "--format", "onnx", "--out", onnx_out).exit_code == 0
+    session = onnxruntime.InferenceSession(str(onnx_out), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": z.numpy()})[0]
+    assert got.shape == (5, 1, 8, 8)
+    np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-4)

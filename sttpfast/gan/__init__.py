@@ -8,6 +8,8 @@ Modules (imports flow down): ``losses`` (hinge / non-saturating), ``reals`` (rea
 into ``[-1, 1]``), ``ema`` (:class:`GeneratorEMA`), ``learner`` (:class:`GANLearner`,
 :func:`gan_learner`), ``extractor`` (an offline feature extractor for torch-fidelity), ``metrics``
 (:class:`GANMetrics`: IS / FID / KID every N steps; loaded on first use, like torch-fidelity).
+The app on top (imported by ``sttpfast gan`` / apps/gan.py, not here): ``checkpoint``
+(:class:`GANCheckpointer`, exact resume), ``distributed`` (several processes), ``run`` (:func:`run_gan`).
 """
 import importlib
 

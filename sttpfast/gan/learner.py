@@ -186,7 +186,9 @@ class GANLearner(Learner):
         self.opt_g = self.opt_d = None
         self.gan_phase, self.d_iter = None, 0
         self.loss_g = self.loss_d = None
-        self._rng, self._reals = None, None
+        self._rng, self._valid_rng, self._reals = None, None, None
+        self.reals_pass_rng, self.reals_drawn = None, 0
+        self.shard = (0, 1)  # (rank, world): set by sttpfast.gan.distributed.GANGradientSync
         super().__init__(dls, model, loss_func=loss, lr=self.lr_g, cbs=cbs, path=path, **learner_kwargs)
 
     # --- optimizers ------------------------------------------------------------------------
@@ -229,17 +231,27 @@ class GANLearner(Learner):
         """The next training batch; the loader restarts (a new shuffled pass) when exhausted."""
         for _ in range(2):
             if self._reals is None:
-                self._reals = iter(self.dls.train)
+                dl = self.dls.train
+                # where this pass starts, for an exact resume (see sttpfast.gan.checkpoint)
+                self.reals_pass_rng = ({k: v.clone() for k, v in dl.rng_state().items()}
+                                       if hasattr(dl, "rng_state") else None)
+                self.reals_drawn = 0
+                self._reals = iter(dl)
             try:
-                return next(self._reals)
+                batch = next(self._reals)
+                self.reals_drawn += 1
+                return batch
             except StopIteration:
                 self._reals = None
         raise ValueError("the training loader yields no batch")
 
     def all_batches(self):
         if not self.training:
+            self._valid_rng = None  # every validation draws the same codes, from its own stream
             return super().all_batches()
-        self.n_iter = min(self.iters_per_epoch, self.total_steps - self.train_iter)
+        # epochs end at multiples of iters_per_epoch, so a resumed run keeps the same epoch ends
+        end = min((self.epoch + 1) * self.iters_per_epoch, self.total_steps)
+        self.n_iter = max(0, end - self.train_iter)
         for i in range(self.n_iter):
             self.one_batch(i, [self._next_real() for _ in range(self.n_dis)])
 
@@ -252,22 +264,35 @@ class GANLearner(Learner):
         self._with_events(self._do_one_batch, "batch", CancelBatchException)
 
     def generator_rng(self, device) -> torch.Generator:
-        """The learner's random generator for latent codes and noise (seeded by ``seed``)."""
+        """The learner's random generator for latent codes and noise (seeded by ``seed``).
+        Validation has its own (seeded by ``seed + 1`` at each validation), so that validating
+        never moves the training stream: a resumed or multi-process run draws what an
+        uninterrupted single process draws."""
         device = torch.device(device)
+        if not getattr(self, "training", True):
+            if self._valid_rng is None or self._valid_rng.device.type != device.type:
+                self._valid_rng = torch.Generator(device=device).manual_seed(self.seed + 1)
+            return self._valid_rng
         if self._rng is None or self._rng.device.type != device.type:
             self._rng = torch.Generator(device=device).manual_seed(self.seed)
         return self._rng
 
     def sample_z(self, n: int, device) -> Tensor:
-        """Latent codes ``(n, z_dim)`` ~ N(0, I)."""
+        """Latent codes ``(n, z_dim)`` ~ N(0, I). With ``shard = (rank, world)`` (several
+        processes, each ``n`` of a global batch) the codes of the whole batch are drawn and
+        rank's rows kept, so together the processes use one process's codes."""
         z_dim = self.model.generator.z_dim
-        return torch.randn(n, z_dim, device=device, generator=self.generator_rng(device))
+        rank, world = self.shard
+        if not getattr(self, "training", True):
+            rank, world = 0, 1  # each process validates on its own
+        z = torch.randn(n * world, z_dim, device=device, generator=self.generator_rng(device))
+        return z[rank * n:(rank + 1) * n]
 
     def reals(self, x: Tensor) -> Tensor:
         """A loader batch ``(B, C, H, W)`` -> reals in ``[-1, 1]`` at G's size (noise in training)."""
         dl = self.dls.train
         return to_gan_range(x, getattr(dl, "mean", None), getattr(dl, "std", None), self.image_size,
-                            self.dequantize if self.training else 0.0, self.generator_rng(x.device))
+                            self.dequantize if self.training else 0.0, self.generator_rng(x.device), self.shard)
 
     # --- one iteration -------------------------------------------------------------------------
     def _do_one_batch(self):

@@ -20,7 +20,7 @@ __all__ = ["to_gan_range"]
 
 def to_gan_range(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None,
                  size: int | None = None, noise: float = 0.0,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, shard: tuple[int, int] = (0, 1)) -> Tensor:
     """Normalized images ``(B, C, H, W)`` -> images in ``[-1, 1]`` ``(B, C, size, size)``.
 
     Args:
@@ -30,6 +30,9 @@ def to_gan_range(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] |
             antialiasing when shrinking). None keeps the size.
         noise: half-width ``a`` of the uniform dequantization noise added after mapping to
             ``[-1, 1]`` (0 adds none); drawn from ``generator`` (on ``x``'s device).
+        shard: ``(rank, world)`` of a multi-process run whose ``world`` processes hold equal
+            parts of one global batch: the noise of the whole batch is drawn and rank's rows
+            kept, so the processes together add what one process would.
     """
     if mean is not None and std is not None:
         shape = (1, -1, 1, 1)
@@ -41,6 +44,8 @@ def to_gan_range(x: Tensor, mean: Sequence[float] | None, std: Sequence[float] |
                           antialias=size < min(x.shape[-2:]))
     x = x * 2.0 - 1.0
     if noise > 0:
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        rank, world = shard
+        u = torch.rand((x.shape[0] * world, *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
+        u = u[rank * x.shape[0]:(rank + 1) * x.shape[0]]
         x = x + (u * 2.0 - 1.0) * noise
     return x

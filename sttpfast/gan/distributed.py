@@ -1,0 +1,128 @@
+"""A GAN trained by several processes (``torchrun`` / ``accelerate launch``; gloo on CPU, NCCL on GPU).
+
+Why not DDP around the pair: the GAN learner calls ``model.generator`` and
+``model.discriminator`` on their own, and only one of them trains in each step, so a DDP
+wrapper around the pair would neither forward those attributes nor see the right
+parameters. Instead :class:`GANGradientSync` averages the gradients of the network being
+trained over the processes right after its backward (one flat all-reduce per step), which
+is what DDP does, without changing the model's structure (checkpoints keep their names).
+
+What each process sees, for the run to equal one process whose batch is the sum of theirs:
+
+* reals: the training loader is sharded (rank ``r`` gets every ``world``-th batch of the
+  common seeded order), so the ranks' batches together are one process's batch;
+* latent codes and dequantization noise: every rank draws the codes of the whole global
+  batch from the common seeded stream and keeps its own rows (``learn.shard``);
+* BatchNorm (G's): the batch statistics are those of the global batch
+  (:class:`GlobalBatchNorm2d`, autograd through the all-reduce; PyTorch's SyncBatchNorm
+  runs on GPUs only).
+
+Only the main process writes (checkpoints, logs, metrics); after the fit the ranks compare
+a hash of their parameters (``learn.ranks_in_sync``, ``learn.rank_hashes``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from fastai.callback.core import Callback
+from torch import Tensor, nn
+
+from sttpfast.callbacks.distributed import parameter_hash
+
+__all__ = ["GANGradientSync", "GlobalBatchNorm2d", "world"]
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)``: ``(0, 1)`` when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the batch of all processes.
+
+    ``(B, C, H, W) -> (B, C, H, W)``. The per-channel sums ``(C,)`` of ``x`` and ``x^2`` are
+    summed over the processes with an all-reduce that autograd differentiates, so gradients
+    are those of one process holding the global batch. Running statistics are updated with
+    the global mean and the unbiased global variance, as BatchNorm2d does. In eval mode (or
+    a single process) it is BatchNorm2d."""
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """Swap every BatchNorm2d in ``module`` (in place) for this class, keeping its state."""
+        for name, child in module.named_children():
+            if type(child) is nn.BatchNorm2d:
+                child.__class__ = cls
+            else:
+                cls.convert(child)
+        return module
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, size = world()
+        if not self.training or size == 1 or not self.track_running_stats:
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        n_local = torch.tensor([float(x.shape[0] * x.shape[2] * x.shape[3])], dtype=x.dtype, device=x.device)
+        stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), n_local])
+        stats = all_reduce(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean, mean_sq = stats[:c] / n, stats[c:2 * c] / n
+        var = (mean_sq - mean * mean).clamp_min(0.0)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            unbiased = var.detach() * (n.detach() / (n.detach() - 1.0))
+            self.running_mean.lerp_(mean.detach(), momentum)
+            self.running_var.lerp_(unbiased, momentum)
+        shape = (1, c, 1, 1)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+class GANGradientSync(Callback):
+    """Trains a :class:`~sttpfast.gan.GANLearner` with several processes (see the module
+    docstring); does nothing in a single process."""
+
+    order = -5  # after TrainEvalCallback moved the model, before everything else
+
+    def before_fit(self):
+        rank, size = world()
+        self.size = size
+        if size == 1:
+            return
+        learn = self.learn
+        learn.shard = (rank, size)
+        if hasattr(learn.dls.train, "shard"):
+            learn.dls.train.shard(rank, size)  # validation: every process validates everything
+        GlobalBatchNorm2d.convert(learn.model.generator)
+        with torch.no_grad():  # start from rank 0's weights and buffers, whatever each rank built
+            for tensor in list(learn.model.parameters()) + list(learn.model.buffers()):
+                dist.broadcast(tensor, src=0)
+
+    def after_backward(self):
+        if self.size == 1:
+            return
+        grads = [p.grad for group in self.learn.opt.param_lists for p in group if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(self.size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def after_fit(self):
+        own = parameter_hash(self.learn.model)
+        hashes = [own]
+        if self.size > 1:
+            hashes = [None] * self.size
+            dist.all_gather_object(hashes, own)
+        self.learn.rank_hashes = hashes
+        self.learn.ranks_in_sync = len(set(hashes)) == 1

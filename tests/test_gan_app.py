@@ -1,0 +1,269 @@
+"""The GAN app: `sttpfast gan`, apps/gan.py, the GAN config schema and configs, checkpoints,
+exact resume, signals, metrics in a run, several processes, bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from fastai.callback.core import Callback
+from safetensors.torch import load_file
+
+from sttpfast.cli import main
+from sttpfast.config import DEFAULTS, GAN_CLI_FLAGS, SCHEMA, ConfigError, build_config
+from sttpfast.gan.run import check_gan_config, run_gan
+from sttpfast.run import TrainingInterrupted
+from sttpfast.run_lock import RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
+# 8 px digits (their own size: nothing resized), 8-channel networks: a G step takes milliseconds
+TINY = ["gan.g_kwargs={widths: [8, 8, 8], bottom_width: 2, z_dim: 16}", "gan.d_kwargs={widths: [8, 8, 8, 8]}"]
+TINY_SET = [a for item in TINY for a in ("--set", item)]
+QUIET = ["--set", "log.progress=false"]
+
+
+def _cli(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _cfg(out, name, *overrides):
+    cfg, _ = build_config(overrides=["data.name=digits", "data.subset=256", "gan.bs=32", "gan.steps=10",
+                                     "gan.n_dis=2", *TINY, "log.progress=false", f"train.out={out}",
+                                     f"train.name={name}", *overrides])
+    return cfg
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "checkpoints/last/model.safetensors"))
+
+
+def _optimizer(run: Path) -> dict:
+    return load_file(str(run / "checkpoints/last/optimizer.safetensors"))
+
+
+def test_cli_gan_digits_sn_writes_the_run_folder(tmp_path):
+    result = _cli("gan", "digits", "--d-param", "sn", "--steps", "20", "--bs", "32", "--subset", "256",
+                  "--out", tmp_path, "--name", "sn", *TINY_SET, *QUIET)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "sn"
+    state = json.loads((run / "checkpoints/last/state.json").read_text())
+    assert state["app"] == "gan" and state["train_iter"] == 20 and state["d_iter"] == 100
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["steps"], summary["d_steps"], summary["processes"]) == (20, 100, 1)
+    assert summary["d_param"] == "sn" and summary["d_z_percent"] == 100.0
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["gan"]["d_param"] == "sn" and config["gan"]["steps"] == 20
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    RunLock(run).acquire().release()  # the run let go of its folder
+    weights = _weights(run)  # G, D and both parameterizations in one file
+    assert any(k.startswith("generator.") for k in weights) and any(k.startswith("discriminator.") for k in weights)
+    assert "summary: G dense Z 100.00% | D sn Z 100.00%" in result.output
+
+
+class SendSignal(Callback):
+    """Sends ``signum`` to this process after G step ``k`` (as `kill` from outside would)."""
+
+    order = 90
+
+    def __init__(self, k, signum=signal.SIGINT):
+        self.k, self.signum = k, signum
+
+    def after_batch(self):
+        if self.training and self.train_iter == self.k:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("k,signum,params", [
+    (3, signal.SIGINT, ["gan.d_param=sttp-c", "gan.g_param=svdp-r", "gan.rank=4", "gan.ema=0.9"]),  # mid-epoch
+    (4, signal.SIGTERM, ["gan.d_param=sr", "gan.sr_every=3"]),  # at an epoch end (4 G steps per epoch)
+], ids=["sigint-mid-epoch-sttp-c-svdp-r-ema", "sigterm-epoch-end-sr"])
+def test_resume_after_a_signal_is_bit_identical(tmp_path, k, signum, params):
+    whole = run_gan(_cfg(tmp_path, "whole", *params), echo=lambda *a: None)
+    assert whole["steps"] == 10
+    said = []
+    with pytest.raises(TrainingInterrupted) as stop:
+        run_gan(_cfg(tmp_path, "cut", *params), extra_cbs=[SendSignal(k, signum)], echo=said.append)
+    assert stop.value.code == 128 + signum
+    assert f"interrupted at G step {k}" in " ".join(said) and f"sttpfast gan --resume {tmp_path / 'cut'}" in said[-1]
+    assert json.loads((tmp_path / "cut/checkpoints/last/state.json").read_text())["train_iter"] == k
+    resumed = run_gan(resume=tmp_path / "cut", echo=lambda *a: None)
+    assert (resumed["steps"], resumed["d_steps"]) == (10, 20)
+    for load in (_weights, _optimizer):
+        a, b = load(tmp_path / "whole"), load(tmp_path / "cut")
+        assert a.keys() == b.keys()
+        assert [key for key in a if not torch.equal(a[key], b[key])] == []
+    again = run_gan(resume=tmp_path / "cut", echo=lambda *a: None)  # finished: nothing changes
+    assert again["already_finished"] is True
+
+
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(tmp_path):
+    """SIGKILL in the middle of writing the third checkpoint (STTPFAST_CRASH_AT, the chaos hook
+    of sttpfast.atomic): the run resumes from the second one (step 4) and ends as if never killed."""
+    args = [str(ROOT / "apps/gan.py"), "digits", "--d-param", "sttp-r", "--rank", "4", "--ema", "0.9", "--steps", "10",
+            "--n-dis", "2", "--bs", "32", "--subset", "256", "--checkpoint-every", "2", "--logger", "none",
+            *TINY_SET, *QUIET]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--name", "whole"],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--name", "cut"], capture_output=True,
+                            text=True, timeout=600, env={**env, "STTPFAST_CRASH_AT": "checkpoint-files:3"})
+    assert killed.returncode == -signal.SIGKILL
+    resumed = subprocess.run([sys.executable, str(ROOT / "apps/gan.py"), "--resume", str(tmp_path / "cut")],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming {tmp_path / 'cut'} at G step 4" in resumed.stdout
+    for load in (_weights, _optimizer):
+        a, b = load(tmp_path / "whole"), load(tmp_path / "cut")
+        assert a.keys() == b.keys() and [key for key in a if not torch.equal(a[key], b[key])] == []
+
+
+def test_resume_refuses_a_classification_run(tmp_path):
+    trained = _cli("train", "digits", "--arch", "resnet20_cifar", "--param", "dense", "--steps", "1", "--bs", "64",
+                   "--subset", "128", "--logger", "none", "--out", tmp_path, "--name", "c", *QUIET)
+    assert trained.exit_code == 0, trained.output
+    result = _cli("gan", "--resume", tmp_path / "c")
+    assert result.exit_code == 2
+    assert result.output.strip() == f"Error: {tmp_path / 'c'} is not a GAN run; resume it with: " \
+                                    f"sttpfast train --resume {tmp_path / 'c'}"
+
+
+ALLOWED = ("svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tucker, rtk, tt, rtt, tr, rtr, ht, "
+           "dense, sn, svdp, sttp")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--d-param", "sttp-x"], "unknown gan.d_param (--d-param) 'sttp-x'; did you mean 'sttp-r' or 'sttp-l' or "
+                              f"'sttp-c'? allowed: {ALLOWED}, sr"),
+    (["--g-param", "svdpc"], "unknown gan.g_param (--g-param) 'svdpc'; did you mean 'svdp-c' or 'svdp' or 'svdp-r'? "
+                             f"allowed: {ALLOWED}"),
+    # the tiny D's largest sttp-c rank is 18 and the tiny G's largest svdp-c rank 8: one above each
+    (["--d-param", "sttp-c", "--rank", "19"], "rank 19 is larger than any layer of the discriminator allows under "
+                                              "sttp-c: the largest useful rank there is 18"),
+    (["--g-param", "svdp-c", "--g-rank", "9"], "rank 9 is larger than any layer of the generator allows under "
+                                               "svdp-c: the largest useful rank there is 8"),
+    (["--n-dis", "0"], "config gan.n_dis = 0: expected a positive integer (>= 1)"),
+    (["--metrics-every", "5", "--inception-weights", "/nowhere/pt_inception.pth"],
+     "--inception-weights (gan.inception_weights): file not found: /nowhere/pt_inception.pth"),
+])
+def test_bad_input_is_one_error_line_exit_2_and_creates_nothing(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = _cli("gan", "digits", "--steps", "2", "--out", out, *TINY_SET, *args)
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == ["Error: " + message]
+    assert not out.exists()
+
+
+def test_accelerate_launch_apps_gan_writes_checkpoints_grid_and_metrics(tmp_path):
+    """The end-to-end path a user takes: accelerate's launcher, apps/gan.py, metrics with the
+    offline extractor (no Inception download), best checkpoint by FID."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+           str(ROOT / "apps/gan.py"), "--dataset", "digits", "--d-param", "sttp-c", "--rank", "4", "--steps", "6",
+           "--bs", "32", "--subset", "256", "--n-dis", "2", "--metrics-every", "3", "--metrics-samples", "64",
+           "--extractor", "offline", "--out", str(tmp_path), "--name", "e2e", *TINY_SET, *QUIET,
+           "--set", "gan.extractor_steps=20", "--set", "gan.grid=16"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "e2e"
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["samples_0000003.png", "samples_0000006.png"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    name = "fid_sttpfast-resnet20-digits"
+    assert [line["step"] for line in lines] == [3, 6] and all(line[name] > 0 for line in lines)
+    summary = json.loads((run / "summary.json").read_text())
+    best = min(lines, key=lambda line: line[name])
+    assert summary["best"] == {"metric": name, "value": best[name], "step": best["step"]}
+    best_state = json.loads((run / "checkpoints/best/state.json").read_text())
+    assert best_state["train_iter"] == best["step"] and (run / "extractor.safetensors").is_file()
+    assert json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"] == 6
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    common = [str(ROOT / "apps/gan.py"), "digits", "--d-param", "sn", "--steps", "4", "--n-dis", "2", "--subset", "256",
+              "--logger", "none", *TINY_SET, *QUIET]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    one = subprocess.run([sys.executable, *common, "--bs", "32", "--out", str(tmp_path / "one"), "--name", "r"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
+                          "--bs", "16", "--out", str(tmp_path / "two"), "--name", "r"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert two.returncode == 0, (two.stdout[-2000:], two.stderr[-3000:])
+    s1 = json.loads((tmp_path / "one/r/summary.json").read_text())
+    s2 = json.loads((tmp_path / "two/r/summary.json").read_text())
+    assert (s2["processes"], s2["ranks_in_sync"], s2["steps"], s2["d_steps"]) == (2, True, 4, 8)
+    assert (s1["processes"], s1["steps"], s1["d_steps"]) == (1, 4, 8)
+    # rank 1 wrote nothing: one run folder, and its files are rank 0's (one checkpoint writer)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["r"]
+    assert sorted(p.name for p in (tmp_path / "two/r/checkpoints").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one/r/checkpoints").iterdir())
+    # Same images, latent codes and noise per step and G's BatchNorm statistics over the
+    # global batch: the runs differ only by float summation order (two half-batch gradients
+    # averaged vs one mean). Adam divides each gradient entry by its own scale, so where the
+    # true gradient is ~0 it turns that rounding noise into steps of up to lr: G's conv biases
+    # (each followed by BatchNorm, which removes them: zero gradient) and the BN running means
+    # they shift may differ by up to lr per update (4 G updates: 8e-4; measured 2.8e-4). D's
+    # entries with cancelling gradients move less (measured 2.7e-5); G's weights, which
+    # have real gradients, agree to 3e-8 (measured).
+    a, b = _weights(tmp_path / "one/r"), _weights(tmp_path / "two/r")
+    assert a.keys() == b.keys()
+    gap = {k: float((a[k].double() - b[k].double()).abs().max())
+           for k in a if a[k].is_floating_point() and a[k].numel()}
+    g_weights = [k for k in gap if k.startswith("generator.") and k.endswith(".weight") and ".bn" not in k]
+    assert len(g_weights) == 8 and max(gap[k] for k in g_weights) < 1e-6, {k: gap[k] for k in g_weights}
+    assert max(gap[k] for k in gap if k.startswith("discriminator.")) < 1e-4
+    assert max(gap.values()) < 4 * 2e-4
+
+
+def test_the_gan_section_of_the_schema():
+    assert DEFAULTS["gan"] == {
+        "g": "sngan_g32", "d": "sngan_d32", "g_param": "dense", "d_param": "sn", "rank": None, "g_rank": None,
+        "d_rank": None, "g_kwargs": {}, "d_kwargs": {}, "loss": "hinge", "n_dis": 5, "steps": 100000, "bs": 64,
+        "lr_g": 2e-4, "lr_d": 2e-4, "beta1": 0.0, "beta2": 0.9, "lr_decay": "linear", "ema": None, "ema_start": 0,
+        "dequantize": 1.0 / 255.0, "sn_exact": False, "sr_every": 5, "d_optimal": 1.0, "metrics_every": None,
+        "metrics_samples": 5000, "metrics": ["fid", "isc", "kid"], "best_by": "fid", "extractor": "inception",
+        "inception_weights": None, "extractor_steps": 300, "extractor_kwargs": {}, "grid": 64}
+    assert set(GAN_CLI_FLAGS.values()) <= set(SCHEMA)
+    with pytest.raises(ConfigError, match=r"config gan.beta2 = 1.0: expected a number in \[0, 1\)"):
+        build_config(overrides=["gan.beta2=1"])
+    with pytest.raises(ConfigError, match="unknown config key 'gan.ndis' in --set; did you mean 'gan.n_dis'"):
+        build_config(overrides=["gan.ndis=3"])
+
+
+def _table_rows():
+    return sorted(ROOT.glob("configs/aistats21/table*_gan*/*.yml"))
+
+
+def test_every_gan_table_config_is_valid_and_has_the_papers_z():
+    from sttpfast.models import create_model
+    from sttpfast.surgery import parameterize
+
+    rows = _table_rows()
+    assert {p.parent.name for p in rows} == {"table1_gan_reduced_discriminator", "table2_gan_full_discriminator",
+                                            "table3_gan_ranks"}
+    checked = {}
+    for path in rows:
+        cfg, _ = build_config([path])
+        g = check_gan_config(cfg)
+        expected = _expected_z(path)
+        if expected is None:
+            continue
+        d = create_model(g["d"], in_chans=3, **g["d_kwargs"])
+        param = "dense" if g["d_param"] == "sr" else g["d_param"]
+        report = parameterize(d, param, rank=(g["d_rank"] or g["rank"]) if param not in ("dense", "sn") else None)
+        checked[str(path.relative_to(ROOT))] = round(report.z, 2)
+        assert round(report.z, 2) == expected, path
+    assert len(checked) == 11, checked  # table 2: 6 CIFAR-10 + 3 STL-10 rows; table 3: rank 64 twice
+
+
+def _expected_z(path: Path):
+    """The Z (percent) of D that a config's header comment states from FACTS.md, or None."""
+    for line in path.read_text().splitlines():
+        if line.startswith("# D Z ="):
+            return float(line.split("=")[1].split("%")[0])
+    return None
