@@ -102,17 +102,19 @@ def test_resume_after_a_signal_is_bit_identical(tmp_path, k, signum, params):
 
 
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(tmp_path):
-    """SIGKILL in the middle of writing the third checkpoint (STTPFAST_CRASH_AT, the chaos hook
-    of sttpfast.atomic): the run resumes from the second one (step 4) and ends as if never killed."""
+    """SIGKILL in the middle of writing the fourth checkpoint (steps 2, 3 = best, 4, 6;
+    STTPFAST_CRASH_AT, the chaos hook of sttpfast.atomic): the run resumes from step 4 and ends as
+    if never killed, its metrics file too."""
     args = [str(ROOT / "apps/gan.py"), "digits", "--d-param", "sttp-r", "--rank", "4", "--ema", "0.9", "--steps", "10",
             "--n-dis", "2", "--bs", "32", "--subset", "256", "--checkpoint-every", "2", "--logger", "none",
-            *TINY_SET, *QUIET]
+            "--metrics-every", "3", "--metrics-samples", "64", "--extractor", "offline",
+            "--set", "gan.extractor_steps=5", "--set", "gan.grid=4", *TINY_SET, *QUIET]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     whole = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--name", "whole"],
                            capture_output=True, text=True, timeout=600, env=env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--name", "cut"], capture_output=True,
-                            text=True, timeout=600, env={**env, "STTPFAST_CRASH_AT": "checkpoint-files:3"})
+                            text=True, timeout=600, env={**env, "STTPFAST_CRASH_AT": "checkpoint-files:4"})
     assert killed.returncode == -signal.SIGKILL
     resumed = subprocess.run([sys.executable, str(ROOT / "apps/gan.py"), "--resume", str(tmp_path / "cut")],
                              capture_output=True, text=True, timeout=600, env=env)
@@ -121,6 +123,10 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(
     for load in (_weights, _optimizer):
         a, b = load(tmp_path / "whole"), load(tmp_path / "cut")
         assert a.keys() == b.keys() and [key for key in a if not torch.equal(a[key], b[key])] == []
+    # the evaluation at step 6 ran before the kill and again after the resume: recorded once
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 9, 10]
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
 
 
 def test_resume_refuses_a_classification_run(tmp_path):

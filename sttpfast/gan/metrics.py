@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.utils import save_image
 
+from sttpfast.atomic import write_file
 from sttpfast.callbacks._util import is_main_process, log_image, log_scalars, positive_steps, run_dir, unwrap_model
 from sttpfast.gan.extractor import register_offline_extractor, train_offline_extractor
 
@@ -214,6 +215,18 @@ class GANMetrics(Callback):
     def best_name(self) -> str:
         return self.metric_name(self.best_by)
 
+    def _history_lines(self) -> str:
+        """``metrics.jsonl``: one JSON line per evaluation in ``history``, ``best`` true where it
+        improved the best value so far."""
+        key, lower = self.metric_name(self.best_by), _LOWER_IS_BETTER[self.best_by]
+        best, lines = None, []
+        for row in self.history:
+            value = row.get(key, math.nan)
+            better = math.isfinite(value) and (best is None or (value < best if lower else value > best))
+            best = value if better else best
+            lines.append(json.dumps({**row, "best": better}) + "\n")
+        return "".join(lines)
+
     # --- events --------------------------------------------------------------------------
     def before_fit(self):
         self.is_best = False
@@ -299,8 +312,9 @@ class GANMetrics(Callback):
             self.best, self.best_step, self.is_best = value, step, True
         self.history.append({"step": step, **self.values})
         log_scalars(self.learn, {f"metrics/{k}": v for k, v in self.values.items()}, step)
-        with open(folder / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **self.values, "best": self.is_best}) + "\n")
+        # the whole file from the history (restored with the checkpoint), atomically: after a crash
+        # and a resume, an evaluation that ran after the last checkpoint is not recorded twice
+        write_file(folder / "metrics.jsonl", self._history_lines())
         grid_path = folder / "samples" / f"samples_{step:07d}.png"
         grid_path.parent.mkdir(parents=True, exist_ok=True)
         grid = self.generate(self.grid, self.seed)  # fixed codes: the same z at every evaluation
