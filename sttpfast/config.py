@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 import warnings
@@ -403,11 +404,26 @@ def _nest(flat: dict) -> dict:
     return out
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers in exponent form (``1e-3``, ``5E-4``) as floats the
+    way YAML 1.2 does; YAML 1.1 wants a dot (``1.0e-3``) and makes ``1e-3`` a string."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$""", re.X),
+    list("-+0123456789"))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml(path: str | Path) -> dict:
     """One YAML mapping; ConfigError for a missing, unreadable or non-mapping file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
@@ -449,7 +465,7 @@ def apply_overrides(cfg: dict, pairs: list[str], sources: dict | None = None) ->
             raise ConfigError(f"override {pair!r} must look like key=value (e.g. optim.lr=0.05)")
         key, raw = pair.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _yaml_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             raise ConfigError(f"override {pair!r}: {raw!r} is not a valid YAML value") from None
         if isinstance(value, (bool, int, float)) and _takes_text(key.strip()):

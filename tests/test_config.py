@@ -175,3 +175,15 @@ def test_text_fields_keep_yaml_look_alikes_as_text():
     assert cfg["train"]["name"] == "1e3"
     with pytest.raises(ConfigError, match="optim.lr"):
         build_config(overrides=["optim.lr=abc"])
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-3` as the text '1e-3'; users write learning rates that way."""
+    path = tmp_path / "c.yml"
+    path.write_text("optim:\n  lr: 1e-3\n  wd: 5E-4\n")
+    cfg, _ = build_config([path], ["train.seed=7"])
+    assert cfg["optim"]["lr"] == 0.001 and cfg["optim"]["wd"] == 0.0005
+    cfg, _ = build_config(overrides=["optim.lr=2e-4", "optim.wd=+1e2"])
+    assert cfg["optim"]["lr"] == 0.0002 and cfg["optim"]["wd"] == 100.0
+    cfg, _ = build_config(overrides=["train.name=1e3"])
+    assert cfg["train"]["name"] == "1e3"  # a text field keeps the text
