@@ -118,7 +118,10 @@ def _read_weight_matrix(module: nn.Module) -> Tensor:
 def _exact_svdvals(module: nn.Module) -> Callable[[], Tensor]:
     def values() -> Tensor:
         with torch.no_grad():
-            return torch.linalg.svdvals(_read_weight_matrix(module).float())
+            matrix = _read_weight_matrix(module).float()
+            if not torch.isfinite(matrix).all():  # a diverged layer: NaN values, not a LinAlgError
+                return matrix.new_full((min(matrix.shape),), float("nan"))
+            return torch.linalg.svdvals(matrix)
     return values
 
 

@@ -87,3 +87,15 @@ def test_reading_the_spectrum_of_an_sn_layer_does_not_advance_its_power_iteratio
         sigma()
     assert torch.equal(sn._u, u) and torch.equal(sn._v, v)
     assert model.training and sn.training  # the mode is restored
+
+
+def test_the_spectrum_of_a_non_finite_weight_is_nan_not_an_exception():
+    """A diverged run (NaNGuard stops it) still draws its heat map at after_cancel_fit: svdvals
+    of a matrix with inf raised LinAlgError inside the callback and hid NaNGuard's message."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 5))
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("inf")
+        model[1].weight[0, 0] = float("nan")  # NaN is what made svdvals raise
+    spectra = {name: sigma() for name, _, _, sigma in spectral_layers(model)}
+    assert list(spectra) == ["0", "1"] and [s.shape for s in spectra.values()] == [(3,), (3,)]
+    assert all(torch.isnan(s).all() for s in spectra.values())
