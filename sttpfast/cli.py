@@ -286,6 +286,11 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
 
         summary = run_training(config, echo=click.echo)
     _print_summary(summary)
+    _exit_if_the_loss_diverged(summary)
+
+
+def _exit_if_the_loss_diverged(summary: dict) -> None:
+    """NaNGuard stopped the run: say so and exit 1 (the checkpoint kept is the last good one)."""
     if summary.get("nan_step") is not None:
         click.echo(f"Error: the loss became non-finite at step {summary['nan_step']}; training stopped. "
                    f"The last good checkpoint is {summary['checkpoint']}", err=True)
@@ -347,6 +352,7 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
         parts.append(f"best {best['metric']} {best['value']:.4g} at step {best['step']}")
     parts += [f"{summary['steps']} G steps in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]
     click.echo("summary: " + " | ".join(parts))
+    _exit_if_the_loss_diverged(summary)
 
 
 # -- compress: decompose a dense run, distil block by block, fine-tune ------------------------

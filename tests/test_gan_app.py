@@ -273,3 +273,20 @@ def _expected_z(path: Path):
         if line.startswith("# D Z ="):
             return float(line.split("=")[1].split("%")[0])
     return None
+
+
+def test_a_non_finite_loss_stops_the_gan_run_with_exit_1_and_keeps_the_last_good_checkpoint(tmp_path):
+    """An absurd D learning rate sends D's weights to inf; NaNGuard stops the run before the
+    non-finite step reaches the weights and the command says so, exit 1 (as `sttpfast train`)."""
+    result = _cli("gan", "digits", "--d-param", "sn", "--steps", "6", "--n-dis", "1", "--bs", "32", "--subset", "128",
+                  "--checkpoint-every", "1", "--logger", "none", "--out", tmp_path, "--name", "nan",
+                  "--set", "gan.lr_d=1e38", *TINY_SET, *QUIET)
+    assert result.exit_code == 1, result.output
+    summary = json.loads((tmp_path / "nan" / "summary.json").read_text())
+    step = summary["nan_step"]
+    assert isinstance(step, int) and 0 < step < 6
+    assert result.output.strip().splitlines()[-1] == (
+        f"Error: the loss became non-finite at step {step}; training stopped. "
+        f"The last good checkpoint is {tmp_path / 'nan' / 'checkpoints' / 'last'}")
+    weights = _weights(tmp_path / "nan")
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())

@@ -297,6 +297,7 @@ def _summary(learn, cfg, run_dir: Path, seconds: float, processes: int, metrics,
         "processes": processes, "loss_g": _float(learn.loss_g), "loss_d": _float(learn.loss_d),
         "metrics": dict(metrics.values) if metrics is not None else {}, "best": best,
         "ranks_in_sync": getattr(learn, "ranks_in_sync", None),
+        "nan_step": getattr(learn, "nan_step", None),
         "checkpoint": str(run_dir / "checkpoints" / "last"),
     }
 
