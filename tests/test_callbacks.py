@@ -2,7 +2,6 @@
 import glob
 import math
 import os
-import struct
 
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -37,6 +36,7 @@ from sttpfast.params.base import MatrixView
 from sttpfast.params.chain import SpectralChain
 from sttpfast.penalties import d_optimal_penalty, frobenius_decay_penalty
 from sttpfast.surgery import factors_of, parameterized_layers
+from wandb_history import read_wandb_history
 
 STEPS_PER_EPOCH = 4  # 256 training images, bs 64
 
@@ -107,31 +107,6 @@ class ScalarSink(Callback):
 
     def values(self, tag):
         return [(s, v) for s, k, v in self.scalars if k == tag]
-
-
-def read_wandb_history(run_file):
-    """The history rows ``{key: json value}`` of an offline W&B run (a LevelDB-style log of
-    protobuf records: a 7-byte file header, 32 KiB blocks, 7-byte record headers)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    with open(run_file, "rb") as f:
-        data = f.read()
-    pos, block, buf, rows = 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # block trailer too small for a header: padding
-            pos += block - pos % block
-            continue
-        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0 and n == 0:
-            break
-        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
-        if kind in (1, 4):  # FULL or LAST chunk: a whole record
-            record = pb.Record()
-            record.ParseFromString(buf)
-            buf = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
-    return rows
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The GAN app: `sttpfast gan`, apps/gan.py, the GAN config schema and configs, checkpoints,
 exact resume, signals, metrics in a run, several processes, bad input."""
+import glob
 import json
 import os
 import signal
@@ -290,3 +291,21 @@ def test_a_non_finite_loss_stops_the_gan_run_with_exit_1_and_keeps_the_last_good
         f"The last good checkpoint is {tmp_path / 'nan' / 'checkpoints' / 'last'}")
     weights = _weights(tmp_path / "nan")
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+
+
+def test_wandb_logs_a_gan_run_offline(tmp_path, monkeypatch):
+    """`--logger wandb` (offline here): G and D losses and every D layer's sigma_max, per step."""
+    from wandb_history import read_wandb_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    result = _cli("gan", "digits", "--d-param", "sttp-c", "--rank", "4", "--steps", "3", "--n-dis", "1", "--bs", "32",
+                  "--subset", "128", "--logger", "wandb", "--out", tmp_path, "--name", "w",
+                  "--set", "log.every=1", "--set", "log.sv_every=1", *TINY_SET, *QUIET)
+    assert result.exit_code == 0, result.output
+    [run_file] = glob.glob(str(tmp_path / "**" / "offline-run-*" / "run-*.wandb"), recursive=True)
+    rows = read_wandb_history(run_file)
+    assert sorted(int(r["_step"]) for r in rows if "gan/loss_g" in r) == [1, 2, 3]
+    sigma = sorted({k for r in rows for k in r if k.startswith("sv/discriminator.") and k.endswith("/sigma_max")})
+    assert len(sigma) == 11  # the tiny D: 8 convs, 2 shortcut convs and the final Linear
+    assert all(abs(float(r[k]) - 1.0) < 1e-4 for r in rows for k in sigma if k in r)  # STTP-C: sigma_max = 1
