@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fastai.callback.core import Callback, CancelFitException
+from interrupt import Interrupt
 from safetensors.torch import load_file
 
 from sttpfast.checkpoint import load_parameterized
@@ -100,19 +100,6 @@ def test_two_process_run_killed_mid_epoch_resumes_bit_identical(two_process_run,
     assert s_cut["rank_hashes"] == s_full["rank_hashes"] and len(set(s_cut["rank_hashes"])) == 1
 
 
-class _StopAfter(Callback):
-    """Ends the fit after ``k`` optimizer steps (after that step's checkpoint), like a killed job."""
-
-    order = 90
-
-    def __init__(self, k):
-        self.k = k
-
-    def after_batch(self):
-        if self.training and self.train_iter == self.k:
-            raise CancelFitException()
-
-
 def test_loader_worker_processes_change_nothing_and_resume_exactly(tmp_path):
     """``data.num_workers`` > 0 is allowed: a worker only indexes the in-memory tensors
     (``create_batch``); the shuffling order is drawn before the workers start and augmentation
@@ -129,7 +116,7 @@ def test_loader_worker_processes_change_nothing_and_resume_exactly(tmp_path):
         return c
 
     plain = run_training(cfg("plain", 0), echo=lambda *a: None)
-    cut = run_training(cfg("workers", 2), extra_cbs=[_StopAfter(3)], echo=lambda *a: None)
+    cut = run_training(cfg("workers", 2), extra_cbs=[Interrupt(3)], echo=lambda *a: None)
     assert cut["steps"] == 3
     resumed = run_training(resume=tmp_path / "workers", echo=lambda *a: None)
     assert resumed["steps"] == plain["steps"] == 6

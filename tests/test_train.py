@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback
+from interrupt import Interrupt
 from safetensors.torch import load_file
 
 from sttpfast.cli import main
@@ -63,19 +64,6 @@ def _cfg(tmp_path, name, **extra):
                                      "log.progress=false", f"train.out={tmp_path}", f"train.name={name}",
                                      "train.checkpoint_every=3", *overrides])
     return cfg
-
-
-class Interrupt(Callback):
-    """Stops the fit after ``k`` optimizer steps, like a killed job (after the checkpoint)."""
-
-    order = 90
-
-    def __init__(self, k):
-        self.k = k
-
-    def after_batch(self):
-        if self.training and self.train_iter == self.k:
-            raise CancelFitException()
 
 
 def _weights(run: Path) -> dict:
