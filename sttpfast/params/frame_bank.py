@@ -23,7 +23,22 @@ own layers only, on first use; nested scopes join its pass; ``always_call`` post
 close it even when forward raises. So a forward of the whole model, of one block, or of
 the model under a DDP / accelerate wrapper (which calls the model's forward) is batched,
 and a layer called outside any scope (or outside a forward: a callback reading one
-layer's weight) builds its own weight, never a stale one.
+layer's weight) joins a *loose pass* (below), never a stale one.
+
+Traced copies (torch.fx ``symbolic_trace``, timm's ``create_feature_extractor`` and
+``features_only`` through fx, ``torch.export``) call the leaf layers only, never the
+containers whose hooks open a pass, and torch offers no hook on the making of such a copy
+to re-install the scopes. Building each layer on its own there is not an option if the copy
+is to equal the model bit for bit: a batched matmul on the CPU rounds a batch element
+differently from a 2-D matmul, and even by its position in the batch (measured: 9x9
+frames), so only the very same batched build, same members in the same order, gives the
+same bits. So a layer used outside any scope opens a loose pass: the outermost scope's
+build, exactly as the model's own forward makes it, whose weights are handed out once
+each. A loose pass is never stale: it ends when a layer is used a second time (the next
+forward of the copy), when the layer's factors changed since the build (an optimizer step,
+``load_state_dict``), when grad mode differs from the build's, when a backward has run
+through any weight it handed out (the shared build graph is freed then), and when a
+scoped pass opens; weights not handed out are dropped then.
 
 Sharded models (FSDP2, ``fully_shard`` on blocks and the root). A unit's parameters are
 gathered only while that unit's forward runs, so a pass never builds everything at its
@@ -75,16 +90,31 @@ class FrameBank:
 
     def __init__(self, members: list[tuple[nn.Module, nn.Module]]):
         self.members = members  # (layer, its SpectralChain parametrization), all of the tree
+        self._member_of = {id(p): (layer, p) for layer, p in members}
         self.scopes: list[_Scope] = []
         self._depth = 0
         self._scope: _Scope | None = None
         self._weights: dict[int, Tensor] | None = None
         self._said_sharded = False  # the FSDP2 note is logged once per bank
+        self._loose: dict[int, Tensor] = {}  # the loose pass: weights not handed out yet
+        self._loose_state: tuple = ()  # (grad mode, {id: factor versions}, [spent]) of its build
+
+    def __getstate__(self):
+        # deepcopy / pickle: a loose pass's weights are non-leaf tensors (not copyable) and
+        # belong to the original's graph; the copy starts without one
+        state = dict(self.__dict__)
+        state["_loose"], state["_loose_state"] = {}, ()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._member_of = {id(p): (layer, p) for layer, p in self.members}  # the copy's ids
 
     # -- passes -------------------------------------------------------------------------
     def _open(self, scope: _Scope) -> None:
         if self._depth == 0:
             self._scope, self._weights = scope, None
+            self._loose, self._loose_state = {}, ()
         self._depth += 1
 
     def _close(self) -> None:
@@ -107,7 +137,7 @@ class FrameBank:
         while its forward runs, so each unit's first layer builds that unit's layers: one
         batched build per FSDP unit, never mixing gathered tensors with sharded DTensors."""
         if self._scope is None:
-            return None
+            return self._loose_weight(parametrization)
         if self._weights is None:
             self._weights = {}
         key = id(parametrization)
@@ -126,6 +156,30 @@ class FrameBank:
                 self._weights.update(build_weights(members))
         return self._weights.get(key)
 
+    def _loose_weight(self, parametrization: nn.Module) -> Tensor | None:
+        """``parametrization``'s weight ``(d_out, d_in)`` from the loose pass (module docstring),
+        opening a new one when it has none for this layer or it went stale; None when the
+        tree's layers are sharded (FSDP2: the layer builds its own)."""
+        key = id(parametrization)
+        if key not in self._loose or not self._loose_fresh(key):
+            self._loose, self._loose_state = {}, ()
+            members = self.scopes[0].members  # the outermost scope: the root's, all layers, in order
+            if _sharded_members(members):
+                return None
+            with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
+                    record_function("sttpfast.weight_build"):
+                self._loose = build_weights(members)
+            self._loose_state = (torch.is_grad_enabled(), {id(p): _versions(m, p) for m, p in members}, [False])
+        weight = self._loose.pop(key)
+        if weight.grad_fn is not None:
+            spent = self._loose_state[2]
+            weight.grad_fn.register_hook(lambda *_: spent.__setitem__(0, True))
+        return weight
+
+    def _loose_fresh(self, key: int) -> bool:
+        grad_mode, versions, spent = self._loose_state
+        return grad_mode == torch.is_grad_enabled() and not spent[0] and versions[key] == _versions(*self._member_of[key])
+
     def _say_sharded(self, n_sharded: int, n_members: int) -> None:
         if self._said_sharded:
             return
@@ -143,6 +197,13 @@ def _sharded_members(members: list[tuple[nn.Module, nn.Module]]) -> set[int]:
     if dtensor is None:
         return set()
     return {id(p) for layer, p in members if isinstance(_first_factor(layer), dtensor.DTensor)}
+
+
+def _versions(layer: nn.Module, parametrization: nn.Module) -> tuple:
+    """What the layer's weight depends on, as (tensor id, in-place version) pairs: a change
+    means a step or a load happened since."""
+    tensors = list(factors_of(layer)) + [parametrization.gain]
+    return tuple((id(t), t._version) for t in tensors)
 
 
 def _first_factor(layer: nn.Module) -> Tensor | None:
