@@ -519,9 +519,12 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     By default the parameterized ``model`` is left alone and a dense copy is returned."""
     target = model if inplace else copy.deepcopy(model)
-    detach_frame_bank(target)
+    # the weights are read with the bank still attached (one loose pass: the whole tree's
+    # batched build), so the dense model gives the parameterized model's bits, not the
+    # per-layer build's (which differs in the last bits)
     for _, module, _ in list(parameterized_layers(target)):
         remove_weight_parametrization(module)
+    detach_frame_bank(target)
     return target
 
 

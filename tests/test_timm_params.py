@@ -63,3 +63,46 @@ def test_fx_traced_copy_is_bit_identical_to_the_model(name, method):
         grads.append([p.grad.clone() for p in model.parameters()])
     assert torch.equal(losses[0], losses[1])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", MODELS)
+def test_features_and_intermediates_give_the_models_bits(name, method):
+    model = _parameterized(name, method)
+    dense = sttpfast.densify(model)
+    x = _input()
+    with torch.no_grad():
+        features = model.forward_features(x)
+        assert torch.equal(model.forward_head(features), model(x))
+        final, maps = model.forward_intermediates(x)
+        assert torch.equal(final, features)
+        # the dense model (the unparameterized path) gives the same bits: densify reads the
+        # weights through the bank's batched build
+        assert torch.equal(dense.forward_features(x), features)
+        dense_final, dense_maps = dense.forward_intermediates(x)
+        assert torch.equal(dense_final, final)
+        assert len(maps) == len(dense_maps) and all(torch.equal(a, b) for a, b in zip(maps, dense_maps))
+        # timm's feature extractor (torch.fx) of the parameterized model: the same maps
+        names = [info["module"] for info in model.feature_info]
+        traced = timm.models.create_feature_extractor(model, names)(x)
+        assert list(traced) == names
+        assert all(torch.equal(traced[n], m) for n, m in zip(names, maps))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", MODELS)
+def test_features_only_model_parameterized_equals_the_models_intermediates(name, method):
+    def build(**kwargs):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=10, **kwargs).eval()
+        sttpfast.parameterize(model, method, rank=4)  # one rank: the same layers get the same factors
+        return model
+    model = build()
+    x = _input()
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, intermediates_only=True)
+        for feature_cls in ("getter", "hook", "fx"):
+            features = build(features_only=True, feature_cls=feature_cls)
+            got = features(x)
+            assert [t.shape for t in got] == [t.shape for t in expected], feature_cls
+            assert all(torch.equal(a, b) for a, b in zip(got, expected)), feature_cls

@@ -114,7 +114,8 @@ class FrameBank:
     def _open(self, scope: _Scope) -> None:
         if self._depth == 0:
             self._scope, self._weights = scope, None
-            self._loose, self._loose_state = {}, ()
+            if scope is self.scopes[0]:  # the whole tree's pass: a loose one is done with
+                self._loose, self._loose_state = {}, ()
         self._depth += 1
 
     def _close(self) -> None:
@@ -136,7 +137,12 @@ class FrameBank:
         build per pass). Under FSDP2 (``fully_shard``) a unit's parameters are gathered only
         while its forward runs, so each unit's first layer builds that unit's layers: one
         batched build per FSDP unit, never mixing gathered tensors with sharded DTensors."""
-        if self._scope is None:
+        if self._scope is None or (self._scope is not self.scopes[0] and not torch.is_grad_enabled()):
+            # outside any scope, or (inference) a part of the tree run on its own, e.g. the
+            # stages of forward_intermediates or a features_only wrapper: the whole tree's
+            # build, so the part gives the bits the whole model's forward gives. With grad on,
+            # a part builds its own layers (batched): a checkpointed block recomputed in
+            # backward must not rebuild the whole tree for each block.
             return self._loose_weight(parametrization)
         if self._weights is None:
             self._weights = {}
