@@ -40,6 +40,11 @@ forward of the copy), when the layer's factors changed since the build (an optim
 through any weight it handed out (the shared build graph is freed then), and when a
 scoped pass opens; weights not handed out are dropped then.
 
+The root's ``forward_features``, ``forward_intermediates`` and ``forward_head`` (timm's
+contract; they run parts of its forward without calling it) are passes of the root's scope
+too (:class:`_ScopedMethod` on the root instance), so their outputs, and the feature maps of
+a ``features_only`` wrapper, carry the bits of the model's own forward.
+
 Sharded models (FSDP2, ``fully_shard`` on blocks and the root). A unit's parameters are
 gathered only while that unit's forward runs, so a pass never builds everything at its
 first use: a miss builds the layers of the scope whose parameters are gathered at that
@@ -83,6 +88,27 @@ class _Scope:
 
     def after_forward(self, module, args, output):
         self.bank._close()
+
+
+# the root's methods that run a part of its forward (timm's contract): each is a pass of the
+# root's scope, so its outputs carry the bits of the model's own forward
+ROOT_METHODS = ("forward_features", "forward_intermediates", "forward_head")
+
+
+class _ScopedMethod:
+    """``module.<name>(...)`` run as a pass of ``scope`` (the root's): installed on the root
+    instance, removed with the bank. A class, not a closure, so ``copy.deepcopy`` points the
+    copy's method at the copy's scope and module."""
+
+    def __init__(self, scope: _Scope, module: nn.Module, name: str):
+        self.scope, self.module, self.name = scope, module, name
+
+    def __call__(self, *args, **kwargs):
+        self.scope.bank._open(self.scope)
+        try:
+            return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
+        finally:
+            self.scope.bank._close()
 
 
 class FrameBank:
@@ -137,12 +163,7 @@ class FrameBank:
         build per pass). Under FSDP2 (``fully_shard``) a unit's parameters are gathered only
         while its forward runs, so each unit's first layer builds that unit's layers: one
         batched build per FSDP unit, never mixing gathered tensors with sharded DTensors."""
-        if self._scope is None or (self._scope is not self.scopes[0] and not torch.is_grad_enabled()):
-            # outside any scope, or (inference) a part of the tree run on its own, e.g. the
-            # stages of forward_intermediates or a features_only wrapper: the whole tree's
-            # build, so the part gives the bits the whole model's forward gives. With grad on,
-            # a part builds its own layers (batched): a checkpointed block recomputed in
-            # backward must not rebuild the whole tree for each block.
+        if self._scope is None:
             return self._loose_weight(parametrization)
         if self._weights is None:
             self._weights = {}
@@ -270,6 +291,9 @@ def detach_frame_bank(model: nn.Module) -> None:
     for scope in bank.scopes:
         for handle in scope.handles:
             handle.remove()
+    for name in ROOT_METHODS:
+        if isinstance(model.__dict__.get(name), _ScopedMethod):
+            del model.__dict__[name]
     for _, p in bank.members:
         if p.__dict__.get("frame_bank") is bank:
             p.__dict__.pop("frame_bank")
@@ -291,6 +315,9 @@ def attach_frame_bank(model: nn.Module) -> FrameBank | None:
         inside = [by_layer[id(m)] for m in module.modules() if id(m) in by_layer]
         if len(inside) >= 2:
             bank.scopes.append(_Scope(bank, module, inside))
+    for name in ROOT_METHODS:
+        if callable(getattr(type(model), name, None)):  # scopes[0] is the root's: it holds every layer
+            model.__dict__[name] = _ScopedMethod(bank.scopes[0], model, name)
     for _, p in members:
         p.__dict__["frame_bank"] = bank  # a plain attribute: not a submodule, not in state_dict
     model.__dict__[_ATTR] = bank
