@@ -106,3 +106,25 @@ def test_features_only_model_parameterized_equals_the_models_intermediates(name,
             got = features(x)
             assert [t.shape for t in got] == [t.shape for t in expected], feature_cls
             assert all(torch.equal(a, b) for a, b in zip(got, expected)), feature_cls
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_torch_export_of_the_parameterized_model_equals_it(method):
+    model = _parameterized(OWN, method)
+    x = _input()
+    exported = torch.export.export(model, (x,)).module()
+    with torch.no_grad():
+        assert torch.equal(exported(x), model(x))
+
+
+def test_torch_jit_script_is_refused_with_a_pointer_to_densify():
+    model = _parameterized(OWN, "sttp-r")
+    x = _input()
+    with pytest.warns(FutureWarning, match="torch.jit.script. is deprecated"), pytest.raises(ValueError) as err:
+        torch.jit.script(model)
+    assert str(err.value) == ("torch.jit.script cannot compile a Conv2d parameterized as sttp-r: script the "
+                              "dense model instead, torch.jit.script(sttpfast.densify(model))")
+    with pytest.warns(FutureWarning, match="torch.jit.script. is deprecated"):
+        scripted = torch.jit.script(sttpfast.densify(model))
+    with torch.no_grad():
+        assert torch.equal(scripted(x), model(x))
