@@ -128,3 +128,30 @@ def test_torch_jit_script_is_refused_with_a_pointer_to_densify():
         scripted = torch.jit.script(sttpfast.densify(model))
     with torch.no_grad():
         assert torch.equal(scripted(x), model(x))
+
+
+def test_torch_compile_of_a_training_step_equals_eager():
+    # backend "aot_eager": dynamo's capture of the parameterized forward (parametrizations,
+    # frame bank) and AOT autograd's backward, the parts sttpfast's code meets; inductor's
+    # C++ codegen adds minutes on a CPU and is measured by bench/step.py --compile instead
+    import copy
+    model = _parameterized(OWN, "sttp-r").train()
+    twin = copy.deepcopy(model)
+    torch.manual_seed(3)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def training_step(net):
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+
+        def step(x, y):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+        return step
+    eager, compiled = training_step(model), torch.compile(training_step(twin), backend="aot_eager")
+    for _ in range(2):
+        expected, got = eager(x, y), compiled(x, y)
+        assert torch.isfinite(got) and abs(got.item() - expected.item()) <= 1e-5 * abs(expected.item())
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(model.parameters(), twin.parameters()))
