@@ -155,3 +155,33 @@ def test_torch_compile_of_a_training_step_equals_eager():
         expected, got = eager(x, y), compiled(x, y)
         assert torch.isfinite(got) and abs(got.item() - expected.item()) <= 1e-5 * abs(expected.item())
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_a_traced_copy_never_uses_a_stale_weight():
+    # the traced copy's weights come from loose passes: after an optimizer step, after a
+    # backward through part of them, and in the other grad mode, they are built afresh
+    model = _parameterized(OWN, "sttp-r").train()
+    traced = torch.fx.symbolic_trace(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x = _input()
+    for _ in range(2):
+        opt.zero_grad()
+        traced(x).square().mean().backward()
+        opt.step()
+        torch.manual_seed(0)
+        expected = model(x)
+        assert torch.equal(traced(x), expected)
+    head = model.get_classifier()
+    stem = next(m for m in model.modules() if hasattr(m, "parametrizations"))
+    with torch.no_grad():
+        reference = stem.weight  # outside any pass: a loose pass of the whole tree
+    head.zero_grad()
+    stem(x).sum().backward()  # uses the stem's weight of a new (grad) loose pass, then frees its graph
+    head(torch.ones(1, head.in_features)).sum().backward()  # would fail on a spent pass
+    assert torch.equal(stem.weight.detach(), reference)
+    with torch.no_grad():
+        stem.weight  # a loose pass: the head's weight waits in it
+        for t in head.parameters():
+            t.add_(0.1)  # an in-place change, as an optimizer step makes
+        changed = head.weight  # built afresh, not the one waiting
+        assert torch.equal(changed, head.weight)  # (a second read: a new pass, surely fresh)
