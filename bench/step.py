@@ -21,6 +21,12 @@ compared three ways:
     python bench/step.py --timm            # timm's backbones at Z 10%, batch 32, 64x64 images
     python bench/step.py --profile         # + where a training step's time goes (torch.profiler)
     python bench/step.py --device cuda --models wrn28_10      # the GPU row
+    python bench/step.py --compile --models resnet20_cifar    # torch.compile'd step / eager step
+
+``--compile`` times, for the dense model and each parameterization, the training step under
+``torch.compile`` (``--compile-backend``, inductor by default) against the same step run
+eagerly (same init): the first call's compile time, both medians and their ratio. On a CPU
+report ratios only.
 
 ``--timm`` sets ``--models`` to TIMM_MODELS, ``--compression 10`` (``parameterize(model, p,
 compression=10)`` instead of a rank), ``--bs 32`` and ``--img-size 64`` (ViT built for it).
@@ -84,6 +90,31 @@ def train_step_fn(model, x, y, penalized: bool):
         with record_function("step.optimizer"):
             opt.step()
     return step
+
+
+def compile_rows(args, device) -> list[list]:
+    """``[model, param, compile s, eager ms, compiled ms, compiled / eager]`` per configuration."""
+    import time
+    rows = []
+    for arch in args.models:
+        x = torch.randn(args.bs, 3, args.img_size, args.img_size, device=device)
+        y = torch.randint(0, 10, (args.bs,), device=device)
+        for p in ["dense"] + args.params:
+            eager = train_step_fn(build(arch, p, args.rank, device, args.compression, args.img_size), x, y,
+                                  p.endswith("-r"))
+            compiled = torch.compile(train_step_fn(build(arch, p, args.rank, device, args.compression,
+                                                         args.img_size), x, y, p.endswith("-r")),
+                                     backend=args.compile_backend)
+            start = time.perf_counter()
+            compiled()  # the first call compiles (the warm-up rounds below take the recompiles)
+            compile_s = time.perf_counter() - start
+            t = interleaved({"eager": eager, "compiled": compiled}, args.repeats, warmup=3, device=device)
+            med, lo, hi = ratio_stats(t["compiled"], t["eager"])
+            row = [arch, p, f"{compile_s:.0f}", f"{1e3 * median(t['eager']):.1f}",
+                   f"{1e3 * median(t['compiled']):.1f}", f"{med:.3f} ({lo:.2f}-{hi:.2f})"]
+            rows.append(row)
+            print(" | ".join(map(str, row)), file=sys.stderr, flush=True)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -265,11 +296,22 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="also print where a training step's time goes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--compile", action="store_true", help="only: torch.compile'd training step / eager step")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     args = ap.parse_args(argv)
     if args.timm:
         args.models, args.compression, args.bs, args.img_size = TIMM_MODELS, 10.0, 32, 64
     set_threads(args.threads)
     device = torch.device(args.device)
+    if args.compile:
+        rows = compile_rows(args, device)
+        print(f"\nTraining step (SGD, momentum 0.9) under torch.compile (backend {args.compile_backend}) vs eager, "
+              f"batch {args.bs} of random 3x{args.img_size}x{args.img_size} images; {machine()}; "
+              f"{args.repeats} interleaved repeats after 3 warm-up steps, median (min-max) of the per-repeat "
+              f"ratios. Compile: the first call.\n")
+        print(markdown_table(["model", "param", "compile s", "eager step ms", "compiled step ms",
+                              "compiled / eager"], rows))
+        return
     size = args.img_size
     profiles = []
     measure_mem = args.mem_steps > 0 and (device.type == "cuda" or Path("/proc/self/clear_refs").exists())

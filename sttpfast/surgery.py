@@ -355,8 +355,25 @@ def _normalize_layer_ranks(entry, ranks, layers) -> None:
 
 # ---------------------------------------------------------------------------------------
 # surgery
+class _RefuseScripting:
+    """``__prepare_scriptable__`` of a parameterized layer's ``parametrizations``: torch.jit.script
+    calls it on every module before compiling, so scripting a parameterized model stops with
+    one message saying what to do instead of a compiler error deep in a parametrization
+    (torch.jit.script is deprecated and never compiled ``torch.nn.utils.parametrize``).
+    A class, not a closure: it survives ``copy.deepcopy`` and pickling; it goes away with the
+    ``parametrizations`` container when densify removes them."""
+
+    def __init__(self, layer_type: str, param: str):
+        self.layer_type, self.param = layer_type, param
+
+    def __call__(self):
+        raise ValueError(f"torch.jit.script cannot compile a {self.layer_type} parameterized as {self.param}: "
+                         f"script the dense model instead, torch.jit.script(sttpfast.densify(model))")
+
+
 def _register(module: nn.Module, param: str, rank, init: str) -> None:
     method(param).apply(module, rank, init)
+    module.parametrizations.__dict__["__prepare_scriptable__"] = _RefuseScripting(_layer_type(module), param)
 
 
 def _check_choice(what: str, value, allowed) -> None:
@@ -519,9 +536,12 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     By default the parameterized ``model`` is left alone and a dense copy is returned."""
     target = model if inplace else copy.deepcopy(model)
-    detach_frame_bank(target)
+    # the weights are read with the bank still attached (one loose pass: the whole tree's
+    # batched build), so the dense model gives the parameterized model's bits, not the
+    # per-layer build's (which differs in the last bits)
     for _, module, _ in list(parameterized_layers(target)):
         remove_weight_parametrization(module)
+    detach_frame_bank(target)
     return target
 
 

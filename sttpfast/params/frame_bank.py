@@ -23,7 +23,27 @@ own layers only, on first use; nested scopes join its pass; ``always_call`` post
 close it even when forward raises. So a forward of the whole model, of one block, or of
 the model under a DDP / accelerate wrapper (which calls the model's forward) is batched,
 and a layer called outside any scope (or outside a forward: a callback reading one
-layer's weight) builds its own weight, never a stale one.
+layer's weight) joins a *loose pass* (below), never a stale one.
+
+Traced copies (torch.fx ``symbolic_trace``, timm's ``create_feature_extractor`` and
+``features_only`` through fx, ``torch.export``) call the leaf layers only, never the
+containers whose hooks open a pass, and torch offers no hook on the making of such a copy
+to re-install the scopes. Building each layer on its own there is not an option if the copy
+is to equal the model bit for bit: a batched matmul on the CPU rounds a batch element
+differently from a 2-D matmul, and even by its position in the batch (measured: 9x9
+frames), so only the very same batched build, same members in the same order, gives the
+same bits. So a layer used outside any scope opens a loose pass: the outermost scope's
+build, exactly as the model's own forward makes it, whose weights are handed out once
+each. A loose pass is never stale: it ends when a layer is used a second time (the next
+forward of the copy), when the layer's factors changed since the build (an optimizer step,
+``load_state_dict``), when grad mode differs from the build's, when a backward has run
+through any weight it handed out (the shared build graph is freed then), and when a
+scoped pass opens; weights not handed out are dropped then.
+
+The root's ``forward_features``, ``forward_intermediates`` and ``forward_head`` (timm's
+contract; they run parts of its forward without calling it) are passes of the root's scope
+too (:class:`_ScopedMethod` on the root instance), so their outputs, and the feature maps of
+a ``features_only`` wrapper, carry the bits of the model's own forward.
 
 Sharded models (FSDP2, ``fully_shard`` on blocks and the root). A unit's parameters are
 gathered only while that unit's forward runs, so a pass never builds everything at its
@@ -70,21 +90,58 @@ class _Scope:
         self.bank._close()
 
 
+# the root's methods that run a part of its forward (timm's contract): each is a pass of the
+# root's scope, so its outputs carry the bits of the model's own forward
+ROOT_METHODS = ("forward_features", "forward_intermediates", "forward_head")
+
+
+class _ScopedMethod:
+    """``module.<name>(...)`` run as a pass of ``scope`` (the root's): installed on the root
+    instance, removed with the bank. A class, not a closure, so ``copy.deepcopy`` points the
+    copy's method at the copy's scope and module."""
+
+    def __init__(self, scope: _Scope, module: nn.Module, name: str):
+        self.scope, self.module, self.name = scope, module, name
+
+    def __call__(self, *args, **kwargs):
+        self.scope.bank._open(self.scope)
+        try:
+            return getattr(type(self.module), self.name)(self.module, *args, **kwargs)
+        finally:
+            self.scope.bank._close()
+
+
 class FrameBank:
     """Weights of the spectral-chain layers of one parameterized tree, computed together."""
 
     def __init__(self, members: list[tuple[nn.Module, nn.Module]]):
         self.members = members  # (layer, its SpectralChain parametrization), all of the tree
+        self._member_of = {id(p): (layer, p) for layer, p in members}
         self.scopes: list[_Scope] = []
         self._depth = 0
         self._scope: _Scope | None = None
         self._weights: dict[int, Tensor] | None = None
         self._said_sharded = False  # the FSDP2 note is logged once per bank
+        self._loose: dict[int, Tensor] = {}  # the loose pass: weights not handed out yet
+        self._loose_state: tuple = ()  # (grad mode, {id: factor versions}, [spent]) of its build
+
+    def __getstate__(self):
+        # deepcopy / pickle: a loose pass's weights are non-leaf tensors (not copyable) and
+        # belong to the original's graph; the copy starts without one
+        state = dict(self.__dict__)
+        state["_loose"], state["_loose_state"] = {}, ()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._member_of = {id(p): (layer, p) for layer, p in self.members}  # the copy's ids
 
     # -- passes -------------------------------------------------------------------------
     def _open(self, scope: _Scope) -> None:
         if self._depth == 0:
             self._scope, self._weights = scope, None
+            if scope is self.scopes[0]:  # the whole tree's pass: a loose one is done with
+                self._loose, self._loose_state = {}, ()
         self._depth += 1
 
     def _close(self) -> None:
@@ -107,7 +164,7 @@ class FrameBank:
         while its forward runs, so each unit's first layer builds that unit's layers: one
         batched build per FSDP unit, never mixing gathered tensors with sharded DTensors."""
         if self._scope is None:
-            return None
+            return self._loose_weight(parametrization)
         if self._weights is None:
             self._weights = {}
         key = id(parametrization)
@@ -126,6 +183,30 @@ class FrameBank:
                 self._weights.update(build_weights(members))
         return self._weights.get(key)
 
+    def _loose_weight(self, parametrization: nn.Module) -> Tensor | None:
+        """``parametrization``'s weight ``(d_out, d_in)`` from the loose pass (module docstring),
+        opening a new one when it has none for this layer or it went stale; None when the
+        tree's layers are sharded (FSDP2: the layer builds its own)."""
+        key = id(parametrization)
+        if key not in self._loose or not self._loose_fresh(key):
+            self._loose, self._loose_state = {}, ()
+            members = self.scopes[0].members  # the outermost scope: the root's, all layers, in order
+            if _sharded_members(members):
+                return None
+            with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
+                    record_function("sttpfast.weight_build"):
+                self._loose = build_weights(members)
+            self._loose_state = (torch.is_grad_enabled(), {id(p): _versions(m, p) for m, p in members}, [False])
+        weight = self._loose.pop(key)
+        if weight.grad_fn is not None:
+            spent = self._loose_state[2]
+            weight.grad_fn.register_hook(lambda *_: spent.__setitem__(0, True))
+        return weight
+
+    def _loose_fresh(self, key: int) -> bool:
+        grad_mode, versions, spent = self._loose_state
+        return grad_mode == torch.is_grad_enabled() and not spent[0] and versions[key] == _versions(*self._member_of[key])
+
     def _say_sharded(self, n_sharded: int, n_members: int) -> None:
         if self._said_sharded:
             return
@@ -143,6 +224,13 @@ def _sharded_members(members: list[tuple[nn.Module, nn.Module]]) -> set[int]:
     if dtensor is None:
         return set()
     return {id(p) for layer, p in members if isinstance(_first_factor(layer), dtensor.DTensor)}
+
+
+def _versions(layer: nn.Module, parametrization: nn.Module) -> tuple:
+    """What the layer's weight depends on, as (tensor id, in-place version) pairs: a change
+    means a step or a load happened since."""
+    tensors = list(factors_of(layer)) + [parametrization.gain]
+    return tuple((id(t), t._version) for t in tensors)
 
 
 def _first_factor(layer: nn.Module) -> Tensor | None:
@@ -203,6 +291,9 @@ def detach_frame_bank(model: nn.Module) -> None:
     for scope in bank.scopes:
         for handle in scope.handles:
             handle.remove()
+    for name in ROOT_METHODS:
+        if isinstance(model.__dict__.get(name), _ScopedMethod):
+            del model.__dict__[name]
     for _, p in bank.members:
         if p.__dict__.get("frame_bank") is bank:
             p.__dict__.pop("frame_bank")
@@ -224,6 +315,9 @@ def attach_frame_bank(model: nn.Module) -> FrameBank | None:
         inside = [by_layer[id(m)] for m in module.modules() if id(m) in by_layer]
         if len(inside) >= 2:
             bank.scopes.append(_Scope(bank, module, inside))
+    for name in ROOT_METHODS:
+        if callable(getattr(type(model), name, None)):  # scopes[0] is the root's: it holds every layer
+            model.__dict__[name] = _ScopedMethod(bank.scopes[0], model, name)
     for _, p in members:
         p.__dict__["frame_bank"] = bank  # a plain attribute: not a submodule, not in state_dict
     model.__dict__[_ATTR] = bank
