@@ -1,15 +1,16 @@
-"""A test callback that ends a fit like a killed job."""
+"""A test callback that ends a fit like a killed job or a Ctrl-C."""
 from fastai.callback.core import Callback, CancelFitException
 
 
 class Interrupt(Callback):
-    """Stops the fit after ``k`` optimizer steps, like a killed job (after that step's checkpoint)."""
+    """Raises ``exception`` after ``k`` optimizer steps (after that step's checkpoint): fastai's
+    CancelFitException ends the fit like a killed job, KeyboardInterrupt is a Ctrl-C."""
 
     order = 90
 
-    def __init__(self, k):
-        self.k = k
+    def __init__(self, k, exception=CancelFitException):
+        self.k, self.exception = k, exception
 
     def after_batch(self):
         if self.training and self.train_iter == self.k:
-            raise CancelFitException()
+            raise self.exception()

@@ -179,13 +179,19 @@ def test_cli_attention_on_a_model_without_attention_one_line_exit_2(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_cli_trains_a_vit_with_qk_ov_forms_and_lowrank_linears(tmp_path):
-    result = CliRunner().invoke(main, ["train", "digits", "--arch", "vit_tiny_p4_32", "--attention", "qk-ov",
-                                       "--param", "lowrank", "--rank", "4", "--steps", "2", "--subset", "32",
-                                       "--bs", "16", "--logger", "none", "--out", str(tmp_path),
+def _train_tiny_vit(out, attention: str, param: str) -> str:
+    """`sttpfast train digits` of a one-block vit_tiny_p4_32 at rank 4 for 2 steps: the `run ...`
+    line it prints (layers, Z)."""
+    result = CliRunner().invoke(main, ["train", "digits", "--arch", "vit_tiny_p4_32", "--attention", attention,
+                                       "--param", param, "--rank", "4", "--steps", "2", "--subset", "32",
+                                       "--bs", "16", "--logger", "none", "--out", str(out),
                                        "--set", "model.kwargs={depth: 1}", "--set", "log.progress=false"])
     assert result.exit_code == 0, result.output
-    report = [line for line in result.output.splitlines() if line.startswith("run ")][0]
+    return [line for line in result.output.splitlines() if line.startswith("run ")][0]
+
+
+def test_cli_trains_a_vit_with_qk_ov_forms_and_lowrank_linears(tmp_path):
+    report = _train_tiny_vit(tmp_path, "qk-ov", "lowrank")
     # the forms on qkv and proj (3 heads at rank 4); lowrank r4 on patch_embed.proj, fc1, fc2, head
     assert " layers 6 " in report
 
@@ -250,10 +256,5 @@ def factors(layer):
 
 
 def test_cli_trains_with_q_k_v_split(tmp_path):
-    result = CliRunner().invoke(main, ["train", "digits", "--arch", "vit_tiny_p4_32", "--attention", "q-k-v",
-                                       "--param", "sttp-r", "--rank", "4", "--steps", "2", "--subset", "32",
-                                       "--bs", "16", "--logger", "none", "--out", str(tmp_path),
-                                       "--set", "model.kwargs={depth: 1}", "--set", "log.progress=false"])
-    assert result.exit_code == 0, result.output
-    report = [line for line in result.output.splitlines() if line.startswith("run ")][0]
+    report = _train_tiny_vit(tmp_path, "q-k-v", "sttp-r")
     assert " layers 8 " in report  # patch_embed, q, k, v, proj, fc1, fc2, head

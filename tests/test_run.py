@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.callback.core import Callback
+from interrupt import Interrupt
 
 from sttpfast.checkpoint import load_parameterized
 from sttpfast.config import build_config
@@ -139,19 +140,6 @@ def test_a_run_name_that_leaves_out_is_refused(tmp_path, name):
 
 # ---------------------------------------------------------------------------------------
 # Ctrl-C
-class CtrlC(Callback):
-    """Raises KeyboardInterrupt after ``k`` optimizer steps, as a Ctrl-C would."""
-
-    order = 90
-
-    def __init__(self, k):
-        self.k = k
-
-    def after_batch(self):
-        if self.training and self.train_iter == self.k:
-            raise KeyboardInterrupt
-
-
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     from safetensors.torch import load_file
 
@@ -160,7 +148,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     full = run_training(_cfg(tmp_path, "full", "optim.steps=12"), echo=lambda *a: None)
     lines = []
     with pytest.raises(TrainingInterrupted) as stop:  # mid-epoch 2 (7 batches per epoch)
-        run_training(_cfg(tmp_path, "cut", "optim.steps=12"), extra_cbs=[CtrlC(9)], echo=lines.append)
+        run_training(_cfg(tmp_path, "cut", "optim.steps=12"), extra_cbs=[Interrupt(9, KeyboardInterrupt)], echo=lines.append)
     assert stop.value.code == 130
     run = tmp_path / "cut"
     assert lines[-2:] == [f"interrupted at step 9: checkpoint saved in {run / 'checkpoints/last'}",
@@ -180,7 +168,7 @@ def test_ctrl_c_exits_130_through_the_cli(tmp_path, monkeypatch):
 
     original = run_module.run_training
     monkeypatch.setattr(run_module, "run_training",
-                        lambda *a, **k: original(*a, **{**k, "extra_cbs": [CtrlC(2)]}))
+                        lambda *a, **k: original(*a, **{**k, "extra_cbs": [Interrupt(2, KeyboardInterrupt)]}))
     result = _cli("digits", "--bs", "64", "--subset", "512", "--param", "sttp-r", "--rank", "4", "--steps", "5",
                   "--logger", "none", "--out", tmp_path, "--name", "c")
     assert result.exit_code == 130, result.output
