@@ -21,6 +21,7 @@ import warnings
 import click
 
 from sttpfast.config import CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, build_config, choices, type_members
+from sttpfast.processes import is_main_rank
 
 __all__ = ["main", "CLIError"]
 
@@ -124,6 +125,12 @@ def param_options(fn):
     for flag in reversed(("param", "rank", "compression", "include", "exclude", "init")):
         fn = schema_option(flag)(fn)
     return fn
+
+
+def say(message: str) -> None:
+    """Print a line about the whole run: once, from rank 0, when several processes run it."""
+    if is_main_rank():
+        click.echo(message)
 
 
 def rank_line(param: str, rank, how: str) -> str:
@@ -277,10 +284,10 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
             _import_training_modules()
         if frobenius_decay is not None:
             _check_frobenius_decay_applies(config["param"]["name"])
-        click.echo(rank_line(config["param"]["name"], *_rank_choice(config, sources)))
+        say(rank_line(config["param"]["name"], *_rank_choice(config, sources)))
         if config["param"].get("attention") == "qk-ov":  # the forms take the rank per head (issue 11)
             per_head = config["param"]["rank"]
-            click.echo(f"attention qk-ov: rank {per_head} per head (capped at the head width)" if per_head
+            say(f"attention qk-ov: rank {per_head} per head (capped at the head width)" if per_head
                        else "attention qk-ov: full head width (no compression of the attention)")
         from sttpfast.run import run_training
 
@@ -351,7 +358,7 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
     if best:
         parts.append(f"best {best['metric']} {best['value']:.4g} at step {best['step']}")
     parts += [f"{summary['steps']} G steps in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]
-    click.echo("summary: " + " | ".join(parts))
+    say("summary: " + " | ".join(parts))
     _exit_if_the_loss_diverged(summary)
 
 
@@ -425,7 +432,7 @@ def _print_summary(summary: dict) -> None:
         parts.append(f"top-5 {m['top5_accuracy']:.4f}")
     parts += [f"Z {summary['z_percent']:.2f}%", f"params {summary['params_compressed']:,} / {summary['params_dense']:,}",
               f"{summary['steps']} steps in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]
-    click.echo("summary: " + " | ".join(parts))
+    say("summary: " + " | ".join(parts))
 
 
 if __name__ == "__main__":  # pragma: no cover

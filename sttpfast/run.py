@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sttpfast.atomic import clean_temporaries, write_file
 from sttpfast.config import save_config
+from sttpfast.processes import is_main_rank
 from sttpfast.run_lock import RunLock, RunLocked
 
 __all__ = ["run_training", "run_name", "check_output", "prepare_run_dir", "RunError", "TrainingInterrupted"]
@@ -162,7 +163,7 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
     try:
         if resume is not None:
             run_dir = Path(resume).expanduser()
-            if (run_dir / "config.yaml").is_file() and _is_main_rank():
+            if (run_dir / "config.yaml").is_file() and is_main_rank():
                 lock = _lock_run(run_dir)  # before reading: nobody else writes while we decide
             run_dir, cfg, state = resume_config(resume, echo)
             budget_raised = _raise_budget(cfg, steps, epochs)
@@ -184,11 +185,6 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
     finally:
         if lock is not None:
             lock.release()
-
-
-def _is_main_rank() -> bool:
-    """Rank 0 (or a single process), before torch.distributed is set up."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock) -> dict:

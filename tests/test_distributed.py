@@ -44,7 +44,13 @@ def two_process_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
     proc = _torchrun([*TWO_PROC_ARGS, "--steps", str(TWO_PROC_STEPS), "--out", str(out), "--name", "full"], _env())
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    (out / "stdout.txt").write_text(proc.stdout)
     return out / "full"
+
+
+def _repeated_lines(stdout: str) -> list[str]:
+    lines = stdout.splitlines()
+    return [line for line in lines if lines.count(line) > 1]
 
 
 def _summary(run: Path) -> dict:
@@ -53,6 +59,15 @@ def _summary(run: Path) -> dict:
 
 def _weights(run: Path) -> dict:
     return load_file(str(run / "checkpoints/last/model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_processes_print_each_line_once(two_process_run):
+    """The user reads one process's output: the rank choice and the summary appear once, not per rank."""
+    stdout = (two_process_run.parent / "stdout.txt").read_text()
+    assert _repeated_lines(stdout) == []
+    assert [line for line in stdout.splitlines() if line.startswith(("summary:", "rank "))] == [
+        "rank 6", next(line for line in stdout.splitlines() if line.startswith("summary:"))]
 
 
 @pytest.mark.slow

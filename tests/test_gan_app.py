@@ -201,6 +201,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
                           "--bs", "16", "--out", str(tmp_path / "two"), "--name", "r"],
                          capture_output=True, text=True, timeout=600, env=env)
     assert two.returncode == 0, (two.stdout[-2000:], two.stderr[-3000:])
+    summaries = [line for line in two.stdout.splitlines() if line.startswith("summary:")]
+    assert len(summaries) == 1, two.stdout  # one process speaks for the run
     s1 = json.loads((tmp_path / "one/r/summary.json").read_text())
     s2 = json.loads((tmp_path / "two/r/summary.json").read_text())
     assert (s2["processes"], s2["ranks_in_sync"], s2["steps"], s2["d_steps"]) == (2, True, 4, 8)

@@ -31,8 +31,9 @@ from fastai.callback.core import Callback
 from sttpfast.atomic import write_file
 from sttpfast.callbacks._util import log_scalars
 from sttpfast.config import save_config
-from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _is_main_rank, _lock_run,
-                          _save_interrupted, check_output, prepare_run_dir, resume_config)
+from sttpfast.processes import is_main_rank
+from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _lock_run, _save_interrupted,
+                          check_output, prepare_run_dir, resume_config)
 
 __all__ = ["run_gan", "gan_run_name", "check_gan_config", "GANLossLogger", "SR"]
 
@@ -147,7 +148,7 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
     try:
         if resume is not None:
             run_dir = Path(resume).expanduser()
-            if (run_dir / "config.yaml").is_file() and _is_main_rank():
+            if (run_dir / "config.yaml").is_file() and is_main_rank():
                 lock = _lock_run(run_dir)
             run_dir, cfg, state = resume_config(resume, echo)
             if state["meta"].get("app") != "gan":
