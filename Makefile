@@ -22,14 +22,16 @@ demo: $(STAMP)
 	$(VENV)/bin/sttpfast train --cfg configs/demo.yml --set log.progress=false
 
 # Timing tables (see BENCHMARKS in README.md); quality.py needs Fashion-MNIST
-# (apt-get install dataset-fashion-mnist) and takes about half an hour on 2 cores.
+# (apt-get install dataset-fashion-mnist); here at README's CPU budget (about half an hour
+# on 2 cores); its default, converged budget (60k images, 15 epochs, 8 methods, 2 seeds)
+# takes hours: run `bench/quality.py --plot quality.png` on a GPU.
 bench: $(STAMP)
 	$(PY) -m pip install -q torch-householder || echo "torch-householder not installable: its column is left out"
 	$(PY) bench/householder.py
 	$(PY) bench/householder.py --tables frames --batch 16
 	$(PY) bench/step.py
 	$(PY) bench/data_speed.py
-	$(PY) bench/quality.py
+	$(PY) bench/quality.py --subset 30000 --epochs 3 --seeds 0 --params sttp-r svdp-r lowrank
 
 clean:
 	rm -rf $(VENV) build *.egg-info
