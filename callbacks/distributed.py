@@ -159,6 +159,8 @@ class AccelerateTrainer(Callback):
         self.learn.accelerator = acc
         if self.sharding:
             self._shard_model()  # a Learner built without an accelerator: not sharded yet
+            if acc.mixed_precision == "bf16":
+                self._autocast_bf16(self.learn.model)
             if self.learn.opt is not None and not self._opt_steps_shards():
                 raise ValueError("the optimizer was created before the model was sharded with FSDP2; create the "
                                  "Learner with AccelerateTrainer(accelerator) so that it shards first")
@@ -193,6 +195,20 @@ class AccelerateTrainer(Callback):
             units = fsdp_units(model)
             print(f"FSDP2: the model is sharded over {self.accelerator.num_processes} processes in "
                   f"{len(units)} units ({len(units) - 1} blocks and the root)")
+
+    def _autocast_bf16(self, model) -> None:
+        """bf16 autocast around the sharded model's forward, outputs back in float32 (what
+        ``accelerator.prepare_model`` does for an unsharded one; FSDP2's hooks stay outside)."""
+        if getattr(model, "_forward_before_autocast", None) is not None:
+            return
+        forward, device = model.forward, self.accelerator.device.type
+        model._forward_before_autocast = forward
+
+        def forward_bf16(*args, **kwargs):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                out = forward(*args, **kwargs)
+            return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+        model.forward = forward_bf16
 
     def _opt_steps_shards(self) -> bool:
         params = {id(p) for p in self.learn.model.parameters()}

@@ -39,8 +39,21 @@ from torch import Tensor, nn
 
 from sttpfast.params.layers import factors_of, parameterized_layers
 
-__all__ = ["shard_model", "default_units", "fsdp_requested", "fsdp2_requested", "fsdp_units", "is_sharded",
-           "gathered", "full_tensor", "gathered_factors", "full_state_dict", "shard_like", "load_full_state_dict"]
+__all__ = ["ShardingError", "shard_model", "default_units", "fsdp_requested", "fsdp2_requested", "fsdp_units",
+           "is_sharded", "gathered", "full_tensor", "gathered_factors", "full_state_dict", "shard_like", "load_full_state_dict"]
+
+
+class ShardingError(ValueError):
+    """A model or unit FSDP2 cannot shard. Its text stays the one message it was raised with
+    when fastai's callback event wrapper rewrites ``args`` (``Exception occured in ...``), so
+    a refusal raised while a Learner is built still reaches the CLI as one ``Error:`` line."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def fsdp_requested() -> str | None:
@@ -79,10 +92,10 @@ def _check_units(model: nn.Module, units: list[str]) -> list[nn.Module]:
     for unit in units:
         owner = next((layer for layer in layers if unit.startswith(f"{layer}.parametrizations")), None)
         if owner is not None:
-            raise ValueError(f"cannot shard {unit!r} with FSDP2: it is inside the parametrization of layer "
+            raise ShardingError(f"cannot shard {unit!r} with FSDP2: it is inside the parametrization of layer "
                              f"{owner!r}; shard a module that contains the layer (its block) instead")
         if unit not in modules or unit == "":
-            raise ValueError(f"cannot shard {unit!r} with FSDP2: the model has no such module "
+            raise ShardingError(f"cannot shard {unit!r} with FSDP2: the model has no such module "
                              f"(blocks: {', '.join(default_units(model)[:4]) or 'none'}...)")
         out.append(modules[unit])
     return out
@@ -90,7 +103,8 @@ def _check_units(model: nn.Module, units: list[str]) -> list[nn.Module]:
 
 def shard_model(model: nn.Module, units: list[str] | None = None, mesh=None) -> nn.Module:
     """Apply ``fully_shard`` to each unit (module names; default :func:`default_units`), then
-    to the root, in place; returns ``model``. ValueError naming a unit that cannot be sharded."""
+    to the root, in place; returns ``model``. ShardingError (a ValueError) naming a unit that
+    cannot be sharded, before anything is sharded."""
     from torch.distributed.fsdp import fully_shard
 
     modules = _check_units(model, default_units(model) if units is None else list(units))
