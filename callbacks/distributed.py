@@ -45,16 +45,24 @@ __all__ = ["AccelerateTrainer", "parameter_hash", "make_accelerator", "requested
 _NUM_PROCESSES = re.compile(r"^--num[_-]processes(?:=(\d+))?$")
 
 
-def make_accelerator(mixed_precision: str = "no"):
+def make_accelerator(mixed_precision: str = "no", shards: bool = True, command: str = "train"):
     """An ``accelerate.Accelerator`` for this machine. Without CUDA it is created with
     ``cpu=True``: only then does accelerate join the processes of ``torchrun`` /
-    ``accelerate launch`` with gloo (otherwise each CPU process trains alone)."""
+    ``accelerate launch`` with gloo (otherwise each CPU process trains alone).
+
+    Launched with an FSDP config: FSDP2 is run by :class:`AccelerateTrainer` (it shards the
+    model); ``shards=False`` (an app that does not shard, ``sttpfast COMMAND``) and FSDP1
+    are refused with one message, before anything is built."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     from sttpfast.fsdp import fsdp_requested
 
     version = fsdp_requested()
+    if version == "2" and not shards:
+        raise ValueError(f"this run was launched with an FSDP2 config (FSDP_VERSION=2), and `sttpfast {command}` does "
+                         "not shard its networks: launch it with configs/accelerate/cpu_2proc_gloo.yaml or "
+                         "gpu_ddp_multinode.yaml (every process holds the whole networks, gradients averaged)")
     if version is not None and version != "2":
         # FSDP1 (FullyShardedDataParallel) refuses CPUs and wraps the model in a class of its
         # own; FSDP2 (fully_shard) is the one sttpfast shards with (sttpfast.fsdp.shard_model)

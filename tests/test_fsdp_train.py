@@ -225,3 +225,22 @@ def test_fsdp2_bf16_autocasts_the_sharded_forward(runs):
     assert abs(two["losses"][0] - fp32["losses"][0]) > 1e-4  # bf16 rounding shows in the first loss
     assert len(two["losses"]) == 3
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-3, abs=0), (two["losses"], one["losses"])
+
+
+def test_gan_under_an_fsdp2_config_is_refused_with_one_message(tmp_path, monkeypatch):
+    """`sttpfast gan` does not shard G, D and G's EMA copy: under an FSDP2 config it says so and
+    names the DDP configs, instead of running unsharded as if nothing was asked."""
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    for key, value in FSDP2_ENV.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["gan", "digits", "--steps", "2", "--out", str(out), "--logger", "none"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        "Error: this run was launched with an FSDP2 config (FSDP_VERSION=2), and `sttpfast gan` does not shard its "
+        "networks: launch it with configs/accelerate/cpu_2proc_gloo.yaml or gpu_ddp_multinode.yaml (every process "
+        "holds the whole networks, gradients averaged)"]
+    assert not out.exists()
