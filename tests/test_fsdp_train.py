@@ -35,7 +35,7 @@ FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what cpu_2pr
 # Prints, on rank 0, RESULT {name: {losses of the steps, summary, spectra logged, weights
 # after the checkpoint was loaded == the file}}.
 _WORKER = r'''
-import json, os, sys
+import json, os, signal, sys
 import torch, torch.distributed as dist
 from fastai.callback.core import Callback
 from safetensors.torch import load_file
@@ -71,12 +71,25 @@ class Observe(Callback):
         self.history = logger.history if logger is not None else []
 
 
+class SignalRankZero(Callback):
+    """SIGUSR1 to rank 0 alone, after step ``at`` (a scheduler's signal reaching one process)."""
+    order = 90
+
+    def __init__(self, at):
+        self.at = at
+
+    def after_batch(self):
+        if self.training and self.at and self.learn.train_iter == self.at and int(os.environ.get("RANK", "0")) == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
 out = {}
 for job in json.loads(sys.argv[1]):
-    seen = Observe()
+    seen, said = Observe(), []
+    cbs = [seen, SignalRankZero(job.get("usr1_at"))]
     if "resume" in job:
         loaded = load_file(os.path.join(job["resume"], "checkpoints", "last", "model.safetensors"))
-        summary = run_training(resume=job["resume"], steps=job["steps"], extra_cbs=[seen], echo=lambda *a: None)
+        summary = run_training(resume=job["resume"], steps=job["steps"], extra_cbs=cbs, echo=said.append)
         exact = sorted(loaded) == sorted(seen.start_state) and all(
             torch.equal(loaded[k], seen.start_state[k]) for k in loaded)
         name = job["name"]
@@ -88,8 +101,8 @@ for job in json.loads(sys.argv[1]):
             f"param.name={job['param']}", *rank, "optim.steps=3", "log.logger=none", "log.progress=false",
             "log.sv_every=1", "model.arch=vit_tiny_p4_32", "model.kwargs={depth: 2, embed_dim: 24, num_heads: 2}",
             f"train.out={job['out']}", f"train.name={job['name']}", "train.checkpoint_every=3"])
-        summary, exact, name = run_training(cfg, extra_cbs=[seen], echo=lambda *a: None), None, job["name"]
-    out[name] = {"losses": seen.losses, "summary": summary, "loaded_exactly": exact,
+        summary, exact, name = run_training(cfg, extra_cbs=cbs, echo=said.append), None, job["name"]
+    out[name] = {"losses": seen.losses, "summary": summary, "loaded_exactly": exact, "said": said,
                  "spectra": [[h["step"], h["layer"], h["values"]] for h in seen.history]}
 if int(os.environ.get("RANK", "0")) == 0:
     print("RESULT " + json.dumps(out))
@@ -140,6 +153,7 @@ def runs(tmp_path_factory) -> dict:
     script.write_text(_WORKER)
     fresh = [{"out": str(tmp / "runs"), "param": p} for p in PARAMS]
     fresh.append({"out": str(tmp / "runs"), "param": "sttp-r", "precision": "bf16", "tag": "bf16"})
+    fresh[1]["usr1_at"] = 2  # sttp-r: SIGUSR1 to rank 0 alone after step 2 (one process: to the only one)
     for job in fresh:
         job["tag"] = job.get("tag", job["param"])
     one = _launch(script, [{**job, "name": f"one-{job['tag']}"} for job in fresh], 1)
@@ -244,3 +258,16 @@ def test_gan_under_an_fsdp2_config_is_refused_with_one_message(tmp_path, monkeyp
         "networks: launch it with configs/accelerate/cpu_2proc_gloo.yaml or gpu_ddp_multinode.yaml (every process "
         "holds the whole networks, gradients averaged)"]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_fsdp2_sigusr1_to_one_rank_checkpoints_on_every_rank_at_the_same_step(runs):
+    """SIGUSR1 reaches rank 0 alone after step 2 (``usr1_at``): the ranks agree on it before
+    acting (saving gathers the shards, a collective every rank must join at the same step), so
+    the checkpoint is written at step 2 and training continues to step 3, with the losses of
+    one process (which got the signal at the same step)."""
+    one, two = runs["one-sttp-r"], runs["two-sttp-r"]
+    for run in (one, two):
+        assert "SIGUSR1: checkpoint saved at step 2; training continues" in run["said"]
+        assert run["summary"]["steps"] == 3 and len(run["losses"]) == 3
+    assert _close(two["losses"], one["losses"])
