@@ -27,7 +27,7 @@ from fastcore.xtras import modify_exception
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = ("dense", "sttp-r", "svdp-r")
+PARAMS = ("dense", "sttp-r", "svdp-r", "lowrank")
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what cpu_2proc_fsdp2.yaml sets
 
 # Runs the jobs of a JSON list (argv[1]) one after another in this process (1 or 2 ranks):
@@ -96,6 +96,7 @@ for job in json.loads(sys.argv[1]):
     else:
         rank = [] if job["param"] == "dense" else ["param.rank=4"]
         rank += [f"train.mixed_precision={job['precision']}"] if "precision" in job else []
+        rank += job.get("set", [])
         cfg, _ = build_config(overrides=[
             "data.name=digits", f"data.bs={64 // world}", "data.subset=256", "data.augment=false",
             f"param.name={job['param']}", *rank, "optim.steps=3", "log.logger=none", "log.progress=false",
@@ -153,6 +154,8 @@ def runs(tmp_path_factory) -> dict:
     script.write_text(_WORKER)
     fresh = [{"out": str(tmp / "runs"), "param": p} for p in PARAMS]
     fresh.append({"out": str(tmp / "runs"), "param": "sttp-r", "precision": "bf16", "tag": "bf16"})
+    fresh.append({"out": str(tmp / "runs"), "param": "lowrank", "set": ["reg.spectral_bound=0.5"],
+                  "tag": "lowrank-bound"})
     fresh[1]["usr1_at"] = 2  # sttp-r: SIGUSR1 to rank 0 alone after step 2 (one process: to the only one)
     for job in fresh:
         job["tag"] = job.get("tag", job["param"])
@@ -170,8 +173,8 @@ def runs(tmp_path_factory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("param", PARAMS)
 def test_fsdp2_train_matches_one_process(runs, param):
-    """Slow: the module's runs take about 100 s on the loaded 2-core machine (5 launches'
-    start-up, 3 of them with 2 processes); the asserts after them are instant."""
+    """Slow: the module's runs take 70-90 s on the loaded 2-core machine (3 launches, one of
+    them with 2 processes, 13 runs of 3 steps); the asserts after them are instant."""
     one, two = runs[f"one-{param}"], runs[f"two-{param}"]
     assert two["summary"]["processes"] == 2 and one["summary"]["processes"] == 1
     assert len(one["losses"]) == 3 and _close(two["losses"], one["losses"]), (two["losses"], one["losses"])
@@ -271,3 +274,26 @@ def test_fsdp2_sigusr1_to_one_rank_checkpoints_on_every_rank_at_the_same_step(ru
         assert "SIGUSR1: checkpoint saved at step 2; training continues" in run["said"]
         assert run["summary"]["steps"] == 3 and len(run["losses"]) == 3
     assert _close(two["losses"], one["losses"])
+
+
+@pytest.mark.slow
+def test_fsdp2_spectral_norm_bound_projects_the_sharded_weights(runs):
+    """``reg.spectral_bound=0.5`` (SpectralNormBound: low-rank factors clipped, plain Linear
+    weights scaled, before the first step and after each): on the sharded model the whole
+    weights are gathered, projected and written back into each rank's shards; the losses are
+    one process's, and every layer of the saved 2-process model keeps ``sigma_max <= 0.5``, which
+    the run without the bound exceeds."""
+    from sttpfast.callbacks import spectral_layers
+    from sttpfast.checkpoint import load_parameterized
+
+    one, two = runs["one-lowrank-bound"], runs["two-lowrank-bound"]
+    assert _close(two["losses"], one["losses"]), (two["losses"], one["losses"])
+
+    def sigma_max(run: str) -> dict[str, float]:
+        model = load_parameterized(runs["root"] / f"{run}/checkpoints/last/model.safetensors")
+        return {name: float(values().max()) for name, _, _, values in spectral_layers(model)}
+
+    bounded, free = sigma_max("two-lowrank-bound"), sigma_max("one-lowrank")
+    assert len(bounded) == 10 and sorted(bounded) == sorted(free)
+    assert max(bounded.values()) <= 0.5 * (1 + 1e-5), bounded
+    assert max(free.values()) > 0.6, free
