@@ -40,7 +40,8 @@ from torch import Tensor, nn
 from sttpfast.params.layers import factors_of, parameterized_layers
 
 __all__ = ["ShardingError", "shard_model", "default_units", "fsdp_requested", "fsdp2_requested", "fsdp_units",
-           "is_sharded", "gathered", "full_tensor", "gathered_factors", "full_state_dict", "shard_like", "load_full_state_dict"]
+           "is_sharded", "gathered", "full_tensor", "gathered_factors", "full_state_dict", "shard_like",
+           "load_full_state_dict"]
 
 
 class ShardingError(ValueError):
@@ -143,7 +144,8 @@ def gathered(model: nn.Module, write_back: bool = False) -> Iterator[nn.Module]:
     unsharded after their forward), so the ranks may run different numbers of forwards
     (validation). ``write_back``: in-place changes to the whole parameters (a projection) are
     copied into the shards at exit (each rank keeps its own slice). A model without units
-    passes through unchanged."""
+    passes through unchanged. Memory: the whole model's parameters on every rank for the
+    block (what one process holds); the spectrum callbacks read it every ``every`` steps."""
     units = fsdp_units(model)
     if not units:
         yield model

@@ -174,7 +174,7 @@ def runs(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("param", PARAMS)
 def test_fsdp2_train_matches_one_process(runs, param):
     """Slow: the module's runs take 70-90 s on the loaded 2-core machine (3 launches, one of
-    them with 2 processes, 13 runs of 3 steps); the asserts after them are instant."""
+    them with 2 processes, 15 runs); the asserts after them are instant."""
     one, two = runs[f"one-{param}"], runs[f"two-{param}"]
     assert two["summary"]["processes"] == 2 and one["summary"]["processes"] == 1
     assert len(one["losses"]) == 3 and _close(two["losses"], one["losses"]), (two["losses"], one["losses"])
