@@ -297,3 +297,30 @@ def test_fsdp2_spectral_norm_bound_projects_the_sharded_weights(runs):
     assert len(bounded) == 10 and sorted(bounded) == sorted(free)
     assert max(bounded.values()) <= 0.5 * (1 + 1e-5), bounded
     assert max(free.values()) > 0.6, free
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_shipped_fsdp2_config_shards_and_checkpoints(tmp_path):
+    """The command README gives: ``accelerate launch --config_file
+    configs/accelerate/cpu_2proc_fsdp2.yaml apps/train.py ...``: 2 processes, the model sharded
+    (said once, by rank 0), one checkpoint written by rank 0 that one process loads.
+    Slow: 30 s on the loaded 2-core machine."""
+    from sttpfast.checkpoint import load_parameterized
+    from sttpfast.surgery import parameterization_spec
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu_2proc_fsdp2.yaml"), str(ROOT / "apps/train.py"), "digits", "--arch",
+           "resnet20_cifar", "--param", "sttp-r", "--rank", "4", "--steps", "2", "--bs", "32", "--logger", "none",
+           "--out", str(tmp_path), "--name", "fsdp", "--set", "data.subset=128", "--set", "log.progress=false",
+           "--set", "model.kwargs={base_width: 4}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert proc.stdout.count("FSDP2: the model is sharded over 2 processes in 10 units (9 blocks and the root)") == 1
+    summary = json.loads((tmp_path / "fsdp/summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 2 and summary["ranks_in_sync"] is True
+    model = load_parameterized(tmp_path / "fsdp/checkpoints/last/model.safetensors").eval()
+    spec = parameterization_spec(model)
+    assert len(spec) == 22 and {layer["param"] for layer in spec.values()} == {"sttp-r"}
+    with torch.no_grad():
+        logits = model(torch.zeros(2, 1, 8, 8))  # digits: 8x8 grayscale
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
