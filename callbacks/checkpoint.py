@@ -23,7 +23,9 @@ augmentation runs in the main process (``after_batch``), both from the loader's 
 saved here, and the workers' base seed is one draw from the global generator in the main
 process, made with or without workers (tests/test_distributed.py checks both claims).
 Under several processes rank 0 writes; the ranks' RNG states are equal (same seed, same
-draws), so rank 0's state resumes every rank.
+draws), so rank 0's state resumes every rank. A sharded (FSDP2) model's weights and
+optimizer state are gathered whole first (every rank takes part), so the files are the
+ones a one-process run writes, and a checkpoint resumes on any number of processes.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from sttpfast.atomic import (MANIFEST, DamagedCheckpoints, latest_complete, prun
                              write_checkpoint)
 from sttpfast.callbacks._util import is_main_process, unwrap_model
 from sttpfast.checkpoint import load_parameterized, save_parameterized
+from sttpfast.fsdp import full_state_dict, full_tensor, is_sharded, shard_like
 
 __all__ = ["Checkpointer", "load_checkpoint_state", "find_checkpoint", "CheckpointError"]
 
@@ -54,12 +57,13 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------
 # optimizer state <-> tensors + JSON
 def _optimizer_to_files(opt) -> tuple[dict, dict]:
+    """Whole tensors (a sharded parameter's state is gathered: every rank calls this) + JSON."""
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for i, state in enumerate(sd["state"]):
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{i}.{key}"] = value.detach().cpu().contiguous().clone()
+                tensors[f"state.{i}.{key}"] = full_tensor(value).detach().cpu().contiguous().clone()
             else:
                 scalars.setdefault(str(i), {})[key] = value
     hypers = [{k: _plain(v) for k, v in group.items()} for group in sd["hypers"]]
@@ -91,7 +95,7 @@ def _optimizer_from_files(opt, tensors: dict, meta: dict) -> None:
         p = params[int(i)]
         if value.shape != p.shape and name != "step":
             raise CheckpointError(f"optimizer state {key} has shape {tuple(value.shape)}, parameter {tuple(p.shape)}")
-        states[int(i)][name] = value.to(p.device)
+        states[int(i)][name] = value.to(p.device) if name == "step" else shard_like(value, p)  # a shard's slice
     opt.load_state_dict({"state": states, "hypers": L(meta["hypers"])})
 
 
@@ -201,10 +205,18 @@ class Checkpointer(Callback):
     # -- saving ---------------------------------------------------------------------------
     def _save(self, pointers: tuple[str, ...], epoch: int, skip: int, loader_rng: dict) -> None:
         """Write a complete ``ckpt-STEP`` folder, then point ``pointers`` (``last``, ``best``) at it."""
-        if not is_main_process() or getattr(self.learn, "nan_step", None) is not None:
+        if getattr(self.learn, "nan_step", None) is not None:
             return
         model = unwrap_model(self.learn.model)
+        # a sharded (FSDP2) model: every rank takes part in gathering the whole state, which
+        # rank 0 alone writes, as a one-process run would
+        sharded = is_sharded(model)
+        if not (sharded or is_main_process()):
+            return
+        model_tensors = full_state_dict(model) if sharded else None
         opt_tensors, opt_meta = _optimizer_to_files(self.learn.opt)
+        if not is_main_process():
+            return
         rng_tensors, rng_meta = _global_rng()
         rng_tensors.update({f"loader.{k}": v for k, v in loader_rng.items()})
         train_iter = int(self.learn.train_iter)
@@ -216,7 +228,7 @@ class Checkpointer(Callback):
                 "metrics": self._last_metrics(), "threads": torch.get_num_threads()}
         files = {
             "model.safetensors": lambda path: save_parameterized(
-                model, path, metadata={"epoch": epoch, "train_iter": train_iter}),
+                model, path, metadata={"epoch": epoch, "train_iter": train_iter}, tensors=model_tensors),
             "optimizer.safetensors": lambda path: save_file(opt_tensors, str(path)),
             "rng.safetensors": lambda path: save_file(rng_tensors, str(path)),
             "state.json": json.dumps(meta),

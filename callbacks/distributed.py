@@ -20,6 +20,11 @@ GPUs (``accelerate launch`` or ``torchrun``), with optional bf16 autocast.
   0.31476 recomputed from the checkpoint).
 * after_fit: the model is unwrapped again and the ranks compare a hash of their
   parameters (``learn.ranks_in_sync``, ``learn.rank_hashes``).
+
+Launched with an FSDP2 config (``fsdp_version: 2``; accelerate itself falls back to DDP on
+CPUs and would shard only the root), the model is sharded by sttpfast instead of wrapped
+in DDP: see :class:`AccelerateTrainer` and :mod:`sttpfast.fsdp`. BN statistics, validation
+and the metric reduction are as above; an FSDP1 config is refused (one message).
 """
 from __future__ import annotations
 
@@ -40,24 +45,30 @@ __all__ = ["AccelerateTrainer", "parameter_hash", "make_accelerator", "requested
 _NUM_PROCESSES = re.compile(r"^--num[_-]processes(?:=(\d+))?$")
 
 
-def make_accelerator(mixed_precision: str = "no"):
+def make_accelerator(mixed_precision: str = "no", shards: bool = True, command: str = "train"):
     """An ``accelerate.Accelerator`` for this machine. Without CUDA it is created with
     ``cpu=True``: only then does accelerate join the processes of ``torchrun`` /
-    ``accelerate launch`` with gloo (otherwise each CPU process trains alone)."""
+    ``accelerate launch`` with gloo (otherwise each CPU process trains alone).
+
+    Launched with an FSDP config: FSDP2 is run by :class:`AccelerateTrainer` (it shards the
+    model); ``shards=False`` (an app that does not shard, ``sttpfast COMMAND``) and FSDP1
+    are refused with one message, before anything is built."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     from sttpfast.fsdp import fsdp_requested
 
     version = fsdp_requested()
-    if version is not None:
-        # refused before anything is built: accelerate would shard only the root (or, with
-        # cpu=True, silently fall back to DDP), and the checkpoint writer, validation and the
-        # spectrum callbacks read whole parameters, which a sharded model does not hold
-        raise ValueError(f"this run was launched with an FSDP config (fsdp_version {version}: ACCELERATE_USE_FSDP="
-                         f"{os.environ['ACCELERATE_USE_FSDP']}), which `sttpfast train` does not run yet; launch it "
-                         "with configs/accelerate/cpu_2proc_gloo.yaml or gpu_ddp_multinode.yaml (DDP), or shard "
-                         "the model in your own loop with sttpfast.fsdp.shard_model")
+    if version == "2" and not shards:
+        raise ValueError(f"this run was launched with an FSDP2 config (FSDP_VERSION=2), and `sttpfast {command}` does "
+                         "not shard its networks: launch it with configs/accelerate/cpu_2proc_gloo.yaml or "
+                         "gpu_ddp_multinode.yaml (every process holds the whole networks, gradients averaged)")
+    if version is not None and version != "2":
+        # FSDP1 (FullyShardedDataParallel) refuses CPUs and wraps the model in a class of its
+        # own; FSDP2 (fully_shard) is the one sttpfast shards with (sttpfast.fsdp.shard_model)
+        raise ValueError(f"this run was launched with an FSDP config with fsdp_version {version} (FSDP_VERSION="
+                         f"{os.environ.get('FSDP_VERSION', '')!r}); sttpfast shards with FSDP2 only: set "
+                         "`fsdp_version: 2` in the config (configs/accelerate/cpu_2proc_fsdp2.yaml, gpu_fsdp2.yaml)")
 
     # AcceleratorState is a process-wide singleton that refuses a second, different
     # mixed_precision (a notebook or a test running several trainings in one process).
@@ -116,28 +127,53 @@ def parameter_hash(model: torch.nn.Module) -> str:
     """sha256 of every parameter's bytes, in order (identical weights <=> identical hash)."""
     h = hashlib.sha256()
     for p in model.parameters():
-        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        # a copy: a numpy view pins the storage, which FSDP2 frees (resizes) when it reshards
+        h.update(p.detach().cpu().contiguous().clone().numpy().tobytes())
     return h.hexdigest()
 
 
 class AccelerateTrainer(Callback):
-    """Runs the fastai loop under an ``accelerate.Accelerator`` (see the module docstring)."""
+    """Runs the fastai loop under an ``accelerate.Accelerator`` (see the module docstring).
+
+    ``fsdp2`` (default: what the launcher asked for, :func:`sttpfast.fsdp.fsdp2_requested`):
+    with several processes the model is sharded with :func:`sttpfast.fsdp.shard_model` as
+    soon as the Learner exists (before its optimizer: fastai's optimizer then steps the
+    shards), FSDP2 averages the gradients (no DDP), and validation runs on the whole
+    parameters (:func:`sttpfast.fsdp.gathered`), so ranks with different numbers of
+    validation batches run no collective in their forwards."""
 
     order = -5  # after TrainEvalCallback moved the model, before everything else
 
-    def __init__(self, accelerator=None, mixed_precision: str = "no"):
+    def __init__(self, accelerator=None, mixed_precision: str = "no", fsdp2: bool | None = None):
+        from sttpfast.fsdp import fsdp2_requested
+
         self.accelerator, self.mixed_precision = accelerator, mixed_precision
+        self.fsdp2 = fsdp2_requested() if fsdp2 is None else fsdp2
+        self._validation_gather = None
 
     @property
     def distributed(self) -> bool:
         return self.accelerator.num_processes > 1
+
+    @property
+    def sharding(self) -> bool:
+        """Whether this run shards the model with FSDP2 (FSDP2 asked for, several processes)."""
+        return self.fsdp2 and self.accelerator is not None and self.distributed
 
     def before_fit(self):
         if self.accelerator is None:
             self.accelerator = make_accelerator(self.mixed_precision)
         acc = self.accelerator
         self.learn.accelerator = acc
-        self.learn.model = acc.prepare_model(self.learn.model)
+        if self.sharding:
+            self._shard_model()  # a Learner built without an accelerator: not sharded yet
+            if acc.mixed_precision == "bf16":
+                self._autocast_bf16(self.learn.model)
+            if self.learn.opt is not None and not self._opt_steps_shards():
+                raise ValueError("the optimizer was created before the model was sharded with FSDP2; create the "
+                                 "Learner with AccelerateTrainer(accelerator) so that it shards first")
+        else:
+            self.learn.model = acc.prepare_model(self.learn.model)
         self._wrapped = self.learn.model
         if self.distributed:
             # an instance attribute shadows Learner.to_detach for this fit (removed in after_fit)
@@ -151,6 +187,40 @@ class AccelerateTrainer(Callback):
         # 8-step epoch (epochs = ceil(14 / 16 unsharded batches) = 1).
         if self.accelerator is not None:
             self._shard_loaders()
+            if self.sharding:
+                self._shard_model()
+
+    def _shard_model(self) -> None:
+        """``fully_shard`` the model once (every block, then the root); ValueError naming a
+        layer that cannot be sharded. The run says so once (rank 0)."""
+        from sttpfast.fsdp import fsdp_units, shard_model
+
+        model = self.learn.model
+        if fsdp_units(model):
+            return
+        shard_model(model)
+        if self.accelerator.is_main_process:
+            units = fsdp_units(model)
+            print(f"FSDP2: the model is sharded over {self.accelerator.num_processes} processes in "
+                  f"{len(units)} units ({len(units) - 1} blocks and the root)")
+
+    def _autocast_bf16(self, model) -> None:
+        """bf16 autocast around the sharded model's forward, outputs back in float32 (what
+        ``accelerator.prepare_model`` does for an unsharded one; FSDP2's hooks stay outside)."""
+        if getattr(model, "_forward_before_autocast", None) is not None:
+            return
+        forward, device = model.forward, self.accelerator.device.type
+        model._forward_before_autocast = forward
+
+        def forward_bf16(*args, **kwargs):
+            with torch.autocast(device, dtype=torch.bfloat16):
+                out = forward(*args, **kwargs)
+            return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
+        model.forward = forward_bf16
+
+    def _opt_steps_shards(self) -> bool:
+        params = {id(p) for p in self.learn.model.parameters()}
+        return all(id(p) in params for group in self.learn.opt.param_lists for p in group)
 
     def _shard_loaders(self) -> None:
         acc = self.accelerator
@@ -165,7 +235,15 @@ class AccelerateTrainer(Callback):
         return to_detach(b, cpu, gather and self.learn.training)
 
     def before_validate(self):
-        self.learn.model = self.accelerator.unwrap_model(self._wrapped, keep_fp32_wrapper=True)
+        if self.sharding:
+            from sttpfast.fsdp import gathered
+
+            # whole parameters for the pass: each rank's forwards then run no collective,
+            # whatever its number of validation batches
+            self._validation_gather = gathered(self._wrapped)
+            self._validation_gather.__enter__()
+        else:
+            self.learn.model = self.accelerator.unwrap_model(self._wrapped, keep_fp32_wrapper=True)
         if self.distributed:
             # DDP broadcasts rank 0's buffers at the start of each training forward, so after
             # the last step every rank holds BN running statistics of its own shard. Validate
@@ -174,7 +252,16 @@ class AccelerateTrainer(Callback):
                 for buffer in self.learn.model.buffers():
                     dist.broadcast(buffer, src=0)
 
+    def _release_validation_gather(self) -> None:
+        context, self._validation_gather = self._validation_gather, None
+        if context is not None:
+            context.__exit__(None, None, None)
+
+    def after_cancel_validate(self):
+        self._release_validation_gather()
+
     def after_validate(self):
+        self._release_validation_gather()
         self.learn.model = self._wrapped
         if not self.distributed:
             return
@@ -198,9 +285,14 @@ class AccelerateTrainer(Callback):
 
     def after_fit(self):
         acc = self.accelerator
-        self.learn.model = acc.unwrap_model(self._wrapped, keep_fp32_wrapper=False)
+        self._release_validation_gather()
+        if not self.sharding:
+            self.learn.model = acc.unwrap_model(self._wrapped, keep_fp32_wrapper=False)
         self.learn.__dict__.pop("to_detach", None)
-        own = parameter_hash(self.learn.model)
+        from sttpfast.fsdp import gathered
+
+        with gathered(self.learn.model):  # a sharded model: the hash of its whole parameters
+            own = parameter_hash(self.learn.model)
         hashes = [own]
         if self.distributed:
             hashes = [None] * acc.num_processes

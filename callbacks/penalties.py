@@ -14,6 +14,7 @@ from fastai.optimizer import Optimizer
 from torch import nn
 
 from sttpfast.callbacks._util import global_step, log_scalars, unwrap_model
+from sttpfast.fsdp import gathered_factors
 from sttpfast.params.layers import factors_of
 from sttpfast.penalties import d_optimal_layers, d_optimal_penalty, frobenius_decay_layers
 
@@ -45,7 +46,9 @@ class DOptimalPenalty(Callback):
     def after_loss(self):
         if not self.active or not len(self.learn.yb):
             return
-        penalty = d_optimal_penalty(unwrap_model(self.learn.model), self.only_penalized)
+        # a sharded (FSDP2) layer's factors are gathered whole, layer by layer (every rank
+        # computes the same penalty; its gradient lands in each rank's shards unaveraged)
+        penalty = d_optimal_penalty(unwrap_model(self.learn.model), self.only_penalized, factors=gathered_factors)
         self.learn.loss_grad = self.learn.loss_grad + self.weight * penalty.to(self.learn.loss_grad.device)
         self._last = penalty.detach()  # a float() here would sync a GPU every step
 

@@ -77,7 +77,27 @@ class SignalCheckpoint(Callback):
             signal.signal(signum, _exit_at_once if stopping else handler)
         self._previous = {}
 
+    def _agree(self) -> None:
+        """A sharded (FSDP2) model: the ranks act together. Saving gathers the weights (a
+        collective every rank must join) and the launcher's signal reaches each rank at a
+        slightly different step, so the requests are merged over the ranks (one tiny
+        all-reduce per step) and every rank acts at the same step."""
+        import torch
+        import torch.distributed as dist
+
+        from sttpfast.callbacks._util import unwrap_model
+        from sttpfast.fsdp import is_sharded
+
+        model = getattr(self.learn, "model", None)
+        if model is None or not (dist.is_available() and dist.is_initialized()) or not is_sharded(unwrap_model(model)):
+            return
+        flags = torch.tensor([self.stop_signal or 0, int(self.checkpoint_requested)],
+                             device=next(model.parameters()).device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self.stop_signal, self.checkpoint_requested = int(flags[0]) or None, bool(flags[1])
+
     def _act(self):
+        self._agree()
         if self.checkpoint_requested:
             self.checkpoint_requested = False
             step = self.checkpoint()

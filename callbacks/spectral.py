@@ -6,6 +6,10 @@
   ``sigma_max`` and the stable rank of every layer and draws a heat map of the spectra.
 * :class:`OrthogonalityMonitor` (``after_batch``) measures how far the chain factors ``U``,
   ``V`` of STTP / SVDP layers are from orthonormal (round-off only, by construction).
+
+On a model sharded with FSDP2 each reads the whole parameters (:func:`sttpfast.fsdp.gathered`,
+a collective every rank takes part in, at the same steps) and only rank 0 logs or draws;
+the projection writes its result back into every rank's shards.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from sttpfast.callbacks._util import (
     spectral_layers,
     unwrap_model,
 )
+from sttpfast.fsdp import gathered
 from sttpfast.params.layers import factors_of
 from sttpfast.params.registry import method_of
 
@@ -100,11 +105,13 @@ class SpectralNormBound(Callback):
     @torch.no_grad()
     def project(self) -> None:
         """Scale every boundable weight whose ``sigma_max`` exceeds ``c`` back to ``c``."""
-        for _, module, p, _ in spectral_layers(self.learn.model):
-            if p is None and self.include_dense:
-                self._project_dense(module)
-            elif p is not None and callable(getattr(p, "clip_sigma_max", None)):
-                p.clip_sigma_max(factors_of(module), self.c)
+        model = unwrap_model(self.learn.model)
+        with gathered(model, write_back=True):  # sharded: whole weights, projected, written back
+            for _, module, p, _ in spectral_layers(model):
+                if p is None and self.include_dense:
+                    self._project_dense(module)
+                elif p is not None and callable(getattr(p, "clip_sigma_max", None)):
+                    p.clip_sigma_max(factors_of(module), self.c)
 
     def _project_dense(self, module: nn.Module) -> None:
         w = module.weight
@@ -147,8 +154,11 @@ class SingularValueLogger(Callback):
         self.history, self._drawn_at = [], None
 
     def spectra(self) -> dict[str, Tensor]:
-        """``{layer: singular values (k,)}`` of the model now, descending, on the CPU."""
-        return {name: fn().cpu() for name, _, _, fn in spectral_layers(self.learn.model)}
+        """``{layer: singular values (k,)}`` of the model now, descending, on the CPU (a sharded
+        model's whole parameters: every rank must call this)."""
+        model = unwrap_model(self.learn.model)
+        with gathered(model):
+            return {name: fn().cpu() for name, _, _, fn in spectral_layers(model)}
 
     def after_batch(self):
         step = global_step(self.learn)
@@ -174,11 +184,11 @@ class SingularValueLogger(Callback):
 
     def _draw(self) -> None:
         step = global_step(self.learn)
-        if not self.heatmap or not is_main_process() or self._drawn_at == step:
+        if not self.heatmap or self._drawn_at == step:
             return
         self._drawn_at = step
-        spectra = self.spectra()
-        if not spectra:
+        spectra = self.spectra()  # on every rank: a sharded model gathers its parameters
+        if not spectra or not is_main_process():
             return
         path = run_dir(self.learn) / "singular_values.png"
         save_heatmap(spectra, self.top_k, path, title=f"top-{self.top_k} singular values, step {step}")
@@ -234,12 +244,14 @@ class OrthogonalityMonitor(Callback):
     def measure(self) -> dict[str, float]:
         """``{layer: orthogonality error}`` of every chain layer now."""
         errors = {}
-        for name, module, p, _ in spectral_layers(self.learn.model):
-            if not callable(getattr(p, "svd_factors", None)):
-                continue  # only parametrizations with orthonormal factors offer svd_factors
-            u, _, v = p.svd_factors(*factors_of(module))
-            eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device)
-            errors[name] = max(float((u.mT @ u - eye).abs().max()), float((v.mT @ v - eye).abs().max()))
+        model = unwrap_model(self.learn.model)
+        with gathered(model):  # sharded: the whole factors, on every rank
+            for name, module, p, _ in spectral_layers(model):
+                if not callable(getattr(p, "svd_factors", None)):
+                    continue  # only parametrizations with orthonormal factors offer svd_factors
+                u, _, v = p.svd_factors(*factors_of(module))
+                eye = torch.eye(u.shape[-1], dtype=u.dtype, device=u.device)
+                errors[name] = max(float((u.mT @ u - eye).abs().max()), float((v.mT @ v - eye).abs().max()))
         return errors
 
     def after_batch(self):

@@ -34,12 +34,22 @@ def _jsonable_args(model: nn.Module) -> dict:
     return {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
-def save_parameterized(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write ``model`` (parameterized or not) to ``path``; atomic (temp file + rename)."""
+def save_parameterized(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None,
+                       tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` (parameterized or not) to ``path``; atomic (temp file + rename).
+
+    ``tensors``: the model's whole state, already gathered (:func:`sttpfast.fsdp.full_state_dict`,
+    which every rank of a sharded model must call) when only this rank writes; by default
+    ``model.state_dict()``, which must then hold no sharded tensor."""
     from sttpfast import __version__
+    from sttpfast.fsdp import is_sharded
 
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    if tensors is None:
+        if is_sharded(model):
+            raise ValueError("save_parameterized: the model is sharded (FSDP2); gather its state on every rank "
+                             "with sttpfast.fsdp.full_state_dict(model) and pass it as tensors=")
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = {_SPEC: json.dumps(parameterization_spec(model)), _VERSION: __version__,
             _ARGS: json.dumps(_jsonable_args(model))}
     if _architecture(model):
@@ -135,4 +145,6 @@ def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path, strict
         problems += [f"unexpected in checkpoint: {k}" for k in tensors if k not in own][:10]
     if problems:
         raise ValueError(f"{path}: checkpoint does not match the model: " + "; ".join(problems))
-    model.load_state_dict(tensors, strict=strict)
+    from sttpfast.fsdp import load_full_state_dict
+
+    load_full_state_dict(model, tensors, strict=strict)  # each rank of a sharded model keeps its slice

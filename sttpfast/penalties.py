@@ -10,14 +10,15 @@ from sttpfast.params.registry import method_of
 __all__ = ["d_optimal_penalty", "frobenius_decay_penalty", "d_optimal_layers", "frobenius_decay_layers"]
 
 
-def d_optimal_penalty(model: nn.Module, only_penalized: bool = True) -> Tensor:
+def d_optimal_penalty(model: nn.Module, only_penalized: bool = True, factors=factors_of) -> Tensor:
     """``-mean(log|s|)`` over the learned spectra of all (-R) layers (Obukhov et al. 2021).
 
     With ``s = S / max|S|`` every ``log|s| <= 0``, so the penalty is ``>= 0`` and pulls
     the spectrum towards 1, the D-optimal design. ``only_penalized=False`` also counts
-    -L layers. Zero (a scalar) when no layer has a learned spectrum.
+    -L layers. Zero (a scalar) when no layer has a learned spectrum. ``factors(module)`` reads
+    a layer's factors (a sharded model's whole ones: :func:`sttpfast.fsdp.gathered_factors`).
     """
-    logs = [p.log_spectrum(*factors_of(m)) for _, m, p in d_optimal_layers(model, only_penalized)]
+    logs = [p.log_spectrum(*factors(m)) for _, m, p in d_optimal_layers(model, only_penalized)]
     if not logs:
         return torch.zeros(())
     return -torch.cat(logs).mean()

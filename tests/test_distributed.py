@@ -284,19 +284,19 @@ def test_shard_model_refuses_a_unit_it_cannot_shard_naming_the_layer():
     assert not any(type(m).__name__.startswith("FSDP") for m in model.modules())  # nothing half done
 
 
-def test_train_under_an_fsdp_config_is_refused_with_one_message(tmp_path, monkeypatch):
+def test_train_under_an_fsdp1_config_is_refused_with_one_message(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from sttpfast.cli import main
 
-    # what `accelerate launch --config_file configs/accelerate/gpu_fsdp2.yaml` sets in each process
+    # what `accelerate launch` with `fsdp_version: 1` sets in each process: FSDP1 refuses CPUs
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_VERSION", "1")
     result = CliRunner().invoke(main, ["train", "digits", "--arch", "resnet20_cifar", "--param", "sttp-r", "--rank",
                                        "4", "--steps", "1", "--logger", "none", "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output == "rank 4\n" + (  # the CLI's rank line, then the one error line
-        "Error: this run was launched with an FSDP config (fsdp_version 2: ACCELERATE_USE_FSDP=true), which "
-        "`sttpfast train` does not run yet; launch it with configs/accelerate/cpu_2proc_gloo.yaml or "
-        "gpu_ddp_multinode.yaml (DDP), or shard the model in your own loop with sttpfast.fsdp.shard_model\n")
+        "Error: this run was launched with an FSDP config with fsdp_version 1 (FSDP_VERSION='1'); sttpfast shards "
+        "with FSDP2 only: set `fsdp_version: 2` in the config (configs/accelerate/cpu_2proc_fsdp2.yaml, "
+        "gpu_fsdp2.yaml)\n")
     assert list(tmp_path.iterdir()) == []  # no run folder

@@ -165,7 +165,7 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
             check_gan_config(cfg)
             check_output(_named(cfg))
             run_dir = None
-        accelerator = make_accelerator("no")
+        accelerator = make_accelerator("no", shards=False, command="gan")  # FSDP2: G, D, EMA not sharded yet
         return _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock)
     finally:
         if lock is not None:
