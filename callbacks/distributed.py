@@ -173,6 +173,7 @@ class AccelerateTrainer(Callback):
                 raise ValueError("the optimizer was created before the model was sharded with FSDP2; create the "
                                  "Learner with AccelerateTrainer(accelerator) so that it shards first")
         else:
+            _ignore_empty_parameters_in_ddp(self.learn.model)
             self.learn.model = acc.prepare_model(self.learn.model)
         self._wrapped = self.learn.model
         if self.distributed:
@@ -299,3 +300,19 @@ class AccelerateTrainer(Callback):
             dist.all_gather_object(hashes, own)
         self.learn.rank_hashes = hashes
         self.learn.ranks_in_sync = len(set(hashes)) == 1
+
+
+def _ignore_empty_parameters_in_ddp(model) -> None:
+    """Keep parameters with no element (STTP cores whose frame has no free entry, ``(0, r)``)
+    out of DDP: they hold nothing to synchronize, and DDP's bucket view of such a tensor has
+    other strides than its gradient, so it warned "Grad strides do not match bucket view
+    strides" on every run. The names go where DDP reads its ignore list (``prepare_model``
+    wraps the model in DDP only with several processes; with one it is never read), through
+    DDP's own setter: private, torch has no public one (2.14); without it only the warning
+    comes back."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    empty = [name for name, p in model.named_parameters() if p.numel() == 0]
+    ignore = getattr(DistributedDataParallel, "_set_params_and_buffers_to_ignore_for_model", None)
+    if empty and ignore is not None:
+        ignore(model, empty)
