@@ -105,9 +105,12 @@ def resume_config(run_dir: str | Path, warn=print) -> tuple[Path, dict, dict]:
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
-    from sttpfast.config import build_config
+    from sttpfast.config import build_config, load_yaml
 
     cfg, _ = build_config([run_dir / "config.yaml"])
+    if "keep_dense_if_no_gain" not in (load_yaml(run_dir / "config.yaml").get("param") or {}):
+        # a run from before the dense-layer policy: it parameterized every selected layer
+        cfg["param"]["keep_dense_if_no_gain"] = False
     state = load_checkpoint_state(run_dir / "checkpoints", warn=lambda msg: warn(f"Warning: {msg}"))
     return run_dir, cfg, state
 
