@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import timm
+import torch
 from click.testing import CliRunner
 from torch import nn
 
@@ -190,3 +191,32 @@ def test_a_run_from_before_the_policy_resumes_with_every_layer_parameterized(tmp
     resumed = CliRunner().invoke(main, ["train", "--resume", str(folder), "--steps", "4"])
     assert resumed.exit_code == 0, resumed.output
     assert "left dense" not in resumed.output and "layers 22 " in resumed.output and "| 4 steps in" in resumed.output
+
+
+
+def _steep_and_flat() -> nn.Module:
+    """Linear 64->64 with spectrum 0.5^i (steep) and Linear 64->4 with a flat spectrum (all 1)."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 4, bias=False))
+    for layer, s in zip(model, [0.5 ** torch.arange(64, dtype=torch.float64), torch.ones(4, dtype=torch.float64)]):
+        d_out, d_in = layer.weight.shape
+        u = torch.linalg.qr(torch.randn(d_out, d_out, generator=g, dtype=torch.float64)).Q[:, :len(s)]
+        v = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64)).Q[:, :len(s)]
+        layer.weight.data = ((u * s) @ v.T).float()
+    return model
+
+
+def test_the_energy_plan_leaves_dense_a_layer_without_gain_at_its_own_rank():
+    """plan='energy' at Z 15%: the steep layer keeps 3 directions (energy 1 - 4^-3), the flat
+    4x64 one needs all 4, where lowrank's r (d_out + d_in) = 272 >= 256: it stays dense and
+    counts 256, so Z = (3 * 128 + 256) / (4096 + 256); without the policy 272 would count."""
+    model = _steep_and_flat()
+    report = sttpfast.parameterize(model, "lowrank", compression=15, plan="energy")
+    assert [(r["layer"], r["rank"], r["energy"], r["params"]) for r in report.plan] == [("0", 3, 0.984375, 384)]
+    assert report.left_dense == [{"layer": "1", "type": "Linear", "shape": [4, 64], "rank": 4, "params": 272,
+                                  "dense": 256}]
+    assert not hasattr(model[1], "parametrizations")
+    assert report.z == 100.0 * (3 * 128 + 256) / 4352 == 100.0 * _counted(model) / 4352
+    every = sttpfast.parameterize(_steep_and_flat(), "lowrank", compression=15, plan="energy",
+                                  keep_dense_if_no_gain=False)
+    assert every.left_dense == [] and every.z == 100.0 * (3 * 128 + 272) / 4352
