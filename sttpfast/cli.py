@@ -13,9 +13,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import sys
-import re
 import typing
 import warnings
 
