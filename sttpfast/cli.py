@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import sys
 import typing
@@ -84,18 +85,68 @@ def user_errors(fn):
     return wrapper
 
 
-class RankType(click.ParamType):
-    """``--rank``: a positive integer, or ``full``."""
+RANK_SYNTAX = ("a positive integer (8), comma-separated integers for a tensor format's tuple rank (4,8,8,4: "
+               "TT bonds; 8,6: Tucker's R_out,R_in; 4x8x8x4 works too) or an HT rank tree in parentheses "
+               "((4,8,6),(3,3,3))")
 
-    name = "INTEGER|full"
+
+def parse_rank(text: str):
+    """A ``--rank`` value: ``"8"`` -> 8; ``"4,8,8,4"`` or ``"4x8x8x4"`` -> ``[4, 8, 8, 4]``;
+    ``"(4,8,6),(3,3,3)"`` -> ``[[4, 8, 6], [3, 3, 3]]`` (an HT tree: parentheses group a subtree).
+    Only the syntax is checked here (ValueError naming the text); whether the numbers are a
+    rank of the method (positive, how many, how large) is the method's to say
+    (:meth:`sttpfast.params.Method.normalize_rank`, then each layer)."""
+    spelled = text.replace("x", ",") if "(" not in text else text
+    tokens = [t for t in re.findall(r"\s+|-?\d+|[(),]|[^\s\d(),-]+|-", spelled) if not t.isspace()]
+    pos = 0
+
+    def bad():
+        return ValueError(f"{text!r} is not a valid rank: give {RANK_SYNTAX}")
+
+    def items(closing: str | None) -> list:
+        nonlocal pos
+        out = []
+        while True:
+            if pos < len(tokens) and tokens[pos] == "(":
+                pos += 1
+                out.append(items(")"))
+            elif pos < len(tokens) and re.fullmatch(r"-?\d+", tokens[pos]):
+                out.append(int(tokens[pos]))
+                pos += 1
+            else:
+                raise bad()
+            if pos < len(tokens) and tokens[pos] == ",":
+                pos += 1
+                continue
+            if closing is not None:
+                if pos < len(tokens) and tokens[pos] == closing:
+                    pos += 1
+                    return out
+                raise bad()
+            if pos != len(tokens):
+                raise bad()
+            return out
+
+    parsed = items(None)
+    return parsed[0] if len(parsed) == 1 else parsed  # "8" is an int; "((4,8,6),(3,3,3))" the tree inside
+
+
+class RankType(click.ParamType):
+    """``--rank``: a positive integer, a tuple / tree for the tensor formats (:func:`parse_rank`),
+    or ``full`` (where ``allow_full``). A value that is not one ends in one ``Error:`` line."""
+
+    def __init__(self, allow_full: bool = True):
+        self.allow_full = allow_full
+        self.name = "R|R1,R2,..|full" if allow_full else "R|R1,R2,.."
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) or value == FULL_RANK:
+        if isinstance(value, (int, list)) or (self.allow_full and value == FULL_RANK):
             return value
         try:
-            return int(value)
-        except ValueError:
-            self.fail(f"{value!r} is not a valid rank: give a positive integer or {FULL_RANK!r}", param, ctx)
+            return parse_rank(str(value))
+        except ValueError as err:
+            # a CLIError, not self.fail: one line without click's usage block
+            raise CLIError(f"--rank {err}{f' or {FULL_RANK!r}' if self.allow_full else ''}") from None
 
 
 def schema_option(flag: str, key: str | None = None):
@@ -110,6 +161,8 @@ def schema_option(flag: str, key: str | None = None):
         kwargs["type"] = RankType()
     elif choices(key):
         kwargs["type"] = click.Choice(choices(key))
+    elif members == [bool] and s.default is True:  # on by default: the flag pair turns it off
+        decl = f"{decl}/--no-{decl[2:]}"
     elif members == [bool]:
         kwargs["is_flag"] = True
     elif typing.get_origin(members[0]) is list:
@@ -147,6 +200,8 @@ def rank_line(param: str, rank, how: str) -> str:
         return f"rank scale {rank:g}: each layer at that fraction of its full rank"
     if how == "layer_ranks":
         return f"per-layer ranks for {rank} layers (param.layer_ranks)"
+    if isinstance(rank, list):  # a tensor format's tuple rank, in the syntax --rank takes
+        return f"rank {','.join(map(str, rank))} ({param}'s tuple rank, the same for every layer)"
     return f"rank {rank}"
 
 
@@ -182,16 +237,18 @@ def main():
 @schema_option("plan")
 @schema_option("rank_scale")
 @schema_option("unrepresentable")
+@schema_option("keep_dense_if_no_gain")
 @user_errors
 def info(arch, param, rank, compression, include, exclude, init, num_classes, in_chans, plan, rank_scale,
-         unrepresentable):
+         unrepresentable, keep_dense_if_no_gain):
     """Per-layer table (rank, DOF) and the compression Z of ARCH under PARAM."""
     if arch is None:
         raise CLIError("give the architecture: --arch NAME (any timm model or a registered sttpfast model)")
     # the same rank rules as `train` (the default rank for the low-rank methods, 'full', none for dense/sn)
     cli = {CLI_FLAGS[k]: v for k, v in dict(param=param, rank=rank, compression=compression, init=init,
                                              include=list(include), exclude=list(exclude), plan=plan,
-                                             rank_scale=rank_scale, unrepresentable=unrepresentable).items()
+                                             rank_scale=rank_scale, unrepresentable=unrepresentable,
+                                             keep_dense_if_no_gain=keep_dense_if_no_gain).items()
            if v is not None}
     cfg, sources = build_config(cli=cli)
     p = cfg["param"]
@@ -204,12 +261,15 @@ def info(arch, param, rank, compression, include, exclude, init, num_classes, in
         warnings.simplefilter("always")
         report = parameterize(model, p["name"], rank=p["rank"], compression=p["compression"],
                               include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"],
-                              plan=p["plan"], rank_scale=p["rank_scale"], unrepresentable=p["unrepresentable"])
+                              plan=p["plan"], rank_scale=p["rank_scale"], unrepresentable=p["unrepresentable"],
+                              keep_dense_if_no_gain=p["keep_dense_if_no_gain"])
     click.echo(rank_line(p["name"], *_rank_choice(cfg, sources)))
     if report.plan:
         click.echo(report.plan_table())
     elif p["compression"] is not None:
         click.echo(f"rank {report.rank} gives Z = {report.z:.2f}%")
+    if report.left_dense:
+        click.echo(report.left_dense_table())
     click.echo(report.table())
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
@@ -363,21 +423,17 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
 
 
 # -- compress: decompose a dense run, distil block by block, fine-tune ------------------------
-def _compress_rank(value):
-    """``--rank`` of compress: an int, or comma-separated ints (a tuple: TT / TR bonds, Tucker pair)."""
-    if value is None:
-        return None
-    try:
-        parts = tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise CLIError(f"--rank {value!r}: give a positive integer or comma-separated integers (4,8,4)") from None
-    return parts[0] if len(parts) == 1 else parts
+def _as_tuples(rank):
+    """A parsed ``--rank`` with its lists as tuples (what :func:`sttpfast.parameterize` takes)."""
+    return tuple(_as_tuples(r) for r in rank) if isinstance(rank, list) else rank
 
 
 @main.command()
 @click.argument("run", type=click.Path())
 @click.option("--param", required=True, help="the compressed layers' method (tt, tucker, sttp-r, lowrank...)")
-@click.option("--rank", default=None, metavar="R|R1,R2,..", help="the method's rank (an int or a tuple)")
+@click.option("--rank", default=None, type=RankType(allow_full=False),
+              help="the method's rank: an int, comma-separated ints (a tuple: TT / TR bonds, Tucker R_out,R_in) "
+                   "or an HT tree ((4,8,6),(3,3,3))")
 @click.option("--compression", type=float, default=None, help="target Z in percent (instead of --rank)")
 @click.option("--plan", type=click.Choice(choices("param.plan")), default=None,
               help="with --compression: one shared rank, or per-layer ranks by retained energy")
@@ -390,10 +446,12 @@ def _compress_rank(value):
 @click.option("--unrepresentable", type=click.Choice(choices("param.unrepresentable")), default=None,
               help="layers the method cannot represent: leave dense (skip) or refuse (error)")
 @click.option("--out", default=None, type=click.Path(), help="output run folder (default RUN-PARAM next to RUN)")
+@schema_option("keep_dense_if_no_gain")
 @user_errors
-def compress(run, param, rank, compression, plan, phases, epochs, steps, distill_steps, lr, unrepresentable, out):
+def compress(run, param, rank, compression, plan, phases, epochs, steps, distill_steps, lr, unrepresentable, out,
+             keep_dense_if_no_gain):
     """Compress a dense run: sttpfast compress RUN --param tt --compression 10 --phases 0,1,2 --epochs 3."""
-    rank = _compress_rank(rank)
+    rank = _as_tuples(rank)
     if rank is None and compression is None:
         raise CLIError("give the size of the compressed layers: --rank R or --compression Z")
     for flag, value in (("--steps", steps), ("--distill-steps", distill_steps)):
@@ -405,7 +463,7 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
 
     compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases, epochs=epochs,
                  steps=steps, distill_steps=distill_steps, lr=lr, out=out, unrepresentable=unrepresentable,
-                 echo=click.echo)
+                 keep_dense_if_no_gain=keep_dense_if_no_gain is not False, echo=click.echo)
 
 
 @main.command()

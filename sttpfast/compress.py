@@ -209,11 +209,12 @@ class LoadWeights(Callback):
 def compress_run(run_dir, param: str, rank=None, compression: float | None = None, plan: str | None = None,
                  phases="0,1,2", epochs: int = 1, steps: int | None = None, distill_steps: int | None = None,
                  lr: float | None = None, distill_lr: float = 1e-3, out=None, unrepresentable: str | None = None,
-                 echo=print) -> dict:
+                 keep_dense_if_no_gain: bool = True, echo=print) -> dict:
     """Run the phases on the dense run ``run_dir``; returns the report (also ``compress_report.json``).
 
     Args:
-        param, rank, compression, plan, unrepresentable: see :func:`sttpfast.parameterize`.
+        param, rank, compression, plan, unrepresentable, keep_dense_if_no_gain: see
+            :func:`sttpfast.parameterize`.
         phases: ``"0,1,2"``, ``"0,2"``...; 0 always comes first.
         epochs / steps: phase 2's budget (``steps`` replaces ``epochs`` when given).
         distill_steps: phase 1's Adam steps per block (default: one pass over the training data).
@@ -238,12 +239,14 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = parameterize(student, param, rank=rank, compression=compression, plan=plan, init="spectral",
-                              unrepresentable=unrepresentable)
+                              unrepresentable=unrepresentable, keep_dense_if_no_gain=keep_dense_if_no_gain)
     _check_rank_useful(param, rank, report)
     for w in caught:
         echo(f"warning: {w.message}")
     if report.plan:
         echo(report.plan_table())
+    if report.left_dense:
+        echo(report.left_dense_table())
     out = Path(out).expanduser() if out is not None else run_dir.parent / f"{run_dir.name}-{param}"
     new_cfg = _output_config(cfg, student, param, out, epochs, steps,
                              lr if lr is not None else cfg["optim"]["lr"] / 10)

@@ -67,7 +67,24 @@ def _fraction(v) -> bool:
 
 
 def _rank(v) -> bool:
-    return v is None or v == FULL_RANK or v > 0
+    # a list (TT / TR bonds, a Tucker pair, an HT tree) is checked by its method when the
+    # config is built (its length and form depend on the method)
+    return v is None or v == FULL_RANK or isinstance(v, list) or v > 0
+
+
+def _int_tree(value) -> list | None:
+    """``value`` as nested lists of ints (a tuple rank, an HT tree), or None if it is not one."""
+    if not isinstance(value, (list, tuple)) or not value:
+        return None
+    out = []
+    for v in value:
+        if isinstance(v, int) and not isinstance(v, bool):
+            out.append(v)
+        elif (sub := _int_tree(v)) is not None:
+            out.append(sub)
+        else:
+            return None
+    return out
 
 
 def setting(default, help: str, check=None, what: str = ""):
@@ -101,9 +118,11 @@ class ModelConfig:
 @dataclass
 class ParamConfig:
     name: str = setting("dense", "weight parameterization (sttp, svdp-c, lowrank, sn, dense...)")
-    rank: Union[int, Literal["full"], None] = setting(
-        None, f"SVD rank r shared by all layers, or 'full' (default {DEFAULT_RANK} for the low-rank methods)",
-        _rank, "a positive integer or 'full'")
+    rank: Union[int, list[int], Literal["full"], None] = setting(
+        None, f"the method's rank shared by all layers: an int (the SVD rank r), a tuple for the tensor formats "
+              f"(TT / TR bonds 4,8,4; Tucker R_out,R_in 8,6; an HT tree (4,8,6),(3,3,3); a list in YAML), or "
+              f"'full' (default {DEFAULT_RANK} for the low-rank methods)",
+        _rank, "a positive integer, a list of positive integers or 'full'")
     compression: Optional[float] = setting(None, "target Z in percent (instead of rank)", _percent,
                                            "a number in (0, 100] (percent of the dense size)")
     init: Optional[Literal["identity", "spectral"]] = setting(
@@ -118,6 +137,9 @@ class ParamConfig:
     unrepresentable: Literal["skip", "error"] = setting(
         "skip", "a layer the method cannot represent (e.g. rtt on a prime channel count): leave dense or refuse")
     layer_ranks: dict = setting({}, "per-layer ranks {layer: rank} (a saved rank plan; replaces rank)")
+    keep_dense_if_no_gain: bool = setting(
+        True, "with --compression: leave dense the layers where the method has at least as many parameters "
+              "as the dense weight at the rank chosen for them (depthwise kernels, tiny heads)")
     attention: Optional[Literal["qk-ov", "q-k-v"]] = setting(
         None, "transformer attention: qk-ov (per-head W_Q W_K^T and W_O W_V factored, rank per head) or q-k-v "
               "(the fused qkv Linear as three layers that --param parameterizes each on its own)")
@@ -269,6 +291,8 @@ CLI_FLAGS = {
 }
 # any timm backbone at the data's size; factored attention forms (issue 11)
 CLI_FLAGS.update({"img_size": "data.img_size", "attention": "param.attention"})
+# the dense-layer policy of --compression (issue 12)
+CLI_FLAGS.update({"keep_dense_if_no_gain": "param.keep_dense_if_no_gain"})
 
 
 #: ``sttpfast gan`` flag -> schema key (the GAN app shares data / log / train with ``train``)
@@ -304,7 +328,7 @@ def _describe(tp) -> str:
         elif typing.get_origin(m) is Literal:
             parts.append(" or ".join(repr(a) for a in typing.get_args(m)))
         elif typing.get_origin(m) is list:
-            parts.append("a list of strings")
+            parts.append(f"a list of {'integers' if typing.get_args(m) == (int,) else 'strings'}")
         else:
             parts.append({int: "an integer", float: "a number", str: "a string", bool: "true or false",
                           dict: "a mapping"}[m])
@@ -331,6 +355,10 @@ def _coerce_to(tp, value):
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif typing.get_origin(tp) is list and typing.get_args(tp) == (int,):  # a tuple rank, an HT tree
+        tree = _int_tree(value)
+        if tree is not None:
+            return tree
     elif typing.get_origin(tp) is list:  # a single glob is a list of one
         if isinstance(value, str):
             return [value]
@@ -508,6 +536,14 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
         p["rank"] = None
     elif p["rank"] == FULL_RANK:
         p["rank"] = None
+    elif isinstance(p["rank"], list):  # a tuple rank: the method says whether it takes one, of what form
+        from sttpfast.params import method
+
+        try:
+            rank = method(name).normalize_rank(tuple(p["rank"]))
+        except ValueError as err:
+            raise ConfigError(f"config param.rank = {p['rank']!r}: {err}") from None
+        p["rank"] = list(rank) if isinstance(rank, tuple) else rank
     elif p["rank"] is None and p["compression"] is None and p["rank_scale"] is None and not p["layer_ranks"]:
         p["rank"] = DEFAULT_RANK
         sources["param.rank"] = "default"

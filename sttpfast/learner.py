@@ -247,6 +247,7 @@ def spectral_learner(
     echo=None,
     attention: str | None = None,
     attention_rank: int | None = None,
+    keep_dense_if_no_gain: bool = True,
     **learner_kwargs,
 ) -> Learner:
     """A fastai ``Learner`` whose model has its weights in ``param`` form.
@@ -254,8 +255,8 @@ def spectral_learner(
     Args:
         dls: fastai DataLoaders (``get_dls``), with ``n_classes`` / ``in_chans`` attached.
         arch: a timm / registered model name, or a model.
-        param, rank, compression, include, exclude, init, plan, rank_scale, unrepresentable:
-            see :func:`sttpfast.parameterize` (``rank`` may be a per-layer mapping).
+        param, rank, compression, include, exclude, init, plan, rank_scale, unrepresentable,
+        keep_dense_if_no_gain: see :func:`sttpfast.parameterize` (``rank`` may be a per-layer mapping).
         opt: ``sgd`` (momentum ``mom``) or ``adam``; ``wd`` is decoupled weight decay, never
             applied to BN / biases, and replaced by Frobenius decay on ``lowrank`` factors.
         d_optimal: weight of the D-optimal penalty for -r variants.
@@ -291,7 +292,8 @@ def spectral_learner(
         exclude = ([exclude] if isinstance(exclude, str) else list(exclude or [])) + formed
     report = parameterize(model, param, rank=None if factored and param in BASELINES else rank,
                           compression=compression, include=include, exclude=exclude, init=init,
-                          plan=plan, rank_scale=rank_scale, unrepresentable=unrepresentable)
+                          plan=plan, rank_scale=rank_scale, unrepresentable=unrepresentable,
+                          keep_dense_if_no_gain=keep_dense_if_no_gain)
     if factored:
         report = compression_report(model)
     if opt not in OPTIMIZERS:

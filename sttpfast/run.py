@@ -44,7 +44,8 @@ class TrainingInterrupted(SystemExit):
 def run_name(cfg: dict) -> str:
     """The default run folder name: ``DATA-ARCH-PARAM[-rR|-zZ]-sSEED`` (path-safe)."""
     p = cfg["param"]
-    size = f"-r{p['rank']}" if p["rank"] else (f"-z{p['compression']:g}" if p["compression"] else "")
+    rank = "x".join(map(str, p["rank"])) if isinstance(p["rank"], list) else p["rank"]  # a tuple rank
+    size = f"-r{rank}" if rank else (f"-z{p['compression']:g}" if p["compression"] else "")
     if not size and p.get("rank_scale"):
         size = f"-rs{p['rank_scale']:g}"
     name = f"{cfg['data']['name']}-{cfg['model']['arch']}-{p['name']}{size}-s{cfg['train']['seed']}"
@@ -105,9 +106,12 @@ def resume_config(run_dir: str | Path, warn=print) -> tuple[Path, dict, dict]:
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
-    from sttpfast.config import build_config
+    from sttpfast.config import build_config, load_yaml
 
     cfg, _ = build_config([run_dir / "config.yaml"])
+    if "keep_dense_if_no_gain" not in (load_yaml(run_dir / "config.yaml").get("param") or {}):
+        # a run from before the dense-layer policy: it parameterized every selected layer
+        cfg["param"]["keep_dense_if_no_gain"] = False
     state = load_checkpoint_state(run_dir / "checkpoints", warn=lambda msg: warn(f"Warning: {msg}"))
     return run_dir, cfg, state
 
@@ -216,7 +220,7 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     learn = spectral_learner(
         dls, cfg["model"]["arch"], param=p["name"], rank=p.get("layer_ranks") or p["rank"],
         compression=p["compression"], plan=p.get("plan"), rank_scale=p.get("rank_scale"),
-        unrepresentable=p.get("unrepresentable"),
+        unrepresentable=p.get("unrepresentable"), keep_dense_if_no_gain=p.get("keep_dense_if_no_gain", True),
         include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"], opt=o["opt"], lr=o["lr"],
         mom=o["mom"], wd=o["wd"], d_optimal=r["d_optimal"], frobenius_decay=r["frobenius_decay"],
         spectral_bound=r["spectral_bound"], sv_every=lg["sv_every"], cbs=cbs + list(extra_cbs),
@@ -255,6 +259,8 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
         say(report.plan_table())
         if main:
             write_file(run_dir / "rank_plan.json", json.dumps(report.plan, indent=2))
+    if report.left_dense:  # --compression left some layers dense: which and why, before training
+        say(report.left_dense_table())
     say(f"run {run_dir}: {report.summary()}")
     started = time.time()
     signals.install()

@@ -104,6 +104,10 @@ class CompressionReport:
     param: str = "dense"
     #: per-layer ranks when they differ per layer: ``[{layer, rank, energy, params, dense}]``
     plan: list[dict] | None = None
+    #: layers a compression target left dense because the method gains nothing on them at the
+    #: rank chosen for them: ``[{layer, type, shape, rank, params, dense}]`` (``params`` the
+    #: method's DOF there, ``>= dense``); they count at their dense size in ``z``
+    left_dense: list[dict] = field(default_factory=list)
 
     @property
     def z(self) -> float:
@@ -134,6 +138,19 @@ class CompressionReport:
             rank = row["rank"] if not isinstance(row["rank"], list) else "x".join(map(str, row["rank"]))
             energy = "-" if row["energy"] is None else f"{row['energy']:.4f}"
             lines.append(f"{row['layer']:<36} {str(rank):>14} {energy:>8} {row['params']:>10} {row['dense']:>10}")
+        return "\n".join(lines)
+
+    def left_dense_table(self) -> str:
+        """One line saying how many layers were left dense and why, then one line per layer;
+        '' when none was."""
+        if not self.left_dense:
+            return ""
+        lines = [f"left dense: {len(self.left_dense)} layer(s) where {self.param} has at least as many "
+                 f"parameters as the dense weight at the rank chosen for them (no gain)"]
+        for row in self.left_dense:
+            rank = "x".join(map(str, row["rank"])) if isinstance(row["rank"], list) else row["rank"]
+            lines.append(f"  {row['layer']:<36} {row['type']:<10} {'x'.join(map(str, row['shape'])):<14} "
+                         f"rank {rank}: {row['params']:,} params >= {row['dense']:,} dense")
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -216,8 +233,21 @@ def _layer_count_dof(param: str, module: nn.Module, rank) -> int:
     return method(param).count_dof(tuple(module.weight.shape), _transposed(module), rank)
 
 
-def _z_for_rank(param, layers, base_dense, base_other, rank) -> float:
-    dof = sum(_layer_count_dof(param, m, rank) for _, m in layers)
+def _gains_nothing(param: str, module: nn.Module, rank) -> bool:
+    """Whether ``param`` at ``rank`` has at least as many DOF as the layer's dense weight
+    (a depthwise kernel, a tiny head, a stem with few inputs): factorizing it saves nothing."""
+    return _layer_count_dof(param, module, rank) >= module.weight.numel()
+
+
+def _layer_size(param: str, module: nn.Module, rank, keep_dense_if_no_gain: bool) -> int:
+    """What the layer's weight counts in ``Z`` at ``rank``: its DOF, or its dense size where the
+    policy leaves it dense (then ``min(DOF, dense)``, so ``Z`` still grows with the rank)."""
+    dof = _layer_count_dof(param, module, rank)
+    return min(dof, module.weight.numel()) if keep_dense_if_no_gain else dof
+
+
+def _z_for_rank(param, layers, base_dense, base_other, rank, keep_dense_if_no_gain: bool = False) -> float:
+    dof = sum(_layer_size(param, m, rank, keep_dense_if_no_gain) for _, m in layers)
     return 100.0 * (base_other + dof) / base_dense
 
 
@@ -225,8 +255,12 @@ def _z_for_rank(param, layers, base_dense, base_other, rank) -> float:
 COMPRESSION_TOLERANCE = 0.5
 
 
-def rank_for_compression(model: nn.Module, param: str, compression: float, layers=None) -> tuple[int, float]:
-    """The global rank whose ``Z`` is closest to ``compression`` (bisection; Z grows with rank)."""
+def rank_for_compression(model: nn.Module, param: str, compression: float, layers=None,
+                         keep_dense_if_no_gain: bool = True) -> tuple[int, float]:
+    """The global rank whose ``Z`` is closest to ``compression`` (bisection; Z grows with rank).
+
+    With ``keep_dense_if_no_gain`` (what :func:`parameterize` does by default) a layer whose
+    DOF at a rank would reach its dense size counts at its dense size: it will be left dense."""
     param = resolve_param(param)
     layers = layers if layers is not None else _select(model, None, None)
     base = compression_report(model)
@@ -238,7 +272,7 @@ def rank_for_compression(model: nn.Module, param: str, compression: float, layer
     else:
         max_rank = max(min(v.d_out, v.d_in) for v in (MatrixView(tuple(m.weight.shape), _transposed(m))
                                                      for _, m in layers))
-    z = lambda r: _z_for_rank(param, layers, base.dense_total, base_other, r)  # noqa: E731
+    z = lambda r: _z_for_rank(param, layers, base.dense_total, base_other, r, keep_dense_if_no_gain)  # noqa: E731
     lo, hi = 1, max_rank
     while lo < hi:  # smallest rank with Z >= target
         mid = (lo + hi) // 2
@@ -273,7 +307,8 @@ def _useful_rank(param: str, module: nn.Module) -> int:
     return min(view.d_out, view.d_in)
 
 
-def energy_plan(model: nn.Module, param: str, compression: float, layers) -> tuple[dict[str, int], dict[str, float], float]:
+def energy_plan(model: nn.Module, param: str, compression: float, layers,
+                keep_dense_if_no_gain: bool = True) -> tuple[dict[str, int], dict[str, float], float]:
     """Per-layer ranks by retained energy: ``({layer: rank}, {layer: energy kept}, achieved Z)``.
 
     One threshold ``tau`` is shared by all layers; each layer takes the smallest rank ``k``
@@ -282,7 +317,9 @@ def energy_plan(model: nn.Module, param: str, compression: float, layers) -> tup
     one. ``Z`` only changes where ``tau`` crosses one of the layers' cumulative energies, so
     the bisection runs over those values and takes the one whose ``Z`` is closest to the
     target. The rank is the method's int knob (for the tensor methods every bond is capped
-    at it): the SVD rank for SVDP/STTP/lowrank, a proxy for the others.
+    at it): the SVD rank for SVDP/STTP/lowrank, a proxy for the others. With
+    ``keep_dense_if_no_gain`` a layer whose DOF at its rank reaches its dense size counts at
+    its dense size (it will be left dense).
     """
     base = compression_report(model)
     base_other = base.compressed_total - sum(m.weight.numel() for _, m in layers)
@@ -299,7 +336,7 @@ def energy_plan(model: nn.Module, param: str, compression: float, layers) -> tup
     modules = dict(layers)
 
     def z(ranks: dict[str, int]) -> float:
-        dof = sum(_layer_count_dof(param, modules[n], r) for n, r in ranks.items())
+        dof = sum(_layer_size(param, modules[n], r, keep_dense_if_no_gain) for n, r in ranks.items())
         return 100.0 * (base_other + dof) / base.dense_total
 
     taus = sorted({0.0, *(float(v) for e in energies.values() for v in e)})
@@ -393,6 +430,7 @@ def parameterize(
     plan: str | None = None,
     rank_scale: float | None = None,
     unrepresentable: str | None = None,
+    keep_dense_if_no_gain: bool = True,
 ) -> CompressionReport:
     """Replace the weights of selected layers by ``param`` in place; return the report.
 
@@ -419,6 +457,12 @@ def parameterize(
         unrepresentable: a layer the method cannot represent (a reshaped format on a prime
             channel count): ``skip`` (warn naming the layers; they stay dense) or ``error``
             (a ValueError naming the first); None follows ``unrepresentable_policy``.
+        keep_dense_if_no_gain: with ``compression``, a layer where the method has at least as
+            many degrees of freedom as the dense weight at the rank chosen for it (a depthwise
+            kernel, a tiny head) is left dense, and the rank search counts it at its dense
+            size; the report's ``left_dense`` lists those layers. False parameterizes every
+            selected layer. An explicit ``rank`` (or ``rank_scale``) always parameterizes
+            every selected layer, so the paper's ``Z`` values stay exact.
     The report's ``plan`` lists ``{layer, rank, energy, params, dense}`` per layer when the
     ranks differ per layer (``plan="energy"``, ``rank_scale`` or a mapping), else None.
     Raises:
@@ -444,6 +488,8 @@ def parameterize(
                              f"got {rank_scale!r}")
         if not entry.compresses:
             raise ValueError(f"rank_scale needs a low-rank parameterization, not {param!r}")
+    if not isinstance(keep_dense_if_no_gain, bool):
+        raise ValueError(f"keep_dense_if_no_gain must be True or False, got {keep_dense_if_no_gain!r}")
     init = init or default_init(param)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
@@ -471,15 +517,17 @@ def parameterize(
     if skipped:
         warnings.warn(f"{len(skipped)} layer(s) stay dense: " + "; ".join(why for _, why in skipped), stacklevel=2)
     energies = None
+    # the no-gain policy belongs to a compression target: an explicit rank means every layer
+    leave_dense = keep_dense_if_no_gain and compression is not None
     if compression is not None and plan == "energy":
-        rank, energies, achieved = energy_plan(model, param, compression, layers)
+        rank, energies, achieved = energy_plan(model, param, compression, layers, leave_dense)
         per_layer = True
         if abs(achieved - compression) > COMPRESSION_TOLERANCE:
             warnings.warn(f"{param}: the energy plan gives Z = {achieved:.2f}%, not within "
                           f"{COMPRESSION_TOLERANCE} points of {compression:g}% (the ranks move Z in steps)",
                           stacklevel=2)
     elif compression is not None:
-        rank, achieved = rank_for_compression(model, param, compression, layers)
+        rank, achieved = rank_for_compression(model, param, compression, layers, leave_dense)
         if abs(achieved - compression) > COMPRESSION_TOLERANCE:
             # one shared rank moves Z in steps; say so instead of silently missing the target
             warnings.warn(f"{param}: no shared rank gives Z within {COMPRESSION_TOLERANCE} points of "
@@ -487,6 +535,15 @@ def parameterize(
     elif rank_scale is not None:
         rank, per_layer = _scaled_ranks(param, layers, float(rank_scale)), True
     _normalize_layer_ranks(entry, rank, layers)
+    layer_rank = (lambda name: rank[name]) if per_layer else (lambda name: rank)  # noqa: E731
+    left_dense = []
+    if leave_dense:
+        no_gain = {name for name, m in layers if _gains_nothing(param, m, layer_rank(name))}
+        left_dense = [{"layer": name, "type": _layer_type(m), "shape": list(m.weight.shape),
+                       "rank": entry.rank_to_spec(layer_rank(name)),
+                       "params": _layer_count_dof(param, m, layer_rank(name)), "dense": m.weight.numel()}
+                      for name, m in layers if name in no_gain]
+        layers = [(name, m) for name, m in layers if name not in no_gain]
     if entry.largest_useful_rank is not None and isinstance(rank, int) and layers:
         useful = max(entry.largest_useful_rank(tuple(m.weight.shape), _transposed(m)) for _, m in layers)
         if rank > useful:
@@ -498,11 +555,11 @@ def parameterize(
             warnings.warn(f"{param} at rank {rank} has more degrees of freedom than the dense weight in "
                           f"{len(over)} layer(s): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}",
                           stacklevel=2)
-    layer_rank = (lambda name: rank[name]) if per_layer else (lambda name: rank)  # noqa: E731
     _apply_atomically([(name, module, param, layer_rank(name), init) for name, module in layers],
                       model if frame_bank else None)
     report = compression_report(model)
     report.rank, report.param = (None if per_layer else rank), param
+    report.left_dense = left_dense
     if per_layer:
         report.plan = [{"layer": name, "rank": entry.rank_to_spec(rank[name]),
                         "energy": None if energies is None else round(energies[name], 6),

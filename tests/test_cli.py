@@ -1,4 +1,5 @@
 """The command line, run as a user would (click's runner and a real subprocess)."""
+import json
 import os
 import signal
 import subprocess
@@ -56,8 +57,10 @@ def test_info_any_timm_model():
     (["--arch", "wrn16_4", "--param", "sttpx"], "Error: config param.name: unknown parameterization 'sttpx'; allowed: "
                                                 "svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tucker, rtk, tt, rtt, tr, "
                                                 "rtr, ht, dense, sn, svdp, sttp"),
-    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "0"], r"config param.rank = 0: expected a positive integer or 'full'"),
-    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "x"], "'x' is not a valid rank: give a positive integer or 'full'"),
+    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "0"], r"config param.rank = 0: expected a positive integer, a list of "
+                                                              r"positive integers or 'full'"),
+    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "x"], "Error: --rank 'x' is not a valid rank: give a positive "
+                                                              "integer \\(8\\), comma-separated integers"),
     (["--arch", "wrn16_4", "--param", "sttp", "--rank", "4", "--compression", "3"],
      "give either param.rank or param.compression, not both"),
     (["--arch", "wrn16_4", "--param", "sttp", "--compression", "150"], r"config param.compression = 150.0: expected a "
@@ -105,7 +108,8 @@ def test_help_does_not_import_torch(args):
 def test_help_takes_its_choices_from_the_schema():
     result = run("train", "--help")
     assert "--schedule [one_cycle|linear|cosine|const]" in result.output
-    assert "--rank INTEGER|FULL" in result.output and "(default 32 for the low-rank methods)" in result.output
+    words = " ".join(result.output.split())  # the help as printed, its line wrapping aside
+    assert "--rank R|R1,R2,..|FULL" in words and "(default 32 for the low-rank methods)" in words
 
 
 def test_fastai_jit_warning_is_silenced_and_no_other():
@@ -151,4 +155,67 @@ def test_ctrl_c_during_start_up_subprocess(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err == INTERRUPTED + "\n" and out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- tuple ranks on the command line (issue 9) ------------------------------------------------
+@pytest.mark.parametrize("text,rank", [
+    ("8", 8), ("4,8,8,4", [4, 8, 8, 4]), ("4x8x8x4", [4, 8, 8, 4]), (" 8 , 6 ", [8, 6]),
+    ("(4,8,6),(3,3,3)", [[4, 8, 6], [3, 3, 3]]), ("((4,8,6),(3,3,3))", [[4, 8, 6], [3, 3, 3]]),
+    ("4,0,-1", [4, 0, -1]),  # the syntax is fine: the method refuses the numbers (below)
+])
+def test_parse_rank(text, rank):
+    assert sttpfast.cli.parse_rank(text) == rank
+
+
+@pytest.mark.parametrize("text", ["x", "4,,8", "8,", "(4,8", "4)", "4 8", "1e3", ""])
+def test_parse_rank_refuses_what_is_not_a_rank(text):
+    with pytest.raises(ValueError) as err:
+        sttpfast.cli.parse_rank(text)
+    assert str(err.value) == f"{text!r} is not a valid rank: give {sttpfast.cli.RANK_SYNTAX}"
+
+
+TT_RUN = ["train", "digits", "--arch", "resnet20_cifar", "--bs", "64", "--subset", "128", "--logger", "none"]
+
+
+def test_train_with_a_tt_tuple_rank_stores_it_and_resumes_the_same_layers(tmp_path):
+    from sttpfast.checkpoint import load_parameterized, read_metadata
+    from sttpfast.surgery import parameterized_layers
+
+    result = run(*TT_RUN, "--param", "tt", "--rank", "2,3,2", "--include", "blocks.*.conv*", "--steps", "2",
+                 "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "rank 2,3,2 (tt's tuple rank, the same for every layer)"
+    folder = tmp_path / "digits-resnet20_cifar-tt-r2x3x2-s0"
+    assert "  rank:\n  - 2\n  - 3\n  - 2\n" in (folder / "config.yaml").read_text()
+    weights = folder / "checkpoints" / "last" / "model.safetensors"
+    spec = json.loads(read_metadata(weights)["sttpfast_spec"])
+    assert len(spec) == 18 and all(e == {"param": "tt", "rank": [2, 3, 2], "shape": e["shape"]} for e in spec.values())
+    model = load_parameterized(weights)
+    assert {p.requested_rank for _, _, p in parameterized_layers(model)} == {(2, 3, 2)}
+    resumed = run("train", "--resume", str(folder), "--steps", "4")  # the config's rank rebuilds the same layers
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {folder} at epoch 1, step 2" in resumed.output and "| 4 steps in" in resumed.output
+    assert json.loads((folder / "summary.json").read_text())["params_compressed"] == 12010
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--param", "tt", "--rank", "2,3"],  # a 3x3 conv's TT has three bonds
+     "Error: layer 'stem.0' (Conv2d (16, 1, 3, 3)): tt: rank (2, 3) has 2 entries; a layer with modes "
+     "(16, 1, 3, 3) needs 3: (R_1, R_2, R_3) (or one int for all)"),
+    (["--param", "tt", "--rank", "2,0,2"],
+     "Error: config param.rank = [2, 0, 2]: tt: rank must be a positive integer or a tuple of positive integers, "
+     "got (2, 0, 2)"),
+    (["--param", "tucker", "--rank", "17,1"],
+     "Error: layer 'stem.0' (Conv2d (16, 1, 3, 3)): tucker: rank (17, 1) is too large for modes (16, 1, 3, 3): "
+     "the largest useful ranks are (16, 1)"),
+    (["--param", "sttp-r", "--rank", "4,8"],
+     "Error: config param.rank = [4, 8]: sttp-r: rank must be a positive integer, got (4, 8)"),
+    (["--param", "tt", "--rank", "4,,8"],
+     f"Error: --rank '4,,8' is not a valid rank: give {sttpfast.cli.RANK_SYNTAX} or 'full'"),
+])
+def test_train_bad_tuple_rank_one_line_exit_2_nothing_created(tmp_path, args, message):
+    result = run(*TT_RUN, *args, "--steps", "1", "--out", str(tmp_path / "runs"))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == message and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []

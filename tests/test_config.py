@@ -52,8 +52,9 @@ def test_unknown_key_suggests_the_closest(tmp_path):
     ("param.compression=150", "config param.compression = 150.0: expected a number in (0, 100] (percent of the dense size)"),
     ("data.bs=true", "config data.bs = True: expected an integer"),
     ("data.bs=2.5", "config data.bs = 2.5: expected an integer"),
-    ("param.rank=0", "config param.rank = 0: expected a positive integer or 'full'"),
-    ("param.rank=half", "config param.rank = 'half': expected an integer, 'full' or null"),
+    ("param.rank=0", "config param.rank = 0: expected a positive integer, a list of positive integers or 'full'"),
+    ("param.rank=half", "config param.rank = 'half': expected an integer, a list of integers, 'full' or null"),
+    ("param.rank=[4, x]", "config param.rank = [4, 'x']: expected an integer, a list of integers, 'full' or null"),
     ("param.include=[1, 2]", "config param.include = [1, 2]: expected a list of strings"),
     ("optim.lr.x=1", "unknown config key 'optim.lr.x' in --set; did you mean 'optim.lr'?"),
     ("param.name=sttpx", "config param.name: unknown parameterization 'sttpx'; allowed: "),
@@ -85,7 +86,7 @@ def test_the_schema_is_the_one_list_of_keys():
     assert DEFAULTS["param"] == {"name": "dense", "rank": None, "compression": None, "init": None,
                                  "include": [], "exclude": [], "plan": "shared", "rank_scale": None,
                                  "unrepresentable": "skip", "layer_ranks": {},
-                                 "attention": None}
+                                 "attention": None, "keep_dense_if_no_gain": True}
     assert set(CLI_FLAGS.values()) <= set(SCHEMA)
 
 
@@ -187,3 +188,44 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path):
     assert cfg["optim"]["lr"] == 0.0002 and cfg["optim"]["wd"] == 100.0
     cfg, _ = build_config(overrides=["train.name=1e3"])
     assert cfg["train"]["name"] == "1e3"  # a text field keeps the text
+
+
+@pytest.mark.parametrize("sets,rank", [
+    (["param.name=tt", "param.rank=[4, 8, 4]"], [4, 8, 4]),           # TT bonds
+    (["param.name=tucker", "param.rank=[8, 6]"], [8, 6]),             # Tucker (R_out, R_in)
+    (["param.name=ht", "param.rank=[[4, 8, 6], [3, 3, 3]]"], [4, 8, 6, 3, 3, 3]),  # an HT tree, stored in pre-order
+    (["param.name=tt", "param.rank=5"], 5),                           # one int for every bond
+])
+def test_tuple_ranks_are_normalized_by_their_method_and_survive_a_save(sets, rank, tmp_path):
+    cfg, _ = build_config(overrides=sets)
+    assert cfg["param"]["rank"] == rank
+    again, _ = build_config([save_config(cfg, tmp_path / "c.yml")])
+    assert again == cfg
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["param.name=sttp-r", "param.rank=[4, 8]"],
+     "config param.rank = [4, 8]: sttp-r: rank must be a positive integer, got (4, 8)"),
+    (["param.name=tt", "param.rank=[4, 0, 4]"],
+     "config param.rank = [4, 0, 4]: tt: rank must be a positive integer or a tuple of positive integers, "
+     "got (4, 0, 4)"),
+    (["param.name=ht", "param.rank=[[4, 8], [3, 3, 3]]"],
+     "config param.rank = [[4, 8], [3, 3, 3]]: ht: an inner node of a rank tree is (rank, left, right), got (4, 8) "
+     "in ([4, 8], [3, 3, 3])"),
+    (["param.name=sn", "param.rank=[4, 8]"], "param.rank = [4, 8]: 'sn' takes no rank (ranks are for the "
+                                                   "low-rank parameterizations)"),
+])
+def test_bad_tuple_ranks_are_one_message_from_the_method(sets, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=sets)
+    assert str(err.value) == message
+
+
+def test_keep_dense_if_no_gain_is_on_by_default_and_can_be_turned_off():
+    cfg, _ = build_config(overrides=["param.name=sttp-r", "param.compression=10"])
+    assert cfg["param"]["keep_dense_if_no_gain"] is True
+    off, _ = build_config(overrides=["param.name=sttp-r", "param.compression=10",
+                                     "param.keep_dense_if_no_gain=false"])
+    assert off["param"]["keep_dense_if_no_gain"] is False
+    with pytest.raises(ConfigError, match=r"^config param.keep_dense_if_no_gain = 'maybe': expected true or false$"):
+        build_config(overrides=["param.keep_dense_if_no_gain=maybe"])

@@ -32,6 +32,25 @@ def test_paper_compression_of_sngan_discriminator(param, z):
     assert round(report.z, 2) == z
     assert round(compression_report(model).z, 2) == z
     assert len(report.rows) == 11  # every conv and the linear
+    assert report.left_dense == []  # an explicit rank: the policy of compression targets stays out
+
+
+@pytest.mark.parametrize("param,z", [("svdp-r", 53.36), ("sttp-r", 18.33)])
+def test_paper_rank_keeps_every_layer_but_a_compression_target_leaves_the_ones_without_gain(param, z):
+    """At rank 64 the first conv (128 x 3*3*3), the first shortcut (128 x 3) and the Linear
+    (1 x 128) are at full rank: the -R forms have exactly their dense size there. The paper's
+    rank parameterizes them anyway; the same Z as a target finds rank 64 and leaves them dense."""
+    no_gain = {"blocks.0.conv1": 3456, "blocks.0.shortcut": 384, "fc": 128}
+    model = timm.create_model("sngan_d32")
+    report = parameterize(model, param, rank=64)
+    assert {r.name: r.dof for r in report.rows if r.name in no_gain} == no_gain
+    assert all(r.dof == r.dense for r in report.rows if r.name in no_gain)
+    target = timm.create_model("sngan_d32")
+    by_z = parameterize(target, param, compression=z)
+    assert by_z.rank == 64 and [row["layer"] for row in by_z.left_dense] == list(no_gain)
+    assert [r.name for r in by_z.rows] == [r.name for r in report.rows if r.name not in no_gain]
+    assert (by_z.compressed_total, by_z.dense_total) == (report.compressed_total, report.dense_total)
+    assert round(by_z.z, 2) == z
 
 
 def test_wrn28_10_sttp_compression_matches_paper_scale():

@@ -166,11 +166,12 @@ def test_tuple_ranks_are_kept_in_the_spec(tmp_path):
     assert torch.equal(loaded(x), model(x))
 
 
-#: compression=10 on resnet20_cifar: the shared int rank found and the Z it gives
-LANDS = {"cp": (15, 10.028), "rcp": (40, 10.107), "tucker": (8, 9.550), "rtt": (8, 9.700),
-         "rtr": (7, 10.427), "ht": (8, 10.189)}
+#: compression=10 on resnet20_cifar: the shared int rank found and the Z it gives (layers
+#: where the method gains nothing at that rank, e.g. fc, stay dense: keep_dense_if_no_gain)
+LANDS = {"cp": (15, 9.916), "rcp": (40, 9.900), "tucker": (8, 9.544), "rtt": (8, 9.685),
+         "rtr": (7, 10.176), "ht": (8, 10.164), "tr": (4, 10.306)}
 #: methods whose Z jumps by more than a point between neighbouring ranks: (rank, Z, Z at rank+1)
-COARSE = {"rtk": (3, 6.714, 17.394), "tt": (5, 8.895, 11.805), "tr": (4, 10.598, 15.757)}
+COARSE = {"rtk": (3, 6.714, 17.394), "tt": (5, 8.895, 11.805)}
 
 
 @pytest.mark.parametrize("name", ZOO)
