@@ -32,6 +32,7 @@ from torch import nn
 from sttpfast.atomic import write_file
 from sttpfast.callbacks._util import unwrap_model
 from sttpfast.config import build_config, save_config
+from sttpfast.params.layers import parameterized_layers
 
 __all__ = ["PHASES", "parse_phases", "distillation_blocks", "block_mse", "distill_blocks", "compress_run", "LoadWeights"]
 
@@ -113,15 +114,24 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, loader, steps_per_blo
     early ones. Later blocks get
     no gradient. Both networks run in eval mode: the student's normalization layers use the
     running statistics it inherited from the teacher (their affine parameters still train),
-    so the targets and the student's outputs are computed the same way."""
+    so the targets and the student's outputs are computed the same way.
+
+    The leading blocks with no parameterized layer (a stem left dense) are the teacher's own,
+    exactly: they are not distilled and stay frozen, since training them while later blocks
+    are matched could only move them away from the teacher."""
     s_blocks, t_blocks = distillation_blocks(student), distillation_blocks(teacher)
+    exact = _exact_prefix(s_blocks)
+    frozen = {id(p) for _, block in s_blocks[:exact] for p in block.parameters()}
     teacher.eval()
     was = student.training
     student.eval()
-    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad and id(p) not in frozen], lr=lr)
     batches = _batches(loader)
     try:
         for i, (name, _) in enumerate(s_blocks):
+            if i < exact:
+                echo(f"phase 1: block {i + 1}/{len(s_blocks)} {name}: the teacher's own (nothing compressed), kept")
+                continue
             for _ in range(steps_per_block):
                 x, _ = next(batches)
                 with torch.no_grad():
@@ -134,6 +144,14 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, loader, steps_per_blo
             echo(f"phase 1: block {i + 1}/{len(s_blocks)} {name}: train MSE {float(loss.detach()):.5f}")
     finally:
         student.train(was)
+
+
+def _exact_prefix(blocks: list[tuple[str, nn.Module]]) -> int:
+    """How many leading ``blocks`` hold no parameterized layer (so equal the teacher's)."""
+    for i, (_, block) in enumerate(blocks):
+        if next(parameterized_layers(block), None) is not None:
+            return i
+    return len(blocks)
 
 
 @torch.no_grad()
@@ -259,7 +277,8 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
               "phases": {}}
     echo(f"dense: accuracy {result['dense']['accuracy']:.4f}")
     z = round(report.z, 4)
-    result["phases"]["0"] = {"accuracy": _accuracy(student, dls.valid), "z_percent": z}
+    result["phases"]["0"] = {"accuracy": _accuracy(student, dls.valid), "z_percent": z,
+                             "left_dense": [row["layer"] for row in report.left_dense]}
     echo(f"phase 0 (decomposed, {report.summary()}): accuracy {result['phases']['0']['accuracy']:.4f}")
     if 1 in phases:
         before = block_mse(student, teacher, dls.valid)

@@ -34,17 +34,21 @@ def test_three_phases_report_lower_block_mse_and_a_resumable_run(dense_run, tmp_
     from sttpfast.run import run_training
 
     torch.manual_seed(0)
-    # every layer in Tucker form (a layer left dense is the teacher's own: nothing to distil)
     report = compress_run(dense_run, "tucker", compression=20, phases="0,1,2", distill_steps=12, epochs=1,
-                          out=tmp_path / "c", keep_dense_if_no_gain=False, echo=lambda *a: None)
+                          out=tmp_path / "c", echo=lambda *a: None)
     assert list(report["phases"]) == ["0", "1", "2"]
     z = report["phases"]["0"]["z_percent"]
     # the shared Tucker rank closest to 20% (the width-4 net moves Z in coarse steps)
-    assert z == 19.4746 and report["phases"]["1"]["z_percent"] == report["phases"]["2"]["z_percent"] == z
+    assert z == 19.3794 and report["phases"]["1"]["z_percent"] == report["phases"]["2"]["z_percent"] == z
     assert all(0 <= phase["accuracy"] <= 1 for phase in report["phases"].values())
     before, after = report["phases"]["1"]["block_mse_before"], report["phases"]["1"]["block_mse_after"]
     assert list(before) == ["stem", *(f"blocks.{i}" for i in range(9))]
-    for block in before:  # held-out MSE against the teacher, per block
+    # the stem conv (3 -> 4 channels) and a 1x1 shortcut gain nothing in Tucker form and stay
+    # dense: the student's stem is the teacher's, exactly, and phase 1 must leave it so (it used
+    # to drift to 1e-3 while the later blocks were distilled)
+    assert report["phases"]["0"]["left_dense"] == ["stem.0", "blocks.3.shortcut.0"]
+    assert before["stem"] == after["stem"] == 0.0
+    for block in list(before)[1:]:  # held-out MSE against the teacher, per block
         assert after[block] < before[block], (block, before[block], after[block])
     folder = tmp_path / "c"
     assert json.loads((folder / "compress_report.json").read_text()) == report
