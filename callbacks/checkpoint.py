@@ -282,14 +282,19 @@ class Checkpointer(Callback):
     def after_epoch(self):
         if self._skipped_epoch():
             return
-        # the next epoch starts with the generators as they are now
-        loader_rng = {k: v.clone() for k, v in self.dls.train.rng_state().items()}
+        done = int(self.learn.train_iter) - self._epoch_start_iter
+        if done < len(self.dls.train):
+            # a step budget ended the epoch early (StepBudget): the position is mid-epoch, so
+            # that a resume with a larger budget trains the rest of this epoch
+            epoch, skip, loader_rng = self.epoch, done, self._epoch_rng
+        else:  # the next epoch starts with the generators as they are now
+            epoch, skip, loader_rng = self.epoch + 1, 0, {k: v.clone() for k, v in self.dls.train.rng_state().items()}
         value = self._monitored()
         if value is not None and (self.best is None or (value > self.best if self.mode == "max" else value < self.best)):
             self.best = value
-            self._save(("best", "last"), self.epoch + 1, 0, loader_rng)  # one folder, two names
+            self._save(("best", "last"), epoch, skip, loader_rng)  # one folder, two names
         else:
-            self._save(("last",), self.epoch + 1, 0, loader_rng)
+            self._save(("last",), epoch, skip, loader_rng)
 
     def _monitored(self) -> float | None:
         recorder = getattr(self.learn, "recorder", None)

@@ -163,6 +163,19 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert resumed["metrics"] == full["metrics"]
 
 
+def test_a_step_budget_that_ends_mid_epoch_resumes_mid_epoch_with_a_larger_budget(tmp_path):
+    """``--steps 2`` stops inside the first epoch (7 batches); ``--resume --steps 5`` must train
+    steps 3 to 5 of that epoch, not take the epoch as done and train nothing."""
+    run_training(_cfg(tmp_path, "r", "optim.steps=2"), echo=lambda *a: None)
+    run = tmp_path / "r"
+    state = json.loads((run / "checkpoints/last/state.json").read_text())
+    assert (state["epoch"], state["skip"], state["train_iter"]) == (0, 2, 2)
+    resumed = run_training(resume=run, steps=5, echo=lambda *a: None)
+    assert resumed["steps"] == 5
+    state = json.loads((run / "checkpoints/last/state.json").read_text())
+    assert (state["epoch"], state["skip"], state["train_iter"]) == (0, 5, 5)
+
+
 def test_ctrl_c_exits_130_through_the_cli(tmp_path, monkeypatch):
     import sttpfast.run as run_module
 
