@@ -46,9 +46,10 @@ from sttpfast.linalg.householder import (
 )
 from sttpfast.linalg.tt import tt_ranks
 from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, learned_spectrum
+from sttpfast.params.factorized import install_factorized_forward
 
 __all__ = ["ChainLayout", "ChainFactors", "CoreFactors", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum",
-           "chain_weight", "chain_weights", "contraction_plan"]
+           "chain_weight", "chain_weights", "contraction_plan", "root_operands", "factor_operands", "build_flops"]
 
 #: standard deviation of the reflector entries at the identity initialization. The STTP
 #: reference code perturbs the frame ``E`` by ``1e-4 * randn`` and re-orthogonalizes; a
@@ -246,7 +247,7 @@ def contraction_plan(layout: ChainLayout) -> tuple[tuple, int]:
     return tree(0, n - 1), cost[0][n - 1]
 
 
-def _root_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> tuple[Tensor, Tensor]:
+def root_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> tuple[Tensor, Tensor]:
     """The two operands of the last matmul of :func:`contraction_plan`'s order, every other
     merge done: ``(..., d_left, R_m)`` and ``(..., R_m, d_right)`` with ``d_left d_right = d_out d_in``."""
     n_out = len(layout.out_modes)
@@ -280,6 +281,54 @@ def _last_core(node) -> int:
     return node if isinstance(node, int) else _last_core(node[1])
 
 
+def factor_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The two factors of the factorized forward: ``U diag(g s)`` ``(..., d_out, r)`` and ``V^T``
+    ``(..., r, d_in)``, so that ``W = (U diag(g s)) V^T``.
+
+    The chains are contracted by the two sweeps of :func:`contract_chain` (the contraction
+    order that ends at the rank-``r`` bond, whatever order :func:`contraction_plan` picks for
+    ``W``); ``g s`` goes into the last U-core, ``(R n) x r``, the cheapest place. For SVDP the
+    two factors are the frames themselves (no matmul at all).
+    """
+    n_out = len(layout.out_modes)
+    if spectrum is not None:
+        frames = list(frames)
+        frames[n_out - 1] = frames[n_out - 1] * spectrum.unsqueeze(-2)
+    u, v = contract_chain(layout, frames)
+    return u, v.mT
+
+
+@lru_cache(maxsize=1024)
+def build_flops(layout: ChainLayout) -> tuple[int, int, int]:
+    """Multiply-adds of the two ways to finish a build from the frames: ``(W, final, factors)``.
+
+    ``W``: the whole contraction of :func:`contraction_plan`, of which ``final`` is its last
+    matmul (the one that makes the ``d_out x d_in`` weight); ``factors``: the two sweeps of
+    :func:`factor_operands` (``U`` left to right, ``V`` right to left).
+    """
+    tree, whole = contraction_plan(layout)
+    n_out, n = len(layout.out_modes), len(layout.out_modes + layout.in_modes)
+    final = math.prod(layout.out_modes + layout.in_modes) * layout.ranks[_last_core(tree[0]) + 1] \
+        if not isinstance(tree, int) else 0
+    u_sweep = 0
+    for k in range(n_out):
+        u_sweep = k if k == 0 else (u_sweep, k)
+    v_sweep = n - 1
+    for k in range(n - 2, n_out - 1, -1):
+        v_sweep = (k, v_sweep)
+    return whole, final, _tree_flops(layout, u_sweep)[2] + _tree_flops(layout, v_sweep)[2]
+
+
+def _tree_flops(layout: ChainLayout, node) -> tuple[int, int, int]:
+    """(first core, last core, multiply-adds) of contracting ``node`` of ``layout``'s chain."""
+    if isinstance(node, int):
+        return node, node, 0
+    a, m, left = _tree_flops(layout, node[0])
+    _, b, right = _tree_flops(layout, node[1])
+    modes, ranks = layout.out_modes + layout.in_modes, layout.ranks
+    return a, b, left + right + ranks[a] * math.prod(modes[a:b + 1]) * ranks[b + 1] * ranks[m + 1]
+
+
 def chain_weight(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> Tensor:
     """``W = U diag(g s) V^T`` of one chain, contracted in the order of :func:`contraction_plan`.
 
@@ -289,7 +338,7 @@ def chain_weight(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | N
     Returns:
         ``(d_out, d_in)``.
     """
-    left, right = _root_operands(layout, frames, spectrum)
+    left, right = root_operands(layout, frames, spectrum)
     return (left @ right).reshape(math.prod(layout.out_modes), -1)
 
 
@@ -302,7 +351,7 @@ def chain_weights(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | 
     tensor: unbinding a batched weight would cost a copy of every weight's gradient in
     backward (the stack behind ``unbind``), about a tenth of a large network's build.
     """
-    left, right = _root_operands(layout, frames, spectrum)
+    left, right = root_operands(layout, frames, spectrum)
     d_out = math.prod(layout.out_modes)
     return [(a @ b).reshape(d_out, -1) for a, b in zip(left.unbind(0), right.unbind(0))]
 
@@ -316,6 +365,18 @@ class SpectralChain(WeightParametrization):
     """
 
     learned: bool = True
+    #: how the layer runs its input (:mod:`sttpfast.params.factorized`): "auto" (multiply-add
+    #: estimate per call), "factorized" (conv V^T, then 1x1 conv U diag(g s)), "materialized"
+    forward_mode: str = "auto"
+    #: the factors are built (frames, contraction), not stored: under ``parametrize.cached()``
+    #: the cached kernel is cheaper than rebuilding them per call
+    factors_built: bool = True
+
+    @classmethod
+    def apply_to(cls, module, rank=None, init="identity") -> None:
+        """Register on ``module.weight`` and give the layer the path-choosing forward."""
+        super().apply_to(module, rank, init)
+        install_factorized_forward(module)
 
     def __init__(self, shape, transposed=False, rank=None, init="identity"):
         super().__init__(shape, transposed, rank, init)
@@ -378,6 +439,34 @@ class SpectralChain(WeightParametrization):
                 frames = [householder_frame(core.bottom, core.top) for core in cores]
                 matrix = chain_weight(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))
         return self.view.from_matrix(matrix)
+
+    # -- the factorized forward (sttpfast.params.factorized) ------------------------------
+    def conv_factors(self, factors) -> tuple[None, Tensor, Tensor, bool]:
+        """``(None, V^T as a kernel (r, C_in, *kernel), U diag(g s) (d_out, r), depthwise=False)``:
+        the layer as a conv ``C_in -> r`` carrying its stride / padding / dilation, then a 1x1
+        conv ``r -> C_out`` with its bias (a Linear: ``V^T (r, d_in)`` then ``U diag(g s)``).
+
+        ``V^T``'s columns are the weight's ``C_in * prod(kernel)`` columns in the matrix view's
+        row-major order (STTP's input modes are those of ``C_in`` then the kernel), so the
+        reshape to ``(r, C_in, *kernel)`` is the conv kernel. From the frame bank's batched build
+        when a pass is open (without the final product ``U diag(g s) V^T``), else built here."""
+        bank = self.__dict__.get("frame_bank")
+        pair = bank.factors(self) if bank is not None else None
+        if pair is None:
+            with torch.autocast(factors[-1].device.type, enabled=False):
+                raw, cores = self.chain_factors(factors)
+                frames = [householder_frame(core.bottom, core.top) for core in cores]
+                pair = factor_operands(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))
+        u, v_t = pair
+        return None, v_t.reshape(self.rank, *self.view.natural[1:]), u, False
+
+    def flops(self, batch_pixels_in: int, batch_pixels_out: int) -> tuple[int, int]:
+        """(materialized, factorized) multiply-adds of one call (see factorized.py): the
+        contraction from the frames (the whole plan, or the two sweeps) plus the layer's
+        convolution (``P_out d_out d_in``, or ``P_out r (d_in + d_out)``); the frames cost the same."""
+        whole, _, sweeps = build_flops(self.layout)
+        d_out, d_in, r = self.view.d_out, self.view.d_in, self.rank
+        return whole + batch_pixels_out * d_out * d_in, sweeps + batch_pixels_out * r * (d_in + d_out)
 
     # -- spectrum -----------------------------------------------------------------------
     def singular_values(self, *factors: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Running a CP / Tucker-2 layer on its factors instead of its materialized kernel.
+"""Running a low-rank layer (CP, Tucker-2, SVDP / STTP) on its factors instead of its materialized kernel.
 
 ``torch.nn.utils.parametrize`` can only give a layer a *weight*; to contract the factors
 with the input the layer's forward itself has to change. :func:`install_factorized_forward`
@@ -9,8 +9,10 @@ call, picks one of two paths:
   parametrization builds the kernel; ``parametrize.cached()`` applies);
 * factorized: 1x1 conv ``C_in -> R_in``, the middle conv (Tucker-2: the ``R_in -> R_out``
   core with the kernel; CP: a depthwise conv whose kernel is the outer product of the
-  spatial factors) carrying the layer's stride, padding and dilation, then 1x1 conv
-  ``R_out -> C_out`` with the bias. Linear layers: the same with matrix products.
+  spatial factors; SVDP / STTP, which have no first 1x1 conv: ``C_in -> r`` whose kernel is
+  ``V^T``) carrying the layer's stride, padding and dilation, then 1x1 conv
+  ``R_out -> C_out`` with the bias (SVDP / STTP: ``U diag(g s)``). Linear layers: the same
+  with matrix products.
 
 Why an instance ``forward`` and not a wrapper module: the layer keeps its class, name,
 attributes and state_dict keys, so surgery, ``densify``, specs, checkpoints and Z see
@@ -23,10 +25,16 @@ The choice (``forward_mode = "auto"`` on the parametrization) compares multiply-
 this call: materialized = building the kernel (``p.flops``) + ``P_out C_out C_in K``;
 factorized = ``P_in C_in R_in + P_out R_out R_in K + P_out R_out C_out`` (Tucker-2) or
 ``P_in C_in R + P_out R K + P_out R C_out`` (CP), with ``P_in``/``P_out`` the number of
-input / output positions in the batch (rows of a Linear) and ``K`` the kernel size. The
+input / output positions in the batch (rows of a Linear) and ``K`` the kernel size. SVDP /
+STTP (:meth:`~sttpfast.params.chain.SpectralChain.flops`): the contraction from the frames
+(the whole plan with its final ``d_out x d_in`` product, or the two sweeps that stop at the
+rank-``r`` bond) + ``P_out C_out C_in K``, against that + ``P_out r (C_in K + C_out)``. The
 backward pass costs about twice the forward on both paths, so the same comparison holds for
 training. ``forward_mode = "factorized"`` / ``"materialized"`` forces a path. Grouped
-convs, non-zero padding modes and transposed convs always run materialized.
+convs, non-zero padding modes and transposed convs always run materialized, and so, under
+``parametrize.cached()`` (validation), do layers whose factors are built rather than stored
+(``factors_built``: SVDP / STTP), in auto mode: the cached kernel costs no build, the
+factors would be rebuilt at every call.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from sttpfast.params.layers import factors_of, parametrization_of
 
@@ -52,7 +61,7 @@ def install_factorized_forward(module: nn.Module) -> None:
 
 def _factorizable(module: nn.Module):
     p = parametrization_of(module)
-    if p is None or not hasattr(p, "conv_factors") or getattr(p, "reshaped", True):
+    if p is None or not hasattr(p, "conv_factors") or getattr(p, "reshaped", False) or p.view.transposed:
         return None
     if isinstance(module, nn.Linear):
         return p
@@ -91,6 +100,8 @@ def uses_factorized_path(module: nn.Module, x: Tensor) -> bool:
         raise ValueError(f"forward_mode must be one of {', '.join(FORWARD_MODES)}, got {mode!r}")
     if mode != "auto":
         return mode == "factorized"
+    if getattr(p, "factors_built", False) and parametrize._cache_enabled:
+        return False
     dense, factored = p.flops(*_positions(module, x))
     return factored < dense
 
@@ -112,15 +123,16 @@ def _choosing_forward(self: nn.Module, x: Tensor) -> Tensor:
     if not uses_factorized_path(self, x):
         return type(self).forward(self, x)
     p = parametrization_of(self)
+    # first is None where the middle conv takes the input itself (SVDP / STTP)
     first, middle, last, depthwise = p.conv_factors(factors_of(self))
     if isinstance(self, nn.Linear):
-        h = F.linear(x, first)
+        h = x if first is None else F.linear(x, first)
         h = h * middle.reshape(-1) if depthwise else F.linear(h, middle)
         return F.linear(h, last, self.bias)
     nd = len(self.kernel_size)
     conv = _CONVS[nd]
     ones = [1] * nd
-    h = conv(x, first.reshape(*first.shape, *ones))
+    h = x if first is None else conv(x, first.reshape(*first.shape, *ones))
     h = conv(h, middle, stride=self.stride, padding=self.padding, dilation=self.dilation,
              groups=middle.shape[0] if depthwise else 1)
     return conv(h, last.reshape(*last.shape, *ones), self.bias)
