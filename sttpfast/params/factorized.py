@@ -17,9 +17,9 @@ call, picks one of two paths:
 Why an instance ``forward`` and not a wrapper module: the layer keeps its class, name,
 attributes and state_dict keys, so surgery, ``densify``, specs, checkpoints and Z see
 exactly the same model; ``copy.deepcopy`` and pickling carry the override along (it points
-at the copy). After the
-parametrization is removed (densify) the override finds no factorizable parametrization
-and simply runs the class's forward.
+at the copy). A layer whose parametrization is removed without :func:`remove_factorized_forward`
+finds no factorizable parametrization and simply runs the class's forward; densify removes
+the override (torch.jit.script cannot compile an instance ``forward``).
 
 The choice (``forward_mode = "auto"`` on the parametrization) compares multiply-adds for
 this call: materialized = building the kernel (``p.flops``) + ``P_out C_out C_in K``;
@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 
 from sttpfast.params.layers import factors_of, parametrization_of
 
-__all__ = ["install_factorized_forward", "uses_factorized_path", "ChoosingForward", "FORWARD_MODES"]
+__all__ = ["install_factorized_forward", "remove_factorized_forward", "uses_factorized_path", "ChoosingForward", "FORWARD_MODES"]
 
 FORWARD_MODES = ("auto", "factorized", "materialized")
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -57,6 +57,13 @@ def install_factorized_forward(module: nn.Module) -> None:
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and not isinstance(
             module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         module.forward = ChoosingForward(module)
+
+
+def remove_factorized_forward(module: nn.Module) -> None:
+    """Give the layer its class's forward back (densify: a plain layer that torch.jit.script
+    can compile, whose instance ``forward`` would otherwise be a :class:`ChoosingForward`)."""
+    if isinstance(module.__dict__.get("forward"), ChoosingForward):
+        del module.__dict__["forward"]
 
 
 def _factorizable(module: nn.Module):
