@@ -49,7 +49,7 @@ from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, 
 from sttpfast.params.factorized import install_factorized_forward
 
 __all__ = ["ChainLayout", "ChainFactors", "CoreFactors", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum",
-           "chain_weight", "chain_weights", "contraction_plan", "root_operands", "factor_operands", "build_flops"]
+           "chain_weight", "chain_weights", "contraction_plan", "segment_plan", "root_operands", "factor_operands", "build_flops"]
 
 #: standard deviation of the reflector entries at the identity initialization. The STTP
 #: reference code perturbs the frame ``E`` by ``1e-4 * randn`` and re-orthogonalizes; a
@@ -224,13 +224,21 @@ def contraction_plan(layout: ChainLayout) -> tuple[tuple, int]:
 
     Returns ``(tree, flops)``: ``tree`` is a core index (a leaf) or ``(left, right)``.
     """
+    return segment_plan(layout, 0, len(layout.out_modes + layout.in_modes) - 1)
+
+
+@lru_cache(maxsize=4096)
+def segment_plan(layout: ChainLayout, first: int, last: int) -> tuple[tuple | int, int]:
+    """:func:`contraction_plan` of the cores ``first..last`` alone: ``(tree, flops)``, the tree
+    over core indices. The U side ``0..n_out-1`` contracts to ``U`` ``(d_out, r)``, the V side
+    to ``V^T`` ``(r, d_in)``, both row-major with no permuted copy."""
     modes = layout.out_modes + layout.in_modes
-    ranks, n = layout.ranks, len(modes)
+    ranks, n = layout.ranks, last + 1
     span = [[math.prod(modes[a:b + 1]) for b in range(n)] for a in range(n)]
     cost = [[0] * n for _ in range(n)]
     split = [[0] * n for _ in range(n)]
-    for length in range(2, n + 1):
-        for a in range(n - length + 1):
+    for length in range(2, n - first + 1):
+        for a in range(first, n - length + 1):
             b = a + length - 1
             best = None
             for m in range(a, b):
@@ -244,37 +252,45 @@ def contraction_plan(layout: ChainLayout) -> tuple[tuple, int]:
             return a
         m = split[a][b]
         return tree(a, m), tree(m + 1, b)
-    return tree(0, n - 1), cost[0][n - 1]
+    return tree(first, last), cost[first][last]
+
+
+def _chain_cores(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> list[Tensor]:
+    """Every core as a matrix ``(R_{k-1} n_k, R_k)`` (U) or ``(R_{k-1}, n_k R_k)`` (V: the
+    transposed view of its frame), ``g s`` in the last U-core: ``(R n) x r``, the cheapest place."""
+    n_out = len(layout.out_modes)
+    cores = list(frames)
+    if spectrum is not None:
+        cores[n_out - 1] = cores[n_out - 1] * spectrum.unsqueeze(-2)
+    # a V-core's frame is (n_k R_k) x R_{k-1}: its transpose is the core as R_{k-1} x (n_k R_k)
+    for k in range(n_out, len(cores)):
+        cores[k] = cores[k].mT
+    return cores
+
+
+def _contract(layout: ChainLayout, cores: list[Tensor], node) -> Tensor:
+    """Segment ``[a, b]`` (a tree ``node`` of core indices) as one row-major ``(R_{a-1}, n_a..n_b, R_b)``
+    array, batched over the leading dims (any reshape of it is a view), except a V-core leaf:
+    the transposed ``(R_{a-1}, n_a R_a)`` view of its frame."""
+    if isinstance(node, int):
+        return cores[node]
+    left, right = _operands(layout, cores, node)
+    return left @ right
+
+
+def _operands(layout: ChainLayout, cores: list[Tensor], node) -> tuple[Tensor, Tensor]:
+    """The two operands of the merge at ``node``: ``(..., rows, R_m)`` and ``(..., R_m, cols)``."""
+    batch = cores[0].shape[:-2]
+    left, right = _contract(layout, cores, node[0]), _contract(layout, cores, node[1])
+    bond = layout.ranks[_last_core(node[0]) + 1]
+    return left.reshape(*batch, -1, bond), right.reshape(*batch, bond, -1)
 
 
 def root_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> tuple[Tensor, Tensor]:
     """The two operands of the last matmul of :func:`contraction_plan`'s order, every other
     merge done: ``(..., d_left, R_m)`` and ``(..., R_m, d_right)`` with ``d_left d_right = d_out d_in``."""
-    n_out = len(layout.out_modes)
-    batch = frames[0].shape[:-2]
-    cores = list(frames)
-    if spectrum is not None:  # Sigma goes into the last U-core: (R n) x r, the cheapest place
-        cores[n_out - 1] = cores[n_out - 1] * spectrum.unsqueeze(-2)
-    # a V-core's frame is (n_k R_k) x R_{k-1}: its transpose is the core as R_{k-1} x (n_k R_k)
-    for k in range(n_out, len(cores)):
-        cores[k] = cores[k].mT
-    ranks = layout.ranks
-
-    def operands(node):
-        left, right = contract(node[0]), contract(node[1])
-        bond = ranks[_last_core(node[0]) + 1]
-        return left.reshape(*batch, -1, bond), right.reshape(*batch, bond, -1)
-
-    def contract(node):
-        # segment [a, b] as one row-major (R_{a-1}, n_a..n_b, R_b) array (any reshape of it is
-        # a view), except a V-core leaf: the transposed (R_{a-1}, n_a R_a) view of its frame
-        if isinstance(node, int):
-            return cores[node]
-        left, right = operands(node)
-        return left @ right
-
     tree, _ = contraction_plan(layout)
-    return operands(tree)
+    return _operands(layout, _chain_cores(layout, frames, spectrum), tree)
 
 
 def _last_core(node) -> int:
@@ -285,17 +301,17 @@ def factor_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor 
     """The two factors of the factorized forward: ``U diag(g s)`` ``(..., d_out, r)`` and ``V^T``
     ``(..., r, d_in)``, so that ``W = (U diag(g s)) V^T``.
 
-    The chains are contracted by the two sweeps of :func:`contract_chain` (the contraction
-    order that ends at the rank-``r`` bond, whatever order :func:`contraction_plan` picks for
-    ``W``); ``g s`` goes into the last U-core, ``(R n) x r``, the cheapest place. For SVDP the
-    two factors are the frames themselves (no matmul at all).
+    Each side is contracted on its own in its order of fewest FLOPs (:func:`segment_plan`),
+    which ends at the rank-``r`` bond whatever order :func:`contraction_plan` picks for ``W``;
+    both come out row-major (``V^T`` is the conv kernel ``(r, C_in, *kernel)`` by a view). For
+    SVDP the two factors are the frames themselves (``U`` times ``g s``, ``V^T`` a transposed view).
     """
-    n_out = len(layout.out_modes)
-    if spectrum is not None:
-        frames = list(frames)
-        frames[n_out - 1] = frames[n_out - 1] * spectrum.unsqueeze(-2)
-    u, v = contract_chain(layout, frames)
-    return u, v.mT
+    n_out, n = len(layout.out_modes), len(layout.out_modes + layout.in_modes)
+    cores = _chain_cores(layout, frames, spectrum)
+    batch = frames[0].shape[:-2]
+    u = _contract(layout, cores, segment_plan(layout, 0, n_out - 1)[0])
+    v_t = _contract(layout, cores, segment_plan(layout, n_out, n - 1)[0])
+    return u.reshape(*batch, -1, layout.rank), v_t.reshape(*batch, layout.rank, -1)
 
 
 @lru_cache(maxsize=1024)
@@ -303,30 +319,13 @@ def build_flops(layout: ChainLayout) -> tuple[int, int, int]:
     """Multiply-adds of the two ways to finish a build from the frames: ``(W, final, factors)``.
 
     ``W``: the whole contraction of :func:`contraction_plan`, of which ``final`` is its last
-    matmul (the one that makes the ``d_out x d_in`` weight); ``factors``: the two sweeps of
-    :func:`factor_operands` (``U`` left to right, ``V`` right to left).
+    matmul (the one that makes the ``d_out x d_in`` weight); ``factors``: the two sides of
+    :func:`factor_operands`, each in its cheapest order.
     """
     tree, whole = contraction_plan(layout)
     n_out, n = len(layout.out_modes), len(layout.out_modes + layout.in_modes)
-    final = math.prod(layout.out_modes + layout.in_modes) * layout.ranks[_last_core(tree[0]) + 1] \
-        if not isinstance(tree, int) else 0
-    u_sweep = 0
-    for k in range(n_out):
-        u_sweep = k if k == 0 else (u_sweep, k)
-    v_sweep = n - 1
-    for k in range(n - 2, n_out - 1, -1):
-        v_sweep = (k, v_sweep)
-    return whole, final, _tree_flops(layout, u_sweep)[2] + _tree_flops(layout, v_sweep)[2]
-
-
-def _tree_flops(layout: ChainLayout, node) -> tuple[int, int, int]:
-    """(first core, last core, multiply-adds) of contracting ``node`` of ``layout``'s chain."""
-    if isinstance(node, int):
-        return node, node, 0
-    a, m, left = _tree_flops(layout, node[0])
-    _, b, right = _tree_flops(layout, node[1])
-    modes, ranks = layout.out_modes + layout.in_modes, layout.ranks
-    return a, b, left + right + ranks[a] * math.prod(modes[a:b + 1]) * ranks[b + 1] * ranks[m + 1]
+    final = math.prod(layout.out_modes + layout.in_modes) * layout.ranks[_last_core(tree[0]) + 1]
+    return whole, final, segment_plan(layout, 0, n_out - 1)[1] + segment_plan(layout, n_out, n - 1)[1]
 
 
 def chain_weight(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> Tensor:
