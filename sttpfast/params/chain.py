@@ -49,7 +49,7 @@ from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, 
 from sttpfast.params.factorized import install_factorized_forward
 
 __all__ = ["ChainLayout", "ChainFactors", "CoreFactors", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum",
-           "chain_weight", "chain_weights", "contraction_plan", "segment_plan", "root_operands", "factor_operands", "build_flops"]
+           "chain_weight", "contraction_plan", "segment_plan", "root_operands", "factor_operands", "build_flops"]
 
 #: standard deviation of the reflector entries at the identity initialization. The STTP
 #: reference code perturbs the frame ``E`` by ``1e-4 * randn`` and re-orthogonalizes; a
@@ -339,20 +339,6 @@ def chain_weight(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | N
     """
     left, right = root_operands(layout, frames, spectrum)
     return (left @ right).reshape(math.prod(layout.out_modes), -1)
-
-
-def chain_weights(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> list[Tensor]:
-    """:func:`chain_weight` of ``B`` chains of one layout: frames ``(B, rows, cols)``, spectrum
-    ``(B, r)`` or None; returns ``B`` weights ``(d_out, d_in)``.
-
-    Every merge but the last runs batched (small tensors, where a call's fixed cost
-    dominates); the last, which makes the weight, runs per chain, so each weight is its own
-    tensor: unbinding a batched weight would cost a copy of every weight's gradient in
-    backward (the stack behind ``unbind``), about a tenth of a large network's build.
-    """
-    left, right = root_operands(layout, frames, spectrum)
-    d_out = math.prod(layout.out_modes)
-    return [(a @ b).reshape(d_out, -1) for a, b in zip(left.unbind(0), right.unbind(0))]
 
 
 class SpectralChain(WeightParametrization):
