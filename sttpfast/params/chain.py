@@ -315,17 +315,15 @@ def factor_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor 
 
 
 @lru_cache(maxsize=1024)
-def build_flops(layout: ChainLayout) -> tuple[int, int, int]:
-    """Multiply-adds of the two ways to finish a build from the frames: ``(W, final, factors)``.
+def build_flops(layout: ChainLayout) -> tuple[int, int]:
+    """Multiply-adds of the two ways to finish a build from the frames: ``(weight, factors)``.
 
-    ``W``: the whole contraction of :func:`contraction_plan`, of which ``final`` is its last
-    matmul (the one that makes the ``d_out x d_in`` weight); ``factors``: the two sides of
-    :func:`factor_operands`, each in its cheapest order.
+    ``weight``: the whole contraction of :func:`contraction_plan`, with its last matmul that
+    makes the ``d_out x d_in`` weight; ``factors``: the two sides of :func:`factor_operands`,
+    each in its cheapest order, stopping at the rank-``r`` bond.
     """
-    tree, whole = contraction_plan(layout)
     n_out, n = len(layout.out_modes), len(layout.out_modes + layout.in_modes)
-    final = math.prod(layout.out_modes + layout.in_modes) * layout.ranks[_last_core(tree[0]) + 1]
-    return whole, final, segment_plan(layout, 0, n_out - 1)[1] + segment_plan(layout, n_out, n - 1)[1]
+    return contraction_plan(layout)[1], segment_plan(layout, 0, n_out - 1)[1] + segment_plan(layout, n_out, n - 1)[1]
 
 
 def chain_weight(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> Tensor:
@@ -449,7 +447,7 @@ class SpectralChain(WeightParametrization):
         """(materialized, factorized) multiply-adds of one call (see factorized.py): the
         contraction from the frames (the whole plan, or the two sweeps) plus the layer's
         convolution (``P_out d_out d_in``, or ``P_out r (d_in + d_out)``); the frames cost the same."""
-        whole, _, sweeps = build_flops(self.layout)
+        whole, sweeps = build_flops(self.layout)
         d_out, d_in, r = self.view.d_out, self.view.d_in, self.rank
         return whole + batch_pixels_out * d_out * d_in, sweeps + batch_pixels_out * r * (d_in + d_out)
 
