@@ -93,6 +93,16 @@ def test_auto_picks_the_path_of_fewer_multiply_adds():
     head = nn.Linear(64, 64)
     sttpfast.parameterize(nn.Sequential(head), "svdp-r", rank=2)
     assert uses_factorized_path(head, torch.randn(1, 64))
+    # memory: in training, wrn16_4's wide stage (bs 128, 64 channels at 32x32, rank 32) would keep
+    # its intermediate activation (P_out r = 4,194,304 + factors 20,480 elements, instead of
+    # W's 36,864) for backward: more than a tenth of the layer's input and output (1,677,721.6)
+    stage = nn.Conv2d(64, 64, 3, padding=1)
+    sttpfast.parameterize(nn.Sequential(stage), "sttp-r", rank=32)
+    big = torch.randn(128, 64, 32, 32)
+    assert parametrization_of(stage).stored_elements(128 * 32 * 32, 128 * 32 * 32) == (36_864, 4_214_784)
+    assert not uses_factorized_path(stage, big)
+    with torch.no_grad():  # nothing kept for backward: fewer multiply-adds decide
+        assert uses_factorized_path(stage, big)
     # forced modes, and a bad one named
     p.forward_mode = "materialized"
     assert not uses_factorized_path(wide, x)
@@ -131,10 +141,11 @@ def test_whole_model_forward_and_backward_equal_with_the_bank_on_and_off(monkeyp
     model, plain = resnet_pair()
     x, y = torch.randn(4, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (4,))
     layers = [(name, layer) for name, layer, _ in parameterized_layers(model)]
-    # resnet20 at rank 16, batch 4: the 16-channel convs (the stem 3 -> 16 too) and the first 1x1
-    # shortcut are at full rank, where two convs cost more than one: those run materialized; the
-    # 32- and 64-channel convs and the head (one row per image: the build's final product
-    # dominates) run factorized. Both paths in one model, one bank.
+    # resnet20 at rank 16, batch 4, training: the 16-channel convs (the stem 3 -> 16 too) and the
+    # first 1x1 shortcut are at full rank, where two convs cost more than one; the 32-channel
+    # convs at 16x16 would keep more intermediate activation than the memory slack allows, and so
+    # would the head (10 outputs at rank 10); all those run materialized. The 64-channel convs run
+    # factorized. Both paths in one model, one bank.
     inputs = {}
     handles = [layer.register_forward_pre_hook(lambda m, a, n=name: inputs.__setitem__(n, a[0]))
                for name, layer in layers]
@@ -146,9 +157,9 @@ def test_whole_model_forward_and_backward_equal_with_the_bank_on_and_off(monkeyp
         h.remove()
     factorized = [name for name, layer in layers if uses_factorized_path(layer, inputs[name])]
     materialized = sorted(name for name, _ in layers if name not in factorized)
-    assert materialized == ["blocks.0.conv1", "blocks.0.conv2", "blocks.1.conv1", "blocks.1.conv2",
-                            "blocks.2.conv1", "blocks.2.conv2", "blocks.3.shortcut.0", "stem.0"]
-    assert len(factorized) == 14
+    assert factorized == ["blocks.6.conv1", "blocks.6.conv2", "blocks.6.shortcut.0", "blocks.7.conv1",
+                          "blocks.7.conv2", "blocks.8.conv1", "blocks.8.conv2"]
+    assert len(materialized) == 15
     by_id = {id(parametrization_of(layer)): name for name, layer in layers}
     assert sorted(by_id[pid] for pid in weights) == materialized  # no final product for the others
     for loss in losses:

@@ -451,6 +451,12 @@ class SpectralChain(WeightParametrization):
         d_out, d_in, r = self.view.d_out, self.view.d_in, self.rank
         return whole + batch_pixels_out * d_out * d_in, sweeps + batch_pixels_out * r * (d_in + d_out)
 
+    def stored_elements(self, batch_pixels_in: int, batch_pixels_out: int) -> tuple[int, int]:
+        """(materialized, factorized) elements one call keeps for backward beyond its input:
+        the weight ``d_out d_in``, or the intermediate activation ``P_out r`` and both factors."""
+        d_out, d_in, r = self.view.d_out, self.view.d_in, self.rank
+        return d_out * d_in, batch_pixels_out * r + r * (d_in + d_out)
+
     # -- spectrum -----------------------------------------------------------------------
     def singular_values(self, *factors: Tensor) -> Tensor:
         raw = factors[0] if self.learned else None
