@@ -445,7 +445,7 @@ class SpectralChain(WeightParametrization):
 
     def flops(self, batch_pixels_in: int, batch_pixels_out: int) -> tuple[int, int]:
         """(materialized, factorized) multiply-adds of one call (see factorized.py): the
-        contraction from the frames (the whole plan, or the two sweeps) plus the layer's
+        contraction from the frames (:func:`build_flops`: the whole plan, or the two sides) plus the layer's
         convolution (``P_out d_out d_in``, or ``P_out r (d_in + d_out)``); the frames cost the same."""
         whole, sweeps = build_flops(self.layout)
         d_out, d_in, r = self.view.d_out, self.view.d_in, self.rank

@@ -16,8 +16,8 @@ call, picks one of two paths:
 
 Why an instance ``forward`` and not a wrapper module: the layer keeps its class, name,
 attributes and state_dict keys, so surgery, ``densify``, specs, checkpoints and Z see
-exactly the same model; ``copy.deepcopy`` and pickling carry the override along (it points
-at the copy). A layer whose parametrization is removed without :func:`remove_factorized_forward`
+exactly the same model; ``copy.deepcopy`` carries the override along (it points at the
+copy). A layer whose parametrization is removed without :func:`remove_factorized_forward`
 finds no factorizable parametrization and simply runs the class's forward; densify removes
 the override (torch.jit.script cannot compile an instance ``forward``).
 
@@ -27,8 +27,8 @@ factorized = ``P_in C_in R_in + P_out R_out R_in K + P_out R_out C_out`` (Tucker
 ``P_in C_in R + P_out R K + P_out R C_out`` (CP), with ``P_in``/``P_out`` the number of
 input / output positions in the batch (rows of a Linear) and ``K`` the kernel size. SVDP /
 STTP (:meth:`~sttpfast.params.chain.SpectralChain.flops`): the contraction from the frames
-(the whole plan with its final ``d_out x d_in`` product, or the two sweeps that stop at the
-rank-``r`` bond) + ``P_out C_out C_in K``, against that + ``P_out r (C_in K + C_out)``. The
+(the whole plan with its final ``d_out x d_in`` product, or each side in its cheapest order,
+stopping at the rank-``r`` bond) + ``P_out C_out C_in K``, against that + ``P_out r (C_in K + C_out)``. The
 backward pass costs about twice the forward on both paths, so the same comparison holds for
 training. Memory, while autograd records (training): a parametrization that reports what
 each path keeps for backward (``stored_elements``; SVDP / STTP: the weight ``C_out C_in K``
