@@ -193,3 +193,21 @@ def test_copies_traces_and_densify_keep_working():
         assert relative(dense(x), expected) < RTOL
         one_block = model.blocks[1](torch.randn(2, 16, 32, 32, dtype=torch.float64))
         assert one_block.shape == (2, 16, 32, 32)
+
+
+def test_factors_are_built_in_full_precision_under_bf16_autocast(monkeypatch):
+    # orthogonality needs float32: the bank's contraction to (U diag(g s), V^T) runs with autocast
+    # off; only the two convs run in bfloat16
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1), nn.Conv2d(64, 64, 3, padding=1))
+    sttpfast.parameterize(model, "sttp-r", rank=4)
+    x = torch.randn(2, 64, 8, 8)
+    dtypes, real = [], fb.BatchedBuild.factors
+    monkeypatch.setattr(fb.BatchedBuild, "factors",
+                        lambda self, pid: [dtypes.append(t.dtype) or t for t in real(self, pid)])
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert dtypes == [torch.float32] * 8  # two layers, two factors each, in both passes
+    assert out.dtype == torch.bfloat16 and relative(out.float(), expected) < 2e-2

@@ -66,6 +66,7 @@ per-layer builds: the reference the tests compare against.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -177,7 +178,10 @@ class FrameBank:
         build = self.build_of(parametrization)
         if build is None:
             return None
-        with torch.autocast(build.device.type, enabled=False), record_function("sttpfast.weight_build"):
+        # one hand-out per layer call: enter autocast(enabled=False) only where autocast is on
+        off = torch.autocast(build.device.type, enabled=False) if torch.is_autocast_enabled(build.device.type) \
+            else contextlib.nullcontext()
+        with off, record_function("sttpfast.weight_build"):
             return build.weight(id(parametrization)) if form == "weight" else build.factors(id(parametrization))
 
     def build_of(self, parametrization: nn.Module) -> "BatchedBuild | None":
