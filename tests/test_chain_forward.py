@@ -103,6 +103,7 @@ def test_auto_picks_the_path_of_fewer_multiply_adds():
     assert not uses_factorized_path(stage, big)
     with torch.no_grad():  # nothing kept for backward: fewer multiply-adds decide
         assert uses_factorized_path(stage, big)
+    assert uses_factorized_path(stage.eval(), big)  # eval mode: the same paths as under no_grad
     # forced modes, and a bad one named
     p.forward_mode = "materialized"
     assert not uses_factorized_path(wide, x)

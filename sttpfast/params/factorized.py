@@ -30,7 +30,7 @@ STTP (:meth:`~sttpfast.params.chain.SpectralChain.flops`): the contraction from 
 (the whole plan with its final ``d_out x d_in`` product, or each side in its cheapest order,
 stopping at the rank-``r`` bond) + ``P_out C_out C_in K``, against that + ``P_out r (C_in K + C_out)``. The
 backward pass costs about twice the forward on both paths, so the same comparison holds for
-training. Memory, while autograd records (training): a parametrization that reports what
+training. Memory, in training (train mode, autograd recording): a parametrization that reports what
 each path keeps for backward (``stored_elements``; SVDP / STTP: the weight ``C_out C_in K``
 against the intermediate activation ``P_out r`` and the factors) runs factorized only if
 that costs at most :data:`MEMORY_SLACK` of the layer's input and output activations
@@ -124,7 +124,9 @@ def uses_factorized_path(module: nn.Module, x: Tensor) -> bool:
     dense, factored = p.flops(p_in, p_out)
     if factored >= dense:
         return False
-    if not torch.is_grad_enabled() or not hasattr(p, "stored_elements"):
+    # train mode, not grad mode alone: a copy traced in eval mode (torch.export records with
+    # autograd on) must take the paths the model takes under no_grad
+    if not (module.training and torch.is_grad_enabled()) or not hasattr(p, "stored_elements"):
         return True
     kept, kept_factored = p.stored_elements(p_in, p_out)
     return kept_factored - kept <= MEMORY_SLACK * (p_in * p.view.c_in + p_out * p.view.d_out)
