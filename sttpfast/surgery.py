@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sttpfast.params.factorized import remove_factorized_forward
 from sttpfast.params.frame_bank import attach_frame_bank, detach_frame_bank
 from sttpfast.params.layers import (
     factors_of,
@@ -584,6 +585,7 @@ def _apply_atomically(plan, root: nn.Module | None = None) -> None:
     except BaseException:
         for module, original in reversed(done):
             remove_weight_parametrization(module)
+            remove_factorized_forward(module)
             module.weight = original
         raise
 
@@ -598,6 +600,7 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
     # per-layer build's (which differs in the last bits)
     for _, module, _ in list(parameterized_layers(target)):
         remove_weight_parametrization(module)
+        remove_factorized_forward(module)
     detach_frame_bank(target)
     return target
 

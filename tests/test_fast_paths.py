@@ -14,7 +14,7 @@ from torch import nn
 
 import sttpfast
 from sttpfast.linalg.householder import sequential_householder_frame
-from sttpfast.params.chain import ChainLayout, contraction_plan
+from sttpfast.params.chain import ChainLayout, build_flops, contraction_plan, segment_plan
 from sttpfast.params.layers import factors_of, parameterized_layers
 
 RTOL = 1e-10
@@ -158,3 +158,41 @@ def test_contraction_plan_beats_the_two_sweeps_on_a_wide_conv():
     # the two sweeps, then U V^T through the rank-32 bond, against the cheapest order;
     # the final product alone is 640 * 32 * 5760 = 117,964,800
     assert (tree_cost(lay, (u_sweep, v_sweep))[2], flops) == (130552768, 123745216)
+
+
+@pytest.mark.parametrize("param,rank,init", [("sttp-r", 3, "identity"), ("sttp-c", 4, "spectral"),
+                                             ("svdp-l", 3, "spectral"), ("svdp-c", None, "identity")])
+def test_factor_pairs_of_the_factorized_forward_equal_the_reference(param, rank, init):
+    # (U diag(g s), V^T) as the factorized forward gets them (sttpfast.params.factorized), from the
+    # bank and per layer: their product is the reference W, with the reference's gradients
+    model, plain = model_pair(param, rank, init)
+    layers = [(layer, p) for _, layer, p in parameterized_layers(model) if not p.view.transposed]
+    plain_layers = [(layer, p) for _, layer, p in parameterized_layers(plain) if not p.view.transposed]
+    gen = torch.Generator().manual_seed(1)
+    probes = [torch.randn(p.view.d_out, p.view.d_in, generator=gen, dtype=torch.float64) for _, p in layers]
+    ref = [p.view.to_matrix(reference_weight(p, factors_of(layer))) for layer, p in layers]
+    factors = [f for layer, _ in layers for f in factors_of(layer)]
+    ref_grads = torch.autograd.grad(sum((w * g).sum() for w, g in zip(ref, probes)), factors)
+
+    def products(pairs):
+        return [last @ kernel.reshape(kernel.shape[0], -1) for _, kernel, last, _ in pairs]
+    model.forward = lambda: [p.conv_factors(factors_of(layer)) for layer, p in layers]
+    bank = products(model())  # inside a pass of the model: the bank's batched factors
+    del model.forward
+    per_layer = products([p.conv_factors(factors_of(layer)) for layer, p in plain_layers])
+    plain_factors = [f for layer, _ in plain_layers for f in factors_of(layer)]
+    for got, wrt in ((bank, factors), (per_layer, plain_factors)):
+        grads = torch.autograd.grad(sum((w * g).sum() for w, g in zip(got, probes)), wrt)
+        assert max(relative(w, r) for w, r in zip(got, ref)) < RTOL
+        assert max(relative(g, r) for g, r in zip(grads, ref_grads) if r.numel()) < RTOL
+
+
+def test_segment_plans_are_the_cheapest_orders_of_each_side():
+    # Linear(12 -> 20) at rank 3: U side 2 2 5 (cores 0-2), V side 2 2 3 1 (cores 3-6)
+    lay = ChainLayout.build([2, 2, 5], [2, 2, 3, 1], 3, True)
+    for first, last, count in ((0, 2, 2), (3, 6, 5)):
+        tree, flops = segment_plan(lay, first, last)
+        costs = [tree_cost(lay, t)[2] for t in all_trees(first, last)]
+        assert len(costs) == count
+        assert flops == tree_cost(lay, tree)[2] == min(costs)
+    assert build_flops(lay) == (contraction_plan(lay)[1], segment_plan(lay, 0, 2)[1] + segment_plan(lay, 3, 6)[1])

@@ -98,6 +98,7 @@ class CountBuilds(Callback):
         self.handles = []
         self.phase = None
         for name, _, p in parameterized_layers(self.learn.model):
+            p.forward_mode = "materialized"  # what is counted is W's builds (a factorized call builds no W)
             self.handles.append(p.register_forward_hook(lambda *a, name=name: self._count(name)))
         self.valid_batches = 0
 

@@ -46,9 +46,10 @@ from sttpfast.linalg.householder import (
 )
 from sttpfast.linalg.tt import tt_ranks
 from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, learned_spectrum
+from sttpfast.params.factorized import install_factorized_forward
 
 __all__ = ["ChainLayout", "ChainFactors", "CoreFactors", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum",
-           "chain_weight", "chain_weights", "contraction_plan"]
+           "chain_weight", "contraction_plan", "segment_plan", "root_operands", "factor_operands", "build_flops"]
 
 #: standard deviation of the reflector entries at the identity initialization. The STTP
 #: reference code perturbs the frame ``E`` by ``1e-4 * randn`` and re-orthogonalizes; a
@@ -223,13 +224,21 @@ def contraction_plan(layout: ChainLayout) -> tuple[tuple, int]:
 
     Returns ``(tree, flops)``: ``tree`` is a core index (a leaf) or ``(left, right)``.
     """
+    return segment_plan(layout, 0, len(layout.out_modes + layout.in_modes) - 1)
+
+
+@lru_cache(maxsize=4096)
+def segment_plan(layout: ChainLayout, first: int, last: int) -> tuple[tuple | int, int]:
+    """:func:`contraction_plan` of the cores ``first..last`` alone: ``(tree, flops)``, the tree
+    over core indices. The U side ``0..n_out-1`` contracts to ``U`` ``(d_out, r)``, the V side
+    to ``V^T`` ``(r, d_in)``, both row-major with no permuted copy."""
     modes = layout.out_modes + layout.in_modes
-    ranks, n = layout.ranks, len(modes)
+    ranks, n = layout.ranks, last + 1
     span = [[math.prod(modes[a:b + 1]) for b in range(n)] for a in range(n)]
     cost = [[0] * n for _ in range(n)]
     split = [[0] * n for _ in range(n)]
-    for length in range(2, n + 1):
-        for a in range(n - length + 1):
+    for length in range(2, n - first + 1):
+        for a in range(first, n - length + 1):
             b = a + length - 1
             best = None
             for m in range(a, b):
@@ -243,41 +252,78 @@ def contraction_plan(layout: ChainLayout) -> tuple[tuple, int]:
             return a
         m = split[a][b]
         return tree(a, m), tree(m + 1, b)
-    return tree(0, n - 1), cost[0][n - 1]
+    return tree(first, last), cost[first][last]
 
 
-def _root_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The two operands of the last matmul of :func:`contraction_plan`'s order, every other
-    merge done: ``(..., d_left, R_m)`` and ``(..., R_m, d_right)`` with ``d_left d_right = d_out d_in``."""
+def _chain_cores(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> list[Tensor]:
+    """Every core as a matrix ``(R_{k-1} n_k, R_k)`` (U) or ``(R_{k-1}, n_k R_k)`` (V: the
+    transposed view of its frame), ``g s`` in the last U-core: ``(R n) x r``, the cheapest place."""
     n_out = len(layout.out_modes)
-    batch = frames[0].shape[:-2]
     cores = list(frames)
-    if spectrum is not None:  # Sigma goes into the last U-core: (R n) x r, the cheapest place
+    if spectrum is not None:
         cores[n_out - 1] = cores[n_out - 1] * spectrum.unsqueeze(-2)
     # a V-core's frame is (n_k R_k) x R_{k-1}: its transpose is the core as R_{k-1} x (n_k R_k)
     for k in range(n_out, len(cores)):
         cores[k] = cores[k].mT
-    ranks = layout.ranks
+    return cores
 
-    def operands(node):
-        left, right = contract(node[0]), contract(node[1])
-        bond = ranks[_last_core(node[0]) + 1]
-        return left.reshape(*batch, -1, bond), right.reshape(*batch, bond, -1)
 
-    def contract(node):
-        # segment [a, b] as one row-major (R_{a-1}, n_a..n_b, R_b) array (any reshape of it is
-        # a view), except a V-core leaf: the transposed (R_{a-1}, n_a R_a) view of its frame
-        if isinstance(node, int):
-            return cores[node]
-        left, right = operands(node)
-        return left @ right
+def _contract(layout: ChainLayout, cores: list[Tensor], node) -> Tensor:
+    """Segment ``[a, b]`` (a tree ``node`` of core indices) as one row-major ``(R_{a-1}, n_a..n_b, R_b)``
+    array, batched over the leading dims (any reshape of it is a view), except a V-core leaf:
+    the transposed ``(R_{a-1}, n_a R_a)`` view of its frame."""
+    if isinstance(node, int):
+        return cores[node]
+    left, right = _operands(layout, cores, node)
+    return left @ right
 
+
+def _operands(layout: ChainLayout, cores: list[Tensor], node) -> tuple[Tensor, Tensor]:
+    """The two operands of the merge at ``node``: ``(..., rows, R_m)`` and ``(..., R_m, cols)``."""
+    batch = cores[0].shape[:-2]
+    left, right = _contract(layout, cores, node[0]), _contract(layout, cores, node[1])
+    bond = layout.ranks[_last_core(node[0]) + 1]
+    return left.reshape(*batch, -1, bond), right.reshape(*batch, bond, -1)
+
+
+def root_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The two operands of the last matmul of :func:`contraction_plan`'s order, every other
+    merge done: ``(..., d_left, R_m)`` and ``(..., R_m, d_right)`` with ``d_left d_right = d_out d_in``."""
     tree, _ = contraction_plan(layout)
-    return operands(tree)
+    return _operands(layout, _chain_cores(layout, frames, spectrum), tree)
 
 
 def _last_core(node) -> int:
     return node if isinstance(node, int) else _last_core(node[1])
+
+
+def factor_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The two factors of the factorized forward: ``U diag(g s)`` ``(..., d_out, r)`` and ``V^T``
+    ``(..., r, d_in)``, so that ``W = (U diag(g s)) V^T``.
+
+    Each side is contracted on its own in its order of fewest FLOPs (:func:`segment_plan`),
+    which ends at the rank-``r`` bond whatever order :func:`contraction_plan` picks for ``W``;
+    both come out row-major (``V^T`` is the conv kernel ``(r, C_in, *kernel)`` by a view). For
+    SVDP the two factors are the frames themselves (``U`` times ``g s``, ``V^T`` a transposed view).
+    """
+    n_out, n = len(layout.out_modes), len(layout.out_modes + layout.in_modes)
+    cores = _chain_cores(layout, frames, spectrum)
+    batch = frames[0].shape[:-2]
+    u = _contract(layout, cores, segment_plan(layout, 0, n_out - 1)[0])
+    v_t = _contract(layout, cores, segment_plan(layout, n_out, n - 1)[0])
+    return u.reshape(*batch, -1, layout.rank), v_t.reshape(*batch, layout.rank, -1)
+
+
+@lru_cache(maxsize=1024)
+def build_flops(layout: ChainLayout) -> tuple[int, int]:
+    """Multiply-adds of the two ways to finish a build from the frames: ``(weight, factors)``.
+
+    ``weight``: the whole contraction of :func:`contraction_plan`, with its last matmul that
+    makes the ``d_out x d_in`` weight; ``factors``: the two sides of :func:`factor_operands`,
+    each in its cheapest order, stopping at the rank-``r`` bond.
+    """
+    n_out, n = len(layout.out_modes), len(layout.out_modes + layout.in_modes)
+    return contraction_plan(layout)[1], segment_plan(layout, 0, n_out - 1)[1] + segment_plan(layout, n_out, n - 1)[1]
 
 
 def chain_weight(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> Tensor:
@@ -289,22 +335,8 @@ def chain_weight(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | N
     Returns:
         ``(d_out, d_in)``.
     """
-    left, right = _root_operands(layout, frames, spectrum)
+    left, right = root_operands(layout, frames, spectrum)
     return (left @ right).reshape(math.prod(layout.out_modes), -1)
-
-
-def chain_weights(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> list[Tensor]:
-    """:func:`chain_weight` of ``B`` chains of one layout: frames ``(B, rows, cols)``, spectrum
-    ``(B, r)`` or None; returns ``B`` weights ``(d_out, d_in)``.
-
-    Every merge but the last runs batched (small tensors, where a call's fixed cost
-    dominates); the last, which makes the weight, runs per chain, so each weight is its own
-    tensor: unbinding a batched weight would cost a copy of every weight's gradient in
-    backward (the stack behind ``unbind``), about a tenth of a large network's build.
-    """
-    left, right = _root_operands(layout, frames, spectrum)
-    d_out = math.prod(layout.out_modes)
-    return [(a @ b).reshape(d_out, -1) for a, b in zip(left.unbind(0), right.unbind(0))]
 
 
 class SpectralChain(WeightParametrization):
@@ -316,6 +348,18 @@ class SpectralChain(WeightParametrization):
     """
 
     learned: bool = True
+    #: how the layer runs its input (:mod:`sttpfast.params.factorized`): "auto" (multiply-add
+    #: estimate per call), "factorized" (conv V^T, then 1x1 conv U diag(g s)), "materialized"
+    forward_mode: str = "auto"
+    #: the factors are built (frames, contraction), not stored: under ``parametrize.cached()``
+    #: the cached kernel is cheaper than rebuilding them per call
+    factors_built: bool = True
+
+    @classmethod
+    def apply_to(cls, module, rank=None, init="identity") -> None:
+        """Register on ``module.weight`` and give the layer the path-choosing forward."""
+        super().apply_to(module, rank, init)
+        install_factorized_forward(module)
 
     def __init__(self, shape, transposed=False, rank=None, init="identity"):
         super().__init__(shape, transposed, rank, init)
@@ -378,6 +422,40 @@ class SpectralChain(WeightParametrization):
                 frames = [householder_frame(core.bottom, core.top) for core in cores]
                 matrix = chain_weight(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))
         return self.view.from_matrix(matrix)
+
+    # -- the factorized forward (sttpfast.params.factorized) ------------------------------
+    def conv_factors(self, factors) -> tuple[None, Tensor, Tensor, bool]:
+        """``(None, V^T as a kernel (r, C_in, *kernel), U diag(g s) (d_out, r), depthwise=False)``:
+        the layer as a conv ``C_in -> r`` carrying its stride / padding / dilation, then a 1x1
+        conv ``r -> C_out`` with its bias (a Linear: ``V^T (r, d_in)`` then ``U diag(g s)``).
+
+        ``V^T``'s columns are the weight's ``C_in * prod(kernel)`` columns in the matrix view's
+        row-major order (STTP's input modes are those of ``C_in`` then the kernel), so the
+        reshape to ``(r, C_in, *kernel)`` is the conv kernel. From the frame bank's batched build
+        when a pass is open (without the final product ``U diag(g s) V^T``), else built here."""
+        bank = self.__dict__.get("frame_bank")
+        pair = bank.factors(self) if bank is not None else None
+        if pair is None:
+            with torch.autocast(factors[-1].device.type, enabled=False):
+                raw, cores = self.chain_factors(factors)
+                frames = [householder_frame(core.bottom, core.top) for core in cores]
+                pair = factor_operands(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))
+        u, v_t = pair
+        return None, v_t.reshape(self.rank, *self.view.natural[1:]), u, False
+
+    def flops(self, batch_pixels_in: int, batch_pixels_out: int) -> tuple[int, int]:
+        """(materialized, factorized) multiply-adds of one call (see factorized.py): the
+        contraction from the frames (:func:`build_flops`: the whole plan, or the two sides) plus the layer's
+        convolution (``P_out d_out d_in``, or ``P_out r (d_in + d_out)``); the frames cost the same."""
+        whole, sweeps = build_flops(self.layout)
+        d_out, d_in, r = self.view.d_out, self.view.d_in, self.rank
+        return whole + batch_pixels_out * d_out * d_in, sweeps + batch_pixels_out * r * (d_in + d_out)
+
+    def stored_elements(self, batch_pixels_in: int, batch_pixels_out: int) -> tuple[int, int]:
+        """(materialized, factorized) elements one call keeps for backward beyond its input:
+        the weight ``d_out d_in``, or the intermediate activation ``P_out r`` and both factors."""
+        d_out, d_in, r = self.view.d_out, self.view.d_in, self.rank
+        return d_out * d_in, batch_pixels_out * r + r * (d_in + d_out)
 
     # -- spectrum -----------------------------------------------------------------------
     def singular_values(self, *factors: Tensor) -> Tensor:

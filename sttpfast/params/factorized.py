@@ -1,4 +1,4 @@
-"""Running a CP / Tucker-2 layer on its factors instead of its materialized kernel.
+"""Running a low-rank layer (CP, Tucker-2, SVDP / STTP) on its factors instead of its materialized kernel.
 
 ``torch.nn.utils.parametrize`` can only give a layer a *weight*; to contract the factors
 with the input the layer's forward itself has to change. :func:`install_factorized_forward`
@@ -9,37 +9,57 @@ call, picks one of two paths:
   parametrization builds the kernel; ``parametrize.cached()`` applies);
 * factorized: 1x1 conv ``C_in -> R_in``, the middle conv (Tucker-2: the ``R_in -> R_out``
   core with the kernel; CP: a depthwise conv whose kernel is the outer product of the
-  spatial factors) carrying the layer's stride, padding and dilation, then 1x1 conv
-  ``R_out -> C_out`` with the bias. Linear layers: the same with matrix products.
+  spatial factors; SVDP / STTP, which have no first 1x1 conv: ``C_in -> r`` whose kernel is
+  ``V^T``) carrying the layer's stride, padding and dilation, then 1x1 conv
+  ``R_out -> C_out`` with the bias (SVDP / STTP: ``U diag(g s)``). Linear layers: the same
+  with matrix products.
 
 Why an instance ``forward`` and not a wrapper module: the layer keeps its class, name,
 attributes and state_dict keys, so surgery, ``densify``, specs, checkpoints and Z see
-exactly the same model; ``copy.deepcopy`` and pickling carry the override along (it points
-at the copy). After the
-parametrization is removed (densify) the override finds no factorizable parametrization
-and simply runs the class's forward.
+exactly the same model; ``copy.deepcopy`` carries the override along (it points at the
+copy). A layer whose parametrization is removed without :func:`remove_factorized_forward`
+finds no factorizable parametrization and simply runs the class's forward; densify removes
+the override (torch.jit.script cannot compile an instance ``forward``).
 
 The choice (``forward_mode = "auto"`` on the parametrization) compares multiply-adds for
 this call: materialized = building the kernel (``p.flops``) + ``P_out C_out C_in K``;
 factorized = ``P_in C_in R_in + P_out R_out R_in K + P_out R_out C_out`` (Tucker-2) or
 ``P_in C_in R + P_out R K + P_out R C_out`` (CP), with ``P_in``/``P_out`` the number of
-input / output positions in the batch (rows of a Linear) and ``K`` the kernel size. The
+input / output positions in the batch (rows of a Linear) and ``K`` the kernel size. SVDP /
+STTP (:meth:`~sttpfast.params.chain.SpectralChain.flops`): the contraction from the frames
+(the whole plan with its final ``d_out x d_in`` product, or each side in its cheapest order,
+stopping at the rank-``r`` bond) + ``P_out C_out C_in K``, against that + ``P_out r (C_in K + C_out)``. The
 backward pass costs about twice the forward on both paths, so the same comparison holds for
-training. ``forward_mode = "factorized"`` / ``"materialized"`` forces a path. Grouped
-convs, non-zero padding modes and transposed convs always run materialized.
+training. Memory, in training (train mode, autograd recording): a parametrization that reports what
+each path keeps for backward (``stored_elements``; SVDP / STTP: the weight ``C_out C_in K``
+against the intermediate activation ``P_out r`` and the factors) runs factorized only if
+that costs at most :data:`MEMORY_SLACK` of the layer's input and output activations
+(``P_in C_in + P_out C_out``) more: measured on wrn16_4 (bs 128, rank 32), the intermediate
+activations of the wide 32x32 stage alone raised a training step's peak to 1.11x dense.
+``forward_mode = "factorized"`` / ``"materialized"`` forces a path. Grouped
+convs, non-zero padding modes and transposed convs always run materialized, and so, under
+``parametrize.cached()`` (validation), do layers whose factors are built rather than stored
+(``factors_built``: SVDP / STTP), in auto mode: the cached kernel costs no build, the
+factors would be rebuilt at every call.
 """
 from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from sttpfast.params.layers import factors_of, parametrization_of
 
-__all__ = ["install_factorized_forward", "uses_factorized_path", "ChoosingForward", "FORWARD_MODES"]
+__all__ = ["install_factorized_forward", "remove_factorized_forward", "uses_factorized_path", "ChoosingForward",
+           "FORWARD_MODES", "MEMORY_SLACK"]
 
 FORWARD_MODES = ("auto", "factorized", "materialized")
+#: in training, the factorized path may keep this fraction of a layer's input and output
+#: activations more than the materialized one (module docstring)
+MEMORY_SLACK = 0.1
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -50,9 +70,16 @@ def install_factorized_forward(module: nn.Module) -> None:
         module.forward = ChoosingForward(module)
 
 
+def remove_factorized_forward(module: nn.Module) -> None:
+    """Give the layer its class's forward back (densify: a plain layer that torch.jit.script
+    can compile, whose instance ``forward`` would otherwise be a :class:`ChoosingForward`)."""
+    if isinstance(module.__dict__.get("forward"), ChoosingForward):
+        del module.__dict__["forward"]
+
+
 def _factorizable(module: nn.Module):
     p = parametrization_of(module)
-    if p is None or not hasattr(p, "conv_factors") or getattr(p, "reshaped", True):
+    if p is None or not hasattr(p, "conv_factors") or getattr(p, "reshaped", False) or p.view.transposed:
         return None
     if isinstance(module, nn.Linear):
         return p
@@ -91,8 +118,18 @@ def uses_factorized_path(module: nn.Module, x: Tensor) -> bool:
         raise ValueError(f"forward_mode must be one of {', '.join(FORWARD_MODES)}, got {mode!r}")
     if mode != "auto":
         return mode == "factorized"
-    dense, factored = p.flops(*_positions(module, x))
-    return factored < dense
+    if getattr(p, "factors_built", False) and parametrize._cache_enabled:
+        return False
+    p_in, p_out = _positions(module, x)
+    dense, factored = p.flops(p_in, p_out)
+    if factored >= dense:
+        return False
+    # train mode, not grad mode alone: a copy traced in eval mode (torch.export records with
+    # autograd on) must take the paths the model takes under no_grad
+    if not (module.training and torch.is_grad_enabled()) or not hasattr(p, "stored_elements"):
+        return True
+    kept, kept_factored = p.stored_elements(p_in, p_out)
+    return kept_factored - kept <= MEMORY_SLACK * (p_in * p.view.c_in + p_out * p.view.d_out)
 
 
 class ChoosingForward:
@@ -112,15 +149,16 @@ def _choosing_forward(self: nn.Module, x: Tensor) -> Tensor:
     if not uses_factorized_path(self, x):
         return type(self).forward(self, x)
     p = parametrization_of(self)
+    # first is None where the middle conv takes the input itself (SVDP / STTP)
     first, middle, last, depthwise = p.conv_factors(factors_of(self))
     if isinstance(self, nn.Linear):
-        h = F.linear(x, first)
+        h = x if first is None else F.linear(x, first)
         h = h * middle.reshape(-1) if depthwise else F.linear(h, middle)
         return F.linear(h, last, self.bias)
     nd = len(self.kernel_size)
     conv = _CONVS[nd]
     ones = [1] * nd
-    h = conv(x, first.reshape(*first.shape, *ones))
+    h = x if first is None else conv(x, first.reshape(*first.shape, *ones))
     h = conv(h, middle, stride=self.stride, padding=self.padding, dilation=self.dilation,
              groups=middle.shape[0] if depthwise else 1)
     return conv(h, last.reshape(*last.shape, *ones), self.bias)

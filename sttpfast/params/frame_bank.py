@@ -8,9 +8,17 @@ mostly fixed overhead. The bank builds the weights of many layers together:
    :func:`~sttpfast.linalg.householder.householder_frame` call per shape;
 2. layers of equal layout (shape, rank, variant) are contracted together: their frames
    are contiguous blocks of the shape groups (the stacking order makes sure), so the
-   chain contraction (:func:`~sttpfast.params.chain.chain_weights`, in the order of fewest
-   FLOPs) runs once per layout, batched, up to the last matmul, which makes each layer's
-   weight on its own.
+   chain contraction runs once per layout, batched, on first request of each form:
+
+   * the weight: the order of fewest FLOPs (:func:`~sttpfast.params.chain.root_operands`)
+     up to the last matmul, which makes each layer's weight on its own when it asks;
+   * the factors ``(U diag(g s), V^T)`` of a layer that runs factorized
+     (:mod:`sttpfast.params.factorized`; :func:`~sttpfast.params.chain.factor_operands`):
+     such a layer never pays the final ``d_out x d_in`` product.
+
+   A layout's members usually take the same path (same shape, same input size); when they
+   do not, both forms are contracted for the whole layout, so what a layer gets does not
+   depend on which layer asked first (the bits stay those of the same batched calls).
 
 Ownership (DESIGN.md, "the batched weight build"). One bank belongs to one parameterized
 tree (the module ``parameterize`` was called on): two trees parameterized separately (a
@@ -58,7 +66,9 @@ per-layer builds: the reference the tests compare against.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import sys
 from collections import defaultdict
 
@@ -120,9 +130,9 @@ class FrameBank:
         self.scopes: list[_Scope] = []
         self._depth = 0
         self._scope: _Scope | None = None
-        self._weights: dict[int, Tensor] | None = None
+        self._weights: dict[int, BatchedBuild] | None = None  # the scoped pass's builds, by layer
         self._said_sharded = False  # the FSDP2 note is logged once per bank
-        self._loose: dict[int, Tensor] = {}  # the loose pass: weights not handed out yet
+        self._loose: dict[int, BatchedBuild] = {}  # the loose pass: layers not handed out yet
         self._loose_state: tuple = ()  # (grad mode, {id: factor versions}, [spent]) of its build
 
     def __getstate__(self):
@@ -155,7 +165,27 @@ class FrameBank:
 
     # -- weights ------------------------------------------------------------------------
     def weight(self, parametrization: nn.Module) -> Tensor | None:
-        """``parametrization``'s weight matrix ``(d_out, d_in)``, or None outside a pass of its
+        """``parametrization``'s weight matrix ``(d_out, d_in)`` from the pass's batched build
+        (see :meth:`build_of`), or None (the layer then builds its own weight)."""
+        return self._hand_out(parametrization, "weight")
+
+    def factors(self, parametrization: nn.Module) -> tuple[Tensor, Tensor] | None:
+        """``(U diag(g s) (d_out, r), V^T (r, d_in))`` of ``parametrization`` from the pass's
+        batched build, without the final product; None where :meth:`weight` would be."""
+        return self._hand_out(parametrization, "factors")
+
+    def _hand_out(self, parametrization: nn.Module, form: str):
+        build = self.build_of(parametrization)
+        if build is None:
+            return None
+        # one hand-out per layer call: enter autocast(enabled=False) only where autocast is on
+        off = torch.autocast(build.device.type, enabled=False) if torch.is_autocast_enabled(build.device.type) \
+            else contextlib.nullcontext()
+        with off, record_function("sttpfast.weight_build"):
+            return build.weight(id(parametrization)) if form == "weight" else build.factors(id(parametrization))
+
+    def build_of(self, parametrization: nn.Module) -> "BatchedBuild | None":
+        """The batched build that holds ``parametrization``, or None outside a pass of its
         scope or while its own parameters are sharded (the layer then builds its own weight).
 
         A miss builds, together, every layer of the scope not built yet in this pass whose
@@ -180,12 +210,13 @@ class FrameBank:
             # the label lets a profile tell the weight build from the layers' own work
             with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
                     record_function("sttpfast.weight_build"):
-                self._weights.update(build_weights(members))
+                build = build_weights(members)
+            self._weights.update(dict.fromkeys(build.ids, build))
         return self._weights.get(key)
 
-    def _loose_weight(self, parametrization: nn.Module) -> Tensor | None:
-        """``parametrization``'s weight ``(d_out, d_in)`` from the loose pass (module docstring),
-        opening a new one when it has none for this layer or it went stale; None when the
+    def _loose_weight(self, parametrization: nn.Module) -> "BatchedBuild | None":
+        """The loose pass's build (module docstring) for ``parametrization``'s one hand-out,
+        opening a new pass when it has none for this layer or it went stale; None when the
         tree's layers are sharded (FSDP2: the layer builds its own)."""
         key = id(parametrization)
         if key not in self._loose or not self._loose_fresh(key):
@@ -195,13 +226,16 @@ class FrameBank:
                 return None
             with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
                     record_function("sttpfast.weight_build"):
-                self._loose = build_weights(members)
-            self._loose_state = (torch.is_grad_enabled(), {id(p): _versions(m, p) for m, p in members}, [False])
-        weight = self._loose.pop(key)
-        if weight.grad_fn is not None:
-            spent = self._loose_state[2]
-            weight.grad_fn.register_hook(lambda *_: spent.__setitem__(0, True))
-        return weight
+                build = build_weights(members)
+            spent = [False]
+
+            def watch(tensor: Tensor) -> None:  # a backward through it frees the shared build graph
+                if tensor.grad_fn is not None:
+                    tensor.grad_fn.register_hook(lambda *_: spent.__setitem__(0, True))
+            build.on_hand_out = watch
+            self._loose = dict.fromkeys(build.ids, build)
+            self._loose_state = (torch.is_grad_enabled(), {id(p): _versions(m, p) for m, p in members}, spent)
+        return self._loose.pop(key)  # handed out once: a second use opens a new pass
 
     def _loose_fresh(self, key: int) -> bool:
         grad_mode, versions, spent = self._loose_state
@@ -242,15 +276,73 @@ def _first_factor(layer: nn.Module) -> Tensor | None:
     return next((t for t in plist._parameters.values() if t is not None and t.numel()), None)
 
 
-def build_weights(members: list[tuple[nn.Module, nn.Module]]) -> dict[int, Tensor]:
-    """``{id(parametrization): W (d_out, d_in)}`` of chain layers ``(layer, parametrization)``, batched."""
-    from sttpfast.params.chain import chain_weights, scaled_spectrum
+class BatchedBuild:
+    """One batched build of chain layers (module docstring): the frames, one WY call per frame
+    shape, made at once; per layout, the contraction to each layer's weight or to its factors,
+    batched over the layout, the first time one of its layers asks for that form."""
 
-    layouts = defaultdict(list)
-    for layer, p in members:
-        factors = p.chain_factors(factors_of(layer))
-        key = (p.layout, factors.cores[0].bottom.dtype, factors.cores[0].bottom.device)
-        layouts[key].append((id(p), factors, p.gain))
+    def __init__(self, members: list[tuple[nn.Module, nn.Module]]):
+        from sttpfast.params.chain import scaled_spectrum
+
+        self.ids = [id(p) for _, p in members]
+        self.device = factors_of(members[0][0])[0].device
+        #: called on every tensor handed out (the loose pass watches their backward)
+        self.on_hand_out = None
+        layouts = defaultdict(list)
+        for layer, p in members:
+            factors = p.chain_factors(factors_of(layer))
+            key = (p.layout, factors.cores[0].bottom.dtype, factors.cores[0].bottom.device)
+            layouts[key].append((id(p), factors, p.gain))
+        frames = _batched_frames(layouts)
+        self._groups = {}  # layout key -> (layout, frames per core (B, rows, cols), g s (B, r))
+        self._slot = {}  # id(parametrization) -> (layout key, index in its layout)
+        for lkey, group in layouts.items():
+            raw = torch.stack([f.spectrum for _, f, _ in group]) if lkey[0].learned else None
+            spectrum = scaled_spectrum(raw, torch.stack([gain for _, _, gain in group]), lkey[0].rank)
+            self._groups[lkey] = (lkey[0], frames[lkey], spectrum)
+            self._slot.update({pid: (lkey, i) for i, (pid, _, _) in enumerate(group)})
+        self._contracted = {}  # (layout key, form) -> per-layer operand pairs
+
+    def _operands(self, pid: int, form: str) -> tuple[Tensor, Tensor]:
+        from sttpfast.params.chain import factor_operands, root_operands
+
+        lkey, i = self._slot[pid]
+        if (lkey, form) not in self._contracted:
+            layout, frames, spectrum = self._groups[lkey]
+            left, right = (root_operands if form == "weight" else factor_operands)(layout, frames, spectrum)
+            # one unbind, not an index per layer: an index's backward writes zeros of the whole batch
+            self._contracted[lkey, form] = list(zip(left.unbind(0), right.unbind(0)))
+        return self._contracted[lkey, form][i]
+
+    def _handed(self, t: Tensor) -> Tensor:
+        if self.on_hand_out is not None:
+            self.on_hand_out(t)
+        return t
+
+    def weight(self, pid: int) -> Tensor:
+        """``W (d_out, d_in)`` of the layer whose parametrization has id ``pid``: the last matmul
+        of the contraction, per layer (each weight its own tensor: unbinding a batched weight
+        would cost a copy of every weight's gradient in backward)."""
+        left, right = self._operands(pid, "weight")
+        layout = self._groups[self._slot[pid][0]][0]
+        return self._handed((left @ right).reshape(math.prod(layout.out_modes), -1))
+
+    def factors(self, pid: int) -> tuple[Tensor, Tensor]:
+        """``(U diag(g s) (d_out, r), V^T (r, d_in))`` of the layer whose parametrization has id ``pid``."""
+        u, v_t = self._operands(pid, "factors")
+        return self._handed(u), self._handed(v_t)
+
+
+def build_weights(members: list[tuple[nn.Module, nn.Module]]) -> BatchedBuild:
+    """The batched build of chain layers ``(layer, parametrization)``: every weight or factor
+    pair it hands out (:meth:`BatchedBuild.weight`, :meth:`BatchedBuild.factors`) comes from
+    the same batched calls."""
+    return BatchedBuild(members)
+
+
+def _batched_frames(layouts: dict) -> dict:
+    """``{layout key: [frames of core k, (B, rows, cols)]}`` of the grouped chains ``layouts``
+    (``{layout key: [(id, ChainFactors, gain)]}``), one WY call per frame shape."""
     # 1. frames, one WY call per frame shape; a (layout, core) block is a contiguous run
     shape_items = defaultdict(list)  # frame key -> [CoreFactors]
     blocks = defaultdict(list)  # frame key -> rows of each (layout, core) block, in order
@@ -267,15 +359,8 @@ def build_weights(members: list[tuple[nn.Module, nn.Module]]) -> dict[int, Tenso
         tops = None if fkey[2] else torch.stack([c.top for c in items])
         # one split, not a slice per block: a slice's backward writes zeros of the whole stack
         built[fkey] = householder_frame(bottoms, tops).split(blocks[fkey])
-    # 2. contraction, one batched chain contraction per layout
-    out = {}
-    for lkey, group in layouts.items():
-        frames = [built[fkey][i] for fkey, i in (where[lkey, k] for k in range(len(lkey[0].cores)))]
-        raw = torch.stack([f.spectrum for _, f, _ in group]) if lkey[0].learned else None
-        spectrum = scaled_spectrum(raw, torch.stack([gain for _, _, gain in group]), lkey[0].rank)
-        for (pid, _, _), w in zip(group, chain_weights(lkey[0], frames, spectrum)):
-            out[pid] = w
-    return out
+    return {lkey: [built[fkey][i] for fkey, i in (where[lkey, k] for k in range(len(lkey[0].cores)))]
+            for lkey in layouts}
 
 
 def frame_bank_of(model: nn.Module) -> FrameBank | None:
