@@ -35,7 +35,7 @@ from sttpfast.processes import is_main_rank
 from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _lock_run, _save_interrupted,
                           check_output, prepare_run_dir, resume_config)
 
-__all__ = ["run_gan", "gan_run_name", "check_gan_config", "GANLossLogger", "SR"]
+__all__ = ["run_gan", "gan_run_name", "check_gan_config", "check_fsdp2", "GANLossLogger", "SR"]
 
 SR = "sr"  # d_param for spectral regularization: a dense D with dynamic compensation (Liu et al. 2019)
 
@@ -90,6 +90,24 @@ def check_gan_config(cfg: dict) -> dict:
         if g["extractor"] not in ("inception", "offline") and not Path(g["extractor"]).expanduser().is_file():
             raise ValueError(f"--extractor (gan.extractor): extractor file not found: {g['extractor']}")
     return g
+
+
+def check_fsdp2(cfg: dict) -> None:
+    """Under an FSDP2 launch (``FSDP_VERSION=2``), refuse the GAN settings that do not run on
+    sharded networks yet (:data:`~sttpfast.gan.distributed.FSDP2_UNSUPPORTED`), with one
+    ValueError naming them, before anything is built."""
+    from sttpfast.fsdp import fsdp2_requested
+    from sttpfast.gan.distributed import FSDP2_UNSUPPORTED
+
+    if not fsdp2_requested():
+        return
+    g = cfg["gan"]
+    used = [FSDP2_UNSUPPORTED[key] for key, on in (("metrics_every", g["metrics_every"] is not None),
+                                                   ("sn_exact", bool(g["sn_exact"])), ("sr", g["d_param"] == SR)) if on]
+    if used:
+        raise ValueError(f"`sttpfast gan` under an FSDP2 config (FSDP_VERSION=2) does not support {'; '.join(used)} "
+                         "yet: leave it out, or launch with configs/accelerate/cpu_2proc_gloo.yaml or "
+                         "gpu_ddp_multinode.yaml (DDP: every process holds the whole networks)")
 
 
 def _useful_rank(model, param: str, skip: set[str]) -> int | None:
@@ -165,7 +183,8 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
             check_gan_config(cfg)
             check_output(_named(cfg))
             run_dir = None
-        accelerator = make_accelerator("no", shards=False, command="gan")  # FSDP2: G, D, EMA not sharded yet
+        check_fsdp2(cfg)
+        accelerator = make_accelerator("no", shards=True, command="gan")
         return _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock)
     finally:
         if lock is not None:
@@ -212,6 +231,8 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     from sttpfast.callbacks.distributed import warn_missing_processes
     from sttpfast.callbacks.spectral import SingularValueLogger
     from sttpfast.data import get_dls
+    from sttpfast.fsdp import fsdp2_requested
+    from sttpfast.gan.distributed import shard_gan
     from sttpfast.gan.learner import gan_learner
 
     warn_missing_processes(accelerator, echo)
@@ -233,6 +254,8 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
         lr_decay=g["lr_decay"], ema_decay=g["ema"], ema_start=g["ema_start"], dequantize=g["dequantize"],
         sn_exact=g["sn_exact"], d_optimal=g["d_optimal"], sv_every=cfg["log"]["sv_every"], seed=seed,
         cbs=cbs + list(extra_cbs), run_dir=run_dir)
+    if fsdp2_requested() and accelerator.num_processes > 1:
+        shard_gan(learn.model, main, say)  # before the optimizers: they step the shards
     if not any(isinstance(cb, SingularValueLogger) for cb in learn.cbs):
         learn.add_cb(SingularValueLogger(every=cfg["log"]["sv_every"]))  # sigma_max of every G and D layer
     if state is None:
