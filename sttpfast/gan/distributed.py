@@ -41,7 +41,6 @@ __all__ = ["GANGradientSync", "GlobalBatchNorm2d", "world", "shard_gan", "FSDP2_
 # GAN settings that read or write D's weights outside its forward, or sample G on rank 0
 # alone: not supported on sharded networks yet (refused with one message, see check_fsdp2)
 FSDP2_UNSUPPORTED = {
-    "metrics_every": "--metrics-every (gan.metrics_every: the metrics sample G on the main process alone)",
     "sn_exact": "gan.sn_exact (the exact spectral norm reads D's weights outside its forward)",
     "sr": "--d-param sr (spectral regularization rewrites D's weights outside its forward)",
 }

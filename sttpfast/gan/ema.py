@@ -32,12 +32,12 @@ def make_ema_copy(generator: nn.Module) -> nn.Module:
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * model`` on parameters and floating buffers (in place);
     other buffers are copied. The two modules must have the same structure. Both sharded
-    alike (FSDP2, :func:`sttpfast.gan.distributed.shard_gan`): ``model`` is resharded first
-    (a root keeps its parameters whole after its forward), then each rank averages its own
-    slices (no communication)."""
+    alike (FSDP2, :func:`sttpfast.gan.distributed.shard_gan`): both are resharded first (a
+    root keeps its parameters whole after its forward: G's, or the EMA's after sampling),
+    then each rank averages its own slices (no communication)."""
     from sttpfast.fsdp import fsdp_units
 
-    for unit in fsdp_units(model):
+    for unit in fsdp_units(model) + fsdp_units(ema):
         unit.reshard()
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1.0 - decay)

@@ -102,8 +102,7 @@ def check_fsdp2(cfg: dict) -> None:
     if not fsdp2_requested():
         return
     g = cfg["gan"]
-    used = [FSDP2_UNSUPPORTED[key] for key, on in (("metrics_every", g["metrics_every"] is not None),
-                                                   ("sn_exact", bool(g["sn_exact"])), ("sr", g["d_param"] == SR)) if on]
+    used = [FSDP2_UNSUPPORTED[key] for key, on in (("sn_exact", bool(g["sn_exact"])), ("sr", g["d_param"] == SR)) if on]
     if used:
         raise ValueError(f"`sttpfast gan` under an FSDP2 config (FSDP_VERSION=2) does not support {'; '.join(used)} "
                          "yet: leave it out, or launch with configs/accelerate/cpu_2proc_gloo.yaml or "
@@ -191,7 +190,7 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
             lock.release()
 
 
-def _callbacks(cfg: dict, g: dict, main: bool, say):
+def _callbacks(cfg: dict, g: dict, main: bool, say, sharded: bool = False):
     """``(checkpointer, signals, metrics or None, every callback of the run)``."""
     from sttpfast.callbacks.compensation import SpectralCompensation
     from sttpfast.callbacks.logging import TensorBoardLogger, WandbLogger
@@ -201,7 +200,8 @@ def _callbacks(cfg: dict, g: dict, main: bool, say):
 
     lg = cfg["log"]
     metrics = None
-    if g["metrics_every"] is not None and main:
+    # sharded networks: every rank samples for the metrics (collectives), the main one writes
+    if g["metrics_every"] is not None and (main or sharded):
         from sttpfast.gan.metrics import GANMetrics
 
         extractor = g["extractor"] if g["extractor"] in ("inception", "offline") else Path(g["extractor"]).expanduser()
@@ -245,7 +245,8 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     dls = get_dls(d["name"], data_dir=d["data_dir"], bs=g["bs"], subset=d["subset"], download=d["download"],
                   num_workers=d["num_workers"], seed=seed, augment=False, device=accelerator.device)
     generator, discriminator = _build_networks(g, dls.in_chans)
-    checkpointer, signals, metrics, cbs = _callbacks(cfg, g, main, say)
+    sharded = fsdp2_requested() and accelerator.num_processes > 1
+    checkpointer, signals, metrics, cbs = _callbacks(cfg, g, main, say, sharded)
     learn = gan_learner(
         dls, g=generator, d=discriminator, g_param=g["g_param"],
         d_param="dense" if g["d_param"] == SR else g["d_param"],
@@ -254,7 +255,7 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
         lr_decay=g["lr_decay"], ema_decay=g["ema"], ema_start=g["ema_start"], dequantize=g["dequantize"],
         sn_exact=g["sn_exact"], d_optimal=g["d_optimal"], sv_every=cfg["log"]["sv_every"], seed=seed,
         cbs=cbs + list(extra_cbs), run_dir=run_dir)
-    if fsdp2_requested() and accelerator.num_processes > 1:
+    if sharded:
         shard_gan(learn.model, main, say)  # before the optimizers: they step the shards
     if not any(isinstance(cb, SingularValueLogger) for cb in learn.cbs):
         learn.add_cb(SingularValueLogger(every=cfg["log"]["sv_every"]))  # sigma_max of every G and D layer
