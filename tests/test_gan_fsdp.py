@@ -5,6 +5,8 @@ same global batch of 32 images (2 x 16 or 1 x 32), launched as ``accelerate laun
 --config_file configs/accelerate/cpu_2proc_fsdp2.yaml`` does: torchrun with
 ``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2`` in each process. G, D and (with
 ``gan.ema``) G's EMA copy are sharded separately (sttpfast.gan.distributed.shard_gan).
+The slow tests share one module fixture of seven launches: about 2 minutes on the loaded
+2-core machine (measured 112 s for the whole file).
 
 Tolerances. Against DDP on 2 processes (``torchrun`` without the FSDP variables) the sharded
 run is bitwise equal: the same half batches on the same ranks, and FSDP2's reduce-scatter
