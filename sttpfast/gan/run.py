@@ -14,6 +14,13 @@ SIGTERM checkpoint after the current iteration and exit with 130 / 143 and the c
 resumes; SIGUSR1 checkpoints and goes on. A resumed run ends with the weights of an
 uninterrupted one (CPU, fixed seed).
 
+Several processes: DDP-like (``torchrun``, ``accelerate launch`` with a multi-process
+config: every process holds G and D whole, :mod:`sttpfast.gan.distributed`), or sharded
+with an FSDP2 config (``configs/accelerate/cpu_2proc_fsdp2.yaml``, ``gpu_fsdp2.yaml``): G, D
+and G's EMA each sharded over the processes (:func:`~sttpfast.gan.distributed.shard_gan`),
+checkpoints gathered whole and written by rank 0, metrics sampled on every rank. Under FSDP2
+``--d-param sr`` and ``gan.sn_exact`` are refused (:func:`check_fsdp2`).
+
 Every setting is checked before anything is created: unknown parameterizations (with the
 closest names), a rank above what any layer can use, ``n_dis < 1`` (the schema), a missing
 Inception weights or extractor file. A failed start leaves no run folder.
