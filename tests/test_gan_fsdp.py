@@ -209,3 +209,31 @@ def test_gan_settings_fsdp2_cannot_run_are_refused_with_one_message(tmp_path, mo
         "it out, or launch with configs/accelerate/cpu_2proc_gloo.yaml or gpu_ddp_multinode.yaml (DDP: every "
         "process holds the whole networks)"]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_accelerate_launch_apps_gan_with_the_shipped_fsdp2_config(tmp_path):
+    """The command a user runs: ``accelerate launch --config_file
+    configs/accelerate/cpu_2proc_fsdp2.yaml apps/gan.py ...``: 2 processes, G and D sharded
+    (said once), one checkpoint written by rank 0 that one process loads. Slow: about 25 s."""
+    from sttpfast.checkpoint import load_parameterized
+    from sttpfast.gan.learner import GANPair
+    from sttpfast.models import create_model
+    from sttpfast.params.layers import parameterized_layers
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs/accelerate/cpu_2proc_fsdp2.yaml"), str(ROOT / "apps/gan.py"), "digits", "--d-param",
+           "sttp-c", "--rank", "4", "--steps", "2", "--n-dis", "2", "--bs", "16", "--subset", "256", "--logger", "none",
+           "--out", str(tmp_path), "--name", "fsdp", *TINY_SET, "--set", "log.progress=false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert proc.stdout.count("FSDP2: G and D are sharded over 2 processes (units: G 3, D 4)") == 1
+    summary = json.loads((tmp_path / "fsdp/summary.json").read_text())
+    assert (summary["processes"], summary["steps"], summary["ranks_in_sync"]) == (2, 2, True)
+    pair = GANPair(create_model("sngan_g32", in_chans=1, widths=[8, 8, 8], bottom_width=2, z_dim=16),
+                   create_model("sngan_d32", in_chans=1, widths=[8, 8, 8, 8]))
+    load_parameterized(tmp_path / "fsdp/checkpoints/last/model.safetensors", pair)
+    assert {name.split(".")[0] for name, _, _ in parameterized_layers(pair)} == {"discriminator"}
+    with torch.no_grad():
+        scores = pair.discriminator(pair.eval()(torch.zeros(3, 16)))
+    assert scores.shape == (3, 1) and torch.isfinite(scores).all()
