@@ -244,25 +244,6 @@ def test_fsdp2_bf16_autocasts_the_sharded_forward(runs):
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-3, abs=0), (two["losses"], one["losses"])
 
 
-def test_gan_under_an_fsdp2_config_is_refused_with_one_message(tmp_path, monkeypatch):
-    """`sttpfast gan` does not shard G, D and G's EMA copy: under an FSDP2 config it says so and
-    names the DDP configs, instead of running unsharded as if nothing was asked."""
-    from click.testing import CliRunner
-
-    from sttpfast.cli import main
-
-    for key, value in FSDP2_ENV.items():
-        monkeypatch.setenv(key, value)
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["gan", "digits", "--steps", "2", "--out", str(out), "--logger", "none"])
-    assert result.exit_code == 2, result.output
-    assert result.output.splitlines() == [
-        "Error: this run was launched with an FSDP2 config (FSDP_VERSION=2), and `sttpfast gan` does not shard its "
-        "networks: launch it with configs/accelerate/cpu_2proc_gloo.yaml or gpu_ddp_multinode.yaml (every process "
-        "holds the whole networks, gradients averaged)"]
-    assert not out.exists()
-
-
 @pytest.mark.slow
 def test_fsdp2_sigusr1_to_one_rank_checkpoints_on_every_rank_at_the_same_step(runs):
     """SIGUSR1 reaches rank 0 alone after step 2 (``usr1_at``): the ranks agree on it before

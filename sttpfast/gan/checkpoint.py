@@ -38,6 +38,7 @@ from sttpfast.callbacks._util import is_main_process, unwrap_model
 from sttpfast.callbacks.checkpoint import (CheckpointError, _global_rng, _optimizer_from_files, _optimizer_to_files,
                                            _set_global_rng)
 from sttpfast.checkpoint import load_parameterized, save_parameterized
+from sttpfast.fsdp import full_state_dict, is_sharded
 
 __all__ = ["GANCheckpointer", "APP", "is_gan_checkpoint"]
 
@@ -63,7 +64,8 @@ class GANCheckpointer(Callback):
         metrics: the run's GANMetrics (its history and best are saved and restored), or None.
         compensation: the run's SpectralCompensation (SR) callback (its running spectra are
             saved and restored), or None.
-    Only the main process writes.
+    Only the main process writes; sharded (FSDP2) networks are gathered whole on every rank
+    first, and each rank loads its own slice of the same files on resume.
     """
 
     order = 70  # after GANMetrics (60) decided is_best for this step
@@ -81,15 +83,24 @@ class GANCheckpointer(Callback):
     # -- saving ---------------------------------------------------------------------------
     def _save(self, pointers: tuple[str, ...]) -> int | None:
         learn = self.learn
-        if not is_main_process() or getattr(learn, "nan_step", None) is not None:
+        if getattr(learn, "nan_step", None) is not None:
             return None
         pair = unwrap_model(learn.model)
+        # sharded (FSDP2) networks: every rank takes part in gathering G, D, the EMA and both
+        # optimizer states whole; rank 0 alone writes them, the files a one-process run writes
+        sharded = is_sharded(pair)
+        if not (sharded or is_main_process()):
+            return None
+        model_tensors = full_state_dict(pair) if sharded else None
         step = int(learn.train_iter)
         opt_tensors, opt_meta = {}, {}
         for name, opt in zip(_NETWORKS, (learn.opt_g, learn.opt_d)):
             tensors, meta = _optimizer_to_files(opt)
             opt_tensors.update({f"{name}.{k}": v for k, v in tensors.items()})
             opt_meta[name] = meta
+        if not is_main_process():
+            self.saved_iter = step  # every rank skips (or saves) the same steps: the gathering is collective
+            return step
         rng_tensors, rng_meta = _global_rng()
         if learn._rng is not None:
             rng_tensors["latent"] = learn._rng.get_state()
@@ -105,7 +116,8 @@ class GANCheckpointer(Callback):
                 "sr_compensations": None if self.compensation is None else self.compensation.compensations,
                 "threads": torch.get_num_threads()}
         files = {
-            "model.safetensors": lambda path: save_parameterized(pair, path, metadata={"train_iter": step, "app": APP}),
+            "model.safetensors": lambda path: save_parameterized(pair, path, metadata={"train_iter": step, "app": APP},
+                                                             tensors=model_tensors),
             "optimizer.safetensors": lambda path: save_file(opt_tensors, str(path)),
             "rng.safetensors": lambda path: save_file(rng_tensors, str(path)),
             "state.json": json.dumps(meta),

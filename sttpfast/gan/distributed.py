@@ -19,6 +19,13 @@ What each process sees, for the run to equal one process whose batch is the sum 
 
 Only the main process writes (checkpoints, logs, metrics); after the fit the ranks compare
 a hash of their parameters (``learn.ranks_in_sync``, ``learn.rank_hashes``).
+
+Launched with an FSDP2 config (``FSDP_VERSION=2``, several processes), :func:`shard_gan`
+shards G and D separately (two FSDP2 trees: each network's blocks, then its root; each
+network's frame bank builds its weights inside its own units), and the EMA copy of G like
+G, so that the EMA update is a local ``lerp`` of matching shards (no communication). FSDP2
+then averages the gradients (reduce-scatter) and :class:`GANGradientSync` only shards the
+data and the latent codes. The optimizers, created after sharding, step each rank's shards.
 """
 from __future__ import annotations
 
@@ -29,7 +36,14 @@ from torch import Tensor, nn
 
 from sttpfast.callbacks.distributed import parameter_hash
 
-__all__ = ["GANGradientSync", "GlobalBatchNorm2d", "world"]
+__all__ = ["GANGradientSync", "GlobalBatchNorm2d", "world", "shard_gan", "FSDP2_UNSUPPORTED"]
+
+# GAN settings that read or write D's weights outside its forward, or sample G on rank 0
+# alone: not supported on sharded networks yet (refused with one message, see check_fsdp2)
+FSDP2_UNSUPPORTED = {
+    "sn_exact": "gan.sn_exact (the exact spectral norm reads D's weights outside its forward)",
+    "sr": "--d-param sr (spectral regularization rewrites D's weights outside its forward)",
+}
 
 
 def world() -> tuple[int, int]:
@@ -84,28 +98,70 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         return out
 
 
+def shard_gan(pair: nn.Module, main: bool = True, echo=print) -> nn.Module:
+    """Shard a :class:`~sttpfast.gan.GANPair` with FSDP2 over the processes, in place: first
+    every rank takes rank 0's weights and buffers (plain tensors, one broadcast each) and G's
+    BatchNorm becomes :class:`GlobalBatchNorm2d`; then ``generator``, ``discriminator`` and
+    ``generator_ema`` (when kept) are each sharded by :func:`sttpfast.fsdp.shard_model` (their
+    blocks, then their root). Call before the optimizers exist. ``main`` says it once."""
+    from sttpfast.fsdp import fsdp_units, shard_model
+
+    GlobalBatchNorm2d.convert(pair.generator)
+    ema = getattr(pair, "generator_ema", None)
+    if ema is not None:
+        GlobalBatchNorm2d.convert(ema)
+    with torch.no_grad():
+        for tensor in list(pair.parameters()) + list(pair.buffers()):
+            dist.broadcast(tensor, src=0)
+    networks = [("G", pair.generator), ("D", pair.discriminator)] + ([("G's EMA", ema)] if ema is not None else [])
+    for _, network in networks:
+        shard_model(network)
+    if main:
+        units = ", ".join(f"{name} {len(fsdp_units(net))}" for name, net in networks)
+        echo(f"FSDP2: G and D are sharded over {world()[1]} processes (units: {units})")
+    return pair
+
+
+def _pair_hash(pair: nn.Module) -> str:
+    """sha256 of the whole state (sharded tensors gathered: every rank calls this)."""
+    import hashlib
+
+    from sttpfast.fsdp import full_state_dict
+
+    h = hashlib.sha256()
+    for value in full_state_dict(pair).values():
+        h.update(value.numpy().tobytes())
+    return h.hexdigest()
+
+
 class GANGradientSync(Callback):
     """Trains a :class:`~sttpfast.gan.GANLearner` with several processes (see the module
     docstring); does nothing in a single process."""
 
     order = -5  # after TrainEvalCallback moved the model, before everything else
+    sharded = False
 
     def before_fit(self):
         rank, size = world()
         self.size = size
         if size == 1:
             return
+        from sttpfast.fsdp import is_sharded
+
         learn = self.learn
         learn.shard = (rank, size)
         if hasattr(learn.dls.train, "shard"):
             learn.dls.train.shard(rank, size)  # validation: every process validates everything
+        self.sharded = is_sharded(learn.model)
+        if self.sharded:
+            return  # shard_gan took rank 0's state; FSDP2 averages the gradients
         GlobalBatchNorm2d.convert(learn.model.generator)
         with torch.no_grad():  # start from rank 0's weights and buffers, whatever each rank built
             for tensor in list(learn.model.parameters()) + list(learn.model.buffers()):
                 dist.broadcast(tensor, src=0)
 
     def after_backward(self):
-        if self.size == 1:
+        if self.size == 1 or self.sharded:
             return
         grads = [p.grad for group in self.learn.opt.param_lists for p in group if p.grad is not None]
         if not grads:
@@ -119,7 +175,9 @@ class GANGradientSync(Callback):
             offset += g.numel()
 
     def after_fit(self):
-        own = parameter_hash(self.learn.model)
+        from sttpfast.fsdp import is_sharded
+
+        own = _pair_hash(self.learn.model) if is_sharded(self.learn.model) else parameter_hash(self.learn.model)
         hashes = [own]
         if self.size > 1:
             hashes = [None] * self.size

@@ -7,6 +7,7 @@ copy) while ``k < start``; integer buffers (``num_batches_tracked``) are copied.
 For a parameterized generator the average is taken over the free parameters (the factors),
 not over the built weights: every value of the factors is a valid weight of the same form,
 so the averaged generator keeps its parameterization (and its bounds) exactly.
+Under FSDP2 the copy is sharded like the generator and averaged shard by shard.
 """
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ def make_ema_copy(generator: nn.Module) -> nn.Module:
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """``ema <- decay * ema + (1 - decay) * model`` on parameters and floating buffers (in place);
-    other buffers are copied. The two modules must have the same structure."""
+    other buffers are copied. The two modules must have the same structure. Both sharded
+    alike (FSDP2, :func:`sttpfast.gan.distributed.shard_gan`): both are resharded first (a
+    root keeps its parameters whole after its forward: G's, or the EMA's after sampling),
+    then each rank averages its own slices (no communication)."""
+    from sttpfast.fsdp import fsdp_units
+
+    for unit in fsdp_units(model) + fsdp_units(ema):
+        unit.reshard()
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):

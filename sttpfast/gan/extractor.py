@@ -23,7 +23,9 @@ metadata, so a run folder's extractor can be reused without the dataset.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -149,6 +151,27 @@ def register_offline_extractor(path: str | Path) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _alone(learn):
+    """Let one process of several train ``learn`` by itself (the main process trains the
+    extractor): no collective the other processes do not join. NaNGuard all-reduces its flag
+    when a process group exists (removed), and fastai gathers every batch's values over the
+    processes (``maybe_gather``, in ``to_detach`` and the smoothed loss) whenever its
+    ``num_distrib()``, read from ``WORLD_SIZE``, is above 1 (set to 1 for the fit)."""
+    from sttpfast.callbacks.guards import NaNGuard
+
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, NaNGuard)])
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield learn
+    finally:
+        if saved is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = saved
+
+
 def train_offline_extractor(dls, path: str | Path, arch: str = DEFAULT_ARCH, steps: int = 300,
                             lr: float = 5e-3, model_kwargs: dict | None = None, seed: int = 0,
                             overwrite: bool = False) -> Path:
@@ -182,7 +205,7 @@ def train_offline_extractor(dls, path: str | Path, arch: str = DEFAULT_ARCH, ste
         torch.manual_seed(seed)
         learn = spectral_learner(dls, arch, param="dense", opt="adam", lr=lr, wd=0.0,
                                  model_kwargs=dict(model_kwargs or {}), run_dir=path.parent, cbs=[])
-        with learn.no_bar(), learn.no_logging():
+        with _alone(learn), learn.no_bar(), learn.no_logging():
             fit(learn, steps=int(steps), lr=lr)
             accuracy = float(learn.validate()[1])
     model = learn.model.eval()

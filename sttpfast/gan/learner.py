@@ -111,6 +111,21 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def _resharded(*networks: nn.Module) -> None:
+    """Reshard every FSDP2 unit of ``networks`` (no-op for plain networks). A root unit keeps
+    its parameters whole after a forward (FSDP2's default), and a frozen-side forward
+    (``no_grad``) has no backward to reshard them; ``module.parameters()`` would then hand
+    :func:`_no_grad_for` those whole copies, whose ``requires_grad`` FSDP2 overwrites from the
+    shards only at its next all-gather, so G's root parameters (``l1``, ``bn``, ``conv_out``)
+    stayed frozen in G's step. Resharded, ``parameters()`` are the shards, and FSDP2 copies
+    their ``requires_grad`` into the whole parameters at each all-gather."""
+    from sttpfast.fsdp import fsdp_units
+
+    for network in networks:
+        for unit in fsdp_units(network):
+            unit.reshard()
+
+
 @contextlib.contextmanager
 def _no_grad_for(params: Sequence[nn.Parameter]):
     """Switch ``requires_grad`` off for ``params`` (the frozen side) and back on afterwards."""
@@ -309,6 +324,7 @@ class GANLearner(Learner):
     def _generator_step(self):
         self.gan_phase, self.opt = GENERATOR, self.opt_g
         g, d = self.model.generator, self.model.discriminator
+        _resharded(g, d)
         with _no_grad_for(_trainable(d)):
             x = self.xb[0]
             fake = g(self.sample_z(x.shape[0], x.device))
@@ -323,6 +339,7 @@ class GANLearner(Learner):
         self.gan_phase, self.opt = DISCRIMINATOR, self.opt_d
         self._split(batch)
         g, d = self.model.generator, self.model.discriminator
+        _resharded(g, d)
         with _no_grad_for(_trainable(g)):
             real = self.reals(self.xb[0])
             with torch.no_grad():

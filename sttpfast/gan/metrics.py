@@ -8,6 +8,8 @@ Every ``every`` generator steps :class:`GANMetrics` draws ``samples`` images fro
 moving average when the pair keeps one), compares them with the real training images and
 logs the values, keeps their history and the best value of ``best_by`` (``is_best`` /
 ``best`` / ``best_step`` for the best-checkpoint writer), and writes a sample grid PNG.
+With G sharded (FSDP2) it runs on every rank: all sample from the gathered G, the main
+process computes and writes, and every rank then holds its values.
 
 Two feature extractors:
 
@@ -234,9 +236,27 @@ class GANMetrics(Callback):
             kwargs = dict(self.extractor_kwargs)
             arch = kwargs.pop("arch", "resnet20_cifar")
             path = run_dir(self.learn) / "extractor.safetensors"
-            self.weights_path = train_offline_extractor(self.dls, path, arch=arch, steps=self.extractor_steps,
-                                                        model_kwargs=kwargs, seed=self.seed)
-            self.extractor_name = register_offline_extractor(self.weights_path)
+            sharded, dl = self._sharded(), self.dls.train
+            if is_main_process():
+                shard, bs = (getattr(dl, "rank", 0), getattr(dl, "world_size", 1)), dl.bs
+                if sharded:
+                    # the extractor learns from the global batches, as in one process (the
+                    # same extractor, and the loader's shuffling advanced as there)
+                    dl.shard(0, 1)
+                    dl.bs = bs * shard[1]
+                try:
+                    self.weights_path = train_offline_extractor(self.dls, path, arch=arch, steps=self.extractor_steps,
+                                                                model_kwargs=kwargs, seed=self.seed)
+                finally:
+                    dl.shard(*shard)
+                    dl.bs = bs
+                self.extractor_name = register_offline_extractor(self.weights_path)
+            if sharded:
+                # the other ranks sample only: they report the main process's names, and their
+                # loader continues from the shuffling state the extractor's training left
+                name, state = _from_main((self.extractor_name, dl.rng_state()))
+                self.extractor_name = name
+                dl.set_rng_state(state)
         self._reals = None
         self._evaluated_at = None
 
@@ -265,6 +285,8 @@ class GANMetrics(Callback):
         """``n`` images from :meth:`generator` in eval mode, uint8 ``(n, 3, H, W)``. The latent
         codes come from a private generator seeded with ``seed`` (the run's streams are untouched);
         eval mode leaves BatchNorm's running statistics as they are."""
+        from sttpfast.fsdp import gathered
+
         g = self.generator()
         device = next(g.parameters()).device
         rng = torch.Generator(device="cpu").manual_seed(seed)
@@ -272,12 +294,19 @@ class GANMetrics(Callback):
         g.eval()
         try:
             out = []
-            for start in range(0, n, self.batch_size):
-                z = torch.randn(min(self.batch_size, n - start), g.z_dim, generator=rng).to(device)
-                out.append(to_uint8_rgb(g(z)).cpu())
+            with gathered(g):  # sharded (FSDP2): G whole on every rank for the passes, no per-batch gather
+                for start in range(0, n, self.batch_size):
+                    z = torch.randn(min(self.batch_size, n - start), g.z_dim, generator=rng).to(device)
+                    out.append(to_uint8_rgb(g(z)).cpu())
         finally:
             g.train(was_training)
         return torch.cat(out)
+
+    def _sharded(self) -> bool:
+        """Whether G is sharded (FSDP2): then this callback runs on every rank, which all sample."""
+        from sttpfast.fsdp import is_sharded
+
+        return is_sharded(self.generator())
 
     def real_images(self) -> Tensor:
         """Up to ``samples`` training images at G's resolution, uint8 ``(N, 3, H, W)`` (cached)."""
@@ -295,11 +324,25 @@ class GANMetrics(Callback):
     def evaluate(self, step: int) -> dict[str, float]:
         """Compute, record and log the metrics at G step ``step``; write the grid."""
         self._evaluated_at = step
-        if not is_main_process():
+        sharded = self._sharded()
+        if not (sharded or is_main_process()):
             return {}
+        # sharded G: every rank samples (gathering G is a collective), the main process alone
+        # computes and writes, then every rank takes its values (the checkpoint writer reads
+        # is_best on every rank: saving is a collective too)
+        fakes = self.generate(self.samples, self.seed + 1)
+        grid = self.generate(self.grid, self.seed)  # fixed codes: the same z at every evaluation
+        if is_main_process():
+            self._record(step, fakes, grid)
+        if sharded:
+            self.values, self.best, self.best_step, self.is_best, self.history = _from_main(
+                (self.values, self.best, self.best_step, self.is_best, self.history))
+        return self.values
+
+    def _record(self, step: int, fakes: Tensor, grid: Tensor) -> None:
+        """The main process's part of :meth:`evaluate`: metrics, best, logs, files."""
         folder = run_dir(self.learn)
         device = next(self.generator().parameters()).device
-        fakes = self.generate(self.samples, self.seed + 1)
         reals = self.real_images()
         raw = fidelity_metrics(fakes, reals, self.metrics, self.extractor_name, self.weights_path,
                                cache_root=folder / "fidelity_cache",
@@ -317,8 +360,15 @@ class GANMetrics(Callback):
         write_file(folder / "metrics.jsonl", self._history_lines())
         grid_path = folder / "samples" / f"samples_{step:07d}.png"
         grid_path.parent.mkdir(parents=True, exist_ok=True)
-        grid = self.generate(self.grid, self.seed)  # fixed codes: the same z at every evaluation
         save_image(grid.float() / 255.0, grid_path, nrow=max(1, int(math.sqrt(self.grid))))
         log_image(self.learn, "samples", grid_path, step)
         self.grid_path = grid_path
-        return self.values
+
+
+def _from_main(value):
+    """``value`` as the main process (rank 0) holds it, on every rank (a collective)."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -14,6 +14,13 @@ SIGTERM checkpoint after the current iteration and exit with 130 / 143 and the c
 resumes; SIGUSR1 checkpoints and goes on. A resumed run ends with the weights of an
 uninterrupted one (CPU, fixed seed).
 
+Several processes: DDP-like (``torchrun``, ``accelerate launch`` with a multi-process
+config: every process holds G and D whole, :mod:`sttpfast.gan.distributed`), or sharded
+with an FSDP2 config (``configs/accelerate/cpu_2proc_fsdp2.yaml``, ``gpu_fsdp2.yaml``): G, D
+and G's EMA each sharded over the processes (:func:`~sttpfast.gan.distributed.shard_gan`),
+checkpoints gathered whole and written by rank 0, metrics sampled on every rank. Under FSDP2
+``--d-param sr`` and ``gan.sn_exact`` are refused (:func:`check_fsdp2`).
+
 Every setting is checked before anything is created: unknown parameterizations (with the
 closest names), a rank above what any layer can use, ``n_dis < 1`` (the schema), a missing
 Inception weights or extractor file. A failed start leaves no run folder.
@@ -35,7 +42,7 @@ from sttpfast.processes import is_main_rank
 from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _lock_run, _save_interrupted,
                           check_output, prepare_run_dir, resume_config)
 
-__all__ = ["run_gan", "gan_run_name", "check_gan_config", "GANLossLogger", "SR"]
+__all__ = ["run_gan", "gan_run_name", "check_gan_config", "check_fsdp2", "GANLossLogger", "SR"]
 
 SR = "sr"  # d_param for spectral regularization: a dense D with dynamic compensation (Liu et al. 2019)
 
@@ -90,6 +97,23 @@ def check_gan_config(cfg: dict) -> dict:
         if g["extractor"] not in ("inception", "offline") and not Path(g["extractor"]).expanduser().is_file():
             raise ValueError(f"--extractor (gan.extractor): extractor file not found: {g['extractor']}")
     return g
+
+
+def check_fsdp2(cfg: dict) -> None:
+    """Under an FSDP2 launch (``FSDP_VERSION=2``), refuse the GAN settings that do not run on
+    sharded networks yet (:data:`~sttpfast.gan.distributed.FSDP2_UNSUPPORTED`), with one
+    ValueError naming them, before anything is built."""
+    from sttpfast.fsdp import fsdp2_requested
+    from sttpfast.gan.distributed import FSDP2_UNSUPPORTED
+
+    if not fsdp2_requested():
+        return
+    g = cfg["gan"]
+    used = [FSDP2_UNSUPPORTED[key] for key, on in (("sn_exact", bool(g["sn_exact"])), ("sr", g["d_param"] == SR)) if on]
+    if used:
+        raise ValueError(f"`sttpfast gan` under an FSDP2 config (FSDP_VERSION=2) does not support {'; '.join(used)} "
+                         "yet: leave it out, or launch with configs/accelerate/cpu_2proc_gloo.yaml or "
+                         "gpu_ddp_multinode.yaml (DDP: every process holds the whole networks)")
 
 
 def _useful_rank(model, param: str, skip: set[str]) -> int | None:
@@ -165,14 +189,15 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
             check_gan_config(cfg)
             check_output(_named(cfg))
             run_dir = None
-        accelerator = make_accelerator("no", shards=False, command="gan")  # FSDP2: G, D, EMA not sharded yet
+        check_fsdp2(cfg)
+        accelerator = make_accelerator("no", shards=True, command="gan")
         return _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _callbacks(cfg: dict, g: dict, main: bool, say):
+def _callbacks(cfg: dict, g: dict, main: bool, say, sharded: bool = False):
     """``(checkpointer, signals, metrics or None, every callback of the run)``."""
     from sttpfast.callbacks.compensation import SpectralCompensation
     from sttpfast.callbacks.logging import TensorBoardLogger, WandbLogger
@@ -182,7 +207,8 @@ def _callbacks(cfg: dict, g: dict, main: bool, say):
 
     lg = cfg["log"]
     metrics = None
-    if g["metrics_every"] is not None and main:
+    # sharded networks: every rank samples for the metrics (collectives), the main one writes
+    if g["metrics_every"] is not None and (main or sharded):
         from sttpfast.gan.metrics import GANMetrics
 
         extractor = g["extractor"] if g["extractor"] in ("inception", "offline") else Path(g["extractor"]).expanduser()
@@ -212,6 +238,8 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     from sttpfast.callbacks.distributed import warn_missing_processes
     from sttpfast.callbacks.spectral import SingularValueLogger
     from sttpfast.data import get_dls
+    from sttpfast.fsdp import fsdp2_requested
+    from sttpfast.gan.distributed import shard_gan
     from sttpfast.gan.learner import gan_learner
 
     warn_missing_processes(accelerator, echo)
@@ -224,7 +252,8 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     dls = get_dls(d["name"], data_dir=d["data_dir"], bs=g["bs"], subset=d["subset"], download=d["download"],
                   num_workers=d["num_workers"], seed=seed, augment=False, device=accelerator.device)
     generator, discriminator = _build_networks(g, dls.in_chans)
-    checkpointer, signals, metrics, cbs = _callbacks(cfg, g, main, say)
+    sharded = fsdp2_requested() and accelerator.num_processes > 1
+    checkpointer, signals, metrics, cbs = _callbacks(cfg, g, main, say, sharded)
     learn = gan_learner(
         dls, g=generator, d=discriminator, g_param=g["g_param"],
         d_param="dense" if g["d_param"] == SR else g["d_param"],
@@ -233,6 +262,8 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
         lr_decay=g["lr_decay"], ema_decay=g["ema"], ema_start=g["ema_start"], dequantize=g["dequantize"],
         sn_exact=g["sn_exact"], d_optimal=g["d_optimal"], sv_every=cfg["log"]["sv_every"], seed=seed,
         cbs=cbs + list(extra_cbs), run_dir=run_dir)
+    if sharded:
+        shard_gan(learn.model, main, say)  # before the optimizers: they step the shards
     if not any(isinstance(cb, SingularValueLogger) for cb in learn.cbs):
         learn.add_cb(SingularValueLogger(every=cfg["log"]["sv_every"]))  # sigma_max of every G and D layer
     if state is None:
