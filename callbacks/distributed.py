@@ -45,24 +45,20 @@ __all__ = ["AccelerateTrainer", "parameter_hash", "make_accelerator", "requested
 _NUM_PROCESSES = re.compile(r"^--num[_-]processes(?:=(\d+))?$")
 
 
-def make_accelerator(mixed_precision: str = "no", shards: bool = True, command: str = "train"):
+def make_accelerator(mixed_precision: str = "no"):
     """An ``accelerate.Accelerator`` for this machine. Without CUDA it is created with
     ``cpu=True``: only then does accelerate join the processes of ``torchrun`` /
     ``accelerate launch`` with gloo (otherwise each CPU process trains alone).
 
-    Launched with an FSDP config: FSDP2 is run by :class:`AccelerateTrainer` (it shards the
-    model); ``shards=False`` (an app that does not shard, ``sttpfast COMMAND``) and FSDP1
-    are refused with one message, before anything is built."""
+    Launched with an FSDP config: FSDP2 is run by the apps themselves (:class:`AccelerateTrainer`
+    shards the classifier, :mod:`sttpfast.gan.distributed` G and D); FSDP1 is refused with one
+    message, before anything is built."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     from sttpfast.fsdp import fsdp_requested
 
     version = fsdp_requested()
-    if version == "2" and not shards:
-        raise ValueError(f"this run was launched with an FSDP2 config (FSDP_VERSION=2), and `sttpfast {command}` does "
-                         "not shard its networks: launch it with configs/accelerate/cpu_2proc_gloo.yaml or "
-                         "gpu_ddp_multinode.yaml (every process holds the whole networks, gradients averaged)")
     if version is not None and version != "2":
         # FSDP1 (FullyShardedDataParallel) refuses CPUs and wraps the model in a class of its
         # own; FSDP2 (fully_shard) is the one sttpfast shards with (sttpfast.fsdp.shard_model)
@@ -166,12 +162,17 @@ class AccelerateTrainer(Callback):
         acc = self.accelerator
         self.learn.accelerator = acc
         if self.sharding:
-            self._shard_model()  # a Learner built without an accelerator: not sharded yet
+            from sttpfast.fsdp import ShardingError, fsdp_units
+
+            # a Learner built without an accelerator: fastai made its optimizer over the whole
+            # parameters before this event, so sharding now would leave it stepping stale
+            # tensors; refused before the model is touched
+            if not fsdp_units(self.learn.model) and self.learn.opt is not None:
+                raise ShardingError("the optimizer was created before the model was sharded with FSDP2; create the "
+                                    "Learner with AccelerateTrainer(accelerator) so that it shards first")
+            self._shard_model()
             if acc.mixed_precision == "bf16":
                 self._autocast_bf16(self.learn.model)
-            if self.learn.opt is not None and not self._opt_steps_shards():
-                raise ValueError("the optimizer was created before the model was sharded with FSDP2; create the "
-                                 "Learner with AccelerateTrainer(accelerator) so that it shards first")
         else:
             _ignore_empty_parameters_in_ddp(self.learn.model)
             self.learn.model = acc.prepare_model(self.learn.model)
@@ -218,10 +219,6 @@ class AccelerateTrainer(Callback):
                 out = forward(*args, **kwargs)
             return out.float() if torch.is_tensor(out) and out.is_floating_point() else out
         model.forward = forward_bf16
-
-    def _opt_steps_shards(self) -> bool:
-        params = {id(p) for p in self.learn.model.parameters()}
-        return all(id(p) in params for group in self.learn.opt.param_lists for p in group)
 
     def _shard_loaders(self) -> None:
         acc = self.accelerator
@@ -289,6 +286,10 @@ class AccelerateTrainer(Callback):
         self._release_validation_gather()
         if not self.sharding:
             self.learn.model = acc.unwrap_model(self._wrapped, keep_fp32_wrapper=False)
+        else:  # as unwrap_model does for an unsharded model: the class's forward, in float32
+            model = self.learn.model
+            if model.__dict__.pop("_forward_before_autocast", None) is not None:
+                model.__dict__.pop("forward", None)
         self.learn.__dict__.pop("to_detach", None)
         from sttpfast.fsdp import gathered
 

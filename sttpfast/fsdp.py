@@ -173,12 +173,20 @@ def _reshard_setting(unit) -> tuple:
     """A unit's reshard-after-forward setting as FSDP2 holds it. FSDP2 has a setter
     (``set_reshard_after_forward``) and no getter, and the root's setting is chosen at its
     first forward (``_auto_reshard_after_forward``: the root keeps its parameters), so the
-    setting is read from the state the setter writes (checked with torch 2.14) to be put back."""
-    state = unit._get_fsdp_state()
-    return (state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups])
+    setting is read from the state the setter writes (checked with torch 2.14) to be put back.
+    None where a torch release holds it elsewhere: the unit then gets fully_shard's default
+    back (below)."""
+    try:
+        state = unit._get_fsdp_state()
+        return (state._auto_reshard_after_forward, [g.post_forward_mesh_info for g in state._fsdp_param_groups])
+    except AttributeError:
+        return None
 
 
-def _restore_reshard_setting(unit, setting: tuple) -> None:
+def _restore_reshard_setting(unit, setting: tuple | None) -> None:
+    if setting is None:  # not readable in this torch: fully_shard's default, resharded after forward
+        unit.set_reshard_after_forward(True, recurse=False)
+        return
     state = unit._get_fsdp_state()
     state._auto_reshard_after_forward = setting[0]
     for group, info in zip(state._fsdp_param_groups, setting[1]):

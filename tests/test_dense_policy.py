@@ -221,3 +221,13 @@ def test_the_energy_plan_leaves_dense_a_layer_without_gain_at_its_own_rank():
     every = sttpfast.parameterize(_steep_and_flat(), "lowrank", compression=15, plan="energy",
                                   keep_dense_if_no_gain=False)
     assert every.left_dense == [] and every.z == 100.0 * (3 * 128 + 272) / 4352
+
+
+def test_a_target_where_no_layer_gains_says_every_layer_stays_dense():
+    """Linear(1, 64) and Linear(64, 1) are rank 1 already: SVDP at any rank holds as many
+    parameters as each weight, so nothing is parameterized, and the run must say so."""
+    model = torch.nn.Sequential(torch.nn.Linear(1, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    with pytest.warns(UserWarning, match=r"svdp-r gains nothing on any selected layer at the rank chosen for Z 50%: "
+                                         r"every one stays dense"):
+        report = sttpfast.parameterize(model, "svdp-r", compression=50)
+    assert report.z == 100.0 and [row["layer"] for row in report.left_dense] == ["0", "2"]

@@ -190,7 +190,7 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
             check_output(_named(cfg))
             run_dir = None
         check_fsdp2(cfg)
-        accelerator = make_accelerator("no", shards=True, command="gan")
+        accelerator = make_accelerator("no")
         return _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock)
     finally:
         if lock is not None:

@@ -118,7 +118,9 @@ def uses_factorized_path(module: nn.Module, x: Tensor) -> bool:
         raise ValueError(f"forward_mode must be one of {', '.join(FORWARD_MODES)}, got {mode!r}")
     if mode != "auto":
         return mode == "factorized"
-    if getattr(p, "factors_built", False) and parametrize._cache_enabled:
+    # parametrize.cached() is on (validation): torch keeps the flag private (2.14); without
+    # it, auto mode simply compares multiply-adds
+    if getattr(p, "factors_built", False) and getattr(parametrize, "_cache_enabled", 0):
         return False
     p_in, p_out = _positions(module, x)
     dense, factored = p.flops(p_in, p_out)
@@ -135,8 +137,8 @@ def uses_factorized_path(module: nn.Module, x: Tensor) -> bool:
 class ChoosingForward:
     """A layer's instance ``forward``: the factorized path when it is cheaper, else the class's.
 
-    A small callable object rather than a bound method, so that the layer still pickles
-    (``torch.save``) and deep-copies (the copy gets its own, pointing at the copy)."""
+    A small callable object rather than a closure, so that the layer deep-copies (the copy
+    gets its own, pointing at the copy)."""
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
