@@ -398,17 +398,19 @@ class SpectralChain(WeightParametrization):
         """The flat factors (``original0, original1, ...``) by role."""
         return ChainFactors.unpack(self.layout, factors)
 
+    def _raw_and_frames(self, factors) -> tuple[Tensor | None, list[Tensor]]:
+        """``(raw S or None, [frame per core])``, built here, one WY call per core."""
+        raw, cores = self.chain_factors(factors)
+        return raw, [householder_frame(core.bottom, core.top) for core in cores]
 
     def frames(self, *factors: Tensor) -> tuple[Tensor | None, list[Tensor]]:
         """``(s or None, [frame per core])``, built here, one WY call per core (``s`` without the gain)."""
-        raw, cores = self.chain_factors(factors)
-        frames = [householder_frame(core.bottom, core.top) for core in cores]
+        raw, frames = self._raw_and_frames(factors)
         return (None if raw is None else learned_spectrum(raw)), frames
 
     def svd_factors(self, *factors: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(U (d_out, r), g s (r,), V (d_in, r))`` with ``W = U diag(g s) V^T``."""
-        raw, cores = self.chain_factors(factors)
-        frames = [householder_frame(core.bottom, core.top) for core in cores]
+        raw, frames = self._raw_and_frames(factors)
         u, v = contract_chain(self.layout, frames)
         return u, scaled_spectrum(raw, self.gain, self.rank), v
 
@@ -418,8 +420,7 @@ class SpectralChain(WeightParametrization):
         if matrix is None:
             # orthogonality needs full precision: never build frames under bf16/fp16 autocast
             with torch.autocast(factors[-1].device.type, enabled=False):
-                raw, cores = self.chain_factors(factors)
-                frames = [householder_frame(core.bottom, core.top) for core in cores]
+                raw, frames = self._raw_and_frames(factors)
                 matrix = chain_weight(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))
         return self.view.from_matrix(matrix)
 
@@ -437,8 +438,7 @@ class SpectralChain(WeightParametrization):
         pair = bank.factors(self) if bank is not None else None
         if pair is None:
             with torch.autocast(factors[-1].device.type, enabled=False):
-                raw, cores = self.chain_factors(factors)
-                frames = [householder_frame(core.bottom, core.top) for core in cores]
+                raw, frames = self._raw_and_frames(factors)
                 pair = factor_operands(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))
         u, v_t = pair
         return None, v_t.reshape(self.rank, *self.view.natural[1:]), u, False
