@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sttpfast.params.base import learned_spectrum
 from sttpfast.params.layers import factors_of, parameterized_layers
 from sttpfast.params.registry import method_of
 
@@ -18,9 +19,23 @@ def d_optimal_penalty(model: nn.Module, only_penalized: bool = True, factors=fac
     -L layers. Zero (a scalar) when no layer has a learned spectrum. ``factors(module)`` reads
     a layer's factors (a sharded model's whole ones: :func:`sttpfast.fsdp.gathered_factors`).
     """
-    logs = [p.log_spectrum(*factors(m)) for _, m, p in d_optimal_layers(model, only_penalized)]
-    if not logs:
+    layers = [(p, factors(m)) for _, m, p in d_optimal_layers(model, only_penalized)]
+    if not layers:
         return torch.zeros(())
+    raws = [p.raw_spectrum(*f) for p, f in layers]
+    if any(raw is None for raw in raws):
+        return -torch.cat([p.log_spectrum(*f) for p, f in layers]).mean()
+    # one log|S / max|S|| per group of equal rank instead of one per layer (six autograd nodes
+    # each, at every step); every row's values are those of its own layer's, in layer order
+    groups: dict[tuple, list[int]] = {}
+    for i, raw in enumerate(raws):
+        groups.setdefault((raw.shape, raw.dtype, raw.device), []).append(i)
+    logs: list[Tensor | None] = [None] * len(raws)
+    for members in groups.values():
+        stacked = raws[members[0]] if len(members) == 1 else torch.stack([raws[i] for i in members])
+        rows = torch.log(learned_spectrum(stacked).abs())
+        for i, row in zip(members, [rows] if len(members) == 1 else rows.unbind(0)):
+            logs[i] = row
     return -torch.cat(logs).mean()
 
 

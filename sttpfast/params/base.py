@@ -184,3 +184,9 @@ class WeightParametrization(nn.Module):
     def log_spectrum(self, *factors: Tensor) -> Tensor:
         """``log|s|`` of the learned spectrum, for the D-optimal penalty (``(rank,)``)."""
         raise NotImplementedError(f"{self.name} has no learned spectrum")
+
+    def raw_spectrum(self, *factors: Tensor) -> Tensor | None:
+        """The raw learned spectrum ``S`` (``(rank,)``) where :meth:`log_spectrum` is
+        ``log|learned_spectrum(S)|``, which lets the penalty batch layers of equal rank; None
+        where it is computed otherwise."""
+        return None

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 import torch
@@ -90,8 +90,9 @@ class ChainLayout:
     def rank(self) -> int:
         return self.ranks[len(self.out_modes)]
 
-    @property
-    def cores(self) -> list[CoreFrame]:
+    @cached_property
+    def cores(self) -> tuple[CoreFrame, ...]:
+        # cached: every build reads it per layout, and the layout never changes (frozen)
         n_out, modes, out = len(self.out_modes), self.out_modes + self.in_modes, []
         for k, n in enumerate(modes):
             is_u = k < n_out
@@ -100,7 +101,7 @@ class ChainLayout:
             else:
                 reduced = k > n_out
             out.append(CoreFrame(n, self.ranks[k], self.ranks[k + 1], is_u, reduced))
-        return out
+        return tuple(out)
 
     @property
     def dof(self) -> int:
@@ -166,7 +167,7 @@ def contract_chain(layout: ChainLayout, frames: list[Tensor]) -> tuple[Tensor, T
     for core, frame in zip(layout.cores[:n_out], frames[:n_out]):
         # frame: (R_{k-1} n_k) x R_k, i.e. the core as R_{k-1} x (n_k R_k)
         step = frame.reshape(*frame.shape[:-2], core.left_rank, core.mode * core.right_rank)
-        u = step if u is None else u @ step
+        u = step if u is None else _matmul(u, step)
         u = u.reshape(*frame.shape[:-2], -1, core.right_rank)
     # V right to left with plain (batched) matmuls: the rows come out in reversed mode order
     # (i_D outermost), fixed by one permutation at the end; a broadcasting matmul that keeps
@@ -178,7 +179,7 @@ def contract_chain(layout: ChainLayout, frames: list[Tensor]) -> tuple[Tensor, T
         batch = frame.shape[:-2]
         step = frame.reshape(*batch, core.mode, core.right_rank, core.left_rank).transpose(-3, -2)
         step = step.reshape(*batch, core.right_rank, core.mode * core.left_rank)
-        v = step if v is None else v @ step
+        v = step if v is None else _matmul(v, step)
         v = v.reshape(*batch, -1, core.left_rank)
     if len(in_cores) > 1:
         batch = v.shape[:-2]
@@ -203,7 +204,21 @@ def weight_matrix(u: Tensor, spectrum: Tensor | None, v: Tensor) -> Tensor:
     """``U diag(s) V^T``: ``(..., d_out, r), (..., r) or None, (..., d_in, r) -> (..., d_out, d_in)``."""
     if spectrum is not None:
         u = u * spectrum.unsqueeze(-2)
-    return u @ v.mT
+    return _matmul(u, v.mT)
+
+
+def _matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b``; ``torch.bmm`` when both are 3-D (the frame bank's batched layouts): the same
+    kernel on the same operands, but matmul's batched path records an expand of each operand and
+    a view of the result in autograd too, four extra nodes per product, which on the small
+    matrices of a chain cost more in backward than the product itself."""
+    return torch.bmm(a, b) if a.dim() == 3 and b.dim() == 3 else a @ b
+
+
+def _reshaped(t: Tensor, *shape: int) -> Tensor:
+    """``t.reshape(*shape)``, or ``t`` itself when it has that shape already (a reshape to the
+    same shape still records a view node in autograd)."""
+    return t if t.shape == shape else t.reshape(*shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,7 +290,7 @@ def _contract(layout: ChainLayout, cores: list[Tensor], node) -> Tensor:
     if isinstance(node, int):
         return cores[node]
     left, right = _operands(layout, cores, node)
-    return left @ right
+    return _matmul(left, right)
 
 
 def _operands(layout: ChainLayout, cores: list[Tensor], node) -> tuple[Tensor, Tensor]:
@@ -283,7 +298,8 @@ def _operands(layout: ChainLayout, cores: list[Tensor], node) -> tuple[Tensor, T
     batch = cores[0].shape[:-2]
     left, right = _contract(layout, cores, node[0]), _contract(layout, cores, node[1])
     bond = layout.ranks[_last_core(node[0]) + 1]
-    return left.reshape(*batch, -1, bond), right.reshape(*batch, bond, -1)
+    return (_reshaped(left, *batch, left.numel() // (bond * math.prod(batch)), bond),
+            _reshaped(right, *batch, bond, right.numel() // (bond * math.prod(batch))))
 
 
 def root_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -336,7 +352,7 @@ def chain_weight(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | N
         ``(d_out, d_in)``.
     """
     left, right = root_operands(layout, frames, spectrum)
-    return (left @ right).reshape(math.prod(layout.out_modes), -1)
+    return _matmul(left, right).reshape(math.prod(layout.out_modes), -1)
 
 
 class SpectralChain(WeightParametrization):
@@ -471,6 +487,9 @@ class SpectralChain(WeightParametrization):
         if not self.learned:
             return super().log_spectrum(*factors)
         return torch.log(learned_spectrum(factors[0]).abs())
+
+    def raw_spectrum(self, *factors: Tensor) -> Tensor | None:
+        return factors[0] if self.learned else None
 
     # -- initialization -----------------------------------------------------------------
     def right_inverse(self, weight: Tensor):

@@ -5,6 +5,7 @@ neither has to import the other.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Iterator
 
 import torch
@@ -19,17 +20,39 @@ __all__ = [
 
 def parametrization_of(module: nn.Module) -> nn.Module | None:
     """The (first) parametrization on ``module.weight``, or None."""
-    if not parametrize.is_parametrized(module, "weight"):
+    # what parametrize.is_parametrized(module, "weight") and module.parametrizations.weight[0]
+    # read, looked up in the module dicts directly: this runs for every layer at every forward
+    # (the factorized forward's choice, the D-optimal penalty), where the attribute lookups
+    # through nn.Module.__getattr__ cost more than the rest of the call
+    plists = module._modules.get("parametrizations")
+    if not isinstance(plists, nn.ModuleDict):
         return None
-    return module.parametrizations.weight[0]
+    plist = plists._modules.get("weight")
+    return None if plist is None else plist._modules["0"]
 
 
 def factors_of(module: nn.Module) -> tuple[torch.Tensor, ...]:
     """The factor tensors (``original0, original1, ...``) behind ``module.weight``."""
-    plist = module.parametrizations.weight
+    plists = module._modules.get("parametrizations")
+    plist = None if plists is None else plists._modules.get("weight")
+    if plist is None:
+        plist = module.parametrizations.weight  # not parametrized: the AttributeError it always gave
     if plist.is_tensor:
         return (plist.original,)
-    return tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+    # getattr(plist, "original<i>") in the order Python resolves it (an instance attribute, then
+    # a parameter, then a buffer: parametrize registers a factor that does not require grad as a
+    # buffer), without nn.Module.__getattr__'s cost on every factor of every layer at every step
+    own, params, buffers = plist.__dict__, plist._parameters, plist._buffers
+    out = []
+    for name in _original_names(plist.ntensors):
+        t = own[name] if name in own else params[name] if name in params else buffers.get(name)
+        out.append(getattr(plist, name) if t is None else t)
+    return tuple(out)
+
+
+@lru_cache(maxsize=None)
+def _original_names(n: int) -> tuple[str, ...]:
+    return tuple(f"original{i}" for i in range(n))
 
 
 def parameterized_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Module]]:
