@@ -196,3 +196,44 @@ def test_segment_plans_are_the_cheapest_orders_of_each_side():
         assert len(costs) == count
         assert flops == tree_cost(lay, tree)[2] == min(costs)
     assert build_flops(lay) == (contraction_plan(lay)[1], segment_plan(lay, 0, 2)[1] + segment_plan(lay, 3, 6)[1])
+
+
+def test_batched_d_optimal_penalty_equals_the_per_layer_one_bitwise():
+    """The penalty stacks the spectra of equal rank: the same value, bit for bit, as
+    ``-mean(cat(log|s|))`` over the layers one by one, in layer order, and the same gradients."""
+    from sttpfast.penalties import d_optimal_penalty
+
+    torch.manual_seed(0)
+    model = Net().double()
+    sttpfast.parameterize(model, "sttp-r", rank=3)
+    for _, m, _ in parameterized_layers(model):  # spectra away from the identity init
+        with torch.no_grad():
+            factors_of(m)[0].copy_(torch.rand_like(factors_of(m)[0]) + 0.1)
+    ranks = [p.rank for _, _, p in parameterized_layers(model)]
+    assert len(set(ranks)) < len(ranks)  # some layers share a rank: a batched group exists
+    batched = d_optimal_penalty(model)
+    spectra = [factors_of(m)[0] for _, m, _ in parameterized_layers(model)]
+    reference = -torch.cat([torch.log((s / s.abs().max()).abs()) for s in spectra]).mean()
+    assert batched.item() == reference.item()
+    got = torch.autograd.grad(batched, spectra)
+    want = torch.autograd.grad(reference, spectra)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_factors_of_reads_buffers_and_parameters_as_getattr_does():
+    """factors_of returns exactly the tensors that getattr gives, in order, also where a
+    factor is a buffer (parametrize registers a factor that is not a Parameter as one)."""
+    model = Net()
+    sttpfast.parameterize(model, "sttp-r", rank=2)
+    layers = [m for _, m, _ in parameterized_layers(model)]
+    assert len(layers) == 7  # Net's layers
+    plist = layers[0].parametrizations.weight
+    plist._buffers["original1"] = plist._parameters.pop("original1").detach()
+    for layer in layers:
+        plist = layer.parametrizations.weight
+        want = tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+        got = factors_of(layer)
+        assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
+    assert not isinstance(factors_of(layers[0])[1], nn.Parameter)
+    with pytest.raises(AttributeError):
+        factors_of(nn.Linear(2, 2))
