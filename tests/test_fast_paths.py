@@ -124,6 +124,15 @@ def tree_cost(lay, node):
     span = 1
     for n in modes[a:b + 1]:
         span *= n
+    # a U-core alone on the left, or a V-core alone on the right, whose frame is -I (square,
+    # on St_U) and which does not carry the spectrum (the last U-core does) is a sign: free
+    n_out = len(lay.out_modes)
+
+    def minus_identity(k):
+        c = lay.cores[k]
+        return c.reduced and c.rows == c.cols and k != n_out - 1
+    if (a == m < n_out and minus_identity(a)) or (m + 1 == b >= n_out and minus_identity(b)):
+        return a, b, left + right
     return a, b, left + right + lay.ranks[a] * span * lay.ranks[b + 1] * lay.ranks[m + 1]
 
 
@@ -157,7 +166,7 @@ def test_contraction_plan_beats_the_two_sweeps_on_a_wide_conv():
     _, flops = contraction_plan(lay)
     # the two sweeps, then U V^T through the rank-32 bond, against the cheapest order;
     # the final product alone is 640 * 32 * 5760 = 117,964,800
-    assert (tree_cost(lay, (u_sweep, v_sweep))[2], flops) == (130552768, 123745216)
+    assert (tree_cost(lay, (u_sweep, v_sweep))[2], flops) == (130539776, 123648000)
 
 
 @pytest.mark.parametrize("param,rank,init", [("sttp-r", 3, "identity"), ("sttp-c", 4, "spectral"),
@@ -237,3 +246,47 @@ def test_factors_of_reads_buffers_and_parameters_as_getattr_does():
     assert not isinstance(factors_of(layers[0])[1], nn.Parameter)
     with pytest.raises(AttributeError):
         factors_of(nn.Linear(2, 2))
+
+
+class Twin(nn.Module):
+    """One layer, or two of the same shape on the same input (a bank of two)."""
+
+    def __init__(self, a, b=None):
+        super().__init__()
+        self.a, self.b = a, b
+
+    def forward(self, x):
+        return self.a(x) if self.b is None else self.a(x) + self.b(x)
+
+
+@pytest.mark.parametrize("shape,rank", [((16, 16), 4), ((64, 32), 32), ((16, 8, 3, 3), 8), ((32, 64, 1, 1), 32)])
+@pytest.mark.parametrize("bank", [False, True])
+def test_absorbed_minus_identity_cores_give_the_reference_weight_and_gradients(shape, rank, bank):
+    """Chains with many -I cores (square St_U frames), which the contraction absorbs as signs:
+    the weight and its gradients equal the reference (every frame built and contracted), per
+    layer and in the bank; the empty factors of the absorbed cores still get (empty) gradients."""
+    torch.manual_seed(0)
+    make = (lambda: nn.Linear(shape[1], shape[0])) if len(shape) == 2 else \
+        (lambda: nn.Conv2d(shape[1], shape[0], shape[2]))
+    model = Twin(make(), make() if bank else None).double()
+    sttpfast.parameterize(model, "sttp-r", rank=rank)
+    layers = [(m, p) for _, m, p in parameterized_layers(model)]
+    with torch.no_grad():
+        for layer, _ in layers:
+            for t in factors_of(layer):
+                t.add_(0.3 * torch.randn_like(t))
+    assert all(any(p.layout.absorbable) for _, p in layers)
+    factors = [f for layer, _ in layers for f in factors_of(layer)]
+    probes = [torch.randn(p.view.shape, dtype=torch.float64) for _, p in layers]
+    model.train()
+    model(torch.randn(2, shape[1], *([3] * (len(shape) - 2)), dtype=torch.float64))  # a pass opens the bank
+    got = [layer.weight for layer, _ in layers]
+    want = [reference_weight(p, factors_of(layer)) for layer, p in layers]
+    for w, ref in zip(got, want):
+        assert relative(w, ref) < RTOL
+    got_grads = torch.autograd.grad(sum((w * g).sum() for w, g in zip(got, probes)), factors)
+    want_grads = torch.autograd.grad(sum((w * g).sum() for w, g in zip(want, probes)), factors)
+    for a, b in zip(got_grads, want_grads):
+        assert a.shape == b.shape
+        if b.numel():
+            assert relative(a, b) < RTOL

@@ -84,7 +84,33 @@ def householder_frame(bottom: Tensor, top: Tensor | None = None) -> Tensor:
     Returns:
         ``Q``: ``(..., n, r)`` with ``Q^T Q = I_r``.
     """
+    if top is None and bottom.shape[-2] == 0:
+        return _SquareFrame.apply(bottom)
     return _WYFrame.apply(bottom, top)
+
+
+class _SquareFrame(torch.autograd.Function):
+    """The frame of ``St_U(r, r)``: ``Y = I`` (nothing below the fixed top block), ``A = I / 2``,
+    so ``Q = E - 2 I = -I`` exactly, the bits the WY build gives, with no parameter to learn.
+
+    Such frames are common (a TT core whose left rank times mode equals its right rank: in
+    resnet20_cifar at rank 32, 136 of 233 frames), and the WY kernels cost a dozen small ops
+    forward and backward each. The empty ``bottom`` ``(..., 0, r)`` stays in the graph (its
+    gradient is empty, as before), so every factor still gets a gradient and
+    ``torch.autograd.grad`` over all factors keeps working.
+    """
+
+    @staticmethod
+    def forward(ctx, bottom):
+        r = bottom.shape[-1]
+        ctx.shape = bottom.shape
+        eye = torch.eye(r, dtype=bottom.dtype, device=bottom.device).neg_()
+        return eye.expand(*bottom.shape[:-2], r, r).contiguous()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dq):
+        return dq.new_zeros(ctx.shape)
 
 
 class _WYFrame(torch.autograd.Function):

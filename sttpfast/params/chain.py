@@ -49,7 +49,8 @@ from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, 
 from sttpfast.params.factorized import install_factorized_forward
 
 __all__ = ["ChainLayout", "ChainFactors", "CoreFactors", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum",
-           "chain_weight", "contraction_plan", "segment_plan", "root_operands", "factor_operands", "build_flops"]
+           "chain_weight", "contraction_plan", "segment_plan", "root_operands", "factor_operands", "build_flops",
+           "empty_anchor"]
 
 #: standard deviation of the reflector entries at the identity initialization. The STTP
 #: reference code perturbs the frame ``E`` by ``1e-4 * randn`` and re-orthogonalizes; a
@@ -102,6 +103,16 @@ class ChainLayout:
                 reduced = k > n_out
             out.append(CoreFrame(n, self.ranks[k], self.ranks[k + 1], is_u, reduced))
         return tuple(out)
+
+    @cached_property
+    def absorbable(self) -> tuple[bool, ...]:
+        """Per core: its frame is the constant ``-I`` (``St_U`` of a square frame, nothing to
+        learn: :func:`~sttpfast.linalg.householder.householder_frame`) and it does not carry
+        the spectrum (the last U-core does, in :func:`_chain_cores`). Such a U-core as the left
+        operand of a merge, or V-core as the right one, is a square ``-I`` matrix: the merge is
+        the other operand, negated, in the same row-major layout (no product, no copy)."""
+        n_out = len(self.out_modes)
+        return tuple(c.reduced and c.rows == c.cols and k != n_out - 1 for k, c in enumerate(self.cores))
 
     @property
     def dof(self) -> int:
@@ -257,7 +268,10 @@ def segment_plan(layout: ChainLayout, first: int, last: int) -> tuple[tuple | in
             b = a + length - 1
             best = None
             for m in range(a, b):
-                c = cost[a][m] + cost[m + 1][b] + ranks[a] * span[a][b] * ranks[b + 1] * ranks[m + 1]
+                if _absorbs(layout, a, m, b):
+                    c = cost[a][m] + cost[m + 1][b]  # a -I leaf: the merge is a sign (_contract)
+                else:
+                    c = cost[a][m] + cost[m + 1][b] + ranks[a] * span[a][b] * ranks[b + 1] * ranks[m + 1]
                 if best is None or c < best:
                     best, split[a][b] = c, m
             cost[a][b] = best
@@ -270,33 +284,84 @@ def segment_plan(layout: ChainLayout, first: int, last: int) -> tuple[tuple | in
     return tree(first, last), cost[first][last]
 
 
-def _chain_cores(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> list[Tensor]:
+def _absorbs(layout: ChainLayout, a: int, m: int, b: int) -> bool:
+    """Whether the merge of ``[a, m]`` and ``[m + 1, b]`` has a ``-I`` leaf operand
+    (:attr:`ChainLayout.absorbable`): a U-core alone on the left or a V-core alone on the right."""
+    n_out = len(layout.out_modes)
+    return (m == a < n_out and layout.absorbable[a]) or (m + 1 == b >= n_out and layout.absorbable[b])
+
+
+def _absorbed(layout: ChainLayout, node) -> list[int]:
+    """The ``-I`` leaves of the tree ``node`` that its merges absorb (see :func:`_contract`)."""
+    if isinstance(node, int):
+        return []
+    left, right = node
+    return _absorbed_leaf(layout, node) + _absorbed(layout, left) + _absorbed(layout, right)
+
+
+def _absorbed_leaf(layout: ChainLayout, node) -> list[int]:
+    """``[k]`` when the merge ``node`` has the ``-I`` leaf ``k`` as an operand (a U-core on the
+    left, a V-core on the right), else ``[]``."""
+    left, right = node
+    n_out = len(layout.out_modes)
+    if isinstance(left, int) and left < n_out and layout.absorbable[left]:
+        return [left]
+    if isinstance(right, int) and right >= n_out and layout.absorbable[right]:
+        return [right]
+    return []
+
+
+def empty_anchor(bottoms: list[Tensor]) -> Tensor | None:
+    """A 0-d zero that depends on ``bottoms``, the empty ``(..., 0, r)`` factors of ``-I`` frames
+    (None without any): added to the spectrum, it keeps them in the graph when the contraction
+    absorbs their frames, so each still gets its (empty) gradient, as every factor did before,
+    and ``torch.autograd.grad`` over all factors works. Adding ``+0.0`` changes no value."""
+    if not bottoms:
+        return None
+    return torch.cat([b.reshape(-1) for b in bottoms]).sum()
+
+
+def _chain_cores(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None,
+                 skipped: list[int] = ()) -> list[Tensor | None]:
     """Every core as a matrix ``(R_{k-1} n_k, R_k)`` (U) or ``(R_{k-1}, n_k R_k)`` (V: the
-    transposed view of its frame), ``g s`` in the last U-core: ``(R n) x r``, the cheapest place."""
+    transposed view of its frame), ``g s`` in the last U-core: ``(R n) x r``, the cheapest place.
+    The ``-I`` cores ``skipped`` (absorbed by the contraction) are None; the sign of each goes
+    into the last U-core with the spectrum (exact: a product of signs)."""
     n_out = len(layout.out_modes)
     cores = list(frames)
+    negate = len(skipped) % 2 == 1
     if spectrum is not None:
-        cores[n_out - 1] = cores[n_out - 1] * spectrum.unsqueeze(-2)
+        cores[n_out - 1] = cores[n_out - 1] * (spectrum.neg() if negate else spectrum).unsqueeze(-2)
+    elif negate:
+        cores[n_out - 1] = cores[n_out - 1].neg()
     # a V-core's frame is (n_k R_k) x R_{k-1}: its transpose is the core as R_{k-1} x (n_k R_k)
     for k in range(n_out, len(cores)):
         cores[k] = cores[k].mT
+    for k in skipped:
+        cores[k] = None
     return cores
 
 
-def _contract(layout: ChainLayout, cores: list[Tensor], node) -> Tensor:
+def _contract(layout: ChainLayout, cores: list[Tensor | None], node) -> Tensor:
     """Segment ``[a, b]`` (a tree ``node`` of core indices) as one row-major ``(R_{a-1}, n_a..n_b, R_b)``
     array, batched over the leading dims (any reshape of it is a view), except a V-core leaf:
-    the transposed ``(R_{a-1}, n_a R_a)`` view of its frame."""
+    the transposed ``(R_{a-1}, n_a R_a)`` view of its frame. A merge with an absorbed ``-I``
+    leaf (None in ``cores``; its sign is in the last U-core) is the other operand: a U-core
+    ``(R_{a-1} n_a, R_a)`` times ``(R_a, ...)``, or ``(..., R_{b-1})`` times a V-core
+    ``(R_{b-1}, n_b R_b)``, lays out the same elements in the same order."""
     if isinstance(node, int):
         return cores[node]
+    absorbed = _absorbed_leaf(layout, node)
+    if absorbed:
+        return _contract(layout, cores, node[1] if absorbed[0] == node[0] else node[0])
     left, right = _operands(layout, cores, node)
     return _matmul(left, right)
 
 
 def _operands(layout: ChainLayout, cores: list[Tensor], node) -> tuple[Tensor, Tensor]:
     """The two operands of the merge at ``node``: ``(..., rows, R_m)`` and ``(..., R_m, cols)``."""
-    batch = cores[0].shape[:-2]
     left, right = _contract(layout, cores, node[0]), _contract(layout, cores, node[1])
+    batch = left.shape[:-2]
     bond = layout.ranks[_last_core(node[0]) + 1]
     return (_reshaped(left, *batch, left.numel() // (bond * math.prod(batch)), bond),
             _reshaped(right, *batch, bond, right.numel() // (bond * math.prod(batch))))
@@ -306,11 +371,19 @@ def root_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | 
     """The two operands of the last matmul of :func:`contraction_plan`'s order, every other
     merge done: ``(..., d_left, R_m)`` and ``(..., R_m, d_right)`` with ``d_left d_right = d_out d_in``."""
     tree, _ = contraction_plan(layout)
-    return _operands(layout, _chain_cores(layout, frames, spectrum), tree)
+    cores = _chain_cores(layout, frames, spectrum, _absorbed(layout, tree))
+    # the last matmul: below the merges that absorb a -I leaf (each is its other operand)
+    while _absorbed_leaf(layout, tree):
+        tree = tree[1] if _absorbed_leaf(layout, tree)[0] == tree[0] else tree[0]
+    return _operands(layout, cores, tree)
 
 
 def _last_core(node) -> int:
     return node if isinstance(node, int) else _last_core(node[1])
+
+
+def _first_core(node) -> int:
+    return node if isinstance(node, int) else _first_core(node[0])
 
 
 def factor_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -323,10 +396,11 @@ def factor_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor 
     SVDP the two factors are the frames themselves (``U`` times ``g s``, ``V^T`` a transposed view).
     """
     n_out, n = len(layout.out_modes), len(layout.out_modes + layout.in_modes)
-    cores = _chain_cores(layout, frames, spectrum)
+    u_tree, v_tree = segment_plan(layout, 0, n_out - 1)[0], segment_plan(layout, n_out, n - 1)[0]
+    cores = _chain_cores(layout, frames, spectrum, _absorbed(layout, u_tree) + _absorbed(layout, v_tree))
     batch = frames[0].shape[:-2]
-    u = _contract(layout, cores, segment_plan(layout, 0, n_out - 1)[0])
-    v_t = _contract(layout, cores, segment_plan(layout, n_out, n - 1)[0])
+    u = _contract(layout, cores, u_tree)
+    v_t = _contract(layout, cores, v_tree)
     return u.reshape(*batch, -1, layout.rank), v_t.reshape(*batch, layout.rank, -1)
 
 
@@ -419,6 +493,15 @@ class SpectralChain(WeightParametrization):
         raw, cores = self.chain_factors(factors)
         return raw, [householder_frame(core.bottom, core.top) for core in cores]
 
+    def _spectrum_and_frames(self, factors) -> tuple[Tensor, list[Tensor]]:
+        """``(g s (r,), [frame per core])`` for this layer's own contraction, built here; the
+        spectrum carries the anchor of the ``-I`` cores the contraction may absorb."""
+        raw, frames = self._raw_and_frames(factors)
+        spectrum = scaled_spectrum(raw, self.gain, self.rank)
+        cores = self.chain_factors(factors).cores
+        anchor = empty_anchor([c.bottom for c, a in zip(cores, self.layout.absorbable) if a])
+        return (spectrum if anchor is None else spectrum + anchor), frames
+
     def frames(self, *factors: Tensor) -> tuple[Tensor | None, list[Tensor]]:
         """``(s or None, [frame per core])``, built here, one WY call per core (``s`` without the gain)."""
         raw, frames = self._raw_and_frames(factors)
@@ -436,8 +519,8 @@ class SpectralChain(WeightParametrization):
         if matrix is None:
             # orthogonality needs full precision: never build frames under bf16/fp16 autocast
             with torch.autocast(factors[-1].device.type, enabled=False):
-                raw, frames = self._raw_and_frames(factors)
-                matrix = chain_weight(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))
+                spectrum, frames = self._spectrum_and_frames(factors)
+                matrix = chain_weight(self.layout, frames, spectrum)
         return self.view.from_matrix(matrix)
 
     # -- the factorized forward (sttpfast.params.factorized) ------------------------------
@@ -454,8 +537,8 @@ class SpectralChain(WeightParametrization):
         pair = bank.factors(self) if bank is not None else None
         if pair is None:
             with torch.autocast(factors[-1].device.type, enabled=False):
-                raw, frames = self._raw_and_frames(factors)
-                pair = factor_operands(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))
+                spectrum, frames = self._spectrum_and_frames(factors)
+                pair = factor_operands(self.layout, frames, spectrum)
         u, v_t = pair
         return None, v_t.reshape(self.rank, *self.view.natural[1:]), u, False
 
