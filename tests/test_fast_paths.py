@@ -290,3 +290,20 @@ def test_absorbed_minus_identity_cores_give_the_reference_weight_and_gradients(s
         assert a.shape == b.shape
         if b.numel():
             assert relative(a, b) < RTOL
+
+
+def test_frame_shapes_share_a_wy_call_where_padding_costs_less_than_a_call():
+    from sttpfast.params.frame_bank import WY_CALL_COST, _frame_groups
+
+    f32, cpu = torch.float32, torch.device("cpu")
+    counts = {(16, 8, False, f32, cpu): 3, (27, 8, False, f32, cpu): 2, (64, 8, False, f32, cpu): 1,
+              (8, 8, True, f32, cpu): 4, (32, 8, True, f32, cpu): 2, (16, 8, False, torch.float64, cpu): 1,
+              # resnet18's at Z 10%: padding 11 frames to 216 rows costs more than a call
+              (128, 108, True, f32, cpu): 11, (216, 108, True, f32, cpu): 42}
+    assert WY_CALL_COST + 4 * 216 * 108 ** 2 * 53 > 2 * WY_CALL_COST + 4 * 108 ** 2 * (128 * 11 + 216 * 42)
+    groups = sorted((sorted(group, key=str) for group in _frame_groups(counts)), key=str)
+    expected = [[(8, 8, True, f32, cpu)],  # the constant -I of a square St_U frame: no WY call
+                [(16, 8, False, f32, cpu), (27, 8, False, f32, cpu), (64, 8, False, f32, cpu)],
+                [(16, 8, False, torch.float64, cpu)], [(32, 8, True, f32, cpu)],
+                [(128, 108, True, f32, cpu)], [(216, 108, True, f32, cpu)]]
+    assert groups == sorted((sorted(group, key=str) for group in expected), key=str)

@@ -73,6 +73,7 @@ import sys
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
@@ -347,8 +348,9 @@ def build_weights(members: list[tuple[nn.Module, nn.Module]]) -> BatchedBuild:
 
 def _batched_frames(layouts: dict) -> dict:
     """``{layout key: [frames of core k, (B, rows, cols)]}`` of the grouped chains ``layouts``
-    (``{layout key: [(id, ChainFactors, gain)]}``), one WY call per frame shape."""
-    # 1. frames, one WY call per frame shape; a (layout, core) block is a contiguous run
+    (``{layout key: [(id, ChainFactors, gain)]}``), one WY call per group of frame shapes
+    (:func:`_frame_groups`)."""
+    # a (layout, core) block is a contiguous run of its frame shape's stack
     shape_items = defaultdict(list)  # frame key -> [CoreFactors]
     blocks = defaultdict(list)  # frame key -> rows of each (layout, core) block, in order
     where = {}  # (layout key, core index) -> (frame key, block index)
@@ -359,13 +361,63 @@ def _batched_frames(layouts: dict) -> dict:
             blocks[fkey].append(len(group))
             shape_items[fkey].extend(factors.cores[k] for _, factors, _ in group)
     built = {}  # frame key -> its frames, one tensor per block
-    for fkey, items in shape_items.items():
-        bottoms = torch.stack([c.bottom for c in items])
-        tops = None if fkey[2] else torch.stack([c.top for c in items])
+    for fkeys in _frame_groups({fkey: len(items) for fkey, items in shape_items.items()}):
+        rows = fkeys[-1][0]  # ascending: the group's frames are padded to its largest
+        bottoms, tops = [], []
+        for fkey in fkeys:
+            stacked = torch.stack([c.bottom for c in shape_items[fkey]])
+            # zero rows below a frame's own: its reflectors, and so its first rows, are the same
+            bottoms.append(stacked if fkey[0] == rows else F.pad(stacked, (0, 0, 0, rows - fkey[0])))
+            if not fkey[2]:
+                tops.append(torch.stack([c.top for c in shape_items[fkey]]))
+        frames = householder_frame(_cat(bottoms), _cat(tops) if tops else None)
         # one split, not a slice per block: a slice's backward writes zeros of the whole stack
-        built[fkey] = householder_frame(bottoms, tops).split(blocks[fkey])
+        parts = frames.split([len(shape_items[fkey]) for fkey in fkeys]) if len(fkeys) > 1 else (frames,)
+        for fkey, part in zip(fkeys, parts):
+            built[fkey] = (part if fkey[0] == rows else part[:, :fkey[0]]).split(blocks[fkey])
     return {lkey: [built[fkey][i] for fkey, i in (where[lkey, k] for k in range(len(lkey[0].cores)))]
             for lkey in layouts}
+
+
+def _cat(tensors: list[Tensor]) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+#: the fixed cost of one WY call (forward and backward: some twenty small kernels), in
+#: multiply-adds: measured on a 2-core CPU, a call on tiny frames costs ~350 us, the time of
+#: ~5M multiply-adds of a WY call on large ones (10-20 G/s)
+WY_CALL_COST = 5_000_000
+
+
+def _frame_groups(counts: dict[tuple, int]) -> list[list[tuple]]:
+    """Frame shapes (``{(rows, cols, reduced, dtype, device): number of frames}``) grouped for
+    one WY call each: shapes of equal ``cols`` and kind, in ascending ``rows``, join a group
+    (their bottoms padded with zero rows to its largest) while that costs less than a call of
+    their own, by multiply-adds (``4 rows cols^2`` per frame, forward and backward) plus
+    :data:`WY_CALL_COST` per call. The constant ``-I`` frames of square ``St_U`` shapes, which
+    no WY call builds, stay alone."""
+    kinds = defaultdict(list)
+    groups = []
+    for fkey in counts:
+        rows, cols, reduced = fkey[:3]
+        if reduced and rows == cols:
+            groups.append([fkey])
+        else:
+            kinds[fkey[1:]].append(fkey)
+
+    def cost(fkeys):
+        return WY_CALL_COST + 4 * fkeys[-1][0] * fkeys[-1][1] ** 2 * sum(counts[f] for f in fkeys)
+    for fkeys in kinds.values():
+        fkeys.sort(key=lambda fkey: fkey[0])
+        group = [fkeys[0]]
+        for fkey in fkeys[1:]:
+            if cost(group + [fkey]) <= cost(group) + cost([fkey]):
+                group.append(fkey)
+            else:
+                groups.append(group)
+                group = [fkey]
+        groups.append(group)
+    return groups
 
 
 def frame_bank_of(model: nn.Module) -> FrameBank | None:
