@@ -143,15 +143,18 @@ def step_breakdown(step, steps: int = 3) -> dict[str, float]:
             step()
     events = list(prof.events())
     total = {name: sum(e.cpu_time_total for e in events if e.name == name)
-             for name in ("step.forward", "step.backward", "step.optimizer", "sttpfast.weight_build",
-                          "_WYFrame", "_WYFrameBackward")}
+             for name in ("step.forward", "step.backward", "step.optimizer", "sttpfast.weight_build")}
+    # the frame kernels: _WYFrame (full St), _WYFrameReduced (St_U), _SquareFrame (the constant -I)
+    frames = ("_WYFrame", "_SquareFrame")
+    wy_fwd = sum(e.cpu_time_total for e in events if e.name.startswith(frames) and not e.name.endswith("Backward"))
     build_seq = {e.sequence_nr for e in events if e.sequence_nr >= 0 and _inside(e, "sttpfast.weight_build")}
     build_bwd = sum(e.cpu_time_total for e in events
                     if e.name.startswith("autograd::engine::evaluate_function:") and e.sequence_nr in build_seq)
-    wy_bwd = sum(e.cpu_time_total for e in events if e.name.startswith("autograd::engine::evaluate_function: _WYFrame"))
+    wy_bwd = sum(e.cpu_time_total for e in events
+                 if e.name.startswith(tuple(f"autograd::engine::evaluate_function: {f}" for f in frames)))
     us = {
-        "frames fwd": total["_WYFrame"],
-        "contraction fwd": total["sttpfast.weight_build"] - total["_WYFrame"],
+        "frames fwd": wy_fwd,
+        "contraction fwd": total["sttpfast.weight_build"] - wy_fwd,
         "layers fwd": total["step.forward"] - total["sttpfast.weight_build"],
         "frames bwd": wy_bwd,
         "contraction bwd": build_bwd - wy_bwd,

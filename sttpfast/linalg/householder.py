@@ -84,8 +84,8 @@ def householder_frame(bottom: Tensor, top: Tensor | None = None) -> Tensor:
     Returns:
         ``Q``: ``(..., n, r)`` with ``Q^T Q = I_r``.
     """
-    if top is None and bottom.shape[-2] == 0:
-        return _SquareFrame.apply(bottom)
+    if top is None:
+        return _SquareFrame.apply(bottom) if bottom.shape[-2] == 0 else _WYFrameReduced.apply(bottom)
     return _WYFrame.apply(bottom, top)
 
 
@@ -111,6 +111,43 @@ class _SquareFrame(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dq):
         return dq.new_zeros(ctx.shape)
+
+
+class _WYFrameReduced(torch.autograd.Function):
+    """:class:`_WYFrame` on ``St_U``, where ``Y = [I; B]``: the identity block is never multiplied.
+
+    Forward: ``G = I + B^T B``, ``A`` as in :class:`_WYFrame`, ``K = A^{-1}``, ``Q = [I - K; -B K]``.
+    Backward (only ``B`` is learned): ``Y^T dQ = dQ_1 + B^T dQ_2``, ``Z``, ``dG`` and
+    ``S = dG + dG^T`` as in :class:`_WYFrame`, ``dB = B S - dQ_2 K^T``. The matmuls run over
+    the ``n - r`` rows of ``B`` instead of all ``n`` rows of ``Y``: half the work on the frames
+    of a TT core whose rows are twice its columns, the most common shape.
+    """
+
+    @staticmethod
+    def forward(ctx, bottom):
+        r = bottom.shape[-1]
+        a = bottom.mT @ bottom
+        a.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        a = torch.triu(a)
+        a.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+        eye = torch.eye(r, dtype=bottom.dtype, device=bottom.device)
+        k = torch.linalg.solve_triangular(a, eye.expand_as(a), upper=True)
+        q = torch.cat([eye - k, (bottom @ k).neg_()], dim=-2)
+        ctx.save_for_backward(bottom, a, k)
+        return q
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dq):
+        bottom, a, k = ctx.saved_tensors
+        r = bottom.shape[-1]
+        dq_top, dq_bottom = dq[..., :r, :], dq[..., r:, :]
+        z = torch.linalg.solve_triangular(a.mT, dq_top + bottom.mT @ dq_bottom, upper=False).neg_()
+        dg = torch.triu(z @ k.mT).neg_()
+        dg.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+        d_bottom = bottom @ (dg + dg.mT)
+        d_bottom.sub_(dq_bottom @ k.mT)
+        return d_bottom
 
 
 class _WYFrame(torch.autograd.Function):
