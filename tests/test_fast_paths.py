@@ -95,8 +95,8 @@ def test_bank_and_per_layer_builds_equal_the_reference(param, rank, init):
     plain_layers = [layer for _, layer, _ in parameterized_layers(plain)]
     gen = torch.Generator().manual_seed(1)
     probes = [torch.randn(layer.weight.shape, generator=gen, dtype=torch.float64) for layer, _ in layers]
-    factors = [f for layer, _ in layers for f in factors_of(layer)]
-    plain_factors = [f for layer in plain_layers for f in factors_of(layer)]
+    factors = [f for layer, _ in layers for f in factors_of(layer) if f.requires_grad]
+    plain_factors = [f for layer in plain_layers for f in factors_of(layer) if f.requires_grad]
 
     ref = [reference_weight(p, factors_of(layer)) for layer, p in layers]
     ref_grads = torch.autograd.grad(sum((w * g).sum() for w, g in zip(ref, probes)), factors)
@@ -180,7 +180,7 @@ def test_factor_pairs_of_the_factorized_forward_equal_the_reference(param, rank,
     gen = torch.Generator().manual_seed(1)
     probes = [torch.randn(p.view.d_out, p.view.d_in, generator=gen, dtype=torch.float64) for _, p in layers]
     ref = [p.view.to_matrix(reference_weight(p, factors_of(layer))) for layer, p in layers]
-    factors = [f for layer, _ in layers for f in factors_of(layer)]
+    factors = [f for layer, _ in layers for f in factors_of(layer) if f.requires_grad]
     ref_grads = torch.autograd.grad(sum((w * g).sum() for w, g in zip(ref, probes)), factors)
 
     def products(pairs):
@@ -189,7 +189,7 @@ def test_factor_pairs_of_the_factorized_forward_equal_the_reference(param, rank,
     bank = products(model())  # inside a pass of the model: the bank's batched factors
     del model.forward
     per_layer = products([p.conv_factors(factors_of(layer)) for layer, p in plain_layers])
-    plain_factors = [f for layer, _ in plain_layers for f in factors_of(layer)]
+    plain_factors = [f for layer, _ in plain_layers for f in factors_of(layer) if f.requires_grad]
     for got, wrt in ((bank, factors), (per_layer, plain_factors)):
         grads = torch.autograd.grad(sum((w * g).sum() for w, g in zip(got, probes)), wrt)
         assert max(relative(w, r) for w, r in zip(got, ref)) < RTOL
@@ -237,13 +237,15 @@ def test_factors_of_reads_buffers_and_parameters_as_getattr_does():
     layers = [m for _, m, _ in parameterized_layers(model)]
     assert len(layers) == 7  # Net's layers
     plist = layers[0].parametrizations.weight
-    plist._buffers["original1"] = plist._parameters.pop("original1").detach()
+    name = next(iter(plist._parameters))  # one more buffer, of a non-empty factor
+    plist._buffers[name] = plist._parameters.pop(name).detach()
     for layer in layers:
         plist = layer.parametrizations.weight
         want = tuple(getattr(plist, f"original{i}") for i in range(plist.ntensors))
         got = factors_of(layer)
         assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
-    assert not isinstance(factors_of(layers[0])[1], nn.Parameter)
+    assert not isinstance(plist_factor := getattr(layers[0].parametrizations.weight, name), nn.Parameter)
+    assert any(t is plist_factor for t in factors_of(layers[0]))
     with pytest.raises(AttributeError):
         factors_of(nn.Linear(2, 2))
 
@@ -276,7 +278,7 @@ def test_absorbed_minus_identity_cores_give_the_reference_weight_and_gradients(s
             for t in factors_of(layer):
                 t.add_(0.3 * torch.randn_like(t))
     assert all(any(p.layout.absorbable) for _, p in layers)
-    factors = [f for layer, _ in layers for f in factors_of(layer)]
+    factors = [f for layer, _ in layers for f in factors_of(layer) if f.requires_grad]
     probes = [torch.randn(p.view.shape, dtype=torch.float64) for _, p in layers]
     model.train()
     model(torch.randn(2, shape[1], *([3] * (len(shape) - 2)), dtype=torch.float64))  # a pass opens the bank
@@ -307,3 +309,22 @@ def test_frame_shapes_share_a_wy_call_where_padding_costs_less_than_a_call():
                 [(16, 8, False, torch.float64, cpu)], [(32, 8, True, f32, cpu)],
                 [(128, 108, True, f32, cpu)], [(216, 108, True, f32, cpu)]]
     assert groups == sorted((sorted(group, key=str) for group in expected), key=str)
+
+
+def test_empty_factors_are_buffers_and_checkpoints_keep_their_keys():
+    """The empty (0, r) factors of square St_U frames hold no degree of freedom: buffers, not
+    parameters (no gradient, no optimizer update); state_dict keys and DOF are unchanged."""
+    torch.manual_seed(0)
+    model = Net()
+    sttpfast.parameterize(model, "sttp-r", rank=3)
+    empties = [(name, t) for name, t in model.state_dict().items() if t.numel() == 0]
+    assert empties  # Net's chains have square St_U frames
+    params = dict(model.named_parameters())
+    assert all(name not in params for name, _ in empties)
+    assert all(t.numel() for t in params.values())
+    report_dof = sum(p.dof for _, _, p in parameterized_layers(model))
+    assert report_dof == sum(t.numel() for name, t in params.items() if "parametrizations" in name)
+    copy = Net()
+    sttpfast.parameterize(copy, "sttp-r", rank=3)
+    copy.load_state_dict(model.state_dict())  # strict: the same keys
+    assert set(copy.state_dict()) == set(model.state_dict())

@@ -95,9 +95,8 @@ class _SquareFrame(torch.autograd.Function):
 
     Such frames are common (a TT core whose left rank times mode equals its right rank: in
     resnet20_cifar at rank 32, 136 of 233 frames), and the WY kernels cost a dozen small ops
-    forward and backward each. The empty ``bottom`` ``(..., 0, r)`` stays in the graph (its
-    gradient is empty, as before), so every factor still gets a gradient and
-    ``torch.autograd.grad`` over all factors keeps working.
+    forward and backward each. (The layers keep such an empty ``bottom`` ``(..., 0, r)`` as a
+    buffer, not a parameter: :func:`sttpfast.params.base.empty_factors_as_buffers`.)
     """
 
     @staticmethod

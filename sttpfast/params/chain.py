@@ -49,8 +49,7 @@ from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, 
 from sttpfast.params.factorized import install_factorized_forward
 
 __all__ = ["ChainLayout", "ChainFactors", "CoreFactors", "SpectralChain", "IDENTITY_NOISE", "contract_chain", "weight_matrix", "scaled_spectrum",
-           "chain_weight", "contraction_plan", "segment_plan", "root_operands", "factor_operands", "build_flops",
-           "empty_anchor"]
+           "chain_weight", "contraction_plan", "segment_plan", "root_operands", "factor_operands", "build_flops"]
 
 #: standard deviation of the reflector entries at the identity initialization. The STTP
 #: reference code perturbs the frame ``E`` by ``1e-4 * randn`` and re-orthogonalizes; a
@@ -311,16 +310,6 @@ def _absorbed_leaf(layout: ChainLayout, node) -> list[int]:
     return []
 
 
-def empty_anchor(bottoms: list[Tensor]) -> Tensor | None:
-    """A 0-d zero that depends on ``bottoms``, the empty ``(..., 0, r)`` factors of ``-I`` frames
-    (None without any): added to the spectrum, it keeps them in the graph when the contraction
-    absorbs their frames, so each still gets its (empty) gradient, as every factor did before,
-    and ``torch.autograd.grad`` over all factors works. Adding ``+0.0`` changes no value."""
-    if not bottoms:
-        return None
-    return torch.cat([b.reshape(-1) for b in bottoms]).sum()
-
-
 def _chain_cores(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None,
                  skipped: list[int] = ()) -> list[Tensor | None]:
     """Every core as a matrix ``(R_{k-1} n_k, R_k)`` (U) or ``(R_{k-1}, n_k R_k)`` (V: the
@@ -494,13 +483,9 @@ class SpectralChain(WeightParametrization):
         return raw, [householder_frame(core.bottom, core.top) for core in cores]
 
     def _spectrum_and_frames(self, factors) -> tuple[Tensor, list[Tensor]]:
-        """``(g s (r,), [frame per core])`` for this layer's own contraction, built here; the
-        spectrum carries the anchor of the ``-I`` cores the contraction may absorb."""
+        """``(g s (r,), [frame per core])`` for this layer's own contraction, built here."""
         raw, frames = self._raw_and_frames(factors)
-        spectrum = scaled_spectrum(raw, self.gain, self.rank)
-        cores = self.chain_factors(factors).cores
-        anchor = empty_anchor([c.bottom for c, a in zip(cores, self.layout.absorbable) if a])
-        return (spectrum if anchor is None else spectrum + anchor), frames
+        return scaled_spectrum(raw, self.gain, self.rank), frames
 
     def frames(self, *factors: Tensor) -> tuple[Tensor | None, list[Tensor]]:
         """``(s or None, [frame per core])``, built here, one WY call per core (``s`` without the gain)."""

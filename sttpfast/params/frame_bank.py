@@ -283,7 +283,7 @@ class BatchedBuild:
     batched over the layout, the first time one of its layers asks for that form."""
 
     def __init__(self, members: list[tuple[nn.Module, nn.Module]]):
-        from sttpfast.params.chain import empty_anchor, scaled_spectrum
+        from sttpfast.params.chain import scaled_spectrum
 
         self.ids = [id(p) for _, p in members]
         self.device = factors_of(members[0][0])[0].device
@@ -295,16 +295,11 @@ class BatchedBuild:
             key = (p.layout, factors.cores[0].bottom.dtype, factors.cores[0].bottom.device)
             layouts[key].append((id(p), factors, p.gain))
         frames = _batched_frames(layouts)
-        # the empty factors of the -I cores the contraction may absorb, kept in the graph
-        anchor = empty_anchor([f.cores[k].bottom for lkey, group in layouts.items() for _, f, _ in group
-                               for k, absorbable in enumerate(lkey[0].absorbable) if absorbable])
         self._groups = {}  # layout key -> (layout, frames per core (B, rows, cols), g s (B, r))
         self._slot = {}  # id(parametrization) -> (layout key, index in its layout)
         for lkey, group in layouts.items():
             raw = torch.stack([f.spectrum for _, f, _ in group]) if lkey[0].learned else None
             spectrum = scaled_spectrum(raw, torch.stack([gain for _, _, gain in group]), lkey[0].rank)
-            if anchor is not None:
-                spectrum = spectrum + anchor
             self._groups[lkey] = (lkey[0], frames[lkey], spectrum)
             self._slot.update({pid: (lkey, i) for i, (pid, _, _) in enumerate(group)})
         self._contracted = {}  # (layout key, form) -> per-layer operand pairs
