@@ -212,3 +212,35 @@ def test_factors_are_built_in_full_precision_under_bf16_autocast(monkeypatch):
             out = model(x)
     assert dtypes == [torch.float32] * 8  # two layers, two factors each, in both passes
     assert out.dtype == torch.bfloat16 and relative(out.float(), expected) < 2e-2
+
+
+def test_the_path_choice_follows_mode_shape_and_training_after_it_is_remembered():
+    """ChoosingForward remembers its choice per input shape, mode and train/grad state: a later
+    change of any of them (or a new parametrization) gives the path the rule says."""
+    model = nn.Sequential(nn.Conv2d(64, 64, 3, padding=1))
+    sttpfast.parameterize(model, "svdp-c", rank=2)
+    layer = model[0]
+    p = parametrization_of(layer)
+    calls = []
+    real = p.conv_factors
+    p.conv_factors = lambda factors: calls.append(1) or real(factors)
+    big, tiny = torch.randn(2, 64, 16, 16), torch.randn(1, 64, 1, 1)
+    layer.eval()
+    with torch.no_grad():
+        assert uses_factorized_path(layer, big) is True
+        layer(big), layer(big)
+        assert len(calls) == 2
+        p.forward_mode = "materialized"
+        layer(big)
+        assert len(calls) == 2
+        p.forward_mode = "auto"
+        layer(big)
+        assert len(calls) == 3
+    for x in (big, tiny):
+        for training in (False, True):
+            layer.train(training)
+            before = len(calls)
+            layer(x)
+            assert (len(calls) > before) is uses_factorized_path(layer, x)
+    sttpfast.densify(model)
+    assert model(big).shape == (2, 64, 16, 16)

@@ -86,6 +86,13 @@ class ChainLayout:
     ranks: tuple[int, ...]
     learned: bool
 
+    def __hash__(self) -> int:
+        # cached: a layout keys the plan caches and the bank's groups at every build
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = self.__dict__["_hash"] = hash((self.out_modes, self.in_modes, self.ranks, self.learned))
+        return h
+
     @property
     def rank(self) -> int:
         return self.ranks[len(self.out_modes)]

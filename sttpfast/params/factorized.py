@@ -142,13 +142,30 @@ class ChoosingForward:
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
+        # the choice per (input shape, mode, train and grad, parametrize cache): it depends on
+        # nothing else of a call, and making it costs more than a small layer's forward; kept
+        # for one parametrization, dropped when the layer gets another
+        self._choices: dict = {}
+        self._of = None
 
     def __call__(self, x: Tensor) -> Tensor:
-        return _choosing_forward(self.layer, x)
+        layer = self.layer
+        p = parametrization_of(layer)
+        if p is not self._of:
+            self._choices, self._of = {}, p
+        key = (tuple(x.shape), getattr(p, "forward_mode", None), layer.training and torch.is_grad_enabled(),
+               bool(getattr(parametrize, "_cache_enabled", 0)))
+        factorized = self._choices.get(key)
+        if factorized is None:
+            factorized = self._choices[key] = uses_factorized_path(layer, x)
+        return _choosing_forward(layer, x, factorized)
+
+    def __getstate__(self):
+        return {"layer": self.layer, "_choices": {}, "_of": None}
 
 
-def _choosing_forward(self: nn.Module, x: Tensor) -> Tensor:
-    if not uses_factorized_path(self, x):
+def _choosing_forward(self: nn.Module, x: Tensor, factorized: bool) -> Tensor:
+    if not factorized:
         return type(self).forward(self, x)
     p = parametrization_of(self)
     # first is None where the middle conv takes the input itself (SVDP / STTP)
