@@ -83,8 +83,10 @@ def _plain(value):
     return float(value)
 
 
-def _optimizer_from_files(opt, tensors: dict, meta: dict) -> None:
+def _optimizer_from_files(opt, tensors: dict, meta: dict, model=None) -> None:
     n = sum(len(group) for group in opt.param_lists)
+    if meta["n_params"] != n and model is not None:
+        tensors, meta = _without_empty_factor_states(opt, model, tensors, meta)
     if meta["n_params"] != n:
         raise CheckpointError(f"optimizer has {n} parameters, the checkpoint {meta['n_params']}: "
                               "not the same model or parameterization")
@@ -97,6 +99,40 @@ def _optimizer_from_files(opt, tensors: dict, meta: dict) -> None:
             raise CheckpointError(f"optimizer state {key} has shape {tuple(value.shape)}, parameter {tuple(p.shape)}")
         states[int(i)][name] = value.to(p.device) if name == "step" else shard_like(value, p)  # a shard's slice
     opt.load_state_dict({"state": states, "hypers": L(meta["hypers"])})
+
+
+def _without_empty_factor_states(opt, model, tensors: dict, meta: dict) -> tuple[dict, dict]:
+    """A checkpoint written before empty factors became buffers (2026-11-30: the ``(0, r)``
+    factors of square ``St_U`` frames, see ``sttpfast.params.base.empty_factors_as_buffers``)
+    holds an optimizer state for each of them, next to its layer's other factors: map its
+    states onto today's parameters, dropping those. Returned unchanged when the checkpoint's
+    count is not that layout's (the caller then refuses it)."""
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    owner = {}  # id(factor) -> its ParametrizationList
+    for module in model.modules():
+        if isinstance(module, ParametrizationList) and not module.is_tensor:
+            owner.update({id(getattr(module, f"original{i}")): module for i in range(module.ntensors)})
+    params = [p for group in opt.param_lists for p in group]
+    legacy, seen = [], set()
+    for p in params:
+        plist = owner.get(id(p))
+        if plist is None:
+            legacy.append(p)
+        elif id(plist) not in seen:  # then every factor of the layer, the empty ones too, in order
+            seen.add(id(plist))
+            legacy.extend(getattr(plist, f"original{i}") for i in range(plist.ntensors))
+    if len(legacy) != meta["n_params"] or len(legacy) == len(params):
+        return tensors, meta
+    index = {id(p): k for k, p in enumerate(params)}
+    new_index = [index.get(id(t)) for t in legacy]  # None: an empty factor, now a buffer
+    moved = {}
+    for key, value in tensors.items():
+        _, i, name = key.split(".", 2)
+        if new_index[int(i)] is not None:
+            moved[f"state.{new_index[int(i)]}.{name}"] = value
+    scalars = {str(new_index[int(i)]): v for i, v in meta["scalars"].items() if new_index[int(i)] is not None}
+    return moved, dict(meta, n_params=len(params), scalars=scalars)
 
 
 # ---------------------------------------------------------------------------------------
@@ -312,7 +348,7 @@ class Checkpointer(Callback):
         start from. Call after ``learn.create_opt()`` and before ``fit``."""
         meta = state["meta"]
         load_parameterized(state["folder"] / "model.safetensors", unwrap_model(self.learn.model))
-        _optimizer_from_files(self.learn.opt, state["optimizer"], meta["optimizer"])
+        _optimizer_from_files(self.learn.opt, state["optimizer"], meta["optimizer"], unwrap_model(self.learn.model))
         rng = state["rng"]
         loader = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("loader.")}
         self.best = meta.get("best")

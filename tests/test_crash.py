@@ -320,3 +320,48 @@ def test_a_resume_with_another_thread_count_is_warned_about(tmp_path):
         torch.set_num_threads(threads)
     assert lines[0] == (f"Warning: the run was checkpointed with {threads} CPU threads, this process uses "
                         f"{threads + 1}: results can differ in the last bits from an uninterrupted run")
+
+
+def test_an_optimizer_state_from_before_empty_factors_were_buffers_still_loads():
+    """Checkpoints written before 2026-11-30 hold an optimizer state for every empty (0, r)
+    factor (then a parameter, now a buffer): resuming maps the states onto today's parameters;
+    an optimizer state of another model is still refused."""
+    import copy
+
+    from fastai.optimizer import SGD
+    from torch import nn
+    from torch.nn.utils.parametrize import ParametrizationList
+
+    import sttpfast
+    from sttpfast.callbacks.checkpoint import CheckpointError, _optimizer_from_files, _optimizer_to_files
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(1, 3, 8, 8))
+    sttpfast.parameterize(model, "sttp-r", rank=4)
+    legacy = copy.deepcopy(model)
+    for plist in legacy.modules():  # the old layout: every factor a parameter, in index order
+        if isinstance(plist, ParametrizationList):
+            factors = [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
+            for i in range(plist.ntensors):
+                plist._parameters.pop(f"original{i}", None)
+                plist._buffers.pop(f"original{i}", None)
+            for i, t in enumerate(factors):
+                plist.register_parameter(f"original{i}", nn.Parameter(t.detach().clone()))
+    n_legacy, n_now = len(list(legacy.parameters())), len(list(model.parameters()))
+    assert n_legacy > n_now  # the empty factors were parameters
+    opt = SGD(list(legacy.parameters()), lr=0.1, mom=0.9)
+    legacy(torch.randn(2, 3, 8, 8)).square().sum().backward()
+    opt.step()
+    tensors, meta = _optimizer_to_files(opt)
+    assert meta["n_params"] == n_legacy
+    fresh = SGD(list(model.parameters()), lr=0.1, mom=0.9)
+    _optimizer_from_files(fresh, tensors, meta, model)
+    names = dict(legacy.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(fresh.state[p]["grad_avg"], opt.state[names[name]]["grad_avg"]), name
+    with pytest.raises(CheckpointError, match="not the same model"):
+        _optimizer_from_files(SGD(list(model.parameters()), lr=0.1, mom=0.9), tensors, meta)  # no model: no mapping
+    other = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(CheckpointError, match="not the same model"):
+        _optimizer_from_files(SGD(list(other.parameters()), lr=0.1, mom=0.9), tensors, meta, other)

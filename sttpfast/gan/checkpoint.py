@@ -185,7 +185,7 @@ class GANCheckpointer(Callback):
         for name, opt in zip(_NETWORKS, (learn.opt_g, learn.opt_d)):
             prefix = f"{name}."
             tensors = {k[len(prefix):]: v for k, v in state["optimizer"].items() if k.startswith(prefix)}
-            _optimizer_from_files(opt, tensors, meta["optimizer"][name])
+            _optimizer_from_files(opt, tensors, meta["optimizer"][name], unwrap_model(learn.model))
         if self.metrics is not None and meta.get("metrics"):
             m = meta["metrics"]
             self.metrics.history, self.metrics.best, self.metrics.best_step = list(m["history"]), m["best"], \
