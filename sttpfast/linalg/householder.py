@@ -112,6 +112,22 @@ class _SquareFrame(torch.autograd.Function):
         return dq.new_zeros(ctx.shape)
 
 
+def _wy_a(gram: Tensor) -> Tensor:
+    """``A = striu(G) + diag(G) / 2`` from the Gram matrix ``G = Y^T Y`` (``(..., r, r)``, consumed)."""
+    a = torch.triu(gram)
+    a.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+    return a
+
+
+def _wy_adjoint(a: Tensor, k: Tensor, yt_dq: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Z, dG + dG^T)`` of the WY backward from ``Y^T dQ``: ``Z = -A^{-T} Y^T dQ`` and
+    ``dG = -triu(Z K^T)`` with its diagonal halved (A reads only the upper triangle of G)."""
+    z = torch.linalg.solve_triangular(a.mT, yt_dq, upper=False).neg_()
+    dg = torch.triu(z @ k.mT).neg_()
+    dg.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+    return z, dg + dg.mT
+
+
 class _WYFrameReduced(torch.autograd.Function):
     """:class:`_WYFrame` on ``St_U``, where ``Y = [I; B]``: the identity block is never multiplied.
 
@@ -125,10 +141,9 @@ class _WYFrameReduced(torch.autograd.Function):
     @staticmethod
     def forward(ctx, bottom):
         r = bottom.shape[-1]
-        a = bottom.mT @ bottom
-        a.diagonal(dim1=-2, dim2=-1).add_(1.0)
-        a = torch.triu(a)
-        a.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+        gram = bottom.mT @ bottom
+        gram.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        a = _wy_a(gram)
         eye = torch.eye(r, dtype=bottom.dtype, device=bottom.device)
         k = torch.linalg.solve_triangular(a, eye.expand_as(a), upper=True)
         q = torch.cat([eye - k, (bottom @ k).neg_()], dim=-2)
@@ -141,10 +156,8 @@ class _WYFrameReduced(torch.autograd.Function):
         bottom, a, k = ctx.saved_tensors
         r = bottom.shape[-1]
         dq_top, dq_bottom = dq[..., :r, :], dq[..., r:, :]
-        z = torch.linalg.solve_triangular(a.mT, dq_top + bottom.mT @ dq_bottom, upper=False).neg_()
-        dg = torch.triu(z @ k.mT).neg_()
-        dg.diagonal(dim1=-2, dim2=-1).mul_(0.5)
-        d_bottom = bottom @ (dg + dg.mT)
+        _, sym = _wy_adjoint(a, k, dq_top + bottom.mT @ dq_bottom)
+        d_bottom = bottom @ sym
         d_bottom.sub_(dq_bottom @ k.mT)
         return d_bottom
 
@@ -165,8 +178,7 @@ class _WYFrame(torch.autograd.Function):
     def forward(ctx, bottom, top):
         y = reflectors_from_params(bottom, top)
         r = y.shape[-1]
-        a = torch.triu(y.mT @ y)
-        a.diagonal(dim1=-2, dim2=-1).mul_(0.5)
+        a = _wy_a(y.mT @ y)
         k = torch.linalg.solve_triangular(a, y[..., :r, :].mT, upper=True)
         q = torch.neg(y @ k)
         q[..., :r, :].diagonal(dim1=-2, dim2=-1).add_(1.0)
@@ -179,10 +191,8 @@ class _WYFrame(torch.autograd.Function):
     def backward(ctx, dq):
         y, a, k = ctx.saved_tensors
         r = y.shape[-1]
-        z = torch.linalg.solve_triangular(a.mT, y.mT @ dq, upper=False).neg_()
-        dg = torch.triu(z @ k.mT).neg_()
-        dg.diagonal(dim1=-2, dim2=-1).mul_(0.5)
-        dy = y @ (dg + dg.mT)
+        z, sym = _wy_adjoint(a, k, y.mT @ dq)
+        dy = y @ sym
         dy.sub_(dq @ k.mT)
         dy[..., :r, :] += z.mT
         d_bottom = dy[..., r:, :]
