@@ -304,8 +304,8 @@ class AccelerateTrainer(Callback):
 
 
 def _ignore_empty_parameters_in_ddp(model) -> None:
-    """Keep parameters with no element (STTP cores whose frame has no free entry, ``(0, r)``)
-    out of DDP: they hold nothing to synchronize, and DDP's bucket view of such a tensor has
+    """Keep parameters with no element (e.g. empty factors of a parametrization; sttpfast's own,
+    the ``(0, r)`` STTP cores, have been buffers since 2026-11-30) out of DDP: they hold nothing to synchronize, and DDP's bucket view of such a tensor has
     other strides than its gradient, so it warned "Grad strides do not match bucket view
     strides" on every run. The names go where DDP reads its ignore list (``prepare_model``
     wraps the model in DDP only with several processes; with one it is never read), through

@@ -10,10 +10,11 @@ forward. Works on CPUs with gloo and on GPUs with NCCL (the process group must e
 
 Two things FSDP2 cannot do are handled here, not left to a deep error:
 
-* a parameter with no element (an STTP core whose frame has no free entry, shape ``(0, r)``)
-  cannot be sharded (FSDP2's reduce-scatter fails with "_chunk_cat expects non-empty
-  tensor"): such parameters are left out of sharding (``ignored_params``); they hold nothing
-  to synchronize;
+* a parameter with no element cannot be sharded (FSDP2's reduce-scatter fails with
+  "_chunk_cat expects non-empty tensor"): such parameters are left out of sharding
+  (``ignored_params``); they hold nothing to synchronize. (The project's own, an STTP core
+  whose frame has no free entry, shape ``(0, r)``, is a buffer since 2026-11-30; a model may
+  hold others.)
 * a unit inside a parametrization (``conv.parametrizations.weight``) would gather the factors
   only while the parametrization is called, after the frame bank's pass has started: refused
   with a message naming the layer, as is a unit that does not exist.
