@@ -328,3 +328,28 @@ def test_empty_factors_are_buffers_and_checkpoints_keep_their_keys():
     sttpfast.parameterize(copy, "sttp-r", rank=3)
     copy.load_state_dict(model.state_dict())  # strict: the same keys
     assert set(copy.state_dict()) == set(model.state_dict())
+
+
+def test_resnet20_sttp_r32_frames_square_cores_wy_calls_and_empty_factors():
+    """The structure behind the numbers in README ("How the weights are built") and in the
+    docstrings: resnet20_cifar sttp-r at rank 32 has 233 frames, 136 of them the constant -I of
+    a square St_U frame, built in 5 WY calls; 152 of its 299 factors are empty buffers."""
+    from collections import Counter
+
+    from sttpfast.models import create_model
+    from sttpfast.params.frame_bank import _frame_groups
+
+    torch.manual_seed(0)
+    model = create_model("resnet20_cifar", num_classes=10)
+    sttpfast.parameterize(model, "sttp-r", rank=32)
+    counts = Counter()
+    for _, _, p in parameterized_layers(model):
+        for core in p.layout.cores:
+            counts[(core.rows, core.cols, core.reduced, torch.float32, torch.device("cpu"))] += 1
+    assert (sum(counts.values()), len(counts)) == (233, 19)  # frames, frame shapes
+    assert sum(n for (rows, cols, reduced, *_), n in counts.items() if reduced and rows == cols) == 136
+    wy_calls = [g for g in _frame_groups(dict(counts)) if not (g[0][2] and g[0][0] == g[0][1])]
+    assert len(wy_calls) == 5
+    factors = [t for _, m, _ in parameterized_layers(model) for t in factors_of(m)]
+    assert (sum(1 for t in factors if t.numel() == 0), len(factors)) == (152, 299)
+    assert all(not isinstance(t, nn.Parameter) for t in factors if t.numel() == 0)

@@ -77,7 +77,7 @@ def empty_factors_as_buffers(module: nn.Module) -> None:
 
     They hold no degree of freedom, yet as parameters each costs a gradient accumulation, an
     optimizer update and a DDP / FSDP exclusion at every step, and they are many (resnet20_cifar
-    sttp-r at rank 32: 136 of 342 factors; efficientnet_b0 at Z 10%: about 500 of 1200).
+    sttp-r at rank 32: 152 of its 299 factors; efficientnet_b0 sttp-r at Z 10%: 499 of 1068).
     Checkpoints do not change: a buffer is saved under the same ``state_dict`` key, and the
     factors keep their order (``original0, original1, ...``; :func:`factors_of` reads both)."""
     plist = module.parametrizations.weight

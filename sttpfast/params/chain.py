@@ -297,12 +297,14 @@ def _absorbs(layout: ChainLayout, a: int, m: int, b: int) -> bool:
     return (m == a < n_out and layout.absorbable[a]) or (m + 1 == b >= n_out and layout.absorbable[b])
 
 
-def _absorbed(layout: ChainLayout, node) -> list[int]:
-    """The ``-I`` leaves of the tree ``node`` that its merges absorb (see :func:`_contract`)."""
+@lru_cache(maxsize=4096)
+def _absorbed(layout: ChainLayout, node) -> tuple[int, ...]:
+    """The ``-I`` leaves of the tree ``node`` that its merges absorb (see :func:`_contract`);
+    cached with the plans it walks (both are fixed per layout)."""
     if isinstance(node, int):
-        return []
+        return ()
     left, right = node
-    return _absorbed_leaf(layout, node) + _absorbed(layout, left) + _absorbed(layout, right)
+    return tuple(_absorbed_leaf(layout, node)) + _absorbed(layout, left) + _absorbed(layout, right)
 
 
 def _absorbed_leaf(layout: ChainLayout, node) -> list[int]:
@@ -318,7 +320,7 @@ def _absorbed_leaf(layout: ChainLayout, node) -> list[int]:
 
 
 def _chain_cores(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | None,
-                 skipped: list[int] = ()) -> list[Tensor | None]:
+                 skipped: tuple[int, ...] = ()) -> list[Tensor | None]:
     """Every core as a matrix ``(R_{k-1} n_k, R_k)`` (U) or ``(R_{k-1}, n_k R_k)`` (V: the
     transposed view of its frame), ``g s`` in the last U-core: ``(R n) x r``, the cheapest place.
     The ``-I`` cores ``skipped`` (absorbed by the contraction) are None; the sign of each goes
