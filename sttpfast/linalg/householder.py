@@ -163,7 +163,8 @@ class _WYFrameReduced(torch.autograd.Function):
 
 
 class _WYFrame(torch.autograd.Function):
-    """Compact-WY frame with a hand-derived backward.
+    """Compact-WY frame on the full ``St`` (``top`` given; ``St_U`` is :class:`_WYFrameReduced`)
+    with a hand-derived backward.
 
     Forward: ``G = Y^T Y``, ``A = triu(G) - diag(G)/2``, ``K = A^{-1} Y_1^T`` (``Y_1`` the
     top ``r x r`` block), ``Q = E - Y K``.
@@ -183,7 +184,6 @@ class _WYFrame(torch.autograd.Function):
         q = torch.neg(y @ k)
         q[..., :r, :].diagonal(dim1=-2, dim2=-1).add_(1.0)
         ctx.save_for_backward(y, a, k)
-        ctx.has_top = top is not None
         return q
 
     @staticmethod
@@ -197,7 +197,7 @@ class _WYFrame(torch.autograd.Function):
         dy[..., :r, :] += z.mT
         d_bottom = dy[..., r:, :]
         d_top = None
-        if ctx.has_top and ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1]:
             rows, cols = _top_index(r, dy.device)
             d_top = dy[..., :r, :].reshape(*dy.shape[:-2], r * r)[..., rows * r + cols]
         return d_bottom, d_top

@@ -370,10 +370,17 @@ def root_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | 
     merge done: ``(..., d_left, R_m)`` and ``(..., R_m, d_right)`` with ``d_left d_right = d_out d_in``."""
     tree, _ = contraction_plan(layout)
     cores = _chain_cores(layout, frames, spectrum, _absorbed(layout, tree))
-    # the last matmul: below the merges that absorb a -I leaf (each is its other operand)
-    while _absorbed_leaf(layout, tree):
-        tree = tree[1] if _absorbed_leaf(layout, tree)[0] == tree[0] else tree[0]
-    return _operands(layout, cores, tree)
+    return _operands(layout, cores, _last_merge(layout))
+
+
+@lru_cache(maxsize=1024)
+def _last_merge(layout: ChainLayout):
+    """The node of :func:`contraction_plan`'s tree whose product is the last matmul: below the
+    merges that absorb a ``-I`` leaf (each of those is its other operand)."""
+    tree, _ = contraction_plan(layout)
+    while absorbed := _absorbed_leaf(layout, tree):
+        tree = tree[1] if absorbed[0] == tree[0] else tree[0]
+    return tree
 
 
 def _last_core(node) -> int:
@@ -491,11 +498,6 @@ class SpectralChain(WeightParametrization):
         raw, cores = self.chain_factors(factors)
         return raw, [householder_frame(core.bottom, core.top) for core in cores]
 
-    def _spectrum_and_frames(self, factors) -> tuple[Tensor, list[Tensor]]:
-        """``(g s (r,), [frame per core])`` for this layer's own contraction, built here."""
-        raw, frames = self._raw_and_frames(factors)
-        return scaled_spectrum(raw, self.gain, self.rank), frames
-
     def frames(self, *factors: Tensor) -> tuple[Tensor | None, list[Tensor]]:
         """``(s or None, [frame per core])``, built here, one WY call per core (``s`` without the gain)."""
         raw, frames = self._raw_and_frames(factors)
@@ -508,14 +510,21 @@ class SpectralChain(WeightParametrization):
         return u, scaled_spectrum(raw, self.gain, self.rank), v
 
     def forward(self, *factors: Tensor) -> Tensor:
+        return self.view.from_matrix(self._built("weight", factors))
+
+    def _built(self, form: str, factors) -> Tensor | tuple[Tensor, Tensor]:
+        """The weight ``(d_out, d_in)`` (``form="weight"``) or the pair ``(U diag(g s), V^T)``
+        (``"factors"``): from the frame bank's batched build when a pass is open, else built
+        here, from this layer's own frames."""
         bank = self.__dict__.get("frame_bank")
-        matrix = bank.weight(self) if bank is not None else None
-        if matrix is None:
+        built = None if bank is None else bank.weight(self) if form == "weight" else bank.factors(self)
+        if built is None:
             # orthogonality needs full precision: never build frames under bf16/fp16 autocast
             with torch.autocast(factors[-1].device.type, enabled=False):
-                spectrum, frames = self._spectrum_and_frames(factors)
-                matrix = chain_weight(self.layout, frames, spectrum)
-        return self.view.from_matrix(matrix)
+                raw, frames = self._raw_and_frames(factors)
+                contract = chain_weight if form == "weight" else factor_operands
+                built = contract(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))
+        return built
 
     # -- the factorized forward (sttpfast.params.factorized) ------------------------------
     def conv_factors(self, factors) -> tuple[None, Tensor, Tensor, bool]:
@@ -527,13 +536,7 @@ class SpectralChain(WeightParametrization):
         row-major order (STTP's input modes are those of ``C_in`` then the kernel), so the
         reshape to ``(r, C_in, *kernel)`` is the conv kernel. From the frame bank's batched build
         when a pass is open (without the final product ``U diag(g s) V^T``), else built here."""
-        bank = self.__dict__.get("frame_bank")
-        pair = bank.factors(self) if bank is not None else None
-        if pair is None:
-            with torch.autocast(factors[-1].device.type, enabled=False):
-                spectrum, frames = self._spectrum_and_frames(factors)
-                pair = factor_operands(self.layout, frames, spectrum)
-        u, v_t = pair
+        u, v_t = self._built("factors", factors)
         return None, v_t.reshape(self.rank, *self.view.natural[1:]), u, False
 
     def flops(self, batch_pixels_in: int, batch_pixels_out: int) -> tuple[int, int]:
