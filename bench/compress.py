@@ -7,12 +7,17 @@ budget for comparison. Prints a markdown table (accuracy after each phase, in pe
 
     python bench/compress.py                                           # every method, CPU budget
     python bench/compress.py --params tucker tt --targets 10 --subset 4000 --epochs 1
+    python bench/compress.py --teacher /tmp/bench-compress-XXXX/dense --params sttp-r --epochs 4
+
+``--teacher`` reuses a dense run trained before (its subset and epochs are read from its
+config, its accuracy from its summary) instead of training one.
 
 Needs Fashion-MNIST: ``apt-get install dataset-fashion-mnist`` (or --data-dir).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -23,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import machine, markdown_table  # noqa: E402
 
 from sttpfast.compress import compress_run  # noqa: E402
-from sttpfast.config import build_config  # noqa: E402
+from sttpfast.config import build_config, load_yaml  # noqa: E402
 from sttpfast.run import run_training  # noqa: E402
 
 ZOO = ["cp", "rcp", "tucker", "rtk", "tt", "rtt", "tr", "rtr", "ht", "sttp-r", "svdp-r", "lowrank"]
@@ -38,6 +43,17 @@ def dense_run(out: Path, args) -> Path:
         + ([f"data.data_dir={args.data_dir}"] if args.data_dir else []))
     summary = run_training(cfg, echo=QUIET)
     return Path(summary["run_dir"]), summary["metrics"]["accuracy"]
+
+
+def existing_teacher(run: Path, args):
+    """A dense run trained before: its directory and accuracy; ``args`` takes its data budget."""
+    cfg = load_yaml(run / "config.yaml")
+    if cfg["param"]["name"] != "dense":
+        print(f"Error: {run} is a {cfg['param']['name']} run, not a dense one", file=sys.stderr)
+        raise SystemExit(2)
+    args.subset, args.dense_epochs = cfg["data"]["subset"], cfg["optim"]["epochs"]
+    args.bs, args.seed = cfg["data"]["bs"], cfg["train"]["seed"]
+    return run, json.loads((run / "summary.json").read_text())["metrics"]["accuracy"]
 
 
 def scratch_run(out: Path, compressed: Path, args) -> float:
@@ -60,10 +76,12 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--teacher", type=Path, default=None,
+                    help="a dense run directory to compress instead of training one")
     args = ap.parse_args(argv)
     out = Path(tempfile.mkdtemp(prefix="bench-compress-"))
     started = time.time()
-    dense, dense_acc = dense_run(out, args)
+    dense, dense_acc = existing_teacher(args.teacher, args) if args.teacher else dense_run(out, args)
     print(f"dense: {100 * dense_acc:.2f}% ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
     rows = [["dense", "-", "100.00", "-", "-", f"{100 * dense_acc:.2f}", "-"]]
     for target in args.targets:
