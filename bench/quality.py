@@ -13,6 +13,12 @@ as a horizontal line).
     python bench/quality.py --subset 10000 --epochs 2 --seeds 0   # a quick look (not converged)
     python bench/quality.py --arch wrn16_4 --epochs 30               # the GPU budget
     python bench/quality.py --vit --targets 25 10 --lr 2e-3 --wd 0.05    # small ViT, Q-K / O-V forms
+    python bench/quality.py --results quality.jsonl --params sttp-r --targets 10   # one piece of the budget
+
+``--results FILE`` keeps every finished run (one JSON line: budget, method, target, seed,
+Z, rank, accuracy, seconds) and reuses the runs of the same budget already in it, so the
+default budget can be run in pieces (a method, a target or a seed at a time, on several
+machines whose files are concatenated) and the last piece prints the whole table.
 
 The default budget (ResNet-20, all 60k training images, 15 epochs one-cycle SGD) is where
 the dense network has converged; on 2 CPU cores it is about 15 minutes per configuration
@@ -23,6 +29,7 @@ Needs Fashion-MNIST: ``apt-get install dataset-fashion-mnist`` (or --data-dir).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 import time
@@ -37,8 +44,11 @@ from _timing import machine, markdown_table  # noqa: E402
 
 import sttpfast  # noqa: E402
 from sttpfast.data import get_dls  # noqa: E402
+from sttpfast.data.registry import DATASETS  # noqa: E402
 from sttpfast.learner import fit, spectral_learner  # noqa: E402
 
+
+FASHION = DATASETS["fashion_mnist"]
 
 #: every low-rank method of the table (the registry's names)
 METHODS = ["sttp-r", "svdp-r", "lowrank", "cp", "tucker", "tt", "tr", "ht"]
@@ -90,32 +100,87 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def classification_rows(args) -> tuple[list[list[str]], dict]:
-    """Dense and every method at every target Z, once per seed. Returns the table rows and
-    ``{method: [(Z %, mean accuracy %), ...]}`` for the plot (dense under ``"dense"``)."""
-    dls_of = {seed: get_dls("fashion_mnist", data_dir=args.data_dir, bs=args.bs, subset=args.subset or None,
-                            seed=seed) for seed in args.seeds}
-    dls = dls_of[args.seeds[0]]
+#: what makes two runs the same run: the budget (arguments) and the configuration
+BUDGET_KEYS = ("arch", "subset", "epochs", "bs", "lr", "wd")
+
+
+class Results:
+    """Finished runs, one JSON object per line of ``path`` (or in memory only without one):
+    the budget (:data:`BUDGET_KEYS`), ``param``, ``target``, ``seed``, and what the run gave:
+    ``z``, ``rank``, ``accuracy`` (%), ``seconds``. A line is written as soon as its run ends."""
+
+    def __init__(self, path: str | None, args):
+        self.path, self.budget = path, {k: getattr(args, k) for k in BUDGET_KEYS}
+        self.runs, self.reused, self.trained = {}, 0, 0
+        if path and Path(path).exists():
+            for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+                try:
+                    record = json.loads(line)
+                    key = self._key(record, record["param"], record["target"], record["seed"])
+                except (ValueError, KeyError, TypeError) as err:
+                    print(f"Error: {path} line {n} is not a run record ({type(err).__name__}: {err})",
+                          file=sys.stderr)
+                    raise SystemExit(2) from None
+                self.runs[key] = record
+
+    def _key(self, budget: dict, param: str, target, seed: int) -> tuple:
+        return (*(budget[k] for k in BUDGET_KEYS), param, target, seed)
+
+    def get(self, param: str, target, seed: int) -> dict | None:
+        record = self.runs.get(self._key(self.budget, param, target, seed))
+        self.reused += record is not None
+        return record
+
+    def add(self, param: str, target, seed: int, z: float, rank, accuracy: float, seconds: float) -> dict:
+        record = {**self.budget, "param": param, "target": target, "seed": seed, "z": z, "rank": str(rank),
+                  "accuracy": accuracy, "seconds": seconds}
+        self.runs[self._key(self.budget, param, target, seed)] = record
+        self.trained += 1
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+
+def classification_rows(args) -> tuple[list[list[str]], dict, Results]:
+    """Dense and every method at every target Z, once per seed (runs already in
+    ``args.results`` are reused, not trained again). Returns the table rows,
+    ``{method: [(Z %, mean accuracy %), ...]}`` for the plot (dense under ``"dense"``) and
+    the runs (:class:`Results`: how many were trained now, how many reused)."""
+    results = Results(getattr(args, "results", None), args)
+    dls_of = {}
+
+    def dls(seed):
+        if seed not in dls_of:  # loaded only when a run needs training
+            dls_of[seed] = get_dls("fashion_mnist", data_dir=args.data_dir, bs=args.bs,
+                                   subset=args.subset or None, seed=seed)
+        return dls_of[seed]
 
     def run(param, target):
-        accs, started = [], time.perf_counter()
+        records = []
         for seed in args.seeds:
-            report, acc, _ = train_one(dls_of[seed], args.arch, param, target, args, seed=seed)
-            accs.append(100 * acc)
-        per_run = (time.perf_counter() - started) / len(args.seeds)
-        return report, accs, per_run
+            record = results.get(param, target, seed)
+            if record is None:
+                started = time.perf_counter()
+                report, acc, _ = train_one(dls(seed), args.arch, param, target, args, seed=seed)
+                record = results.add(param, target, seed, report.z, report.rank, 100 * acc,
+                                     time.perf_counter() - started)
+            records.append(record)
+        return (records[0]["z"], records[0]["rank"], [r["accuracy"] for r in records],
+                _mean([r["seconds"] for r in records]))
 
     def acc_cells(accs):
         return [f"{_mean(accs):.2f}", " / ".join(f"{a:.2f}" for a in accs)]
 
     rows, points = [], {}
-    report, accs, per_run = run("dense", None)
-    rows.append(["dense", "-", "-", f"{report.z:.2f}", *acc_cells(accs), f"{per_run:.0f}"])
-    points["dense"] = [(report.z, _mean(accs))]
+    z, _, accs, per_run = run("dense", None)
+    rows.append(["dense", "-", "-", f"{z:.2f}", *acc_cells(accs), f"{per_run:.0f}"])
+    points["dense"] = [(z, _mean(accs))]
     print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     for target in args.targets:
         for param in args.params:
-            model = timm.create_model(args.arch, num_classes=dls.n_classes, in_chans=dls.in_chans)
+            # the dataset's registered shape: no loader needed to judge the target
+            model = timm.create_model(args.arch, num_classes=FASHION.n_classes, in_chans=FASHION.in_chans)
             with warnings.catch_warnings():  # "no shared rank gives Z within 0.5 points": judged here
                 warnings.simplefilter("ignore")
                 # the Z the run would reach, layers without gain left dense as in training
@@ -123,12 +188,11 @@ def classification_rows(args) -> tuple[list[list[str]], dict]:
             if reached > 1.25 * target:  # the target is below what rank 1 gives
                 rows.append([param, f"{target:g}", "-", f"min {reached:.2f}", "unreachable", "-", "-"])
             else:
-                report, accs, per_run = run(param, target)
-                rows.append([param, f"{target:g}", str(report.rank), f"{report.z:.2f}", *acc_cells(accs),
-                             f"{per_run:.0f}"])
-                points.setdefault(param, []).append((report.z, _mean(accs)))
+                z, rank, accs, per_run = run(param, target)
+                rows.append([param, f"{target:g}", rank, f"{z:.2f}", *acc_cells(accs), f"{per_run:.0f}"])
+                points.setdefault(param, []).append((z, _mean(accs)))
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-    return rows, points
+    return rows, points, results
 
 
 def plot_accuracy_against_z(points: dict, path: str, title: str) -> None:
@@ -171,11 +235,15 @@ def main(argv=None):
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--plot", default=None, metavar="FILE", help="write accuracy against Z as a PNG")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--results", default=None, metavar="FILE",
+                    help="keep finished runs in FILE (JSON lines) and reuse those of the same budget")
     ap.add_argument("--vit", action="store_true",
                     help="a small ViT (vit_tiny_p4_32 at 28 px): linears only vs with the Q-K / O-V forms")
     ap.add_argument("--depth", type=int, default=6, help="--vit: transformer blocks")
     args = ap.parse_args(argv)
     args.seed = args.seeds[0]
+    if args.vit and args.results:
+        ap.error("--results keeps the classification table's runs; --vit runs without it")
     if args.vit:
         if args.arch == "resnet20_cifar":
             args.arch = "vit_tiny_p4_32"
@@ -193,12 +261,13 @@ def main(argv=None):
         return
     args.params = args.params or METHODS
     started = time.perf_counter()
-    rows, points = classification_rows(args)
+    rows, points, results = classification_rows(args)
     hours = (time.perf_counter() - started) / 3600
+    reused = f", {results.reused} more reused from {args.results}" if results.reused else ""
     budget = (f"Fashion-MNIST, {args.arch}, {args.subset or 60000} training images, 10k test images, "
               f"{args.epochs} epochs one-cycle SGD lr {args.lr} wd {args.wd}, batch {args.bs}, "
               f"seeds {', '.join(map(str, args.seeds))}")
-    print(f"\n{budget}; {hours:.2f} h in all; {machine()}\n")
+    print(f"\n{budget}; {results.trained} runs trained in {hours:.2f} h{reused}; {machine()}\n")
     print(markdown_table(["param", "target Z %", "rank", "Z %", "test accuracy % (mean)", "per seed",
                           "s per run"], rows))
     if args.plot:

@@ -1,0 +1,88 @@
+"""bench/quality.py --results: finished runs are kept and reused, so the converged budget
+(hours on a CPU) can run in pieces; the training itself is replaced by a stub here (what is
+tested is which runs train and what the table says), the data loader too."""
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(results, **kw):
+    base = dict(arch="resnet20_cifar", subset=1000, epochs=2, bs=128, lr=0.1, wd=5e-4, data_dir=None,
+                params=["sttp-r"], targets=[10.0], seeds=[0, 1], results=str(results))
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.fixture
+def trained(quality, monkeypatch):
+    """The (param, target, seed) of every run trained; run i reaches accuracy 0.5 + i / 100."""
+    calls = []
+
+    def train_one(dls, arch, param, compression, args, seed=None, **kwargs):
+        calls.append((param, compression, seed))
+        return SimpleNamespace(z=100.0 if param == "dense" else 9.5, rank=14), 0.5 + len(calls) / 100, 0.01
+    monkeypatch.setattr(quality, "train_one", train_one)
+    monkeypatch.setattr(quality, "get_dls", lambda *a, **kw: object())
+    return calls
+
+
+def test_runs_are_kept_and_reused(quality, trained, tmp_path):
+    results = tmp_path / "runs.jsonl"
+    rows, points, runs = quality.classification_rows(_args(results, seeds=[0]))
+    assert trained == [("dense", None, 0), ("sttp-r", 10.0, 0)]
+    assert (runs.trained, runs.reused) == (2, 0)
+    assert rows == [["dense", "-", "-", "100.00", "51.00", "51.00", "0"],
+                    ["sttp-r", "10", "14", "9.50", "52.00", "52.00", "0"]]
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["param"], r["target"], r["seed"], r["accuracy"], r["rank"]) for r in lines] == [
+        ("dense", None, 0, 51.0, "14"), ("sttp-r", 10.0, 0, 52.0, "14")]
+    # the second seed is a new piece: only its runs train, the first seed's are read back
+    rows, points, runs = quality.classification_rows(_args(results, seeds=[0, 1]))
+    assert trained[2:] == [("dense", None, 1), ("sttp-r", 10.0, 1)]
+    assert (runs.trained, runs.reused) == (2, 2)
+    assert rows[1][4:6] == ["53.00", "52.00 / 54.00"]
+    assert points == {"dense": [(100.0, 52.0)], "sttp-r": [(9.5, 53.0)]}
+    # everything is there now: nothing trains, the same table comes out
+    assert quality.classification_rows(_args(results))[0] == rows and len(trained) == 4
+
+
+def test_another_budget_trains_again(quality, trained, tmp_path):
+    results = tmp_path / "runs.jsonl"
+    quality.classification_rows(_args(results, seeds=[0]))
+    quality.classification_rows(_args(results, seeds=[0], epochs=15))
+    assert trained == [("dense", None, 0), ("sttp-r", 10.0, 0)] * 2
+    assert len(results.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("line, why", [('{"param": "dense"}', "KeyError: 'target'"),
+                                       ("{not json", "JSONDecodeError: Expecting property name enclosed in "
+                                                     "double quotes: line 1 column 2 (char 1)")])
+def test_a_broken_results_file_is_refused(quality, trained, tmp_path, capsys, line, why):
+    results = tmp_path / "runs.jsonl"
+    results.write_text(line + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        quality.classification_rows(_args(results))
+    assert exit_.value.code == 2 and trained == []
+    assert capsys.readouterr().err == f"Error: {results} line 1 is not a run record ({why})\n"
+
+
+def test_results_is_refused_with_vit(quality, trained, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        quality.main(["--vit", "--results", str(tmp_path / "runs.jsonl")])
+    assert exit_.value.code == 2 and trained == []
+    # (argparse names the program after sys.argv[0]: pytest's here)
+    assert capsys.readouterr().err.splitlines()[-1].split(": ", 1)[1] == (
+        "error: --results keeps the classification table's runs; --vit runs without it")
