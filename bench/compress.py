@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import machine, markdown_table  # noqa: E402
 
 from sttpfast.compress import compress_run  # noqa: E402
-from sttpfast.config import build_config, load_yaml  # noqa: E402
+from sttpfast.config import ConfigError, build_config, load_yaml  # noqa: E402
 from sttpfast.run import run_training  # noqa: E402
 
 ZOO = ["cp", "rcp", "tucker", "rtk", "tt", "rtt", "tr", "rtr", "ht", "sttp-r", "svdp-r", "lowrank"]
@@ -46,14 +46,21 @@ def dense_run(out: Path, args) -> Path:
 
 
 def existing_teacher(run: Path, args):
-    """A dense run trained before: its directory and accuracy; ``args`` takes its data budget."""
-    cfg = load_yaml(run / "config.yaml")
-    if cfg["param"]["name"] != "dense":
-        print(f"Error: {run} is a {cfg['param']['name']} run, not a dense one", file=sys.stderr)
+    """A dense run trained before: its directory and accuracy; ``args`` takes its data budget.
+    Anything else (another method's run, a folder without a finished run) exits with one line."""
+    def refuse(why: str):
+        print(f"Error: {run} {why}", file=sys.stderr)
         raise SystemExit(2)
+    try:
+        cfg = load_yaml(run / "config.yaml")
+        accuracy = json.loads((run / "summary.json").read_text())["metrics"]["accuracy"]
+    except (ConfigError, OSError, ValueError, KeyError) as err:
+        refuse(f"is not a finished run ({type(err).__name__}: {err})")
+    if cfg["param"]["name"] != "dense":
+        refuse(f"is a {cfg['param']['name']} run, not a dense one")
     args.subset, args.dense_epochs = cfg["data"]["subset"], cfg["optim"]["epochs"]
     args.bs, args.seed = cfg["data"]["bs"], cfg["train"]["seed"]
-    return run, json.loads((run / "summary.json").read_text())["metrics"]["accuracy"]
+    return run, accuracy
 
 
 def scratch_run(out: Path, compressed: Path, args) -> float:

@@ -40,3 +40,14 @@ def test_a_compressed_run_is_not_a_teacher(tmp_path, capsys):
         _bench().existing_teacher(_run(tmp_path / "sttp-r", "sttp-r"), args)
     assert exit_.value.code == 2
     assert capsys.readouterr().err == f"Error: {tmp_path / 'sttp-r'} is a sttp-r run, not a dense one\n"
+
+
+def test_a_folder_without_a_finished_run_is_not_a_teacher(tmp_path, capsys):
+    run = tmp_path / "dense"
+    run.mkdir()
+    (run / "config.yaml").write_text("param: {name: dense}\n")  # trained, but no summary yet
+    with pytest.raises(SystemExit) as exit_:
+        _bench().existing_teacher(run, argparse.Namespace())
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (f"Error: {run} is not a finished run (FileNotFoundError: [Errno 2] "
+                                       f"No such file or directory: '{run / 'summary.json'}')\n")
