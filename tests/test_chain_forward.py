@@ -112,18 +112,46 @@ def test_auto_picks_the_path_of_fewer_multiply_adds():
         wide(x)
 
 
-def test_cached_weights_run_materialized_and_equal():
+def test_cached_factors_are_built_once_per_pass_and_equal(monkeypatch):
     layer = nn.Conv2d(64, 64, 3, padding=1).double()
     sttpfast.parameterize(nn.Sequential(layer), "sttp-r", rank=4)
     perturbed(layer)
+    p = parametrization_of(layer)
     x = torch.randn(2, 64, 8, 8, dtype=torch.float64)
-    assert uses_factorized_path(layer, x)
     with torch.no_grad():
         out = layer(x)
-        with parametrize.cached():
-            assert not uses_factorized_path(layer, x)  # the cached kernel costs no build
-            cached = layer(x)
-    assert relative(cached, out) < RTOL
+    builds = []
+    build = type(p)._build
+    monkeypatch.setattr(type(p), "_build", lambda self, form, factors: builds.append(form) or build(self, form, factors))
+    with torch.no_grad(), parametrize.cached():
+        # a call costs its convolutions only (builds are per pass): 128 r (576 + 64) < 128 64 576
+        assert uses_factorized_path(layer, x)
+        first, second = layer(x), layer(x)
+        assert builds == ["factors"]  # the second call reused the first call's factors
+    assert relative(first, out) < RTOL and torch.equal(first, second)
+    assert parametrize._cache == {}  # dropped with torch's cached weights
+    with torch.no_grad():
+        layer(x)
+    assert builds == ["factors", "factors"]  # outside the context: built per call again
+
+
+def test_cached_auto_mode_compares_the_convolutions_without_the_builds():
+    # a Linear at rank 2 on one row: per call the build's final product (64 x 64 x 2) makes the
+    # materialized path dearer, but under the cache the kernel is built once per pass and
+    # one row costs 64 x 64 materialized against 2 x (64 + 64) factorized: still factorized;
+    # a full-rank one (rank 64) on one row: 4,096 against 8,192, so materialized
+    head = nn.Linear(64, 64).double()
+    sttpfast.parameterize(nn.Sequential(head), "svdp-r", rank=2)
+    p = parametrization_of(head)
+    row = torch.randn(1, 64, dtype=torch.float64)
+    assert p.flops(1, 1) == (64 * 64 * 2 + 64 * 64, 2 * 128) and p.flops(0, 0) == (64 * 64 * 2, 0)
+    full = nn.Linear(64, 64).double()
+    sttpfast.parameterize(nn.Sequential(full), "svdp-r", rank=64)
+    with torch.no_grad():  # (no_grad: nothing kept for backward, multiply-adds alone decide)
+        assert uses_factorized_path(full, row)  # per call: the build (64^3) tips it to the factors
+    with torch.no_grad(), parametrize.cached():
+        assert uses_factorized_path(head, row)
+        assert not uses_factorized_path(full, row)
 
 
 def resnet_pair():
@@ -173,6 +201,34 @@ def test_whole_model_forward_and_backward_equal_with_the_bank_on_and_off(monkeyp
     for _, layer in layers:
         parametrization_of(layer).forward_mode = "materialized"
     assert relative(torch.nn.functional.cross_entropy(model(x), y), losses[0]) < RTOL
+
+
+def test_a_cached_validation_pass_of_the_whole_model_equals_the_uncached_one(monkeypatch):
+    model, _ = resnet_pair()
+    model.eval()
+    batches = [torch.randn(4, 3, 32, 32, dtype=torch.float64) for _ in range(3)]
+    with torch.no_grad():
+        expected = [model(x) for x in batches]
+        builds = []
+        real = fb.build_weights
+        monkeypatch.setattr(fb, "build_weights", lambda members: builds.append(len(members)) or real(members))
+        factored = []
+        real_factors = fb.BatchedBuild.factors
+        monkeypatch.setattr(fb.BatchedBuild, "factors", lambda self, pid: factored.append(pid) or real_factors(self, pid))
+        with parametrize.cached():
+            outs = [model(x) for x in batches]
+    assert builds == [22]  # one batched build of all 22 layers for the whole pass
+    # each factorized layer took its factors from that build once: the 3x3 convs of 32 and 64
+    # outputs (rank 16: 16 (144 + 32) < 32 x 144 multiply-adds per position for the narrowest)
+    # and the 32 -> 64 shortcut (16 (32 + 64) < 64 x 32); in training the 32-channel ones would
+    # keep too much activation (test above), in validation nothing is kept
+    names = {id(p): name for name, _, p in parameterized_layers(model)}
+    assert [names[pid] for pid in factored] == [
+        f"blocks.{b}.conv{c}" for b in (3, 4, 5) for c in (1, 2)] + [
+        "blocks.6.conv1", "blocks.6.conv2", "blocks.6.shortcut.0", "blocks.7.conv1", "blocks.7.conv2",
+        "blocks.8.conv1", "blocks.8.conv2"]
+    for out, ref in zip(outs, expected):
+        assert relative(out, ref) < RTOL
 
 
 def test_copies_traces_and_densify_keep_working():

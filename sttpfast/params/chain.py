@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from sttpfast.linalg.householder import (
     frame_params_from_frame,
@@ -434,6 +435,11 @@ def chain_weight(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | N
     return _matmul(left, right).reshape(math.prod(layout.out_modes), -1)
 
 
+#: the name under which a layer's factors sit in ``parametrize._cache`` (torch keys its cached
+#: weights by ``(id(module), tensor name)``; this key's id is the parametrization's own)
+_FACTORS_KEY = "sttpfast.factors"
+
+
 class SpectralChain(WeightParametrization):
     """``W = U diag(s) V^T`` with ``U``, ``V`` tensor-train chains of Householder frames.
 
@@ -446,9 +452,6 @@ class SpectralChain(WeightParametrization):
     #: how the layer runs its input (:mod:`sttpfast.params.factorized`): "auto" (multiply-add
     #: estimate per call), "factorized" (conv V^T, then 1x1 conv U diag(g s)), "materialized"
     forward_mode: str = "auto"
-    #: the factors are built (frames, contraction), not stored: under ``parametrize.cached()``
-    #: the cached kernel is cheaper than rebuilding them per call
-    factors_built: bool = True
 
     @classmethod
     def apply_to(cls, module, rank=None, init="identity") -> None:
@@ -515,7 +518,23 @@ class SpectralChain(WeightParametrization):
     def _built(self, form: str, factors) -> Tensor | tuple[Tensor, Tensor]:
         """The weight ``(d_out, d_in)`` (``form="weight"``) or the pair ``(U diag(g s), V^T)``
         (``"factors"``): from the frame bank's batched build when a pass is open, else built
-        here, from this layer's own frames."""
+        here, from this layer's own frames.
+
+        Under ``parametrize.cached()`` (validation) the pair is built once and kept with the
+        weights torch caches there (dropped with them when the context ends), so a layer that
+        runs factorized costs one build per pass, as a materialized one does: torch caches only
+        what the parametrization's forward returns, the weight, never the factors."""
+        if form == "factors" and getattr(parametrize, "_cache_enabled", 0):
+            cache = parametrize._cache  # rebound (emptied) by torch when the context ends
+            key = (id(self), _FACTORS_KEY)
+            built = cache.get(key)
+            if built is None:
+                built = cache[key] = self._build(form, factors)
+            return built
+        return self._build(form, factors)
+
+    def _build(self, form: str, factors) -> Tensor | tuple[Tensor, Tensor]:
+        """:meth:`_built` without the validation cache."""
         bank = self.__dict__.get("frame_bank")
         built = None if bank is None else bank.weight(self) if form == "weight" else bank.factors(self)
         if built is None:

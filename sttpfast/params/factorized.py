@@ -37,10 +37,11 @@ that costs at most :data:`MEMORY_SLACK` of the layer's input and output activati
 (``P_in C_in + P_out C_out``) more: measured on wrn16_4 (bs 128, rank 32), the intermediate
 activations of the wide 32x32 stage alone raised a training step's peak to 1.11x dense.
 ``forward_mode = "factorized"`` / ``"materialized"`` forces a path. Grouped
-convs, non-zero padding modes and transposed convs always run materialized, and so, under
-``parametrize.cached()`` (validation), do layers whose factors are built rather than stored
-(``factors_built``: SVDP / STTP), in auto mode: the cached kernel costs no build, the
-factors would be rebuilt at every call.
+convs, non-zero padding modes and transposed convs always run materialized. Under
+``parametrize.cached()`` (validation) both forms are built once per pass (torch caches the
+kernel; SVDP / STTP keep their factors beside it, :meth:`~sttpfast.params.chain.SpectralChain._built`),
+so a call costs its convolutions only and auto mode compares those, without the builds
+(``flops(P_in, P_out) - flops(0, 0)``).
 """
 from __future__ import annotations
 
@@ -118,12 +119,14 @@ def uses_factorized_path(module: nn.Module, x: Tensor) -> bool:
         raise ValueError(f"forward_mode must be one of {', '.join(FORWARD_MODES)}, got {mode!r}")
     if mode != "auto":
         return mode == "factorized"
-    # parametrize.cached() is on (validation): torch keeps the flag private (2.14); without
-    # it, auto mode simply compares multiply-adds
-    if getattr(p, "factors_built", False) and getattr(parametrize, "_cache_enabled", 0):
-        return False
     p_in, p_out = _positions(module, x)
     dense, factored = p.flops(p_in, p_out)
+    # under parametrize.cached() (validation) the kernel and the factors are built once per
+    # pass, not per call: a call costs its convolutions only. torch keeps the flag private
+    # (2.14); without it, every call counts its build
+    if getattr(parametrize, "_cache_enabled", 0):
+        build_dense, build_factored = p.flops(0, 0)
+        dense, factored = dense - build_dense, factored - build_factored
     if factored >= dense:
         return False
     # train mode, not grad mode alone: a copy traced in eval mode (torch.export records with
