@@ -211,7 +211,7 @@ def test_a_cached_validation_pass_of_the_whole_model_equals_the_uncached_one(mon
         expected = [model(x) for x in batches]
         builds = []
         real = fb.build_weights
-        monkeypatch.setattr(fb, "build_weights", lambda members: builds.append(len(members)) or real(members))
+        monkeypatch.setattr(fb, "build_weights", lambda members, plans=None: builds.append(len(members)) or real(members, plans))
         factored = []
         real_factors = fb.BatchedBuild.factors
         monkeypatch.setattr(fb.BatchedBuild, "factors", lambda self, pid: factored.append(pid) or real_factors(self, pid))

@@ -172,7 +172,7 @@ handler.emit = notes.append
 logging.getLogger("sttpfast.params.frame_bank").addHandler(handler)
 logging.getLogger("sttpfast.params.frame_bank").setLevel(logging.INFO)
 real_build = frame_bank.build_weights
-frame_bank.build_weights = lambda members: builds.append(len(members)) or real_build(members)
+frame_bank.build_weights = lambda members, plans=None: builds.append(len(members)) or real_build(members, plans)
 g = torch.Generator().manual_seed(1)
 x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)  # the global batch
 out = {}

@@ -36,8 +36,8 @@ def spy_on_builds(bank, monkeypatch):
 
     calls, real = [], fb.build_weights
 
-    def build(members):
-        out = real(members)
+    def build(members, plans=None):
+        out = real(members, plans)
         calls.append(len(members))
         return out
 
@@ -127,3 +127,25 @@ def test_generator_and_discriminator_have_separate_banks(monkeypatch):
     with torch.no_grad():
         gan["D"](gan["G"](torch.randn(2, 128)))
     assert sorted(calls) == sorted([len(g_layers), 11])  # each network built its own, once
+
+
+def test_the_build_plan_is_made_once_and_redone_when_the_factors_change_dtype():
+    """A bank keeps the grouping of each member list (BuildPlan) between builds; a change of
+    the factors' dtype (or device) makes a new one, and a copy starts without any."""
+    model, plain = resnet_pair()
+    bank = frame_bank_of(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+        (key, plan), = bank._plans.items()  # the root's scope: all 22 layers, one plan
+        assert len(key) == 22 and len(plan.slots) == 22
+        assert {lkey[1] for lkey in plan.layouts} == {torch.float64}
+        first = model(x)
+        assert bank._plans == {key: plan}  # reused: the same object
+        model.float(), plain.float()
+        out = model(x.float())
+        (again,) = bank._plans.values()
+        assert again is not plan and {lkey[1] for lkey in again.layouts} == {torch.float32}
+        assert torch.allclose(out, plain(x.float()), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(out.double(), first, rtol=1e-4, atol=1e-5)
+        assert frame_bank_of(copy.deepcopy(model))._plans == {}

@@ -16,6 +16,10 @@ mostly fixed overhead. The bank builds the weights of many layers together:
      (:mod:`sttpfast.params.factorized`; :func:`~sttpfast.params.chain.factor_operands`):
      such a layer never pays the final ``d_out x d_in`` product.
 
+   Which layers share a layout and which frames share a WY call depends on the layouts and
+   the factors' dtype and device only: the bank works it out once per member list
+   (:class:`BuildPlan`) and a build per step does the tensor work alone.
+
    A layout's members usually take the same path (same shape, same input size); when they
    do not, both forms are contracted for the whole layout, so what a layer gets does not
    depend on which layer asked first (the bits stay those of the same batched calls).
@@ -80,7 +84,7 @@ from torch.profiler import record_function
 from sttpfast.linalg.householder import householder_frame
 from sttpfast.params.layers import factors_of, parameterized_layers
 
-__all__ = ["FrameBank", "attach_frame_bank", "detach_frame_bank", "frame_bank_of"]
+__all__ = ["BuildPlan", "FrameBank", "attach_frame_bank", "detach_frame_bank", "frame_bank_of"]
 
 _ATTR = "_sttpfast_frame_bank"
 _log = logging.getLogger(__name__)
@@ -135,12 +139,14 @@ class FrameBank:
         self._said_sharded = False  # the FSDP2 note is logged once per bank
         self._loose: dict[int, BatchedBuild] = {}  # the loose pass: layers not handed out yet
         self._loose_state: tuple = ()  # (grad mode, {id: factor versions}, [spent]) of its build
+        self._plans: dict = {}  # BuildPlan per member list (ids), reused while it matches
 
     def __getstate__(self):
         # deepcopy / pickle: a loose pass's weights are non-leaf tensors (not copyable) and
         # belong to the original's graph; the copy starts without one
         state = dict(self.__dict__)
         state["_loose"], state["_loose_state"] = {}, ()
+        state["_plans"] = {}  # keyed by the original's ids: the copy makes its own
         return state
 
     def __setstate__(self, state):
@@ -211,7 +217,7 @@ class FrameBank:
             # the label lets a profile tell the weight build from the layers' own work
             with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
                     record_function("sttpfast.weight_build"):
-                build = build_weights(members)
+                build = build_weights(members, self._plans)
             self._weights.update(dict.fromkeys(build.ids, build))
         return self._weights.get(key)
 
@@ -227,7 +233,7 @@ class FrameBank:
                 return None
             with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
                     record_function("sttpfast.weight_build"):
-                build = build_weights(members)
+                build = build_weights(members, self._plans)
             spent = [False]
 
             def watch(tensor: Tensor) -> None:  # a backward through it frees the shared build graph
@@ -285,31 +291,98 @@ def _first_factor(layer: nn.Module) -> Tensor | None:
     return next((t for t in plist._parameters.values() if t is not None and t.numel()), None)
 
 
+class BuildPlan:
+    """What a batched build of one member list does with the members' factors, worked out once:
+    which layers share a layout, which frames share a WY call, where each frame's factors sit
+    in its layer's flat factor tuple. It depends on the layouts (fixed per parametrization),
+    and on the factors' dtype and device (:meth:`matches`), never on their values, so a bank
+    keeps one per member list and a build per step pays only the tensor work and a lookup.
+
+    Attributes:
+        layouts: ``{layout key: [member index]}``, a layout key being ``(ChainLayout, dtype,
+            device)``; members in member order.
+        slots: ``[(layout key, index in its layout)]`` per member.
+        frame_calls: one entry per WY call: ``[(frame key, [(member, bottom index, top index
+            or None)])]``, frame keys of ascending rows (the call pads to the last one's).
+        blocks: ``{frame key: [frames per (layout, core) block]}``, in stacking order.
+        where: ``{(layout key, core index): (frame key, block index)}``.
+    """
+
+    def __init__(self, members: list[tuple[nn.Module, nn.Module]], flats: list[tuple[Tensor, ...]]):
+        from sttpfast.params.chain import ChainFactors
+
+        self.layout_of = [p.layout for _, p in members]  # held: the identity check of matches()
+        self.signature = _signature(members, flats)
+        layouts = defaultdict(list)
+        for i, ((_, p), flat) in enumerate(zip(members, flats)):
+            first = flat[_first_bottom(p.layout)]
+            layouts[(p.layout, first.dtype, first.device)].append(i)
+        self.layouts = dict(layouts)
+        self.slots = [None] * len(members)
+        for lkey, group in self.layouts.items():
+            for j, i in enumerate(group):
+                self.slots[i] = (lkey, j)
+        # a (layout, core) block is a contiguous run of its frame shape's stack
+        items = defaultdict(list)  # frame key -> [(member, bottom index, top index)]
+        self.blocks = defaultdict(list)
+        self.where = {}
+        for lkey, group in self.layouts.items():
+            # the flat index of every core's bottom and top (unpack works on indices too)
+            cores = ChainFactors.unpack(lkey[0], range(len(flats[group[0]]))).cores
+            for k, core in enumerate(lkey[0].cores):
+                fkey = (core.rows, core.cols, core.reduced, lkey[1], lkey[2])
+                self.where[lkey, k] = (fkey, len(self.blocks[fkey]))
+                self.blocks[fkey].append(len(group))
+                items[fkey].extend((i, cores[k].bottom, cores[k].top) for i in group)
+        self.frame_calls = [[(fkey, items[fkey]) for fkey in fkeys]
+                            for fkeys in _frame_groups({fkey: len(v) for fkey, v in items.items()})]
+
+    def matches(self, members: list[tuple[nn.Module, nn.Module]], flats: list[tuple[Tensor, ...]]) -> bool:
+        """Whether the plan holds for ``members`` now: the same layouts, dtypes and devices."""
+        return (len(members) == len(self.layout_of)
+                and all(p.layout is layout for (_, p), layout in zip(members, self.layout_of))
+                and _signature(members, flats) == self.signature)
+
+
+def _first_bottom(layout) -> int:
+    """Flat index of core 0's ``bottom`` (after the spectrum, when learned)."""
+    return 1 if layout.learned else 0
+
+
+def _signature(members, flats) -> tuple:
+    """(dtype, device) of every member's first frame factor: what a plan's grouping reads."""
+    return tuple((f[i].dtype, f[i].device) for f, i in
+                 zip(flats, (_first_bottom(p.layout) for _, p in members)))
+
+
 class BatchedBuild:
     """One batched build of chain layers (module docstring): the frames, one WY call per frame
     shape, made at once; per layout, the contraction to each layer's weight or to its factors,
     batched over the layout, the first time one of its layers asks for that form."""
 
-    def __init__(self, members: list[tuple[nn.Module, nn.Module]]):
+    def __init__(self, members: list[tuple[nn.Module, nn.Module]], plans: dict | None = None):
         from sttpfast.params.chain import scaled_spectrum
 
         self.ids = [id(p) for _, p in members]
-        self.device = factors_of(members[0][0])[0].device
+        flats = [factors_of(layer) for layer, _ in members]
+        key = tuple(self.ids)
+        plan = None if plans is None else plans.get(key)
+        if plan is None or not plan.matches(members, flats):
+            plan = BuildPlan(members, flats)
+            if plans is not None:
+                plans[key] = plan
+        self.device = flats[0][0].device
         #: called on every tensor handed out (the loose pass watches their backward)
         self.on_hand_out = None
-        layouts = defaultdict(list)
-        for layer, p in members:
-            factors = p.chain_factors(factors_of(layer))
-            key = (p.layout, factors.cores[0].bottom.dtype, factors.cores[0].bottom.device)
-            layouts[key].append((id(p), factors, p.gain))
-        frames = _batched_frames(layouts)
+        frames = _batched_frames(plan, flats)
         self._groups = {}  # layout key -> (layout, frames per core (B, rows, cols), g s (B, r))
-        self._slot = {}  # id(parametrization) -> (layout key, index in its layout)
-        for lkey, group in layouts.items():
-            raw = torch.stack([f.spectrum for _, f, _ in group]) if lkey[0].learned else None
-            spectrum = scaled_spectrum(raw, torch.stack([gain for _, _, gain in group]), lkey[0].rank)
-            self._groups[lkey] = (lkey[0], frames[lkey], spectrum)
-            self._slot.update({pid: (lkey, i) for i, (pid, _, _) in enumerate(group)})
+        for lkey, group in plan.layouts.items():
+            layout = lkey[0]
+            raw = torch.stack([flats[i][0] for i in group]) if layout.learned else None
+            gains = torch.stack([members[i][1]._buffers["gain"] for i in group])
+            spectrum = scaled_spectrum(raw, gains, layout.rank)
+            self._groups[lkey] = (layout, frames[lkey], spectrum)
+        self._slot = dict(zip(self.ids, plan.slots))  # id(parametrization) -> (layout key, index in it)
         self._contracted = {}  # (layout key, form) -> per-layer operand pairs
 
     def _operands(self, pid: int, form: str) -> tuple[Tensor, Tensor]:
@@ -342,44 +415,34 @@ class BatchedBuild:
         return self._handed(u), self._handed(v_t)
 
 
-def build_weights(members: list[tuple[nn.Module, nn.Module]]) -> BatchedBuild:
+def build_weights(members: list[tuple[nn.Module, nn.Module]], plans: dict | None = None) -> BatchedBuild:
     """The batched build of chain layers ``(layer, parametrization)``: every weight or factor
     pair it hands out (:meth:`BatchedBuild.weight`, :meth:`BatchedBuild.factors`) comes from
-    the same batched calls."""
-    return BatchedBuild(members)
+    the same batched calls. ``plans`` (a bank's) keeps the :class:`BuildPlan` of each member
+    list between builds."""
+    return BatchedBuild(members, plans)
 
 
-def _batched_frames(layouts: dict) -> dict:
-    """``{layout key: [frames of core k, (B, rows, cols)]}`` of the grouped chains ``layouts``
-    (``{layout key: [(id, ChainFactors, gain)]}``), one WY call per group of frame shapes
-    (:func:`_frame_groups`)."""
-    # a (layout, core) block is a contiguous run of its frame shape's stack
-    shape_items = defaultdict(list)  # frame key -> [CoreFactors]
-    blocks = defaultdict(list)  # frame key -> rows of each (layout, core) block, in order
-    where = {}  # (layout key, core index) -> (frame key, block index)
-    for lkey, group in layouts.items():
-        for k, core in enumerate(lkey[0].cores):
-            fkey = (core.rows, core.cols, core.reduced, lkey[1], lkey[2])
-            where[lkey, k] = (fkey, len(blocks[fkey]))
-            blocks[fkey].append(len(group))
-            shape_items[fkey].extend(factors.cores[k] for _, factors, _ in group)
+def _batched_frames(plan: BuildPlan, flats: list[tuple[Tensor, ...]]) -> dict:
+    """``{layout key: [frames of core k, (B, rows, cols)]}`` of the plan's layouts, one WY call
+    per entry of ``plan.frame_calls``, from the members' flat factors ``flats``."""
     built = {}  # frame key -> its frames, one tensor per block
-    for fkeys in _frame_groups({fkey: len(items) for fkey, items in shape_items.items()}):
-        rows = fkeys[-1][0]  # ascending: the group's frames are padded to its largest
+    for call in plan.frame_calls:
+        rows = call[-1][0][0]  # ascending: the call's frames are padded to its largest
         bottoms, tops = [], []
-        for fkey in fkeys:
-            stacked = torch.stack([c.bottom for c in shape_items[fkey]])
+        for fkey, items in call:
+            stacked = torch.stack([flats[i][b] for i, b, _ in items])
             # zero rows below a frame's own: its reflectors, and so its first rows, are the same
             bottoms.append(stacked if fkey[0] == rows else F.pad(stacked, (0, 0, 0, rows - fkey[0])))
             if not fkey[2]:
-                tops.append(torch.stack([c.top for c in shape_items[fkey]]))
+                tops.append(torch.stack([flats[i][t] for i, _, t in items]))
         frames = householder_frame(_cat(bottoms), _cat(tops) if tops else None)
         # one split, not a slice per block: a slice's backward writes zeros of the whole stack
-        parts = frames.split([len(shape_items[fkey]) for fkey in fkeys]) if len(fkeys) > 1 else (frames,)
-        for fkey, part in zip(fkeys, parts):
-            built[fkey] = (part if fkey[0] == rows else part[:, :fkey[0]]).split(blocks[fkey])
-    return {lkey: [built[fkey][i] for fkey, i in (where[lkey, k] for k in range(len(lkey[0].cores)))]
-            for lkey in layouts}
+        parts = frames.split([len(items) for _, items in call]) if len(call) > 1 else (frames,)
+        for (fkey, _), part in zip(call, parts):
+            built[fkey] = (part if fkey[0] == rows else part[:, :fkey[0]]).split(plan.blocks[fkey])
+    return {lkey: [built[fkey][i] for fkey, i in (plan.where[lkey, k] for k in range(len(lkey[0].cores)))]
+            for lkey in plan.layouts}
 
 
 def _cat(tensors: list[Tensor]) -> Tensor:
