@@ -86,3 +86,16 @@ def test_results_is_refused_with_vit(quality, trained, tmp_path, capsys):
     # (argparse names the program after sys.argv[0]: pytest's here)
     assert capsys.readouterr().err.splitlines()[-1].split(": ", 1)[1] == (
         "error: --results keeps the classification table's runs; --vit runs without it")
+
+
+def test_the_committed_converged_runs_are_read_back_under_the_default_budget(quality, trained, tmp_path):
+    """bench/results/quality.jsonl (the README's converged piece) is reused by the default
+    budget: that piece's table comes out without training anything."""
+    committed = ROOT / "bench" / "results" / "quality.jsonl"
+    results = tmp_path / "runs.jsonl"
+    results.write_text(committed.read_text())
+    args = _args(results, subset=0, epochs=15, seeds=[0])
+    rows, _, runs = quality.classification_rows(args)
+    assert trained == [] and (runs.trained, runs.reused) == (0, 2)
+    assert rows == [["dense", "-", "-", "100.00", "93.91", "93.91", "3259"],
+                    ["sttp-r", "10", "14", "10.00", "92.69", "92.69", "3397"]]
