@@ -302,6 +302,8 @@ class BuildPlan:
         layouts: ``{layout key: [member index]}``, a layout key being ``(ChainLayout, dtype,
             device)``; members in member order.
         slots: ``[(layout key, index in its layout)]`` per member.
+        indices: per member, its :class:`~sttpfast.params.chain.ChainFactors` of flat indices
+            (where the spectrum and each core's bottom and top sit in its factor tuple).
         frame_calls: one entry per WY call: ``[(frame key, [(member, bottom index, top index
             or None)])]``, frame keys of ascending rows (the call pads to the last one's).
         blocks: ``{frame key: [frames per (layout, core) block]}``, in stacking order.
@@ -312,11 +314,13 @@ class BuildPlan:
         from sttpfast.params.chain import ChainFactors
 
         self.layout_of = [p.layout for _, p in members]  # held: the identity check of matches()
-        self.signature = _signature(members, flats)
+        # per member, the flat index of its spectrum (or None) and of every core's bottom and
+        # top: ChainFactors.unpack on indices instead of tensors
+        self.indices = [ChainFactors.unpack(p.layout, range(len(flat))) for (_, p), flat in zip(members, flats)]
+        self.signature = self._signature(flats)
         layouts = defaultdict(list)
-        for i, ((_, p), flat) in enumerate(zip(members, flats)):
-            first = flat[_first_bottom(p.layout)]
-            layouts[(p.layout, first.dtype, first.device)].append(i)
+        for i, (layout, (dtype, device)) in enumerate(zip(self.layout_of, self.signature)):
+            layouts[(layout, dtype, device)].append(i)
         self.layouts = dict(layouts)
         self.slots = [None] * len(members)
         for lkey, group in self.layouts.items():
@@ -327,32 +331,25 @@ class BuildPlan:
         self.blocks = defaultdict(list)
         self.where = {}
         for lkey, group in self.layouts.items():
-            # the flat index of every core's bottom and top (unpack works on indices too)
-            cores = ChainFactors.unpack(lkey[0], range(len(flats[group[0]]))).cores
             for k, core in enumerate(lkey[0].cores):
                 fkey = (core.rows, core.cols, core.reduced, lkey[1], lkey[2])
                 self.where[lkey, k] = (fkey, len(self.blocks[fkey]))
                 self.blocks[fkey].append(len(group))
-                items[fkey].extend((i, cores[k].bottom, cores[k].top) for i in group)
+                items[fkey].extend((i, *self.indices[i].cores[k]) for i in group)
         self.frame_calls = [[(fkey, items[fkey]) for fkey in fkeys]
                             for fkeys in _frame_groups({fkey: len(v) for fkey, v in items.items()})]
+
+    def _signature(self, flats: list[tuple[Tensor, ...]]) -> tuple:
+        """(dtype, device) of every member's first frame factor (core 0's bottom): what the
+        grouping reads of the tensors."""
+        return tuple((flat[ix.cores[0].bottom].dtype, flat[ix.cores[0].bottom].device)
+                     for flat, ix in zip(flats, self.indices))
 
     def matches(self, members: list[tuple[nn.Module, nn.Module]], flats: list[tuple[Tensor, ...]]) -> bool:
         """Whether the plan holds for ``members`` now: the same layouts, dtypes and devices."""
         return (len(members) == len(self.layout_of)
                 and all(p.layout is layout for (_, p), layout in zip(members, self.layout_of))
-                and _signature(members, flats) == self.signature)
-
-
-def _first_bottom(layout) -> int:
-    """Flat index of core 0's ``bottom`` (after the spectrum, when learned)."""
-    return 1 if layout.learned else 0
-
-
-def _signature(members, flats) -> tuple:
-    """(dtype, device) of every member's first frame factor: what a plan's grouping reads."""
-    return tuple((f[i].dtype, f[i].device) for f, i in
-                 zip(flats, (_first_bottom(p.layout) for _, p in members)))
+                and self._signature(flats) == self.signature)
 
 
 class BatchedBuild:
@@ -378,7 +375,7 @@ class BatchedBuild:
         self._groups = {}  # layout key -> (layout, frames per core (B, rows, cols), g s (B, r))
         for lkey, group in plan.layouts.items():
             layout = lkey[0]
-            raw = torch.stack([flats[i][0] for i in group]) if layout.learned else None
+            raw = torch.stack([flats[i][plan.indices[i].spectrum] for i in group]) if layout.learned else None
             gains = torch.stack([members[i][1]._buffers["gain"] for i in group])
             spectrum = scaled_spectrum(raw, gains, layout.rank)
             self._groups[lkey] = (layout, frames[lkey], spectrum)
