@@ -239,8 +239,13 @@ class Checkpointer(Callback):
         return Path(getattr(self.learn, "run_dir", None) or self.learn.path) / "checkpoints"
 
     # -- saving ---------------------------------------------------------------------------
-    def _save(self, pointers: tuple[str, ...], epoch: int, skip: int, loader_rng: dict) -> None:
-        """Write a complete ``ckpt-STEP`` folder, then point ``pointers`` (``last``, ``best``) at it."""
+    def _save(self, pointers: tuple[str, ...], epoch: int, skip: int, loader_rng: dict,
+              validated: bool = False) -> None:
+        """Write a complete ``ckpt-STEP`` folder, then point ``pointers`` (``last``, ``best``) at it.
+
+        ``validated``: written after the epoch's validation (``after_epoch``). A checkpoint
+        taken after a step is not, even at the last step of the budget: a resume from it
+        still runs that epoch's validation, so the run ends with its real final metrics."""
         if getattr(self.learn, "nan_step", None) is not None:
             return
         model = unwrap_model(self.learn.model)
@@ -261,7 +266,7 @@ class Checkpointer(Callback):
             rng_tensors["recorder.smooth_loss"] = smooth
         meta = {"epoch": epoch, "skip": skip, "train_iter": train_iter, "best": self.best,
                 "monitor": self.monitor, "optimizer": opt_meta, "rng": rng_meta, "recorder": recorder,
-                "metrics": self._last_metrics(), "threads": torch.get_num_threads()}
+                "metrics": self._last_metrics(), "validated": validated, "threads": torch.get_num_threads()}
         files = {
             "model.safetensors": lambda path: save_parameterized(
                 model, path, metadata={"epoch": epoch, "train_iter": train_iter}, tensors=model_tensors),
@@ -328,9 +333,9 @@ class Checkpointer(Callback):
         value = self._monitored()
         if value is not None and (self.best is None or (value > self.best if self.mode == "max" else value < self.best)):
             self.best = value
-            self._save(("best", "last"), epoch, skip, loader_rng)  # one folder, two names
+            self._save(("best", "last"), epoch, skip, loader_rng, validated=True)  # one folder, two names
         else:
-            self._save(("last",), epoch, skip, loader_rng)
+            self._save(("last",), epoch, skip, loader_rng, validated=True)
 
     def _monitored(self) -> float | None:
         recorder = getattr(self.learn, "recorder", None)

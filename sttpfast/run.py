@@ -129,10 +129,12 @@ def _lock_run(run_dir: Path) -> RunLock:
 
 
 def _finished(cfg: dict, meta: dict) -> bool:
-    """Whether the checkpoint ``meta`` already reached the configured budget."""
+    """Whether the checkpoint ``meta`` already reached the configured budget, the last
+    epoch's validation included (a checkpoint written after the last step, before that
+    validation, is not finished; checkpoints older than the ``validated`` flag count as)."""
     steps, epochs = cfg["optim"]["steps"], cfg["optim"]["epochs"]
     if steps is not None:
-        return meta["train_iter"] >= steps
+        return meta["train_iter"] >= steps and meta.get("validated", True)
     return meta["epoch"] >= epochs and not meta["skip"]
 
 

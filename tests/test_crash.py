@@ -85,13 +85,15 @@ KILLS = ["file-temp-written:2", "file-renamed:2",  # summary.json (the 1st file 
          "checkpoint-files:2", "checkpoint-manifest:3", "checkpoint-renamed:4", "pointer-moved:2", "pruned:3"]
 
 
-def _killed_run(cfg: dict, crash_at: str) -> int:
-    """Train ``cfg`` in a forked child that the writer kills at ``crash_at``; its wait status."""
+def _killed_run(cfg: dict, crash_at: str | None = None, cbs=()) -> int:
+    """Train ``cfg`` in a forked child that the writer kills at ``crash_at`` (or one of
+    ``cbs`` kills); its wait status."""
     pid = os.fork()
     if pid == 0:  # the child: train until the hook kills it
-        os.environ["STTPFAST_CRASH_AT"] = crash_at
+        if crash_at is not None:
+            os.environ["STTPFAST_CRASH_AT"] = crash_at
         try:
-            run_training(cfg, echo=quiet)
+            run_training(cfg, extra_cbs=cbs, echo=quiet)
         finally:
             os._exit(0)
     _, status = os.waitpid(pid, 0)
@@ -110,6 +112,33 @@ def test_a_kill_at_every_point_of_the_write_sequence_resumes_bit_identical(tmp_p
         _assert_same_run(run, resumed, reference)
         identical += 1
     assert identical == len(KILLS) == 7
+
+
+class KillInValidation(Callback):
+    """SIGKILLs the process when the validation after step ``step`` starts."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def before_validate(self):
+        if self.train_iter == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_kill_in_the_last_validation_after_the_last_steps_checkpoint_resumes_to_the_final_metrics(
+        tmp_path, reference):
+    """The budget ends mid-epoch at step 10, whose --every checkpoint is written before the
+    epoch's validation: killed in that validation, the resume validates (it does not report
+    the metrics of the epoch before)."""
+    cfg = _cfg(tmp_path, "v", STEPS, "train.checkpoint_every=5")
+    status = _killed_run(cfg, cbs=[KillInValidation(STEPS)])
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    run = tmp_path / "v"
+    assert json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"] == STEPS
+    assert not (run / "summary.json").exists()
+    resumed = run_training(resume=run, echo=quiet)
+    _assert_same_run(run, resumed, reference)
+    assert json.loads((run / "summary.json").read_text())["metrics"] == reference["metrics"]
 
 
 def test_a_torn_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, reference):

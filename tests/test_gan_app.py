@@ -130,6 +130,48 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
 
 
+class KillAtTheEndOfFit(Callback):
+    """SIGKILLs the process in ``after_fit`` at callback order ``order``: 55 is before GANMetrics
+    (60) evaluates the end of the run, 80 after the checkpoint writer (70) saved the last step."""
+
+    def __init__(self, order):
+        self.order = order
+
+    def after_fit(self):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("order", [55, 80], ids=["before-the-last-evaluation", "before-summary-json"])
+def test_a_kill_at_the_end_of_the_run_resumes_to_the_final_metrics(tmp_path, order):
+    """Step 10's --every checkpoint is written before the end-of-run evaluation. Killed before
+    that evaluation, the resume evaluates (it does not report step 9's metrics as the run's
+    last); killed after the last checkpoint, before summary.json, the resume writes the summary
+    of the uninterrupted run."""
+    sets = ["gan.d_param=sttp-r", "gan.rank=4", "train.checkpoint_every=2", "log.logger=none",
+            "gan.metrics_every=3", "gan.metrics_samples=64", "gan.extractor=offline", "gan.extractor_steps=5",
+            "gan.grid=4"]
+    whole = run_gan(_cfg(tmp_path, "whole", *sets), echo=lambda *a: None)
+    pid = os.fork()
+    if pid == 0:  # the child: killed at the end of the fit
+        try:
+            run_gan(_cfg(tmp_path, "cut", *sets), extra_cbs=[KillAtTheEndOfFit(order)], echo=lambda *a: None)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    run = tmp_path / "cut"
+    assert json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"] == 10
+    assert not (run / "summary.json").exists()
+    resumed = run_gan(resume=run, echo=lambda *a: None)
+    assert resumed["steps"] == 10
+    assert resumed["metrics"] == whole["metrics"] and resumed["best"] == whole["best"]
+    assert resumed["best"]["metric"].startswith("fid_") and resumed["best"]["metric"] in resumed["metrics"]
+    assert json.loads((run / "checkpoints/last/state.json").read_text())["metrics"]["evaluated_at"] == 10
+    assert (run / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6, 9, 10]
+
+
 def test_resume_refuses_a_classification_run(tmp_path):
     trained = _cli("train", "digits", "--arch", "resnet20_cifar", "--param", "dense", "--steps", "1", "--bs", "64",
                    "--subset", "128", "--logger", "none", "--out", tmp_path, "--name", "c", *QUIET)

@@ -73,6 +73,7 @@ class GANCheckpointer(Callback):
     def __init__(self, every: int | None = None, metrics=None, compensation=None):
         self.every, self.metrics, self.compensation = every, metrics, compensation
         self.saved_iter = None
+        self.saved_evaluation = None  # the metrics' newest evaluation step in the newest checkpoint
         self._resume = None
         self._resume_epoch = 0  # the fastai epoch a checkpoint taken now resumes in
 
@@ -99,7 +100,8 @@ class GANCheckpointer(Callback):
             opt_tensors.update({f"{name}.{k}": v for k, v in tensors.items()})
             opt_meta[name] = meta
         if not is_main_process():
-            self.saved_iter = step  # every rank skips (or saves) the same steps: the gathering is collective
+            # every rank skips (or saves) the same steps: the gathering is collective
+            self.saved_iter, self.saved_evaluation = step, self._evaluated_at()
             return step
         rng_tensors, rng_meta = _global_rng()
         if learn._rng is not None:
@@ -127,14 +129,14 @@ class GANCheckpointer(Callback):
             set_pointer(self.root, pointer, folder)
         prune_checkpoints(self.root, keep=2)
         self.saved_iter = learn.checkpoint_iter = step
+        self.saved_evaluation = self._evaluated_at()
         return step
 
     def _metrics_state(self) -> dict | None:
-        m = self.metrics
-        if m is None:
-            return None
-        return {"history": m.history, "best": m.best, "best_step": m.best_step, "values": m.values,
-                "evaluated_at": getattr(m, "_evaluated_at", None)}
+        return None if self.metrics is None else self.metrics.state()
+
+    def _evaluated_at(self) -> int | None:
+        return None if self.metrics is None else self.metrics._evaluated_at
 
     def save_interrupted(self) -> int | None:
         """Save ``last`` where Ctrl-C stopped the fit (between iterations); the step saved, or
@@ -167,7 +169,10 @@ class GANCheckpointer(Callback):
         # after GANMetrics.after_fit (lower order): an end-of-run evaluation may be the best
         step = int(self.learn.train_iter)
         best = self.metrics is not None and self.metrics.is_best and self.metrics.best_step == step
-        if self.saved_iter != step:
+        # the last step's --every checkpoint came before the end-of-run evaluation: save again,
+        # so that the newest checkpoint holds the run's final metrics (a resume from the
+        # older one evaluates again)
+        if self.saved_iter != step or self.saved_evaluation != self._evaluated_at():
             self._save(("best", "last") if best else ("last",))
         elif best and is_main_process():
             set_pointer(self.root, "best", read_pointer(self.root, "last"))
@@ -187,10 +192,7 @@ class GANCheckpointer(Callback):
             tensors = {k[len(prefix):]: v for k, v in state["optimizer"].items() if k.startswith(prefix)}
             _optimizer_from_files(opt, tensors, meta["optimizer"][name], unwrap_model(learn.model))
         if self.metrics is not None and meta.get("metrics"):
-            m = meta["metrics"]
-            self.metrics.history, self.metrics.best, self.metrics.best_step = list(m["history"]), m["best"], \
-                m["best_step"]
-            self.metrics.values = dict(m["values"])
+            self.metrics.load_state(meta["metrics"])
         if self.compensation is not None and meta.get("sr_compensations") is not None:
             running = {k[3:]: v for k, v in state["rng"].items() if k.startswith("sr.")}
             self.compensation.load_state_dict({"running_max": running, "compensations": meta["sr_compensations"]})

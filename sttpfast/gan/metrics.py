@@ -202,6 +202,7 @@ class GANMetrics(Callback):
         self.best: float | None = None
         self.best_step: int | None = None
         self.is_best = False
+        self._restored_best_name: str | None = None
 
     # --- names ---------------------------------------------------------------------------
     def metric_name(self, metric: str) -> str:
@@ -215,7 +216,23 @@ class GANMetrics(Callback):
 
     @property
     def best_name(self) -> str:
+        if self.extractor_name is None and self._restored_best_name is not None:
+            return self._restored_best_name  # a resumed run that had nothing left to evaluate
         return self.metric_name(self.best_by)
+
+    # --- checkpoint state ----------------------------------------------------------------
+    def state(self) -> dict:
+        """What a checkpoint keeps: the history, the best value, the step of the newest
+        evaluation and the best value's reported name (it names the extractor)."""
+        name = self._restored_best_name if self.extractor_name is None else self.metric_name(self.best_by)
+        return {"history": self.history, "best": self.best, "best_step": self.best_step, "values": self.values,
+                "evaluated_at": self._evaluated_at, "best_name": name}
+
+    def load_state(self, state: dict) -> None:
+        """Continue from a checkpoint's :meth:`state`."""
+        self.history, self.best, self.best_step = list(state["history"]), state["best"], state["best_step"]
+        self.values = dict(state["values"])
+        self._restored_best_name = state.get("best_name")
 
     def _history_lines(self) -> str:
         """``metrics.jsonl``: one JSON line per evaluation in ``history``, ``best`` true where it

@@ -156,7 +156,13 @@ def _build_networks(g: dict, in_chans: int):
 
 
 def _finished(cfg: dict, meta: dict) -> bool:
-    return meta["train_iter"] >= cfg["gan"]["steps"]
+    """Whether the checkpoint ``meta`` reached the G-step budget, the end-of-run evaluation
+    included when the run has metrics (a checkpoint of the last step written before that
+    evaluation is not finished; checkpoints without the record count as evaluated)."""
+    if meta["train_iter"] < cfg["gan"]["steps"]:
+        return False
+    metrics = meta.get("metrics") or {}
+    return cfg["gan"]["metrics_every"] is None or metrics.get("evaluated_at", meta["train_iter"]) == meta["train_iter"]
 
 
 def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs=(), echo=print,
