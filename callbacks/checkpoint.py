@@ -318,7 +318,9 @@ class Checkpointer(Callback):
 
     def after_batch(self):
         if self.training and self.every and self.train_iter % self.every == 0 and self._resume is None:
-            self._save(("last",), self.epoch, self.iter + 1, self._epoch_rng)
+            # batches of this epoch done: counted from the epoch's start (fastai's iter restarts
+            # at 0 after the batches a resumed epoch skipped)
+            self._save(("last",), self.epoch, int(self.learn.train_iter) - self._epoch_start_iter, self._epoch_rng)
 
     def after_epoch(self):
         if self._skipped_epoch():

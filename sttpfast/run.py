@@ -138,6 +138,30 @@ def _finished(cfg: dict, meta: dict) -> bool:
     return meta["epoch"] >= epochs and not meta["skip"]
 
 
+def finished_summary(run_dir: Path, meta: dict) -> dict | None:
+    """The run's summary.json when it was written at the checkpoint's step (the run ended
+    there); None otherwise (none yet, or one of a smaller budget, before a resume raised it)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if summary.get("steps") == meta["train_iter"] else None
+
+
+def check_budget(run_dir: Path, meta: dict, steps: int | None, epochs: int | None = None) -> None:
+    """Refuse a resume budget below what the checkpoint ``meta`` already trained (RunError)."""
+    done = meta["train_iter"]
+    if steps is not None and steps < done:
+        raise RunError(f"{run_dir} has trained {done} steps: a resume can only raise the budget "
+                       f"(--steps {steps} is below them)")
+    if epochs is not None and "skip" in meta:
+        least = meta["epoch"] + (1 if meta["skip"] else 0)  # a started epoch must be finished
+        if epochs < least:
+            where = f"into epoch {least}" if meta["skip"] else f"{least} epochs"
+            raise RunError(f"{run_dir} has trained {done} steps, {where}: a resume can only raise the budget "
+                           f"(--epochs {epochs} is below them)")
+
+
 def _raise_budget(cfg: dict, steps: int | None, epochs: int | None) -> bool:
     """Apply a larger ``steps`` / ``epochs`` to a resumed run's config; True if changed."""
     optim, changed = cfg["optim"], False
@@ -172,12 +196,14 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
             if (run_dir / "config.yaml").is_file() and is_main_rank():
                 lock = _lock_run(run_dir)  # before reading: nobody else writes while we decide
             run_dir, cfg, state = resume_config(resume, echo)
-            budget_raised = _raise_budget(cfg, steps, epochs)
             done = state["meta"]
-            if _finished(cfg, done) and (run_dir / "summary.json").is_file():
+            check_budget(run_dir, done, steps, epochs)
+            budget_raised = _raise_budget(cfg, steps, epochs)
+            finished = finished_summary(run_dir, done) if _finished(cfg, done) else None
+            if finished is not None:
                 echo(f"{run_dir} is already finished ({done['train_iter']} steps); nothing changed. "
                      "To train further, resume with a larger optim.steps / optim.epochs")
-                return {**json.loads((run_dir / "summary.json").read_text()), "already_finished": True}
+                return {**finished, "already_finished": True}
             accelerator = make_accelerator(cfg["train"]["mixed_precision"])
             threads = done.get("threads")
             if threads is not None and threads != torch.get_num_threads():

@@ -141,6 +141,80 @@ def test_a_kill_in_the_last_validation_after_the_last_steps_checkpoint_resumes_t
     assert json.loads((run / "summary.json").read_text())["metrics"] == reference["metrics"]
 
 
+class KillAfterStep(Callback):
+    """SIGKILLs the process after step ``step`` and its --every checkpoint (order 90, after the
+    Checkpointer) or in ``after_fit`` (``at_end``: after the epoch-end checkpoint)."""
+
+    order = 90
+
+    def __init__(self, step=None, at_end=False):
+        self.step, self.at_end = step, at_end
+
+    def after_batch(self):
+        if self.training and self.train_iter == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_fit(self):
+        if self.at_end:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _killed(train) -> None:
+    """Run ``train()`` in a forked child that must end SIGKILLed."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            train()
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def test_a_run_killed_twice_in_the_same_epoch_resumes_bit_identical(tmp_path, reference):
+    """Killed after step 5 (one batch into the 2nd epoch), resumed, killed after step 7: the
+    checkpoint of step 7 counts the epoch's batches from its start (3), not from the resume (2)."""
+    run = tmp_path / "twice"
+    _killed(lambda: run_training(_cfg(tmp_path, "twice", STEPS, "train.checkpoint_every=1"),
+                                 extra_cbs=[KillAfterStep(5)], echo=quiet))
+    _killed(lambda: run_training(resume=run, extra_cbs=[KillAfterStep(7)], echo=quiet))
+    state = json.loads((run / "checkpoints/last/state.json").read_text())
+    assert (state["train_iter"], state["epoch"], state["skip"]) == (7, 1, 3)
+    resumed = run_training(resume=run, echo=quiet)
+    _assert_same_run(run, resumed, reference)
+
+
+def test_a_raised_budget_killed_before_its_summary_reports_the_new_steps_not_the_old_summary(tmp_path):
+    """A finished 4-step run resumed to 8 steps and killed after the epoch-end checkpoint of
+    step 8, before summary.json: the next resume reports step 8 (the old summary says 4)."""
+    whole = tmp_path / "whole"
+    run_training(_cfg(tmp_path, "whole", 4), echo=quiet)
+    want = run_training(resume=whole, steps=8, echo=quiet)
+    run = tmp_path / "raised"
+    run_training(_cfg(tmp_path, "raised", 4), echo=quiet)
+    _killed(lambda: run_training(resume=run, steps=8, extra_cbs=[KillAfterStep(at_end=True)], echo=quiet))
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    resumed = run_training(resume=run, echo=quiet)
+    assert "already_finished" not in resumed
+    assert (resumed["steps"], resumed["metrics"]) == (8, want["metrics"])
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_a_resume_below_the_steps_already_trained_is_refused_and_changes_nothing(tmp_path):
+    run_training(_cfg(tmp_path, "low", 6), echo=quiet)
+    run = tmp_path / "low"
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"}
+    with pytest.raises(RunError) as err:
+        run_training(resume=run, steps=3, echo=quiet)
+    assert str(err.value) == (f"{run} has trained 6 steps: a resume can only raise the budget "
+                              "(--steps 3 is below them)")
+    with pytest.raises(RunError) as err:
+        run_training(resume=run, epochs=1, echo=quiet)
+    assert str(err.value) == (f"{run} has trained 6 steps, into epoch 2: a resume can only raise the budget "
+                              "(--epochs 1 is below them)")
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
+
+
 def test_a_torn_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, reference):
     status = _killed_run(_cfg(tmp_path, "torn"), "pruned:3")
     assert os.WTERMSIG(status) == signal.SIGKILL

@@ -130,6 +130,10 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
 
 
+METRICS_SETS = ["train.checkpoint_every=2", "log.logger=none", "gan.metrics_every=3", "gan.metrics_samples=64",
+                "gan.extractor=offline", "gan.extractor_steps=5", "gan.grid=4"]
+
+
 class KillAtTheEndOfFit(Callback):
     """SIGKILLs the process in ``after_fit`` at callback order ``order``: 55 is before GANMetrics
     (60) evaluates the end of the run, 80 after the checkpoint writer (70) saved the last step."""
@@ -147,9 +151,7 @@ def test_a_kill_at_the_end_of_the_run_resumes_to_the_final_metrics(tmp_path, ord
     that evaluation, the resume evaluates (it does not report step 9's metrics as the run's
     last); killed after the last checkpoint, before summary.json, the resume writes the summary
     of the uninterrupted run."""
-    sets = ["gan.d_param=sttp-r", "gan.rank=4", "train.checkpoint_every=2", "log.logger=none",
-            "gan.metrics_every=3", "gan.metrics_samples=64", "gan.extractor=offline", "gan.extractor_steps=5",
-            "gan.grid=4"]
+    sets = ["gan.d_param=sttp-r", "gan.rank=4", *METRICS_SETS]
     whole = run_gan(_cfg(tmp_path, "whole", *sets), echo=lambda *a: None)
     pid = os.fork()
     if pid == 0:  # the child: killed at the end of the fit
@@ -164,12 +166,63 @@ def test_a_kill_at_the_end_of_the_run_resumes_to_the_final_metrics(tmp_path, ord
     assert not (run / "summary.json").exists()
     resumed = run_gan(resume=run, echo=lambda *a: None)
     assert resumed["steps"] == 10
-    assert resumed["metrics"] == whole["metrics"] and resumed["best"] == whole["best"]
+    # the rank check runs at the end of a fit: the resume after the last checkpoint fits nothing
+    apart = ("run_dir", "checkpoint", "seconds", "ranks_in_sync")
+    assert {k: v for k, v in resumed.items() if k not in apart} == {k: v for k, v in whole.items() if k not in apart}
+    assert (whole["ranks_in_sync"], resumed["ranks_in_sync"]) == (True, True if order == 55 else None)
     assert resumed["best"]["metric"].startswith("fid_") and resumed["best"]["metric"] in resumed["metrics"]
     assert json.loads((run / "checkpoints/last/state.json").read_text())["metrics"]["evaluated_at"] == 10
     assert (run / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6, 9, 10]
+
+
+def test_a_finished_run_whose_last_checkpoint_precedes_its_final_evaluation_stays_finished(tmp_path, monkeypatch):
+    """Runs written before the end-of-run evaluation was checkpointed (emulated: no save after
+    it) are finished by their summary.json: a resume changes nothing."""
+    from sttpfast.gan.checkpoint import GANCheckpointer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(GANCheckpointer, "_evaluated_at", lambda self: None)
+        run_gan(_cfg(tmp_path, "old", *METRICS_SETS), echo=lambda *a: None)
+    run = tmp_path / "old"
+    assert json.loads((run / "checkpoints/last/state.json").read_text())["metrics"]["evaluated_at"] == 9
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"}
+    again = run_gan(resume=run, echo=lambda *a: None)
+    assert again["already_finished"] is True
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
+
+
+def test_a_raised_budget_killed_before_its_summary_reports_the_new_steps(tmp_path):
+    whole = tmp_path / "whole"
+    run_gan(_cfg(tmp_path, "whole", "gan.steps=4", "log.logger=none"), echo=lambda *a: None)
+    want = run_gan(resume=whole, steps=8, echo=lambda *a: None)
+    run = tmp_path / "raised"
+    run_gan(_cfg(tmp_path, "raised", "gan.steps=4", "log.logger=none"), echo=lambda *a: None)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            run_gan(resume=run, steps=8, extra_cbs=[KillAtTheEndOfFit(80)], echo=lambda *a: None)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    resumed = run_gan(resume=run, echo=lambda *a: None)
+    assert "already_finished" not in resumed
+    apart = ("run_dir", "checkpoint", "seconds", "ranks_in_sync")  # the resume fits nothing: no rank check
+    assert {k: v for k, v in resumed.items() if k not in apart} == {k: v for k, v in want.items() if k not in apart}
+    assert (resumed["steps"], resumed["ranks_in_sync"]) == (8, None)
+
+
+def test_a_resume_below_the_steps_already_trained_is_refused(tmp_path):
+    run_gan(_cfg(tmp_path, "low", "gan.steps=4", "log.logger=none"), echo=lambda *a: None)
+    run = tmp_path / "low"
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"}
+    result = _cli("gan", "--resume", run, "--steps", "2")
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"Error: {run} has trained 4 steps: a resume can only raise the budget "
+                                     "(--steps 2 is below them)")
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
 
 
 def test_resume_refuses_a_classification_run(tmp_path):

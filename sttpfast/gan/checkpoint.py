@@ -116,6 +116,9 @@ class GANCheckpointer(Callback):
                 "latent_device": None if learn._rng is None else learn._rng.device.type,
                 "optimizer": opt_meta, "rng": rng_meta, "metrics": self._metrics_state(),
                 "sr_compensations": None if self.compensation is None else self.compensation.compensations,
+                # the step's last losses: the summary of a resume with nothing left to train
+                "losses": {name: None if loss is None else float(loss)
+                           for name, loss in (("g", getattr(learn, "loss_g", None)), ("d", getattr(learn, "loss_d", None)))},
                 "threads": torch.get_num_threads()}
         files = {
             "model.safetensors": lambda path: save_parameterized(pair, path, metadata={"train_iter": step, "app": APP},
@@ -217,6 +220,8 @@ class GANCheckpointer(Callback):
         learn = self.learn
         self._resume = None
         learn.train_iter, learn.d_iter = int(meta["train_iter"]), int(meta["d_iter"])
+        losses = meta.get("losses") or {}  # what the summary reports if nothing is left to train
+        learn.loss_g, learn.loss_d = (None if losses.get(k) is None else torch.tensor(losses[k]) for k in ("g", "d"))
         if "latent" in rng:
             learn.generator_rng(meta["latent_device"] or "cpu").set_state(rng["latent"])
         loader = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("loader.")}

@@ -42,7 +42,7 @@ from torchvision.utils import save_image
 
 from sttpfast.atomic import write_file
 from sttpfast.callbacks._util import is_main_process, log_image, log_scalars, positive_steps, run_dir, unwrap_model
-from sttpfast.gan.extractor import register_offline_extractor, train_offline_extractor
+from sttpfast.gan.extractor import DEFAULT_ARCH, extractor_name, register_offline_extractor, train_offline_extractor
 
 __all__ = ["GANMetrics", "ImageSet", "fidelity_metrics", "inception_weights", "to_uint8_rgb", "METRICS",
            "INCEPTION", "INCEPTION_WEIGHTS_FILE"]
@@ -202,37 +202,37 @@ class GANMetrics(Callback):
         self.best: float | None = None
         self.best_step: int | None = None
         self.is_best = False
-        self._restored_best_name: str | None = None
+        self._evaluated_at: int | None = None  # the G step of the newest evaluation
 
     # --- names ---------------------------------------------------------------------------
     def metric_name(self, metric: str) -> str:
         """The reported name of ``metric`` (``fid`` -> ``fid`` or ``fid_<extractor>``)."""
         if self.extractor_name == INCEPTION:
             return metric
-        if self.extractor_name is None:
-            raise ValueError("the offline extractor is built at the start of fit; its names are not known yet")
+        name = self.extractor_name
+        if name is None:  # not built yet (a resumed run with nothing left to do): the name it gets
+            dls = getattr(getattr(self, "learn", None), "dls", None)
+            if dls is None:
+                raise ValueError("the offline extractor is built at the start of fit; its names are not known yet")
+            name = extractor_name(self.extractor_kwargs.get("arch", DEFAULT_ARCH), str(getattr(dls, "dataset_name", "data")))
         base, _, std = metric.partition("_")
-        return f"{base}_{self.extractor_name}" + (f"_{std}" if std else "")
+        return f"{base}_{name}" + (f"_{std}" if std else "")
 
     @property
     def best_name(self) -> str:
-        if self.extractor_name is None and self._restored_best_name is not None:
-            return self._restored_best_name  # a resumed run that had nothing left to evaluate
         return self.metric_name(self.best_by)
 
     # --- checkpoint state ----------------------------------------------------------------
     def state(self) -> dict:
-        """What a checkpoint keeps: the history, the best value, the step of the newest
-        evaluation and the best value's reported name (it names the extractor)."""
-        name = self._restored_best_name if self.extractor_name is None else self.metric_name(self.best_by)
+        """What a checkpoint keeps: the history, the best value and the step of the newest
+        evaluation."""
         return {"history": self.history, "best": self.best, "best_step": self.best_step, "values": self.values,
-                "evaluated_at": self._evaluated_at, "best_name": name}
+                "evaluated_at": self._evaluated_at}
 
     def load_state(self, state: dict) -> None:
         """Continue from a checkpoint's :meth:`state`."""
         self.history, self.best, self.best_step = list(state["history"]), state["best"], state["best_step"]
         self.values = dict(state["values"])
-        self._restored_best_name = state.get("best_name")
 
     def _history_lines(self) -> str:
         """``metrics.jsonl``: one JSON line per evaluation in ``history``, ``best`` true where it
@@ -251,7 +251,7 @@ class GANMetrics(Callback):
         self.is_best = False
         if self.extractor == "offline" and self.extractor_name is None:
             kwargs = dict(self.extractor_kwargs)
-            arch = kwargs.pop("arch", "resnet20_cifar")
+            arch = kwargs.pop("arch", DEFAULT_ARCH)
             path = run_dir(self.learn) / "extractor.safetensors"
             sharded, dl = self._sharded(), self.dls.train
             if is_main_process():

@@ -40,7 +40,7 @@ from sttpfast.callbacks._util import log_scalars
 from sttpfast.config import save_config
 from sttpfast.processes import is_main_rank
 from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _lock_run, _save_interrupted,
-                          check_output, prepare_run_dir, resume_config)
+                          check_budget, check_output, finished_summary, prepare_run_dir, resume_config)
 
 __all__ = ["run_gan", "gan_run_name", "check_gan_config", "check_fsdp2", "GANLossLogger", "SR"]
 
@@ -157,8 +157,8 @@ def _build_networks(g: dict, in_chans: int):
 
 def _finished(cfg: dict, meta: dict) -> bool:
     """Whether the checkpoint ``meta`` reached the G-step budget, the end-of-run evaluation
-    included when the run has metrics (a checkpoint of the last step written before that
-    evaluation is not finished; checkpoints without the record count as evaluated)."""
+    included when the run has metrics: a checkpoint of the last step written before that
+    evaluation is not finished (a run that ended has its summary.json: see finished_summary)."""
     if meta["train_iter"] < cfg["gan"]["steps"]:
         return False
     metrics = meta.get("metrics") or {}
@@ -183,13 +183,17 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
             run_dir, cfg, state = resume_config(resume, echo)
             if state["meta"].get("app") != "gan":
                 raise RunError(f"{run_dir} is not a GAN run; resume it with: sttpfast train --resume {run_dir}")
+            check_budget(run_dir, state["meta"], steps)
             budget_raised = steps is not None and steps != cfg["gan"]["steps"]
             if budget_raised:
                 cfg["gan"]["steps"] = int(steps)
-            if _finished(cfg, state["meta"]) and (run_dir / "summary.json").is_file():
+            # summary.json of this very step: the run ended here (its checkpoint may predate
+            # the end-of-run evaluation in runs from before that was checkpointed)
+            finished = finished_summary(run_dir, state["meta"])
+            if state["meta"]["train_iter"] >= cfg["gan"]["steps"] and finished is not None:
                 echo(f"{run_dir} is already finished ({state['meta']['train_iter']} G steps); nothing changed. "
                      "To train further, resume with a larger --steps")
-                return {**json.loads((run_dir / "summary.json").read_text()), "already_finished": True}
+                return {**finished, "already_finished": True}
         else:
             budget_raised = False
             check_gan_config(cfg)
@@ -319,7 +323,13 @@ def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, s
 
 def _summary(learn, cfg, run_dir: Path, seconds: float, processes: int, metrics, state) -> dict:
     meta = (state or {}).get("meta", {})
-    steps = int(getattr(learn, "train_iter", 0)) or int(meta.get("train_iter", 0))
+    steps = int(getattr(learn, "train_iter", 0))
+    # a resume with nothing left to train (killed after its last checkpoint): the checkpoint's
+    # counts and losses
+    d_steps, loss_g, loss_d = int(getattr(learn, "d_iter", 0)), _float(learn.loss_g), _float(learn.loss_d)
+    if not steps and meta:
+        losses = meta.get("losses") or {}
+        steps, d_steps, loss_g, loss_d = int(meta["train_iter"]), int(meta["d_iter"]), losses.get("g"), losses.get("d")
     rg, rd = learn.compression_g, learn.compression_d
     best = None
     if metrics is not None and metrics.best is not None:
@@ -331,8 +341,8 @@ def _summary(learn, cfg, run_dir: Path, seconds: float, processes: int, metrics,
         "g_z_percent": round(rg.z, 4), "d_z_percent": round(rd.z, 4),
         "g_params": rg.compressed_total, "g_params_dense": rg.dense_total,
         "d_params": rd.compressed_total, "d_params_dense": rd.dense_total,
-        "steps": steps, "d_steps": int(getattr(learn, "d_iter", 0)), "seconds": round(seconds, 2),
-        "processes": processes, "loss_g": _float(learn.loss_g), "loss_d": _float(learn.loss_d),
+        "steps": steps, "d_steps": d_steps, "seconds": round(seconds, 2),
+        "processes": processes, "loss_g": loss_g, "loss_d": loss_d,
         "metrics": dict(metrics.values) if metrics is not None else {}, "best": best,
         "ranks_in_sync": getattr(learn, "ranks_in_sync", None),
         "nan_step": getattr(learn, "nan_step", None),
