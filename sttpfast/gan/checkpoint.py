@@ -139,7 +139,7 @@ class GANCheckpointer(Callback):
         return None if self.metrics is None else self.metrics.state()
 
     def _evaluated_at(self) -> int | None:
-        return None if self.metrics is None else self.metrics._evaluated_at
+        return None if self.metrics is None else self.metrics.evaluated_at
 
     def save_interrupted(self) -> int | None:
         """Save ``last`` where Ctrl-C stopped the fit (between iterations); the step saved, or

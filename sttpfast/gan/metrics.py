@@ -223,6 +223,11 @@ class GANMetrics(Callback):
         return self.metric_name(self.best_by)
 
     # --- checkpoint state ----------------------------------------------------------------
+    @property
+    def evaluated_at(self) -> int | None:
+        """The G step of the newest evaluation in this fit (None before the first)."""
+        return self._evaluated_at
+
     def state(self) -> dict:
         """What a checkpoint keeps: the history, the best value and the step of the newest
         evaluation."""
