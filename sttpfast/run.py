@@ -169,8 +169,10 @@ def _raise_budget(cfg: dict, steps: int | None, epochs: int | None) -> bool:
         optim["steps"], changed = steps, True
     if epochs is not None and epochs != optim["epochs"]:
         optim["epochs"], changed = epochs, True
-        if steps is None:
-            optim["steps"] = None  # an epoch budget replaces a step budget
+    if epochs is not None and steps is None and optim["steps"] is not None:
+        # an epoch budget replaces a step budget (also when it equals the config's epochs,
+        # which a step budget ignores)
+        optim["steps"], changed = None, True
     return changed
 
 

@@ -215,6 +215,25 @@ def test_a_resume_below_the_steps_already_trained_is_refused_and_changes_nothing
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
 
 
+def test_epochs_on_resume_replace_a_step_budget_even_when_equal_to_the_configs_epochs(tmp_path):
+    """A 6-step run (its config keeps the default 10 epochs) resumed with --epochs 10 trains
+    10 epochs (it was reported 'already finished', still on its 6 steps); --epochs 1 after
+    the 2nd epoch is refused."""
+    run_training(_cfg(tmp_path, "e", 6), echo=quiet)
+    run = tmp_path / "e"
+    assert build_config(overrides=[])[0]["optim"]["epochs"] == 10
+    resumed = run_training(resume=run, epochs=3, echo=quiet)
+    assert "already_finished" not in resumed and resumed["steps"] == 12
+    with pytest.raises(RunError) as err:
+        run_training(resume=run, epochs=2, echo=quiet)
+    assert str(err.value) == (f"{run} has trained 12 steps, 3 epochs: a resume can only raise the budget "
+                              "(--epochs 2 is below them)")
+    again = run_training(_cfg(tmp_path, "ten", 6), echo=quiet)
+    assert again["steps"] == 6
+    ten = run_training(resume=tmp_path / "ten", epochs=10, echo=quiet)
+    assert "already_finished" not in ten and ten["steps"] == 40
+
+
 def test_a_torn_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, reference):
     status = _killed_run(_cfg(tmp_path, "torn"), "pruned:3")
     assert os.WTERMSIG(status) == signal.SIGKILL
