@@ -225,6 +225,23 @@ def test_a_resume_below_the_steps_already_trained_is_refused(tmp_path):
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
 
 
+def test_a_raised_budget_inside_the_epoch_the_run_ended_in_trains_on(tmp_path):
+    """One D step per G step: an epoch is 8 G steps, and a 3-step run ends (and validates)
+    inside the first. Resumed to 5 steps it trains steps 4 and 5, to the weights of an
+    uninterrupted 5-step run (constant rates; it trained nothing and moved `last` to a
+    step-0 checkpoint)."""
+    sets = ["gan.n_dis=1", "gan.steps=3", "log.logger=none", "gan.lr_decay=const"]
+    whole = run_gan(_cfg(tmp_path, "whole", *sets[:2], "gan.steps=5", *sets[3:]), echo=lambda *a: None)
+    run_gan(_cfg(tmp_path, "cut", *sets), echo=lambda *a: None)
+    resumed = run_gan(resume=tmp_path / "cut", steps=5, echo=lambda *a: None)
+    assert (resumed["steps"], resumed["d_steps"]) == (5, 5) == (whole["steps"], whole["d_steps"])
+    assert json.loads((tmp_path / "cut/checkpoints/last/state.json").read_text())["train_iter"] == 5
+    assert sorted(p.name for p in (tmp_path / "cut/checkpoints").glob("ckpt-*")) == ["ckpt-00000003", "ckpt-00000005"]
+    for load in (_weights, _optimizer):
+        a, b = load(tmp_path / "whole"), load(tmp_path / "cut")
+        assert a.keys() == b.keys() and [key for key in a if not torch.equal(a[key], b[key])] == []
+
+
 def test_resume_refuses_a_classification_run(tmp_path):
     trained = _cli("train", "digits", "--arch", "resnet20_cifar", "--param", "dense", "--steps", "1", "--bs", "64",
                    "--subset", "128", "--logger", "none", "--out", tmp_path, "--name", "c", *QUIET)

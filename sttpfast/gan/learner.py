@@ -234,7 +234,9 @@ class GANLearner(Learner):
             raise ValueError("the training loader yields no batch (batch size larger than the data?)")
         self.total_steps, self.d_iter, self._reals = steps, 0, None
         extra = [LinearLRDecay(steps)] if self.lr_decay == "linear" else []
-        n_epoch = math.ceil(steps / self.iters_per_epoch)
+        # a resumed run continues in the epoch its checkpoint names: one that ended (and
+        # validated) inside an epoch resumes in the next, whatever the new budget's epoch count
+        n_epoch = max(math.ceil(steps / self.iters_per_epoch), int(getattr(self, "resume_epoch", 0) or 0) + 1)
         if reset_opt or not self.opt:
             self.create_opt()
         self.opt_d.set_hypers(lr=self.lr_d)  # fastai's fit sets opt (= opt_g) to lr_g
