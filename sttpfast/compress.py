@@ -184,18 +184,6 @@ def _dense_teacher(run_dir: Path) -> tuple[nn.Module, dict]:
     return teacher.eval(), cfg
 
 
-def _check_rank_useful(param: str, rank, report) -> None:
-    from sttpfast.params import method
-
-    entry = method(param)
-    if not isinstance(rank, int) or entry.largest_useful_rank is None or not report.rows:
-        return
-    useful = max(entry.largest_useful_rank(row.shape, row.layer == "ConvTranspose2d") for row in report.rows)
-    if rank > useful:
-        raise ValueError(f"rank {rank} is too large for {param} on this model: the largest useful rank is "
-                         f"{useful} (no compression)")
-
-
 def _output_config(cfg: dict, student: nn.Module, param: str, out: Path, epochs: int, steps, lr) -> dict:
     """The compressed run's config: the dense run's data and model, the student's per-layer ranks."""
     from sttpfast.surgery import parameterization_spec
@@ -243,7 +231,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     from sttpfast.data import get_dls
     from sttpfast.params import resolve_param
     from sttpfast.run import prepare_run_dir, run_training
-    from sttpfast.surgery import compression_report, parameterize
+    from sttpfast.surgery import check_rank_useful, compression_report, parameterize
 
     run_dir = Path(run_dir).expanduser()
     phases = parse_phases(phases)
@@ -258,7 +246,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         warnings.simplefilter("always")
         report = parameterize(student, param, rank=rank, compression=compression, plan=plan, init="spectral",
                               unrepresentable=unrepresentable, keep_dense_if_no_gain=keep_dense_if_no_gain)
-    _check_rank_useful(param, rank, report)
+    check_rank_useful(param, rank, report)
     for w in caught:
         echo(f"warning: {w.message}")
     if report.plan:

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import time
+import warnings
 from pathlib import Path
 
 from sttpfast.atomic import clean_temporaries, write_file
@@ -231,6 +232,7 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     from sttpfast.callbacks.signals import SignalCheckpoint
     from sttpfast.data import get_dls
     from sttpfast.learner import fit, spectral_learner
+    from sttpfast.surgery import check_rank_useful
 
     warn_missing_processes(accelerator, echo)
     main = accelerator.is_main_process
@@ -247,15 +249,23 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
         cbs.append(TensorBoardLogger(every=lg["every"]))
     elif main and lg["logger"] == "wandb":
         cbs.append(WandbLogger(project=lg["wandb_project"], config=cfg, every=lg["every"]))
-    learn = spectral_learner(
-        dls, cfg["model"]["arch"], param=p["name"], rank=p.get("layer_ranks") or p["rank"],
-        compression=p["compression"], plan=p.get("plan"), rank_scale=p.get("rank_scale"),
-        unrepresentable=p.get("unrepresentable"), keep_dense_if_no_gain=p.get("keep_dense_if_no_gain", True),
-        include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"], opt=o["opt"], lr=o["lr"],
-        mom=o["mom"], wd=o["wd"], d_optimal=r["d_optimal"], frobenius_decay=r["frobenius_decay"],
-        spectral_bound=r["spectral_bound"], sv_every=lg["sv_every"], cbs=cbs + list(extra_cbs),
-        model_kwargs=cfg["model"]["kwargs"], run_dir=run_dir,
-        img_size=d.get("img_size"), attention=p.get("attention"), echo=say)
+    with warnings.catch_warnings(record=True) as caught:  # said as `warning:` lines below
+        warnings.simplefilter("always")
+        learn = spectral_learner(
+            dls, cfg["model"]["arch"], param=p["name"], rank=p.get("layer_ranks") or p["rank"],
+            compression=p["compression"], plan=p.get("plan"), rank_scale=p.get("rank_scale"),
+            unrepresentable=p.get("unrepresentable"), keep_dense_if_no_gain=p.get("keep_dense_if_no_gain", True),
+            include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"], opt=o["opt"], lr=o["lr"],
+            mom=o["mom"], wd=o["wd"], d_optimal=r["d_optimal"], frobenius_decay=r["frobenius_decay"],
+            spectral_bound=r["spectral_bound"], sv_every=lg["sv_every"], cbs=cbs + list(extra_cbs),
+            model_kwargs=cfg["model"]["kwargs"], run_dir=run_dir,
+            img_size=d.get("img_size"), attention=p.get("attention"), echo=say)
+    if state is None and p["compression"] is None and not p.get("layer_ranks"):  # a new run only
+        try:
+            check_rank_useful(p["name"], p["rank"], learn.compression)
+        except ValueError as err:
+            raise RunError(str(err)) from None
+    _say_warnings(caught, say)
     if state is None:
         # data, model, parameterization and config are good: only now does the run folder exist
         run_dir = prepare_run_dir(cfg) if main else None
@@ -269,6 +279,17 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     finally:
         if state is None and lock is not None:
             lock.release()
+
+
+def _say_warnings(caught, say) -> None:
+    """The project's own warnings of building the run (a layer left dense, a rank that does
+    not fit...) as ``warning:`` lines; any other warning goes on as Python shows it."""
+    package = str(Path(__file__).resolve().parent)
+    for w in caught:
+        if issubclass(w.category, UserWarning) and str(w.filename).startswith(package):
+            say(f"warning: {w.message}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, signals, say, fit,

@@ -648,3 +648,17 @@ def apply_spec(model: nn.Module, spec: dict[str, dict], frame_bank: bool = True)
         entry = method(e["param"])
         plan.append((name, modules[name], entry.name, entry.rank_from_spec(e.get("rank")), "identity"))
     _apply_atomically(plan, model if frame_bank else None)
+
+
+def check_rank_useful(param: str, rank, report) -> None:
+    """Refuse (ValueError) one shared int ``rank`` above what every parameterized layer of
+    ``report`` can use: it compresses nothing (``parameterize`` only warns, for library use)."""
+    from sttpfast.params import method
+
+    entry = method(param)
+    if not isinstance(rank, int) or entry.largest_useful_rank is None or not report.rows:
+        return
+    useful = max(entry.largest_useful_rank(row.shape, row.layer == "ConvTranspose2d") for row in report.rows)
+    if rank > useful:
+        raise ValueError(f"rank {rank} is too large for {param} on this model: the largest useful rank is "
+                         f"{useful} (no compression)")

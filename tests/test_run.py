@@ -236,3 +236,25 @@ def test_a_vit_is_built_for_the_datas_image_size(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
     assert summary["steps"] == 2
+
+
+def test_a_rank_no_layer_can_use_is_one_error_line_and_creates_nothing(tmp_path):
+    """`train --rank 1000`: parameterize only warns (library use); the run refuses it, as
+    `compress` does, before any folder exists, without the raw Python warnings."""
+    result = _cli("digits", "--arch", "resnet20_cifar", "--param", "tt", "--rank", "1000", "--steps", "1",
+                  "--out", tmp_path, "--name", "big", "--set", "data.subset=256", "--logger", "none")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [  # the rank chosen, said before any work, then why not
+        "rank 1000",
+        "Error: rank 1000 is too large for tt on this model: the largest useful rank is 64 (no compression)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_runs_warnings_are_warning_lines(tmp_path):
+    """A warning of the parameterization (a layer left dense) is one `warning:` line of the
+    run's output, not Python's warning with its source line."""
+    lines = []
+    run_training(_cfg(tmp_path, "w", "optim.steps=1", "param.name=rtt", "param.rank=2",
+                      "param.unrepresentable=skip"), echo=lines.append)
+    assert ("warning: 1 layer(s) stay dense: rtt cannot represent a weight of shape (16, 1, 3, 3) in layer "
+            "'stem.0' (channel count 1 cannot be split into 2 factors (too small))") in lines
