@@ -139,14 +139,22 @@ def _finished(cfg: dict, meta: dict) -> bool:
     return meta["epoch"] >= epochs and not meta["skip"]
 
 
+#: summary.json sections a resume keeps: written by the command that made the run (compress)
+KEPT_ON_RESUME = ("compress",)
+
+
+def _read_summary(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def finished_summary(run_dir: Path, meta: dict) -> dict | None:
     """The run's summary.json when it was written at the checkpoint's step (the run ended
     there); None otherwise (none yet, or one of a smaller budget, before a resume raised it)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if summary.get("steps") == meta["train_iter"] else None
+    summary = _read_summary(run_dir)
+    return summary if summary is not None and summary.get("steps") == meta["train_iter"] else None
 
 
 def check_budget(run_dir: Path, meta: dict, steps: int | None, epochs: int | None = None) -> None:
@@ -326,6 +334,8 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
     finally:
         signals.uninstall()
     summary = _summary(learn, report, run_dir, time.time() - started, accelerator.num_processes, state)
+    if state is not None:  # what the run's earlier summary holds beyond training (compress's phases)
+        summary.update({k: v for k, v in (_read_summary(run_dir) or {}).items() if k in KEPT_ON_RESUME})
     if main:
         write_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary

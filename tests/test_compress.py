@@ -62,6 +62,9 @@ def test_three_phases_report_lower_block_mse_and_a_resumable_run(dense_run, tmp_
     assert export_run(folder, "safetensors").is_file()
     resumed = run_training(resume=folder, epochs=2, echo=lambda *a: None)  # 4 batches an epoch
     assert resumed["steps"] == 8 and resumed["z_percent"] == z
+    # the phases' results stay in summary.json after the resume (they were dropped)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["steps"] == 8 and summary["compress"] == report == resumed["compress"]
 
 
 @pytest.mark.parametrize("text,phases", [("0,1,2", (0, 1, 2)), ("0,2", (0, 2)), ("0", (0,)), ([0, 1], (0, 1))])
