@@ -445,21 +445,22 @@ def _as_tuples(rank):
 @click.option("--lr", type=float, default=None, help="phase 2's peak learning rate (default the dense run's / 10)")
 @click.option("--unrepresentable", type=click.Choice(choices("param.unrepresentable")), default=None,
               help="layers the method cannot represent: leave dense (skip) or refuse (error)")
-@click.option("--out", default=None, type=click.Path(), help="output run folder (default RUN-PARAM next to RUN)")
+@click.option("--out", default=None, type=click.Path(), help="output run folder, a new one (default RUN-PARAM next to RUN, numbered if taken)")
 @schema_option("keep_dense_if_no_gain")
 @user_errors
 def compress(run, param, rank, compression, plan, phases, epochs, steps, distill_steps, lr, unrepresentable, out,
              keep_dense_if_no_gain):
     """Compress a dense run: sttpfast compress RUN --param tt --compression 10 --phases 0,1,2 --epochs 3."""
+    with interrupts_end_start_up():
+        _import_training_modules()
+        from sttpfast.compress import compress_run, compression_method
+    param = compression_method(param)  # sn / dense: said first, whatever else is given
     rank = _as_tuples(rank)
     if rank is None and compression is None:
         raise CLIError("give the size of the compressed layers: --rank R or --compression Z")
     for flag, value in (("--steps", steps), ("--distill-steps", distill_steps)):
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be a positive integer, got {value}")
-    with interrupts_end_start_up():
-        _import_training_modules()
-        from sttpfast.compress import compress_run
 
     compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases, epochs=epochs,
                  steps=steps, distill_steps=distill_steps, lr=lr, out=out, unrepresentable=unrepresentable,

@@ -37,7 +37,6 @@ from sttpfast.params.layers import parameterized_layers
 __all__ = ["PHASES", "parse_phases", "distillation_blocks", "block_mse", "distill_blocks", "compress_run", "LoadWeights"]
 
 PHASES = (0, 1, 2)
-REPORT = "compress_report.json"
 
 
 def parse_phases(phases) -> tuple[int, ...]:
@@ -184,6 +183,17 @@ def _dense_teacher(run_dir: Path) -> tuple[nn.Module, dict]:
     return teacher.eval(), cfg
 
 
+def compression_method(param: str) -> str:
+    """The canonical name of ``param``, a method that compresses (ValueError otherwise)."""
+    from sttpfast.params import method, methods, resolve_param
+
+    param = resolve_param(param)
+    if not method(param).compresses:
+        names = ", ".join(n for n, m in methods().items() if m.compresses)
+        raise ValueError(f"{param} does not compress (it keeps every weight dense); compress with one of: {names}")
+    return param
+
+
 def _output_config(cfg: dict, student: nn.Module, param: str, out: Path, epochs: int, steps, lr) -> dict:
     """The compressed run's config: the dense run's data and model, the student's per-layer ranks."""
     from sttpfast.surgery import parameterization_spec
@@ -229,13 +239,15 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     Every check (run folder, dense checkpoint, phases, rank) comes before anything is written.
     """
     from sttpfast.data import get_dls
-    from sttpfast.params import resolve_param
-    from sttpfast.run import prepare_run_dir, run_training
+    from sttpfast.run import COMPRESS_REPORT, prepare_run_dir, run_training
     from sttpfast.surgery import check_rank_useful, compression_report, parameterize
 
     run_dir = Path(run_dir).expanduser()
     phases = parse_phases(phases)
-    param = resolve_param(param)
+    param = compression_method(param)
+    if out is not None and Path(out).expanduser().exists():
+        raise ValueError(f"--out {out} exists; give a new folder (without --out: RUN-PARAM next to RUN, "
+                         "numbered if taken)")
     if epochs is None or epochs < 1:
         raise ValueError(f"--epochs must be a positive integer, got {epochs!r}")
     teacher, cfg = _dense_teacher(run_dir)
@@ -294,7 +306,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     if report.plan:
         write_file(folder / "rank_plan.json", json.dumps(report.plan, indent=2))
     result["run_dir"] = str(folder)
-    write_file(folder / REPORT, json.dumps(result, indent=2))
+    write_file(folder / COMPRESS_REPORT, json.dumps(result, indent=2))
     write_file(folder / "summary.json", json.dumps({**summary, "compress": result}, indent=2))
     last = result["phases"][str(phases[-1])]
     echo(f"compressed: accuracy {last['accuracy']:.4f} at Z {last['z_percent']:.2f}% (dense "

@@ -107,6 +107,10 @@ def resume_config(run_dir: str | Path, warn=print) -> tuple[Path, dict, dict]:
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
+    if (run_dir / COMPRESS_REPORT).is_file() and not any((run_dir / "checkpoints").glob("ckpt-*")):
+        # `compress` without phase 2 saves the model alone (checkpoints/last/model.safetensors)
+        raise RunError(f"{run_dir} holds a compressed model without a training state (compressed without "
+                       "phase 2): it cannot be resumed; compress again with phase 2 (--phases 0,2)")
     from sttpfast.config import build_config, load_yaml
 
     cfg, _ = build_config([run_dir / "config.yaml"])
@@ -141,6 +145,8 @@ def _finished(cfg: dict, meta: dict) -> bool:
 
 #: summary.json sections a resume keeps: written by the command that made the run (compress)
 KEPT_ON_RESUME = ("compress",)
+#: the phases' results of `sttpfast compress` in its output run folder
+COMPRESS_REPORT = "compress_report.json"
 
 
 def _read_summary(run_dir: Path) -> dict | None:

@@ -118,3 +118,38 @@ def test_missing_run_and_non_dense_checkpoint_are_refused(dense_run, tmp_path):
                     f"Error: {fake}: the checkpoint is not a dense model (22 layer(s) are sttp-r); compress starts "
                     "from a run trained with --param dense", tmp_path)
     assert not (tmp_path / "c").exists()
+
+
+def test_a_method_that_does_not_compress_is_refused_by_name(dense_run, tmp_path):
+    """`--param sn` used to ask for --rank, then refuse --rank: one message instead."""
+    from sttpfast.params import methods
+
+    names = ", ".join(n for n, m in methods().items() if m.compresses)
+    for args in ([], ["--rank", "4"], ["--compression", "10"]):
+        _one_error_line(_cli(dense_run, "--param", "sn", *args, "--out", tmp_path / "c"),
+                        f"Error: sn does not compress (it keeps every weight dense); compress with one of: {names}",
+                        tmp_path)
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_existing_out_folder_is_refused_before_any_work(dense_run, tmp_path):
+    """An explicit --out is the folder written, never a numbered neighbour of it."""
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    _one_error_line(_cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0", "--out", taken),
+                    f"Error: --out {taken} exists; give a new folder (without --out: RUN-PARAM next to RUN, "
+                    "numbered if taken)", tmp_path)
+    assert list(taken.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_resuming_a_run_compressed_without_phase_2_says_why_it_cannot(dense_run, tmp_path):
+    from sttpfast.export import export_run
+    from sttpfast.run import RunError, run_training
+
+    result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0", "--out", tmp_path / "p0")
+    assert result.exit_code == 0, result.output
+    assert export_run(tmp_path / "p0", "safetensors").is_file()  # the model alone exports
+    with pytest.raises(RunError) as err:
+        run_training(resume=tmp_path / "p0", steps=2, echo=lambda *a: None)
+    assert str(err.value) == (f"{tmp_path / 'p0'} holds a compressed model without a training state (compressed "
+                              "without phase 2): it cannot be resumed; compress again with phase 2 (--phases 0,2)")
