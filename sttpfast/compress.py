@@ -272,7 +272,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     dls = get_dls(d["name"], data_dir=d["data_dir"], bs=d["bs"], subset=d["subset"], download=d["download"],
                   num_workers=d["num_workers"], seed=cfg["train"]["seed"], augment=d["augment"])
     dense_z = compression_report(teacher).z
-    result = {"teacher": str(run_dir), "param": param, "rank": report.rank, "plan": report.plan,
+    result = {"teacher": str(run_dir.resolve()), "param": param, "rank": report.rank, "plan": report.plan,
               "dense": {"accuracy": _accuracy(teacher, dls.valid), "z_percent": round(dense_z, 4)},
               "phases": {}}
     echo(f"dense: accuracy {result['dense']['accuracy']:.4f}")

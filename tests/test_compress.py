@@ -142,13 +142,15 @@ def test_an_existing_out_folder_is_refused_before_any_work(dense_run, tmp_path):
     assert list(taken.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
-def test_resuming_a_run_compressed_without_phase_2_says_why_it_cannot(dense_run, tmp_path):
+def test_resuming_a_run_compressed_without_phase_2_says_why_it_cannot(dense_run, tmp_path, monkeypatch):
     from sttpfast.export import export_run
     from sttpfast.run import RunError, run_training
 
-    result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0", "--out", tmp_path / "p0")
+    monkeypatch.chdir(dense_run.parent)  # RUN given relative: the report names it absolute
+    result = _cli(dense_run.name, "--param", "tucker", "--compression", "20", "--phases", "0", "--out", tmp_path / "p0")
     assert result.exit_code == 0, result.output
     assert export_run(tmp_path / "p0", "safetensors").is_file()  # the model alone exports
+    assert json.loads((tmp_path / "p0/compress_report.json").read_text())["teacher"] == str(dense_run.resolve())
     with pytest.raises(RunError) as err:
         run_training(resume=tmp_path / "p0", steps=2, echo=lambda *a: None)
     assert str(err.value) == (f"{tmp_path / 'p0'} holds a compressed model without a training state (compressed "
