@@ -94,6 +94,15 @@ def describe_spec_difference(have: dict, want: dict) -> list[str]:
     return out
 
 
+def checkpoint_spec(path: str | os.PathLike) -> dict[str, dict]:
+    """The parameterization spec stored in a :func:`save_parameterized` file (ValueError
+    when it holds none)."""
+    meta = read_metadata(path)
+    if _SPEC not in meta:
+        raise ValueError(f"{path}: no sttpfast parameterization spec in the metadata")
+    return json.loads(meta[_SPEC])
+
+
 def load_parameterized(path: str | os.PathLike, model: nn.Module | None = None, strict: bool = True) -> nn.Module:
     """Load a checkpoint written by :func:`save_parameterized`.
 
@@ -102,9 +111,7 @@ def load_parameterized(path: str | os.PathLike, model: nn.Module | None = None, 
     match it. Any mismatch raises ValueError saying what differs; ``model`` is then unchanged.
     """
     meta = read_metadata(path)
-    if _SPEC not in meta:
-        raise ValueError(f"{path}: no sttpfast parameterization spec in the metadata")
-    spec = json.loads(meta[_SPEC])
+    spec = checkpoint_spec(path)
     if model is None:
         arch = meta.get(_ARCH)
         if not arch:

@@ -112,6 +112,10 @@ def _save_onnx(dense: nn.Module, tmp: str, example: torch.Tensor) -> None:
     import warnings
 
     batch = torch.export.Dim("batch", min=1)
+    if example.shape[0] < 2:
+        # torch.export specializes axes of size 1: traced at batch 1, a model whose features
+        # end 1x1 (a small input) ties the batch axis to them and refuses a dynamic batch
+        example = example.expand(2, *example.shape[1:]).contiguous()
     with warnings.catch_warnings():
         # onnxscript's optimizer and torch.export announce internal details on every export
         warnings.simplefilter("ignore")
@@ -241,12 +245,13 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.
     """``(parameterized model, model_args, input_shape)`` of a classification run's checkpoint.
 
     The model is rebuilt as the run built it (``model.arch``, the dataset's classes and
-    channels, ``model.kwargs``) and the checkpoint loaded into it; ``input_shape`` is
-    ``(1, C, H, W)`` at the dataset's image size (the size the run trained on).
+    channels, ``model.kwargs``, built for the size the run trained at: the data's, ``--img-size``
+    or the smallest a timm backbone accepts; its ``--attention`` form) and the checkpoint
+    loaded into it; ``input_shape`` is ``(1, C, S, S)`` at that size.
     """
-    from sttpfast.checkpoint import load_parameterized
+    from sttpfast.checkpoint import checkpoint_spec, load_parameterized
     from sttpfast.data import dataset_info
-    from sttpfast.models import create_model
+    from sttpfast.models.input_size import create_for_input
 
     run_dir = Path(run_dir).expanduser()
     model_file = run_checkpoint(run_dir, which)
@@ -254,11 +259,24 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.
     info = dataset_info(cfg["data"]["name"], cfg["data"].get("data_dir"))
     args = {"num_classes": info["n_classes"], "in_chans": info["in_chans"], **(cfg["model"].get("kwargs") or {})}
     args = {k: v for k, v in args.items() if v is not None}
-    model = create_model(cfg["model"]["arch"], **args)
-    load_parameterized(model_file, model)
+    kwargs = dict(args)
+    chans, img_size = kwargs.pop("in_chans"), cfg["data"].get("img_size") or kwargs.pop("img_size", None)
     size = info["image_size"]
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return model, args, (1, info["in_chans"], h, w)
+    size = size if isinstance(size, int) else size[0]  # the learner refuses non-square data without img_size
+    model, fitted = create_for_input(cfg["model"]["arch"], chans, size, img_size=img_size, **kwargs)
+    if (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"):
+        args["img_size"] = fitted  # the position embedding's size: timm.create_model needs it too
+    attention = cfg["param"].get("attention")
+    if attention is not None:  # the structure the checkpoint's layers live in (q, k, v / the forms)
+        from sttpfast.params.attention import parameterize_attention
+        from sttpfast.surgery import apply_spec, parameterization_spec
+
+        rank = cfg["param"].get("rank")
+        parameterize_attention(model, attention, rank=rank if isinstance(rank, int) else None)
+        formed = parameterization_spec(model)  # qk-ov's forms: the other layers as the run had them
+        apply_spec(model, {k: v for k, v in checkpoint_spec(model_file).items() if k not in formed})
+    load_parameterized(model_file, model)
+    return model, args, (1, chans, fitted, fitted)
 
 
 def is_gan_run(run_dir: str | os.PathLike, which: str = "last") -> bool:

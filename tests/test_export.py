@@ -87,6 +87,32 @@ def test_onnx_export_matches_pytorch_with_any_batch(run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "net.onnx"]  # no temp or external-data file
 
 
+@pytest.mark.parametrize("arch,args,size", [
+    ("convnext_atto", ["--param", "sttp-r", "--rank", "4"], 32),  # the 16 px digits resized to 32
+    ("vit_tiny_patch16_224", ["--param", "sttp-r", "--rank", "4", "--attention", "qk-ov"], 16),  # built for 16 px
+    ("vit_tiny_patch16_224", ["--param", "svdp-l", "--rank", "4", "--attention", "q-k-v", "--img-size", "32"], 32),
+], ids=["convnet-resized", "vit-qk-ov-data-size", "vit-q-k-v-img-size"])
+def test_a_run_of_a_timm_model_built_for_its_data_exports_as_it_ran(tmp_path, arch, args, size):
+    """The export rebuilds the model as the run built it: the size the run trained at (resized
+    or built for the data), the attention form; the ONNX file takes that size and matches."""
+    import onnxruntime
+
+    result = _cli("train", "digits", "--arch", arch, *args, "--steps", "1", "--bs", "16", "--subset", "64",
+                  "--logger", "none", "--out", tmp_path, "--name", "t")
+    assert result.exit_code == 0, result.output
+    model, margs, shape = load_run_model(tmp_path / "t")
+    assert shape == (1, 1, size, size)
+    out = tmp_path / "t.onnx"
+    result = _cli("export", tmp_path / "t", "--format", "onnx", "--out", out)
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[1:] == [1, size, size]
+    x = torch.randn(3, 1, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.eval()(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], want, rtol=0, atol=1e-4)
+
+
 def test_default_target_and_force(run):
     target = run / "export" / "last.safetensors"
     try:
