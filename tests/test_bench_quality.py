@@ -94,8 +94,9 @@ def test_the_committed_converged_runs_are_read_back_under_the_default_budget(qua
     committed = ROOT / "bench" / "results" / "quality.jsonl"
     results = tmp_path / "runs.jsonl"
     results.write_text(committed.read_text())
-    args = _args(results, subset=0, epochs=15, seeds=[0])
+    args = _args(results, subset=0, epochs=15, seeds=[0], params=["sttp-r", "cp"])
     rows, _, runs = quality.classification_rows(args)
-    assert trained == [] and (runs.trained, runs.reused) == (0, 2)
+    assert trained == [] and (runs.trained, runs.reused) == (0, 3)
     assert rows == [["dense", "-", "-", "100.00", "93.91", "93.91", "3259"],
-                    ["sttp-r", "10", "14", "10.00", "92.69", "92.69", "3397"]]
+                    ["sttp-r", "10", "14", "10.00", "92.69", "92.69", "3397"],
+                    ["cp", "10", "15", "9.84", "92.58", "92.58", "2378"]]
