@@ -528,7 +528,8 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
         raise ConfigError(f"give one of param.rank, param.compression, param.rank_scale and param.layer_ranks, "
                           f"not param.{sized[0]} and param.{sized[1]}")
     if p["plan"] == "energy" and p["compression"] is None:
-        raise ConfigError("param.plan = 'energy' spends a compression budget: give param.compression as well")
+        raise ConfigError("param.plan = 'energy' (--plan energy) spends a compression budget: give "
+                          "param.compression (--compression Z) as well")
     if name in BASELINES and p.get("attention") is None:  # with --attention the rank is per head
         if p["rank"] not in (None, FULL_RANK):
             raise ConfigError(f"param.rank = {p['rank']!r}: {p['name']!r} takes no rank "

@@ -242,6 +242,17 @@ def test_a_raised_budget_inside_the_epoch_the_run_ended_in_trains_on(tmp_path):
         assert a.keys() == b.keys() and [key for key in a if not torch.equal(a[key], b[key])] == []
 
 
+def test_a_run_with_metrics_raises_no_fastai_attribute_warning(tmp_path):
+    """GANMetrics kept its real images as `_reals`, the learner's own attribute: fastai warned
+    "You are shadowing an attribute (_reals)" with its source line in every such run."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_gan(_cfg(tmp_path, "m", "gan.steps=3", *METRICS_SETS), echo=lambda *a: None)
+    assert [str(w.message) for w in caught if "shadowing" in str(w.message)] == []
+
+
 def test_resume_refuses_a_classification_run(tmp_path):
     trained = _cli("train", "digits", "--arch", "resnet20_cifar", "--param", "dense", "--steps", "1", "--bs", "64",
                    "--subset", "128", "--logger", "none", "--out", tmp_path, "--name", "c", *QUIET)
@@ -269,6 +280,12 @@ ALLOWED = ("svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tu
     (["--n-dis", "0"], "config gan.n_dis = 0: expected a positive integer (>= 1)"),
     (["--metrics-every", "5", "--inception-weights", "/nowhere/pt_inception.pth"],
      "--inception-weights (gan.inception_weights): file not found: /nowhere/pt_inception.pth"),
+    (["--set", "gan.g_kwargs={widths: [8, 8, 8], bottom_width: 2, z_dim: 16, foo: 3}"],
+     "gan.g_kwargs: the generator 'sngan_g32' cannot be built with {'widths': [8, 8, 8], 'bottom_width': 2, "
+     "'z_dim': 16, 'foo': 3}: SNGANGenerator.__init__() got an unexpected keyword argument 'foo'"),
+    (["--set", "gan.d_kwargs={widths: [8, -1]}"],
+     "gan.d_kwargs: the discriminator 'sngan_d32' cannot be built with {'widths': [8, -1]}: "
+     "Trying to create tensor with negative dimension -1: [-1, 8, 3, 3]"),
 ])
 def test_bad_input_is_one_error_line_exit_2_and_creates_nothing(tmp_path, args, message):
     out = tmp_path / "out"

@@ -422,7 +422,9 @@ def test_cli_train_lowrank_rank_scale_with_frobenius_decay(tmp_path, monkeypatch
      "Error: rtt cannot represent layer 'stem.0' (weight (16, 1, 3, 3)): channel count 1 cannot be split into 2 "
      "factors (too small); unrepresentable='skip' leaves such layers dense"),
     (["--param", "lowrank", "--rank-scale", "2"], "Error: config param.rank_scale = 2.0: expected a number in (0, 1]"),
-    (["--param", "tt", "--rank", "4", "--plan", "energy"], "Error: param.plan = 'energy' spends a compression budget"),
+    (["--param", "tt", "--rank", "4", "--plan", "energy"],
+     "Error: param.plan = 'energy' (--plan energy) spends a compression budget: give param.compression "
+     "(--compression Z) as well"),
 ])
 def test_cli_train_zoo_bad_input_one_line_exit_2(tmp_path, args, message):
     result = _train_cli(tmp_path, *args)

@@ -94,7 +94,8 @@ def inception_weights(path: str | Path | None) -> Path:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
     if not cached.is_file():
         raise ValueError(f"Inception metrics need {INCEPTION_WEIGHTS_FILE}, which is not in torch-fidelity's cache "
-                         f"({cached.parent}): pass feature_extractor_weights_path=FILE, or use extractor='offline'")
+                         f"({cached.parent}): pass feature_extractor_weights_path=FILE (--inception-weights FILE), "
+                         "or use extractor='offline' (--extractor offline)")
     return cached
 
 
@@ -279,7 +280,7 @@ class GANMetrics(Callback):
                 name, state = _from_main((self.extractor_name, dl.rng_state()))
                 self.extractor_name = name
                 dl.set_rng_state(state)
-        self._reals = None
+        self._real_images = None
         self._evaluated_at = None
 
     def before_batch(self):
@@ -332,7 +333,7 @@ class GANMetrics(Callback):
 
     def real_images(self) -> Tensor:
         """Up to ``samples`` training images at G's resolution, uint8 ``(N, 3, H, W)`` (cached)."""
-        if self._reals is None:
+        if self._real_images is None:
             x = self.dls.train.dataset.x
             idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.seed))[: self.samples]
             x = x[idx]
@@ -340,8 +341,8 @@ class GANMetrics(Callback):
             if size is not None and tuple(x.shape[-2:]) != (size, size):
                 x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
                                   antialias=size < min(x.shape[-2:])).round_().clamp_(0, 255).to(torch.uint8)
-            self._reals = x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x.contiguous()
-        return self._reals
+            self._real_images = x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x.contiguous()
+        return self._real_images
 
     def evaluate(self, step: int) -> dict[str, float]:
         """Compute, record and log the metrics at G step ``step``; write the grid."""

@@ -146,8 +146,16 @@ def _build_networks(g: dict, in_chans: int):
 
     from sttpfast.models import create_model
 
-    generator = create_model(g["g"], in_chans=in_chans, **g["g_kwargs"])
-    discriminator = create_model(g["d"], in_chans=in_chans, **g["d_kwargs"])
+    def build(role: str, key: str):
+        # a kwarg the network does not take, or sizes it cannot be built with: the user's
+        # free-form gan.*_kwargs, said as such (timm's own ValueErrors pass through)
+        kwargs = g[f"{key}_kwargs"]
+        try:
+            return create_model(g[key], in_chans=in_chans, **kwargs)
+        except (TypeError, RuntimeError) as err:
+            raise RunError(f"gan.{key}_kwargs: the {role} {g[key]!r} cannot be built with {kwargs}: {err}") from None
+
+    generator, discriminator = build("generator", "g"), build("discriminator", "d")
     # G's first Linear (z -> features) is never parameterized (gan_learner), so its rank does not count
     first = next((n for n, m in generator.named_modules() if isinstance(m, nn.Linear)), None)
     _check_rank("generator", generator, g["g_param"], g["g_rank"] or g["rank"], {first} if first else set())
