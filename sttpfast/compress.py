@@ -239,7 +239,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     Every check (run folder, dense checkpoint, phases, rank) comes before anything is written.
     """
     from sttpfast.data import get_dls
-    from sttpfast.run import COMPRESS_REPORT, prepare_run_dir, run_training
+    from sttpfast.run import COMPRESS_REPORT, prepare_run_dir, run_training, say_warnings
     from sttpfast.surgery import check_rank_useful, compression_report, parameterize
 
     run_dir = Path(run_dir).expanduser()
@@ -259,8 +259,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         report = parameterize(student, param, rank=rank, compression=compression, plan=plan, init="spectral",
                               unrepresentable=unrepresentable, keep_dense_if_no_gain=keep_dense_if_no_gain)
     check_rank_useful(param, rank, report)
-    for w in caught:
-        echo(f"warning: {w.message}")
+    say_warnings(caught, echo)
     if report.plan:
         echo(report.plan_table())
     if report.left_dense:

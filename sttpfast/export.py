@@ -251,7 +251,7 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.
     """
     from sttpfast.checkpoint import checkpoint_spec, load_parameterized
     from sttpfast.data import dataset_info
-    from sttpfast.models.input_size import create_for_input
+    from sttpfast.models.input_size import create_for_data
 
     run_dir = Path(run_dir).expanduser()
     model_file = run_checkpoint(run_dir, which)
@@ -259,11 +259,9 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.
     info = dataset_info(cfg["data"]["name"], cfg["data"].get("data_dir"))
     args = {"num_classes": info["n_classes"], "in_chans": info["in_chans"], **(cfg["model"].get("kwargs") or {})}
     args = {k: v for k, v in args.items() if v is not None}
-    kwargs = dict(args)
-    chans, img_size = kwargs.pop("in_chans"), cfg["data"].get("img_size") or kwargs.pop("img_size", None)
-    size = info["image_size"]
-    size = size if isinstance(size, int) else size[0]  # the learner refuses non-square data without img_size
-    model, fitted = create_for_input(cfg["model"]["arch"], chans, size, img_size=img_size, **kwargs)
+    model, fitted = create_for_data(cfg["model"]["arch"], info["in_chans"], info["image_size"],
+                                    img_size=cfg["data"].get("img_size"), **args)
+    chans = args["in_chans"]
     if (getattr(model, "pretrained_cfg", None) or {}).get("fixed_input_size"):
         args["img_size"] = fitted  # the position embedding's size: timm.create_model needs it too
     attention = cfg["param"].get("attention")

@@ -196,24 +196,21 @@ def _model_for_data(arch: str, dls, img_size: int | None, model_kwargs: dict | N
     it needs, normalized as its cfg says when it has weights). One ValueError when no size
     works, before any run folder exists."""
     from sttpfast.data.model_config import fit_dls_to_model
-    from sttpfast.models.input_size import create_for_input
+    from sttpfast.models.input_size import create_for_data
 
     chans, size = getattr(dls, "in_chans", None), getattr(dls, "data_image_size", getattr(dls, "image_size", None))
     kwargs = {"num_classes": getattr(dls, "n_classes", None), **(model_kwargs or {})}
-    chans = kwargs.pop("in_chans", None) or chans  # the data decide; model.kwargs may repeat them
-    img_size = img_size if img_size is not None else kwargs.pop("img_size", None)
     if chans is None or size is None:  # loaders that do not say what they deliver: build as asked
         from sttpfast.models import create_model
 
-        return create_model(arch, in_chans=chans, img_size=img_size, **kwargs)
-    if isinstance(size, tuple):
-        if size[0] != size[1]:
-            raise ValueError(f"the data's images are {size[0]}x{size[1]}; give a square --img-size N to resize to")
-        size = size[0]
-    model, fitted = create_for_input(arch, chans, size, img_size=img_size, **kwargs)
+        chans = kwargs.pop("in_chans", None) or chans
+        return create_model(arch, in_chans=chans, img_size=img_size if img_size is not None
+                            else kwargs.pop("img_size", None), **kwargs)
+    model, fitted = create_for_data(arch, chans, size, img_size=img_size, **kwargs)
     changed = fit_dls_to_model(dls, model, fitted, pretrained=bool(kwargs.get("pretrained")))
-    if "resize" in changed and img_size is None and echo is not None:
-        echo(f"resizing the {size}x{size} images to {fitted}x{fitted}: the smallest size {arch} accepts "
+    if "resize" in changed and img_size is None and kwargs.get("img_size") is None and echo is not None:
+        side = size if isinstance(size, int) else size[0]
+        echo(f"resizing the {side}x{side} images to {fitted}x{fitted}: the smallest size {arch} accepts "
              f"(--img-size N to choose)")
     return model
 

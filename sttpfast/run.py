@@ -279,7 +279,7 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
             check_rank_useful(p["name"], p["rank"], learn.compression)
         except ValueError as err:
             raise RunError(str(err)) from None
-    _say_warnings(caught, say)
+    say_warnings(caught, say)
     if state is None:
         # data, model, parameterization and config are good: only now does the run folder exist
         run_dir = prepare_run_dir(cfg) if main else None
@@ -295,7 +295,7 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
             lock.release()
 
 
-def _say_warnings(caught, say) -> None:
+def say_warnings(caught, say) -> None:
     """The project's own warnings of building the run (a layer left dense, a rank that does
     not fit...) as ``warning:`` lines; any other warning goes on as Python shows it."""
     package = str(Path(__file__).resolve().parent)

@@ -23,7 +23,7 @@ from torch import nn
 
 from sttpfast.models.factory import create_model
 
-__all__ = ["create_for_input", "input_error", "size_candidates"]
+__all__ = ["create_for_data", "create_for_input", "input_error", "size_candidates"]
 
 
 def input_error(model: nn.Module, in_chans: int, size: int) -> str | None:
@@ -125,3 +125,20 @@ def create_for_input(arch: str, in_chans: int, data_size: int, img_size: int | N
     raise ValueError(f"architecture {arch!r} cannot run on the data's {in_chans}x{data_size}x{data_size} images "
                      f"({first_reason}) nor on larger sizes up to its cfg's; give the size to resize to with "
                      f"--img-size N, or pick a model for small inputs (e.g. resnet20_cifar)")
+
+
+def create_for_data(arch: str, in_chans: int, image_size: int | tuple[int, int], /, img_size: int | None = None,
+                    **model_kwargs: Any) -> tuple[nn.Module, int]:
+    """:func:`create_for_input` for a dataset's images ``(in_chans, H, W)``, with a run's
+    ``model.kwargs`` (an ``in_chans`` there repeats the data's; an ``img_size`` there counts
+    as ``img_size`` when that is None): the model the run trains and the size ``S`` it runs at.
+    Non-square data are refused (ValueError naming ``--img-size``)."""
+    kwargs = dict(model_kwargs)
+    in_chans = kwargs.pop("in_chans", None) or in_chans  # the data decide; model.kwargs may repeat them
+    img_size = img_size if img_size is not None else kwargs.pop("img_size", None)
+    if isinstance(image_size, (tuple, list)):
+        if image_size[0] != image_size[1]:
+            raise ValueError(f"the data's images are {image_size[0]}x{image_size[1]}; give a square --img-size N "
+                             "to resize to")
+        image_size = image_size[0]
+    return create_for_input(arch, in_chans, image_size, img_size=img_size, **kwargs)
