@@ -36,7 +36,7 @@ from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 __all__ = ["OfflineFeatureExtractor", "train_offline_extractor", "register_offline_extractor",
-           "extractor_name", "read_extractor_metadata", "FEATURES", "DEFAULT_ARCH"]
+           "extractor_name", "offline_extractor_name", "read_extractor_metadata", "FEATURES", "DEFAULT_ARCH"]
 
 #: the features the offline extractor provides, in ``forward``'s order
 FEATURES = ("pool", "logits")
@@ -48,6 +48,12 @@ def extractor_name(arch: str, dataset: str) -> str:
     """``sttpfast-<arch without _cifar>-<dataset>``: the torch-fidelity name and metric suffix."""
     short = arch[: -len("_cifar")] if arch.endswith("_cifar") else arch
     return f"sttpfast-{short}-{dataset}".replace("/", "-").replace(":", "-")
+
+
+def offline_extractor_name(dls, arch: str = DEFAULT_ARCH) -> str:
+    """The name :func:`train_offline_extractor` gives a classifier ``arch`` trained on ``dls``
+    (known before it is trained)."""
+    return extractor_name(arch, str(getattr(dls, "dataset_name", "data")))
 
 
 def read_extractor_metadata(path: str | Path) -> dict:
@@ -193,7 +199,7 @@ def train_offline_extractor(dls, path: str | Path, arch: str = DEFAULT_ARCH, ste
 
     path = Path(path)
     dataset = str(getattr(dls, "dataset_name", "data"))
-    name = extractor_name(arch, dataset)
+    name = offline_extractor_name(dls, arch)
     if path.is_file() and not overwrite:
         meta = read_extractor_metadata(path)
         if meta["name"] != name:

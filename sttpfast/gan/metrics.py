@@ -42,7 +42,8 @@ from torchvision.utils import save_image
 
 from sttpfast.atomic import write_file
 from sttpfast.callbacks._util import is_main_process, log_image, log_scalars, positive_steps, run_dir, unwrap_model
-from sttpfast.gan.extractor import DEFAULT_ARCH, extractor_name, register_offline_extractor, train_offline_extractor
+from sttpfast.gan.extractor import (DEFAULT_ARCH, offline_extractor_name, register_offline_extractor,
+                                    train_offline_extractor)
 
 __all__ = ["GANMetrics", "ImageSet", "fidelity_metrics", "inception_weights", "to_uint8_rgb", "METRICS",
            "INCEPTION", "INCEPTION_WEIGHTS_FILE"]
@@ -215,7 +216,7 @@ class GANMetrics(Callback):
             dls = getattr(getattr(self, "learn", None), "dls", None)
             if dls is None:
                 raise ValueError("the offline extractor is built at the start of fit; its names are not known yet")
-            name = extractor_name(self.extractor_kwargs.get("arch", DEFAULT_ARCH), str(getattr(dls, "dataset_name", "data")))
+            name = offline_extractor_name(dls, self.extractor_kwargs.get("arch", DEFAULT_ARCH))
         base, _, std = metric.partition("_")
         return f"{base}_{name}" + (f"_{std}" if std else "")
 
