@@ -17,7 +17,9 @@ Temporary names carry the process id and a random part, so two processes never s
 :func:`clean_temporaries` removes those left by dead processes.
 
 For tests, ``STTPFAST_CRASH_AT=POINT[:N]`` kills the process with SIGKILL the N-th time
-(default first) the write sequence reaches ``POINT`` (see :data:`CRASH_POINTS`).
+(default first) the write sequence reaches ``POINT`` (see :data:`CRASH_POINTS`), and
+``STTPFAST_STALL_AT=POINT[:N]`` holds it there for :data:`STALL_SECONDS` instead (a disk that
+hangs), after saying so on stderr.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import re
 import secrets
 import shutil
 import signal
+import sys
+import time
 from pathlib import Path
 from typing import Callable, Union
 
@@ -55,21 +59,28 @@ class DamagedCheckpoints(ValueError):
 
 
 # ---------------------------------------------------------------------------------------
-# test hook
-_hits: dict[str, int] = {}
+# test hooks
+STALL_SECONDS = 120
+_hits: dict[tuple[str, str], int] = {}
+
+
+def _hit(variable: str, name: str) -> bool:
+    """Whether the environment ``variable`` (``POINT[:N]``) names this visit of point ``name``."""
+    point, _, nth = os.environ.get(variable, "").partition(":")
+    if point != name:
+        return False
+    _hits[variable, name] = _hits.get((variable, name), 0) + 1
+    return _hits[variable, name] == int(nth or 1)
 
 
 def _crash_point(name: str) -> None:
-    """Kill this process here if ``STTPFAST_CRASH_AT`` names this point (tests only)."""
-    want = os.environ.get("STTPFAST_CRASH_AT")
-    if not want:
-        return
-    point, _, nth = want.partition(":")
-    if point != name:
-        return
-    _hits[name] = _hits.get(name, 0) + 1
-    if _hits[name] == int(nth or 1):
+    """Kill this process here if ``STTPFAST_CRASH_AT`` names this point, or stall it here if
+    ``STTPFAST_STALL_AT`` does (tests only)."""
+    if _hit("STTPFAST_CRASH_AT", name):
         os.kill(os.getpid(), signal.SIGKILL)
+    if _hit("STTPFAST_STALL_AT", name):
+        print(f"STTPFAST_STALL_AT: stalled at {name} for {STALL_SECONDS} s", file=sys.stderr, flush=True)
+        time.sleep(STALL_SECONDS)
 
 
 # ---------------------------------------------------------------------------------------

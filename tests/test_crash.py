@@ -16,7 +16,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from safetensors.torch import load_file
 
-from sttpfast.atomic import CRASH_POINTS, checkpoints
+from sttpfast.atomic import CRASH_POINTS, STALL_SECONDS, checkpoints
 from sttpfast.config import build_config
 from sttpfast.run import RunError, run_training
 
@@ -272,11 +272,14 @@ def _cli_args(tmp_path, name, steps) -> list[str]:
             "--logger", "none", "--out", str(tmp_path), "--name", name, *[a for s in sets for a in ("--set", s)]]
 
 
-def _spawn(tmp_path, name, steps=30) -> subprocess.Popen:
-    """Start a training process (without waiting for it)."""
+def _spawn(tmp_path, name, steps=30, **hooks) -> subprocess.Popen:
+    """Start a training process (without waiting for it); ``hooks``: sttpfast.atomic's test
+    variables (STTPFAST_STALL_AT=...)."""
     # the thread count of this test process (conftest): results differ in the last bits with another
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     env.pop("STTPFAST_CRASH_AT", None)
+    env.pop("STTPFAST_STALL_AT", None)
+    env.update(hooks)
     return subprocess.Popen(_cli_args(tmp_path, name, steps), env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -320,35 +323,44 @@ def test_sigterm_and_sigint_checkpoint_print_the_resume_command_and_resume_exact
     _assert_same_run(run, resumed, reference30)
 
 
-def _second_sigint(proc: subprocess.Popen, when: str) -> tuple[str, float]:
-    """SIGINT ``proc``, and again ``when``: "soon" (0.01 s later: the step is still running)
-    or "after-save" (once it said it saved its checkpoint: it is on its way out). Its output
-    and the seconds it took to end after the second signal."""
-    proc.send_signal(signal.SIGINT)  # starts the finish-the-step, checkpoint and exit path
+def test_a_second_sigint_while_stopping_exits_at_once_with_130_and_the_run_resumes_exactly(tmp_path, reference30):
+    """Ctrl-C while a checkpoint write hangs (STTPFAST_STALL_AT holds the 2nd checkpoint's
+    write for STALL_SECONDS, a disk that hangs): the run waits to stop after it; a second
+    Ctrl-C ends the process at once, exit 130, with no traceback and no half checkpoint that
+    a resume would take."""
+    proc = _spawn(tmp_path, "i2", STTPFAST_STALL_AT="checkpoint-files:2")
     out = ""
-    if when == "soon":
-        time.sleep(0.01)
-    else:
-        while "interrupted at step" not in out:
-            line = proc.stdout.readline()
-            assert line, out
-            out += line
+    while "STTPFAST_STALL_AT: stalled at checkpoint-files" not in out:
+        line = proc.stdout.readline()
+        assert line, out
+        out += line
+    proc.send_signal(signal.SIGINT)  # the first: stop after this step (the write still hangs)
+    time.sleep(1.0)  # two SIGINTs before the handler runs would count as one
     sent = time.time()
-    proc.send_signal(signal.SIGINT)  # the second one: exit now
+    proc.send_signal(signal.SIGINT)  # the second: exit now
     out += proc.communicate(timeout=300)[0]
-    return out, time.time() - sent
-
-
-@pytest.mark.parametrize("when", ["soon", "after-save"])
-def test_a_second_sigint_exits_at_once_with_130_and_the_run_resumes_exactly(tmp_path, reference30, when):
-    proc = _start(tmp_path, "i2")
-    run = tmp_path / "i2"
-    out, seconds = _second_sigint(proc, when)
+    seconds = time.time() - sent
     assert (proc.returncode, "Traceback" in out, "KeyboardInterrupt" in out) == (130, False, False), out
-    assert seconds < 2.0, out  # at once: not after another checkpoint write or the rest of the run
-    # the newest checkpoint is complete, or --resume falls back to the previous complete one
-    resumed = run_training(resume=run, echo=quiet)
-    _assert_same_run(run, resumed, reference30)
+    assert seconds < STALL_SECONDS / 4, out  # at once: not after the hanging write
+    assert "interrupted at step" not in out, out  # no checkpoint written on the way out
+    assert [c.name for c in checkpoints(tmp_path / "i2/checkpoints")] == ["ckpt-00000001"]
+    _assert_same_run(tmp_path / "i2", run_training(resume=tmp_path / "i2", echo=quiet), reference30)
+
+
+def test_a_second_sigint_after_the_interrupted_checkpoint_exits_with_130_without_a_traceback(tmp_path, reference30):
+    """The second Ctrl-C comes once the run said it saved its checkpoint (the process is on
+    its way out, the training's handlers removed): exit 130, no KeyboardInterrupt traceback."""
+    proc = _start(tmp_path, "i3")
+    proc.send_signal(signal.SIGINT)
+    out = ""
+    while "interrupted at step" not in out:
+        line = proc.stdout.readline()
+        assert line, out
+        out += line
+    proc.send_signal(signal.SIGINT)
+    out += proc.communicate(timeout=300)[0]
+    assert (proc.returncode, "Traceback" in out, "KeyboardInterrupt" in out) == (130, False, False), out
+    _assert_same_run(tmp_path / "i3", run_training(resume=tmp_path / "i3", echo=quiet), reference30)
 
 
 def test_sigusr1_checkpoints_and_training_continues_unchanged(tmp_path, reference30):
