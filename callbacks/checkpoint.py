@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ from sttpfast.callbacks._util import is_main_process, unwrap_model
 from sttpfast.checkpoint import load_parameterized, save_parameterized
 from sttpfast.fsdp import full_state_dict, full_tensor, is_sharded, shard_like
 
-__all__ = ["Checkpointer", "load_checkpoint_state", "find_checkpoint", "CheckpointError"]
+__all__ = ["Checkpointer", "load_checkpoint_state", "find_checkpoint", "CheckpointError", "TrainingClock"]
 
 
 class CheckpointError(ValueError):
@@ -206,6 +207,25 @@ def load_checkpoint_state(folder: str | os.PathLike, warn=lambda msg: None) -> d
             "rng": _read(folder / "rng.safetensors", "RNG state")}
 
 
+class TrainingClock:
+    """The seconds of training a run has behind it over all its sessions: those up to the
+    checkpoint this session resumed from (saved in it as ``seconds``), plus this session's
+    since :meth:`start`. Time trained after a run's last checkpoint and lost with the
+    process does not count."""
+
+    def __init__(self):
+        self.before, self.started = 0.0, time.time()
+
+    def resume(self, meta: dict) -> None:
+        self.before = float(meta.get("seconds", 0.0))  # checkpoints older than this field: 0
+
+    def start(self) -> None:
+        self.started = time.time()
+
+    def seconds(self) -> float:
+        return self.before + time.time() - self.started
+
+
 class Checkpointer(Callback):
     """Saves ``last`` every ``every`` steps (and at each epoch end) and ``best`` by ``monitor``.
 
@@ -230,6 +250,7 @@ class Checkpointer(Callback):
         self._epoch_rng = None  # training loader generators at the start of this epoch
         self._pending_rng = None  # global RNG to restore right before the first new batch
         self._epoch_start_iter = 0  # global step at the start of the current epoch
+        self.clock = TrainingClock()  # the run's training seconds, saved in each checkpoint
 
     # -- paths ----------------------------------------------------------------------------
     @property
@@ -266,7 +287,8 @@ class Checkpointer(Callback):
             rng_tensors["recorder.smooth_loss"] = smooth
         meta = {"epoch": epoch, "skip": skip, "train_iter": train_iter, "best": self.best,
                 "monitor": self.monitor, "optimizer": opt_meta, "rng": rng_meta, "recorder": recorder,
-                "metrics": self._last_metrics(), "validated": validated, "threads": torch.get_num_threads()}
+                "metrics": self._last_metrics(), "validated": validated, "threads": torch.get_num_threads(),
+                "seconds": round(self.clock.seconds(), 3)}
         files = {
             "model.safetensors": lambda path: save_parameterized(
                 model, path, metadata={"epoch": epoch, "train_iter": train_iter}, tensors=model_tensors),
@@ -359,6 +381,7 @@ class Checkpointer(Callback):
         rng = state["rng"]
         loader = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith("loader.")}
         self.best = meta.get("best")
+        self.clock.resume(meta)
         self._recorder_resume = (meta.get("recorder", {}), rng.get("recorder.smooth_loss"))
         self._resume = (meta["epoch"], meta["skip"], meta["train_iter"], loader,
                         ({k: v for k, v in rng.items() if k.startswith(("torch", "cuda.", "numpy"))}, meta["rng"]))

@@ -49,11 +49,17 @@ def _check_format(format: str) -> str:
     return fmt
 
 
-def _check_out(path: Path, force: bool) -> Path:
-    """Refuse an existing file without ``force`` and a target that is a folder."""
+def _check_out(path: Path, force: bool, fmt: str) -> Path:
+    """Refuse an existing file without ``force``, a target that is a folder, and a name that
+    says another format (``--format onnx --out model.safetensors``: a mistake, or a file
+    that every tool would open as the wrong format)."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"export target {path} is a folder; give a file name")
+    named = path.suffix.lower().lstrip(".")
+    if named in FORMATS and named != fmt:
+        raise ValueError(f"export target {path} is named as a {named} file, but the format is {fmt}; "
+                         f"name it {path.stem}.{fmt} or pass --format {named}")
     if path.exists() and not force:
         raise ValueError(f"{path} exists; add --force (force=True in Python) to overwrite it")
     return path
@@ -142,7 +148,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str, input_s
     is written then.
     """
     fmt = _check_format(format)
-    path = _check_out(Path(path), force)
+    path = _check_out(Path(path), force, fmt)
     if fmt == "onnx":
         if input_shape is None or len(input_shape) < 1 or any(int(s) < 1 for s in input_shape):
             raise ValueError(f"ONNX export needs input_shape (B, C, H, W) with positive sizes, got {input_shape!r}")
@@ -333,7 +339,7 @@ def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike |
     fmt = _check_format(format)
     run_dir = Path(run_dir).expanduser()
     run_checkpoint(run_dir, which)  # not a run / no checkpoint: fail before the target is looked at
-    path = _check_out(Path(out) if out is not None else default_export_path(run_dir, fmt, which), force)
+    path = _check_out(Path(out) if out is not None else default_export_path(run_dir, fmt, which), force, fmt)
     if is_gan_run(run_dir, which):  # a GAN run exports its generator (the EMA copy when kept)
         pair, args = load_gan_run_pair(run_dir, which)
         return export_generator(pair, path, fmt, ema=pair.generator_ema is not None, model_args=args, force=force)

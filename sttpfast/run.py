@@ -327,7 +327,7 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
     if report.left_dense:  # --compression left some layers dense: which and why, before training
         say(report.left_dense_table())
     say(f"run {run_dir}: {report.summary()}")
-    started = time.time()
+    checkpointer.clock.start()
     signals.install()
     try:
         if state is None or not _finished(cfg, state["meta"]):
@@ -339,7 +339,7 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
         raise TrainingInterrupted(run_dir, 128 + getattr(stop, "signum", signal.SIGINT)) from None
     finally:
         signals.uninstall()
-    summary = _summary(learn, report, run_dir, time.time() - started, accelerator.num_processes, state)
+    summary = _summary(learn, report, run_dir, checkpointer.clock.seconds(), accelerator.num_processes, state)
     if state is not None:  # what the run's earlier summary holds beyond training (compress's phases)
         summary.update({k: v for k, v in (_read_summary(run_dir) or {}).items() if k in KEPT_ON_RESUME})
     if main:

@@ -79,6 +79,28 @@ def test_dropout_model_resumes_exactly_from_an_epoch_end_with_its_smoothed_loss(
     _assert_same_run(tmp_path / "cut", resumed, reference)
 
 
+class SlowSteps(Callback):
+    """Each training step takes ``seconds`` longer (a slow first session)."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def after_batch(self):
+        if self.training:
+            time.sleep(self.seconds)
+
+
+def test_the_summary_of_a_resumed_run_counts_the_training_time_of_every_session(tmp_path):
+    """summary.json's ``seconds``: the first session's time up to the checkpoint it resumed
+    from (kept in the checkpoint) plus the resumed session's, not the last session's alone."""
+    cut = run_training(_cfg(tmp_path, "t"), extra_cbs=[StopAfterEpoch(0), SlowSteps(0.5)], echo=quiet)
+    first = json.loads((tmp_path / "t/checkpoints/last/state.json").read_text())["seconds"]
+    assert cut["steps"] == 4 and first >= 4 * 0.5 and cut["seconds"] >= first
+    resumed = run_training(resume=tmp_path / "t", echo=quiet)
+    final = json.loads((tmp_path / "t/checkpoints/last/state.json").read_text())["seconds"]
+    assert resumed["steps"] == STEPS and first < final <= resumed["seconds"]
+
+
 # ---------------------------------------------------------------------------------------
 # chaos: SIGKILL at each named point of the write sequence (the writer's test hook)
 KILLS = ["file-temp-written:2", "file-renamed:2",  # summary.json (the 1st file is config.yaml)

@@ -138,11 +138,15 @@ def test_default_target_and_force(run):
         shutil.rmtree(run / "export", ignore_errors=True)
 
 
-@pytest.mark.parametrize("case", ["not_a_run", "no_checkpoint", "no_best", "format", "which"])
+@pytest.mark.parametrize("case", ["not_a_run", "no_checkpoint", "no_best", "format", "which", "suffix"])
 def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
     target = tmp_path / "out" / "x.onnx"
     folder, fmt, extra = run, "onnx", []
-    if case == "not_a_run":
+    if case == "suffix":  # an ONNX file named as another format's file
+        target = tmp_path / "out" / "x.safetensors"
+        message = (f"export target {target} is named as a safetensors file, but the format is onnx; "
+                   f"name it x.onnx or pass --format safetensors")
+    elif case == "not_a_run":
         folder = tmp_path / "empty"
         folder.mkdir()
         message = f"{folder} is not a run folder (no config.yaml)"

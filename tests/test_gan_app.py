@@ -162,10 +162,12 @@ def test_a_kill_at_the_end_of_the_run_resumes_to_the_final_metrics(tmp_path, ord
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     run = tmp_path / "cut"
-    assert json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"] == 10
+    last = json.loads((run / "checkpoints/last/state.json").read_text())
+    assert last["train_iter"] == 10 and last["seconds"] > 0
     assert not (run / "summary.json").exists()
     resumed = run_gan(resume=run, echo=lambda *a: None)
     assert resumed["steps"] == 10
+    assert resumed["seconds"] >= last["seconds"]  # the killed session's training time counts
     # the rank check runs at the end of a fit: the resume after the last checkpoint fits nothing
     apart = ("run_dir", "checkpoint", "seconds", "ranks_in_sync")
     assert {k: v for k, v in resumed.items() if k not in apart} == {k: v for k, v in whole.items() if k not in apart}

@@ -35,8 +35,8 @@ from safetensors.torch import save_file
 
 from sttpfast.atomic import prune_checkpoints, read_pointer, set_pointer, write_checkpoint
 from sttpfast.callbacks._util import is_main_process, unwrap_model
-from sttpfast.callbacks.checkpoint import (CheckpointError, _global_rng, _optimizer_from_files, _optimizer_to_files,
-                                           _set_global_rng)
+from sttpfast.callbacks.checkpoint import (CheckpointError, TrainingClock, _global_rng, _optimizer_from_files,
+                                           _optimizer_to_files, _set_global_rng)
 from sttpfast.checkpoint import load_parameterized, save_parameterized
 from sttpfast.fsdp import full_state_dict, is_sharded
 
@@ -76,6 +76,7 @@ class GANCheckpointer(Callback):
         self.saved_evaluation = None  # the metrics' newest evaluation step in the newest checkpoint
         self._resume = None
         self._resume_epoch = 0  # the fastai epoch a checkpoint taken now resumes in
+        self.clock = TrainingClock()  # the run's training seconds, saved in each checkpoint
 
     @property
     def root(self) -> Path:
@@ -119,7 +120,7 @@ class GANCheckpointer(Callback):
                 # the step's last losses: the summary of a resume with nothing left to train
                 "losses": {name: None if loss is None else float(loss)
                            for name, loss in (("g", getattr(learn, "loss_g", None)), ("d", getattr(learn, "loss_d", None)))},
-                "threads": torch.get_num_threads()}
+                "threads": torch.get_num_threads(), "seconds": round(self.clock.seconds(), 3)}
         files = {
             "model.safetensors": lambda path: save_parameterized(pair, path, metadata={"train_iter": step, "app": APP},
                                                              tensors=model_tensors),
@@ -189,6 +190,7 @@ class GANCheckpointer(Callback):
         if meta.get("app") != APP:
             raise CheckpointError(f"{state['folder']} is not a GAN checkpoint")
         learn = self.learn
+        self.clock.resume(meta)
         load_parameterized(state["folder"] / "model.safetensors", unwrap_model(learn.model))
         for name, opt in zip(_NETWORKS, (learn.opt_g, learn.opt_d)):
             prefix = f"{name}."

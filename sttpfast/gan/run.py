@@ -312,7 +312,7 @@ def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, s
         write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path))
     say(f"run {run_dir}: G {learn.g_param} Z = {learn.compression_g.z:.2f}%, "
         f"D {cfg['gan']['d_param']} Z = {learn.compression_d.z:.2f}%")
-    started = time.time()
+    checkpointer.clock.start()
     signals.install()
     try:
         if state is None or not _finished(cfg, state["meta"]):
@@ -323,7 +323,7 @@ def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, s
         raise TrainingInterrupted(run_dir, 128 + getattr(stop, "signum", signal.SIGINT)) from None
     finally:
         signals.uninstall()
-    summary = _summary(learn, cfg, run_dir, time.time() - started, accelerator.num_processes, metrics, state)
+    summary = _summary(learn, cfg, run_dir, checkpointer.clock.seconds(), accelerator.num_processes, metrics, state)
     if main:
         write_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
