@@ -30,7 +30,6 @@ from __future__ import annotations
 import difflib
 import json
 import signal
-import time
 from pathlib import Path
 
 from fastai.callback.core import Callback
