@@ -194,14 +194,28 @@ def compression_report(model: nn.Module) -> CompressionReport:
 
 # ---------------------------------------------------------------------------------------
 # selection
+def _layer_kinds() -> str:
+    """``Conv1d, ..., Linear or Embedding``: the supported layer types, for messages."""
+    *most, last = [t.__name__ for t in SUPPORTED_LAYERS]
+    return f"{', '.join(most)} or {last}"
+
+
 def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
-    """Layers to parameterize, in module order. Errors name the offending pattern/layer."""
+    """Layers to parameterize, in module order. Errors name the offending pattern/layer, and
+    say so when nothing is selected (a model without such layers, a single layer, patterns
+    that leave none)."""
+    given = (include, exclude)
     include = [include] if isinstance(include, str) else list(include or [])
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
     if not include:
         exclude += list(getattr(model, "default_param_exclude", ()))
     modules = dict(model.named_modules())
     supported = {n: m for n, m in modules.items() if n and isinstance(m, SUPPORTED_LAYERS)}
+    if isinstance(model, SUPPORTED_LAYERS):  # the root itself: torch's parametrize needs a parent name
+        raise ValueError(f"the model is a single {type(model).__name__}: parameterize works on the layers inside "
+                         "a model; wrap it: parameterize(nn.Sequential(layer), ...)")
+    if not supported:
+        raise ValueError(f"no {_layer_kinds()} layer in the model to parameterize")
     allowed = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
     for pattern in include:
         if pattern in modules and pattern not in supported:
@@ -217,6 +231,9 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
         chosen.append((name, module))
+    if not chosen:
+        raise ValueError(f"no {_layer_kinds()} layer left to parameterize after include={given[0]!r}, "
+                         f"exclude={given[1]!r}")
     return chosen
 
 
@@ -264,6 +281,8 @@ def rank_for_compression(model: nn.Module, param: str, compression: float, layer
     DOF at a rank would reach its dense size counts at its dense size: it will be left dense."""
     param = resolve_param(param)
     layers = layers if layers is not None else _select(model, None, None)
+    if not layers:
+        raise ValueError(f"no layer to parameterize: no rank of {param} gives Z = {compression:g}%")
     base = compression_report(model)
     chosen_dense = sum(m.weight.numel() for _, m in layers)
     base_other = base.compressed_total - chosen_dense
@@ -517,6 +536,9 @@ def parameterize(
     layers, skipped = _screen_representable(param, layers, unrepresentable or current_unrepresentable_policy())
     if skipped:
         warnings.warn(f"{len(skipped)} layer(s) stay dense: " + "; ".join(why for _, why in skipped), stacklevel=2)
+    if not layers and compression is not None:  # no rank can reach a target then
+        raise ValueError(f"no layer left to parameterize for compression={compression:g}: {param} cannot "
+                         "represent any selected layer")
     energies = None
     # the no-gain policy belongs to a compression target: an explicit rank means every layer
     leave_dense = keep_dense_if_no_gain and compression is not None

@@ -1,6 +1,8 @@
 """Model surgery: the paper's compression numbers, selection, atomicity, densify, checkpoints."""
 import json
 
+import warnings
+
 import pytest
 import timm
 import torch
@@ -193,6 +195,28 @@ def test_bad_input_is_one_clear_error_and_leaves_the_model_alone(kwargs, message
     assert_unchanged(model, snapshot)
 
 
+NO_LAYER = "no Conv1d, Conv2d, Conv3d, ConvTranspose2d, Linear or Embedding layer "
+
+
+@pytest.mark.parametrize("model,kwargs,message", [
+    (nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3)), dict(compression=10), NO_LAYER + "in the model to parameterize"),
+    (nn.Sequential(nn.ReLU()), dict(rank=2), NO_LAYER + "in the model to parameterize"),
+    (nn.Sequential(nn.ReLU()), dict(compression=10, plan="energy"), NO_LAYER + "in the model to parameterize"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2)), dict(compression=10, exclude="*"),
+     NO_LAYER + r"left to parameterize after include=None, exclude='\*'"),
+    (nn.Sequential(nn.Conv2d(3, 7, 3)), dict(compression=10, param="rtt", unrepresentable="skip"),
+     r"no layer left to parameterize for compression=10: rtt cannot represent any selected layer"),
+    (nn.Conv2d(3, 8, 3), dict(rank=2), r"the model is a single Conv2d: parameterize works on the layers inside a "
+                                       r"model; wrap it: parameterize\(nn.Sequential\(layer\), ...\)"),
+])
+def test_nothing_to_parameterize_is_one_clear_error(model, kwargs, message):
+    kwargs = {"param": "sttp-r", **kwargs}
+    with pytest.raises(ValueError, match=message), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the skip's own warning
+        parameterize(model, **kwargs)
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
 @pytest.mark.parametrize("param", ["sttp", "svdp-c", "lowrank"])
 def test_zero_size_layer_is_named_not_prime_factors_of_zero(param):
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 0))
@@ -320,3 +344,30 @@ def test_checkpoint_metadata_is_plain_json(tmp_path):
     spec = json.loads(meta["sttpfast_spec"])
     assert spec["blocks.1.conv1"] == {"param": "svdp-c", "rank": 64, "shape": [128, 128, 3, 3]}
     assert meta["architecture"] == "sngan_d32"
+
+
+@pytest.mark.parametrize("param", ["svdp-l", "sttp-r"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_frames_are_one_clear_error_and_autocast_works(param, dtype):
+    """The frames' triangular solves have no half kernel: a model cast to bf16 / fp16 says what
+    to do instead (float32 parameters under autocast), which works."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16, 4))
+    parameterize(model, param, rank=2)
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(TypeError) as err:
+        model.to(dtype)(x.to(dtype))
+    assert str(err.value) == (f"SVDP / STTP build their orthonormal frames in float32 or float64, these "
+                              f"factors are {dtype}: keep the parameters in float32 and compute in half "
+                              f"precision under torch.autocast(device_type, dtype={dtype})")
+    model.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).shape == (2, 4)
+
+
+@pytest.mark.parametrize("param", ["svdp-l", "sttp-r"])
+def test_a_model_on_the_meta_device_runs_its_forward(param):
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16, 4))
+    parameterize(model, param, rank=2)
+    out = model(torch.randn(2, 3, 4, 4, device="meta"))
+    assert (out.device.type, out.shape) == ("meta", (2, 4))

@@ -336,6 +336,16 @@ def test_rank_scale_takes_a_fraction_of_each_layers_full_rank():
         sttpfast.parameterize(nn.Sequential(nn.Linear(4, 4)), "lowrank", rank_scale=1.5)
 
 
+def test_tucker_caps_each_channel_rank_at_its_mode_rank_so_full_rank_is_never_above_dense():
+    """A mode rank is at most min(n_a, prod(other modes)): a Linear (10, 768) or a 1x1 conv
+    has matrix rank <= 10 in both modes; a 3x3 conv (4, 64) keeps R_in <= 64 (4 * 9 = 36)."""
+    model = nn.Sequential(nn.Conv2d(64, 4, 3), nn.Conv2d(4, 32, 1), nn.Flatten(), nn.Linear(768, 10))
+    report = sttpfast.parameterize(model, "tucker", rank_scale=1.0)
+    assert [list(parametrization_of(model[i]).ranks) for i in (0, 1, 3)] == [[4, 36], [4, 4], [10, 10]]
+    assert [row.dof for row in report.rows] == [4 * 36 * 9 + 4 * 4 + 64 * 36, 4 * 4 + 32 * 4 + 4 * 4,
+                                                10 * 10 + 10 * 10 + 768 * 10]
+
+
 # -- layers a method cannot represent --------------------------------------------------------
 def _prime_channel_convs():
     return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 6, 3), nn.Conv2d(6, 7, 3))

@@ -21,10 +21,13 @@ one matmul, batched over leading dimensions and differentiable by plain autograd
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 __all__ = [
+    "frame_precision",
     "stiefel_dof",
     "reflectors_from_params",
     "householder_frame",
@@ -33,6 +36,20 @@ __all__ = [
     "identity_frame_params",
     "st_u_gauge",
 ]
+
+
+def frame_precision(factor: Tensor):
+    """The context a frame build runs in: autocast off (orthogonality needs full precision)
+    on a device that has autocast (not ``meta``). Half-precision factors are a TypeError: the
+    WY form's triangular solves have no float16 / bfloat16 kernel on CPU, and frames
+    built in half precision would not stay orthonormal."""
+    if factor.dtype in (torch.float16, torch.bfloat16):
+        raise TypeError(f"SVDP / STTP build their orthonormal frames in float32 or float64, these factors are "
+                        f"{factor.dtype}: keep the parameters in float32 and compute in half precision under "
+                        f"torch.autocast(device_type, dtype={factor.dtype})")
+    if factor.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(factor.device.type, enabled=False)
 
 
 def stiefel_dof(n: int, r: int, reduced: bool) -> int:

@@ -40,6 +40,7 @@ from torch.nn.utils import parametrize
 
 from sttpfast.linalg.householder import (
     frame_params_from_frame,
+    frame_precision,
     householder_frame,
     identity_frame_params,
     st_u_gauge,
@@ -539,7 +540,7 @@ class SpectralChain(WeightParametrization):
         built = None if bank is None else bank.weight(self) if form == "weight" else bank.factors(self)
         if built is None:
             # orthogonality needs full precision: never build frames under bf16/fp16 autocast
-            with torch.autocast(factors[-1].device.type, enabled=False):
+            with frame_precision(factors[-1]):
                 raw, frames = self._raw_and_frames(factors)
                 contract = chain_weight if form == "weight" else factor_operands
                 built = contract(self.layout, frames, scaled_spectrum(raw, self.gain, self.rank))

@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import record_function
 
-from sttpfast.linalg.householder import householder_frame
+from sttpfast.linalg.householder import frame_precision, householder_frame
 from sttpfast.params.layers import factors_of, parameterized_layers
 
 __all__ = ["BuildPlan", "FrameBank", "attach_frame_bank", "detach_frame_bank", "frame_bank_of"]
@@ -186,7 +186,8 @@ class FrameBank:
         if build is None:
             return None
         # one hand-out per layer call: enter autocast(enabled=False) only where autocast is on
-        off = torch.autocast(build.device.type, enabled=False) if torch.is_autocast_enabled(build.device.type) \
+        kind = build.device.type
+        off = torch.autocast(kind, enabled=False) if kind != "meta" and torch.is_autocast_enabled(kind) \
             else contextlib.nullcontext()
         with off, _label("sttpfast.weight_build"):
             return build.weight(id(parametrization)) if form == "weight" else build.factors(id(parametrization))
@@ -215,7 +216,7 @@ class FrameBank:
                 return None  # this layer's parameters are sharded right now: it builds its own
             # orthogonality needs full precision: never build frames under bf16/fp16 autocast
             # the label lets a profile tell the weight build from the layers' own work
-            with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
+            with frame_precision(factors_of(members[0][0])[0]), \
                     record_function("sttpfast.weight_build"):
                 build = build_weights(members, self._plans)
             self._weights.update(dict.fromkeys(build.ids, build))
@@ -231,7 +232,7 @@ class FrameBank:
             members = self.scopes[0].members  # the outermost scope: the root's, all layers, in order
             if _sharded_members(members):
                 return None
-            with torch.autocast(factors_of(members[0][0])[0].device.type, enabled=False), \
+            with frame_precision(factors_of(members[0][0])[0]), \
                     record_function("sttpfast.weight_build"):
                 build = build_weights(members, self._plans)
             spent = [False]

@@ -4,7 +4,8 @@
 factors ``U_out (C_out, R_out)``, ``U_in (C_in, R_in)``. DOF
 ``R_out R_in prod(kernel) + C_out R_out + C_in R_in``. As a conv sequence: 1x1 ``C_in -> R_in``,
 the ``k x k`` core conv ``R_in -> R_out`` (stride, padding, dilation), 1x1 ``R_out -> C_out``.
-Rank: an int for both, or a pair ``(R_out, R_in)``; each at most its channel count.
+Rank: an int for both, or a pair ``(R_out, R_in)``; each at most its mode's rank
+``min(C, prod(other modes))`` (a Linear or 1x1 conv: ``min(C_out, C_in)``).
 
 ``rtk``: Tucker over the reshaped channel modes ``(o_1, o_2, i_1, i_2)``, the kernel modes
 kept in the core ``(R_o1, R_o2, R_i1, R_i2, *spatial)``; rank an int or one per channel mode.
@@ -14,6 +15,7 @@ exact when the weight has that multilinear rank.
 """
 from __future__ import annotations
 
+import math
 
 from torch import Tensor
 
@@ -34,7 +36,11 @@ class TuckerLayer(TensorLayer):
 
     @classmethod
     def bond_caps(cls, modes):
-        return [modes[a] for a in cls.factored_axes(modes)]
+        """A mode's rank is at most ``min(n_a, prod(modes) / n_a)`` (the rank of the mode-a
+        unfolding): a Linear or 1x1 conv (C_out, C_in) needs no more than ``min(C_out, C_in)``
+        in either mode; above that the core only adds parameters."""
+        total = math.prod(modes)
+        return [min(modes[a], total // modes[a]) for a in cls.factored_axes(modes)]
 
     @classmethod
     def rank_entries(cls, modes):
