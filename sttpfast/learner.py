@@ -172,7 +172,17 @@ class SpectralLearner(Learner):
             "sttpfast.load_parameterized), or densify it first: sttpfast.densify(learn.model)")
 
 
-def default_metrics(n_classes: int) -> list:
+def _n_classes(dls, model: nn.Module) -> int | None:
+    """The loaders' ``n_classes`` (get_dls attaches it), else the model's (timm's
+    ``num_classes``), else None."""
+    n = getattr(dls, "n_classes", None)
+    return n if n is not None else getattr(model, "num_classes", None)
+
+
+def default_metrics(n_classes: int | None) -> list:
+    """Accuracy, and top-5 accuracy where there are more than 5 classes (None: unknown, accuracy alone)."""
+    if n_classes is None:
+        return [accuracy]
     return [accuracy, top5_accuracy] if n_classes > 5 else [accuracy]
 
 
@@ -277,6 +287,8 @@ def spectral_learner(
     callbacks write (``run_dir`` or ``learn.path``).
     """
     param = resolve_param(param)
+    if opt not in OPTIMIZERS:  # before the model is touched
+        raise ValueError(f"unknown optimizer {opt!r}; allowed: {', '.join(OPTIMIZERS)}")
     if isinstance(arch, nn.Module):
         model = arch
     else:
@@ -293,8 +305,6 @@ def spectral_learner(
                           keep_dense_if_no_gain=keep_dense_if_no_gain)
     if factored:
         report = compression_report(model)
-    if opt not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {opt!r}; allowed: {', '.join(OPTIMIZERS)}")
     opt_func = (lambda params, **kw: SGD(params, mom=mom, **kw)) if opt == "sgd" else Adam
     if frobenius_decay is None and param == "lowrank":
         frobenius_decay = wd
@@ -303,7 +313,7 @@ def spectral_learner(
         callbacks.append(AttentionFormDecay(wd if frobenius_decay is None else frobenius_decay))
     path = Path(run_dir) if run_dir is not None else Path(".")
     learn = SpectralLearner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,
-                    metrics=metrics if metrics is not None else default_metrics(getattr(dls, "n_classes", 10)),
+                    metrics=metrics if metrics is not None else default_metrics(_n_classes(dls, model)),
                     cbs=callbacks, wd=wd, wd_bn_bias=False, path=path, model_dir=".", **learner_kwargs)
     learn.compression, learn.param, learn.run_dir = report, param, path
     return learn

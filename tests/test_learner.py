@@ -173,3 +173,32 @@ def test_export_refuses_before_writing_anything(dls, tmp_path):
         learn.export("model.pkl")
     assert list((tmp_path / "run").iterdir()) == []
     assert learn.opt is None and len(learn.dls.train) == STEPS_PER_EPOCH  # nothing torn down
+
+
+def test_a_bad_optimizer_is_refused_before_the_model_is_touched(dls):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(10))
+    model(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="^unknown optimizer 'lamb'; allowed: sgd, adam$"):
+        spectral_learner(dls, model, param="sttp-r", rank=2, opt="lamb")
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_without_n_classes_on_the_loaders_the_metrics_follow_the_models_classes():
+    """Loaders built by hand (no ``n_classes``): a 4-class timm model gets accuracy alone (top-5
+    of 4 classes crashed in the first validation), a 10-class one top-5 as well."""
+    from fastai.data.core import DataLoaders
+    from fastai.data.load import DataLoader
+
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randn(1, 8, 8, generator=g), int(i % 4)) for i in range(32)]
+    loaders = DataLoaders(DataLoader(items, bs=8, shuffle=True), DataLoader(items, bs=8))
+    import timm
+
+    for classes, names in [(4, ["accuracy"]), (10, ["accuracy", "top5_accuracy"])]:
+        model = timm.create_model("resnet20_cifar", num_classes=classes, in_chans=1)
+        learn = spectral_learner(loaders, model, param="sttp-r", rank=2, sv_every=1000)
+        assert [m.name for m in learn.metrics] == names
+        if classes == 4:
+            with learn.no_bar(), learn.no_logging():
+                learn.fit(1, 1e-3)
+            assert len(learn.recorder.values[-1]) == 3  # train_loss, valid_loss, accuracy
