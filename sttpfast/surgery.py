@@ -85,10 +85,19 @@ class LayerRow:
     rank: int | None
     dof: int
     dense: int
+    #: every rank entry of a tensor format (TT / TR bonds, Tucker's pair...), None for one rank
+    ranks: tuple[int, ...] | None = None
 
     @property
     def ratio(self) -> float:
         return 100.0 * self.dof / self.dense
+
+    @property
+    def rank_text(self) -> str:
+        """``-``, ``8``, or every entry where they differ (``2x3x2``)."""
+        if self.ranks is not None and len(set(self.ranks)) > 1:
+            return "x".join(map(str, self.ranks))
+        return "-" if self.rank is None else str(self.rank)
 
 
 @dataclass
@@ -124,7 +133,7 @@ class CompressionReport:
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(f"{r.name:<36} {r.layer:<16} {'x'.join(map(str, r.shape)):<20} {r.param:<8} "
-                         f"{'-' if r.rank is None else r.rank:>5} {r.dof:>10} {r.dense:>10} {r.ratio:>7.2f}")
+                         f"{r.rank_text:>5} {r.dof:>10} {r.dense:>10} {r.ratio:>7.2f}")
         lines.append("-" * len(head))
         lines.append(self.summary())
         return "\n".join(lines)
@@ -176,7 +185,9 @@ def compression_report(model: nn.Module) -> CompressionReport:
     for name, module, p in parameterized_layers(model):
         dense = math.prod(_dense_shape(module))
         rank = getattr(p, "rank", None)
-        row = LayerRow(name, _layer_type(module), _dense_shape(module), _param_name(p), rank, _layer_dof(module, p), dense)
+        ranks = getattr(p, "ranks", None)
+        row = LayerRow(name, _layer_type(module), _dense_shape(module), _param_name(p), rank,
+                       _layer_dof(module, p), dense, tuple(ranks) if isinstance(ranks, (tuple, list)) else None)
         report.rows.append(row)
         report.dense_total += dense
         report.compressed_total += row.dof

@@ -371,3 +371,10 @@ def test_a_model_on_the_meta_device_runs_its_forward(param):
     parameterize(model, param, rank=2)
     out = model(torch.randn(2, 3, 4, 4, device="meta"))
     assert (out.device.type, out.shape) == ("meta", (2, 4))
+
+
+@pytest.mark.parametrize("param,rank,shown", [("tucker", (2, 3), "2x3"), ("tt", (2, 3, 2), "2x3x2"), ("tucker", 3, "3")])
+def test_the_report_table_shows_a_tuple_rank_whole(param, rank, shown):
+    model = nn.Sequential(nn.Conv2d(8, 12, 3, bias=False))
+    report = parameterize(model, param, rank=rank)
+    assert report.table().splitlines()[2].split()[4] == shown
