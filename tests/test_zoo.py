@@ -458,3 +458,19 @@ def test_cli_info_prints_the_energy_plan():
     assert lines[3].split() == ["stem.0", "1", "0.1679", "25", "432"]  # the 3-channel stem keeps 17% at rank 1
     z = float(lines[-1].split("Z = ")[1].split("%")[0])
     assert abs(z - 10.0) <= 0.5
+
+
+@pytest.mark.parametrize("param,rank,message", [
+    ("tt", (4, 8, 3), "layer 'blocks.3.shortcut.0' (Conv2d (32, 16, 1, 1)): tt: rank (4, 8, 3) has 3 entries; a "
+                      "layer with modes (32, 16) needs 1: (R_1) (or one int for all)"),
+    ("ht", ((5, 8, 6), (4, 3, 2)), "layer 'stem.0' (Conv2d (16, 3, 3, 3)): ht: rank (5, 8, 6, 4, 3, 2) is too large "
+                                   "for modes (16, 3, 3, 3): the largest useful ranks are (9, 16, 3, 9, 3, 3)")])
+def test_the_readme_tuple_ranks_fit_resnet20s_block_convs_and_name_the_layer_elsewhere(param, rank, message):
+    """README's tuple examples: on the blocks' 3x3 convs (include=) every layer takes them; on
+    the whole model the first layer that cannot is named."""
+    model = timm.create_model("resnet20_cifar")
+    report = sttpfast.parameterize(model, param, rank=rank, include="blocks.*.conv*")
+    assert len(report.rows) == 18 and {row.param for row in report.rows} == {param}
+    with pytest.raises(ValueError) as err:
+        sttpfast.parameterize(timm.create_model("resnet20_cifar"), param, rank=rank)
+    assert str(err.value) == message
