@@ -243,8 +243,10 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
             continue
         chosen.append((name, module))
     if not chosen:
+        default = getattr(model, "default_param_exclude", ()) if not include else ()
         raise ValueError(f"no {_layer_kinds()} layer left to parameterize after include={given[0]!r}, "
-                         f"exclude={given[1]!r}")
+                         f"exclude={given[1]!r}" + (f" (and the model's default_param_exclude={list(default)!r})"
+                                                    if default else ""))
     return chosen
 
 
