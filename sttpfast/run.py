@@ -213,6 +213,8 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
                 lock = _lock_run(run_dir)  # before reading: nobody else writes while we decide
             run_dir, cfg, state = resume_config(resume, echo)
             done = state["meta"]
+            if done.get("app") == "gan":
+                raise RunError(f"{run_dir} is a GAN run; resume it with: sttpfast gan --resume {run_dir}")
             check_budget(run_dir, done, steps, epochs)
             budget_raised = _raise_budget(cfg, steps, epochs)
             finished = finished_summary(run_dir, done) if _finished(cfg, done) else None

@@ -265,6 +265,16 @@ def test_resume_refuses_a_classification_run(tmp_path):
                                     f"sttpfast train --resume {tmp_path / 'c'}"
 
 
+def test_train_resume_refuses_a_gan_run_naming_the_gan_command(tmp_path):
+    run_gan(_cfg(tmp_path, "g", "gan.steps=2", "log.logger=none"), echo=lambda *a: None)
+    run = tmp_path / "g"
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"}
+    result = _cli("train", "--resume", run)
+    assert result.exit_code == 2
+    assert result.output == f"Error: {run} is a GAN run; resume it with: sttpfast gan --resume {run}\n"
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
+
+
 ALLOWED = ("svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tucker, rtk, tt, rtt, tr, rtr, ht, "
            "dense, sn, svdp, sttp")
 
