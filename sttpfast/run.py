@@ -321,6 +321,8 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
     if main and (state is None or budget_raised):
         write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path))
     report = learn.compression
+    if cfg["param"].get("compression") is not None and report.rank is not None:
+        say(f"rank {report.rank} gives Z = {report.z:.2f}%")  # the shared rank the target chose
     if report.plan:  # per-layer ranks: print the plan and keep it with the run
         say(report.plan_table())
         if main:

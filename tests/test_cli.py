@@ -178,6 +178,16 @@ def test_parse_rank_refuses_what_is_not_a_rank(text):
 TT_RUN = ["train", "digits", "--arch", "resnet20_cifar", "--bs", "64", "--subset", "128", "--logger", "none"]
 
 
+def test_train_with_a_compression_target_says_the_rank_chosen_before_training(tmp_path):
+    result = run(*TT_RUN, "--param", "sttp", "--compression", "10", "--steps", "1", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "rank chosen for the target compression Z = 10%"
+    assert lines[1] == "rank 14 gives Z = 10.00%"  # before the run starts (1 channel: the stem stays dense)
+    assert lines[4] == (f"run {tmp_path / 'digits-resnet20_cifar-sttp-z10-s0'}: layers 21  params 27,370 / 273,754  "
+                        "Z = 10.00%  (weights only 8.90%)")
+
+
 def test_train_with_a_tt_tuple_rank_stores_it_and_resumes_the_same_layers(tmp_path):
     from sttpfast.checkpoint import load_parameterized, read_metadata
     from sttpfast.surgery import parameterized_layers
