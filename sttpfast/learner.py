@@ -269,7 +269,8 @@ def spectral_learner(
         d_optimal: weight of the D-optimal penalty for -r variants.
         frobenius_decay: lambda of Frobenius decay for ``lowrank`` (default ``wd``).
         spectral_bound: keep sigma_max <= c (SpectralNormBound) when given.
-        cbs: extra callbacks (yours); they run with the defaults.
+        cbs: extra callbacks (yours); they run with the defaults, and one of a default's type
+            (e.g. your own SingularValueLogger) replaces that default.
         img_size: resize the data to ``img_size`` x ``img_size`` and build ``arch`` for it.
             Without it ``arch`` is built for the data's size when it can take it (``img_size=``
             for ViT-style models), else the data are resized to the smallest size it accepts
@@ -308,7 +309,10 @@ def spectral_learner(
     opt_func = (lambda params, **kw: SGD(params, mom=mom, **kw)) if opt == "sgd" else Adam
     if frobenius_decay is None and param == "lowrank":
         frobenius_decay = wd
-    callbacks = default_callbacks(param, d_optimal, frobenius_decay, spectral_bound, sv_every) + list(cbs or [])
+    given = list(cbs or [])
+    # a default the user gives their own of (a SingularValueLogger with other settings) is theirs
+    callbacks = [cb for cb in default_callbacks(param, d_optimal, frobenius_decay, spectral_bound, sv_every)
+                 if not any(type(mine) is type(cb) for mine in given)] + given
     if factored:
         callbacks.append(AttentionFormDecay(wd if frobenius_decay is None else frobenius_decay))
     path = Path(run_dir) if run_dir is not None else Path(".")

@@ -202,3 +202,13 @@ def test_without_n_classes_on_the_loaders_the_metrics_follow_the_models_classes(
             with learn.no_bar(), learn.no_logging():
                 learn.fit(1, 1e-3)
             assert len(learn.recorder.values[-1]) == 3  # train_loss, valid_loss, accuracy
+
+
+def test_a_callback_the_user_gives_replaces_the_default_of_its_type(dls):
+    """README's example passes its own SingularValueLogger: it runs once, the user's."""
+    from sttpfast.callbacks import SingularValueLogger
+
+    mine = SingularValueLogger(every=7)
+    learn = spectral_learner(dls, "resnet20_cifar", param="sttp-r", rank=2, cbs=[mine])
+    loggers = [cb for cb in learn.cbs if isinstance(cb, SingularValueLogger)]
+    assert loggers == [mine]
