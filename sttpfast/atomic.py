@@ -31,11 +31,12 @@ import secrets
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Union
 
-__all__ = ["write_file", "write_checkpoint", "set_pointer", "read_pointer", "verify_checkpoint",
+__all__ = ["write_file", "write_beside", "write_checkpoint", "set_pointer", "read_pointer", "verify_checkpoint",
            "latest_complete", "checkpoints", "prune_checkpoints", "clean_temporaries", "CRASH_POINTS",
            "MANIFEST", "DamagedCheckpoints"]
 
@@ -102,6 +103,7 @@ def _write_content(path: Path, content: FileContent) -> None:
     given) to ``path`` and fsync it."""
     if callable(content):
         content(path)
+        os.chmod(path, 0o666 & ~_umask())  # the writer's own file may be owner-only (safetensors')
     else:
         data = content.encode("utf-8") if isinstance(content, str) else content
         with open(path, "wb") as f:
@@ -126,6 +128,33 @@ def write_file(path: str | os.PathLike, content: FileContent) -> Path:
     _crash_point("file-renamed")
     _fsync(path.parent)
     return path
+
+
+def write_beside(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    For writers that want a file name of their own choosing (safetensors, ONNX): the
+    temporary (``mkstemp``'s, and safetensors' own file, are owner-only) is given the mode
+    ``open()`` would give (0666 less the umask) before the rename, like every other file of a
+    run."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # after writing: a writer may replace the file (safetensors: 0600)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _sha256(path: Path) -> str:

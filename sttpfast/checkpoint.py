@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import timm
@@ -17,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sttpfast.atomic import write_beside
 from sttpfast.surgery import apply_spec, parameterization_spec
 
 __all__ = ["save_parameterized", "load_parameterized", "read_metadata", "describe_spec_difference"]
@@ -56,16 +56,7 @@ def save_parameterized(model: nn.Module, path: str | os.PathLike, metadata: dict
         meta[_ARCH] = _architecture(model)
     for key, value in (metadata or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_beside(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -25,13 +25,13 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from sttpfast.atomic import write_beside
 from sttpfast.surgery import densify, parameterized_layers
 
 __all__ = ["FORMATS", "CHECKPOINTS", "export_model", "export_run", "export_generator", "run_checkpoint",
@@ -72,16 +72,7 @@ def _architecture(model: nn.Module) -> str | None:
 
 def _write_atomically(path: Path, write) -> Path:
     """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_beside(path, write, suffix=f".tmp{path.suffix}")
 
 
 def _dense_eval_copy(model: nn.Module) -> nn.Module:

@@ -313,3 +313,22 @@ def test_export_of_a_gan_run_writes_its_ema_generator(tmp_path):
     got = session.run(None, {"input": z.numpy()})[0]
     assert got.shape == (5, 1, 8, 8)
     np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=1e-4)
+
+
+def test_exported_and_saved_files_take_the_umasks_mode_like_every_other_run_file(tmp_path):
+    """mkstemp's temporaries are owner-only (0600): renamed into place they left export files
+    and checkpoint weights unreadable to the group, unlike config.yaml and summary.json."""
+    from safetensors.torch import save_file
+
+    from sttpfast.atomic import write_file
+    from sttpfast.checkpoint import save_parameterized
+
+    umask = os.umask(0o022)
+    try:
+        model = timm.create_model("resnet20_cifar", num_classes=3, in_chans=1)
+        paths = [export_model(model, tmp_path / "a.safetensors", "safetensors"),
+                 save_parameterized(model, tmp_path / "m.safetensors"),
+                 write_file(tmp_path / "o.safetensors", lambda p: save_file({"a": torch.zeros(1)}, str(p)))]
+        assert [oct(p.stat().st_mode & 0o777) for p in paths] == [oct(0o644)] * 3
+    finally:
+        os.umask(umask)
