@@ -59,6 +59,14 @@ def test_runs_are_kept_and_reused(quality, trained, tmp_path):
     assert quality.classification_rows(_args(results))[0] == rows and len(trained) == 4
 
 
+def test_params_dense_is_the_dense_row_alone(quality, trained, tmp_path):
+    """`--params dense` (the dense run of a seed alone): the table is its row (the table
+    phase asked for dense at each target Z and died after the run had trained)."""
+    rows, points, runs = quality.classification_rows(_args(tmp_path / "runs.jsonl", params=["dense"], seeds=[1]))
+    assert trained == [("dense", None, 1)]
+    assert rows == [["dense", "-", "-", "100.00", "51.00", "51.00", "0"]]
+
+
 def test_another_budget_trains_again(quality, trained, tmp_path):
     results = tmp_path / "runs.jsonl"
     quality.classification_rows(_args(results, seeds=[0]))
@@ -100,3 +108,7 @@ def test_the_committed_converged_runs_are_read_back_under_the_default_budget(qua
     assert rows == [["dense", "-", "-", "100.00", "93.91", "93.91", "3259"],
                     ["sttp-r", "10", "14", "10.00", "92.69", "92.69", "3397"],
                     ["cp", "10", "15", "9.84", "92.58", "92.58", "2378"]]
+    # the dense network's second seed (`--params dense --seeds 1`)
+    rows, _, runs = quality.classification_rows(_args(results, subset=0, epochs=15, seeds=[0, 1], params=["dense"]))
+    assert trained == [] and (runs.trained, runs.reused) == (0, 2)
+    assert rows == [["dense", "-", "-", "100.00", "93.75", "93.91 / 93.59", "4102"]]
