@@ -470,13 +470,14 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
 @main.command()
 @click.argument("run", type=click.Path())
 @click.option("--format", "fmt", required=True, metavar="safetensors|onnx",
-              help="safetensors (loads with plain timm) or onnx (runs with onnxruntime)")
+              help="safetensors (loads with timm; sttpfast's own architectures need `import sttpfast`, "
+                   "which registers them) or onnx (runs with onnxruntime alone)")
 @click.option("--out", default=None, type=click.Path(), help="file to write (default RUN/export/WHICH.FORMAT)")
 @click.option("--which", default="last", metavar="last|best", help="the checkpoint to export (default last)")
 @click.option("--force", is_flag=True, help="overwrite an existing --out")
 @user_errors
 def export(run, fmt, out, which, force):
-    """Densify a run's checkpoint into a file that needs no sttpfast: sttpfast export RUN --format onnx."""
+    """Densify a run's checkpoint into a plain file: sttpfast export RUN --format onnx."""
     from sttpfast.export import export_run
 
     path = export_run(run, fmt, out=out, which=which, force=force)
