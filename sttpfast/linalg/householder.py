@@ -308,7 +308,10 @@ def frame_params_from_frame(
         if reduced:
             v[j + 1 : r] = 0.0  # zero in exact arithmetic for frames in St_U form
         y[:, j] = v
-        cur = cur - 2.0 * torch.outer(v, v @ cur) / (v @ v)
+        # reflect the columns still to come; v is zero above row j, so rows < j stay as they
+        # are (and column j becomes e_j, never read again): (n - j) x (r - j) work, not n x r
+        rest = cur[j:, j + 1:]
+        rest.sub_(torch.outer(v[j:], v[j:] @ rest), alpha=2.0 / float(v[j:] @ v[j:]))
     bottom = y[r:].to(q.dtype)
     top = None
     if not reduced:
