@@ -447,6 +447,19 @@ def _yaml_load(text: str):
     return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def _yaml_problem(err: Exception) -> str:
+    """The parser's complaint on one line: where (1-based), what, and in what context (its
+    own message spans several lines with the source quoted)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, where = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" from line {where.line + 1}, column {where.column + 1}" if where else "") + ")"
+    return text
+
+
 def load_yaml(path: str | Path) -> dict:
     """One YAML mapping; ConfigError for a missing, unreadable or non-mapping file."""
     path = Path(path)
@@ -455,7 +468,7 @@ def load_yaml(path: str | Path) -> dict:
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
