@@ -170,9 +170,12 @@ def _accuracy(model: nn.Module, loader) -> float:
 def _dense_teacher(run_dir: Path) -> tuple[nn.Module, dict]:
     """The run's dense model (its ``last`` checkpoint) and config; ValueError for anything else."""
     from sttpfast.checkpoint import read_metadata
-    from sttpfast.export import load_run_model, run_checkpoint
+    from sttpfast.export import is_gan_run, load_run_model, run_checkpoint
 
     model_file = run_checkpoint(run_dir, "last")
+    if is_gan_run(run_dir, "last"):
+        raise ValueError(f"{run_dir} is a GAN run; compress starts from a classification run trained with "
+                         "--param dense")
     spec = json.loads(read_metadata(model_file).get("sttpfast_spec", "{}"))
     if spec:
         params = sorted({entry["param"] for entry in spec.values()})

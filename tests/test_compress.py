@@ -132,6 +132,22 @@ def test_a_method_that_does_not_compress_is_refused_by_name(dense_run, tmp_path)
     assert not (tmp_path / "c").exists()
 
 
+def test_a_gan_run_is_refused_as_a_gan_run(tmp_path):
+    """It said 'not a dense model (11 layer(s) are sn)' of a dense GAN run."""
+    from sttpfast.gan.run import run_gan
+
+    cfg, _ = build_config(overrides=["data.name=digits", "data.subset=128", "gan.bs=32", "gan.steps=1",
+                                     "gan.g_kwargs={widths: [8, 8, 8], bottom_width: 2, z_dim: 16}",
+                                     "gan.d_kwargs={widths: [8, 8, 8, 8]}",
+                                     "log.logger=none", "log.progress=false", f"train.out={tmp_path}",
+                                     "train.name=g"])
+    run_gan(cfg, echo=lambda *a: None)
+    _one_error_line(_cli(tmp_path / "g", "--param", "tt", "--rank", "4", "--out", tmp_path / "c"),
+                    f"Error: {tmp_path / 'g'} is a GAN run; compress starts from a classification run trained "
+                    "with --param dense", tmp_path)
+    assert not (tmp_path / "c").exists()
+
+
 def test_an_existing_out_folder_is_refused_before_any_work(dense_run, tmp_path):
     """An explicit --out is the folder written, never a numbered neighbour of it."""
     taken = tmp_path / "taken"
