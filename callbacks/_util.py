@@ -7,6 +7,9 @@ know whether TensorBoard, W&B, both or neither are in use.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,11 +32,19 @@ DENSE_LAYERS: tuple[type[nn.Module], ...] = (
 )
 
 
-def positive_steps(every, name: str = "every") -> int:
-    """``every`` as a positive int, or a ValueError naming it."""
-    if int(every) < 1:
-        raise ValueError(f"{name} must be a positive number of steps, got {every!r}")
+def positive_steps(every, name: str = "every", what: str = " of steps") -> int:
+    """``every`` as a positive int (a whole float too, not a bool), or a ValueError naming it."""
+    whole = isinstance(every, numbers.Integral) or (isinstance(every, float) and every.is_integer())
+    if isinstance(every, bool) or not whole or every < 1:
+        raise ValueError(f"{name} must be a positive whole number{what}, got {every!r}")
     return int(every)
+
+
+def non_negative(value, name: str) -> float:
+    """``value`` as a finite float >= 0 (a weight, a decay), or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

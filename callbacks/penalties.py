@@ -13,7 +13,7 @@ from fastai.callback.core import Callback
 from fastai.optimizer import Optimizer
 from torch import nn
 
-from sttpfast.callbacks._util import global_step, log_scalars, unwrap_model
+from sttpfast.callbacks._util import global_step, log_scalars, non_negative, positive_steps, unwrap_model
 from sttpfast.fsdp import gathered_factors
 from sttpfast.params.layers import factors_of
 from sttpfast.penalties import d_optimal_layers, d_optimal_penalty, frobenius_decay_layers
@@ -36,7 +36,8 @@ class DOptimalPenalty(Callback):
 
     def __init__(self, weight: float = 1.0, only_penalized: bool = True, log_every: int = 50):
         super().__init__()
-        self.weight, self.only_penalized, self.log_every = float(weight), only_penalized, max(1, int(log_every))
+        self.weight, self.only_penalized = non_negative(weight, "weight"), only_penalized
+        self.log_every = positive_steps(log_every, "log_every")
         self.active, self._last = False, None
 
     def before_fit(self):
@@ -84,9 +85,7 @@ class FrobeniusDecay(Callback):
 
     def __init__(self, wd: float = 5e-4):
         super().__init__()
-        if wd < 0:
-            raise ValueError(f"wd must be >= 0, got {wd!r}")
-        self.wd = float(wd)
+        self.wd = non_negative(wd, "wd")
 
     def _factor_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         model = unwrap_model(self.learn.model)
@@ -145,7 +144,7 @@ class DivergencePenalty(Callback):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.teacher, self.weight, self.temperature = teacher, float(weight), float(temperature)
-        self.log_every, self._last = max(1, int(log_every)), None
+        self.log_every, self._last = positive_steps(log_every, "log_every"), None
 
     def before_fit(self):
         device = next(unwrap_model(self.learn.model).parameters()).device

@@ -68,7 +68,7 @@ class SpectralNormBound(Callback):
 
     def __init__(self, c: float = 1.0, every: int = 1, include_dense: bool = True):
         super().__init__()
-        if not c > 0 or math.isinf(c):
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf:
             raise ValueError(f"c must be a positive finite bound on sigma_max, got {c!r}")
         self.c, self.every, self.include_dense = float(c), positive_steps(every), include_dense
 
@@ -143,9 +143,7 @@ class SingularValueLogger(Callback):
 
     def __init__(self, every: int = 100, top_k: int = 32, heatmap: bool = True):
         super().__init__()
-        if int(every) < 1 or int(top_k) < 1:
-            raise ValueError(f"every and top_k must be positive, got every={every!r}, top_k={top_k!r}")
-        self.every, self.top_k, self.heatmap = int(every), int(top_k), heatmap
+        self.every, self.top_k, self.heatmap = positive_steps(every), positive_steps(top_k, "top_k", ""), heatmap
         self.history: list[dict] = []
         self.heatmap_path = None
         self._drawn_at = None

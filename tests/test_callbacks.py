@@ -506,3 +506,20 @@ def test_wandb_logger_resumed_run_continues_the_same_wandb_run_without_repeating
     steps = [sorted({int(r["_step"]) for r in read_wandb_history(f) if "train/loss" in r}) for f in files]
     # folder names need not sort in session order (same-second timestamps): compare as a set of sessions
     assert sorted(steps) == [[1, 2, 3], [4, 5]]
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: SpectralNormBound(every=1.5), "every must be a positive whole number of steps, got 1.5"),
+    (lambda: SpectralNormBound("1"), "c must be a positive finite bound on sigma_max, got '1'"),
+    (lambda: SpectralNormBound(float("nan")), "c must be a positive finite bound on sigma_max, got nan"),
+    (lambda: SingularValueLogger(every=None), "every must be a positive whole number of steps, got None"),
+    (lambda: SingularValueLogger(top_k=0), "top_k must be a positive whole number, got 0"),
+    (lambda: DOptimalPenalty(weight=-1), "weight must be a finite number >= 0, got -1"),
+    (lambda: DOptimalPenalty(log_every=0), "log_every must be a positive whole number of steps, got 0"),
+    (lambda: FrobeniusDecay(wd=float("nan")), "wd must be a finite number >= 0, got nan"),
+    (lambda: FrobeniusDecay(wd="1e-4"), "wd must be a finite number >= 0, got '1e-4'"),
+])
+def test_bad_callback_arguments_are_one_clear_error(make, message):
+    with pytest.raises(ValueError) as err:
+        make()
+    assert str(err.value) == message

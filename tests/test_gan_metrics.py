@@ -99,7 +99,7 @@ def test_missing_inception_weights_file_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(metrics=("fid", "lpips")), r"unknown metrics \['lpips'\]; allowed: isc, fid, kid"),
     (dict(metrics=("fid",), best_by="kid"), r"best_by 'kid' is not among the computed metrics \['fid'\]"),
-    (dict(every=0), r"every must be a positive number of steps, got 0"),
+    (dict(every=0), r"every must be a positive whole number of steps, got 0"),
     (dict(samples=1), r"samples must be at least 2, got 1"),
 ])
 def test_bad_settings_are_refused(kwargs, message):

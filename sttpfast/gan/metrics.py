@@ -177,7 +177,7 @@ class GANMetrics(Callback):
                  extractor_steps: int = 300, extractor_kwargs: dict | None = None, seed: int = 0):
         super().__init__()
         self.every = positive_steps(every, "every")
-        self.samples = positive_steps(samples, "samples")
+        self.samples = positive_steps(samples, "samples", "")
         if self.samples < 2:
             raise ValueError(f"samples must be at least 2, got {samples!r}")
         self.metrics = tuple(metrics)
@@ -186,8 +186,8 @@ class GANMetrics(Callback):
             raise ValueError(f"unknown metrics {unknown or list(self.metrics)!r}; allowed: {', '.join(METRICS)}")
         if best_by not in self.metrics:
             raise ValueError(f"best_by {best_by!r} is not among the computed metrics {list(self.metrics)}")
-        self.best_by, self.grid = best_by, positive_steps(grid, "grid")
-        self.at_end, self.batch_size, self.seed = bool(at_end), positive_steps(batch_size, "batch_size"), int(seed)
+        self.best_by, self.grid = best_by, positive_steps(grid, "grid", "")
+        self.at_end, self.batch_size, self.seed = bool(at_end), positive_steps(batch_size, "batch_size", ""), int(seed)
         self.extractor_steps, self.extractor_kwargs = int(extractor_steps), dict(extractor_kwargs or {})
         self.weights_path: Path | None = None
         if str(extractor) == "inception":
