@@ -178,8 +178,16 @@ def _layer_dof(module: nn.Module, p: nn.Module) -> int:
     return sum(t.numel() for t in factors_of(module))  # a foreign parametrization: its tensors
 
 
+def _check_model(model) -> None:
+    """TypeError for anything but a module (a timm name passed as the model, say)."""
+    if not isinstance(model, nn.Module):
+        hint = " (a timm name: sttpfast.create_model(name) first)" if isinstance(model, str) else ""
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__} {model!r}"[:200] + hint)
+
+
 def compression_report(model: nn.Module) -> CompressionReport:
     """Per-layer table and ``Z`` of a (possibly) parameterized model."""
+    _check_model(model)
     report = CompressionReport()
     params = set()
     for name, module, p in parameterized_layers(model):
@@ -501,6 +509,7 @@ def parameterize(
     Raises:
         ValueError: a bad argument, naming it and the allowed values; ``model`` is unchanged.
     """
+    _check_model(model)
     param = resolve_param(param)
     entry = method(param)
     given = [n for n, v in (("rank", rank), ("compression", compression), ("rank_scale", rank_scale))
@@ -633,6 +642,7 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
     """A plain model with every parametrized weight materialized (same outputs).
 
     By default the parameterized ``model`` is left alone and a dense copy is returned."""
+    _check_model(model)
     target = model if inplace else copy.deepcopy(model)
     # the weights are read with the bank still attached (one loose pass: the whole tree's
     # batched build), so the dense model gives the parameterized model's bits, not the

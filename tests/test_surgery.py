@@ -378,3 +378,12 @@ def test_the_report_table_shows_a_tuple_rank_whole(param, rank, shown):
     model = nn.Sequential(nn.Conv2d(8, 12, 3, bias=False))
     report = parameterize(model, param, rank=rank)
     assert report.table().splitlines()[2].split()[4] == shown
+
+
+@pytest.mark.parametrize("call", [lambda: parameterize("resnet18", "sttp-r", rank=2), lambda: densify("resnet18"),
+                                  lambda: compression_report("resnet18")])
+def test_a_model_that_is_not_a_module_is_a_type_error_naming_it(call):
+    with pytest.raises(TypeError) as err:
+        call()
+    assert str(err.value) == ("model must be a torch.nn.Module, got str 'resnet18' "
+                              "(a timm name: sttpfast.create_model(name) first)")
