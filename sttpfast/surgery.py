@@ -258,6 +258,15 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
     return chosen
 
 
+def _check_target(param: str, compression) -> float:
+    """A compression target for ``param`` (canonical name): a number in (0, 100] and a method
+    that compresses; ValueError naming what is wrong."""
+    compression = _check_compression(compression)
+    if not method(param).compresses:
+        raise ValueError(f"compression needs a low-rank parameterization, not {param!r}")
+    return compression
+
+
 def _check_compression(compression) -> float:
     try:
         value = float(compression)
@@ -301,6 +310,7 @@ def rank_for_compression(model: nn.Module, param: str, compression: float, layer
     With ``keep_dense_if_no_gain`` (what :func:`parameterize` does by default) a layer whose
     DOF at a rank would reach its dense size counts at its dense size: it will be left dense."""
     param = resolve_param(param)
+    compression = _check_target(param, compression)
     layers = layers if layers is not None else _select(model, None, None)
     if not layers:
         raise ValueError(f"no layer to parameterize: no rank of {param} gives Z = {compression:g}%")
@@ -521,9 +531,7 @@ def parameterize(
     if plan == "energy" and compression is None:
         raise ValueError("plan='energy' spends a compression budget: give compression=Z as well")
     if compression is not None:
-        compression = _check_compression(compression)
-        if not entry.compresses:
-            raise ValueError(f"compression needs a low-rank parameterization, not {param!r}")
+        compression = _check_target(param, compression)
     if rank_scale is not None:
         if isinstance(rank_scale, bool) or not isinstance(rank_scale, (int, float)) or not 0 < rank_scale <= 1:
             raise ValueError(f"rank_scale must be a number in (0, 1] (a fraction of each layer's full rank), "

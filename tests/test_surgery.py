@@ -387,3 +387,14 @@ def test_a_model_that_is_not_a_module_is_a_type_error_naming_it(call):
         call()
     assert str(err.value) == ("model must be a torch.nn.Module, got str 'resnet18' "
                               "(a timm name: sttpfast.create_model(name) first)")
+
+
+@pytest.mark.parametrize("param,compression,message", [
+    ("sttp-r", 0, r"compression must be in (0, 100] (percent of the dense size), got 0"),
+    ("sttp-r", 150, r"compression must be in (0, 100] (percent of the dense size), got 150"),
+    ("sn", 10, "compression needs a low-rank parameterization, not 'sn'"),
+])
+def test_rank_for_compression_checks_its_arguments_as_parameterize_does(param, compression, message):
+    with pytest.raises(ValueError) as err:
+        rank_for_compression(timm.create_model("resnet20_cifar"), param, compression)
+    assert str(err.value) == message
