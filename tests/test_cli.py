@@ -218,7 +218,7 @@ def test_train_with_a_tt_tuple_rank_stores_it_and_resumes_the_same_layers(tmp_pa
      "got (2, 0, 2)"),
     (["--param", "tucker", "--rank", "17,1"],
      "Error: layer 'stem.0' (Conv2d (16, 1, 3, 3)): tucker: rank (17, 1) is too large for modes (16, 1, 3, 3): "
-     "the largest useful ranks are (16, 1)"),
+     "the largest useful ranks are (9, 1)"),
     (["--param", "sttp-r", "--rank", "4,8"],
      "Error: config param.rank = [4, 8]: sttp-r: rank must be a positive integer, got (4, 8)"),
     (["--param", "tt", "--rank", "4,,8"],
