@@ -40,9 +40,14 @@ def positive_steps(every, name: str = "every", what: str = " of steps") -> int:
     return int(every)
 
 
+def is_real(value) -> bool:
+    """A real number (numpy scalars included), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def non_negative(value, name: str) -> float:
     """``value`` as a finite float >= 0 (a weight, a decay), or a ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+    if not is_real(value) or not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 

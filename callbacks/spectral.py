@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from sttpfast.callbacks._util import (
     global_step,
+    is_real,
     is_main_process,
     log_image,
     positive_steps,
@@ -68,7 +69,7 @@ class SpectralNormBound(Callback):
 
     def __init__(self, c: float = 1.0, every: int = 1, include_dense: bool = True):
         super().__init__()
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf:
+        if not is_real(c) or not 0 < c < math.inf:
             raise ValueError(f"c must be a positive finite bound on sigma_max, got {c!r}")
         self.c, self.every, self.include_dense = float(c), positive_steps(every), include_dense
 
