@@ -223,7 +223,9 @@ class TrainingClock:
         self.started = time.time()
 
     def seconds(self) -> float:
-        return self.before + time.time() - self.started
+        """To the summary's 2 decimals, in checkpoints too: a resumed run's total then never
+        reads below the seconds of the checkpoint it resumed from."""
+        return round(self.before + time.time() - self.started, 2)
 
 
 class Checkpointer(Callback):
@@ -288,7 +290,7 @@ class Checkpointer(Callback):
         meta = {"epoch": epoch, "skip": skip, "train_iter": train_iter, "best": self.best,
                 "monitor": self.monitor, "optimizer": opt_meta, "rng": rng_meta, "recorder": recorder,
                 "metrics": self._last_metrics(), "validated": validated, "threads": torch.get_num_threads(),
-                "seconds": round(self.clock.seconds(), 3)}
+                "seconds": self.clock.seconds()}
         files = {
             "model.safetensors": lambda path: save_parameterized(
                 model, path, metadata={"epoch": epoch, "train_iter": train_iter}, tensors=model_tensors),

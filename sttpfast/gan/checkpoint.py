@@ -120,7 +120,7 @@ class GANCheckpointer(Callback):
                 # the step's last losses: the summary of a resume with nothing left to train
                 "losses": {name: None if loss is None else float(loss)
                            for name, loss in (("g", getattr(learn, "loss_g", None)), ("d", getattr(learn, "loss_d", None)))},
-                "threads": torch.get_num_threads(), "seconds": round(self.clock.seconds(), 3)}
+                "threads": torch.get_num_threads(), "seconds": self.clock.seconds()}
         files = {
             "model.safetensors": lambda path: save_parameterized(pair, path, metadata={"train_iter": step, "app": APP},
                                                              tensors=model_tensors),
