@@ -103,7 +103,7 @@ def _write_content(path: Path, content: FileContent) -> None:
     given) to ``path`` and fsync it."""
     if callable(content):
         content(path)
-        os.chmod(path, 0o666 & ~_umask())  # the writer's own file may be owner-only (safetensors')
+        os.chmod(path, _open_mode())  # the writer's own file may be owner-only (safetensors')
     else:
         data = content.encode("utf-8") if isinstance(content, str) else content
         with open(path, "wb") as f:
@@ -143,7 +143,7 @@ def write_beside(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # after writing: a writer may replace the file (safetensors: 0600)
+        os.chmod(tmp, _open_mode())  # after writing: a writer may replace the file (safetensors: 0600)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -151,10 +151,11 @@ def write_beside(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     return path
 
 
-def _umask() -> int:
+def _open_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the umask."""
     mask = os.umask(0)  # reading the umask means setting it: put it straight back
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def _sha256(path: Path) -> str:

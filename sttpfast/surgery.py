@@ -235,13 +235,12 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
                          "a model; wrap it: parameterize(nn.Sequential(layer), ...)")
     if not supported:
         raise ValueError(f"no {_layer_kinds()} layer in the model to parameterize")
-    allowed = ", ".join(t.__name__ for t in SUPPORTED_LAYERS)
     for pattern in include:
         if pattern in modules and pattern not in supported:
             raise ValueError(f"layer {pattern!r} is a {type(modules[pattern]).__name__}, which cannot be "
-                             f"parameterized; supported layer types: {allowed}")
+                             f"parameterized; supported layer types: {_layer_kinds()}")
         if not any(fnmatch.fnmatchcase(n, pattern) for n in supported):
-            raise ValueError(f"include pattern {pattern!r} matches no {allowed} layer; "
+            raise ValueError(f"include pattern {pattern!r} matches no {_layer_kinds()} layer; "
                              f"examples of layer names: {', '.join(list(supported)[:6])}")
     chosen = []
     for name, module in supported.items():
