@@ -460,6 +460,9 @@ class _RefuseScripting:
 
 def _register(module: nn.Module, param: str, rank, init: str) -> None:
     method(param).apply(module, rank, init)
+    # new modules start in train mode: a layer of a model in eval() would get parametrizations
+    # in train mode (spectral_norm's power iteration then runs at every evaluation)
+    module.parametrizations.train(module.training)
     module.parametrizations.__dict__["__prepare_scriptable__"] = _RefuseScripting(_layer_type(module), param)
 
 

@@ -258,3 +258,12 @@ def factors(layer):
 def test_cli_trains_with_q_k_v_split(tmp_path):
     report = _train_tiny_vit(tmp_path, "q-k-v", "sttp-r")
     assert " layers 8 " in report  # patch_embed, q, k, v, proj, fc1, fc2, head
+
+
+@pytest.mark.parametrize("form", ["qk-ov", "q-k-v"])
+def test_the_new_modules_take_the_models_eval_mode(form):
+    # new modules start in train mode: after the forms were put into a model in eval(), its
+    # parametrizations (and the split q, k, v Linears) were in train mode
+    model = timm.create_model("vit_tiny_p4_32", depth=1, embed_dim=24, num_heads=2).eval()
+    parameterize_attention(model, form, rank=4)
+    assert [name for name, m in model.named_modules() if m.training] == []

@@ -398,3 +398,23 @@ def test_rank_for_compression_checks_its_arguments_as_parameterize_does(param, c
     with pytest.raises(ValueError) as err:
         rank_for_compression(timm.create_model("resnet20_cifar"), param, compression)
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("param", ["sn", "sttp", "svdp-r", "lowrank", "cp", "tucker", "tt"])
+@pytest.mark.parametrize("training", [False, True])
+def test_the_new_parametrizations_take_the_layers_train_or_eval_mode(param, training):
+    # nn.Module starts in train mode: the parametrization containers of a model put in eval()
+    # before parameterize were in train mode, so spectral_norm ran a power iteration (and
+    # changed its u) at every forward of the "evaluated" model, and two evaluations differed
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).train(training)
+    parameterize(model, param, **({} if param == "sn" else {"rank": 2}))
+    assert {name: m.training for name, m in model.named_modules()} == \
+        {name: training for name, _ in model.named_modules()}
+    if not training:
+        x = torch.randn(2, 3, 8, 8)
+        before = state_snapshot(model)
+        with torch.no_grad():
+            first, second = model(x), model(x)
+        assert torch.equal(first, second)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

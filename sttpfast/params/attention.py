@@ -312,6 +312,8 @@ def _factorize_block(block: nn.Module, heads: int, hd: int, r: int) -> None:
     p_qkv.pending, p_proj.pending = (left, right, value), (out_left,)
     parametrize.register_parametrization(qkv, "weight", p_qkv, unsafe=True)
     parametrize.register_parametrization(proj, "weight", p_proj, unsafe=True)
+    for layer in (qkv, proj):  # new modules start in train mode: keep the block's
+        layer.parametrizations.train(layer.training)
 
 
 # ---------------------------------------------------------------------------------------
@@ -385,7 +387,7 @@ def split_qkv(model: nn.Module) -> list[str]:
         if parametrize.is_parametrized(block.qkv):
             raise ValueError(f"attention block {name!r} is already parameterized; split q, k, v first")
     for _, block, _, _ in blocks:
-        block.qkv = SplitQKV(block.qkv)
+        block.qkv = SplitQKV(block.qkv).train(block.qkv.training)  # new modules start in train mode
     return []
 
 
