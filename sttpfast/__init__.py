@@ -6,11 +6,13 @@
     dense = sttpfast.densify(model)
 
 Importing the package is cheap: the public names load on first use (PEP 562), so the
-command line's ``--help`` never pays for torch. The architectures are registered in timm
-when the package is imported after torch (``import timm, sttpfast``), on first use of any
-public name, or with ``import sttpfast.models``.
+command line's ``--help`` never pays for torch. The architectures are in timm's registry
+whatever the import order: at once when torch is loaded already, otherwise right after
+timm's own import (``import sttpfast, timm``), on first use of any public name, or with
+``import sttpfast.models``.
 """
 import importlib
+import importlib.abc
 import importlib.util
 import sys
 import warnings
@@ -56,5 +58,31 @@ def __dir__():
     return sorted([*globals(), *_PUBLIC])
 
 
-if "torch" in sys.modules:  # torch is loaded already, so registering the models costs little
+class _RegisterModelsAfterTimm(importlib.abc.MetaPathFinder):
+    """Registers the architectures right after ``timm`` is imported (a post-import hook).
+
+    ``import sttpfast`` must not load torch (the command line's start-up), yet
+    ``import sttpfast, timm`` (isort's order) must find ``resnet20_cifar`` in timm's
+    registry. This finder sits first on ``sys.meta_path`` until timm's import: it takes
+    timm's own spec and makes its loader import ``sttpfast.models`` once timm has run."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "timm":
+            return None
+        sys.meta_path.remove(self)  # once, and the lookup below must not come back here
+        spec = importlib.util.find_spec("timm")
+        if spec is not None and spec.loader is not None:
+            run_timm = spec.loader.exec_module
+
+            def exec_module(module):
+                run_timm(module)
+                importlib.import_module("sttpfast.models")
+
+            spec.loader.exec_module = exec_module  # this spec's own loader object: no one else's
+        return spec
+
+
+if "torch" in sys.modules or "timm" in sys.modules:  # loaded already: registering costs little
     importlib.import_module("sttpfast.models")
+elif not any(isinstance(f, _RegisterModelsAfterTimm) for f in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterModelsAfterTimm())

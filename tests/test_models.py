@@ -1,5 +1,7 @@
 """The timm-registered architectures and the one model factory, ``create_model``."""
 import math
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -233,3 +235,18 @@ def test_pretrained_true_without_cache_or_network_is_one_clear_error(tmp_path, m
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as if there were no network
     with pytest.raises(ValueError, match="cannot get the pretrained weights of 'resnet18' .not in timm's cache"):
         create_model("resnet18", pretrained=True, cache_dir=tmp_path)  # an empty cache
+
+
+@pytest.mark.parametrize("code", [
+    "import sttpfast, timm",                   # isort's order: sttpfast before timm and torch
+    "import sttpfast; from timm import create_model",
+    "import timm, sttpfast",
+])
+def test_import_sttpfast_registers_the_models_whatever_the_import_order(code):
+    # `import sttpfast` stays cheap (no torch) but the models must be in timm's registry as
+    # soon as timm is there: `import sttpfast, timm` gave "Unknown model (resnet20_cifar)"
+    proc = subprocess.run([sys.executable, "-c", f"{code}\nimport timm\n"
+                           "print(type(timm.create_model('resnet20_cifar', num_classes=10)).__name__)"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["CifarResNet"]
