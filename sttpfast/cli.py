@@ -358,8 +358,13 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
 
 def _exit_if_the_loss_diverged(summary: dict) -> None:
     """NaNGuard stopped the run: say so and exit 1 (the checkpoint kept is the last good one)."""
-    if summary.get("nan_step") is not None:
-        click.echo(f"Error: the loss became non-finite at step {summary['nan_step']}; training stopped. "
+    step = summary.get("nan_step")
+    if step is not None and summary.get("checkpoint") is None:
+        click.echo(f"Error: the loss became non-finite at step {step}, before the first checkpoint; training "
+                   "stopped and there is nothing to resume (a lower --lr may help)", err=True)
+        sys.exit(1)
+    if step is not None:
+        click.echo(f"Error: the loss became non-finite at step {step}; training stopped. "
                    f"The last good checkpoint is {summary['checkpoint']}", err=True)
         sys.exit(1)
 

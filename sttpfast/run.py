@@ -394,8 +394,14 @@ def _summary(learn, report, run_dir: Path, seconds: float, processes: int, state
         "metrics": last, "best": getattr(_checkpointer(learn), "best", None),
         "nan_step": getattr(learn, "nan_step", None),
         "ranks_in_sync": getattr(learn, "ranks_in_sync", None), "rank_hashes": getattr(learn, "rank_hashes", None),
-        "checkpoint": str(run_dir / "checkpoints" / "last"),
+        "checkpoint": _last_checkpoint(run_dir),
     }
+
+
+def _last_checkpoint(run_dir: Path) -> str | None:
+    """The run's last checkpoint folder, None when the run stopped before writing one."""
+    last = Path(run_dir) / "checkpoints" / "last"
+    return str(last) if last.exists() else None
 
 
 def _checkpointer(learn):

@@ -161,8 +161,11 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path):
 class InjectNaN(Callback):
     order = 1  # before NaNGuard looks at the loss
 
+    def __init__(self, at: int = 5):
+        self.at = at
+
     def after_loss(self):
-        if self.training and self.train_iter == 5:
+        if self.training and self.train_iter == self.at:
             self.learn.loss_grad = self.learn.loss_grad * float("nan")
             self.learn.loss = self.learn.loss * float("nan")
 
@@ -174,6 +177,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert state["train_iter"] == 3  # the checkpoint before the NaN, never overwritten
     weights = _weights(tmp_path / "nan")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_a_non_finite_loss_before_the_first_checkpoint_names_no_checkpoint(tmp_path, capsys):
+    # the summary and the message named checkpoints/last, which did not exist
+    from sttpfast.cli import _exit_if_the_loss_diverged
+
+    summary = run_training(_cfg(tmp_path, "nan"), extra_cbs=[InjectNaN(at=1)], echo=lambda *a: None)
+    assert summary["nan_step"] == 1
+    assert not (tmp_path / "nan" / "checkpoints").exists()
+    assert summary["checkpoint"] is None
+    assert json.loads((tmp_path / "nan" / "summary.json").read_text())["checkpoint"] is None
+    with pytest.raises(SystemExit) as exit_:
+        _exit_if_the_loss_diverged(summary)
+    assert exit_.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "Error: the loss became non-finite at step 1, before the first checkpoint; training stopped and there is "
+        "nothing to resume (a lower --lr may help)"]
 
 
 def _truncated_fashion_mnist(root: Path) -> Path:
