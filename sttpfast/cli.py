@@ -459,6 +459,7 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
     with interrupts_end_start_up():
         _import_training_modules()
         from sttpfast.compress import compress_run, compression_method
+        from sttpfast.run import last_checkpoint
     param = compression_method(param)  # sn / dense: said first, whatever else is given
     rank = _as_tuples(rank)
     if rank is None and compression is None:
@@ -467,9 +468,12 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be a positive integer, got {value}")
 
-    compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases, epochs=epochs,
-                 steps=steps, distill_steps=distill_steps, lr=lr, out=out, unrepresentable=unrepresentable,
-                 keep_dense_if_no_gain=keep_dense_if_no_gain is not False, echo=click.echo)
+    result = compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases, epochs=epochs,
+                          steps=steps, distill_steps=distill_steps, lr=lr, out=out, unrepresentable=unrepresentable,
+                          keep_dense_if_no_gain=keep_dense_if_no_gain is not False, echo=click.echo)
+    phase_2 = result["phases"].get("2", {})
+    _exit_if_the_loss_diverged({"nan_step": phase_2.get("nan_step"),
+                                "checkpoint": last_checkpoint(result["run_dir"])})
 
 
 @main.command()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -212,6 +213,35 @@ def _output_config(cfg: dict, student: nn.Module, param: str, out: Path, epochs:
     return new
 
 
+def _check_phase_1(distill_steps, distill_lr) -> None:
+    """Phase 1's budget: a positive number of steps (or None: one pass) and a positive lr."""
+    if distill_steps is not None and (isinstance(distill_steps, bool) or not isinstance(distill_steps, int)
+                                      or distill_steps < 1):
+        raise ValueError(f"--distill-steps must be a positive integer, got {distill_steps!r}")
+    if isinstance(distill_lr, bool) or not isinstance(distill_lr, (int, float)) or not 0 < distill_lr < math.inf:
+        raise ValueError(f"distill_lr must be a positive number, got {distill_lr!r}")
+
+
+class KeepPhases(Callback):
+    """Writes the phases' results so far (``compress_report.json`` and ``compress`` in
+    summary.json) into phase 2's run folder before its first step: an interrupted phase 2,
+    resumed with ``sttpfast train --resume``, ends with every phase's result (the run fills
+    in phase 2's, see :func:`sttpfast.run.run_training`)."""
+
+    def __init__(self, result: dict):
+        self.result = result
+
+    def before_fit(self):
+        from sttpfast.processes import is_main_rank
+        from sttpfast.run import COMPRESS_REPORT
+
+        folder = Path(self.learn.run_dir)
+        if is_main_rank() and not (folder / "summary.json").exists():
+            self.result["run_dir"] = str(folder)
+            write_file(folder / COMPRESS_REPORT, json.dumps(self.result, indent=2))
+            write_file(folder / "summary.json", json.dumps({"compress": self.result}, indent=2))
+
+
 class LoadWeights(Callback):
     """Copies ``state`` (the distilled student's tensors) into the freshly built model before
     the first step of phase 2 (the run built it with the same per-layer ranks)."""
@@ -241,8 +271,10 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         out: the output run folder (default ``RUN-PARAM`` next to ``run_dir``, numbered if taken).
     Every check (run folder, dense checkpoint, phases, rank) comes before anything is written.
     """
+    from sttpfast import run as runs  # run_training looked up at call time (tests wrap it)
+    from sttpfast.config import coerce
     from sttpfast.data import get_dls
-    from sttpfast.run import COMPRESS_REPORT, prepare_run_dir, run_training, say_warnings
+    from sttpfast.run import COMPRESS_REPORT, check_output, prepare_run_dir, say_warnings
     from sttpfast.surgery import check_rank_useful, compression_report, parameterize
 
     run_dir = Path(run_dir).expanduser()
@@ -253,6 +285,11 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
                          "numbered if taken)")
     if epochs is None or epochs < 1:
         raise ValueError(f"--epochs must be a positive integer, got {epochs!r}")
+    lr = None if lr is None else coerce("optim.lr", lr)  # phase 2's: the checks of `train`
+    steps = None if steps is None else coerce("optim.steps", steps)
+    _check_phase_1(distill_steps, distill_lr)
+    out = Path(out).expanduser() if out is not None else run_dir.parent / f"{run_dir.name}-{param}"
+    check_output({"train": {"out": str(out.parent), "name": out.name}})  # before any work, not after
     teacher, cfg = _dense_teacher(run_dir)
     if 1 in phases:
         distillation_blocks(teacher)
@@ -267,7 +304,6 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         echo(report.plan_table())
     if report.left_dense:
         echo(report.left_dense_table())
-    out = Path(out).expanduser() if out is not None else run_dir.parent / f"{run_dir.name}-{param}"
     new_cfg = _output_config(cfg, student, param, out, epochs, steps,
                              lr if lr is not None else cfg["optim"]["lr"] / 10)
     d = cfg["data"]
@@ -275,6 +311,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
                   num_workers=d["num_workers"], seed=cfg["train"]["seed"], augment=d["augment"])
     dense_z = compression_report(teacher).z
     result = {"teacher": str(run_dir.resolve()), "param": param, "rank": report.rank, "plan": report.plan,
+              "requested_phases": list(phases),
               "dense": {"accuracy": _accuracy(teacher, dls.valid), "z_percent": round(dense_z, 4)},
               "phases": {}}
     echo(f"dense: accuracy {result['dense']['accuracy']:.4f}")
@@ -293,10 +330,9 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         echo(f"phase 1 (block-wise distillation): accuracy {result['phases']['1']['accuracy']:.4f}")
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     if 2 in phases:
-        summary = run_training(new_cfg, extra_cbs=[LoadWeights(state)], echo=echo)
+        summary = runs.run_training(new_cfg, extra_cbs=[LoadWeights(state), KeepPhases(result)], echo=echo)
+        result = summary["compress"]  # with phase 2's result (also in compress_report.json)
         folder = Path(summary["run_dir"])
-        result["phases"]["2"] = {"accuracy": summary["metrics"].get("accuracy"), "z_percent": summary["z_percent"],
-                                 "steps": summary["steps"]}
     else:
         from sttpfast.checkpoint import save_parameterized
 
@@ -305,12 +341,13 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         save_parameterized(student, folder / "checkpoints" / "last" / "model.safetensors")
         summary = {"run_dir": str(folder), "param": param, "z_percent": z,
                    "metrics": {"accuracy": result["phases"][str(phases[-1])]["accuracy"]}}
+        result["run_dir"] = str(folder)
+        write_file(folder / COMPRESS_REPORT, json.dumps(result, indent=2))
+        write_file(folder / "summary.json", json.dumps({**summary, "compress": result}, indent=2))
     if report.plan:
         write_file(folder / "rank_plan.json", json.dumps(report.plan, indent=2))
-    result["run_dir"] = str(folder)
-    write_file(folder / COMPRESS_REPORT, json.dumps(result, indent=2))
-    write_file(folder / "summary.json", json.dumps({**summary, "compress": result}, indent=2))
     last = result["phases"][str(phases[-1])]
-    echo(f"compressed: accuracy {last['accuracy']:.4f} at Z {last['z_percent']:.2f}% (dense "
-         f"{result['dense']['accuracy']:.4f}) in {folder}")
+    if last.get("nan_step") is None:  # else the command ends with the non-finite loss's message
+        echo(f"compressed: accuracy {last['accuracy']:.4f} at Z {last['z_percent']:.2f}% (dense "
+             f"{result['dense']['accuracy']:.4f}) in {folder}")
     return result

@@ -72,7 +72,29 @@ def check_output(cfg: dict) -> tuple[Path, str]:
         raise RunError(f"cannot write to output folder {out}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunError(f"cannot write to output folder {out}: permission denied on {existing}")
+    _probe_folders(out, existing)
     return out, base
+
+
+def _probe_folders(out: Path, existing: Path) -> None:
+    """Make the missing folders from ``existing`` down to ``out`` and remove them again: a
+    folder that cannot be made (``/proc/x``, a full or read-only disk) is refused before any
+    work, not after it (RunError)."""
+    missing = []
+    folder = out
+    while folder != existing:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            made.append(folder)
+    except OSError as err:
+        raise RunError(f"cannot write to output folder {folder}: {err.strerror}") from None
+    finally:
+        for folder in reversed(made):
+            folder.rmdir()
 
 
 def prepare_run_dir(cfg: dict) -> Path:
@@ -106,7 +128,9 @@ def resume_config(run_dir: str | Path, warn=print) -> tuple[Path, dict, dict]:
     run_dir = Path(run_dir).expanduser()
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
-    if (run_dir / COMPRESS_REPORT).is_file() and not any((run_dir / "checkpoints").glob("ckpt-*")):
+    compressed = _read_json(run_dir / COMPRESS_REPORT)
+    if (compressed is not None and 2 not in compressed.get("requested_phases", [2])
+            and not any((run_dir / "checkpoints").glob("ckpt-*"))):
         # `compress` without phase 2 saves the model alone (checkpoints/last/model.safetensors)
         raise RunError(f"{run_dir} holds a compressed model without a training state (compressed without "
                        "phase 2): it cannot be resumed; compress again with phase 2 (--phases 0,2)")
@@ -148,11 +172,30 @@ KEPT_ON_RESUME = ("compress",)
 COMPRESS_REPORT = "compress_report.json"
 
 
-def _read_summary(run_dir: Path) -> dict | None:
+def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads((run_dir / "summary.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _read_summary(run_dir: Path) -> dict | None:
+    return _read_json(run_dir / "summary.json")
+
+
+def _kept_sections(run_dir: Path, summary: dict) -> dict:
+    """The sections of the run's earlier summary.json that the final one keeps (compress's
+    phases, written when phase 2 started, see :data:`KEPT_ON_RESUME`), with phase 2's result
+    (this run's) filled in; compress_report.json is rewritten to match."""
+    kept = {k: v for k, v in (_read_summary(run_dir) or {}).items() if k in KEPT_ON_RESUME}
+    if "compress" in kept:
+        phase_2 = {"accuracy": summary["metrics"].get("accuracy"), "z_percent": summary["z_percent"],
+                   "steps": summary["steps"]}
+        if summary.get("nan_step") is not None:
+            phase_2["nan_step"] = summary["nan_step"]
+        kept["compress"]["phases"]["2"] = phase_2
+        write_file(run_dir / COMPRESS_REPORT, json.dumps(kept["compress"], indent=2))
+    return kept
 
 
 def finished_summary(run_dir: Path, meta: dict) -> dict | None:
@@ -343,9 +386,8 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
     finally:
         signals.uninstall()
     summary = _summary(learn, report, run_dir, checkpointer.clock.seconds(), accelerator.num_processes, state)
-    if state is not None:  # what the run's earlier summary holds beyond training (compress's phases)
-        summary.update({k: v for k, v in (_read_summary(run_dir) or {}).items() if k in KEPT_ON_RESUME})
     if main:
+        summary.update(_kept_sections(run_dir, summary))  # what it holds beyond training (compress's phases)
         write_file(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
@@ -394,11 +436,11 @@ def _summary(learn, report, run_dir: Path, seconds: float, processes: int, state
         "metrics": last, "best": getattr(_checkpointer(learn), "best", None),
         "nan_step": getattr(learn, "nan_step", None),
         "ranks_in_sync": getattr(learn, "ranks_in_sync", None), "rank_hashes": getattr(learn, "rank_hashes", None),
-        "checkpoint": _last_checkpoint(run_dir),
+        "checkpoint": last_checkpoint(run_dir),
     }
 
 
-def _last_checkpoint(run_dir: Path) -> str | None:
+def last_checkpoint(run_dir: str | Path) -> str | None:
     """The run's last checkpoint folder, None when the run stopped before writing one."""
     last = Path(run_dir) / "checkpoints" / "last"
     return str(last) if last.exists() else None

@@ -62,9 +62,13 @@ def test_three_phases_report_lower_block_mse_and_a_resumable_run(dense_run, tmp_
     assert export_run(folder, "safetensors").is_file()
     resumed = run_training(resume=folder, epochs=2, echo=lambda *a: None)  # 4 batches an epoch
     assert resumed["steps"] == 8 and resumed["z_percent"] == z
-    # the phases' results stay in summary.json after the resume (they were dropped)
+    # the phases' results stay in summary.json after the resume (they were dropped), phase 2's
+    # now the resumed run's
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["steps"] == 8 and summary["compress"] == report == resumed["compress"]
+    assert summary["steps"] == 8 and summary["compress"] == resumed["compress"]
+    assert resumed["compress"] == {**report, "phases": {**report["phases"], "2": {
+        "accuracy": resumed["metrics"]["accuracy"], "z_percent": z, "steps": 8}}}
+    assert json.loads((folder / "compress_report.json").read_text()) == resumed["compress"]
 
 
 @pytest.mark.parametrize("text,phases", [("0,1,2", (0, 1, 2)), ("0,2", (0, 2)), ("0", (0,)), ([0, 1], (0, 1))])
@@ -91,6 +95,8 @@ def _one_error_line(result, message, tmp_path):
                             "decomposition), e.g. 0,1,2 or 0,2"),
     (["--rank", "999"], "Error: rank 999 is too large for tucker on this model: the largest useful rank is 16 "
                         "(no compression)"),
+    (["--lr", "-1"], "Error: config optim.lr = -1.0: expected a positive number"),
+    (["--lr", "nan"], "Error: config optim.lr = nan: expected a number"),
     (["--rank", "4,x"], "Error: --rank '4,x' is not a valid rank: give a positive integer (8), comma-separated "
                         "integers for a tensor format's tuple rank (4,8,8,4: TT bonds; 8,6: Tucker's R_out,R_in; "
                         "4x8x8x4 works too) or an HT rank tree in parentheses ((4,8,6),(3,3,3))"),
@@ -171,3 +177,55 @@ def test_resuming_a_run_compressed_without_phase_2_says_why_it_cannot(dense_run,
         run_training(resume=tmp_path / "p0", steps=2, echo=lambda *a: None)
     assert str(err.value) == (f"{tmp_path / 'p0'} holds a compressed model without a training state (compressed "
                               "without phase 2): it cannot be resumed; compress again with phase 2 (--phases 0,2)")
+
+
+def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(dense_run, tmp_path):
+    # it was found after phases 0 and 1 had run, and their work was lost
+    result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0,1", "--distill-steps", "1",
+                  "--out", "/proc/sttpfast-test/c")
+    _one_error_line(result, "Error: cannot write to output folder /proc/sttpfast-test: No such file or directory",
+                    tmp_path)
+
+
+def test_a_non_finite_loss_in_phase_2_is_exit_1_and_keeps_the_phases_results(dense_run, tmp_path):
+    # it ended in a TypeError traceback (formatting a missing accuracy) and left no report
+    result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0,2", "--steps", "4",
+                  "--lr", "1e30", "--out", tmp_path / "c")
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    report = json.loads((tmp_path / "c" / "compress_report.json").read_text())
+    step = report["phases"]["2"]["nan_step"]
+    assert isinstance(step, int) and 0 < step <= 4
+    assert list(report["phases"]) == ["0", "2"] and report["phases"]["0"]["accuracy"] is not None
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: the loss became non-finite at step {step}")
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["compress"] == report
+
+
+def test_an_interrupted_phase_2_resumes_with_the_phases_results(dense_run, tmp_path, monkeypatch):
+    # the phases' results were written only after phase 2 returned: an interrupted run,
+    # resumed as told, had no compress_report.json and no `compress` in summary.json
+    from interrupt import Interrupt
+
+    import sttpfast.run
+    from sttpfast.compress import compress_run
+    from sttpfast.run import TrainingInterrupted, run_training
+
+    def ctrl_c_after_step_2(cfg, extra_cbs=(), **kwargs):  # compress imports run_training at call time
+        return run_training(cfg, extra_cbs=[*extra_cbs, Interrupt(2, KeyboardInterrupt)], **kwargs)
+
+    monkeypatch.setattr(sttpfast.run, "run_training", ctrl_c_after_step_2)
+    torch.manual_seed(0)
+    with pytest.raises(TrainingInterrupted):
+        compress_run(dense_run, "tucker", compression=20, phases="0,1,2", distill_steps=2, steps=4,
+                     out=tmp_path / "c", echo=lambda *a: None)
+    folder = tmp_path / "c"
+    early = json.loads((folder / "compress_report.json").read_text())
+    assert list(early["phases"]) == ["0", "1"]
+    assert json.loads((folder / "summary.json").read_text())["compress"] == early
+    resumed = run_training(resume=folder, echo=lambda *a: None)
+    assert resumed["steps"] == 4
+    report = json.loads((folder / "compress_report.json").read_text())
+    assert report["phases"]["0"] == early["phases"]["0"] and report["phases"]["1"] == early["phases"]["1"]
+    assert report["phases"]["2"] == {"accuracy": resumed["metrics"]["accuracy"], "z_percent": resumed["z_percent"],
+                                     "steps": 4}
+    assert resumed["compress"] == report == json.loads((folder / "summary.json").read_text())["compress"]

@@ -38,8 +38,9 @@ from sttpfast.atomic import write_file
 from sttpfast.callbacks._util import log_scalars
 from sttpfast.config import save_config
 from sttpfast.processes import is_main_rank
-from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _last_checkpoint, _lock_run,
-                          _save_interrupted, check_budget, check_output, finished_summary, prepare_run_dir, resume_config)
+from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _lock_run, _save_interrupted,
+                          check_budget, check_output, finished_summary, last_checkpoint, prepare_run_dir,
+                          resume_config)
 
 __all__ = ["run_gan", "gan_run_name", "check_gan_config", "check_fsdp2", "GANLossLogger", "SR"]
 
@@ -353,7 +354,7 @@ def _summary(learn, cfg, run_dir: Path, seconds: float, processes: int, metrics,
         "metrics": dict(metrics.values) if metrics is not None else {}, "best": best,
         "ranks_in_sync": getattr(learn, "ranks_in_sync", None),
         "nan_step": getattr(learn, "nan_step", None),
-        "checkpoint": _last_checkpoint(run_dir),
+        "checkpoint": last_checkpoint(run_dir),
     }
 
 
