@@ -138,10 +138,12 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, loader, steps_per_blo
                     targets = _capture(t_blocks[: i + 1], teacher, x)
                 outs = _capture(s_blocks[: i + 1], student, x)
                 loss = sum(_relative_mse(o, t) for o, t in zip(outs, targets))
+                own = float(nn.functional.mse_loss(outs[-1].detach(), targets[-1]))  # as block_mse measures it
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-            echo(f"phase 1: block {i + 1}/{len(s_blocks)} {name}: train MSE {float(loss.detach()):.5f}")
+            # block i's own MSE (the loss sums blocks 1..i, relative: it only grows block after block)
+            echo(f"phase 1: block {i + 1}/{len(s_blocks)} {name}: MSE {own:.5f} on the last training batch")
     finally:
         student.train(was)
 

@@ -11,7 +11,7 @@ import sttpfast
 from sttpfast.cli import main
 from sttpfast.compress import parse_phases
 from sttpfast.config import build_config
-from sttpfast.surgery import parameterization_spec
+from sttpfast.surgery import parameterization_spec, parameterize
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +229,21 @@ def test_an_interrupted_phase_2_resumes_with_the_phases_results(dense_run, tmp_p
     assert report["phases"]["2"] == {"accuracy": resumed["metrics"]["accuracy"], "z_percent": resumed["z_percent"],
                                      "steps": 4}
     assert resumed["compress"] == report == json.loads((folder / "summary.json").read_text())["compress"]
+
+
+def test_phase_1_prints_each_blocks_own_mse(dense_run):
+    # it printed the optimized loss, a sum over blocks 1..i of relative MSEs, labelled "train
+    # MSE": it only grew block after block and matched nothing in compress_report.json
+    from sttpfast.compress import block_mse, distill_blocks
+
+    teacher = sttpfast.load_parameterized(dense_run / "checkpoints" / "last" / "model.safetensors")
+    student = sttpfast.load_parameterized(dense_run / "checkpoints" / "last" / "model.safetensors")
+    parameterize(student, "tucker", rank=2, keep_dense_if_no_gain=False)
+    torch.manual_seed(0)
+    batch = [(torch.randn(8, 1, 16, 16), torch.zeros(8, dtype=torch.long))]  # digits: 1 x 16 x 16
+    expected = block_mse(student, teacher, batch)  # lr 0: the student does not move
+    lines = []
+    distill_blocks(student, teacher, batch, steps_per_block=1, lr=0.0, echo=lines.append)
+    assert [line.split(": MSE ")[1].split(" ")[0] for line in lines] == [f"{v:.5f}" for v in expected]
+    assert lines[1].startswith("phase 1: block 2/10 blocks.0: MSE ")
+    assert lines[1].endswith(" on the last training batch")
