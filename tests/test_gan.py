@@ -458,3 +458,19 @@ def test_top_singular_pair_is_exact():
         w = torch.randn(*shape, dtype=torch.float64)
         u, v = top_singular_pair(w)
         assert float(u @ w @ v) == pytest.approx(float(torch.linalg.svdvals(w)[0]), rel=1e-12)
+
+
+def test_the_loader_is_sharded_when_the_learner_is_created_so_the_step_budget_holds(tmp_path, monkeypatch):
+    # GANLearner.fit turns --steps into epochs from the loader's length; the loader was
+    # sharded only in before_fit, so 2 processes ran epochs of half the planned length and a
+    # `--steps 60` run stopped after 34 G steps, exit 0
+    import sttpfast.gan.distributed as gan_distributed
+    from sttpfast.gan.distributed import GANGradientSync
+
+    monkeypatch.setattr(gan_distributed, "world", lambda: (0, 2))
+    fresh = get_dls("digits", bs=32, augment=False, device="cpu")
+    whole = len(fresh.train)
+    learn = tiny_learner(fresh, tmp_path, n_dis=2, cbs=[GANGradientSync()])
+    assert (fresh.train.rank, fresh.train.world_size) == (0, 2)
+    assert len(fresh.train) == whole // 2
+    assert learn.iters_per_epoch == len(fresh.train) // 2

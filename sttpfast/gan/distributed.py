@@ -141,17 +141,28 @@ class GANGradientSync(Callback):
     order = -5  # after TrainEvalCallback moved the model, before everything else
     sharded = False
 
-    def before_fit(self):
+    def after_create(self):
+        # shard as soon as the learner exists: GANLearner.fit sizes its epochs from the
+        # loader's length, which must be this rank's (sharded in before_fit only, a 2-process
+        # `--steps 60` run planned 35-step epochs of 17 and stopped after 34 G steps)
+        self._shard_loader()
+
+    def _shard_loader(self) -> None:
         rank, size = world()
+        if size > 1:
+            self.learn.shard = (rank, size)
+            if hasattr(self.learn.dls.train, "shard"):
+                self.learn.dls.train.shard(rank, size)  # validation: every process validates everything
+
+    def before_fit(self):
+        _, size = world()
         self.size = size
         if size == 1:
             return
         from sttpfast.fsdp import is_sharded
 
         learn = self.learn
-        learn.shard = (rank, size)
-        if hasattr(learn.dls.train, "shard"):
-            learn.dls.train.shard(rank, size)  # validation: every process validates everything
+        self._shard_loader()
         self.sharded = is_sharded(learn.model)
         if self.sharded:
             return  # shard_gan took rank 0's state; FSDP2 averages the gradients
