@@ -171,14 +171,14 @@ def _read(path: Path, what: str) -> dict:
         raise CheckpointError(f"corrupt checkpoint {what} {path}: {err}") from None
 
 
-def find_checkpoint(root: str | os.PathLike, warn=lambda msg: None) -> Path:
+def find_checkpoint(root: str | os.PathLike, warn=lambda msg: None, set_aside_damaged: bool = False) -> Path:
     """The checkpoint folder to resume from under ``root`` (``run_dir/checkpoints``): the newest
     complete one, verified against its manifest; a damaged newer one is reported through
     ``warn`` and skipped. CheckpointError when none is complete (naming the damaged files).
     A folder written before manifests existed (a plain ``last`` folder) is used as it is."""
     root = Path(root)
     try:
-        return latest_complete(root, warn)
+        return latest_complete(root, warn, set_aside=set_aside_damaged)
     except DamagedCheckpoints as err:
         raise CheckpointError(str(err)) from None
     except FileNotFoundError:
@@ -188,7 +188,7 @@ def find_checkpoint(root: str | os.PathLike, warn=lambda msg: None) -> Path:
         raise CheckpointError(f"no checkpoint folder in {root}") from None
 
 
-def load_checkpoint_state(folder: str | os.PathLike, warn=lambda msg: None) -> dict:
+def load_checkpoint_state(folder: str | os.PathLike, warn=lambda msg: None, set_aside_damaged: bool = False) -> dict:
     """Read and check a checkpoint (not yet applied); CheckpointError if unusable. ``folder``
     is one checkpoint folder, or a ``checkpoints`` folder to resume from (the newest complete
     checkpoint in it, see :func:`find_checkpoint`)."""
@@ -196,7 +196,7 @@ def load_checkpoint_state(folder: str | os.PathLike, warn=lambda msg: None) -> d
     if not folder.is_dir():
         raise CheckpointError(f"no checkpoint folder at {folder}")
     if not (folder / "state.json").exists() and not (folder / MANIFEST).exists():
-        folder = find_checkpoint(folder, warn)
+        folder = find_checkpoint(folder, warn, set_aside_damaged)
     try:
         meta = json.loads((folder / "state.json").read_text())
     except FileNotFoundError:

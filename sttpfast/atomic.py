@@ -258,10 +258,15 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[str]:
     return problems
 
 
-def latest_complete(root: str | os.PathLike, warn: Callable[[str], None] = lambda msg: None) -> Path:
+def latest_complete(root: str | os.PathLike, warn: Callable[[str], None] = lambda msg: None,
+                    set_aside: bool = False) -> Path:
     """The newest checkpoint under ``root`` whose files match its manifest. Each newer damaged
     one is reported through ``warn``; DamagedCheckpoints (naming the damaged files) when
-    none is complete, FileNotFoundError when there is no checkpoint at all."""
+    none is complete, FileNotFoundError when there is no checkpoint at all.
+
+    ``set_aside`` (a run about to continue): the newer damaged folders are renamed
+    ``damaged-ckpt-...``, kept for a look but out of the rotation; counted among the
+    checkpoints :func:`prune_checkpoints` keeps, they made it delete the good one."""
     found = checkpoints(root)
     if not found:
         raise FileNotFoundError(f"no checkpoint in {root}")
@@ -270,12 +275,29 @@ def latest_complete(root: str | os.PathLike, warn: Callable[[str], None] = lambd
         problems = verify_checkpoint(folder)
         if not problems:
             if damaged:
+                aside = _set_aside([f for f, _ in damaged]) if set_aside else []
                 warn(f"checkpoint {damaged[-1][0].name} is damaged ({'; '.join(damaged[-1][1])}); "
-                     f"falling back to {folder.name}, the newest complete checkpoint")
+                     f"falling back to {folder.name}, the newest complete checkpoint"
+                     + (f"; the damaged one is kept as {', '.join(p.name for p in aside)}, out of the rotation"
+                        if aside else ""))
             return folder
         damaged.append((folder, problems))
     raise DamagedCheckpoints("no complete checkpoint in " + str(root) + ": "
                              + "; ".join(p for _, problems in damaged for p in problems))
+
+
+def _set_aside(folders: list[Path]) -> list[Path]:
+    """Rename each checkpoint folder ``damaged-NAME`` (``damaged-NAME.1``... if taken)."""
+    moved = []
+    for folder in folders:
+        target, n = folder.with_name(f"damaged-{folder.name}"), 0
+        while target.exists():
+            n += 1
+            target = folder.with_name(f"damaged-{folder.name}.{n}")
+        os.replace(folder, target)
+        moved.append(target)
+    _fsync(folders[0].parent)
+    return moved
 
 
 def prune_checkpoints(root: str | os.PathLike, keep: int = 2, pointers: tuple[str, ...] = ("last", "best")) -> None:

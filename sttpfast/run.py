@@ -140,7 +140,9 @@ def resume_config(run_dir: str | Path, warn=print) -> tuple[Path, dict, dict]:
     if "keep_dense_if_no_gain" not in (load_yaml(run_dir / "config.yaml").get("param") or {}):
         # a run from before the dense-layer policy: it parameterized every selected layer
         cfg["param"]["keep_dense_if_no_gain"] = False
-    state = load_checkpoint_state(run_dir / "checkpoints", warn=lambda msg: warn(f"Warning: {msg}"))
+    # the process that writes the run's checkpoints sets damaged ones aside (out of the rotation)
+    state = load_checkpoint_state(run_dir / "checkpoints", warn=lambda msg: warn(f"Warning: {msg}"),
+                                  set_aside_damaged=is_main_rank())
     return run_dir, cfg, state
 
 

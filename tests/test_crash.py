@@ -16,7 +16,7 @@ import torch
 from fastai.callback.core import Callback, CancelFitException
 from safetensors.torch import load_file
 
-from sttpfast.atomic import CRASH_POINTS, STALL_SECONDS, checkpoints
+from sttpfast.atomic import CRASH_POINTS, STALL_SECONDS, checkpoints, verify_checkpoint
 from sttpfast.config import build_config
 from sttpfast.run import RunError, run_training
 
@@ -268,8 +268,15 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_pa
     lines = []
     resumed = run_training(resume=run, echo=lines.append)
     assert lines[0] == (f"Warning: checkpoint {newest.name} is damaged ({model}: {full // 2} bytes, "
-                        f"the manifest says {full}); falling back to {previous.name}, the newest complete checkpoint")
+                        f"the manifest says {full}); falling back to {previous.name}, the newest complete checkpoint; "
+                        f"the damaged one is kept as damaged-{newest.name}, out of the rotation")
     _assert_same_run(run, resumed, reference)
+    # the damaged folder counted as one of the two kept: the resumed run's next save pruned
+    # the good ckpt-4 and kept the damaged one, so one more damaged save left nothing
+    assert (run / "checkpoints" / f"damaged-{newest.name}" / "model.safetensors").stat().st_size == full // 2
+    kept = checkpoints(run / "checkpoints")
+    assert [f.name for f in kept] == ["ckpt-00000010", "ckpt-00000009", "ckpt-00000004"]  # 4: `best` names it
+    assert all(verify_checkpoint(f) == [] for f in kept)
 
 
 def test_no_complete_checkpoint_is_refused_naming_the_damaged_files(tmp_path):
