@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from sttpfast.atomic import write_beside
+from sttpfast.atomic import MANIFEST, verify_checkpoint, write_beside
 from sttpfast.surgery import densify, parameterized_layers
 
 __all__ = ["FORMATS", "CHECKPOINTS", "export_model", "export_run", "export_generator", "run_checkpoint",
@@ -222,6 +222,11 @@ def run_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Path:
     model_file = folder / "model.safetensors"
     if not model_file.is_file():
         raise ValueError(f"{run_dir} has no '{which}' checkpoint ({model_file} is missing)")
+    if (folder / MANIFEST).is_file():  # sizes and hashes: a torn or flipped file, said as such
+        problems = verify_checkpoint(folder.resolve())
+        if problems:
+            raise ValueError(f"checkpoint {folder.resolve()} is damaged ({'; '.join(problems)}); export another "
+                             "one (--which best), or resume the run: it falls back to the newest complete one")
     return model_file
 
 
@@ -288,7 +293,7 @@ def load_gan_run_pair(run_dir: str | os.PathLike, which: str = "last") -> tuple[
     built them (``gan.g`` / ``gan.d`` with the dataset's channels and ``gan.g_kwargs`` /
     ``gan.d_kwargs``), the EMA copy of G when the checkpoint holds one, the checkpoint loaded."""
     import yaml
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from sttpfast.checkpoint import load_parameterized
     from sttpfast.data import dataset_info
@@ -306,8 +311,11 @@ def load_gan_run_pair(run_dir: str | os.PathLike, which: str = "last") -> tuple[
         raise ValueError(f"{run_dir / 'config.yaml'} names no gan.g / gan.d / data.name")
     in_chans = dataset_info(data["name"], data.get("data_dir"))["in_chans"]
     g_args = {"in_chans": in_chans, **(gan.get("g_kwargs") or {})}
-    with safe_open(str(model_file), framework="pt") as f:
-        has_ema = any(k.startswith("generator_ema.") for k in f.keys())
+    try:
+        with safe_open(str(model_file), framework="pt") as f:
+            has_ema = any(k.startswith("generator_ema.") for k in f.keys())
+    except (SafetensorError, OSError) as err:  # a checkpoint without a manifest to check it
+        raise ValueError(f"{model_file}: not a readable safetensors checkpoint ({err})") from None
     discriminator = create_model(gan["d"], in_chans=in_chans, **(gan.get("d_kwargs") or {}))
     ema = create_model(gan["g"], **g_args) if has_ema else None
     pair = GANPair(create_model(gan["g"], **g_args), discriminator, ema)

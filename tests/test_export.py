@@ -138,7 +138,7 @@ def test_default_target_and_force(run):
         shutil.rmtree(run / "export", ignore_errors=True)
 
 
-@pytest.mark.parametrize("case", ["not_a_run", "no_checkpoint", "no_best", "format", "which", "suffix"])
+@pytest.mark.parametrize("case", ["not_a_run", "no_checkpoint", "no_best", "format", "which", "suffix", "damaged"])
 def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
     target = tmp_path / "out" / "x.onnx"
     folder, fmt, extra = run, "onnx", []
@@ -158,6 +158,14 @@ def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
         extra = ["--which", which]
         message = (f"{folder} has no '{which}' checkpoint "
                    f"({folder / 'checkpoints' / which / 'model.safetensors'} is missing)")
+    elif case == "damaged":  # a torn model file: the manifest's sizes and hashes say so
+        folder = tmp_path / "copy"
+        shutil.copytree(run, folder, symlinks=True)
+        model = (folder / "checkpoints" / "last").resolve() / "model.safetensors"
+        full = model.stat().st_size
+        model.write_bytes(model.read_bytes()[:1000])
+        message = (f"checkpoint {model.parent} is damaged ({model}: 1000 bytes, the manifest says {full}); "
+                   "export another one (--which best), or resume the run: it falls back to the newest complete one")
     elif case == "format":
         fmt = "tflite"
         message = "unknown export format 'tflite'; allowed: safetensors, onnx"
@@ -293,6 +301,16 @@ def test_export_of_a_gan_run_writes_its_ema_generator(tmp_path):
     with torch.no_grad():
         want = ema(z)
         assert not torch.equal(want, pair.generator.eval()(z))  # the EMA is what is exported, not G
+
+    damaged = tmp_path / "damaged"  # a torn model file: one Error line (it was a traceback)
+    shutil.copytree(run, damaged, symlinks=True)
+    model = (damaged / "checkpoints" / "last").resolve() / "model.safetensors"
+    full = model.stat().st_size
+    model.write_bytes(model.read_bytes()[:1000])
+    refused = _cli("export", damaged, "--format", "onnx")
+    assert refused.exit_code == 2 and refused.output == (
+        f"Error: checkpoint {model.parent} is damaged ({model}: 1000 bytes, the manifest says {full}); export "
+        "another one (--which best), or resume the run: it falls back to the newest complete one\n")
 
     result = _cli("export", run, "--format", "safetensors")
     out = run / "export/last.safetensors"
