@@ -308,6 +308,9 @@ def test_ema_copy_of_a_parameterized_generator_is_its_own_model():
     (dict(ema_decay=1.0), "EMA decay must be in [0, 1), got 1.0"),
     (dict(d_param="sttp-c", sn_exact=True), "sn_exact needs d_param='sn', got d_param='sttp-c'"),
     (dict(d_param="sttp-x"), "unknown parameterization 'sttp-x'"),
+    # a generator given as D crashed at the first D step, after the run folder was made
+    (dict(d="sngan_g32", d_kwargs=TINY["g_kwargs"]),
+     "the discriminator SNGANGenerator cannot score the generator's images, shape (2, 1, 16, 16): "),
 ])
 def test_bad_arguments_give_one_clear_message(dls, tmp_path, kwargs, message):
     with pytest.raises(ValueError) as err:

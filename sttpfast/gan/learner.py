@@ -388,6 +388,29 @@ def _rank_for(param: str, own: int | None, shared: int | None) -> int | None:
     return own if own is not None else shared
 
 
+@torch.no_grad()
+def _check_d_scores_g(generator: nn.Module, discriminator: nn.Module) -> None:
+    """One forward of 2 latent codes through G then D (eval mode: no statistics move): D must
+    give one score per image (a generator given as D failed only at the first D step)."""
+    modes = [(m, m.training) for m in (generator, discriminator)]
+    try:
+        generator.eval(), discriminator.eval()
+        device = next(generator.parameters(), torch.empty(0)).device  # a model given on its device
+        images = generator(torch.zeros(2, generator.z_dim, device=device))
+        try:
+            scores = discriminator(images)
+        except Exception as err:
+            raise ValueError(f"the discriminator {type(discriminator).__name__} cannot score the generator's "
+                             f"images, shape {tuple(images.shape)}: {err}") from None
+        if not isinstance(scores, torch.Tensor) or scores.numel() != 2:
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+            raise ValueError(f"the discriminator {type(discriminator).__name__} gives {shape} for 2 images, "
+                             "not one score per image")
+    finally:
+        for module, training in modes:
+            module.train(training)
+
+
 def gan_learner(
     dls,
     g: str | nn.Module = "sngan_g32",
@@ -454,6 +477,7 @@ def gan_learner(
     discriminator = _build(d, in_chans, d_kwargs)
     if not isinstance(getattr(generator, "z_dim", None), int):
         raise ValueError(f"the generator {type(generator).__name__} has no integer z_dim (latent size)")
+    _check_d_scores_g(generator, discriminator)
     first = _first_linear(generator)
     report_g = parameterize(generator, g_param, rank=_rank_for(g_param, g_rank, rank),
                             exclude=[first] if first else None)
