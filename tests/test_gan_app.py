@@ -307,6 +307,19 @@ def test_bad_input_is_one_error_line_exit_2_and_creates_nothing(tmp_path, args, 
     assert not out.exists()
 
 
+def test_inception_weights_that_are_not_inceptions_are_refused_before_the_run_folder(tmp_path):
+    # it failed at the first metrics step, inside the progress bar, leaving a run folder
+    out, weights = tmp_path / "out", tmp_path / "small.yml"
+    weights.write_text("gan:\n  g_kwargs: {widths: [32, 32]}\n")
+    result = _cli("gan", "digits", "--steps", "2", "--out", out, "--metrics-every", "1", "--metrics-samples", "16",
+                  "--inception-weights", weights, *TINY_SET)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.splitlines()) == 1 and result.output.startswith(
+        f"Error: --inception-weights (gan.inception_weights): {weights} is not InceptionV3 weights for "
+        "torch-fidelity (not a PyTorch weights file: ")
+    assert not out.exists()
+
+
 def test_accelerate_launch_apps_gan_writes_checkpoints_grid_and_metrics(tmp_path):
     """The end-to-end path a user takes: accelerate's launcher, apps/gan.py, metrics with the
     offline extractor (no Inception download), best checkpoint by FID."""

@@ -96,6 +96,24 @@ def test_missing_inception_weights_file_is_one_clear_error(tmp_path):
     assert INCEPTION_WEIGHTS_FILE in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_weights_file_that_is_not_inceptions_is_refused_before_training(tmp_path):
+    # only the file's existence was checked: a config file given as the weights failed at the
+    # first metrics step, inside the progress bar, with "invalid literal for int()", after the
+    # run folder was made
+    text = tmp_path / "small.yml"
+    text.write_text("gan:\n  g_kwargs: {widths: [32, 32]}\n")
+    other = tmp_path / "other.pth"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, other)
+    for path in (text, other):
+        with pytest.raises(ValueError) as err:
+            GANMetrics(every=1, samples=10, feature_extractor_weights_path=path)
+        assert str(err.value).startswith(f"feature_extractor_weights_path: {path} is not InceptionV3 weights for "
+                                         "torch-fidelity (")
+    shaped = tmp_path / "pt_inception.pth"  # the names and head shape of torch-fidelity's file pass
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(32, 3, 3, 3), "fc.weight": torch.zeros(1008, 2048)}, shaped)
+    assert inception_weights(shaped) == shaped
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(metrics=("fid", "lpips")), r"unknown metrics \['lpips'\]; allowed: isc, fid, kid"),
     (dict(metrics=("fid",), best_by="kid"), r"best_by 'kid' is not among the computed metrics \['fid'\]"),

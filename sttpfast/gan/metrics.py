@@ -45,7 +45,7 @@ from sttpfast.callbacks._util import is_main_process, log_image, log_scalars, po
 from sttpfast.gan.extractor import (DEFAULT_ARCH, offline_extractor_name, register_offline_extractor,
                                     train_offline_extractor)
 
-__all__ = ["GANMetrics", "ImageSet", "fidelity_metrics", "inception_weights", "to_uint8_rgb", "METRICS",
+__all__ = ["GANMetrics", "ImageSet", "fidelity_metrics", "inception_weights", "check_inception_state", "to_uint8_rgb", "METRICS",
            "INCEPTION", "INCEPTION_WEIGHTS_FILE"]
 
 METRICS = ("isc", "fid", "kid")
@@ -82,6 +82,23 @@ def to_uint8_rgb(x: Tensor) -> Tensor:
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
+def check_inception_state(path: Path) -> None:
+    """``path`` holds torch-fidelity's InceptionV3 state dict (its first conv and its 1008-class
+    head, by name and shape): ValueError before training, not at the first metrics step."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and unpickling errors alike: not a torch file
+        raise ValueError(f"{path} is not InceptionV3 weights for torch-fidelity "
+                         f"(not a PyTorch weights file: {str(err).splitlines()[0] if str(err) else type(err).__name__})"
+                         ) from None
+    expected = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "fc.weight": (1008, 2048)}
+    found = {k: tuple(state[k].shape) for k in expected
+             if isinstance(state, dict) and isinstance(state.get(k), torch.Tensor)}
+    if found != expected:
+        raise ValueError(f"{path} is not InceptionV3 weights for torch-fidelity "
+                         f"(expected tensors {expected}, found {found or 'none of them'})")
+
+
 def inception_weights(path: str | Path | None) -> Path:
     """The InceptionV3 weights file: ``path`` if given, else torch-fidelity's download cache.
 
@@ -91,6 +108,10 @@ def inception_weights(path: str | Path | None) -> Path:
         path = Path(path).expanduser()
         if not path.is_file():
             raise ValueError(f"feature_extractor_weights_path: Inception weights file not found: {path}")
+        try:
+            check_inception_state(path)
+        except ValueError as err:
+            raise ValueError(f"feature_extractor_weights_path: {err}") from None
         return path
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
     if not cached.is_file():

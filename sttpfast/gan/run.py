@@ -92,8 +92,15 @@ def check_gan_config(cfg: dict) -> dict:
         if g["metrics_samples"] < 2:
             raise ValueError(f"gan.metrics_samples must be at least 2, got {g['metrics_samples']}")
         weights = g["inception_weights"]
-        if g["extractor"] == "inception" and weights is not None and not Path(weights).expanduser().is_file():
-            raise ValueError(f"--inception-weights (gan.inception_weights): file not found: {weights}")
+        if g["extractor"] == "inception" and weights is not None:
+            if not Path(weights).expanduser().is_file():
+                raise ValueError(f"--inception-weights (gan.inception_weights): file not found: {weights}")
+            from sttpfast.gan.metrics import check_inception_state
+
+            try:
+                check_inception_state(Path(weights).expanduser())
+            except ValueError as err:
+                raise ValueError(f"--inception-weights (gan.inception_weights): {err}") from None
         if g["extractor"] not in ("inception", "offline") and not Path(g["extractor"]).expanduser().is_file():
             raise ValueError(f"--extractor (gan.extractor): extractor file not found: {g['extractor']}")
     return g
