@@ -290,6 +290,14 @@ ALLOWED = ("svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tu
     (["--g-param", "svdp-c", "--g-rank", "9"], "rank 9 is larger than any layer of the generator allows under "
                                                "svdp-c: the largest useful rank there is 8"),
     (["--n-dis", "0"], "config gan.n_dis = 0: expected a positive integer (>= 1)"),
+    # a rank neither network takes ran without a word (and named the run folder -r4)
+    (["--d-param", "sn", "--rank", "4"], "--rank (gan.rank) has no meaning here: the generator is dense and the "
+                                         "discriminator sn, neither takes a rank; leave it out"),
+    (["--d-param", "sr", "--rank", "4"], "--rank (gan.rank) has no meaning here: the generator is dense and the "
+                                         "discriminator sr, neither takes a rank; leave it out"),
+    # it said "--rank/rank has no meaning for dense" of a --g-rank
+    (["--d-param", "sttp-c", "--rank", "4", "--g-rank", "8"],
+     "--g-rank (gan.g_rank) has no meaning for the generator's dense (it keeps the full weights); leave it out"),
     (["--metrics-every", "5", "--inception-weights", "/nowhere/pt_inception.pth"],
      "--inception-weights (gan.inception_weights): file not found: /nowhere/pt_inception.pth"),
     (["--set", "gan.g_kwargs={widths: [8, 8, 8], bottom_width: 2, z_dim: 16, foo: 3}"],

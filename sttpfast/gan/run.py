@@ -83,6 +83,7 @@ def check_gan_config(cfg: dict) -> dict:
     g["d_param"] = _check_param("gan.d_param (--d-param)", g["d_param"], allow_sr=True)
     if g["sn_exact"] and g["d_param"] != "sn":
         raise ValueError(f"gan.sn_exact needs gan.d_param 'sn', got {g['d_param']!r}")
+    _check_ranks_apply(g)
     unknown = [m for m in g["metrics"] if m not in ("fid", "isc", "kid")]
     if unknown or not g["metrics"]:
         raise ValueError(f"gan.metrics: unknown {unknown or g['metrics']!r}; allowed: fid, isc, kid")
@@ -104,6 +105,24 @@ def check_gan_config(cfg: dict) -> dict:
         if g["extractor"] not in ("inception", "offline") and not Path(g["extractor"]).expanduser().is_file():
             raise ValueError(f"--extractor (gan.extractor): extractor file not found: {g['extractor']}")
     return g
+
+
+def _takes_rank(param: str) -> bool:
+    from sttpfast.params.registry import method
+
+    return param != SR and method(param).rank_kind is not None
+
+
+def _check_ranks_apply(g: dict) -> None:
+    """A rank given for networks that take none (dense, sn, sr) is refused, naming its flag."""
+    for key, role in (("g", "generator"), ("d", "discriminator")):
+        param = g[f"{key}_param"]
+        if g[f"{key}_rank"] is not None and not _takes_rank(param):
+            raise ValueError(f"--{key}-rank (gan.{key}_rank) has no meaning for the {role}'s {param} (it keeps "
+                             "the full weights); leave it out")
+    if g["rank"] is not None and not (_takes_rank(g["g_param"]) or _takes_rank(g["d_param"])):
+        raise ValueError(f"--rank (gan.rank) has no meaning here: the generator is {g['g_param']} and the "
+                         f"discriminator {g['d_param']}, neither takes a rank; leave it out")
 
 
 def check_fsdp2(cfg: dict) -> None:
