@@ -394,6 +394,21 @@ class Checkpointer(Callback):
     def _skipped_epoch(self) -> bool:
         return self._resume is not None and self.epoch < self._resume[0]
 
+    def before_fit(self):
+        # the epochs before the resumed one are skipped (fastai's SkipToEpoch) but still end in
+        # the Recorder's after_epoch, which printed a row for each ("epoch 0  train_loss 00:00")
+        self._quieting = None
+        if self._resume is not None and self._resume[0] > 0:
+            inner = self.learn.logger
+            self._quieting = lambda row: None if self._skipped_epoch() else inner(row)
+            self._quieting_inner = inner
+            self.learn.logger = self._quieting
+
+    def after_fit(self):
+        if getattr(self, "_quieting", None) is not None and self.learn.logger is self._quieting:
+            self.learn.logger = self._quieting_inner  # (ProgressCallback may have put back its own)
+        self._quieting = None
+
     def _apply_resume_at_epoch_start(self) -> int:
         """Position the resumed epoch; returns the number of its batches already trained."""
         if self._resume is None or self.epoch != self._resume[0]:

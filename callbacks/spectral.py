@@ -173,6 +173,8 @@ class SingularValueLogger(Callback):
         log_scalars(self.learn, scalars, step)
 
     def after_epoch(self):
+        if self.learn.epoch < getattr(self.learn, "resume_epoch", 0):
+            return  # an epoch a resumed run skips: drawn before (it logged step 0 again)
         self._draw()
 
     def after_cancel_fit(self):

@@ -472,6 +472,25 @@ def test_tensorboard_after_a_kill_and_resume_shows_each_step_once_with_the_unint
     assert full["steps"] == STEPS
 
 
+def test_a_resume_mid_epoch_prints_and_logs_nothing_for_the_epochs_it_skips(tmp_path):
+    # the skipped epochs printed rows ("epoch 0  train_loss 00:00") and the spectrum image was
+    # logged again at step 0 (in W&B, steps going backwards)
+    from interrupt import Interrupt
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sttpfast.run import TrainingInterrupted
+
+    cfg = _cfg(tmp_path, "r", STEPS, "log.logger=tensorboard", "log.every=1")
+    with pytest.raises(TrainingInterrupted):
+        run_training(cfg, extra_cbs=[Interrupt(6, KeyboardInterrupt)], echo=quiet)  # in epoch 1
+    lines = []
+    run_training(resume=tmp_path / "r", echo=lines.append)
+    assert [line.split("  ")[0] for line in lines if line.startswith("epoch ")] == ["epoch 1", "epoch 2"]
+    acc = EventAccumulator(str(tmp_path / "r" / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("singular_values")] == [4, 8, 10]  # each epoch's end, once
+
+
 def test_a_resume_with_another_thread_count_is_warned_about(tmp_path):
     run_training(_cfg(tmp_path, "t", 3), echo=quiet)
     threads = torch.get_num_threads()
