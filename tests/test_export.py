@@ -138,7 +138,8 @@ def test_default_target_and_force(run):
         shutil.rmtree(run / "export", ignore_errors=True)
 
 
-@pytest.mark.parametrize("case", ["not_a_run", "no_checkpoint", "no_best", "format", "which", "suffix", "damaged"])
+@pytest.mark.parametrize("case", ["not_a_run", "no_checkpoint", "no_best", "format", "which", "suffix", "suffix_onnx",
+                                  "damaged"])
 def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
     target = tmp_path / "out" / "x.onnx"
     folder, fmt, extra = run, "onnx", []
@@ -146,6 +147,10 @@ def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
         target = tmp_path / "out" / "x.safetensors"
         message = (f"export target {target} is named as a safetensors file, but the format is onnx; "
                    f"name it x.onnx or pass --format safetensors")
+    elif case == "suffix_onnx":  # "named as a onnx file"
+        target, fmt = tmp_path / "out" / "x.onnx", "safetensors"
+        message = (f"export target {target} is named as an onnx file, but the format is safetensors; "
+                   f"name it x.safetensors or pass --format onnx")
     elif case == "not_a_run":
         folder = tmp_path / "empty"
         folder.mkdir()
