@@ -632,7 +632,6 @@ class SpectralChain(WeightParametrization):
                 u, s = u.clone(), s.clone()
                 u[:, -1], s[-1] = -u[:, -1], -s[-1]  # W = U diag(s) V^T still holds
         scale = s[0] if self.learned else s.mean()
-        self.gain = scale.to(dtype=weight.dtype, device=weight.device)
         cores = lay.cores
         n_out = len(lay.out_modes)
 
@@ -655,10 +654,27 @@ class SpectralChain(WeightParametrization):
             bottom_u, _, _, _ = frame_params_from_frame(u_last * sign_v, reduced=True, rotate=False)
             u_params.append((bottom_u, None))
         v_params.insert(0, (bottom, top))
-        # max|s| = 1, so gain * s = S_r
+        cores = tuple(CoreFactors(b, t) for b, t in u_params + v_params)
+        s, scale = self._fit_spectrum(mat, cores, s, scale)
+        self.gain = scale.to(dtype=weight.dtype, device=weight.device)
+        # max|s| = 1, so gain * s = the fitted spectrum
         spectrum = s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny) if self.learned else None
-        out = ChainFactors(spectrum, tuple(CoreFactors(b, t) for b, t in u_params + v_params)).flat()
+        out = ChainFactors(spectrum, cores).flat()
         return tuple(t.to(dtype=weight.dtype, device=weight.device).contiguous() for t in out)
+
+    def _fit_spectrum(self, mat: Tensor, cores: tuple, s: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+        """``(s, gain)`` that fit ``mat`` (``(d_out, d_in)``, float64) best on the frames the
+        chain holds, ``U'`` and ``V'``: ``u'_i^T W v'_i`` (learned spectrum; ``gain`` its
+        largest magnitude), their mean (fixed spectrum). Where the TT ranks truncate
+        ``U_r`` / ``V_r``, ``U' != U_r`` and ``S_r`` on ``U'``, ``V'`` can be worse than a zero
+        weight; elsewhere ``U' = U_r`` (up to rounding) and this is ``S_r`` (with its signs)."""
+        frames = [householder_frame(core.bottom, core.top) for core in cores]
+        u_held, v_held = contract_chain(self.layout, frames)
+        fitted = (u_held * (mat @ v_held)).sum(0)  # (r,): <W, u'_i v'_i^T>, the frames orthonormal
+        if self.learned:
+            return fitted, fitted.abs().max()
+        mean = fitted.mean()
+        return s, (mean if mean > 0 else scale)  # g > 0: the chain's sign is in its frames
 
     def _orthogonal_sign(self) -> float:
         """Determinant sign of every ``W / g`` a square full-rank fixed-spectrum chain holds:
