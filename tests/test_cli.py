@@ -229,3 +229,10 @@ def test_train_bad_tuple_rank_one_line_exit_2_nothing_created(tmp_path, args, me
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1] == message and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_python_dash_m_sttpfast_is_the_command():
+    # `python -m sttpfast` said "No module named sttpfast.__main__"
+    proc = subprocess.run([sys.executable, "-m", "sttpfast", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("Usage: python -m sttpfast [OPTIONS] COMMAND [ARGS]...")
