@@ -451,10 +451,12 @@ def _as_tuples(rank):
 @click.option("--unrepresentable", type=click.Choice(choices("param.unrepresentable")), default=None,
               help="layers the method cannot represent: leave dense (skip) or refuse (error)")
 @click.option("--out", default=None, type=click.Path(), help="output run folder, a new one (default RUN-PARAM next to RUN, numbered if taken)")
+@schema_option("include")
+@schema_option("exclude")
 @schema_option("keep_dense_if_no_gain")
 @user_errors
 def compress(run, param, rank, compression, plan, phases, epochs, steps, distill_steps, lr, unrepresentable, out,
-             keep_dense_if_no_gain):
+             include, exclude, keep_dense_if_no_gain):
     """Compress a dense run: sttpfast compress RUN --param tt --compression 10 --phases 0,1,2 --epochs 3."""
     with interrupts_end_start_up():
         _import_training_modules()
@@ -470,6 +472,7 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
 
     result = compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases, epochs=epochs,
                           steps=steps, distill_steps=distill_steps, lr=lr, out=out, unrepresentable=unrepresentable,
+                          include=list(include) or None, exclude=list(exclude) or None,
                           keep_dense_if_no_gain=keep_dense_if_no_gain is not False, echo=click.echo)
     phase_2 = result["phases"].get("2", {})
     _exit_if_the_loss_diverged({"nan_step": phase_2.get("nan_step"),

@@ -260,12 +260,13 @@ class LoadWeights(Callback):
 def compress_run(run_dir, param: str, rank=None, compression: float | None = None, plan: str | None = None,
                  phases="0,1,2", epochs: int = 1, steps: int | None = None, distill_steps: int | None = None,
                  lr: float | None = None, distill_lr: float = 1e-3, out=None, unrepresentable: str | None = None,
-                 keep_dense_if_no_gain: bool = True, echo=print) -> dict:
+                 include=None, exclude=None, keep_dense_if_no_gain: bool = True, echo=print) -> dict:
     """Run the phases on the dense run ``run_dir``; returns the report (also ``compress_report.json``).
 
     Args:
-        param, rank, compression, plan, unrepresentable, keep_dense_if_no_gain: see
-            :func:`sttpfast.parameterize`.
+        param, rank, compression, plan, unrepresentable, include, exclude, keep_dense_if_no_gain:
+            see :func:`sttpfast.parameterize` (a tuple rank fits one layer shape: select those
+            layers with ``include`` / ``exclude``).
         phases: ``"0,1,2"``, ``"0,2"``...; 0 always comes first.
         epochs / steps: phase 2's budget (``steps`` replaces ``epochs`` when given).
         distill_steps: phase 1's Adam steps per block (default: one pass over the training data).
@@ -299,7 +300,8 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = parameterize(student, param, rank=rank, compression=compression, plan=plan, init="spectral",
-                              unrepresentable=unrepresentable, keep_dense_if_no_gain=keep_dense_if_no_gain)
+                              unrepresentable=unrepresentable, include=include, exclude=exclude,
+                              keep_dense_if_no_gain=keep_dense_if_no_gain)
     check_rank_useful(param, rank, report)
     say_warnings(caught, echo)
     if report.plan:

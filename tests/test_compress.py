@@ -247,3 +247,15 @@ def test_phase_1_prints_each_blocks_own_mse(dense_run):
     assert [line.split(": MSE ")[1].split(" ")[0] for line in lines] == [f"{v:.5f}" for v in expected]
     assert lines[1].startswith("phase 1: block 2/10 blocks.0: MSE ")
     assert lines[1].endswith(" on the last training batch")
+
+
+def test_include_and_exclude_select_the_layers_so_a_tuple_rank_works(dense_run, tmp_path):
+    # README: "A tuple fits one layer shape: give it with --include ... (`sttpfast compress
+    # --rank` reads the same syntax)" but compress had no --include: a TT tuple failed on the
+    # 1x1 shortcuts whatever one did
+    result = _cli(dense_run, "--param", "tt", "--rank", "2,3,2", "--include", "blocks.*.conv*",
+                  "--exclude", "blocks.0.*", "--phases", "0", "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    ranks = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["param"]["layer_ranks"]
+    assert sorted(ranks) == sorted(f"blocks.{b}.conv{c}" for b in range(1, 9) for c in (1, 2))
+    assert set(map(tuple, ranks.values())) == {(2, 3, 2)}
