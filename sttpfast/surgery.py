@@ -620,11 +620,20 @@ def parameterize(
     report.rank, report.param = (None if per_layer else rank), param
     report.left_dense = left_dense
     if per_layer:
-        report.plan = [{"layer": name, "rank": entry.rank_to_spec(rank[name]),
+        report.plan = [{"layer": name, "rank": _running_rank(entry, module, rank[name]),
                         "energy": None if energies is None else round(energies[name], 6),
                         "params": _layer_count_dof(param, module, rank[name]), "dense": module.weight.numel()}
                        for name, module in layers]
     return report
+
+
+def _running_rank(entry, module: nn.Module, asked):
+    """The rank a parameterized layer runs at: an int rank capped at the layer's largest (the
+    parametrization's ``rank``), a tuple as asked (its entries are checked, not capped)."""
+    running = getattr(parametrization_of(module), "rank", None)
+    if isinstance(asked, int) and isinstance(running, int):
+        return running
+    return entry.rank_to_spec(asked)
 
 
 def _apply_atomically(plan, root: nn.Module | None = None) -> None:

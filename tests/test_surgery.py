@@ -418,3 +418,12 @@ def test_the_new_parametrizations_take_the_layers_train_or_eval_mode(param, trai
             first, second = model(x), model(x)
         assert torch.equal(first, second)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_per_layer_plan_shows_the_rank_each_layer_runs_at():
+    # a rank above a layer's cap showed as asked (8 for a 4x1x3x3 conv that runs at 4: its
+    # params column was the capped layer's), also in the tables compress's phase 2 printed
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    report = parameterize(model, "lowrank", rank={"0": 8, "2": 3})
+    assert [(row["layer"], row["rank"], row["params"]) for row in report.plan] == [("0", 4, 4 * 4 + 4 * 9),
+                                                                                  ("2", 3, 3 * 10 + 3 * 144)]
