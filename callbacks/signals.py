@@ -78,18 +78,16 @@ class SignalCheckpoint(Callback):
         self._previous = {}
 
     def _agree(self) -> None:
-        """A sharded (FSDP2) model: the ranks act together. Saving gathers the weights (a
-        collective every rank must join) and the launcher's signal reaches each rank at a
+        """Several processes act together. The launcher's signal reaches each rank at a
         slightly different step, so the requests are merged over the ranks (one tiny
-        all-reduce per step) and every rank acts at the same step."""
+        all-reduce per step) and every rank acts at the same step: a rank that stopped alone
+        left the others in the next step's gradient all-reduce (DDP, the GAN's own sync),
+        and saving a sharded (FSDP2) model gathers it, a collective every rank must join."""
         import torch
         import torch.distributed as dist
 
-        from sttpfast.callbacks._util import unwrap_model
-        from sttpfast.fsdp import is_sharded
-
         model = getattr(self.learn, "model", None)
-        if model is None or not (dist.is_available() and dist.is_initialized()) or not is_sharded(unwrap_model(model)):
+        if model is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         flags = torch.tensor([self.stop_signal or 0, int(self.checkpoint_requested)],
                              device=next(model.parameters()).device)

@@ -309,3 +309,45 @@ def test_train_under_an_fsdp1_config_is_refused_with_one_message(tmp_path, monke
         "with FSDP2 only: set `fsdp_version: 2` in the config (configs/accelerate/cpu_2proc_fsdp2.yaml, "
         "gpu_fsdp2.yaml)\n")
     assert list(tmp_path.iterdir()) == []  # no run folder
+
+
+_SIGINT_WORKER = '''
+import os, signal, sys
+from fastai.callback.core import Callback
+from sttpfast.config import build_config
+from sttpfast.run import TrainingInterrupted, run_training
+
+
+class SigintRankZero(Callback):
+    """Ctrl-C reaching rank 0 alone after step 2 (a launcher's signals arrive one by one)."""
+    order = 90
+
+    def after_batch(self):
+        if self.training and self.learn.train_iter == 2 and os.environ.get("RANK") == "0":
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+cfg, _ = build_config(overrides=["data.name=digits", "data.bs=32", "data.subset=256", "param.name=sttp-r",
+                                 "param.rank=4", "optim.steps=6", "log.logger=none", "log.progress=false",
+                                 "model.kwargs={base_width: 4}", f"train.out={sys.argv[1]}", "train.name=int"])
+try:
+    run_training(cfg, extra_cbs=[SigintRankZero()], echo=lambda *a: None)
+    print(f"RANK {os.environ['RANK']} FINISHED", flush=True)
+except TrainingInterrupted as stop:
+    print(f"RANK {os.environ['RANK']} STOPPED {stop.code}", flush=True)
+'''
+
+
+@pytest.mark.slow
+def test_ctrl_c_reaching_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Slow: ~30 s (a 2-process launch) on the loaded 2-core machine. Under DDP only an FSDP2
+    run merged the ranks' stop requests: rank 0 stopped after step 2 and rank 1 went on into
+    step 3's gradient all-reduce, where it died ("Connection closed by peer")."""
+    script = tmp_path / "worker.py"
+    script.write_text(_SIGINT_WORKER)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           str(tmp_path)], capture_output=True, text=True, timeout=600, env=_env())
+    said = sorted(line for line in proc.stdout.splitlines() if line.startswith("RANK "))
+    assert said == ["RANK 0 STOPPED 130", "RANK 1 STOPPED 130"], (proc.stdout[-2000:], proc.stderr[-3000:])
+    state = json.loads((tmp_path / "int" / "checkpoints" / "last" / "state.json").read_text())
+    assert state["train_iter"] == 2
