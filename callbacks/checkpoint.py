@@ -34,6 +34,7 @@ import os
 import random
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -48,7 +49,8 @@ from sttpfast.callbacks._util import is_main_process, unwrap_model
 from sttpfast.checkpoint import load_parameterized, save_parameterized
 from sttpfast.fsdp import full_state_dict, full_tensor, is_sharded, shard_like
 
-__all__ = ["Checkpointer", "load_checkpoint_state", "find_checkpoint", "CheckpointError", "TrainingClock"]
+__all__ = ["Checkpointer", "load_checkpoint_state", "find_checkpoint", "CheckpointError", "TrainingClock",
+           "recorder_state", "restore_recorder", "quiet_skipped_epochs"]
 
 
 class CheckpointError(ValueError):
@@ -169,6 +171,44 @@ def _read(path: Path, what: str) -> dict:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise CheckpointError(f"corrupt checkpoint {what} {path}: {err}") from None
+
+
+def recorder_state(learn) -> tuple[dict, torch.Tensor | None]:
+    """The Recorder's running values that outlive an epoch, ``(meta, tensor (1,))``: the
+    smoothed training loss (``train_loss`` of the table is its value at the epoch end)."""
+    recorder = getattr(learn, "recorder", None)
+    if recorder is None:
+        return {}, None
+    smooth = recorder.smooth_loss
+    return {"smooth_count": int(smooth.count)}, torch.as_tensor(smooth.val).detach().cpu().reshape(1).clone()
+
+
+def restore_recorder(learn, saved: dict, smooth: torch.Tensor | None) -> None:
+    """Put back what :func:`recorder_state` saved (nothing for a checkpoint without it)."""
+    recorder = getattr(learn, "recorder", None)
+    if recorder is None or smooth is None:
+        return
+    recorder.smooth_loss.count = saved.get("smooth_count", 0)
+    recorder.smooth_loss.val = smooth.reshape(()).clone()
+
+
+def quiet_skipped_epochs(learn, skipped) -> Callable[[], None]:
+    """Drop the table rows of the epochs a resumed fit skips (``skipped()`` true); returns the
+    undo. fastai ends a skipped epoch in the Recorder's ``after_epoch`` all the same, which
+    printed a row for each ("epoch 0  train_loss 00:00"). Call in ``before_fit`` after the
+    ProgressCallback (order 60) has put in its logger."""
+    inner = learn.logger
+
+    def logger(row):
+        if not skipped():
+            inner(row)
+
+    learn.logger = logger
+
+    def undo():
+        if learn.logger is logger:  # (ProgressCallback may have put back its own already)
+            learn.logger = inner
+    return undo
 
 
 def find_checkpoint(root: str | os.PathLike, warn=lambda msg: None, set_aside_damaged: bool = False) -> Path:
@@ -305,13 +345,7 @@ class Checkpointer(Callback):
         self.saved_iter = self.learn.checkpoint_iter = train_iter  # the loggers flush at this step
 
     def _recorder_state(self) -> tuple[dict, torch.Tensor | None]:
-        """The Recorder's running values that outlive an epoch: the smoothed training loss
-        (``train_loss`` of the table is its value at the epoch end)."""
-        recorder = getattr(self.learn, "recorder", None)
-        if recorder is None:
-            return {}, None
-        smooth = recorder.smooth_loss
-        return {"smooth_count": int(smooth.count)}, torch.as_tensor(smooth.val).detach().cpu().reshape(1).clone()
+        return recorder_state(self.learn)
 
     def _last_metrics(self) -> dict:
         recorder = getattr(self.learn, "recorder", None)
@@ -395,19 +429,13 @@ class Checkpointer(Callback):
         return self._resume is not None and self.epoch < self._resume[0]
 
     def before_fit(self):
-        # the epochs before the resumed one are skipped (fastai's SkipToEpoch) but still end in
-        # the Recorder's after_epoch, which printed a row for each ("epoch 0  train_loss 00:00")
-        self._quieting = None
-        if self._resume is not None and self._resume[0] > 0:
-            inner = self.learn.logger
-            self._quieting = lambda row: None if self._skipped_epoch() else inner(row)
-            self._quieting_inner = inner
-            self.learn.logger = self._quieting
+        self._unquiet = quiet_skipped_epochs(self.learn, self._skipped_epoch) if (
+            self._resume is not None and self._resume[0] > 0) else None
 
     def after_fit(self):
-        if getattr(self, "_quieting", None) is not None and self.learn.logger is self._quieting:
-            self.learn.logger = self._quieting_inner  # (ProgressCallback may have put back its own)
-        self._quieting = None
+        if getattr(self, "_unquiet", None) is not None:
+            self._unquiet()
+        self._unquiet = None
 
     def _apply_resume_at_epoch_start(self) -> int:
         """Position the resumed epoch; returns the number of its batches already trained."""
@@ -431,12 +459,7 @@ class Checkpointer(Callback):
         return skip
 
     def _restore_recorder(self) -> None:
-        recorder = getattr(self.learn, "recorder", None)
-        saved, smooth = getattr(self, "_recorder_resume", ({}, None))
-        if recorder is None or smooth is None:
-            return
-        recorder.smooth_loss.count = saved.get("smooth_count", 0)
-        recorder.smooth_loss.val = smooth.reshape(()).clone()
+        restore_recorder(self.learn, *getattr(self, "_recorder_resume", ({}, None)))
 
     def _finish_resume(self):
         if self._pending_rng is not None:

@@ -80,11 +80,14 @@ class SendSignal(Callback):
 
 
 @pytest.mark.parametrize("k,signum,params", [
-    (3, signal.SIGINT, ["gan.d_param=sttp-c", "gan.g_param=svdp-r", "gan.rank=4", "gan.ema=0.9"]),  # mid-epoch
-    (4, signal.SIGTERM, ["gan.d_param=sr", "gan.sr_every=3"]),  # at an epoch end (4 G steps per epoch)
+    # rates of 0.01: the losses move (at the default 2e-4 the tiny D's hinge loss shows 2.0000)
+    (6, signal.SIGINT, ["gan.d_param=sttp-c", "gan.g_param=svdp-r", "gan.rank=4", "gan.ema=0.9",
+                        "gan.lr_d=0.01", "gan.lr_g=0.01"]),  # mid-epoch 1
+    (4, signal.SIGTERM, ["gan.d_param=sr", "gan.sr_every=3", "gan.lr_d=0.01", "gan.lr_g=0.01"]),  # an epoch end
 ], ids=["sigint-mid-epoch-sttp-c-svdp-r-ema", "sigterm-epoch-end-sr"])
 def test_resume_after_a_signal_is_bit_identical(tmp_path, k, signum, params):
-    whole = run_gan(_cfg(tmp_path, "whole", *params), echo=lambda *a: None)
+    whole_said, resumed_said = [], []
+    whole = run_gan(_cfg(tmp_path, "whole", *params), echo=whole_said.append)
     assert whole["steps"] == 10
     said = []
     with pytest.raises(TrainingInterrupted) as stop:
@@ -92,12 +95,22 @@ def test_resume_after_a_signal_is_bit_identical(tmp_path, k, signum, params):
     assert stop.value.code == 128 + signum
     assert f"interrupted at G step {k}" in " ".join(said) and f"sttpfast gan --resume {tmp_path / 'cut'}" in said[-1]
     assert json.loads((tmp_path / "cut/checkpoints/last/state.json").read_text())["train_iter"] == k
-    resumed = run_gan(resume=tmp_path / "cut", echo=lambda *a: None)
+    resumed = run_gan(resume=tmp_path / "cut", echo=resumed_said.append)
     assert (resumed["steps"], resumed["d_steps"]) == (10, 20)
     for load in (_weights, _optimizer):
         a, b = load(tmp_path / "whole"), load(tmp_path / "cut")
         assert a.keys() == b.keys()
         assert [key for key in a if not torch.equal(a[key], b[key])] == []
+    # the printed rows too: the smoothed train_loss continued from the checkpoint (it restarted),
+    # and the epochs the resume skips print nothing (they printed "epoch 0  train_loss 00:00")
+    def rows(said):
+        return {line.split("  ")[0]: [part for part in line.split("  ") if not part.startswith("time")]
+                for line in said if line.startswith("epoch ")}
+
+    have, want = rows(resumed_said), rows(whole_said)
+    # 4 G steps per epoch; a signal at step 4 comes before epoch 0's validation, which the resume runs
+    assert list(have) == ["epoch 0", "epoch 1", "epoch 2"][(1 if k > 4 else 0):]
+    assert have == {epoch: want[epoch] for epoch in have}
     again = run_gan(resume=tmp_path / "cut", echo=lambda *a: None)  # finished: nothing changes
     assert again["already_finished"] is True
 

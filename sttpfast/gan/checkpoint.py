@@ -36,7 +36,8 @@ from safetensors.torch import save_file
 from sttpfast.atomic import prune_checkpoints, read_pointer, set_pointer, write_checkpoint
 from sttpfast.callbacks._util import is_main_process, unwrap_model
 from sttpfast.callbacks.checkpoint import (CheckpointError, TrainingClock, _global_rng, _optimizer_from_files,
-                                           _optimizer_to_files, _set_global_rng)
+                                           _optimizer_to_files, _set_global_rng, quiet_skipped_epochs,
+                                           recorder_state, restore_recorder)
 from sttpfast.checkpoint import load_parameterized, save_parameterized
 from sttpfast.fsdp import full_state_dict, is_sharded
 
@@ -109,13 +110,16 @@ class GANCheckpointer(Callback):
             rng_tensors["latent"] = learn._rng.get_state()
         if learn.reals_pass_rng is not None:
             rng_tensors.update({f"loader.{k}": v for k, v in learn.reals_pass_rng.items()})
+        recorder, smooth = recorder_state(learn)  # the printed train_loss continues exactly
+        if smooth is not None:
+            rng_tensors["recorder.smooth_loss"] = smooth
         if self.compensation is not None:
             sr = self.compensation.state_dict()
             rng_tensors.update({f"sr.{k}": v.detach().cpu().contiguous() for k, v in sr["running_max"].items()})
         meta = {"app": APP, "train_iter": step, "d_iter": int(learn.d_iter), "epoch": self._resume_epoch,
                 "reals_drawn": int(learn.reals_drawn), "reals_started": learn._reals is not None,
                 "latent_device": None if learn._rng is None else learn._rng.device.type,
-                "optimizer": opt_meta, "rng": rng_meta, "metrics": self._metrics_state(),
+                "optimizer": opt_meta, "rng": rng_meta, "metrics": self._metrics_state(), "recorder": recorder,
                 "sr_compensations": None if self.compensation is None else self.compensation.compensations,
                 # the step's last losses: the summary of a resume with nothing left to train
                 "losses": {name: None if loss is None else float(loss)
@@ -170,6 +174,9 @@ class GANCheckpointer(Callback):
         self._resume_epoch = self.epoch + 1  # validation consumed latent codes: resume after it
 
     def after_fit(self):
+        if getattr(self, "_unquiet", None) is not None:
+            self._unquiet()
+            self._unquiet = None
         # after GANMetrics.after_fit (lower order): an end-of-run evaluation may be the best
         step = int(self.learn.train_iter)
         best = self.metrics is not None and self.metrics.is_best and self.metrics.best_step == step
@@ -205,6 +212,10 @@ class GANCheckpointer(Callback):
         self.saved_iter = int(meta["train_iter"])
         learn.resume_iter, learn.resume_epoch = meta["train_iter"], meta["epoch"]
 
+    def before_fit(self):
+        epoch = 0 if self._resume is None else int(self._resume["meta"]["epoch"])
+        self._unquiet = quiet_skipped_epochs(self.learn, lambda: self.epoch < epoch) if epoch > 0 else None
+
     def before_train(self):
         if self._resume is None:
             return
@@ -222,6 +233,7 @@ class GANCheckpointer(Callback):
         learn = self.learn
         self._resume = None
         learn.train_iter, learn.d_iter = int(meta["train_iter"]), int(meta["d_iter"])
+        restore_recorder(learn, meta.get("recorder") or {}, rng.get("recorder.smooth_loss"))
         losses = meta.get("losses") or {}  # what the summary reports if nothing is left to train
         learn.loss_g, learn.loss_d = (None if losses.get(k) is None else torch.tensor(losses[k]) for k in ("g", "d"))
         if "latent" in rng:
