@@ -540,6 +540,11 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
     if len(sized) > 1:
         raise ConfigError(f"give one of param.rank, param.compression, param.rank_scale and param.layer_ranks, "
                           f"not param.{sized[0]} and param.{sized[1]}")
+    if p.get("attention") == "qk-ov" and len(sized) == 1 and sized[0] != "rank":
+        # the search would size the other layers alone, the forms at full head width gaining nothing
+        raise ConfigError(f"param.attention = 'qk-ov' takes its rank per head from param.rank (--rank); "
+                          f"param.{sized[0]} does not size the attention forms: give --rank R, or --attention "
+                          "q-k-v (q, k and v are then layers the compression sizes like any other)")
     if p["plan"] == "energy" and p["compression"] is None:
         raise ConfigError("param.plan = 'energy' (--plan energy) spends a compression budget: give "
                           "param.compression (--compression Z) as well")

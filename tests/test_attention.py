@@ -267,3 +267,29 @@ def test_the_new_modules_take_the_models_eval_mode(form):
     model = timm.create_model("vit_tiny_p4_32", depth=1, embed_dim=24, num_heads=2).eval()
     parameterize_attention(model, form, rank=4)
     assert [name for name, m in model.named_modules() if m.training] == []
+
+
+@pytest.mark.parametrize("sizing", [["--compression", "20"], ["--rank-scale", "0.3"]])
+def test_cli_qk_ov_with_a_compression_target_is_one_error_line(tmp_path, sizing):
+    # the forms stayed at full head width (no gain) and the search squeezed every other layer to
+    # rank 1, still missing the target (Z 33.85% for 20%), exit 0
+    result = CliRunner().invoke(main, ["train", "digits", "--arch", "vit_tiny_p4_32", "--attention", "qk-ov",
+                                       "--param", "svdp-l", *sizing, "--steps", "1", "--subset", "16",
+                                       "--out", str(tmp_path), "--set", "model.kwargs={depth: 1}"])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        f"Error: param.attention = 'qk-ov' takes its rank per head from param.rank (--rank); "
+        f"param.{sizing[0][2:].replace('-', '_')} does not size the attention forms: give --rank R, or "
+        "--attention q-k-v (q, k and v are then layers the compression sizes like any other)"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_attention_of_a_kind_sttpfast_does_not_factor_says_so(tmp_path):
+    # CoAtNet's Attention2d: "MaxxVit has no attention blocks", which is false
+    result = CliRunner().invoke(main, ["train", "digits", "--arch", "coatnet_nano_rw_224", "--attention", "qk-ov",
+                                       "--rank", "4", "--steps", "1", "--subset", "16", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert [line for line in result.output.splitlines() if line.startswith("Error:")] == [
+        "Error: MaxxVit's attention (Attention2d) is not a kind sttpfast factors: --attention takes timm's ViT / "
+        "Swin attention (a fused qkv Linear, num_heads and a proj Linear)"]
+    assert not any(tmp_path.iterdir())

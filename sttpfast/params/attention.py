@@ -247,6 +247,21 @@ def attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
     return found
 
 
+def _blocks_or_refuse(model: nn.Module) -> list[tuple[str, nn.Module, int, int]]:
+    """:func:`attention_blocks`, or a ValueError saying why there are none: no attention at
+    all, or attention of a kind the forms do not cover (CoAtNet's ``Attention2d``...)."""
+    blocks = attention_blocks(model)
+    if blocks:
+        return blocks
+    kinds = sorted({type(m).__name__ for m in model.modules() if "Attention" in type(m).__name__})
+    if kinds:
+        raise ValueError(f"{type(model).__name__}'s attention ({', '.join(kinds)}) is not a kind sttpfast factors: "
+                         "--attention takes timm's ViT / Swin attention (a fused qkv Linear, num_heads and a proj "
+                         "Linear)")
+    raise ValueError(f"{type(model).__name__} has no attention blocks (a fused qkv Linear, num_heads and a "
+                     "proj Linear, as timm's ViT / Swin attention); --attention applies to transformers")
+
+
 def parameterize_attention(model: nn.Module, form: str = "qk-ov", rank: int | None = None) -> list[str]:
     """Put every attention block of ``model`` in ``form`` (in place).
 
@@ -268,10 +283,7 @@ def parameterize_attention(model: nn.Module, form: str = "qk-ov", rank: int | No
         return split_qkv(model)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank per head must be a positive integer, got {rank!r}")
-    blocks = attention_blocks(model)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no attention blocks (a fused qkv Linear, num_heads and a "
-                         "proj Linear, as timm's ViT / Swin attention); --attention applies to transformers")
+    blocks = _blocks_or_refuse(model)
     for name, block, _, _ in blocks:
         reason = _refusal(name, block)
         if reason is None and (parametrize.is_parametrized(block.qkv) or parametrize.is_parametrized(block.proj)):
@@ -379,10 +391,7 @@ def split_qkv(model: nn.Module) -> list[str]:
 
     Raises:
         ValueError: no attention block, or a block whose qkv is already parameterized."""
-    blocks = attention_blocks(model)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no attention blocks (a fused qkv Linear, num_heads and a "
-                         "proj Linear, as timm's ViT / Swin attention); --attention applies to transformers")
+    blocks = _blocks_or_refuse(model)
     for name, block, _, _ in blocks:
         if parametrize.is_parametrized(block.qkv):
             raise ValueError(f"attention block {name!r} is already parameterized; split q, k, v first")
