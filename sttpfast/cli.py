@@ -253,9 +253,14 @@ def info(arch, param, rank, compression, include, exclude, init, num_classes, in
     cfg, sources = build_config(cli=cli)
     p = cfg["param"]
 
+    import torch
+
     from sttpfast.models import create_model
     from sttpfast.surgery import parameterize
 
+    # the run's seed: an energy plan reads the weights of this freshly built (untrained) model,
+    # so the same command prints the same plan
+    torch.manual_seed(cfg["train"]["seed"])
     model = create_model(arch, num_classes=num_classes, in_chans=in_chans)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

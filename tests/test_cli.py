@@ -236,3 +236,12 @@ def test_python_dash_m_sttpfast_is_the_command():
     proc = subprocess.run([sys.executable, "-m", "sttpfast", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("Usage: python -m sttpfast [OPTIONS] COMMAND [ARGS]...")
+
+
+def test_info_with_an_energy_plan_prints_the_same_plan_every_time():
+    # the plan reads the weights of a freshly built (random) model, unseeded: three runs gave
+    # the stem rank 4, 3, 3 and Z 9.98, 9.99, 9.97%
+    args = ["info", "--arch", "resnet20_cifar", "--param", "sttp-r", "--compression", "10", "--plan", "energy"]
+    first, second = CliRunner().invoke(main, args), CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert first.output == second.output
