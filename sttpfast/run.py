@@ -125,7 +125,7 @@ def resume_config(run_dir: str | Path, warn=print) -> tuple[Path, dict, dict]:
     checkpoint (a damaged newer one is skipped with a warning); RunError/CheckpointError."""
     from sttpfast.callbacks.checkpoint import load_checkpoint_state
 
-    run_dir = Path(run_dir).expanduser()
+    run_dir = Path(run_dir).expanduser().absolute()  # summary.json names it as a fresh run does
     if not (run_dir / "config.yaml").is_file():
         raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
     compressed = _read_json(run_dir / COMPRESS_REPORT)

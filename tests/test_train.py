@@ -291,3 +291,14 @@ def test_mixed_precision_run_computes_in_its_dtype(tmp_path, precision, dtype):
     assert summary["steps"] == 4 and len(spy.losses) == 4
     assert spy.dtypes == {dtype}  # every training forward ran in this precision
     assert all(math.isfinite(v) for v in spy.losses) and math.isfinite(summary["metrics"]["valid_loss"])
+
+
+def test_a_resume_given_a_relative_path_writes_absolute_paths_like_a_fresh_run(tmp_path, monkeypatch):
+    # summary.json's run_dir and checkpoint were "r" after `--resume r`, absolute after a fresh run
+    fresh = run_training(_cfg(tmp_path, "r", **{"optim.steps": 2}), echo=lambda *a: None)
+    assert fresh["run_dir"] == str(tmp_path / "r")
+    monkeypatch.chdir(tmp_path)
+    resumed = run_training(resume="r", steps=3, echo=lambda *a: None)
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert (resumed["run_dir"], summary["run_dir"]) == (str(tmp_path / "r"),) * 2
+    assert summary["checkpoint"] == str(tmp_path / "r" / "checkpoints" / "last")
