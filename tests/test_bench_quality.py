@@ -112,3 +112,10 @@ def test_the_committed_converged_runs_are_read_back_under_the_default_budget(qua
     rows, _, runs = quality.classification_rows(_args(results, subset=0, epochs=15, seeds=[0, 1], params=["dense"]))
     assert trained == [] and (runs.trained, runs.reused) == (0, 2)
     assert rows == [["dense", "-", "-", "100.00", "93.75", "93.91 / 93.59", "4102"]]
+    # both seeds of STTP-R and CP at Z 10% (seed 1: `--params sttp-r --targets 10 --seeds 1`, then cp)
+    rows, _, runs = quality.classification_rows(_args(results, subset=0, epochs=15, seeds=[0, 1],
+                                                      params=["sttp-r", "cp"]))
+    assert trained == [] and (runs.trained, runs.reused) == (0, 6)
+    assert rows == [["dense", "-", "-", "100.00", "93.75", "93.91 / 93.59", "4102"],
+                    ["sttp-r", "10", "14", "10.00", "92.67", "92.69 / 92.65", "3539"],
+                    ["cp", "10", "15", "9.84", "92.59", "92.58 / 92.60", "2641"]]
