@@ -228,7 +228,8 @@ def find_checkpoint(root: str | os.PathLike, warn=lambda msg: None, set_aside_da
         raise CheckpointError(f"no checkpoint folder in {root}") from None
 
 
-def load_checkpoint_state(folder: str | os.PathLike, warn=lambda msg: None, set_aside_damaged: bool = False) -> dict:
+def load_checkpoint_state(folder: str | os.PathLike, warn=lambda msg: None,
+                          set_aside_damaged: bool = False) -> dict:
     """Read and check a checkpoint (not yet applied); CheckpointError if unusable. ``folder``
     is one checkpoint folder, or a ``checkpoints`` folder to resume from (the newest complete
     checkpoint in it, see :func:`find_checkpoint`)."""

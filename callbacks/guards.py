@@ -44,6 +44,7 @@ class NaNGuard(Callback):
         if is_main_process():
             print(f"NaNGuard: non-finite loss at step {step} (epoch {self.learn.epoch}, "
                   f"loss={float(loss.detach().float().mean()):g}, loss_grad={float(loss_grad.detach().float().mean()):g}); "
-                  "training stopped before backward, weights are those of the last good step", flush=True)
+                  "training stopped before backward, weights are those of the last good step",
+                  flush=True)
         log_scalars(self.learn, {"nan_step": step}, step)
         raise CancelFitException()

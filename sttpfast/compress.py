@@ -274,10 +274,9 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         out: the output run folder (default ``RUN-PARAM`` next to ``run_dir``, numbered if taken).
     Every check (run folder, dense checkpoint, phases, rank) comes before anything is written.
     """
-    from sttpfast import run as runs  # run_training looked up at call time (tests wrap it)
     from sttpfast.config import coerce
     from sttpfast.data import get_dls
-    from sttpfast.run import COMPRESS_REPORT, check_output, prepare_run_dir, say_warnings
+    from sttpfast.run import COMPRESS_REPORT, check_output, prepare_run_dir, run_training, say_warnings
     from sttpfast.surgery import check_rank_useful, compression_report, parameterize
 
     run_dir = Path(run_dir).expanduser()
@@ -334,7 +333,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         echo(f"phase 1 (block-wise distillation): accuracy {result['phases']['1']['accuracy']:.4f}")
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     if 2 in phases:
-        summary = runs.run_training(new_cfg, extra_cbs=[LoadWeights(state), KeepPhases(result)], echo=echo)
+        summary = run_training(new_cfg, extra_cbs=[LoadWeights(state), KeepPhases(result)], echo=echo)
         result = summary["compress"]  # with phase 2's result (also in compress_report.json)
         folder = Path(summary["run_dir"])
     else:

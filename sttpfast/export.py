@@ -58,7 +58,8 @@ def _check_out(path: Path, force: bool, fmt: str) -> Path:
         raise ValueError(f"export target {path} is a folder; give a file name")
     named = path.suffix.lower().lstrip(".")
     if named in FORMATS and named != fmt:
-        raise ValueError(f"export target {path} is named as {'an' if named[0] in 'aeiou' else 'a'} {named} file, but the format is {fmt}; "
+        article = "an" if named[0] in "aeiou" else "a"
+        raise ValueError(f"export target {path} is named as {article} {named} file, but the format is {fmt}; "
                          f"name it {path.stem}.{fmt} or pass --format {named}")
     if path.exists() and not force:
         raise ValueError(f"{path} exists; add --force (force=True in Python) to overwrite it")

@@ -62,7 +62,8 @@ def _check_name(name: str) -> str:
 
 
 def check_output(cfg: dict) -> tuple[Path, str]:
-    """``(out folder, run name)`` after checking both; creates nothing (see prepare_run_dir)."""
+    """``(out folder, run name)`` after checking both (the missing folders are made and removed
+    again: one that cannot be made is refused now); leaves nothing (see prepare_run_dir)."""
     out = Path(cfg["train"]["out"]).expanduser()
     base = _check_name(cfg["train"]["name"]) if cfg["train"]["name"] else run_name(cfg)
     existing = out

@@ -119,7 +119,8 @@ class GANCheckpointer(Callback):
         meta = {"app": APP, "train_iter": step, "d_iter": int(learn.d_iter), "epoch": self._resume_epoch,
                 "reals_drawn": int(learn.reals_drawn), "reals_started": learn._reals is not None,
                 "latent_device": None if learn._rng is None else learn._rng.device.type,
-                "optimizer": opt_meta, "rng": rng_meta, "metrics": self._metrics_state(), "recorder": recorder,
+                "optimizer": opt_meta, "rng": rng_meta, "metrics": self._metrics_state(),
+                "recorder": recorder,
                 "sr_compensations": None if self.compensation is None else self.compensation.compensations,
                 # the step's last losses: the summary of a resume with nothing left to train
                 "losses": {name: None if loss is None else float(loss)

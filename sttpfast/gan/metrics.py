@@ -45,7 +45,8 @@ from sttpfast.callbacks._util import is_main_process, log_image, log_scalars, po
 from sttpfast.gan.extractor import (DEFAULT_ARCH, offline_extractor_name, register_offline_extractor,
                                     train_offline_extractor)
 
-__all__ = ["GANMetrics", "ImageSet", "fidelity_metrics", "inception_weights", "check_inception_state", "to_uint8_rgb", "METRICS",
+__all__ = ["GANMetrics", "ImageSet", "fidelity_metrics", "inception_weights", "check_inception_state",
+           "to_uint8_rgb", "METRICS",
            "INCEPTION", "INCEPTION_WEIGHTS_FILE"]
 
 METRICS = ("isc", "fid", "kid")
