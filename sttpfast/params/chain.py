@@ -631,18 +631,16 @@ class SpectralChain(WeightParametrization):
             if torch.linalg.det(u @ v.T) * self._orthogonal_sign() < 0:
                 u, s = u.clone(), s.clone()
                 u[:, -1], s[-1] = -u[:, -1], -s[-1]  # W = U diag(s) V^T still holds
-        scale = s[0] if self.learned else s.mean()
         cores = lay.cores
         n_out = len(lay.out_modes)
 
         u_params, u_last = self._sweep_u(u, cores[:n_out])
         if self.learned:
-            # signs of both frames next to Sigma go into the learned spectrum
-            bottom, top, sign_u, _ = frame_params_from_frame(u_last, reduced=False, flip=True)
+            # the frames' sign flips end up in the learned spectrum, fitted to the frames below
+            bottom, top, _, _ = frame_params_from_frame(u_last, reduced=False, flip=True)
             u_params.append((bottom, top))
             v_params, v_first = self._sweep_v(v, cores[n_out:])
-            bottom, top, sign_v, _ = frame_params_from_frame(v_first, reduced=False, flip=True)
-            s = s * sign_u * sign_v
+            bottom, top, _, _ = frame_params_from_frame(v_first, reduced=False, flip=True)
         else:
             # U V^T = (U P)(V P)^T: rotate the last U-core into St_U form, move P to V
             u_last, p = self._reduce_last(u_last)
@@ -655,26 +653,24 @@ class SpectralChain(WeightParametrization):
             u_params.append((bottom_u, None))
         v_params.insert(0, (bottom, top))
         cores = tuple(CoreFactors(b, t) for b, t in u_params + v_params)
-        s, scale = self._fit_spectrum(mat, cores, s, scale)
+        fitted = self._held_projections(mat, cores)
+        if self.learned:  # gain = max|fitted| and max|s| = 1, so gain * s = fitted
+            scale = fitted.abs().max()
+            spectrum = fitted / scale.clamp_min(torch.finfo(fitted.dtype).tiny)
+        else:  # g > 0: the chain's sign is in its frames
+            scale, spectrum = (fitted.mean() if fitted.mean() > 0 else s.mean()), None
         self.gain = scale.to(dtype=weight.dtype, device=weight.device)
-        # max|s| = 1, so gain * s = the fitted spectrum
-        spectrum = s / s.abs().max().clamp_min(torch.finfo(s.dtype).tiny) if self.learned else None
         out = ChainFactors(spectrum, cores).flat()
         return tuple(t.to(dtype=weight.dtype, device=weight.device).contiguous() for t in out)
 
-    def _fit_spectrum(self, mat: Tensor, cores: tuple, s: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-        """``(s, gain)`` that fit ``mat`` (``(d_out, d_in)``, float64) best on the frames the
-        chain holds, ``U'`` and ``V'``: ``u'_i^T W v'_i`` (learned spectrum; ``gain`` its
-        largest magnitude), their mean (fixed spectrum). Where the TT ranks truncate
-        ``U_r`` / ``V_r``, ``U' != U_r`` and ``S_r`` on ``U'``, ``V'`` can be worse than a zero
-        weight; elsewhere ``U' = U_r`` (up to rounding) and this is ``S_r`` (with its signs)."""
-        frames = [householder_frame(core.bottom, core.top) for core in cores]
-        u_held, v_held = contract_chain(self.layout, frames)
-        fitted = (u_held * (mat @ v_held)).sum(0)  # (r,): <W, u'_i v'_i^T>, the frames orthonormal
-        if self.learned:
-            return fitted, fitted.abs().max()
-        mean = fitted.mean()
-        return s, (mean if mean > 0 else scale)  # g > 0: the chain's sign is in its frames
+    def _held_projections(self, mat: Tensor, cores: tuple) -> Tensor:
+        """``u'_i^T W v'_i`` ``(r,)`` for ``W = mat`` (``(d_out, d_in)``, float64) and the frames
+        the chain's ``cores`` hold, ``U'`` and ``V'``: the spectrum that fits ``W`` best on them
+        (their mean, for a fixed spectrum). Where the TT ranks truncate ``U_r`` / ``V_r``,
+        ``U' != U_r`` and ``S_r`` on ``U'``, ``V'`` can be worse than a zero weight; elsewhere
+        ``U' = U_r`` (up to rounding) and this is ``S_r`` with the frames' signs."""
+        u_held, v_held = contract_chain(self.layout, [householder_frame(c.bottom, c.top) for c in cores])
+        return (u_held * (mat @ v_held)).sum(0)  # <W, u'_i v'_i^T>, the frames orthonormal
 
     def _orthogonal_sign(self) -> float:
         """Determinant sign of every ``W / g`` a square full-rank fixed-spectrum chain holds:
