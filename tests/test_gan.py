@@ -477,3 +477,29 @@ def test_the_loader_is_sharded_when_the_learner_is_created_so_the_step_budget_ho
     assert (fresh.train.rank, fresh.train.world_size) == (0, 2)
     assert len(fresh.train) == whole // 2
     assert learn.iters_per_epoch == len(fresh.train) // 2
+
+
+def test_the_progress_bar_counts_the_epochs_g_steps(dls, tmp_path):
+    # its total was the loader's batch count: with n_dis = 2 the bar stopped at half of it
+    # at every epoch's end (and the last, shorter epoch lower still)
+    class Totals(Callback):
+        order = 61  # after ProgressCallback (60) updated the bar
+
+        def before_fit(self):
+            self.seen = []
+
+        def before_train(self):
+            self.seen.append(None)
+
+        def after_batch(self):
+            if self.training:  # the bar's total and the last value it showed (None once complete)
+                bar = self.learn.progress.pbar
+                self.seen[-1] = (bar.total, bar.last_v)
+
+    learn = tiny_learner(dls, tmp_path, n_dis=2)
+    per_epoch = len(dls.train) // 2
+    totals = Totals()
+    with learn.no_logging():
+        learn.fit(steps=per_epoch + 3, cbs=[totals])
+    # last_v None: the bar reached its total and closed (fastprogress resets it there)
+    assert totals.seen == [(per_epoch, None), (3, None)]
