@@ -268,6 +268,22 @@ def test_a_run_with_metrics_raises_no_fastai_attribute_warning(tmp_path):
     assert [str(w.message) for w in caught if "shadowing" in str(w.message)] == []
 
 
+def test_the_metrics_plan_is_said_before_the_run_with_the_real_images_it_compares(tmp_path):
+    # --metrics-samples above the training images compared 64 fakes with the 40 reals there
+    # without a word
+    lines = []
+    run_gan(_cfg(tmp_path, "m", "gan.steps=2", "data.subset=40", *METRICS_SETS), echo=lines.append)
+    assert [line for line in lines if line.startswith("metrics:")] == [
+        "metrics: fid, isc, kid every 3 G steps and at the end, 64 generated images against 40 real ones (all the "
+        "training images: fewer than --metrics-samples 64), extractor offline (an sttpfast classifier of the "
+        "training data)"]
+    lines.clear()
+    run_gan(_cfg(tmp_path, "n", "gan.steps=2", *METRICS_SETS), echo=lines.append)
+    assert [line for line in lines if line.startswith("metrics:")] == [
+        "metrics: fid, isc, kid every 3 G steps and at the end, 64 generated images against 64 real ones, "
+        "extractor offline (an sttpfast classifier of the training data)"]
+
+
 def test_resume_refuses_a_classification_run(tmp_path):
     trained = _cli("train", "digits", "--arch", "resnet20_cifar", "--param", "dense", "--steps", "1", "--bs", "64",
                    "--subset", "128", "--logger", "none", "--out", tmp_path, "--name", "c", *QUIET)
@@ -311,6 +327,15 @@ ALLOWED = ("svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tu
     # it said "--rank/rank has no meaning for dense" of a --g-rank
     (["--d-param", "sttp-c", "--rank", "4", "--g-rank", "8"],
      "--g-rank (gan.g_rank) has no meaning for the generator's dense (it keeps the full weights); leave it out"),
+    # metric settings without --metrics-every were ignored without a word
+    (["--inception-weights", "/nowhere/pt_inception.pth"],
+     "--inception-weights (gan.inception_weights) has no effect without --metrics-every (gan.metrics_every): "
+     "set it, or leave it out"),
+    (["--extractor", "offline", "--metrics-samples", "100"],
+     "--metrics-samples (gan.metrics_samples), --extractor (gan.extractor) have no effect without --metrics-every "
+     "(gan.metrics_every): set it, or leave them out"),
+    (["--set", "gan.best_by=kid"],
+     "gan.best_by has no effect without --metrics-every (gan.metrics_every): set it, or leave it out"),
     (["--metrics-every", "5", "--inception-weights", "/nowhere/pt_inception.pth"],
      "--inception-weights (gan.inception_weights): file not found: /nowhere/pt_inception.pth"),
     (["--set", "gan.g_kwargs={widths: [8, 8, 8], bottom_width: 2, z_dim: 16, foo: 3}"],

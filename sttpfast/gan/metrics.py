@@ -242,6 +242,16 @@ class GANMetrics(Callback):
         base, _, std = metric.partition("_")
         return f"{base}_{name}" + (f"_{std}" if std else "")
 
+    def plan(self, n_reals: int) -> str:
+        """One line saying what each evaluation compares, given ``n_reals`` training images."""
+        reals = min(self.samples, n_reals)
+        short = (f" (all the training images: fewer than --metrics-samples {self.samples})"
+                 if reals < self.samples else "")
+        named = {"inception": "InceptionV3", "offline": "offline (an sttpfast classifier of the training data)"}
+        extractor = named.get(self.extractor, self.extractor)
+        return (f"metrics: {', '.join(self.metrics)} every {self.every} G steps{' and at the end' * self.at_end}, "
+                f"{self.samples} generated images against {reals} real ones{short}, extractor {extractor}")
+
     @property
     def best_name(self) -> str:
         return self.metric_name(self.best_by)

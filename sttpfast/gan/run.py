@@ -84,6 +84,7 @@ def check_gan_config(cfg: dict) -> dict:
     if g["sn_exact"] and g["d_param"] != "sn":
         raise ValueError(f"gan.sn_exact needs gan.d_param 'sn', got {g['d_param']!r}")
     _check_ranks_apply(g)
+    _check_metric_settings_apply(g)
     unknown = [m for m in g["metrics"] if m not in ("fid", "isc", "kid")]
     if unknown or not g["metrics"]:
         raise ValueError(f"gan.metrics: unknown {unknown or g['metrics']!r}; allowed: fid, isc, kid")
@@ -123,6 +124,30 @@ def _check_ranks_apply(g: dict) -> None:
     if g["rank"] is not None and not (_takes_rank(g["g_param"]) or _takes_rank(g["d_param"])):
         raise ValueError(f"--rank (gan.rank) has no meaning here: the generator is {g['g_param']} and the "
                          f"discriminator {g['d_param']}, neither takes a rank; leave it out")
+
+
+#: the settings read only when metrics are computed (``gan.metrics_every`` set)
+_METRIC_SETTINGS = ("metrics_samples", "metrics", "best_by", "extractor", "inception_weights", "extractor_steps",
+                    "extractor_kwargs")
+
+
+def _check_metric_settings_apply(g: dict) -> None:
+    """Metric settings changed from their defaults without ``gan.metrics_every`` are refused
+    (they would be ignored), each named by its flag where it has one."""
+    from sttpfast.config import GAN_CLI_FLAGS, SCHEMA
+
+    if g["metrics_every"] is not None:
+        return
+    flags = {key: flag for flag, key in GAN_CLI_FLAGS.items()}
+    changed = []
+    for name in _METRIC_SETTINGS:
+        key = f"gan.{name}"
+        if g[name] != SCHEMA[key].default:
+            changed.append(f"--{flags[key].replace('_', '-')} ({key})" if key in flags else key)
+    if changed:
+        verb, pronoun = ("has", "it") if len(changed) == 1 else ("have", "them")
+        raise ValueError(f"{', '.join(changed)} {verb} no effect without --metrics-every (gan.metrics_every): "
+                         f"set it, or leave {pronoun} out")
 
 
 def check_fsdp2(cfg: dict) -> None:
@@ -338,6 +363,8 @@ def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, s
         write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path))
     say(f"run {run_dir}: G {learn.g_param} Z = {learn.compression_g.z:.2f}%, "
         f"D {cfg['gan']['d_param']} Z = {learn.compression_d.z:.2f}%")
+    if metrics is not None:
+        say(metrics.plan(len(learn.dls.train.dataset)))
     checkpointer.clock.start()
     signals.install()
     try:
