@@ -134,6 +134,19 @@ def test_offline_metric_names_differ_from_inception_names(extractor):
     assert offline.best_name == "fid_sttpfast-resnet20-digits"
 
 
+def test_the_plan_names_an_extractor_file_of_another_dataset(extractor):
+    # a digits classifier measured a fashion_mnist run without a word: its numbers compare with
+    # no fashion_mnist run measured by fashion_mnist's own extractor
+    metrics = GANMetrics(every=5, samples=10, extractor=extractor)
+    accuracy = read_extractor_metadata(extractor)["valid_accuracy"]
+    assert metrics.plan(100, "fashion_mnist") == (
+        f"metrics: fid, isc, kid every 5 G steps and at the end, 10 generated images against 10 real ones, extractor "
+        f"{extractor} (sttpfast-resnet20-digits, {accuracy:.2%} on digits' validation split; trained on digits, "
+        "not on this run's fashion_mnist)")
+    assert metrics.plan(100, "digits").endswith(
+        f"extractor {extractor} (sttpfast-resnet20-digits, {accuracy:.2%} on digits' validation split)")
+
+
 # ----------------------------------------------------------------------------------------
 # the callback in a GAN fit
 class Scalars(Callback):

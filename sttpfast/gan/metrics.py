@@ -42,8 +42,8 @@ from torchvision.utils import save_image
 
 from sttpfast.atomic import write_file
 from sttpfast.callbacks._util import is_main_process, log_image, log_scalars, positive_steps, run_dir, unwrap_model
-from sttpfast.gan.extractor import (DEFAULT_ARCH, offline_extractor_name, register_offline_extractor,
-                                    train_offline_extractor)
+from sttpfast.gan.extractor import (DEFAULT_ARCH, offline_extractor_name, read_extractor_metadata,
+                                    register_offline_extractor, train_offline_extractor)
 
 __all__ = ["GANMetrics", "ImageSet", "fidelity_metrics", "inception_weights", "check_inception_state",
            "to_uint8_rgb", "METRICS",
@@ -242,13 +242,20 @@ class GANMetrics(Callback):
         base, _, std = metric.partition("_")
         return f"{base}_{name}" + (f"_{std}" if std else "")
 
-    def plan(self, n_reals: int) -> str:
-        """One line saying what each evaluation compares, given ``n_reals`` training images."""
+    def plan(self, n_reals: int, dataset: str) -> str:
+        """One line saying what each evaluation compares, given the run's ``n_reals`` training
+        images of ``dataset``; an extractor file of another dataset is named as such."""
         reals = min(self.samples, n_reals)
         short = (f" (all the training images: fewer than --metrics-samples {self.samples})"
                  if reals < self.samples else "")
         named = {"inception": "InceptionV3", "offline": "offline (an sttpfast classifier of the training data)"}
-        extractor = named.get(self.extractor, self.extractor)
+        extractor = named.get(self.extractor)
+        if extractor is None:  # an extractor file
+            meta = read_extractor_metadata(self.weights_path)
+            other = (f"; trained on {meta['dataset']}, not on this run's {dataset}"
+                     if meta["dataset"] != dataset else "")
+            extractor = (f"{self.extractor} ({meta['name']}, {meta['valid_accuracy']:.2%} on {meta['dataset']}' "
+                         f"validation split{other})")
         return (f"metrics: {', '.join(self.metrics)} every {self.every} G steps{' and at the end' * self.at_end}, "
                 f"{self.samples} generated images against {reals} real ones{short}, extractor {extractor}")
 

@@ -364,7 +364,7 @@ def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, s
     say(f"run {run_dir}: G {learn.g_param} Z = {learn.compression_g.z:.2f}%, "
         f"D {cfg['gan']['d_param']} Z = {learn.compression_d.z:.2f}%")
     if metrics is not None:
-        say(metrics.plan(len(learn.dls.train.dataset)))
+        say(metrics.plan(len(learn.dls.train.dataset), learn.dls.dataset_name))
     checkpointer.clock.start()
     signals.install()
     try:
