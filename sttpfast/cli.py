@@ -452,6 +452,8 @@ def _as_tuples(rank):
 @click.option("--epochs", type=int, default=1, show_default=True, help="phase 2's epochs")
 @click.option("--steps", type=int, default=None, help="phase 2's optimizer steps (instead of --epochs)")
 @click.option("--distill-steps", type=int, default=None, help="phase 1's steps per block (default one epoch)")
+@click.option("--bn-batches", type=int, default=20, show_default=True,
+              help="phase 0: training batches the BatchNorm statistics are re-estimated on (0: the teacher's)")
 @click.option("--lr", type=float, default=None, help="phase 2's peak learning rate (default the dense run's / 10)")
 @click.option("--unrepresentable", type=click.Choice(choices("param.unrepresentable")), default=None,
               help="layers the method cannot represent: leave dense (skip) or refuse (error)")
@@ -460,8 +462,8 @@ def _as_tuples(rank):
 @schema_option("exclude")
 @schema_option("keep_dense_if_no_gain")
 @user_errors
-def compress(run, param, rank, compression, plan, phases, epochs, steps, distill_steps, lr, unrepresentable, out,
-             include, exclude, keep_dense_if_no_gain):
+def compress(run, param, rank, compression, plan, phases, epochs, steps, distill_steps, bn_batches, lr,
+             unrepresentable, out, include, exclude, keep_dense_if_no_gain):
     """Compress a dense run: sttpfast compress RUN --param tt --compression 10 --phases 0,1,2 --epochs 3."""
     with interrupts_end_start_up():
         _import_training_modules()
@@ -478,7 +480,8 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
     result = compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases, epochs=epochs,
                           steps=steps, distill_steps=distill_steps, lr=lr, out=out, unrepresentable=unrepresentable,
                           include=list(include) or None, exclude=list(exclude) or None,
-                          keep_dense_if_no_gain=keep_dense_if_no_gain is not False, echo=click.echo)
+                          keep_dense_if_no_gain=keep_dense_if_no_gain is not False, bn_batches=bn_batches,
+                          echo=click.echo)
     phase_2 = result["phases"].get("2", {})
     _exit_if_the_loss_diverged({"nan_step": phase_2.get("nan_step"),
                                 "checkpoint": last_checkpoint(result["run_dir"])})

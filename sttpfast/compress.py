@@ -3,7 +3,9 @@
     sttpfast compress runs/dense_resnet20 --param tt --compression 10 --phases 0,1,2 --epochs 3
 
 * phase 0 decomposes the dense checkpoint: ``parameterize(..., init="spectral")`` turns every
-  trained weight into the method's factors (exact up to the truncation to the rank);
+  trained weight into the method's factors (exact up to the truncation to the rank), then
+  re-estimates the BatchNorm statistics behind the changed layers on a few training batches
+  (:func:`recalibrate_batchnorm`: the teacher's normalize activations of other scales);
 * phase 1 distils block by block: block ``i`` of the compressed student matches block ``i``
   of the dense teacher (the model's ``feature_chain()``) with MSE, blocks in order, the
   earlier blocks kept trainable (their outputs feed block ``i``);
@@ -35,7 +37,8 @@ from sttpfast.callbacks._util import unwrap_model
 from sttpfast.config import build_config, save_config
 from sttpfast.params.layers import parameterized_layers
 
-__all__ = ["PHASES", "parse_phases", "distillation_blocks", "block_mse", "distill_blocks", "compress_run", "LoadWeights"]
+__all__ = ["PHASES", "parse_phases", "distillation_blocks", "block_mse", "distill_blocks", "compress_run", "LoadWeights",
+           "recalibrate_batchnorm", "BN_BATCHES"]
 
 PHASES = (0, 1, 2)
 
@@ -112,9 +115,9 @@ def distill_blocks(student: nn.Module, teacher: nn.Module, loader, steps_per_blo
     and keep their own terms, so matching block ``i`` does not undo them; each term is
     relative to its target's power, so deep blocks' larger activations do not drown the
     early ones. Later blocks get
-    no gradient. Both networks run in eval mode: the student's normalization layers use the
-    running statistics it inherited from the teacher (their affine parameters still train),
-    so the targets and the student's outputs are computed the same way.
+    no gradient. Both networks run in eval mode: the student's normalization layers use their
+    running statistics (the teacher's, or those phase 0 re-estimated; their affine parameters
+    still train), so the targets and the student's outputs are computed the same way.
 
     The leading blocks with no parameterized layer (a stem left dense) are the teacher's own,
     exactly: they are not distilled and stay frozen, since training them while later blocks
@@ -154,6 +157,58 @@ def _exact_prefix(blocks: list[tuple[str, nn.Module]]) -> int:
         if next(parameterized_layers(block), None) is not None:
             return i
     return len(blocks)
+
+
+#: training batches phase 0 re-estimates the student's normalization statistics on
+BN_BATCHES = 20
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader, batches: int = BN_BATCHES) -> int:
+    """Re-estimate the running mean and variance of ``model``'s BatchNorm layers that run after
+    its first parameterized layer, on the first ``batches`` batches ``(x, y)`` of ``loader``;
+    returns how many layers were re-estimated.
+
+    A decomposed layer changes the scale of what follows it, and the statistics the student
+    inherited from the teacher then normalize the wrong activations. Each batch counts the same
+    (the plain average of the batch means and unbiased variances, not momentum's running
+    average). Only the re-estimated norms run in training mode (dropout and the rest stay in
+    eval mode, as at inference); norms that run before any parameterized layer see the
+    teacher's inputs and keep the teacher's statistics. The model ends in eval mode with its
+    norms' momentum as it was.
+    """
+    norms = {id(m): m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+    layers = {id(m) for _, m, _ in parameterized_layers(model)}
+    if batches < 1 or not norms or not layers:
+        return 0
+    chosen, seen_layer, momenta = {}, [False], {}
+
+    def before(module, args):
+        if id(module) in layers:
+            seen_layer[0] = True
+        elif id(module) not in chosen:  # a norm's first call decides: after a changed layer or not
+            chosen[id(module)] = seen_layer[0]
+            if seen_layer[0]:
+                momenta[id(module)] = module.momentum
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average
+        module.train(chosen.get(id(module), False) and id(module) in norms)
+
+    targets = [m for m in model.modules() if id(m) in norms or id(m) in layers]
+    hooks = [m.register_forward_pre_hook(before) for m in targets]
+    model.eval()
+    try:
+        for _, (x, _) in zip(range(batches), loader):
+            seen_layer[0] = False
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for key, momentum in momenta.items():
+            norms[key].momentum = momentum
+        model.eval()
+    return len(momenta)
 
 
 @torch.no_grad()
@@ -260,7 +315,8 @@ class LoadWeights(Callback):
 def compress_run(run_dir, param: str, rank=None, compression: float | None = None, plan: str | None = None,
                  phases="0,1,2", epochs: int = 1, steps: int | None = None, distill_steps: int | None = None,
                  lr: float | None = None, distill_lr: float = 1e-3, out=None, unrepresentable: str | None = None,
-                 include=None, exclude=None, keep_dense_if_no_gain: bool = True, echo=print) -> dict:
+                 include=None, exclude=None, keep_dense_if_no_gain: bool = True, bn_batches: int = BN_BATCHES,
+                 echo=print) -> dict:
     """Run the phases on the dense run ``run_dir``; returns the report (also ``compress_report.json``).
 
     Args:
@@ -272,6 +328,8 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         distill_steps: phase 1's Adam steps per block (default: one pass over the training data).
         lr: phase 2's peak learning rate (default: the dense run's / 10); distill_lr: phase 1's.
         out: the output run folder (default ``RUN-PARAM`` next to ``run_dir``, numbered if taken).
+        bn_batches: training batches phase 0 re-estimates the student's BatchNorm statistics on
+            (:func:`recalibrate_batchnorm`); 0 keeps the teacher's.
     Every check (run folder, dense checkpoint, phases, rank) comes before anything is written.
     """
     from sttpfast.config import coerce
@@ -290,6 +348,8 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     lr = None if lr is None else coerce("optim.lr", lr)  # phase 2's: the checks of `train`
     steps = None if steps is None else coerce("optim.steps", steps)
     _check_phase_1(distill_steps, distill_lr)
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+        raise ValueError(f"--bn-batches must be an integer >= 0 (0 keeps the teacher's statistics), got {bn_batches!r}")
     out = Path(out).expanduser() if out is not None else run_dir.parent / f"{run_dir.name}-{param}"
     check_output({"train": {"out": str(out.parent), "name": out.name}})  # before any work, not after
     teacher, cfg = _dense_teacher(run_dir)
@@ -319,9 +379,14 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
               "phases": {}}
     echo(f"dense: accuracy {result['dense']['accuracy']:.4f}")
     z = round(report.z, 4)
-    result["phases"]["0"] = {"accuracy": _accuracy(student, dls.valid), "z_percent": z,
+    inherited = _accuracy(student, dls.valid)
+    used = min(bn_batches, len(dls.train)) if recalibrate_batchnorm(student, dls.train, bn_batches) else 0
+    result["phases"]["0"] = {"accuracy": _accuracy(student, dls.valid) if used else inherited,
+                             "accuracy_teacher_statistics": inherited, "bn_batches": used, "z_percent": z,
                              "left_dense": [row["layer"] for row in report.left_dense]}
-    echo(f"phase 0 (decomposed, {report.summary()}): accuracy {result['phases']['0']['accuracy']:.4f}")
+    how = (f" (BatchNorm statistics re-estimated on {used} training batches), with the teacher's normalization "
+           f"statistics {inherited:.4f}" if used else "")
+    echo(f"phase 0 (decomposed, {report.summary()}): accuracy {result['phases']['0']['accuracy']:.4f}{how}")
     if 1 in phases:
         before = block_mse(student, teacher, dls.valid)
         distill_blocks(student, teacher, dls.train, distill_steps or len(dls.train), distill_lr, echo)

@@ -259,3 +259,71 @@ def test_include_and_exclude_select_the_layers_so_a_tuple_rank_works(dense_run, 
     ranks = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["param"]["layer_ranks"]
     assert sorted(ranks) == sorted(f"blocks.{b}.conv{c}" for b in range(1, 9) for c in (1, 2))
     assert set(map(tuple, ranks.values())) == {(2, 3, 2)}
+
+
+def test_recalibrated_batchnorm_holds_the_average_of_the_batches_statistics():
+    from sttpfast.compress import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3),
+                                torch.nn.Dropout(0.5), torch.nn.Conv2d(3, 2, 1), torch.nn.BatchNorm2d(2))
+    parameterize(model, "lowrank", rank=1, include=["1"])
+    kept = {k: v.clone() for k, v in model[0].state_dict().items()}
+    batches = [(torch.randn(4, 2, 6, 6) * (i + 1), torch.zeros(4)) for i in range(3)]
+    model.eval()
+    with torch.no_grad():
+        first_out = [model[1](model[0](x)) for x, _ in batches]
+        assert recalibrate_batchnorm(model, batches + [(torch.randn(4, 2, 6, 6) * 100, None)], batches=3) == 2
+    # every batch counts the same (not the running average of momentum 0.1)
+    assert torch.allclose(model[2].running_mean, torch.stack([h.mean((0, 2, 3)) for h in first_out]).mean(0),
+                          rtol=1e-5, atol=1e-6)
+    assert torch.allclose(model[2].running_var,
+                          torch.stack([h.var((0, 2, 3), unbiased=True) for h in first_out]).mean(0),
+                          rtol=1e-5, atol=1e-6)
+    assert int(model[2].num_batches_tracked) == 3 and model[2].momentum == 0.1
+    # the norm before the first parameterized layer sees the teacher's inputs: kept as it was
+    assert all(torch.equal(v, kept[k]) for k, v in model[0].state_dict().items())
+    # the dropout stayed in eval mode: the last norm saw what the eval-mode network feeds it
+    assert not model.training and not any(m.training for m in model)
+    with torch.no_grad():
+        last_in = [model[4](model[3](model[2](h))) for h in first_out]
+    assert torch.allclose(model[5].running_mean, torch.stack([h.mean((0, 2, 3)) for h in last_in]).mean(0),
+                          rtol=1e-5, atol=1e-6)
+
+
+def test_phase_0_recalibrates_the_students_batchnorm_and_reports_both_accuracies(dense_run, tmp_path):
+    # the decomposed student kept the teacher's normalization statistics: phase 0 was at chance
+    # for every method in README's benchmark (its activations have other scales)
+    from sttpfast.compress import compress_run
+
+    report = compress_run(dense_run, "tucker", compression=20, phases="0", out=tmp_path / "c", echo=lambda *a: None)
+    phase = report["phases"]["0"]
+    assert phase["bn_batches"] == 4  # 256 digits in batches of 64: all 4 of the training loader
+    assert 0 <= phase["accuracy_teacher_statistics"] <= 1 and 0 <= phase["accuracy"] <= 1
+    teacher = sttpfast.load_parameterized(dense_run / "checkpoints" / "last" / "model.safetensors")
+    student = sttpfast.load_parameterized(tmp_path / "c" / "checkpoints" / "last" / "model.safetensors")
+    name = "blocks.0.bn1.running_mean"
+    assert not torch.equal(student.state_dict()[name], teacher.state_dict()[name])
+
+    kept = compress_run(dense_run, "tucker", compression=20, phases="0", bn_batches=0, out=tmp_path / "k",
+                        echo=lambda *a: None)
+    assert kept["phases"]["0"]["bn_batches"] == 0
+    assert kept["phases"]["0"]["accuracy"] == kept["phases"]["0"]["accuracy_teacher_statistics"] == \
+        phase["accuracy_teacher_statistics"]
+    student = sttpfast.load_parameterized(tmp_path / "k" / "checkpoints" / "last" / "model.safetensors")
+    assert torch.equal(student.state_dict()[name], teacher.state_dict()[name])
+
+
+def test_bn_batches_on_the_command_line(dense_run, tmp_path):
+    result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0", "--bn-batches", "2",
+                  "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("phase 0 "))
+    assert line.split("): ")[1].startswith("accuracy ") and ", with the teacher's normalization statistics " in line
+    assert " (BatchNorm statistics re-estimated on 2 training batches)" in line
+    report = json.loads((tmp_path / "c" / "compress_report.json").read_text())
+    assert report["phases"]["0"]["bn_batches"] == 2
+    bad = _cli(dense_run, "--param", "tucker", "--compression", "20", "--bn-batches", "-1", "--out", tmp_path / "d")
+    _one_error_line(bad, "Error: --bn-batches must be an integer >= 0 (0 keeps the teacher's statistics), got -1",
+                    tmp_path)
+    assert not (tmp_path / "d").exists()
