@@ -300,3 +300,32 @@ def test_the_path_choice_follows_mode_shape_and_training_after_it_is_remembered(
             assert (len(calls) > before) is uses_factorized_path(layer, x)
     sttpfast.densify(model)
     assert model(big).shape == (2, 64, 16, 16)
+
+
+@pytest.mark.parametrize("param", ["svdp-r", "sttp-r", "cp", "tucker"])
+@pytest.mark.parametrize("make", [
+    lambda: timm.layers.StdConv2d(8, 16, 3, padding=1),  # weight standardization in its forward
+    lambda: timm.layers.Conv2dSame(8, 16, 3, stride=2),  # "same" padding worked out per input
+], ids=["StdConv2d", "Conv2dSame"])
+def test_a_layer_class_with_its_own_forward_keeps_it(param, make):
+    # the factorized path ran F.conv2d on the factors and skipped the subclass's forward:
+    # resnetv2_50x1_bit differed from its own densify() by 1.87 (relative), Conv2dSame gave
+    # 15x15 maps instead of 16x16
+    torch.manual_seed(0)
+    layer = make().double()
+    x = torch.randn(2, 8, 31, 31, dtype=torch.float64)
+    sttpfast.parameterize(nn.Sequential(layer), param, rank=4, init="spectral", keep_dense_if_no_gain=False)
+    assert not isinstance(layer.__dict__.get("forward"), ChoosingForward)
+    parametrization_of(layer).forward_mode = "factorized"  # no effect: the class's forward runs
+    with torch.no_grad():
+        expected = sttpfast.densify(nn.Sequential(layer))[0](x)
+        out = layer(x)
+    assert out.shape == expected.shape and torch.allclose(out, expected, rtol=RTOL, atol=1e-12)
+
+
+def test_a_factorized_layer_takes_its_input_by_keyword():
+    # ChoosingForward.__call__ took `x`: layer(input=x), as nn.Conv2d's forward names it, failed
+    layer = nn.Conv2d(12, 10, 3)
+    sttpfast.parameterize(nn.Sequential(layer), "svdp-r", rank=2)
+    x = torch.randn(2, 12, 8, 8)
+    assert torch.equal(layer(input=x), layer(x))

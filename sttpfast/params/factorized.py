@@ -37,7 +37,8 @@ that costs at most :data:`MEMORY_SLACK` of the layer's input and output activati
 (``P_in C_in + P_out C_out``) more: measured on wrn16_4 (bs 128, rank 32), the intermediate
 activations of the wide 32x32 stage alone raised a training step's peak to 1.11x dense.
 ``forward_mode = "factorized"`` / ``"materialized"`` forces a path. Grouped
-convs, non-zero padding modes and transposed convs always run materialized. Under
+convs, non-zero padding modes, transposed convs and subclasses with a forward of their own
+(timm's ``StdConv2d``, ``Conv2dSame``) always run materialized. Under
 ``parametrize.cached()`` (validation) both forms are built once per pass (torch caches the
 kernel; SVDP / STTP keep their factors beside it, :meth:`~sttpfast.params.chain.SpectralChain._built`),
 so a call costs its convolutions only and auto mode compares those, without the builds
@@ -64,10 +65,26 @@ MEMORY_SLACK = 0.1
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+#: the classes whose forward the factorized path reproduces, with the methods it stands in for
+_BASE_FORWARDS = {nn.Linear: ("forward",), nn.Conv1d: ("forward", "_conv_forward"),
+                  nn.Conv2d: ("forward", "_conv_forward"), nn.Conv3d: ("forward", "_conv_forward")}
+
+
+def _runs_the_base_forward(module: nn.Module) -> bool:
+    """Whether ``module`` is a Linear / Conv1d/2d/3d whose class keeps torch's own forward: a
+    subclass with its own (timm's ``StdConv2d`` standardizes the weight, ``Conv2dSame`` pads
+    per input) must run it, which the factorized path would skip."""
+    cls = parametrize.type_before_parametrizations(module)
+    for base, methods in _BASE_FORWARDS.items():
+        if issubclass(cls, base):
+            return all(getattr(cls, name) is getattr(base, name) for name in methods)
+    return False
+
+
 def install_factorized_forward(module: nn.Module) -> None:
-    """Give a Conv1d/2d/3d or Linear layer the path-choosing forward (others are left alone)."""
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and not isinstance(
-            module, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    """Give a Conv1d/2d/3d or Linear layer the path-choosing forward; others, and subclasses
+    with a forward of their own, are left alone (they run materialized)."""
+    if _runs_the_base_forward(module):
         module.forward = ChoosingForward(module)
 
 
@@ -151,8 +168,8 @@ class ChoosingForward:
         self._choices: dict = {}
         self._of = None
 
-    def __call__(self, x: Tensor) -> Tensor:
-        layer = self.layer
+    def __call__(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name: layer(input=x) works)
+        x, layer = input, self.layer
         p = parametrization_of(layer)
         if p is not self._of:
             self._choices, self._of = {}, p
