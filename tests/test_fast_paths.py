@@ -353,3 +353,31 @@ def test_resnet20_sttp_r32_frames_square_cores_wy_calls_and_empty_factors():
     factors = [t for _, m, _ in parameterized_layers(model) for t in factors_of(m)]
     assert (sum(1 for t in factors if t.numel() == 0), len(factors)) == (152, 299)
     assert all(not isinstance(t, nn.Parameter) for t in factors if t.numel() == 0)
+
+
+class _FrozenFeatures(nn.Module):
+    """A frozen part of the forward under no_grad, then a trained head (a user's pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = self.feat(x)
+        return self.head(h)
+
+
+def test_a_layer_asking_with_grad_after_a_no_grad_build_gets_gradients():
+    # the pass's batched build ran at the first request, under no_grad, and the head reused it:
+    # its factors got no gradient and never trained, without a word
+    grads = []
+    for bank in (True, False):
+        torch.manual_seed(0)
+        model = _FrozenFeatures().double()
+        sttpfast.parameterize(model, "svdp-r", rank=3, frame_bank=bank)
+        model(torch.randn(4, 6, dtype=torch.float64)).square().sum().backward()
+        grads.append([p.grad for p in factors_of(model.head) if p.requires_grad])
+    assert len(grads[0]) == 4 and all(g is not None for g in grads[0])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

@@ -33,7 +33,9 @@ gets a :class:`_Scope`: forward pre/post hooks that open and close a pass over t
 under that module. The outermost scope whose forward is running builds the weights of its
 own layers only, on first use; nested scopes join its pass; ``always_call`` post hooks
 close it even when forward raises. So a forward of the whole model, of one block, or of
-the model under a DDP / accelerate wrapper (which calls the model's forward) is batched,
+the model under a DDP / accelerate wrapper (which calls the model's forward) is batched;
+a layer that asks with autograd on for a build made under ``no_grad`` earlier in the pass (a
+frozen part of the forward) gets a new build of the same members, so it still trains;
 and a layer called outside any scope (or outside a forward: a callback reading one
 layer's weight) joins a *loose pass* (below), never a stale one.
 
@@ -220,7 +222,15 @@ class FrameBank:
                     record_function("sttpfast.weight_build"):
                 build = build_weights(members, self._plans)
             self._weights.update(dict.fromkeys(build.ids, build))
-        return self._weights.get(key)
+        build = self._weights.get(key)
+        if build is not None and torch.is_grad_enabled() and not build.grad_enabled:
+            # built under no_grad earlier in this pass (a frozen part of the forward): a layer
+            # asking with autograd on gets the same members' build again, with gradients
+            members = [self._member_of[i] for i in build.ids]
+            with frame_precision(factors_of(members[0][0])[0]), record_function("sttpfast.weight_build"):
+                build = build_weights(members, self._plans)
+            self._weights.update(dict.fromkeys(build.ids, build))
+        return build
 
     def _loose_weight(self, parametrization: nn.Module) -> "BatchedBuild | None":
         """The loose pass's build (module docstring) for ``parametrization``'s one hand-out,
@@ -370,6 +380,8 @@ class BatchedBuild:
             if plans is not None:
                 plans[key] = plan
         self.device = flats[0][0].device
+        #: whether the frames carry gradients (built with autograd recording)
+        self.grad_enabled = torch.is_grad_enabled()
         #: called on every tensor handed out (the loose pass watches their backward)
         self.on_hand_out = None
         frames = _batched_frames(plan, flats)
