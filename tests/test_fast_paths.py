@@ -6,6 +6,7 @@ The reference here is written out independently of the library's fast code: fram
 ``r`` sequential Householder reflections, the cores reshaped to ``(R_{k-1}, n_k, R_k)``
 and the whole chain contracted with one ``torch.einsum`` per side, then ``U diag(g s) V^T``.
 """
+import copy
 import string
 
 import pytest
@@ -15,6 +16,7 @@ from torch import nn
 import sttpfast
 from sttpfast.linalg.householder import sequential_householder_frame
 from sttpfast.params.chain import ChainLayout, build_flops, contraction_plan, segment_plan
+from sttpfast.params.frame_bank import detach_frame_bank
 from sttpfast.params.layers import factors_of, parameterized_layers
 
 RTOL = 1e-10
@@ -381,3 +383,18 @@ def test_a_layer_asking_with_grad_after_a_no_grad_build_gets_gradients():
         grads.append([p.grad for p in factors_of(model.head) if p.requires_grad])
     assert len(grads[0]) == 4 and all(g is not None for g in grads[0])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_a_weight_read_after_a_data_update_is_not_stale():
+    # fastai's optimizers step with p.data.add_, which leaves the version counter alone: a
+    # callback reading a layer's weight after the step got the build from before it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    sttpfast.parameterize(model, "svdp-r", rank=4, init="spectral")
+    reference = copy.deepcopy(model)
+    detach_frame_bank(reference)
+    with torch.no_grad():
+        _ = model[0].weight  # opens a loose pass holding every layer's weight
+        for m in (model, reference):
+            factors_of(m[2])[1].data.add_(0.3)
+        assert torch.allclose(model[2].weight, reference[2].weight, rtol=1e-10, atol=1e-12)

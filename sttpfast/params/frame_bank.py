@@ -140,7 +140,7 @@ class FrameBank:
         self._weights: dict[int, BatchedBuild] | None = None  # the scoped pass's builds, by layer
         self._said_sharded = False  # the FSDP2 note is logged once per bank
         self._loose: dict[int, BatchedBuild] = {}  # the loose pass: layers not handed out yet
-        self._loose_state: tuple = ()  # (grad mode, {id: factor versions}, [spent]) of its build
+        self._loose_state: tuple = ()  # (grad mode, {id: factor snapshots}, [spent]) of its build
         self._plans: dict = {}  # BuildPlan per member list (ids), reused while it matches
 
     def __getstate__(self):
@@ -252,12 +252,12 @@ class FrameBank:
                     tensor.grad_fn.register_hook(lambda *_: spent.__setitem__(0, True))
             build.on_hand_out = watch
             self._loose = dict.fromkeys(build.ids, build)
-            self._loose_state = (torch.is_grad_enabled(), {id(p): _versions(m, p) for m, p in members}, spent)
+            self._loose_state = (torch.is_grad_enabled(), {id(p): _snapshot(m, p) for m, p in members}, spent)
         return self._loose.pop(key)  # handed out once: a second use opens a new pass
 
     def _loose_fresh(self, key: int) -> bool:
-        grad_mode, versions, spent = self._loose_state
-        return grad_mode == torch.is_grad_enabled() and not spent[0] and versions[key] == _versions(*self._member_of[key])
+        grad_mode, snapshots, spent = self._loose_state
+        return grad_mode == torch.is_grad_enabled() and not spent[0] and _unchanged(snapshots[key], self._member_of[key])
 
     def _say_sharded(self, n_sharded: int, n_members: int) -> None:
         if self._said_sharded:
@@ -286,11 +286,23 @@ def _sharded_members(members: list[tuple[nn.Module, nn.Module]]) -> set[int]:
     return {id(p) for layer, p in members if isinstance(_first_factor(layer), dtensor.DTensor)}
 
 
-def _versions(layer: nn.Module, parametrization: nn.Module) -> tuple:
-    """What the layer's weight depends on, as (tensor id, in-place version) pairs: a change
-    means a step or a load happened since."""
-    tensors = list(factors_of(layer)) + [parametrization.gain]
-    return tuple((id(t), t._version) for t in tensors)
+def _weight_inputs(layer: nn.Module, parametrization: nn.Module) -> list[Tensor]:
+    """The tensors the layer's weight is built from: its factors and gain."""
+    return list(factors_of(layer)) + [parametrization.gain]
+
+
+def _snapshot(layer: nn.Module, parametrization: nn.Module) -> tuple:
+    """The layer's weight inputs as ``(tensor, copy of its values)`` pairs at a build."""
+    return tuple((t, t.detach().clone()) for t in _weight_inputs(layer, parametrization))
+
+
+def _unchanged(snapshot: tuple, member: tuple[nn.Module, nn.Module]) -> bool:
+    """Whether the layer's weight inputs are the tensors and values of ``snapshot``. Values,
+    not version counters: an update through ``.data`` (fastai's optimizers step so) leaves
+    the counter alone. The copies cost the size of the factors, a fraction of the weights."""
+    current = _weight_inputs(*member)
+    return len(current) == len(snapshot) and all(
+        t is old and torch.equal(t.detach(), values) for t, (old, values) in zip(current, snapshot))
 
 
 def _first_factor(layer: nn.Module) -> Tensor | None:
