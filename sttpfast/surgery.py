@@ -267,6 +267,8 @@ def _check_target(param: str, compression) -> float:
 
 
 def _check_compression(compression) -> float:
+    if isinstance(compression, bool):  # True == 1: it would run at Z 1%
+        raise ValueError(f"compression must be a number in (0, 100] (percent), got {compression!r}")
     try:
         value = float(compression)
     except (TypeError, ValueError):
@@ -427,6 +429,23 @@ def _screen_representable(param: str, layers, policy: str):
     return keep, skipped
 
 
+def _layer_ranks_by_name(ranks: Mapping, names: list[str]) -> dict:
+    """``{layer name: rank}`` for the layers ``names`` a per-layer mapping selected; its keys are
+    layer names or fnmatch patterns. A layer's own name wins over patterns; a layer that two
+    patterns match is refused (which rank was meant is not clear)."""
+    out = {}
+    for name in names:
+        if name in ranks:
+            out[name] = ranks[name]
+            continue
+        hits = [key for key in ranks if fnmatch.fnmatchcase(name, key)]
+        if len(hits) > 1:
+            raise ValueError(f"layer {name!r} matches two patterns of the per-layer rank mapping, "
+                             f"{hits[0]!r} and {hits[1]!r}: give it its own entry")
+        out[name] = ranks[hits[0]]  # selected through one of the keys
+    return out
+
+
 def _normalize_layer_ranks(entry, ranks, layers) -> None:
     """Check a rank against every layer it goes to (tuple lengths, caps): one ValueError
     naming the first layer it does not fit."""
@@ -493,7 +512,8 @@ def parameterize(
             ``dense``...; ``svdp`` and ``sttp`` mean the ``-l`` forms).
         rank: the method's rank shared by all layers (capped per layer by its shape): an
             int, a tuple for the tensor formats (TT / TR bonds, Tucker ``(R_out, R_in)``, an HT
-            tree), or a mapping ``{layer name: rank}`` (a per-layer plan; those layers only).
+            tree), or a mapping ``{layer name or fnmatch pattern: rank}`` (a per-layer plan; those
+            layers only; a layer's own name wins over patterns, two patterns on one layer are refused).
             None means full rank.
         compression: instead of ``rank``, a target ``Z`` in percent; with ``plan="shared"``
             (the default) the global int rank whose ``Z`` is closest, with ``plan="energy"``
@@ -556,6 +576,8 @@ def parameterize(
     else:
         rank = entry.normalize_rank(tuple(rank) if isinstance(rank, list) else rank)
     layers = _select(model, include, exclude)
+    if per_layer:
+        rank = _layer_ranks_by_name(rank, [name for name, _ in layers])
     for name, module in layers:
         if 0 in module.weight.shape:
             raise ValueError(f"layer {name!r} has a zero-size weight {tuple(module.weight.shape)}; "

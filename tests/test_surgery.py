@@ -427,3 +427,35 @@ def test_a_per_layer_plan_shows_the_rank_each_layer_runs_at():
     report = parameterize(model, "lowrank", rank={"0": 8, "2": 3})
     assert [(row["layer"], row["rank"], row["params"]) for row in report.plan] == [("0", 4, 4 * 4 + 4 * 9),
                                                                                   ("2", 3, 3 * 10 + 3 * 144)]
+
+
+def _rank_of_layers(model):
+    return {name: p.rank for name, _, p in parameterized_layers(model)}
+
+
+def test_a_per_layer_rank_mapping_takes_patterns_and_exact_names_win():
+    # a pattern key was taken as an include pattern, then looked up by layer name: a bare
+    # KeyError('blocks.0.conv1')
+    from sttpfast.models import create_model
+
+    model = create_model("resnet20_cifar", num_classes=10, in_chans=1)
+    parameterize(model, "svdp", rank={"blocks.*.conv1": 4, "blocks.0.conv1": 2, "blocks.1.conv2": 3})
+    ranks = _rank_of_layers(model)
+    assert ranks["blocks.0.conv1"] == 2 and ranks["blocks.5.conv1"] == 4 and ranks["blocks.1.conv2"] == 3
+    assert "blocks.0.conv2" not in ranks and len(ranks) == 10
+    with pytest.raises(ValueError, match=r"^layer 'blocks.1.conv1' matches two patterns of the per-layer rank "
+                                         r"mapping, 'blocks.\*.conv1' and 'blocks.1.\*': give it its own entry$"):
+        parameterize(create_model("resnet20_cifar", num_classes=10, in_chans=1), "svdp",
+                     rank={"blocks.*.conv1": 4, "blocks.1.*": 3})
+
+
+def test_a_numpy_integer_rank_is_a_rank_and_a_boolean_compression_is_refused():
+    # rank=np.int64(4) (from a numpy sweep) was refused as "not a positive integer", and
+    # compression=True ran at Z 1% (True == 1)
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6))
+    assert parameterize(model, "svdp-r", rank=np.int64(4)).rank == 4
+    assert {p.rank for _, _, p in parameterized_layers(model)} == {4}
+    with pytest.raises(ValueError, match=r"^compression must be a number in \(0, 100\] \(percent\), got True$"):
+        parameterize(nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6)), "svdp-r", compression=True)

@@ -17,6 +17,8 @@ A parametrization module on a layer is matched to its method by the attribute
 """
 from __future__ import annotations
 
+import numbers
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -72,7 +74,9 @@ class Method:
     # -- rank, an opaque per-method hyper-parameter ----------------------------------------
     def normalize_rank(self, rank):
         """``rank`` in the method's canonical form (None: full rank / no rank), or a ValueError
-        naming the method and the form it expects. Here: None or a positive int."""
+        naming the method and the form it expects. Here: None or a positive int (numpy's too)."""
+        if isinstance(rank, numbers.Integral) and not isinstance(rank, bool):
+            rank = int(rank)
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
             raise ValueError(f"{self.name}: rank must be a positive integer, got {rank!r}")
         return rank
