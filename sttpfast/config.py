@@ -383,6 +383,12 @@ def coerce(key: str, value):
         raise ConfigError(f"config {key} = {value!r}: expected {_describe(s.type)}")
     if s.check is not None and not s.check(value):
         raise ConfigError(f"config {key} = {value!r}: expected {s.what}")
+    if isinstance(value, dict):
+        glued = [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k]
+        if glued:
+            name, _, rest = glued[0].partition(":")
+            raise ConfigError(f"config {key} = {value!r}: {glued[0]!r} is a key without a value; YAML needs a "
+                              f"space after the colon: {{{name}: {rest}}}")
     return value
 
 

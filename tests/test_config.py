@@ -58,6 +58,11 @@ def test_unknown_key_suggests_the_closest(tmp_path):
     ("param.include=[1, 2]", "config param.include = [1, 2]: expected a list of strings"),
     ("optim.lr.x=1", "unknown config key 'optim.lr.x' in --set; did you mean 'optim.lr'?"),
     ("param.name=sttpx", "config param.name: unknown parameterization 'sttpx'; allowed: "),
+    # YAML reads {depth:2} as the key 'depth:2' without a value: the model was built with its
+    # defaults, without a word
+    ("model.kwargs={depth:2,embed_dim:24}", "config model.kwargs = {'depth:2': None, 'embed_dim:24': None}: "
+                                            "'depth:2' is a key without a value; YAML needs a space after the "
+                                            "colon: {depth: 2}"),
 ])
 def test_bad_values(pair, message):
     with pytest.raises(ConfigError) as err:
