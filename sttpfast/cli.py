@@ -21,7 +21,8 @@ import warnings
 
 import click
 
-from sttpfast.config import CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, build_config, choices, type_members
+from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, build_config, check_sections_read, choices,
+                             type_members)
 from sttpfast.processes import is_main_rank
 
 __all__ = ["main", "CLIError"]
@@ -346,6 +347,7 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
     else:
         with interrupts_end_start_up():
             config, sources = build_config(cfg, overrides, explicit)
+            check_sections_read(sources, "train")
             _import_training_modules()
         if frobenius_decay is not None:
             _check_frobenius_decay_applies(config["param"]["name"])
@@ -415,7 +417,8 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
         summary = run_gan(resume=resume, echo=click.echo, steps=steps)
     else:
         with interrupts_end_start_up():
-            config, _ = build_config(cfg, overrides, explicit)
+            config, sources = build_config(cfg, overrides, explicit)
+            check_sections_read(sources, "gan")
             _import_training_modules()
             import sttpfast.gan.run  # noqa: F401
         from sttpfast.gan.run import run_gan

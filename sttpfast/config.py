@@ -593,6 +593,33 @@ def build_config(files=(), overrides=(), cli: dict | None = None) -> tuple[dict,
     return cfg, sources
 
 
+#: the sections only one command reads (both read data, log and train)
+COMMAND_SECTIONS = {"train": ("model", "param", "optim", "reg"), "gan": ("gan",)}
+
+
+def check_sections_read(sources: dict, command: str) -> None:
+    """Refuse settings that ``command`` (``train`` or ``gan``) would ignore: a GAN config given
+    to ``train`` trained a dense classifier without a word. ConfigError naming where they
+    were set (the first file or flag that set any) and the command that reads them."""
+    other = "gan" if command == "train" else "train"
+    foreign = sorted(key for key, where in sources.items()
+                     if key.split(".")[0] in COMMAND_SECTIONS[other] and where != "default")
+    if not foreign:
+        return
+    where = sources[foreign[0]]
+    keys = [key for key in foreign if sources[key] == where]
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+    if more and command == "train":  # all of them from the one gan section
+        more += f" (the {len(keys)} of its gan section)"
+    listed = ", ".join(keys[:3]) + more
+    fix = (f"run it with sttpfast {other} --cfg {where}" if where not in ("the command line", "--set")
+           else "leave them out")
+    if command == "train":
+        raise ConfigError(f"{where} sets {listed}, GAN settings that sttpfast train does not read: {fix}")
+    raise ConfigError(f"{where} sets {listed}, which sttpfast gan does not read (the GAN's networks and optimizers "
+                      f"are under gan.*): {fix}")
+
+
 def save_config(cfg: dict, path: str | Path) -> Path:
     """Write ``cfg`` as YAML that :func:`build_config` reads back to the same config."""
     from sttpfast.params import BASELINES, resolve_param

@@ -302,3 +302,27 @@ def test_a_resume_given_a_relative_path_writes_absolute_paths_like_a_fresh_run(t
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert (resumed["run_dir"], summary["run_dir"]) == (str(tmp_path / "r"),) * 2
     assert summary["checkpoint"] == str(tmp_path / "r" / "checkpoints" / "last")
+
+
+def test_a_gan_config_given_to_train_is_refused_naming_the_gan_command(tmp_path):
+    # its gan section was ignored and a dense resnet20 classifier trained, exit 0
+    config = ROOT / "configs/aistats21/table1_gan_reduced_discriminator/cifar10_sttp_c.yml"
+    result = cli("--cfg", config, "--steps", "1", "--out", tmp_path / "runs")
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        f"Error: {config} sets gan.beta1, gan.beta2, gan.bs and 15 more (the 18 of its gan section), GAN settings that sttpfast train does not "
+        f"read: run it with sttpfast gan --cfg {config}"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_classification_config_given_to_gan_is_refused(tmp_path):
+    config = ROOT / "configs/aistats21/figure7_classification/sttp_r32.yml"
+    result = CliRunner().invoke(main, ["gan", "digits", "--cfg", str(config), "--steps", "1",
+                                       "--out", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.splitlines()) == 1 and result.output.startswith(
+        f"Error: {config} sets ")
+    assert result.output.rstrip().endswith(
+        "which sttpfast gan does not read (the GAN's networks and optimizers are under gan.*): "
+        f"run it with sttpfast train --cfg {config}")
+    assert not (tmp_path / "runs").exists()
