@@ -347,7 +347,7 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
     else:
         with interrupts_end_start_up():
             config, sources = build_config(cfg, overrides, explicit)
-            check_sections_read(sources, "train")
+            check_sections_read(config, sources, "train")
             _import_training_modules()
         if frobenius_decay is not None:
             _check_frobenius_decay_applies(config["param"]["name"])
@@ -418,7 +418,7 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
     else:
         with interrupts_end_start_up():
             config, sources = build_config(cfg, overrides, explicit)
-            check_sections_read(sources, "gan")
+            check_sections_read(config, sources, "gan")
             _import_training_modules()
             import sttpfast.gan.run  # noqa: F401
         from sttpfast.gan.run import run_gan

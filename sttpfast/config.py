@@ -597,21 +597,21 @@ def build_config(files=(), overrides=(), cli: dict | None = None) -> tuple[dict,
 COMMAND_SECTIONS = {"train": ("model", "param", "optim", "reg"), "gan": ("gan",)}
 
 
-def check_sections_read(sources: dict, command: str) -> None:
+def check_sections_read(cfg: dict, sources: dict, command: str) -> None:
     """Refuse settings that ``command`` (``train`` or ``gan``) would ignore: a GAN config given
-    to ``train`` trained a dense classifier without a word. ConfigError naming where they
-    were set (the first file or flag that set any) and the command that reads them."""
+    to ``train`` trained a dense classifier without a word. Only values other than the
+    defaults count (a run's own config.yaml holds every section). ConfigError naming where
+    they were set (the first file or flag that set any) and the command that reads them."""
     other = "gan" if command == "train" else "train"
+    flat, defaults = flatten(cfg), flatten(DEFAULTS)
     foreign = sorted(key for key, where in sources.items()
-                     if key.split(".")[0] in COMMAND_SECTIONS[other] and where != "default")
+                     if key.split(".")[0] in COMMAND_SECTIONS[other] and where != "default"
+                     and flat.get(key) != defaults.get(key))
     if not foreign:
         return
     where = sources[foreign[0]]
     keys = [key for key in foreign if sources[key] == where]
-    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-    if more and command == "train":  # all of them from the one gan section
-        more += f" (the {len(keys)} of its gan section)"
-    listed = ", ".join(keys[:3]) + more
+    listed = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
     fix = (f"run it with sttpfast {other} --cfg {where}" if where not in ("the command line", "--set")
            else "leave them out")
     if command == "train":

@@ -310,9 +310,19 @@ def test_a_gan_config_given_to_train_is_refused_naming_the_gan_command(tmp_path)
     result = cli("--cfg", config, "--steps", "1", "--out", tmp_path / "runs")
     assert result.exit_code == 2, result.output
     assert result.output.splitlines() == [
-        f"Error: {config} sets gan.beta1, gan.beta2, gan.bs and 15 more (the 18 of its gan section), GAN settings that sttpfast train does not "
+        f"Error: {config} sets gan.d_kwargs, gan.d_param, gan.metrics_every and 2 more, GAN settings that sttpfast train does not "
         f"read: run it with sttpfast gan --cfg {config}"]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_runs_own_config_yaml_with_every_section_at_its_defaults_is_taken(tmp_path):
+    # a run's config.yaml holds every section: its gan section at the defaults is no GAN config
+    from sttpfast.config import DEFAULTS, check_sections_read, save_config
+
+    config = save_config(DEFAULTS, tmp_path / "config.yaml")
+    cfg, sources = build_config([config])
+    check_sections_read(cfg, sources, "train")
+    check_sections_read(cfg, sources, "gan")
 
 
 def test_a_classification_config_given_to_gan_is_refused(tmp_path):
