@@ -429,6 +429,23 @@ def _screen_representable(param: str, layers, policy: str):
     return keep, skipped
 
 
+def _refuse_tied_weights(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> None:
+    """A selected layer whose weight another module holds too (tied weights, e.g. an embedding
+    and an output head): refused, naming both. A parametrization replaces one module's weight,
+    which would untie them (and the dense count would hold the shared tensor twice). One module
+    registered under two names is one layer, not tied."""
+    holders: dict[int, dict[int, str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            holders.setdefault(id(weight), {}).setdefault(id(module), name)
+    for _, module in layers:
+        names = list(holders.get(id(module._parameters.get("weight")), {}).values())
+        if len(names) > 1:
+            raise ValueError(f"layers {' and '.join(map(repr, names))} share one weight (tied weights): a "
+                             f"parametrization would untie them; exclude them (exclude={names!r})")
+
+
 def _layer_ranks_by_name(ranks: Mapping, names: list[str]) -> dict:
     """``{layer name: rank}`` for the layers ``names`` a per-layer mapping selected; its keys are
     layer names or fnmatch patterns. A layer's own name wins over patterns; a layer that two
@@ -576,6 +593,7 @@ def parameterize(
     else:
         rank = entry.normalize_rank(tuple(rank) if isinstance(rank, list) else rank)
     layers = _select(model, include, exclude)
+    _refuse_tied_weights(model, layers)
     if per_layer:
         rank = _layer_ranks_by_name(rank, [name for name, _ in layers])
     for name, module in layers:

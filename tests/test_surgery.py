@@ -459,3 +459,20 @@ def test_a_numpy_integer_rank_is_a_rank_and_a_boolean_compression_is_refused():
     assert {p.rank for _, _, p in parameterized_layers(model)} == {4}
     with pytest.raises(ValueError, match=r"^compression must be a number in \(0, 100\] \(percent\), got True$"):
         parameterize(nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6)), "svdp-r", compression=True)
+
+
+def test_tied_weights_are_refused_naming_both_layers():
+    # the parametrization untied them (one SGD step later they differed) and Z counted the
+    # shared tensor twice in the dense size (75% reported)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    model[2].weight = model[0].weight
+    before = state_snapshot(model)
+    with pytest.raises(ValueError, match=r"^layers '0' and '2' share one weight \(tied weights\): a parametrization "
+                                         r"would untie them; exclude them \(exclude=\['0', '2'\]\)$"):
+        parameterize(model, "lowrank", rank=4)
+    assert_unchanged(model, before)
+    # one module used twice is one layer: nothing to untie
+    shared = nn.Linear(8, 8)
+    twice = nn.Sequential(shared, nn.ReLU(), shared)
+    parameterize(twice, "lowrank", rank=4)
+    assert twice[0] is twice[2] and parametrize.is_parametrized(twice[0], "weight")
