@@ -100,7 +100,8 @@ class DataConfig:
     name: str = setting("digits", "dataset (see sttpfast.data) or imagefolder:PATH")
     data_dir: Optional[str] = setting(None, "where datasets live (default $STTPFAST_DATA or ~/data)")
     bs: int = setting(128, "batch size per process", _positive, "a positive integer")
-    subset: Optional[int] = setting(None, "use N training images (quick runs)", _positive, "a positive integer")
+    subset: Optional[int] = setting(None, "use N training images and at most N validation images (quick runs)",
+                                    _positive, "a positive integer")
     download: bool = setting(False, "download a missing dataset with torchvision")
     num_workers: int = setting(0, "data loader worker processes", _non_negative, "an integer >= 0")
     augment: bool = setting(True, "training-time augmentation")

@@ -24,8 +24,10 @@ Gain: ``W = g U diag(s) V^T`` with a per-layer constant ``g`` (a buffer, 1 by de
 Both variants bound the spectrum (``|s| <= 1``), so without ``g`` a layer converted from a
 trained dense weight would lose its scale ``sigma_max(W)``. ``g`` is fixed, not learned:
 the bound is the point of these variants, and a learned ``g`` would make it unbounded.
-With it, ``sigma_max(W) = g`` exactly (the Lipschitz bound of the layer is ``g * 1``), and
-``g`` is a constant of the layer like its rank: not a degree of freedom, not in ``Z``.
+With it, ``sigma_max(W) = g`` exactly for the matricized weight ``W (d_out, d_in)``: the
+Lipschitz constant of a Linear layer, while a ``k_h x k_w`` convolution's operator norm can
+reach ``sqrt(k_h k_w) g`` (each input pixel meets every kernel position); and ``g`` is a
+constant of the layer like its rank: not a degree of freedom, not in ``Z``.
 """
 from __future__ import annotations
 

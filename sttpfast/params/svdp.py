@@ -2,8 +2,10 @@
 
 Variants (``r = min(d_out, d_in, rank)``):
 
-* ``svdp-l`` learned spectrum ``s = S / max|S|``, so ``|Sigma|_inf = 1`` (Lipschitz 1 by
-  construction); ``U``, ``V`` on the full Stiefel manifold. DOF ``r(d_out + d_in) - r^2``.
+* ``svdp-l`` learned spectrum ``s = S / max|S|``, so ``|Sigma|_inf = 1``: the matricized
+  weight has ``sigma_max = 1`` by construction (a Linear layer is 1-Lipschitz; a ``k x k``
+  conv's operator norm is at most ``k`` times that); ``U``, ``V`` on the full Stiefel
+  manifold. DOF ``r(d_out + d_in) - r^2``.
 * ``svdp-r`` the same map, plus the D-optimal penalty ``-mean(log|s|)`` (a callback).
 * ``svdp-c`` spectrum fixed to ``I``; ``U`` on ``St_U``, ``V`` on ``St``.
   DOF ``r(d_out + d_in) - r(3r + 1)/2``.
