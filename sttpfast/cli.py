@@ -245,6 +245,10 @@ def info(arch, param, rank, compression, include, exclude, init, num_classes, in
     """Per-layer table (rank, DOF) and the compression Z of ARCH under PARAM."""
     if arch is None:
         raise CLIError("give the architecture: --arch NAME (any timm model or a registered sttpfast model)")
+    if in_chans is not None and in_chans < 1:
+        raise CLIError(f"--in-chans must be a positive integer, got {in_chans}")
+    if num_classes is not None and num_classes < 0:
+        raise CLIError(f"--num-classes must be an integer >= 0 (0: no classifier head), got {num_classes}")
     # the same rank rules as `train` (the default rank for the low-rank methods, 'full', none for dense/sn)
     cli = {CLI_FLAGS[k]: v for k, v in dict(param=param, rank=rank, compression=compression, init=init,
                                              include=list(include), exclude=list(exclude), plan=plan,

@@ -178,7 +178,7 @@ class LogConfig:
 
 @dataclass
 class TrainConfig:
-    seed: int = setting(0, "random seed")
+    seed: int = setting(0, "random seed", lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")
     out: str = setting("runs", "folder for run folders")
     name: Optional[str] = setting(None, "run folder name (default: derived from the config)")
     mixed_precision: Literal["no", "bf16"] = setting("no", "autocast dtype")

@@ -68,6 +68,11 @@ def test_info_any_timm_model():
     (["--arch", "wrn16_4", "--param", "sn", "--rank", "8"], "param.rank = 8: 'sn' takes no rank"),
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "nope"], "matches no"),
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "bn"], "'bn' is a BatchNorm2d"),
+    # a traceback ("Trying to create tensor with negative dimension -1")
+    (["--arch", "resnet20_cifar", "--param", "sttp", "--in-chans", "-1"],
+     r"^Error: --in-chans must be a positive integer, got -1\n$"),
+    (["--arch", "resnet20_cifar", "--param", "sttp", "--num-classes", "-2"],
+     r"^Error: --num-classes must be an integer >= 0 \(0: no classifier head\), got -2\n$"),
 ])
 def test_info_bad_input_exit_2_one_message(args, message):
     import re

@@ -60,6 +60,9 @@ def test_unknown_key_suggests_the_closest(tmp_path):
     ("param.name=sttpx", "config param.name: unknown parameterization 'sttpx'; allowed: "),
     # YAML reads {depth:2} as the key 'depth:2' without a value: the model was built with its
     # defaults, without a word
+    # numpy's "Seed must be between 0 and 2**32 - 1", naming no setting, after the run began
+    ("train.seed=-1", "config train.seed = -1: expected an integer in [0, 2**32 - 1]"),
+    ("train.seed=4294967296", "config train.seed = 4294967296: expected an integer in [0, 2**32 - 1]"),
     ("model.kwargs={depth:2,embed_dim:24}", "config model.kwargs = {'depth:2': None, 'embed_dim:24': None}: "
                                             "'depth:2' is a key without a value; YAML needs a space after the "
                                             "colon: {depth: 2}"),
