@@ -49,10 +49,12 @@ def _check_format(format: str) -> str:
     return fmt
 
 
-def _check_out(path: Path, force: bool, fmt: str) -> Path:
+def _check_out(path: str | os.PathLike, force: bool, fmt: str) -> Path:
     """Refuse an existing file without ``force``, a target that is a folder, and a name that
     says another format (``--format onnx --out model.safetensors``: a mistake, or a file
     that every tool would open as the wrong format)."""
+    if str(path).endswith(("/", os.sep)):  # Path() would drop the slash and write a file of that name
+        raise ValueError(f"export target {path} names a folder; give a file name (e.g. {path}last.{fmt})")
     path = Path(path).expanduser()
     if path.is_dir():
         raise ValueError(f"export target {path} is a folder; give a file name")
@@ -140,7 +142,7 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str, input_s
     is written then.
     """
     fmt = _check_format(format)
-    path = _check_out(Path(path), force, fmt)
+    path = _check_out(path, force, fmt)
     if fmt == "onnx":
         if input_shape is None or len(input_shape) < 1 or any(int(s) < 1 for s in input_shape):
             raise ValueError(f"ONNX export needs input_shape (B, C, H, W) with positive sizes, got {input_shape!r}")
@@ -339,7 +341,7 @@ def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike |
     fmt = _check_format(format)
     run_dir = Path(run_dir).expanduser()
     run_checkpoint(run_dir, which)  # not a run / no checkpoint: fail before the target is looked at
-    path = _check_out(Path(out) if out is not None else default_export_path(run_dir, fmt, which), force, fmt)
+    path = _check_out(out if out is not None else default_export_path(run_dir, fmt, which), force, fmt)
     if is_gan_run(run_dir, which):  # a GAN run exports its generator (the EMA copy when kept)
         pair, args = load_gan_run_pair(run_dir, which)
         return export_generator(pair, path, fmt, ema=pair.generator_ema is not None, model_args=args, force=force)

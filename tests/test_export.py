@@ -139,11 +139,14 @@ def test_default_target_and_force(run):
 
 
 @pytest.mark.parametrize("case", ["not_a_run", "no_checkpoint", "no_best", "format", "which", "suffix", "suffix_onnx",
-                                  "damaged"])
+                                  "damaged", "folder"])
 def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
     target = tmp_path / "out" / "x.onnx"
     folder, fmt, extra = run, "onnx", []
-    if case == "suffix":  # an ONNX file named as another format's file
+    if case == "folder":  # --out expdir/ wrote a file named expdir
+        target = f"{tmp_path / 'out'}/"
+        message = f"export target {target} names a folder; give a file name (e.g. {target}last.onnx)"
+    elif case == "suffix":  # an ONNX file named as another format's file
         target = tmp_path / "out" / "x.safetensors"
         message = (f"export target {target} is named as a safetensors file, but the format is onnx; "
                    f"name it x.onnx or pass --format safetensors")
