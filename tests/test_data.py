@@ -390,6 +390,19 @@ def test_imagefolder(tmp_path, valid_name):
     check_dls(grey, 2, 1, 10, n_train=8, n_valid=8, bs=4)
 
 
+def test_imagefolder_takes_colour_from_any_class_and_refuses_an_empty_class(tmp_path):
+    # one grayscale image sorting first made an RGB folder a 1-channel dataset; an empty class
+    # folder became a class no training image belongs to; both without a word
+    write_imagefolder(tmp_path / "pets")
+    Image.fromarray(np.full((12, 12), 128, np.uint8), mode="L").save(tmp_path / "pets/train/cat/-first.png")
+    assert dataset_info(f"imagefolder:{tmp_path / 'pets'}")["in_chans"] == 3
+    (tmp_path / "pets/train/empty").mkdir()
+    with pytest.raises(DatasetNotFound, match=r"^imagefolder: class folder .*/pets/train/empty holds no image "
+                                              r"file: no training image would belong to its class; remove it or "
+                                              r"add images$"):
+        get_dls(f"imagefolder:{tmp_path / 'pets'}", bs=4, device="cpu")
+
+
 def test_fashion_mnist_debian_package():
     # Debian's dataset-fashion-mnist is part of this project's environment (not skipped: a
     # machine without it should fail here, not silently drop the only test on real data).

@@ -100,7 +100,7 @@ def _imagefolder_layout(path: Path) -> tuple[Path, Path, list[str]]:
     return train, valid, classes
 
 
-def _imagefolder_files(directory: Path, classes: list[str]) -> Split:
+def _imagefolder_files(directory: Path, classes: list[str], training: bool = False) -> Split:
     index = {c: i for i, c in enumerate(classes)}
     paths, labels = [], []
     for class_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
@@ -108,6 +108,9 @@ def _imagefolder_files(directory: Path, classes: list[str]) -> Split:
             raise DatasetNotFound(f"imagefolder: class folder {class_dir} has no counterpart in "
                                   f"the training folder (classes: {', '.join(classes)})")
         files = _image_files(class_dir)
+        if training and not files:  # as torchvision's ImageFolder refuses it
+            raise DatasetNotFound(f"imagefolder: class folder {class_dir} holds no image file: no training image "
+                                  "would belong to its class; remove it or add images")
         paths += files
         labels += [index[class_dir.name]] * len(files)
     if not paths:
@@ -118,7 +121,7 @@ def _imagefolder_files(directory: Path, classes: list[str]) -> Split:
 def read_imagefolder(path: Path) -> RawDataset:
     """``path/train/<class>/*`` and ``path/val/<class>/*`` (or ``path/test/<class>/*``)."""
     train, valid, classes = _imagefolder_layout(path)
-    return RawDataset(_imagefolder_files(train, classes), _imagefolder_files(valid, classes), classes)
+    return RawDataset(_imagefolder_files(train, classes, training=True), _imagefolder_files(valid, classes), classes)
 
 
 def _probe_image(path: Path) -> tuple[tuple[int, int], int]:
@@ -133,11 +136,13 @@ def _probe_image(path: Path) -> tuple[tuple[int, int], int]:
 
 
 def probe_imagefolder(path: Path) -> tuple[list[str], tuple[int, int], int]:
-    """-> (class names, (H, W), channels) of ``imagefolder:PATH``, from its first training image
-    (the others are resized / converted to match when decoded)."""
+    """-> (class names, (H, W), channels) of ``imagefolder:PATH``: the size of its first training
+    image, and colour (3 channels) if the first image of any class has it, so that one grayscale
+    image sorting first does not make a colour dataset gray (the others are resized / converted
+    to match when decoded)."""
     train, _, classes = _imagefolder_layout(path)
-    first = next((f for c in classes for f in _image_files(train / c)), None)
-    if first is None:
+    firsts = [files[0] for files in (_image_files(train / c) for c in classes) if files]
+    if not firsts:
         raise DatasetNotFound(f"imagefolder not found: no image files in {train}/<class>/")
-    size, chans = _probe_image(first)
-    return classes, size, chans
+    probes = [_probe_image(f) for f in firsts]
+    return classes, probes[0][0], max(chans for _, chans in probes)
