@@ -48,6 +48,7 @@ from sttpfast.atomic import (MANIFEST, DamagedCheckpoints, latest_complete, prun
 from sttpfast.callbacks._util import is_main_process, unwrap_model
 from sttpfast.checkpoint import load_parameterized, save_parameterized
 from sttpfast.fsdp import full_state_dict, full_tensor, is_sharded, shard_like
+from sttpfast.processes import world_size
 
 __all__ = ["Checkpointer", "load_checkpoint_state", "find_checkpoint", "CheckpointError", "TrainingClock",
            "recorder_state", "restore_recorder", "quiet_skipped_epochs"]
@@ -313,6 +314,7 @@ class Checkpointer(Callback):
         if getattr(self.learn, "nan_step", None) is not None:
             return
         model = unwrap_model(self.learn.model)
+        train_iter = int(self.learn.train_iter)
         # a sharded (FSDP2) model: every rank takes part in gathering the whole state, which
         # rank 0 alone writes, as a one-process run would
         sharded = is_sharded(model)
@@ -321,16 +323,19 @@ class Checkpointer(Callback):
         model_tensors = full_state_dict(model) if sharded else None
         opt_tensors, opt_meta = _optimizer_to_files(self.learn.opt)
         if not is_main_process():
+            # every rank skips (or saves) the same steps: the gathering is collective, and a
+            # signal at a step saved already must find every rank skipping it
+            self.saved_iter = train_iter
             return
         rng_tensors, rng_meta = _global_rng()
         rng_tensors.update({f"loader.{k}": v for k, v in loader_rng.items()})
-        train_iter = int(self.learn.train_iter)
         recorder, smooth = self._recorder_state()
         if smooth is not None:
             rng_tensors["recorder.smooth_loss"] = smooth
         meta = {"epoch": epoch, "skip": skip, "train_iter": train_iter, "best": self.best,
                 "monitor": self.monitor, "optimizer": opt_meta, "rng": rng_meta, "recorder": recorder,
                 "metrics": self._last_metrics(), "validated": validated, "threads": torch.get_num_threads(),
+                "processes": world_size(), "batch": int(self.dls.train.bs),  # the global batch, for a resume
                 "seconds": self.clock.seconds()}
         files = {
             "model.safetensors": lambda path: save_parameterized(

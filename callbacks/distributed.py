@@ -226,6 +226,15 @@ class AccelerateTrainer(Callback):
             if hasattr(dl, "shard"):
                 dl.shard(acc.process_index, acc.num_processes)
 
+    def after_batch(self):
+        if self.distributed and self.training and torch.is_tensor(getattr(self.learn, "loss", None)):
+            # the step's loss over the whole global batch (one scalar all-reduce), before the
+            # Recorder and the loggers read it: train/loss was rank 0's half of the batch. The
+            # ranks' training batches are equal in size (the loader drops the last one).
+            loss = self.learn.loss.detach().clone()
+            dist.all_reduce(loss)
+            self.learn.loss = loss / self.accelerator.num_processes
+
     def _to_detach(self, b, cpu: bool = True, gather: bool = True):
         """fastai's ``to_detach`` that gathers over ranks only in training (the smoothed loss
         stays the mean over ranks); validation accumulators stay per rank until

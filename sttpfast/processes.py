@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["is_main_rank"]
+__all__ = ["is_main_rank", "world_size"]
 
 
 def is_main_rank() -> bool:
     """True on global rank 0, or when the process was not started by a distributed launcher."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def world_size() -> int:
+    """How many processes run this job (``WORLD_SIZE``, set by the launchers; 1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

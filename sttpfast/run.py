@@ -17,7 +17,7 @@ from pathlib import Path
 
 from sttpfast.atomic import clean_temporaries, write_file
 from sttpfast.config import save_config
-from sttpfast.processes import is_main_rank
+from sttpfast.processes import is_main_rank, world_size
 from sttpfast.run_lock import RunLock, RunLocked
 
 __all__ = ["run_training", "run_name", "check_output", "prepare_run_dir", "RunError", "TrainingInterrupted"]
@@ -65,7 +65,7 @@ def check_output(cfg: dict) -> tuple[Path, str]:
     """``(out folder, run name)`` after checking both (the missing folders are made and removed
     again: one that cannot be made is refused now); leaves nothing (see prepare_run_dir)."""
     out = Path(cfg["train"]["out"]).expanduser()
-    base = _check_name(cfg["train"]["name"]) if cfg["train"]["name"] else run_name(cfg)
+    base = _check_name(cfg["train"]["name"]) if cfg["train"]["name"] is not None else run_name(cfg)
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -121,9 +121,10 @@ def _broadcast(value, accelerator):
     return broadcast_object_list([value])[0]
 
 
-def resume_config(run_dir: str | Path, warn=print) -> tuple[Path, dict, dict]:
+def resume_config(run_dir: str | Path, warn=print, command: str = "train") -> tuple[Path, dict, dict]:
     """``(run_dir, config, checkpoint state)`` of a run to resume: the newest complete
-    checkpoint (a damaged newer one is skipped with a warning); RunError/CheckpointError."""
+    checkpoint (a damaged newer one is skipped with a warning); RunError/CheckpointError
+    (naming ``command``, the one resuming, where it says how to start the run again)."""
     from sttpfast.callbacks.checkpoint import load_checkpoint_state
 
     run_dir = Path(run_dir).expanduser().absolute()  # summary.json names it as a fresh run does
@@ -141,6 +142,11 @@ def resume_config(run_dir: str | Path, warn=print) -> tuple[Path, dict, dict]:
     if "keep_dense_if_no_gain" not in (load_yaml(run_dir / "config.yaml").get("param") or {}):
         # a run from before the dense-layer policy: it parameterized every selected layer
         cfg["param"]["keep_dense_if_no_gain"] = False
+    checkpoints = run_dir / "checkpoints"
+    if not (checkpoints.is_dir() and any(checkpoints.glob("ckpt-*"))):
+        raise RunError(f"{run_dir} has no checkpoint: it stopped before its first one, and there is nothing to "
+                       f"resume. Start it again with: sttpfast {command} --cfg {run_dir / 'config.yaml'} (in a new, "
+                       "numbered folder next to it unless you remove this one first)")
     # the process that writes the run's checkpoints sets damaged ones aside (out of the rotation)
     state = load_checkpoint_state(run_dir / "checkpoints", warn=lambda msg: warn(f"Warning: {msg}"),
                                   set_aside_damaged=is_main_rank())
@@ -208,6 +214,30 @@ def finished_summary(run_dir: Path, meta: dict) -> dict | None:
     return summary if summary is not None and summary.get("steps") == meta["train_iter"] else None
 
 
+def _processes(n: int) -> str:
+    return f"{n} process" + ("es" if n != 1 else "")
+
+
+def check_global_batch(run_dir: Path, meta: dict, processes: int, bs: int, key: str) -> None:
+    """Refuse a resume whose global batch (``bs`` per process x ``processes``) is not the one the
+    checkpoint ``meta`` was trained at (RunError saying how to keep it): the steps per epoch and
+    the learning-rate schedule would change without a word. Checkpoints that predate the record
+    (no ``processes`` / ``batch``) pass."""
+    before, batch = meta.get("processes"), meta.get("batch")
+    if before is None or batch is None or before * batch == processes * bs:
+        return
+    then, now = before * batch, processes * bs
+    config = run_dir / "config.yaml"
+    if before == processes:
+        raise RunError(f"{run_dir} was trained at {key} {batch} per process; its config.yaml now says {bs}: the "
+                       f"steps per epoch and the learning-rate schedule would change. Set {key}: {batch} in {config}")
+    keep = (f", or set {key}: {then // processes} in {config} to keep the global batch of {then}"
+            if then % processes == 0 else "")
+    raise RunError(f"{run_dir} was trained by {_processes(before)} at a global batch of {then} ({key} {batch} each); "
+                   f"this resume runs {_processes(processes)}, whose global batch would be {now}: the steps per epoch "
+                   f"and the learning-rate schedule would change. Resume with {_processes(before)}{keep}")
+
+
 def check_budget(run_dir: Path, meta: dict, steps: int | None, epochs: int | None = None) -> None:
     """Refuse a resume budget below what the checkpoint ``meta`` already trained (RunError)."""
     done = meta["train_iter"]
@@ -269,6 +299,7 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
                      "To train further, resume with a larger optim.steps / optim.epochs")
                 return {**finished, "already_finished": True}
             accelerator = make_accelerator(cfg["train"]["mixed_precision"])
+            check_global_batch(run_dir, done, accelerator.num_processes, cfg["data"]["bs"], "data.bs")
             threads = done.get("threads")
             if threads is not None and threads != torch.get_num_threads():
                 echo(f"Warning: the run was checkpointed with {threads} CPU threads, this process uses "
@@ -408,7 +439,9 @@ def _save_interrupted(learn, checkpointer, run_dir: Path, echo, command: str = "
         echo(f"interrupted before the first {step} of this session; {where} is unchanged")
     else:
         echo(f"interrupted at {step} {saved}: checkpoint saved in {where}")
-    echo(f"resume with: sttpfast {command} --resume {run_dir}")
+    processes = world_size()
+    launch = f" (launched as this run was: {_processes(processes)})" if processes > 1 else ""
+    echo(f"resume with: sttpfast {command} --resume {run_dir}{launch}")
 
 
 def _epoch_logger(learn, echo):

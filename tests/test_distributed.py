@@ -124,6 +124,36 @@ def test_two_process_run_killed_mid_epoch_resumes_bit_identical(two_process_run,
     assert s_cut["rank_hashes"] == s_full["rank_hashes"] and len(set(s_cut["rank_hashes"])) == 1
 
 
+@pytest.mark.slow
+def test_a_resume_on_another_number_of_processes_keeps_the_global_batch_or_is_refused(two_process_run, tmp_path):
+    """Slow: about 20 s (2 steps of one process). A 2-process run resumed by one process with
+    the same data.bs trained at half the global batch, its one-cycle schedule restarted from
+    the peak, without a word."""
+    import shutil
+
+    import yaml
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(two_process_run, run, symlinks=True)
+    result = CliRunner().invoke(main, ["train", "--resume", str(run), "--steps", str(TWO_PROC_STEPS + 2)])
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines() == [
+        f"Error: {run} was trained by 2 processes at a global batch of 64 (data.bs 32 each); this resume runs 1 "
+        "process, whose global batch would be 32: the steps per epoch and the learning-rate schedule would change. "
+        f"Resume with 2 processes, or set data.bs: 64 in {run / 'config.yaml'} to keep the global batch of 64"]
+    assert _summary(run)["steps"] == TWO_PROC_STEPS  # nothing trained
+    config = run / "config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["data"]["bs"] = 64
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    result = CliRunner().invoke(main, ["train", "--resume", str(run), "--steps", str(TWO_PROC_STEPS + 2)])
+    assert result.exit_code == 0, result.output
+    assert _summary(run)["steps"] == TWO_PROC_STEPS + 2 and _summary(run)["processes"] == 1
+
+
 def test_loader_worker_processes_change_nothing_and_resume_exactly(tmp_path):
     """``data.num_workers`` > 0 is allowed: a worker only indexes the in-memory tensors
     (``create_batch``); the shuffling order is drawn before the workers start and augmentation

@@ -53,13 +53,14 @@ class Observe(Callback):
     order = 100
 
     def __init__(self):
-        self.losses, self.start_state, self.history = [], None, []
+        self.losses, self.logged, self.start_state, self.history = [], [], None, []
 
     def before_fit(self):
         self.start_state = full_state_dict(self.learn.model)  # every rank: gathers the shards
 
     def after_batch(self):
         if self.training:
+            self.logged.append(self.learn.loss.item())  # what the loggers read, on rank 0
             loss = self.learn.loss.detach().clone()
             if world > 1:
                 dist.all_reduce(loss)
@@ -96,14 +97,14 @@ for job in json.loads(sys.argv[1]):
     else:
         rank = [] if job["param"] == "dense" else ["param.rank=4"]
         rank += [f"train.mixed_precision={job['precision']}"] if "precision" in job else []
-        rank += job.get("set", [])
         cfg, _ = build_config(overrides=[
             "data.name=digits", f"data.bs={64 // world}", "data.subset=256", "data.augment=false",
             f"param.name={job['param']}", *rank, "optim.steps=3", "log.logger=none", "log.progress=false",
             "log.sv_every=1", "model.arch=vit_tiny_p4_32", "model.kwargs={depth: 2, embed_dim: 24, num_heads: 2}",
-            f"train.out={job['out']}", f"train.name={job['name']}", "train.checkpoint_every=3"])
+            f"train.out={job['out']}", f"train.name={job['name']}", "train.checkpoint_every=3",
+            *job.get("set", [])])
         summary, exact, name = run_training(cfg, extra_cbs=cbs, echo=said.append), None, job["name"]
-    out[name] = {"losses": seen.losses, "summary": summary, "loaded_exactly": exact, "said": said,
+    out[name] = {"losses": seen.losses, "logged": seen.logged, "summary": summary, "loaded_exactly": exact, "said": said,
                  "spectra": [[h["step"], h["layer"], h["values"]] for h in seen.history]}
 if int(os.environ.get("RANK", "0")) == 0:
     print("RESULT " + json.dumps(out))
@@ -157,6 +158,10 @@ def runs(tmp_path_factory) -> dict:
     fresh.append({"out": str(tmp / "runs"), "param": "lowrank", "set": ["reg.spectral_bound=0.5"],
                   "tag": "lowrank-bound"})
     fresh[1]["usr1_at"] = 2  # sttp-r: SIGUSR1 to rank 0 alone after step 2 (one process: to the only one)
+    # the same at a step already checkpointed (every step is): rank 0 skipped the save, rank 1
+    # went into the gathering alone, and gloo aborted the run
+    fresh.append({"out": str(tmp / "runs"), "param": "sttp-r", "set": ["train.checkpoint_every=1"],
+                  "tag": "usr1-saved", "usr1_at": 2})
     for job in fresh:
         job["tag"] = job.get("tag", job["param"])
     one = _launch(script, [{**job, "name": f"one-{job['tag']}"} for job in fresh], 1)
@@ -251,6 +256,22 @@ def test_fsdp2_sigusr1_to_one_rank_checkpoints_on_every_rank_at_the_same_step(ru
     the checkpoint is written at step 2 and training continues to step 3, with the losses of
     one process (which got the signal at the same step)."""
     one, two = runs["one-sttp-r"], runs["two-sttp-r"]
+    for run in (one, two):
+        assert "SIGUSR1: checkpoint saved at step 2; training continues" in run["said"]
+        assert run["summary"]["steps"] == 3 and len(run["losses"]) == 3
+    assert _close(two["losses"], one["losses"])
+
+
+@pytest.mark.slow
+def test_the_loss_the_loggers_read_is_the_whole_global_batchs(runs):
+    # train/loss in TensorBoard and W&B was rank 0's half of the batch (16% off one process's)
+    one, two = runs["one-sttp-r"], runs["two-sttp-r"]
+    assert _close(one["logged"], one["losses"]) and _close(two["logged"], one["losses"])
+
+
+@pytest.mark.slow
+def test_fsdp2_sigusr1_at_a_step_already_checkpointed_continues_on_every_rank(runs):
+    one, two = runs["one-usr1-saved"], runs["two-usr1-saved"]
     for run in (one, two):
         assert "SIGUSR1: checkpoint saved at step 2; training continues" in run["said"]
         assert run["summary"]["steps"] == 3 and len(run["losses"]) == 3

@@ -258,3 +258,30 @@ def test_the_runs_warnings_are_warning_lines(tmp_path):
                       "param.unrepresentable=skip"), echo=lines.append)
     assert ("warning: 1 layer(s) stay dense: rtt cannot represent a weight of shape (16, 1, 3, 3) in layer "
             "'stem.0' (channel count 1 cannot be split into 2 factors (too small))") in lines
+
+
+def test_resuming_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tmp_path):
+    # "Error: no checkpoint folder at RUN/checkpoints": true, and no word on what to do
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+    from sttpfast.config import save_config
+
+    run = tmp_path / "killed"
+    run.mkdir()
+    save_config(_cfg(tmp_path, "killed"), run / "config.yaml")  # what a run writes before training
+    for command in ("train", "gan"):
+        result = CliRunner().invoke(main, [command, "--resume", str(run)])
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines() == [
+            f"Error: {run} has no checkpoint: it stopped before its first one, and there is nothing to resume. "
+            f"Start it again with: sttpfast {command} --cfg {run / 'config.yaml'} (in a new, numbered folder next to "
+            "it unless you remove this one first)"]
+
+
+def test_an_empty_run_name_is_refused():
+    # --name "" ran under the derived name, though the message for bad names says it must not be empty
+    from sttpfast.run import RunError, check_output
+
+    with pytest.raises(RunError, match=r"^run name '' is not a plain folder name: --name must not be empty"):
+        check_output({"train": {"out": "runs", "name": ""}})

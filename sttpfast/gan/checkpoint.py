@@ -40,6 +40,7 @@ from sttpfast.callbacks.checkpoint import (CheckpointError, TrainingClock, _glob
                                            recorder_state, restore_recorder)
 from sttpfast.checkpoint import load_parameterized, save_parameterized
 from sttpfast.fsdp import full_state_dict, is_sharded
+from sttpfast.processes import world_size
 
 __all__ = ["GANCheckpointer", "APP", "is_gan_checkpoint"]
 
@@ -125,7 +126,8 @@ class GANCheckpointer(Callback):
                 # the step's last losses: the summary of a resume with nothing left to train
                 "losses": {name: None if loss is None else float(loss)
                            for name, loss in (("g", getattr(learn, "loss_g", None)), ("d", getattr(learn, "loss_d", None)))},
-                "threads": torch.get_num_threads(), "seconds": self.clock.seconds()}
+                "threads": torch.get_num_threads(), "seconds": self.clock.seconds(),
+                "processes": world_size(), "batch": int(learn.dls.train.bs)}  # the global batch, for a resume
         files = {
             "model.safetensors": lambda path: save_parameterized(pair, path, metadata={"train_iter": step, "app": APP},
                                                              tensors=model_tensors),

@@ -39,8 +39,8 @@ from sttpfast.callbacks._util import log_scalars
 from sttpfast.config import save_config
 from sttpfast.processes import is_main_rank
 from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _lock_run, _save_interrupted,
-                          check_budget, check_output, finished_summary, last_checkpoint, prepare_run_dir,
-                          resume_config)
+                          check_budget, check_global_batch, check_output, finished_summary, last_checkpoint,
+                          prepare_run_dir, resume_config)
 
 __all__ = ["run_gan", "gan_run_name", "check_gan_config", "check_fsdp2", "GANLossLogger", "SR"]
 
@@ -58,7 +58,8 @@ def gan_run_name(cfg: dict) -> str:
 
 def _named(cfg: dict) -> dict:
     """``cfg`` whose ``train.name`` is the GAN default when unset (for sttpfast.run's folder helpers)."""
-    return {**cfg, "train": {**cfg["train"], "name": cfg["train"]["name"] or gan_run_name(cfg)}}
+    name = gan_run_name(cfg) if cfg["train"]["name"] is None else cfg["train"]["name"]  # "" is refused later
+    return {**cfg, "train": {**cfg["train"], "name": name}}
 
 
 def _check_param(key: str, name: str, allow_sr: bool) -> str:
@@ -239,7 +240,7 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
             run_dir = Path(resume).expanduser()
             if (run_dir / "config.yaml").is_file() and is_main_rank():
                 lock = _lock_run(run_dir)
-            run_dir, cfg, state = resume_config(resume, echo)
+            run_dir, cfg, state = resume_config(resume, echo, command="gan")
             if state["meta"].get("app") != "gan":
                 raise RunError(f"{run_dir} is not a GAN run; resume it with: sttpfast train --resume {run_dir}")
             check_budget(run_dir, state["meta"], steps)
@@ -260,6 +261,8 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
             run_dir = None
         check_fsdp2(cfg)
         accelerator = make_accelerator("no")
+        if state is not None:
+            check_global_batch(run_dir, state["meta"], accelerator.num_processes, cfg["gan"]["bs"], "gan.bs")
         return _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock)
     finally:
         if lock is not None:
