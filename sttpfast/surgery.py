@@ -654,7 +654,8 @@ def parameterize(
             warnings.warn(f"{param} at rank {rank} has more degrees of freedom than the dense weight in "
                           f"{len(over)} layer(s): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}",
                           stacklevel=2)
-    _apply_atomically([(name, module, param, layer_rank(name), init) for name, module in layers],
+    _apply_atomically([(name, module, param, layer_rank(name), _init_for(name, module, init))
+                       for name, module in layers],
                       model if frame_bank else None)
     report = compression_report(model)
     report.rank, report.param = (None if per_layer else rank), param
@@ -674,6 +675,17 @@ def _running_rank(entry, module: nn.Module, asked):
     if isinstance(asked, int) and isinstance(running, int):
         return running
     return entry.rank_to_spec(asked)
+
+
+def _init_for(name: str, module: nn.Module, init: str) -> str:
+    """``init`` for this layer: a spectral init of an all-zero weight (a zero-initialized output
+    layer) would give zero factors or a zero gain, a layer no gradient can move, so such a
+    layer gets the identity init, with a warning."""
+    if init == "spectral" and not bool(module.weight.detach().any()):
+        warnings.warn(f"layer {name!r} has an all-zero weight: its spectral init would be a zero layer that cannot "
+                      "train; it gets the identity init instead", stacklevel=3)
+        return "identity"
+    return init
 
 
 def _apply_atomically(plan, root: nn.Module | None = None) -> None:

@@ -476,3 +476,22 @@ def test_tied_weights_are_refused_naming_both_layers():
     twice = nn.Sequential(shared, nn.ReLU(), shared)
     parameterize(twice, "lowrank", rank=4)
     assert twice[0] is twice[2] and parametrize.is_parametrized(twice[0], "weight")
+
+
+@pytest.mark.parametrize("param", ["svdp-l", "sttp-r", "lowrank", "cp"])
+def test_a_zero_weight_under_spectral_init_gets_the_identity_init_with_a_warning(param):
+    # a zero-initialized output layer became a zero layer that never trains (zero gain or zero
+    # factors: after 20 SGD steps its weight was still 0), without a word
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    nn.init.zeros_(model[2].weight)
+    with pytest.warns(UserWarning, match=r"^layer '2' has an all-zero weight: its spectral init would be a zero "
+                                         r"layer that cannot train; it gets the identity init instead$"):
+        parameterize(model, param, rank=4, init="spectral", keep_dense_if_no_gain=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(2, 4, 9, 9)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert float(model[2].weight.abs().max()) > 0
