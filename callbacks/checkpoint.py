@@ -229,6 +229,18 @@ def find_checkpoint(root: str | os.PathLike, warn=lambda msg: None, set_aside_da
         raise CheckpointError(f"no checkpoint folder in {root}") from None
 
 
+#: how a loader's normalization turns pixels into the model's input (recorded with it)
+NORMALIZED_INPUT = "float32 (x / 255 - mean) / std per channel, x the image's uint8 pixels"
+
+
+def _normalization(dl) -> dict | None:
+    """``{mean, std, input}`` of a loader that normalizes (sttpfast's), else None."""
+    mean, std = getattr(dl, "mean", None), getattr(dl, "std", None)
+    if mean is None or std is None:
+        return None
+    return {"mean": [float(m) for m in mean], "std": [float(v) for v in std], "input": NORMALIZED_INPUT}
+
+
 def load_checkpoint_state(folder: str | os.PathLike, warn=lambda msg: None,
                           set_aside_damaged: bool = False) -> dict:
     """Read and check a checkpoint (not yet applied); CheckpointError if unusable. ``folder``
@@ -336,6 +348,7 @@ class Checkpointer(Callback):
                 "monitor": self.monitor, "optimizer": opt_meta, "rng": rng_meta, "recorder": recorder,
                 "metrics": self._last_metrics(), "validated": validated, "threads": torch.get_num_threads(),
                 "processes": world_size(), "batch": int(self.dls.train.bs),  # the global batch, for a resume
+                "normalization": _normalization(self.dls.train),  # what the model was fed (export says it)
                 "seconds": self.clock.seconds()}
         files = {
             "model.safetensors": lambda path: save_parameterized(

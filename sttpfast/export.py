@@ -108,7 +108,7 @@ def _check_onnx_installed() -> None:
         raise ValueError(f"ONNX export needs the package(s) {', '.join(missing)}: pip install 'sttpfast[onnx]'")
 
 
-def _save_onnx(dense: nn.Module, tmp: str, example: torch.Tensor) -> None:
+def _save_onnx(dense: nn.Module, tmp: str, example: torch.Tensor, metadata: dict[str, str] | None = None) -> None:
     import warnings
 
     batch = torch.export.Dim("batch", min=1)
@@ -121,6 +121,14 @@ def _save_onnx(dense: nn.Module, tmp: str, example: torch.Tensor) -> None:
         warnings.simplefilter("ignore")
         torch.onnx.export(dense, (example,), tmp, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+    if metadata:
+        import onnx
+
+        proto = onnx.load(tmp)
+        for key, value in metadata.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, tmp)
 
 
 def export_model(model: nn.Module, path: str | os.PathLike, format: str, input_shape: Sequence[int] | None = None,
@@ -135,7 +143,8 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str, input_s
             example input; required for ONNX, where only the batch axis stays dynamic.
         model_args: keyword arguments that rebuild the architecture with ``timm.create_model``
             (``num_classes``, ``in_chans``...), stored in the safetensors metadata.
-        metadata: extra string metadata for the safetensors header (values not str are JSON).
+        metadata: extra string metadata for the safetensors header, or the ONNX file's
+            ``metadata_props`` (values not str are JSON).
         force: overwrite an existing ``path``.
     Returns the path written. ValueError for an unknown format, a missing ``input_shape`` for
     ONNX, onnx / onnxscript not installed, or an existing ``path`` without ``force``; nothing
@@ -154,14 +163,17 @@ def export_model(model: nn.Module, path: str | os.PathLike, format: str, input_s
         meta = {"format": "pt", "model_args": json.dumps(model_args or {}), "exported_by": f"sttpfast {__version__}"}
         if _architecture(model):
             meta["architecture"] = _architecture(model)
-        for key, value in (metadata or {}).items():
-            meta[key] = value if isinstance(value, str) else json.dumps(value)
+        meta.update(_as_strings(metadata))
         return _write_atomically(path, lambda tmp: _save_safetensors(dense, tmp, meta))
     param = next(iter(dense.parameters()), None)
     example = torch.randn(*map(int, input_shape), dtype=param.dtype if param is not None else torch.float32,
                           device=param.device if param is not None else "cpu")
     with torch.no_grad():
-        return _write_atomically(path, lambda tmp: _save_onnx(dense, tmp, example))
+        return _write_atomically(path, lambda tmp: _save_onnx(dense, tmp, example, _as_strings(metadata)))
+
+
+def _as_strings(metadata: dict | None) -> dict[str, str]:
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in (metadata or {}).items()}
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,5 +358,16 @@ def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike |
         pair, args = load_gan_run_pair(run_dir, which)
         return export_generator(pair, path, fmt, ema=pair.generator_ema is not None, model_args=args, force=force)
     model, args, input_shape = load_run_model(run_dir, which)
-    return export_model(model, path, fmt, input_shape=input_shape, model_args=args, force=force,
-                        metadata={"checkpoint": which})
+    metadata = {"checkpoint": which}
+    normalization = _checkpoint_meta(run_dir, which).get("normalization")
+    if normalization is not None:  # how to turn images into the model's input
+        metadata["normalization"] = normalization
+    return export_model(model, path, fmt, input_shape=input_shape, model_args=args, force=force, metadata=metadata)
+
+
+def _checkpoint_meta(run_dir: Path, which: str) -> dict:
+    """The ``which`` checkpoint's ``state.json`` ({} when unreadable: only extras come from it)."""
+    try:
+        return json.loads((run_checkpoint(run_dir, which).parent / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

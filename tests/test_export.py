@@ -51,6 +51,9 @@ def test_safetensors_export_loads_into_plain_timm(run, tmp_path):
     assert meta["architecture"] == "resnet20_cifar"
     assert json.loads(meta["model_args"]) == {"num_classes": 10, "in_chans": 1}
     assert meta["checkpoint"] == "last"
+    # the input the model was trained on: nothing recorded it, and the statistics depend on the
+    # data (and the subset) the run loaded
+    assert json.loads(meta["normalization"]) == _normalization()
 
     plain = timm.create_model(meta["architecture"], **json.loads(meta["model_args"]))
     plain.load_state_dict(load_file(str(out)), strict=True)
@@ -65,12 +68,24 @@ def test_safetensors_export_loads_into_plain_timm(run, tmp_path):
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
+def _normalization() -> dict:
+    """What the fixture's run fed its model: its loader's per-channel statistics."""
+    from sttpfast.data import get_dls
+
+    dls = get_dls("digits", bs=64, subset=256, device="cpu")
+    return {"mean": list(dls.train.mean), "std": list(dls.train.std),
+            "input": "float32 (x / 255 - mean) / std per channel, x the image's uint8 pixels"}
+
+
 def test_onnx_export_matches_pytorch_with_any_batch(run, tmp_path):
+    import onnx
     import onnxruntime
 
     out = tmp_path / "net.onnx"
     result = _cli("export", run, "--format", "onnx", "--which", "best", "--out", out)
     assert result.exit_code == 0, result.output
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["normalization"]) == _normalization() and props["checkpoint"] == "best"
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (inp,), (outp,) = session.get_inputs(), session.get_outputs()
     assert (inp.name, outp.name) == ("input", "output")
