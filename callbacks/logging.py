@@ -202,6 +202,10 @@ class TensorBoardLogger(_LoggerBase):
         self.writer = None
 
 
+#: the modes wandb.init takes (dryrun / run: the legacy names of offline / online)
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+
+
 class WandbLogger(_LoggerBase):
     """Scalars and images to Weights & Biases (a replacement for fastai 2.8.12's
     WandbCallback, which crashes in ``before_fit``).
@@ -224,6 +228,14 @@ class WandbLogger(_LoggerBase):
     def __init__(self, project: str = "sttpfast", config: dict | None = None, mode: str | None = None,
                  every: int = 1):
         super().__init__(every)
+        # wandb reads $WANDB_MODE itself: a bad one failed at the first event, in a traceback
+        # (after the run folder existed); refused here, before anything is made
+        env = os.environ.get("WANDB_MODE")
+        if mode is None and env is not None and env not in WANDB_MODES:
+            raise ValueError(f"WANDB_MODE={env!r} is not a W&B mode: set it to online, offline or disabled, "
+                             "or unset it")
+        if mode is not None and mode not in WANDB_MODES:
+            raise ValueError(f"unknown W&B mode {mode!r}; allowed: online, offline, disabled")
         self.project, self.config, self.mode = project, dict(config or {}), mode
         # not `self.run`: that is fastai's switch that turns a callback on and off
         self.wandb_run = None

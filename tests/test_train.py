@@ -336,3 +336,16 @@ def test_a_classification_config_given_to_gan_is_refused(tmp_path):
         "which sttpfast gan does not read (the GAN's networks and optimizers are under gan.*): "
         f"run it with sttpfast train --cfg {config}")
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("value", ["", "onlne"])
+def test_a_bad_wandb_mode_is_one_error_line_before_the_run_folder(tmp_path, monkeypatch, value):
+    # WANDB_MODE= (set, empty) ended in a 100-line traceback (fastai's IndexError over wandb's
+    # pydantic error) and left a run folder holding config.yaml alone
+    monkeypatch.setenv("WANDB_MODE", value)
+    result = cli("digits", "--arch", "resnet20_cifar", "--param", "sttp-r", "--rank", "4", "--steps", "1",
+                 "--subset", "128", "--bs", "64", "--logger", "wandb", "--out", tmp_path / "runs")
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1] == (
+        f"Error: WANDB_MODE={value!r} is not a W&B mode: set it to online, offline or disabled, or unset it")
+    assert not (tmp_path / "runs").exists()
