@@ -355,14 +355,16 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
             _import_training_modules()
         if frobenius_decay is not None:
             _check_frobenius_decay_applies(config["param"]["name"])
-        say(rank_line(config["param"]["name"], *_rank_choice(config, sources)))
+        # what the run chose, said once data, model and rank are known good (a bad rank is then
+        # one Error line) and before the run folder and the training
+        chosen = [rank_line(config["param"]["name"], *_rank_choice(config, sources))]
         if config["param"].get("attention") == "qk-ov":  # the forms take the rank per head (issue 11)
             per_head = config["param"]["rank"]
-            say(f"attention qk-ov: rank {per_head} per head (capped at the head width)" if per_head
-                       else "attention qk-ov: full head width (no compression of the attention)")
+            chosen.append(f"attention qk-ov: rank {per_head} per head (capped at the head width)" if per_head
+                          else "attention qk-ov: full head width (no compression of the attention)")
         from sttpfast.run import run_training
 
-        summary = run_training(config, echo=click.echo)
+        summary = run_training(config, echo=click.echo, announce=chosen)
     _print_summary(summary)
     _exit_if_the_loss_diverged(summary)
 

@@ -267,8 +267,12 @@ def _raise_budget(cfg: dict, steps: int | None, epochs: int | None) -> bool:
 
 
 def run_training(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs=(), echo=print,
-                 steps: int | None = None, epochs: int | None = None) -> dict:
+                 steps: int | None = None, epochs: int | None = None, announce=()) -> dict:
     """Train as configured (or continue ``resume``); returns the summary written to summary.json.
+
+    ``announce``: lines said (by rank 0) once the data, the model and its parameterization are
+    built and checked, before the run folder exists: what the run chose (the CLI's rank line),
+    after any error about them.
 
     Resuming a run that already reached its budget changes nothing: it says so and returns
     the run's summary.json (``"already_finished": True``). ``steps`` / ``epochs`` raise a
@@ -308,13 +312,13 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
             check_output(cfg)  # a bad --name / --out fails before any work
             accelerator = make_accelerator(cfg["train"]["mixed_precision"])
         return _train(cfg, state, budget_raised, accelerator, run_dir if state is not None else None,
-                      extra_cbs, echo, lock)
+                      extra_cbs, echo, lock, announce)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock) -> dict:
+def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock, announce=()) -> dict:
     from accelerate.utils import set_seed
     from fastai.callback.progress import ProgressCallback
 
@@ -357,6 +361,8 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
             check_rank_useful(p["name"], p["rank"], learn.compression)
         except ValueError as err:
             raise RunError(str(err)) from None
+    for line in announce:
+        say(line)
     say_warnings(caught, say)
     if state is None:
         # data, model, parameterization and config are good: only now does the run folder exist
