@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import typing
 import warnings
 
@@ -228,6 +229,15 @@ def _rank_choice(cfg: dict, sources: dict) -> tuple[object, str]:
 @click.version_option(package_name="sttpfast")
 def main():
     """sttpfast: train compressed, spectrally controlled networks (STTP, SVDP and baselines)."""
+    _ignore_checkpoint_requests_until_training()
+
+
+def _ignore_checkpoint_requests_until_training() -> None:
+    """SIGUSR1 asks a training run for a checkpoint (SignalCheckpoint handles it from the first
+    step on). Before that (imports, data, model) there is nothing to save, and its default
+    action would kill the process: ignore it until the run's handler takes over."""
+    if hasattr(signal, "SIGUSR1") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 @main.command()

@@ -285,3 +285,41 @@ def test_an_empty_run_name_is_refused():
 
     with pytest.raises(RunError, match=r"^run name '' is not a plain folder name: --name must not be empty"):
         check_output({"train": {"out": "runs", "name": ""}})
+
+
+def _ignores(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` ignores ``signum`` (its SigIgn mask in /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigIgn:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+def test_sigusr1_during_start_up_does_not_kill_the_run(tmp_path):
+    """SIGUSR1 asks a training run for a checkpoint; before training runs (imports, data,
+    model) its default action killed the process (exit 138). It is ignored until the run's
+    own handler is in place."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sttpfast", "train", "digits", "--arch", "resnet20_cifar",
+                             "--param", "sttp-r", "--rank", "4", "--steps", "1", "--subset", "128", "--bs", "64",
+                             "--logger", "none", "--out", str(tmp_path), "--set", "log.progress=false"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 60
+    while not _ignores(proc.pid, signal.SIGUSR1) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ignoring = _ignores(proc.pid, signal.SIGUSR1)
+    proc.send_signal(signal.SIGUSR1)  # during start-up: the imports take seconds
+    out, err = proc.communicate(timeout=300)
+    assert ignoring, "SIGUSR1 was not ignored during start-up"
+    assert proc.returncode == 0, (out[-2000:], err[-2000:])
+    assert "summary: " in out
