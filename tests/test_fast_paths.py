@@ -398,3 +398,24 @@ def test_a_weight_read_after_a_data_update_is_not_stale():
         for m in (model, reference):
             factors_of(m[2])[1].data.add_(0.3)
         assert torch.allclose(model[2].weight, reference[2].weight, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["densify", "remove_parametrizations"])
+def test_a_layer_made_dense_again_leaves_the_model_working(how):
+    # the root's frame bank still listed the layer: forward and backward ended in
+    # KeyError: 'parametrizations'
+    from torch.nn.utils import parametrize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    sttpfast.parameterize(model, "svdp-r", rank=4, init="spectral")
+    x = torch.randn(4, 8, dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)
+    if how == "densify":
+        sttpfast.densify(model[0], inplace=True)
+    else:
+        parametrize.remove_parametrizations(model[2], "weight")
+    out = model(x)
+    out.sum().backward()
+    assert torch.allclose(out, before, rtol=1e-10, atol=1e-12)

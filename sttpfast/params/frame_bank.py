@@ -209,7 +209,7 @@ class FrameBank:
             self._weights = {}
         key = id(parametrization)
         if key not in self._weights:
-            members = [m for m in self._scope.members if id(m[1]) not in self._weights]
+            members = [m for m in _live(self._scope.members) if id(m[1]) not in self._weights]
             sharded = _sharded_members(members)
             if sharded:
                 self._say_sharded(len(sharded), len(members))
@@ -239,7 +239,7 @@ class FrameBank:
         key = id(parametrization)
         if key not in self._loose or not self._loose_fresh(key):
             self._loose, self._loose_state = {}, ()
-            members = self.scopes[0].members  # the outermost scope: the root's, all layers, in order
+            members = _live(self.scopes[0].members)  # the outermost scope: the root's, all layers, in order
             if _sharded_members(members):
                 return None
             with frame_precision(factors_of(members[0][0])[0]), \
@@ -284,6 +284,18 @@ def _sharded_members(members: list[tuple[nn.Module, nn.Module]]) -> set[int]:
     if dtensor is None:
         return set()
     return {id(p) for layer, p in members if isinstance(_first_factor(layer), dtensor.DTensor)}
+
+
+def _live(members: list[tuple[nn.Module, nn.Module]]) -> list[tuple[nn.Module, nn.Module]]:
+    """The members still parameterized as when the bank was made: a layer made dense again
+    (``densify`` of a sub-module, torch's ``remove_parametrizations``) drops out. Read from the
+    modules' dicts: this runs at every build."""
+    def live(layer: nn.Module, p: nn.Module) -> bool:
+        plist = layer._modules.get("parametrizations")
+        weight = plist._modules.get("weight") if plist is not None else None
+        return weight is not None and weight._modules.get("0") is p
+    kept = [m for m in members if live(*m)]
+    return members if len(kept) == len(members) else kept
 
 
 def _weight_inputs(layer: nn.Module, parametrization: nn.Module) -> list[Tensor]:
