@@ -20,6 +20,10 @@ mostly fixed overhead. The bank builds the weights of many layers together:
    the factors' dtype and device only: the bank works it out once per member list
    (:class:`BuildPlan`) and a build per step does the tensor work alone.
 
+   A member the pass never hands a weight (a layer no forward used: another head) gets no
+   gradient, None as without the bank, rather than the zeros a batched backward would write
+   (:class:`_StackOfUsed`): optimizers then leave it alone.
+
    A layout's members usually take the same path (same shape, same input size); when they
    do not, both forms are contracted for the whole layout, so what a layer gets does not
    depend on which layer asked first (the bits stay those of the same batched calls).
@@ -408,11 +412,14 @@ class BatchedBuild:
         self.grad_enabled = torch.is_grad_enabled()
         #: called on every tensor handed out (the loose pass watches their backward)
         self.on_hand_out = None
-        frames = _batched_frames(plan, flats)
+        #: the ids of the members handed a weight or factors: only their factors get gradients
+        self.handed: set[int] = set()
+        frames = _batched_frames(plan, flats, self.ids, self.handed)
         self._groups = {}  # layout key -> (layout, frames per core (B, rows, cols), g s (B, r))
         for lkey, group in plan.layouts.items():
             layout = lkey[0]
-            raw = torch.stack([flats[i][plan.indices[i].spectrum] for i in group]) if layout.learned else None
+            raw = _stack([flats[i][plan.indices[i].spectrum] for i in group], [self.ids[i] for i in group],
+                         self.handed) if layout.learned else None
             gains = torch.stack([members[i][1]._buffers["gain"] for i in group])
             spectrum = scaled_spectrum(raw, gains, layout.rank)
             self._groups[lkey] = (layout, frames[lkey], spectrum)
@@ -439,12 +446,14 @@ class BatchedBuild:
         """``W (d_out, d_in)`` of the layer whose parametrization has id ``pid``: the last matmul
         of the contraction, per layer (each weight its own tensor: unbinding a batched weight
         would cost a copy of every weight's gradient in backward)."""
+        self.handed.add(pid)
         left, right = self._operands(pid, "weight")
         layout = self._groups[self._slot[pid][0]][0]
         return self._handed((left @ right).reshape(math.prod(layout.out_modes), -1))
 
     def factors(self, pid: int) -> tuple[Tensor, Tensor]:
         """``(U diag(g s) (d_out, r), V^T (r, d_in))`` of the layer whose parametrization has id ``pid``."""
+        self.handed.add(pid)
         u, v_t = self._operands(pid, "factors")
         return self._handed(u), self._handed(v_t)
 
@@ -457,19 +466,22 @@ def build_weights(members: list[tuple[nn.Module, nn.Module]], plans: dict | None
     return BatchedBuild(members, plans)
 
 
-def _batched_frames(plan: BuildPlan, flats: list[tuple[Tensor, ...]]) -> dict:
+def _batched_frames(plan: BuildPlan, flats: list[tuple[Tensor, ...]], ids: list[int] | None = None,
+                    handed: set | None = None) -> dict:
     """``{layout key: [frames of core k, (B, rows, cols)]}`` of the plan's layouts, one WY call
-    per entry of ``plan.frame_calls``, from the members' flat factors ``flats``."""
+    per entry of ``plan.frame_calls``, from the members' flat factors ``flats``; ``ids`` (the
+    members' parametrization ids) and ``handed`` gate the gradients (:class:`_StackOfUsed`)."""
     built = {}  # frame key -> its frames, one tensor per block
     for call in plan.frame_calls:
         rows = call[-1][0][0]  # ascending: the call's frames are padded to its largest
         bottoms, tops = [], []
         for fkey, items in call:
-            stacked = torch.stack([flats[i][b] for i, b, _ in items])
+            owners = [ids[i] for i, _, _ in items] if ids is not None else []
+            stacked = _stack([flats[i][b] for i, b, _ in items], owners, handed)
             # zero rows below a frame's own: its reflectors, and so its first rows, are the same
             bottoms.append(stacked if fkey[0] == rows else F.pad(stacked, (0, 0, 0, rows - fkey[0])))
             if not fkey[2]:
-                tops.append(torch.stack([flats[i][t] for i, _, t in items]))
+                tops.append(_stack([flats[i][t] for i, _, t in items], owners, handed))
         frames = householder_frame(_cat(bottoms), _cat(tops) if tops else None)
         # one split, not a slice per block: a slice's backward writes zeros of the whole stack
         parts = frames.split([len(items) for _, items in call]) if len(call) > 1 else (frames,)
@@ -477,6 +489,34 @@ def _batched_frames(plan: BuildPlan, flats: list[tuple[Tensor, ...]]) -> dict:
             built[fkey] = (part if fkey[0] == rows else part[:, :fkey[0]]).split(plan.blocks[fkey])
     return {lkey: [built[fkey][i] for fkey, i in (plan.where[lkey, k] for k in range(len(lkey[0].cores)))]
             for lkey in plan.layouts}
+
+
+class _StackOfUsed(torch.autograd.Function):
+    """``torch.stack(tensors)`` whose backward gives the tensors of members a build never
+    handed out no gradient (None) instead of zeros: an optimizer skips a parameter without a
+    gradient, while zeros let momentum, Adam and weight decay move a layer no forward used
+    (another head of the model). ``handed`` (the build's set of handed-out ids) is read when
+    the backward runs, after the pass; ``owners`` names each tensor's member."""
+
+    @staticmethod
+    def forward(ctx, handed: set, owners: list, *tensors):
+        ctx.handed, ctx.owners = handed, owners
+        return torch.stack(tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        parts = grad.unbind(0)
+        return (None, None, *(part if need and owner in ctx.handed else None
+                              for part, owner, need in zip(parts, ctx.owners, ctx.needs_input_grad[2:])))
+
+
+def _stack(tensors: list[Tensor], owners: list[int], handed: set | None) -> Tensor:
+    """Stack members' factors: gated by ``handed`` (see :class:`_StackOfUsed`) where autograd
+    records, a plain ``torch.stack`` otherwise."""
+    if handed is None or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return torch.stack(tensors)
+    return _StackOfUsed.apply(handed, owners, *tensors)
 
 
 def _cat(tensors: list[Tensor]) -> Tensor:
