@@ -543,7 +543,10 @@ def parameterize(
             the layer's current weight; default for ``lowrank`` and the tensor formats;
             converts pretrained layers).
         frame_bank: build the weights of equal-shaped chain layers together (the default);
-            False builds each layer on its own (same values; for debugging and reference).
+            False builds each layer on its own (same values; for debugging and reference, and
+            needed under gradient checkpointing: ``torch.utils.checkpoint`` or timm's
+            ``set_grad_checkpointing`` recompute a block on its own in backward, where the
+            bank would build other tensors than the forward's, and torch refuses them).
         unrepresentable: a layer the method cannot represent (a reshaped format on a prime
             channel count): ``skip`` (warn naming the layers; they stay dense) or ``error``
             (a ValueError naming the first); None follows ``unrepresentable_policy``.
