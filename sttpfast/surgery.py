@@ -33,6 +33,7 @@ from sttpfast.params.layers import (
     parameterized_layers,
     parametrization_of,
     remove_weight_parametrization,
+    weight_first,
 )
 from sttpfast.params import MatrixView, WeightParametrization, default_init, method, method_of, resolve_param
 from sttpfast.params.tensorlayer import Unrepresentable, current_unrepresentable_policy, unrepresentable_policy
@@ -709,6 +710,7 @@ def _apply_atomically(plan, root: nn.Module | None = None) -> None:
             remove_weight_parametrization(module)
             remove_factorized_forward(module)
             module.weight = original
+            weight_first(module)
         raise
 
 

@@ -495,3 +495,13 @@ def test_a_zero_weight_under_spectral_init_gets_the_identity_init_with_a_warning
         model(x).square().mean().backward()
         opt.step()
     assert float(model[2].weight.abs().max()) > 0
+
+
+def test_densify_keeps_the_parameter_order():
+    # the weight came back after the bias ('0.bias', '0.weight', ...): an optimizer state,
+    # matched by position, no longer lined up
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    order = list(model.state_dict())
+    parameterize(model, "svdp-r", rank=2, keep_dense_if_no_gain=False)
+    dense = densify(model)
+    assert list(dense.state_dict()) == order and [n for n, _ in dense.named_parameters()] == order

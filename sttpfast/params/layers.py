@@ -14,7 +14,7 @@ from torch.nn.utils import parametrize
 
 __all__ = [
     "parametrization_of", "factors_of", "parameterized_layers", "layer_type",
-    "remove_weight_parametrization",
+    "remove_weight_parametrization", "weight_first",
 ]
 
 
@@ -87,3 +87,14 @@ def remove_weight_parametrization(module: nn.Module) -> None:
         weight = module.weight.detach()
         delattr(module, "weight")
         module.weight = nn.Parameter(weight, requires_grad=trainable)
+    weight_first(module)
+
+
+def weight_first(module: nn.Module) -> None:
+    """Put ``weight`` first among the module's parameters, where torch's layers define it:
+    registering it again appends it after ``bias``, and an optimizer state matched by position
+    would then no longer line up."""
+    params = module._parameters
+    if "weight" in params and next(iter(params)) != "weight":
+        order = ["weight", *(k for k in params if k != "weight")]
+        module._parameters = type(params)((k, params[k]) for k in order)
