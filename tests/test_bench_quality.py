@@ -119,3 +119,8 @@ def test_the_committed_converged_runs_are_read_back_under_the_default_budget(qua
     assert rows == [["dense", "-", "-", "100.00", "93.75", "93.91 / 93.59", "4102"],
                     ["sttp-r", "10", "14", "10.00", "92.67", "92.69 / 92.65", "3539"],
                     ["cp", "10", "15", "9.84", "92.59", "92.58 / 92.60", "2641"]]
+    # Tucker-2 at Z 10%, seed 0 (`--params tucker --targets 10 --seeds 0`; rank 8 gives Z 9.48%)
+    rows, _, runs = quality.classification_rows(_args(results, subset=0, epochs=15, seeds=[0], params=["tucker"]))
+    assert trained == [] and (runs.trained, runs.reused) == (0, 2)
+    assert rows == [["dense", "-", "-", "100.00", "93.91", "93.91", "3259"],
+                    ["tucker", "10", "8", "9.48", "92.15", "92.15", "4180"]]
