@@ -513,8 +513,11 @@ class _StackOfUsed(torch.autograd.Function):
 
 def _stack(tensors: list[Tensor], owners: list[int], handed: set | None) -> Tensor:
     """Stack members' factors: gated by ``handed`` (see :class:`_StackOfUsed`) where autograd
-    records, a plain ``torch.stack`` otherwise."""
-    if handed is None or not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+    records, a plain ``torch.stack`` otherwise, and under ``torch.compile``: AOT autograd traces
+    the backward before the pass has handed anything out, so the gate would drop every gradient
+    (a compiled step then gives an unused layer zeros, as before the gate)."""
+    if (handed is None or not torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or not any(t.requires_grad for t in tensors)):
         return torch.stack(tensors)
     return _StackOfUsed.apply(handed, owners, *tensors)
 
