@@ -182,25 +182,27 @@ def recalibrate_batchnorm(model: nn.Module, loader, batches: int = BN_BATCHES) -
     layers = {id(m) for _, m, _ in parameterized_layers(model)}
     if batches < 1 or not norms or not layers:
         return 0
-    chosen, seen_layer, momenta = {}, [False], {}
+    chosen, after_layer, momenta = {}, [False], {}
 
-    def before(module, args):
-        if id(module) in layers:
-            seen_layer[0] = True
-        elif id(module) not in chosen:  # a norm's first call decides: after a changed layer or not
-            chosen[id(module)] = seen_layer[0]
-            if seen_layer[0]:
-                momenta[id(module)] = module.momentum
+    def layer_runs(module, args):
+        after_layer[0] = True
+
+    def norm_runs(module, args):
+        key = id(module)
+        if key not in chosen:  # a norm's first call decides: after a changed layer or not
+            chosen[key] = after_layer[0]
+            if chosen[key]:
+                momenta[key] = module.momentum
                 module.reset_running_stats()
                 module.momentum = None  # cumulative average
-        module.train(chosen.get(id(module), False) and id(module) in norms)
+        module.train(chosen[key])
 
-    targets = [m for m in model.modules() if id(m) in norms or id(m) in layers]
-    hooks = [m.register_forward_pre_hook(before) for m in targets]
+    hooks = [m.register_forward_pre_hook(layer_runs if id(m) in layers else norm_runs)
+             for m in model.modules() if id(m) in norms or id(m) in layers]
     model.eval()
     try:
         for _, (x, _) in zip(range(batches), loader):
-            seen_layer[0] = False
+            after_layer[0] = False
             model(x)
     finally:
         for hook in hooks:

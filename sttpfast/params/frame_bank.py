@@ -220,21 +220,21 @@ class FrameBank:
                 members = [m for m in members if id(m[1]) not in sharded]
             if not any(id(p) == key for _, p in members):
                 return None  # this layer's parameters are sharded right now: it builds its own
-            # orthogonality needs full precision: never build frames under bf16/fp16 autocast
-            # the label lets a profile tell the weight build from the layers' own work
-            with frame_precision(factors_of(members[0][0])[0]), \
-                    record_function("sttpfast.weight_build"):
-                build = build_weights(members, self._plans)
+            build = self._build(members)
             self._weights.update(dict.fromkeys(build.ids, build))
         build = self._weights.get(key)
         if build is not None and torch.is_grad_enabled() and not build.grad_enabled:
             # built under no_grad earlier in this pass (a frozen part of the forward): a layer
             # asking with autograd on gets the same members' build again, with gradients
-            members = [self._member_of[i] for i in build.ids]
-            with frame_precision(factors_of(members[0][0])[0]), record_function("sttpfast.weight_build"):
-                build = build_weights(members, self._plans)
+            build = self._build([self._member_of[i] for i in build.ids])
             self._weights.update(dict.fromkeys(build.ids, build))
         return build
+
+    def _build(self, members: list[tuple[nn.Module, nn.Module]]) -> "BatchedBuild":
+        """The batched build of ``members``, in full precision (orthogonality needs it: never
+        under bf16/fp16 autocast), labelled so that a profile tells it from the layers' work."""
+        with frame_precision(factors_of(members[0][0])[0]), record_function("sttpfast.weight_build"):
+            return build_weights(members, self._plans)
 
     def _loose_weight(self, parametrization: nn.Module) -> "BatchedBuild | None":
         """The loose pass's build (module docstring) for ``parametrization``'s one hand-out,
@@ -246,9 +246,7 @@ class FrameBank:
             members = _live(self.scopes[0].members)  # the outermost scope: the root's, all layers, in order
             if _sharded_members(members):
                 return None
-            with frame_precision(factors_of(members[0][0])[0]), \
-                    record_function("sttpfast.weight_build"):
-                build = build_weights(members, self._plans)
+            build = self._build(members)
             spent = [False]
 
             def watch(tensor: Tensor) -> None:  # a backward through it frees the shared build graph
@@ -466,8 +464,7 @@ def build_weights(members: list[tuple[nn.Module, nn.Module]], plans: dict | None
     return BatchedBuild(members, plans)
 
 
-def _batched_frames(plan: BuildPlan, flats: list[tuple[Tensor, ...]], ids: list[int] | None = None,
-                    handed: set | None = None) -> dict:
+def _batched_frames(plan: BuildPlan, flats: list[tuple[Tensor, ...]], ids: list[int], handed: set) -> dict:
     """``{layout key: [frames of core k, (B, rows, cols)]}`` of the plan's layouts, one WY call
     per entry of ``plan.frame_calls``, from the members' flat factors ``flats``; ``ids`` (the
     members' parametrization ids) and ``handed`` gate the gradients (:class:`_StackOfUsed`)."""
@@ -476,7 +473,7 @@ def _batched_frames(plan: BuildPlan, flats: list[tuple[Tensor, ...]], ids: list[
         rows = call[-1][0][0]  # ascending: the call's frames are padded to its largest
         bottoms, tops = [], []
         for fkey, items in call:
-            owners = [ids[i] for i, _, _ in items] if ids is not None else []
+            owners = [ids[i] for i, _, _ in items]
             stacked = _stack([flats[i][b] for i, b, _ in items], owners, handed)
             # zero rows below a frame's own: its reflectors, and so its first rows, are the same
             bottoms.append(stacked if fkey[0] == rows else F.pad(stacked, (0, 0, 0, rows - fkey[0])))
@@ -511,13 +508,12 @@ class _StackOfUsed(torch.autograd.Function):
                               for part, owner, need in zip(parts, ctx.owners, ctx.needs_input_grad[2:])))
 
 
-def _stack(tensors: list[Tensor], owners: list[int], handed: set | None) -> Tensor:
+def _stack(tensors: list[Tensor], owners: list[int], handed: set) -> Tensor:
     """Stack members' factors: gated by ``handed`` (see :class:`_StackOfUsed`) where autograd
     records, a plain ``torch.stack`` otherwise, and under ``torch.compile``: AOT autograd traces
     the backward before the pass has handed anything out, so the gate would drop every gradient
     (a compiled step then gives an unused layer zeros, as before the gate)."""
-    if (handed is None or not torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or not any(t.requires_grad for t in tensors)):
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or not any(t.requires_grad for t in tensors):
         return torch.stack(tensors)
     return _StackOfUsed.apply(handed, owners, *tensors)
 
