@@ -411,12 +411,23 @@ def _scaled_ranks(param: str, layers, rank_scale: float) -> dict[str, int]:
     return {name: max(1, round(rank_scale * _useful_rank(param, m))) for name, m in layers}
 
 
+def _check_no_fixed_rows(entry, module: nn.Module) -> None:
+    """An Embedding with ``padding_idx`` keeps that row at zero (zero at init, never a gradient).
+    A factorized weight builds the row from factors the other rows share, so it cannot: the
+    row would start non-zero and drift. ``sn`` (a dense weight over its norm) keeps it."""
+    padding = getattr(module, "padding_idx", None) if isinstance(module, nn.Embedding) else None
+    if padding is not None and entry.compresses:
+        raise Unrepresentable(f"an Embedding with padding_idx={padding} keeps that row at zero, "
+                              "which a factorized weight cannot")
+
+
 def _screen_representable(param: str, layers, policy: str):
     """``(layers the method can represent, [(name, reason)] of the others)``; with policy
     ``error`` the first one it cannot represent is a ValueError naming it."""
     entry, keep, skipped = method(param), [], []
     for name, module in layers:
         try:
+            _check_no_fixed_rows(entry, module)
             with unrepresentable_policy("error"):
                 entry.count_dof(tuple(module.weight.shape), _transposed(module), None)
         except Unrepresentable as err:

@@ -505,3 +505,31 @@ def test_densify_keeps_the_parameter_order():
     parameterize(model, "svdp-r", rank=2, keep_dense_if_no_gain=False)
     dense = densify(model)
     assert list(dense.state_dict()) == order and [n for n, _ in dense.named_parameters()] == order
+
+
+@pytest.mark.parametrize("param", ["sttp-r", "svdp-r", "lowrank", "cp"])
+def test_an_embedding_with_a_padding_index_stays_dense_or_is_refused(param):
+    """nn.Embedding keeps its padding row at zero (zero at init, no gradient). A factorized
+    weight cannot: the row is built from factors other rows share, so it was 1 at identity
+    init and drifted in training. Such a layer is unrepresentable: left dense with a warning
+    (the default), or refused with unrepresentable='error'."""
+    model = nn.Sequential(nn.Embedding(12, 8, padding_idx=0), nn.Linear(8, 6))
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) stay dense: .*'0'.*padding_idx=0"):
+        report = parameterize(model, param, rank=4)
+    assert not parametrize.is_parametrized(model[0], "weight")
+    assert parametrize.is_parametrized(model[1], "weight")
+    assert [row.name for row in report.rows] == ["1"]
+    assert torch.count_nonzero(model[0].weight[0]) == 0
+    fresh = nn.Sequential(nn.Embedding(12, 8, padding_idx=0))
+    with pytest.raises(ValueError, match=r"cannot represent layer '0'.*padding_idx=0"):
+        parameterize(fresh, param, rank=4, unrepresentable="error")
+    assert not parametrize.is_parametrized(fresh[0], "weight")
+
+
+def test_spectral_normalization_keeps_an_embedding_padding_row_at_zero():
+    """sn divides the dense weight by its norm: a zero row stays zero, so it is allowed."""
+    model = nn.Sequential(nn.Embedding(12, 8, padding_idx=0))
+    parameterize(model, "sn")
+    out = model(torch.tensor([[0, 3, 5]]))
+    out.sum().backward()
+    assert torch.count_nonzero(model[0].weight[0]) == 0
