@@ -512,8 +512,10 @@ def _stack(tensors: list[Tensor], owners: list[int], handed: set) -> Tensor:
     """Stack members' factors: gated by ``handed`` (see :class:`_StackOfUsed`) where autograd
     records, a plain ``torch.stack`` otherwise, and under ``torch.compile``: AOT autograd traces
     the backward before the pass has handed anything out, so the gate would drop every gradient
-    (a compiled step then gives an unused layer zeros, as before the gate)."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or not any(t.requires_grad for t in tensors):
+    (a compiled step then gives an unused layer zeros, as before the gate). Under torch.func's
+    transforms too (they take gradients of every input; the gate is not in their form)."""
+    if (not torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or not any(t.requires_grad for t in tensors)):
         return torch.stack(tensors)
     return _StackOfUsed.apply(handed, owners, *tensors)
 
