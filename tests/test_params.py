@@ -4,6 +4,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sttpfast import parameterize
 from sttpfast.params import (
     PARAMETRIZATIONS,
     LowRank,
@@ -371,3 +372,21 @@ def test_registry_entries_say_what_each_method_offers():
     with pytest.raises(ValueError, match="^parameterization name 'sttp' is already registered by 'sttp-l'$"):
         register_method(Method(name="my-sttp", aliases=("sttp",), apply=None, count_dof=None))
     assert "my-sttp" not in methods()
+
+
+@pytest.mark.parametrize("param,shape,sign", [
+    ("svdp-r", (16, 16, 1), 1.0), ("sttp-r", (16, 16, 1), -1.0), ("sttp-c", (16, 16, 3), -1.0),
+    ("sttp-r", (16, 3, 3), 1.0), ("sttp-r", (12, 12, 1), -1.0), ("sttp-r", (32, 16, 3), 1.0),
+])
+def test_identity_init_is_the_identity_pattern_with_the_chains_sign(param, shape, sign):
+    """Every frame starts near -E (reflectors Y ~ E): W = (-1)^(number of frames) E-pattern.
+    SVDP has two frames; an STTP chain one per mode (C_out's primes, C_in's, the kernel mode,
+    a 1x1 kernel's too), so a 16 -> 16 1x1 conv (4 + 5 cores) starts at -I (README says so)."""
+    out, cin, k = shape
+    model = nn.Sequential(nn.Conv2d(cin, out, k, bias=False))
+    parameterize(model, param, rank=64)
+    w = model[0].weight.detach().reshape(out, -1)
+    big = w[w.abs() > 0.5]
+    assert len(big) == min(out, cin * k * k)
+    assert torch.all(big.sign() == sign)
+    torch.testing.assert_close(big.abs(), torch.ones_like(big), atol=1e-3, rtol=0)
