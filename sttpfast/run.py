@@ -238,8 +238,11 @@ def check_global_batch(run_dir: Path, meta: dict, processes: int, bs: int, key: 
                    f"and the learning-rate schedule would change. Resume with {_processes(before)}{keep}")
 
 
-def check_budget(run_dir: Path, meta: dict, steps: int | None, epochs: int | None = None) -> None:
-    """Refuse a resume budget below what the checkpoint ``meta`` already trained (RunError)."""
+def check_budget(run_dir: Path, meta: dict, steps: int | None, epochs: int | None = None,
+                 budget_steps: int | None = None, budget_epochs: int | None = None) -> None:
+    """Refuse a resume budget below what the checkpoint ``meta`` already trained, or below the
+    run's own budget in the same unit (``budget_steps``, else ``budget_epochs``): a lower one
+    would cut the learning-rate schedule short mid-way (RunError)."""
     done = meta["train_iter"]
     if steps is not None and steps < done:
         raise RunError(f"{run_dir} has trained {done} steps: a resume can only raise the budget "
@@ -250,6 +253,12 @@ def check_budget(run_dir: Path, meta: dict, steps: int | None, epochs: int | Non
             where = f"into epoch {least}" if meta["skip"] else f"{least} epochs"
             raise RunError(f"{run_dir} has trained {done} steps, {where}: a resume can only raise the budget "
                            f"(--epochs {epochs} is below them)")
+    if steps is not None and budget_steps is not None and steps < budget_steps:
+        raise RunError(f"{run_dir} has a budget of {budget_steps} steps ({done} trained): a resume can only "
+                       f"raise the budget (--steps {steps} is below it)")
+    if epochs is not None and budget_steps is None and budget_epochs is not None and epochs < budget_epochs:
+        raise RunError(f"{run_dir} has a budget of {budget_epochs} epochs ({done} steps trained): a resume can "
+                       f"only raise the budget (--epochs {epochs} is below it)")
 
 
 def _raise_budget(cfg: dict, steps: int | None, epochs: int | None) -> bool:
@@ -295,7 +304,7 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
             done = state["meta"]
             if done.get("app") == "gan":
                 raise RunError(f"{run_dir} is a GAN run; resume it with: sttpfast gan --resume {run_dir}")
-            check_budget(run_dir, done, steps, epochs)
+            check_budget(run_dir, done, steps, epochs, cfg["optim"]["steps"], cfg["optim"]["epochs"])
             budget_raised = _raise_budget(cfg, steps, epochs)
             finished = finished_summary(run_dir, done) if _finished(cfg, done) else None
             if finished is not None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from sttpfast.atomic import CRASH_POINTS, STALL_SECONDS, checkpoints, verify_checkpoint
 from sttpfast.config import build_config
-from sttpfast.run import RunError, run_training
+from sttpfast.run import RunError, check_budget, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.arch=wrn16_4", "model.kwargs.depth=10", "model.kwargs.width=1", "model.kwargs.drop_rate=0.3"]
@@ -235,6 +235,32 @@ def test_a_resume_below_the_steps_already_trained_is_refused_and_changes_nothing
     assert str(err.value) == (f"{run} has trained 6 steps, into epoch 2: a resume can only raise the budget "
                               "(--epochs 1 is below them)")
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
+
+
+def test_resuming_an_unfinished_run_below_its_configured_budget_is_refused(tmp_path):
+    """A 10-step run killed after step 5: --steps 7 is above the steps trained but below the
+    run's own budget, which would cut the one-cycle schedule short mid-way (README: a resume
+    never lowers the budget). Refused, nothing changed; --steps 10 or more continues."""
+    run = tmp_path / "cut"
+    _killed(lambda: run_training(_cfg(tmp_path, "cut", STEPS, "train.checkpoint_every=1"),
+                                 extra_cbs=[KillAfterStep(5)], echo=quiet))
+    before = {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"}
+    with pytest.raises(RunError) as err:
+        run_training(resume=run, steps=7, echo=quiet)
+    assert str(err.value) == (f"{run} has a budget of 10 steps (5 trained): a resume can only raise the budget "
+                              "(--steps 7 is below it)")
+    assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
+    assert run_training(resume=run, steps=10, echo=quiet)["steps"] == 10
+
+
+def test_an_epoch_budget_below_the_runs_own_is_refused_too(tmp_path):
+    meta = {"train_iter": 8, "epoch": 2, "skip": 0}
+    with pytest.raises(RunError) as err:
+        check_budget(tmp_path, meta, None, 3, budget_steps=None, budget_epochs=5)
+    assert str(err.value) == (f"{tmp_path} has a budget of 5 epochs (8 steps trained): a resume can only raise "
+                              "the budget (--epochs 3 is below it)")
+    check_budget(tmp_path, meta, None, 5, budget_steps=None, budget_epochs=5)
+    check_budget(tmp_path, meta, None, 3, budget_steps=20, budget_epochs=5)  # --epochs replaces a step budget
 
 
 def test_epochs_on_resume_replace_a_step_budget_even_when_equal_to_the_configs_epochs(tmp_path):

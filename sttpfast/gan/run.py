@@ -243,7 +243,7 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
             run_dir, cfg, state = resume_config(resume, echo, command="gan")
             if state["meta"].get("app") != "gan":
                 raise RunError(f"{run_dir} is not a GAN run; resume it with: sttpfast train --resume {run_dir}")
-            check_budget(run_dir, state["meta"], steps)
+            check_budget(run_dir, state["meta"], steps, budget_steps=cfg["gan"]["steps"])
             budget_raised = steps is not None and steps != cfg["gan"]["steps"]
             if budget_raised:
                 cfg["gan"]["steps"] = int(steps)
