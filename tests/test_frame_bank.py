@@ -149,3 +149,24 @@ def test_the_build_plan_is_made_once_and_redone_when_the_factors_change_dtype():
         assert torch.allclose(out, plain(x.float()), rtol=1e-4, atol=1e-5)
         assert torch.allclose(out.double(), first, rtol=1e-4, atol=1e-5)
         assert frame_bank_of(copy.deepcopy(model))._plans == {}
+
+
+@pytest.mark.parametrize("arch", ["resnet20_cifar", "resnet18"])
+def test_gradient_checkpointing_with_the_bank_gives_the_gradients_without_it(arch):
+    """timm's set_grad_checkpointing recomputes a block in the backward pass; torch checks that
+    the recomputation saves tensors of the forward's shapes. The bank's batched build ran
+    again there (a block's own build, or the whole tree's) and saved its frames: torch
+    refused ("tensor at position 1: saved [8, 512, 3, 3], recomputed [28, 8, 8]"). The build
+    keeps its saved tensors out of the checkpoint's; gradients equal the plain model's."""
+    torch.manual_seed(0)
+    plain = timm.create_model(arch, num_classes=5).double().train()
+    sttpfast.parameterize(plain, "sttp-r", rank=4)
+    perturbed(plain)
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.double)
+    plain(x).square().sum().backward()
+    ckpt(x).square().sum().backward()
+    grads = dict(plain.named_parameters())
+    for name, p in ckpt.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)

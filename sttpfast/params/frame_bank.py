@@ -188,14 +188,15 @@ class FrameBank:
         return self._hand_out(parametrization, "factors")
 
     def _hand_out(self, parametrization: nn.Module, form: str):
-        build = self.build_of(parametrization)
+        with _own_saved_tensors():
+            build = self.build_of(parametrization)
         if build is None:
             return None
         # one hand-out per layer call: enter autocast(enabled=False) only where autocast is on
         kind = build.device.type
         off = torch.autocast(kind, enabled=False) if kind != "meta" and torch.is_autocast_enabled(kind) \
             else contextlib.nullcontext()
-        with off, _label("sttpfast.weight_build"):
+        with off, _label("sttpfast.weight_build"), _own_saved_tensors():
             return build.weight(id(parametrization)) if form == "weight" else build.factors(id(parametrization))
 
     def build_of(self, parametrization: nn.Module) -> "BatchedBuild | None":
@@ -268,6 +269,23 @@ class FrameBank:
         _log.info("frame bank: the model is sharded (FSDP2): %d of %d layers are not gathered at this "
                   "module's forward; each FSDP unit builds its own layers, batched, when its forward "
                   "gathers them (a layer used while sharded builds its weight on its own)", n_sharded, n_members)
+
+
+def _keep(tensor: Tensor) -> Tensor:
+    return tensor
+
+
+def _own_saved_tensors():
+    """Keep the build's saved tensors under identity saved-tensor hooks when other hooks are
+    active: gradient checkpointing (timm's ``set_grad_checkpointing``) recomputes a block in
+    the backward pass and checks that it saves tensors of the forward's shapes, but the
+    bank's build runs at other places in the two (the whole tree's build in the forward, the
+    block's own in the recomputation). With its saved tensors kept out of the checkpoint's,
+    both save the layers' tensors alone (a weight's shape is the same either way)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if torch.compiler.is_compiling() or (top is not None and top(False) is None):
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_keep, _keep)
 
 
 def _label(name: str):
