@@ -190,14 +190,14 @@ class FrameBank:
     def _hand_out(self, parametrization: nn.Module, form: str):
         with _own_saved_tensors():
             build = self.build_of(parametrization)
-        if build is None:
-            return None
-        # one hand-out per layer call: enter autocast(enabled=False) only where autocast is on
-        kind = build.device.type
-        off = torch.autocast(kind, enabled=False) if kind != "meta" and torch.is_autocast_enabled(kind) \
-            else contextlib.nullcontext()
-        with off, _label("sttpfast.weight_build"), _own_saved_tensors():
-            return build.weight(id(parametrization)) if form == "weight" else build.factors(id(parametrization))
+            if build is None:
+                return None
+            # one hand-out per layer call: enter autocast(enabled=False) only where autocast is on
+            kind = build.device.type
+            off = torch.autocast(kind, enabled=False) if kind != "meta" and torch.is_autocast_enabled(kind) \
+                else contextlib.nullcontext()
+            with off, _label("sttpfast.weight_build"):
+                return build.weight(id(parametrization)) if form == "weight" else build.factors(id(parametrization))
 
     def build_of(self, parametrization: nn.Module) -> "BatchedBuild | None":
         """The batched build that holds ``parametrization``, or None outside a pass of its
