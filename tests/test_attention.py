@@ -293,3 +293,45 @@ def test_cli_attention_of_a_kind_sttpfast_does_not_factor_says_so(tmp_path):
         "Error: MaxxVit's attention (Attention2d) is not a kind sttpfast factors: --attention takes timm's ViT / "
         "Swin attention (a fused qkv Linear, num_heads and a proj Linear)"]
     assert not any(tmp_path.iterdir())
+
+
+def _small(arch: str) -> nn.Module:
+    torch.manual_seed(0)
+    return perturbed(timm.create_model(arch, num_classes=5, img_size=28, depth=2))
+
+
+def test_qk_ov_refuses_rotary_position_embeddings_and_changes_nothing():
+    """EVA-02 / RoPE ViTs rotate q and k by position before the product, so the query-key
+    form is not W_Q^T W_K there: qk-ov changed the model (relative output error 0.69 on
+    trained-scale weights) without a word. Refused; q-k-v (three Linears) keeps the function."""
+    for arch in ("eva02_tiny_patch14_224", "vit_small_patch16_rope_224"):
+        model = _small(arch)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ValueError, match=r"^attention block 'blocks.0.attn' rotates q and k by position "
+                                             r"\(rotary embeddings\): its query-key form is not a product$"):
+            parameterize_attention(model, "qk-ov")
+        assert not any(parametrize.is_parametrized(m) for m in model.modules())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
+def test_q_k_v_runs_blocks_that_read_the_fused_weight_and_keeps_the_function(arch):
+    """EVA and BEiT call F.linear(x, self.qkv.weight, q/k/v biases) on the fused layer: after
+    split_qkv that raised AttributeError ('SplitQKV' object has no attribute 'weight')."""
+    model = _small(arch)
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    expected = model(x)
+    parameterize_attention(model, "q-k-v")
+    torch.testing.assert_close(model(x), expected, rtol=1e-12, atol=1e-12)
+    parameterize(model, "svdp-r", rank=4, include=["*.qkv.q", "*.qkv.k", "*.qkv.v"])
+    assert model(x).shape == (2, 5)
+
+
+def test_qk_ov_moves_separate_q_and_v_biases_as_it_moves_a_fused_bias():
+    """BEiT keeps its query and value biases as q_bias / v_bias beside a bias-free qkv: qk-ov
+    left them where the factored forms do not keep the function (wrong at full rank)."""
+    model = _small("beit_base_patch16_224")
+    x = torch.randn(2, 3, 28, 28, dtype=torch.float64)
+    expected = model(x)
+    parameterize_attention(model, "qk-ov")
+    torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)

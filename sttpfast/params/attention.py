@@ -30,14 +30,19 @@ keeps the function: the query bias acts only through ``x_j W_K^h^T b_q^h`` (the 
 terms are constant over the keys and cancel in the softmax), so the new ``b_q`` solves
 ``R_h b_q = W_K^h^T b_q^h`` (exact at full rank); the key bias cancels in the softmax (set
 to 0); the value bias adds ``W_O^h b_v^h`` to every output (attention rows sum to 1), so it
-is folded into ``proj.bias`` (or solved for like ``b_q`` when ``proj`` has no bias).
+is folded into ``proj.bias`` (or solved for like ``b_q`` when ``proj`` has no bias). BEiT and
+EVA keep these biases as ``q_bias`` / ``k_bias`` / ``v_bias`` beside a bias-free ``qkv``: they
+are moved the same way.
 
-Blocks it fits: timm's ``Attention`` (ViT, DeiT, EVA...) and Swin's ``WindowAttention``: a
-fused ``qkv`` Linear, ``num_heads``, a ``proj`` Linear, and no normalization or gate
-between the projections and the products (``qk_norm``, ``scale_norm`` and gated
-attention are refused: the forms are not products there).
+Blocks it fits: timm's ``Attention`` (ViT, DeiT, BEiT, EVA...) and Swin's ``WindowAttention``:
+a fused ``qkv`` Linear, ``num_heads``, a ``proj`` Linear, and no normalization, gate or
+position rotation between the projections and the products (``qk_norm``, ``scale_norm``,
+gated attention and rotary position embeddings, EVA-02's and the RoPE ViTs', are refused:
+the forms are not products there; ``q-k-v`` keeps their function).
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -225,8 +230,18 @@ def _block_shape(module: nn.Module) -> tuple[int, int] | None:
     return heads, width // (3 * heads)
 
 
-def _refusal(name: str, module: nn.Module) -> str | None:
-    """Why the block's forms are not products (a norm or gate in between), or None."""
+def _uses_rope(model: nn.Module) -> bool:
+    """The model holds a rotary position embedding (timm's ``RotaryEmbedding*``: EVA-02, the
+    RoPE ViTs), which it passes to its attention blocks' ``forward(x, rope=...)``."""
+    return any("Rotary" in type(m).__name__ for m in model.modules())
+
+
+def _refusal(name: str, module: nn.Module, rope: bool = False) -> str | None:
+    """Why the block's forms are not products (a norm, gate or position rotation in between),
+    or None. ``rope``: the model has rotary embeddings (:func:`_uses_rope`)."""
+    if rope and "rope" in inspect.signature(type(module).forward).parameters:
+        return (f"attention block {name!r} rotates q and k by position (rotary embeddings): its query-key form "
+                "is not a product")
     for attr in ("q_norm", "k_norm", "norm"):
         sub = getattr(module, attr, None)
         if sub is not None and not isinstance(sub, nn.Identity):
@@ -284,8 +299,9 @@ def parameterize_attention(model: nn.Module, form: str = "qk-ov", rank: int | No
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ValueError(f"rank per head must be a positive integer, got {rank!r}")
     blocks = _blocks_or_refuse(model)
+    rope = _uses_rope(model)
     for name, block, _, _ in blocks:
-        reason = _refusal(name, block)
+        reason = _refusal(name, block, rope)
         if reason is None and (parametrize.is_parametrized(block.qkv) or parametrize.is_parametrized(block.proj)):
             reason = f"attention block {name!r} is already parameterized"
         if reason is not None:
@@ -297,6 +313,29 @@ def parameterize_attention(model: nn.Module, form: str = "qk-ov", rank: int | No
     return names
 
 
+def _qkv_bias(block: nn.Module) -> Tensor | None:
+    """The block's q, k, v biases as one ``(3 H hd,)`` tensor: ``qkv.bias``, or BEiT's / EVA's
+    ``q_bias``, ``k_bias`` (a zero buffer, or None) and ``v_bias`` beside a bias-free qkv."""
+    if block.qkv.bias is not None:
+        return block.qkv.bias
+    q, v = getattr(block, "q_bias", None), getattr(block, "v_bias", None)
+    if q is None or v is None:
+        return None
+    k = getattr(block, "k_bias", None)
+    return torch.cat((q, torch.zeros_like(q) if k is None else k, v))
+
+
+def _set_qkv_bias(block: nn.Module, q: Tensor, v: Tensor) -> None:
+    """Write the moved query and value biases (the key bias becomes 0) where the block keeps them."""
+    if block.qkv.bias is not None:
+        block.qkv.bias.copy_(torch.cat((q, torch.zeros_like(q), v)))
+        return
+    block.q_bias.copy_(q)
+    block.v_bias.copy_(v)
+    if getattr(block, "k_bias", None) is not None:
+        block.k_bias.zero_()
+
+
 @torch.no_grad()
 def _factorize_block(block: nn.Module, heads: int, hd: int, r: int) -> None:
     """Spectral init from the block's products, biases moved where the forms keep the function."""
@@ -306,8 +345,9 @@ def _factorize_block(block: nn.Module, heads: int, hd: int, r: int) -> None:
     wo = proj.weight.reshape(d_out, heads, hd).transpose(0, 1)  # (H, d_out, hd)
     left, right = product_factors(wq.transpose(1, 2), wk, r)      # M_h = W_Q^h^T W_K^h
     out_left, value = product_factors(wo, wv, r)                  # N_h = W_O^h W_V^h
-    if qkv.bias is not None:
-        bq, bk, bv = (b.reshape(heads, hd) for b in qkv.bias.chunk(3, 0))
+    fused_bias = _qkv_bias(block)
+    if fused_bias is not None:
+        bq, bk, bv = (b.reshape(heads, hd) for b in fused_bias.chunk(3, 0))
         new_q = torch.zeros_like(bq)
         key_term = (wk.transpose(1, 2) @ bq.unsqueeze(-1)).double()  # (H, d, 1): W_K^h^T b_q^h
         new_q[:, :r] = torch.linalg.lstsq(right.double(), key_term).solution.squeeze(-1).to(bq.dtype)
@@ -318,7 +358,7 @@ def _factorize_block(block: nn.Module, heads: int, hd: int, r: int) -> None:
         else:
             new_v[:, :r] = torch.linalg.lstsq(out_left.double(), out_term.double().unsqueeze(-1)
                                               ).solution.squeeze(-1).to(bv.dtype)
-        qkv.bias.copy_(torch.cat([new_q.reshape(-1), torch.zeros_like(bk).reshape(-1), new_v.reshape(-1)]))
+        _set_qkv_bias(block, new_q.reshape(-1), new_v.reshape(-1))
     p_qkv = QKVHeadForms(tuple(qkv.weight.shape), (heads, r))
     p_proj = OutHeadForm(tuple(proj.weight.shape), (heads, r))
     p_qkv.pending, p_proj.pending = (left, right, value), (out_left,)
@@ -360,6 +400,20 @@ class SplitQKV(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat((self.q(x), self.k(x), self.v(x)), -1)
+
+    # blocks that call F.linear(x, self.qkv.weight, their own biases) (EVA, BEiT) read these:
+    # the fused matrix built from the three (parameterized or not) parts, so gradients reach them
+    @property
+    def weight(self) -> Tensor:
+        """``(3 A, d)``: ``[q.weight; k.weight; v.weight]``."""
+        return torch.cat((self.q.weight, self.k.weight, self.v.weight), 0)
+
+    @property
+    def bias(self) -> Tensor | None:
+        """``(3 A,)`` or None (a bias-free fused layer)."""
+        if self.q.bias is None:
+            return None
+        return torch.cat((self.q.bias, self.k.bias, self.v.bias), 0)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features} (q, k, v)"
