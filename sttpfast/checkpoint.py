@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import timm
@@ -29,9 +30,29 @@ def _architecture(model: nn.Module) -> str | None:
     return cfg.get("architecture")
 
 
+def _as_json(value):
+    """``value`` as JSON data (tuples as lists: timm takes either), or raise TypeError."""
+    if isinstance(value, (tuple, list)):
+        return [_as_json(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _as_json(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(type(value).__name__)
+
+
 def _jsonable_args(model: nn.Module) -> dict:
-    args = getattr(model, "_model_args", {}) or {}
-    return {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+    """The model's timm creation arguments (``_model_args``) that the file can hold; the others
+    are named in a warning (the file then rebuilds the model without them)."""
+    out = {}
+    for key, value in (getattr(model, "_model_args", {}) or {}).items():
+        try:
+            out[key] = _as_json(value)
+        except TypeError:
+            shown = getattr(value, "__name__", type(value).__name__)
+            warnings.warn(f"save_parameterized: the model argument {key} ({shown}) is not JSON: the file "
+                          "rebuilds the model without it", stacklevel=3)
+    return out
 
 
 def save_parameterized(model: nn.Module, path: str | os.PathLike, metadata: dict | None = None,

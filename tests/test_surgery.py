@@ -313,6 +313,28 @@ def test_checkpoint_round_trip_rebuilds_the_model(tmp_path):
     assert sttpfast.parameterization_spec(into_dense) == sttpfast.parameterization_spec(model)
 
 
+def test_checkpoint_keeps_tuple_model_arguments_and_warns_about_ones_it_cannot_store(tmp_path):
+    """timm documents tuples (out_indices=(2, 4), img_size=(H, W)): they were dropped, so the
+    file rebuilt another model (5 feature maps instead of 2, or a load error). A value JSON
+    cannot hold (a class) is named in a warning: the file rebuilds without it."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", in_chans=1, features_only=True, out_indices=(2, 4)).eval()
+    parameterize(model, "sttp-r", rank=4)
+    path = save_parameterized(model, tmp_path / "f.safetensors")
+    loaded = load_parameterized(path).eval()
+    x = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():
+        got, want = loaded(x), model(x)
+    assert [t.shape for t in got] == [t.shape for t in want] == [(1, 128, 4, 4), (1, 512, 1, 1)]
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=(32, 48), depth=1, num_classes=3)
+    assert load_parameterized(save_parameterized(vit, tmp_path / "v.safetensors")).pos_embed.shape == (1, 7, 192)
+    relu6 = timm.create_model("resnet18", num_classes=3, act_layer=nn.ReLU6)
+    with pytest.warns(UserWarning, match=r"^save_parameterized: the model argument act_layer \(ReLU6\) is not "
+                                         r"JSON: the file rebuilds the model without it$"):
+        save_parameterized(relu6, tmp_path / "g.safetensors")
+
+
 def test_checkpoint_mismatch_says_what_differs(tmp_path):
     model = timm.create_model("resnet20_cifar", num_classes=10)
     parameterize(model, "sttp-r", rank=6)
