@@ -336,6 +336,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     """
     from sttpfast.config import coerce
     from sttpfast.data import get_dls
+    from sttpfast.learner import fit_dls_as_trained
     from sttpfast.run import COMPRESS_REPORT, check_output, prepare_run_dir, run_training, say_warnings
     from sttpfast.surgery import check_rank_useful, compression_report, parameterize
 
@@ -374,6 +375,8 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     d = cfg["data"]
     dls = get_dls(d["name"], data_dir=d["data_dir"], bs=d["bs"], subset=d["subset"], download=d["download"],
                   num_workers=d["num_workers"], seed=cfg["train"]["seed"], augment=d["augment"])
+    # the images the teacher was trained on: its run's --img-size, or the resize training chose
+    fit_dls_as_trained(dls, cfg["model"]["arch"], d.get("img_size"), cfg["model"]["kwargs"])
     dense_z = compression_report(teacher).z
     result = {"teacher": str(run_dir.resolve()), "param": param, "rank": report.rank, "plan": report.plan,
               "requested_phases": list(phases),

@@ -201,10 +201,22 @@ def default_callbacks(param: str, d_optimal: float = 1.0, frobenius_decay: float
     return cbs
 
 
-def _model_for_data(arch: str, dls, img_size: int | None, model_kwargs: dict | None, echo) -> nn.Module:
+def fit_dls_as_trained(dls, arch: str, img_size: int | None, model_kwargs: dict | None) -> None:
+    """Fit ``dls`` (in place) as a training run of ``arch`` with these settings fitted its
+    loaders: the same resize and normalization (``sttpfast compress`` evaluates, re-estimates
+    and distils its teacher on them). The model built to find the size is dropped; pretrained
+    weights are not loaded for it."""
+    kwargs = dict(model_kwargs or {})
+    pretrained = bool(kwargs.pop("pretrained", False))
+    _model_for_data(arch, dls, img_size, kwargs, None, pretrained=pretrained)
+
+
+def _model_for_data(arch: str, dls, img_size: int | None, model_kwargs: dict | None, echo,
+                    pretrained: bool | None = None) -> nn.Module:
     """``arch`` built for the data's images; the loaders are fitted to it (resized to the size
-    it needs, normalized as its cfg says when it has weights). One ValueError when no size
-    works, before any run folder exists."""
+    it needs, normalized as its cfg says when it has weights: ``pretrained``, by default the
+    ``pretrained`` model argument). One ValueError when no size works, before any run folder
+    exists."""
     from sttpfast.data.model_config import fit_dls_to_model
     from sttpfast.models.input_size import create_for_data
 
@@ -217,7 +229,8 @@ def _model_for_data(arch: str, dls, img_size: int | None, model_kwargs: dict | N
         return create_model(arch, in_chans=chans, img_size=img_size if img_size is not None
                             else kwargs.pop("img_size", None), **kwargs)
     model, fitted = create_for_data(arch, chans, size, img_size=img_size, **kwargs)
-    changed = fit_dls_to_model(dls, model, fitted, pretrained=bool(kwargs.get("pretrained")))
+    changed = fit_dls_to_model(dls, model, fitted,
+                               pretrained=bool(kwargs.get("pretrained")) if pretrained is None else pretrained)
     if "resize" in changed and img_size is None and kwargs.get("img_size") is None and echo is not None:
         side = size if isinstance(size, int) else size[0]
         echo(f"resizing the {side}x{side} images to {fitted}x{fitted}: the smallest size {arch} accepts "

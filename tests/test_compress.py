@@ -187,6 +187,33 @@ def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(dense_r
                     tmp_path)
 
 
+def test_an_output_folder_in_an_existing_folder_that_takes_none_is_refused_before_any_work(dense_run, tmp_path):
+    # /proc exists but takes no folder: found only when the run folder was made, after phase 1
+    result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0,1", "--distill-steps", "1",
+                  "--out", "/proc/sttpfast-nope")
+    _one_error_line(result, "Error: cannot write to output folder /proc/sttpfast-nope: No such file or directory",
+                    tmp_path)
+
+
+def test_compress_feeds_the_teacher_the_image_size_it_was_trained_at(tmp_path):
+    """A run trained with --img-size 32 on 16 px digits: compress evaluated (and re-estimated
+    BatchNorm, distilled) at 16 px, so its 'dense' accuracy was not the run's. At full rank
+    the converted student is the teacher: phase 0 (teacher's statistics) equals it too."""
+    from sttpfast.run import run_training
+
+    cfg, _ = build_config(overrides=[
+        "data.name=digits", "data.bs=64", "data.subset=256", "data.img_size=32", "param.name=dense",
+        "optim.steps=8", "optim.opt=adam", "optim.lr=0.01", "log.logger=none", "log.progress=false",
+        f"train.out={tmp_path}", "train.name=d32", "model.kwargs={base_width: 4}"])
+    trained = run_training(cfg, echo=lambda *a: None)["metrics"]["accuracy"]
+    result = _cli(tmp_path / "d32", "--param", "svdp-r", "--rank", "16", "--phases", "0", "--bn-batches", "0",
+                  "--out", str(tmp_path / "c"))
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "c" / "compress_report.json").read_text())
+    assert report["dense"]["accuracy"] == pytest.approx(trained, abs=1e-6)
+    assert report["phases"]["0"]["accuracy"] == pytest.approx(trained, abs=1e-6)
+
+
 def test_a_non_finite_loss_in_phase_2_is_exit_1_and_keeps_the_phases_results(dense_run, tmp_path):
     # it ended in a TypeError traceback (formatting a missing accuracy) and left no report
     result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0,2", "--steps", "4",
