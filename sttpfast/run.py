@@ -418,7 +418,7 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
         say(f"rank {report.rank} gives Z = {report.z:.2f}%")  # the shared rank the target chose
     if report.plan:  # per-layer ranks: print the plan and keep it with the run
         say(report.plan_table())
-        if main:
+        if main and state is None:  # a resume keeps the run's own (the energies its plan chose by)
             write_file(run_dir / "rank_plan.json", json.dumps(report.plan, indent=2))
     if report.left_dense:  # --compression left some layers dense: which and why, before training
         say(report.left_dense_table())

@@ -214,6 +214,20 @@ def test_compress_feeds_the_teacher_the_image_size_it_was_trained_at(tmp_path):
     assert report["phases"]["0"]["accuracy"] == pytest.approx(trained, abs=1e-6)
 
 
+def test_resuming_a_compressed_run_keeps_the_energies_of_its_rank_plan(dense_run, tmp_path):
+    """The energy plan's rank_plan.json (each layer's retained energy) was rewritten by
+    `train --resume` from the per-layer ranks alone: every energy became null."""
+    out = tmp_path / "energy"
+    result = _cli(dense_run, "--param", "tucker", "--compression", "30", "--plan", "energy", "--phases", "0,2",
+                  "--steps", "2", "--bn-batches", "1", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "rank_plan.json").read_text())
+    assert all(isinstance(row["energy"], float) for row in plan)
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(out), "--steps", "3"])
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads((out / "rank_plan.json").read_text()) == plan
+
+
 def test_a_non_finite_loss_in_phase_2_is_exit_1_and_keeps_the_phases_results(dense_run, tmp_path):
     # it ended in a TypeError traceback (formatting a missing accuracy) and left no report
     result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0,2", "--steps", "4",
