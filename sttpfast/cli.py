@@ -29,6 +29,8 @@ from sttpfast.processes import is_main_rank
 __all__ = ["main", "CLIError"]
 
 INTERRUPTED = "interrupted before training started; nothing was written"
+COMPRESS_INTERRUPTED = ("interrupted before phase 2's training started (in phases 0-1 or the start-up); nothing "
+                        "was written")
 
 
 class CLIError(click.ClickException):
@@ -496,11 +498,15 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be a positive integer, got {value}")
 
-    result = compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases, epochs=epochs,
-                          steps=steps, distill_steps=distill_steps, lr=lr, out=out, unrepresentable=unrepresentable,
-                          include=list(include) or None, exclude=list(exclude) or None,
-                          keep_dense_if_no_gain=keep_dense_if_no_gain is not False, bn_batches=bn_batches,
-                          echo=click.echo)
+    try:
+        result = compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases,
+                              epochs=epochs, steps=steps, distill_steps=distill_steps, lr=lr, out=out,
+                              unrepresentable=unrepresentable, include=list(include) or None,
+                              exclude=list(exclude) or None, keep_dense_if_no_gain=keep_dense_if_no_gain is not False,
+                              bn_batches=bn_batches, echo=click.echo)
+    except KeyboardInterrupt:  # phase 2 checkpoints its own interrupt: this one came before its training
+        click.echo(COMPRESS_INTERRUPTED, err=True)
+        sys.exit(130)
     phase_2 = result["phases"].get("2", {})
     _exit_if_the_loss_diverged({"nan_step": phase_2.get("nan_step"),
                                 "checkpoint": last_checkpoint(result["run_dir"])})

@@ -228,6 +228,22 @@ def test_resuming_a_compressed_run_keeps_the_energies_of_its_rank_plan(dense_run
     assert json.loads((out / "rank_plan.json").read_text()) == plan
 
 
+def test_ctrl_c_in_phase_1_says_where_it_stopped(dense_run, tmp_path, monkeypatch):
+    """It said 'interrupted before training started', after phases 0 and 1 had run."""
+    import sttpfast.compress
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sttpfast.compress, "distill_blocks", interrupted)
+    result = _cli(dense_run, "--param", "tucker", "--compression", "30", "--phases", "0,1,2", "--bn-batches", "1",
+                  "--out", str(tmp_path / "c"))
+    assert result.exit_code == 130
+    assert result.output.splitlines()[-1] == ("interrupted before phase 2's training started (in phases 0-1 or the "
+                                              "start-up); nothing was written")
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_non_finite_loss_in_phase_2_is_exit_1_and_keeps_the_phases_results(dense_run, tmp_path):
     # it ended in a TypeError traceback (formatting a missing accuracy) and left no report
     result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0,2", "--steps", "4",
