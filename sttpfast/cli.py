@@ -468,8 +468,9 @@ def _as_tuples(rank):
 @click.option("--compression", type=float, default=None, help="target Z in percent (instead of --rank)")
 @click.option("--plan", type=click.Choice(choices("param.plan")), default=None,
               help="with --compression: one shared rank, or per-layer ranks by retained energy")
-@click.option("--phases", default="0,1,2", show_default=True,
-              help="0 decompose, 1 block-wise distillation, 2 end-to-end fine-tuning")
+@click.option("--phases", default=None,
+              help="0 decompose, 1 block-wise distillation, 2 end-to-end fine-tuning  [default: 0,1,2; 0,2 for "
+                   "a model without feature_chain(), as timm's own]")
 @click.option("--epochs", type=int, default=1, show_default=True, help="phase 2's epochs")
 @click.option("--steps", type=int, default=None, help="phase 2's optimizer steps (instead of --epochs)")
 @click.option("--distill-steps", type=int, default=None, help="phase 1's steps per block (default one epoch)")

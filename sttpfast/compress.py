@@ -315,7 +315,7 @@ class LoadWeights(Callback):
 
 
 def compress_run(run_dir, param: str, rank=None, compression: float | None = None, plan: str | None = None,
-                 phases="0,1,2", epochs: int = 1, steps: int | None = None, distill_steps: int | None = None,
+                 phases=None, epochs: int = 1, steps: int | None = None, distill_steps: int | None = None,
                  lr: float | None = None, distill_lr: float = 1e-3, out=None, unrepresentable: str | None = None,
                  include=None, exclude=None, keep_dense_if_no_gain: bool = True, bn_batches: int = BN_BATCHES,
                  echo=print) -> dict:
@@ -325,7 +325,8 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         param, rank, compression, plan, unrepresentable, include, exclude, keep_dense_if_no_gain:
             see :func:`sttpfast.parameterize` (a tuple rank fits one layer shape: select those
             layers with ``include`` / ``exclude``).
-        phases: ``"0,1,2"``, ``"0,2"``...; 0 always comes first.
+        phases: ``"0,1,2"``, ``"0,2"``...; 0 always comes first. None: all three, or ``0,2``
+            where the model has no ``feature_chain()`` for phase 1 (timm's own models; said).
         epochs / steps: phase 2's budget (``steps`` replaces ``epochs`` when given).
         distill_steps: phase 1's Adam steps per block (default: one pass over the training data).
         lr: phase 2's peak learning rate (default: the dense run's / 10); distill_lr: phase 1's.
@@ -341,7 +342,8 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     from sttpfast.surgery import check_rank_useful, compression_report, parameterize
 
     run_dir = Path(run_dir).expanduser()
-    phases = parse_phases(phases)
+    chosen = phases is None
+    phases = parse_phases(PHASES if chosen else phases)
     param = compression_method(param)
     if out is not None and Path(out).expanduser().exists():
         raise ValueError(f"--out {out} exists; give a new folder (without --out: RUN-PARAM next to RUN, "
@@ -356,6 +358,10 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     out = Path(out).expanduser() if out is not None else run_dir.parent / f"{run_dir.name}-{param}"
     check_output({"train": {"out": str(out.parent), "name": out.name}})  # before any work, not after
     teacher, cfg = _dense_teacher(run_dir)
+    if chosen and getattr(teacher, "feature_chain", None) is None:
+        phases = (0, 2)
+        echo(f"phases 0,2: phase 1 (block-wise distillation) needs the model's blocks in order (feature_chain(), "
+             f"which sttpfast's own architectures have); {type(teacher).__name__} has none")
     if 1 in phases:
         distillation_blocks(teacher)
     student = copy.deepcopy(teacher)

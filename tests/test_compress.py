@@ -244,6 +244,27 @@ def test_ctrl_c_in_phase_1_says_where_it_stopped(dense_run, tmp_path, monkeypatc
     assert not (tmp_path / "c").exists()
 
 
+def test_the_default_phases_leave_phase_1_out_for_a_timm_model_and_say_so(tmp_path):
+    """The default 0,1,2 refused every timm model (no feature_chain() for phase 1); an explicit
+    --phases 0,1,2 still does."""
+    from sttpfast.run import run_training
+
+    cfg, _ = build_config(overrides=[
+        "data.name=digits", "data.bs=32", "data.subset=64", "param.name=dense", "optim.steps=2",
+        "log.logger=none", "log.progress=false", f"train.out={tmp_path}", "train.name=mnv3",
+        "model.arch=mobilenetv3_small_050"])
+    run_training(cfg, echo=lambda *a: None)
+    result = _cli(tmp_path / "mnv3", "--param", "tucker", "--compression", "40", "--steps", "1", "--bn-batches", "1",
+                  "--out", str(tmp_path / "c"))
+    assert result.exit_code == 0, result.output
+    assert ("phases 0,2: phase 1 (block-wise distillation) needs the model's blocks in order (feature_chain(), "
+            "which sttpfast's own architectures have); MobileNetV3 has none") in result.output.splitlines()
+    assert sorted(json.loads((tmp_path / "c" / "compress_report.json").read_text())["phases"]) == ["0", "2"]
+    refused = _cli(tmp_path / "mnv3", "--param", "tucker", "--compression", "40", "--phases", "0,1,2",
+                   "--out", str(tmp_path / "d"))
+    assert refused.exit_code == 2 and "MobileNetV3 has no feature_chain()" in refused.output
+
+
 def test_a_non_finite_loss_in_phase_2_is_exit_1_and_keeps_the_phases_results(dense_run, tmp_path):
     # it ended in a TypeError traceback (formatting a missing accuracy) and left no report
     result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0,2", "--steps", "4",
