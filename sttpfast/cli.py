@@ -536,7 +536,9 @@ def _print_summary(summary: dict) -> None:
     parts = [f"accuracy {acc:.4f}" if acc is not None else "accuracy -"]
     if m.get("top5_accuracy") is not None:
         parts.append(f"top-5 {m['top5_accuracy']:.4f}")
-    parts += [f"Z {summary['z_percent']:.2f}%", f"params {summary['params_compressed']:,} / {summary['params_dense']:,}",
+    # Z from the counts, as the run printed it before training (z_percent is rounded already)
+    z = 100 * summary["params_compressed"] / summary["params_dense"]
+    parts += [f"Z {z:.2f}%", f"params {summary['params_compressed']:,} / {summary['params_dense']:,}",
               f"{summary['steps']} steps in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]
     say("summary: " + " | ".join(parts))
 

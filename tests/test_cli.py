@@ -250,3 +250,12 @@ def test_info_with_an_energy_plan_prints_the_same_plan_every_time():
     first, second = CliRunner().invoke(main, args), CliRunner().invoke(main, args)
     assert first.exit_code == 0, first.output
     assert first.output == second.output
+
+
+def test_the_summary_line_gives_the_z_the_run_printed_before_training(capsys):
+    """summary.json keeps Z to 4 decimals (10.065 for 2,767,993 / 27,501,172 = 10.0650001%):
+    rounding that again gave 10.06 where the run had said 10.07."""
+    sttpfast.cli._print_summary({"metrics": {"accuracy": 0.5}, "z_percent": 10.065, "params_compressed": 2_767_993,
+                                 "params_dense": 27_501_172, "steps": 3, "seconds": 1.0, "run_dir": "r"})
+    assert "| Z 10.07% |" in capsys.readouterr().out
+    assert f"{100 * 2_767_993 / 27_501_172:.2f}" == "10.07" and f"{10.065:.2f}" == "10.06"
