@@ -66,6 +66,8 @@ def save_parameterized(model: nn.Module, path: str | os.PathLike, metadata: dict
     from sttpfast.fsdp import is_sharded
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"save_parameterized: {path} is a folder; give a file path (e.g. {path / 'model.safetensors'})")
     if tensors is None:
         if is_sharded(model):
             raise ValueError("save_parameterized: the model is sharded (FSDP2); gather its state on every rank "

@@ -666,7 +666,8 @@ def parameterize(
     if not per_layer:
         over = [n for n, m in layers if _layer_count_dof(param, m, rank) > m.weight.numel()]
         if over:
-            warnings.warn(f"{param} at rank {rank} has more degrees of freedom than the dense weight in "
+            at = "full rank" if rank is None else f"rank {rank}"
+            warnings.warn(f"{param} at {at} has more degrees of freedom than the dense weight in "
                           f"{len(over)} layer(s): {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}",
                           stacklevel=2)
     _apply_atomically([(name, module, param, layer_rank(name), _init_for(name, module, init))

@@ -555,3 +555,16 @@ def test_spectral_normalization_keeps_an_embedding_padding_row_at_zero():
     out = model(torch.tensor([[0, 3, 5]]))
     out.sum().backward()
     assert torch.count_nonzero(model[0].weight[0]) == 0
+
+
+def test_full_rank_warnings_say_full_rank_and_saving_to_a_folder_is_one_clear_error(tmp_path):
+    """They said 'lowrank at rank None ...' and 'IsADirectoryError: ... /tmp/.x.tmp -> /tmp/x'."""
+    model = nn.Sequential(nn.Linear(8, 6))
+    with pytest.warns(UserWarning, match=r"^lowrank at full rank has more degrees of freedom than the dense "
+                                         r"weight in 1 layer\(s\): 0$"):
+        parameterize(model, "lowrank", init="spectral")
+    with pytest.raises(ValueError) as err:
+        save_parameterized(model, tmp_path)
+    assert str(err.value) == (f"save_parameterized: {tmp_path} is a folder; give a file path "
+                              f"(e.g. {tmp_path / 'model.safetensors'})")
+    assert list(tmp_path.iterdir()) == []
