@@ -251,10 +251,13 @@ def _ignore_checkpoint_requests_until_training() -> None:
 @schema_option("rank_scale")
 @schema_option("unrepresentable")
 @schema_option("keep_dense_if_no_gain")
+@schema_option("img_size")
+@schema_option("attention")
 @user_errors
 def info(arch, param, rank, compression, include, exclude, init, num_classes, in_chans, plan, rank_scale,
-         unrepresentable, keep_dense_if_no_gain):
-    """Per-layer table (rank, DOF) and the compression Z of ARCH under PARAM."""
+         unrepresentable, keep_dense_if_no_gain, img_size, attention):
+    """Per-layer table (rank, DOF) and the compression Z of ARCH under PARAM (give the data's
+    --num-classes, --in-chans and --img-size to see what `train` builds for them)."""
     if arch is None:
         raise CLIError("give the architecture: --arch NAME (any timm model or a registered sttpfast model)")
     if in_chans is not None and in_chans < 1:
@@ -265,26 +268,28 @@ def info(arch, param, rank, compression, include, exclude, init, num_classes, in
     cli = {CLI_FLAGS[k]: v for k, v in dict(param=param, rank=rank, compression=compression, init=init,
                                              include=list(include), exclude=list(exclude), plan=plan,
                                              rank_scale=rank_scale, unrepresentable=unrepresentable,
-                                             keep_dense_if_no_gain=keep_dense_if_no_gain).items()
+                                             keep_dense_if_no_gain=keep_dense_if_no_gain, img_size=img_size,
+                                             attention=attention).items()
            if v is not None}
     cfg, sources = build_config(cli=cli)
     p = cfg["param"]
 
     import torch
 
+    from sttpfast.learner import parameterize_for_run
     from sttpfast.models import create_model
-    from sttpfast.surgery import parameterize
 
     # the run's seed: an energy plan reads the weights of this freshly built (untrained) model,
     # so the same command prints the same plan
     torch.manual_seed(cfg["train"]["seed"])
-    model = create_model(arch, num_classes=num_classes, in_chans=in_chans)
+    model = create_model(arch, num_classes=num_classes, in_chans=in_chans, img_size=cfg["data"]["img_size"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        report = parameterize(model, p["name"], rank=p["rank"], compression=p["compression"],
-                              include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"],
-                              plan=p["plan"], rank_scale=p["rank_scale"], unrepresentable=p["unrepresentable"],
-                              keep_dense_if_no_gain=p["keep_dense_if_no_gain"])
+        report = parameterize_for_run(model, p["name"], rank=p["rank"], compression=p["compression"],
+                                      include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"],
+                                      plan=p["plan"], rank_scale=p["rank_scale"],
+                                      unrepresentable=p["unrepresentable"],
+                                      keep_dense_if_no_gain=p["keep_dense_if_no_gain"], attention=p["attention"])
     click.echo(rank_line(p["name"], *_rank_choice(cfg, sources)))
     if report.plan:
         click.echo(report.plan_table())

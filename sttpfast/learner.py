@@ -238,6 +238,23 @@ def _model_for_data(arch: str, dls, img_size: int | None, model_kwargs: dict | N
     return model
 
 
+def parameterize_for_run(model: nn.Module, param: str, rank=None, compression=None, include=None, exclude=None,
+                         init=None, plan=None, rank_scale=None, unrepresentable=None, keep_dense_if_no_gain=True,
+                         attention: str | None = None, attention_rank: int | None = None):
+    """The surgery of a run (``spectral_learner``, ``sttpfast info``): the attention forms
+    first (from the dense weights; ``param`` then leaves their Linears alone for ``qk-ov``, or
+    treats q, k and v as three layers for ``q-k-v``), then ``param``. Returns the model's report."""
+    factored = attention == "qk-ov"
+    if attention is not None:
+        formed = parameterize_attention(model, attention, rank=rank if attention_rank is None else attention_rank)
+        exclude = ([exclude] if isinstance(exclude, str) else list(exclude or [])) + formed
+    report = parameterize(model, param, rank=None if factored and param in BASELINES else rank,
+                          compression=compression, include=include, exclude=exclude, init=init,
+                          plan=plan, rank_scale=rank_scale, unrepresentable=unrepresentable,
+                          keep_dense_if_no_gain=keep_dense_if_no_gain)
+    return compression_report(model) if factored else report
+
+
 def spectral_learner(
     dls,
     arch: str | nn.Module,
@@ -308,17 +325,10 @@ def spectral_learner(
     else:
         model = _model_for_data(arch, dls, img_size, model_kwargs, echo)
     factored = attention == "qk-ov"
-    if attention is not None:
-        # the forms first (from the dense weights); param then leaves their Linears alone
-        # (qk-ov), or treats q, k and v as three layers (q-k-v)
-        formed = parameterize_attention(model, attention, rank=rank if attention_rank is None else attention_rank)
-        exclude = ([exclude] if isinstance(exclude, str) else list(exclude or [])) + formed
-    report = parameterize(model, param, rank=None if factored and param in BASELINES else rank,
-                          compression=compression, include=include, exclude=exclude, init=init,
-                          plan=plan, rank_scale=rank_scale, unrepresentable=unrepresentable,
-                          keep_dense_if_no_gain=keep_dense_if_no_gain)
-    if factored:
-        report = compression_report(model)
+    report = parameterize_for_run(model, param, rank=rank, compression=compression, include=include,
+                                  exclude=exclude, init=init, plan=plan, rank_scale=rank_scale,
+                                  unrepresentable=unrepresentable, keep_dense_if_no_gain=keep_dense_if_no_gain,
+                                  attention=attention, attention_rank=attention_rank)
     opt_func = (lambda params, **kw: SGD(params, mom=mom, **kw)) if opt == "sgd" else Adam
     if frobenius_decay is None and param == "lowrank":
         frobenius_decay = wd

@@ -259,3 +259,19 @@ def test_the_summary_line_gives_the_z_the_run_printed_before_training(capsys):
                                  "params_dense": 27_501_172, "steps": 3, "seconds": 1.0, "run_dir": "r"})
     assert "| Z 10.07% |" in capsys.readouterr().out
     assert f"{100 * 2_767_993 / 27_501_172:.2f}" == "10.07" and f"{10.065:.2f}" == "10.06"
+
+
+def test_info_with_the_datas_size_and_attention_shows_what_train_builds():
+    """info had no --img-size nor --attention: it built a ViT at 224 px (other position
+    embeddings) without the forms, so its Z (6.73%) was not the run's (8.17% with qk-ov)."""
+    from sttpfast.data import get_dls
+    from sttpfast.learner import spectral_learner
+
+    dls = get_dls("digits", bs=32, subset=64, device="cpu")
+    learn = spectral_learner(dls, "vit_tiny_patch16_224", param="svdp-r", rank=8, attention="qk-ov")
+    result = run("info", "--arch", "vit_tiny_patch16_224", "--param", "svdp-r", "--rank", "8", "--num-classes", "10",
+                 "--in-chans", "1", "--img-size", "16", "--attention", "qk-ov")
+    assert result.exit_code == 0, result.output
+    assert f"Z = {learn.compression.z:.2f}%" == "Z = 8.17%"
+    assert result.output.splitlines()[-1].startswith(f"layers 50  params {learn.compression.compressed_total:,} / "
+                                                     f"{learn.compression.dense_total:,}  Z = 8.17%")
