@@ -253,9 +253,10 @@ def _ignore_checkpoint_requests_until_training() -> None:
 @schema_option("keep_dense_if_no_gain")
 @schema_option("img_size")
 @schema_option("attention")
+@schema_option("attention_rank")
 @user_errors
 def info(arch, param, rank, compression, include, exclude, init, num_classes, in_chans, plan, rank_scale,
-         unrepresentable, keep_dense_if_no_gain, img_size, attention):
+         unrepresentable, keep_dense_if_no_gain, img_size, attention, attention_rank):
     """Per-layer table (rank, DOF) and the compression Z of ARCH under PARAM (give the data's
     --num-classes, --in-chans and --img-size to see what `train` builds for them)."""
     if arch is None:
@@ -269,7 +270,7 @@ def info(arch, param, rank, compression, include, exclude, init, num_classes, in
                                              include=list(include), exclude=list(exclude), plan=plan,
                                              rank_scale=rank_scale, unrepresentable=unrepresentable,
                                              keep_dense_if_no_gain=keep_dense_if_no_gain, img_size=img_size,
-                                             attention=attention).items()
+                                             attention=attention, attention_rank=attention_rank).items()
            if v is not None}
     cfg, sources = build_config(cli=cli)
     p = cfg["param"]
@@ -289,7 +290,8 @@ def info(arch, param, rank, compression, include, exclude, init, num_classes, in
                                       include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"],
                                       plan=p["plan"], rank_scale=p["rank_scale"],
                                       unrepresentable=p["unrepresentable"],
-                                      keep_dense_if_no_gain=p["keep_dense_if_no_gain"], attention=p["attention"])
+                                      keep_dense_if_no_gain=p["keep_dense_if_no_gain"], attention=p["attention"],
+                                      attention_rank=p["attention_rank"])
     click.echo(rank_line(p["name"], *_rank_choice(cfg, sources)))
     if report.plan:
         click.echo(report.plan_table())

@@ -144,6 +144,9 @@ class ParamConfig:
     attention: Optional[Literal["qk-ov", "q-k-v"]] = setting(
         None, "transformer attention: qk-ov (per-head W_Q W_K^T and W_O W_V factored, rank per head) or q-k-v "
               "(the fused qkv Linear as three layers that --param parameterizes each on its own)")
+    attention_rank: Optional[int] = setting(
+        None, "qk-ov's rank per head when it is not --rank (then --rank, a tuple rank, --compression or "
+              "--rank-scale size the other layers)", _positive, "a positive integer")
 
 
 @dataclass
@@ -291,7 +294,8 @@ CLI_FLAGS = {
     "plan": "param.plan", "rank_scale": "param.rank_scale", "unrepresentable": "param.unrepresentable",
 }
 # any timm backbone at the data's size; factored attention forms (issue 11)
-CLI_FLAGS.update({"img_size": "data.img_size", "attention": "param.attention"})
+CLI_FLAGS.update({"img_size": "data.img_size", "attention": "param.attention",
+                  "attention_rank": "param.attention_rank"})
 # the dense-layer policy of --compression (issue 12)
 CLI_FLAGS.update({"keep_dense_if_no_gain": "param.keep_dense_if_no_gain"})
 
@@ -547,11 +551,18 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
     if len(sized) > 1:
         raise ConfigError(f"give one of param.rank, param.compression, param.rank_scale and param.layer_ranks, "
                           f"not param.{sized[0]} and param.{sized[1]}")
-    if p.get("attention") == "qk-ov" and len(sized) == 1 and sized[0] != "rank":
+    if p.get("attention_rank") is not None and p.get("attention") != "qk-ov":
+        raise ConfigError("param.attention_rank (--attention-rank) is the rank per head of --attention qk-ov; "
+                          "give --attention qk-ov, or leave it out")
+    if (p.get("attention") == "qk-ov" and p.get("attention_rank") is None and p["rank"] is not None
+            and not isinstance(p["rank"], int)):
+        raise ConfigError(f"param.attention = 'qk-ov' takes its rank per head from param.rank (--rank), an integer, "
+                          f"got {p['rank']!r}: give the rank per head with --attention-rank R")
+    if p.get("attention") == "qk-ov" and p.get("attention_rank") is None and len(sized) == 1 and sized[0] != "rank":
         # the search would size the other layers alone, the forms at full head width gaining nothing
         raise ConfigError(f"param.attention = 'qk-ov' takes its rank per head from param.rank (--rank); "
-                          f"param.{sized[0]} does not size the attention forms: give --rank R, or --attention "
-                          "q-k-v (q, k and v are then layers the compression sizes like any other)")
+                          f"param.{sized[0]} does not size the attention forms: give --rank R or --attention-rank R, "
+                          "or --attention q-k-v (q, k and v are then layers the compression sizes like any other)")
     if p["plan"] == "energy" and p["compression"] is None:
         raise ConfigError("param.plan = 'energy' (--plan energy) spends a compression budget: give "
                           "param.compression (--compression Z) as well")

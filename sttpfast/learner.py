@@ -252,7 +252,11 @@ def parameterize_for_run(model: nn.Module, param: str, rank=None, compression=No
                           compression=compression, include=include, exclude=exclude, init=init,
                           plan=plan, rank_scale=rank_scale, unrepresentable=unrepresentable,
                           keep_dense_if_no_gain=keep_dense_if_no_gain)
-    return compression_report(model) if factored else report
+    if not factored:
+        return report
+    whole = compression_report(model)  # with the forms' layers; the rank is still the one param chose
+    whole.rank = report.rank
+    return whole
 
 
 def spectral_learner(

@@ -365,7 +365,8 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
             mom=o["mom"], wd=o["wd"], d_optimal=r["d_optimal"], frobenius_decay=r["frobenius_decay"],
             spectral_bound=r["spectral_bound"], sv_every=lg["sv_every"], cbs=cbs + list(extra_cbs),
             model_kwargs=cfg["model"]["kwargs"], run_dir=run_dir,
-            img_size=d.get("img_size"), attention=p.get("attention"), echo=say)
+            img_size=d.get("img_size"), attention=p.get("attention"), attention_rank=p.get("attention_rank"),
+            echo=say)
     if state is None and p["compression"] is None and not p.get("layer_ranks"):  # a new run only
         try:
             check_rank_useful(p["name"], p["rank"], learn.compression)

@@ -279,8 +279,8 @@ def test_cli_qk_ov_with_a_compression_target_is_one_error_line(tmp_path, sizing)
     assert result.exit_code == 2, result.output
     assert result.output.splitlines() == [
         f"Error: param.attention = 'qk-ov' takes its rank per head from param.rank (--rank); "
-        f"param.{sizing[0][2:].replace('-', '_')} does not size the attention forms: give --rank R, or "
-        "--attention q-k-v (q, k and v are then layers the compression sizes like any other)"]
+        f"param.{sizing[0][2:].replace('-', '_')} does not size the attention forms: give --rank R or "
+        "--attention-rank R, or --attention q-k-v (q, k and v are then layers the compression sizes like any other)"]
     assert not any(tmp_path.iterdir())
 
 
@@ -335,3 +335,29 @@ def test_qk_ov_moves_separate_q_and_v_biases_as_it_moves_a_fused_bias():
     expected = model(x)
     parameterize_attention(model, "qk-ov")
     torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_rank_sizes_the_forms_while_a_tuple_rank_or_a_target_sizes_the_other_layers():
+    """qk-ov took its rank per head from --rank only, so a tuple rank (tucker's 8,6) ended in
+    'rank per head must be a positive integer, got [8, 6]' and a target could not size the rest."""
+    runner = CliRunner()
+    base = ["info", "--arch", "vit_tiny_patch16_224", "--num-classes", "10", "--in-chans", "1", "--img-size", "16"]
+    tuple_rank = runner.invoke(main, base + ["--attention", "qk-ov", "--param", "tucker", "--rank", "8,6"])
+    assert tuple_rank.exit_code == 2
+    assert tuple_rank.output.strip() == ("Error: param.attention = 'qk-ov' takes its rank per head from param.rank "
+                                         "(--rank), an integer, got [8, 6]: give the rank per head with "
+                                         "--attention-rank R")
+    alone = runner.invoke(main, base + ["--attention-rank", "8", "--param", "svdp-r", "--rank", "4"])
+    assert alone.exit_code == 2
+    assert alone.output.strip() == ("Error: param.attention_rank (--attention-rank) is the rank per head of "
+                                    "--attention qk-ov; give --attention qk-ov, or leave it out")
+    target = runner.invoke(main, base + ["--attention", "qk-ov", "--attention-rank", "8", "--param", "svdp-r",
+                                         "--compression", "10"])
+    assert target.exit_code == 0, target.output
+    z = float(target.output.splitlines()[-1].split("Z = ")[1].split("%")[0])
+    assert abs(z - 10) <= 0.5
+    lines = target.output.splitlines()
+    rank = int(lines[1].split()[1])
+    assert lines[1] == f"rank {rank} gives Z = {z:.2f}%"  # the other layers' shared rank (it said 'rank None')
+    qkv = next(line.split() for line in lines if line.startswith("blocks.0.attn.qkv "))
+    assert qkv[3:5] == ["attn-qk-ov", "8"]

@@ -94,7 +94,7 @@ def test_the_schema_is_the_one_list_of_keys():
     assert DEFAULTS["param"] == {"name": "dense", "rank": None, "compression": None, "init": None,
                                  "include": [], "exclude": [], "plan": "shared", "rank_scale": None,
                                  "unrepresentable": "skip", "layer_ranks": {},
-                                 "attention": None, "keep_dense_if_no_gain": True}
+                                 "attention": None, "attention_rank": None, "keep_dense_if_no_gain": True}
     assert set(CLI_FLAGS.values()) <= set(SCHEMA)
 
 
