@@ -268,7 +268,8 @@ def _check_target(param: str, compression) -> float:
 
 
 def _check_compression(compression) -> float:
-    if isinstance(compression, bool):  # True == 1: it would run at Z 1%
+    # True == 1 would run at Z 1%; a string is refused as rank="8" is (the CLI and configs give numbers)
+    if isinstance(compression, (bool, str)):
         raise ValueError(f"compression must be a number in (0, 100] (percent), got {compression!r}")
     try:
         value = float(compression)

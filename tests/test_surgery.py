@@ -481,6 +481,9 @@ def test_a_numpy_integer_rank_is_a_rank_and_a_boolean_compression_is_refused():
     assert {p.rank for _, _, p in parameterized_layers(model)} == {4}
     with pytest.raises(ValueError, match=r"^compression must be a number in \(0, 100\] \(percent\), got True$"):
         parameterize(nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6)), "svdp-r", compression=True)
+    # a string ran (compression="10" at Z 10.08) while rank="8" is refused: both are refused
+    with pytest.raises(ValueError, match=r"^compression must be a number in \(0, 100\] \(percent\), got '10'$"):
+        parameterize(nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 6)), "svdp-r", compression="10")
 
 
 def test_tied_weights_are_refused_naming_both_layers():
