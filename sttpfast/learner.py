@@ -254,8 +254,8 @@ def parameterize_for_run(model: nn.Module, param: str, rank=None, compression=No
                           keep_dense_if_no_gain=keep_dense_if_no_gain)
     if not factored:
         return report
-    whole = compression_report(model)  # with the forms' layers; the rank is still the one param chose
-    whole.rank = report.rank
+    whole = compression_report(model)  # with the forms' layers; rank, plan, left-dense: param's
+    whole.rank, whole.plan, whole.left_dense = report.rank, report.plan, report.left_dense
     return whole
 
 

@@ -361,3 +361,25 @@ def test_attention_rank_sizes_the_forms_while_a_tuple_rank_or_a_target_sizes_the
     assert lines[1] == f"rank {rank} gives Z = {z:.2f}%"  # the other layers' shared rank (it said 'rank None')
     qkv = next(line.split() for line in lines if line.startswith("blocks.0.attn.qkv "))
     assert qkv[3:5] == ["attn-qk-ov", "8"]
+
+
+def test_qk_ov_refuses_a_block_that_holds_its_own_rotary_embedding():
+    """timm's SAM attention keeps its rope as self.rope (forward(x) takes none): it was factored
+    and its output changed by 3% at full rank."""
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    model = VisionTransformerSAM(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, use_rope=True,
+                                 use_rel_pos=False, window_size=2, global_attn_indexes=(1,))
+    with pytest.raises(ValueError, match=r"^attention block 'blocks.0.attn' rotates q and k by position"):
+        parameterize_attention(model, "qk-ov")
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+def test_qk_ov_with_an_attention_rank_keeps_the_energy_plan_of_the_other_layers():
+    from sttpfast.learner import parameterize_for_run
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, depth=2)
+    report = parameterize_for_run(model, "sttp-r", compression=20, plan="energy", attention="qk-ov",
+                                  attention_rank=4)
+    assert report.plan and all(".attn." not in row["layer"] for row in report.plan)

@@ -170,3 +170,26 @@ def test_gradient_checkpointing_with_the_bank_gives_the_gradients_without_it(arc
     grads = dict(plain.named_parameters())
     for name, p in ckpt.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_gradient_checkpointing_with_the_bank_leaks_nothing_step_after_step():
+    """The identity saved-tensor hooks returned the tensor itself: an op saving its output made
+    a reference cycle the recomputed build never broke (42 tensors more every step on resnet18)."""
+    import gc
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet20_cifar", num_classes=5).train()
+    sttpfast.parameterize(model, "sttp-r", rank=4)
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+
+    counts = []
+    for _ in range(4):
+        model(x).square().sum().backward()
+        model.zero_grad(set_to_none=True)
+        counts.append(live_tensors())
+    assert counts[1] == counts[2] == counts[3], counts

@@ -238,8 +238,9 @@ def _uses_rope(model: nn.Module) -> bool:
 
 def _refusal(name: str, module: nn.Module, rope: bool = False) -> str | None:
     """Why the block's forms are not products (a norm, gate or position rotation in between),
-    or None. ``rope``: the model has rotary embeddings (:func:`_uses_rope`)."""
-    if rope and "rope" in inspect.signature(type(module).forward).parameters:
+    or None. ``rope``: the model has rotary embeddings (:func:`_uses_rope`) that it passes to
+    blocks taking a ``rope`` argument (EVA-02); SAM's blocks hold their own (``self.rope``)."""
+    if getattr(module, "rope", None) is not None or (rope and "rope" in inspect.signature(type(module).forward).parameters):
         return (f"attention block {name!r} rotates q and k by position (rotary embeddings): its query-key form "
                 "is not a product")
     for attr in ("q_norm", "k_norm", "norm"):
