@@ -102,13 +102,24 @@ def householder_frame(bottom: Tensor, top: Tensor | None = None) -> Tensor:
         ``Q``: ``(..., n, r)`` with ``Q^T Q = I_r``.
     """
     if torch._C._are_functorch_transforms_active():
-        # inside torch.func's grad / vmap / jacrev: the Functions in the form they accept
-        if top is None:
-            return _SquareFrameFunc.apply(bottom) if bottom.shape[-2] == 0 else _WYFrameReducedFunc.apply(bottom)[0]
-        return _WYFrameFunc.apply(bottom, top)[0]
+        # inside torch.func's transforms: plain torch ops, which they differentiate to any
+        # order and in forward mode too (the hand-derived backwards are first order only)
+        return _wy_frame_by_autograd(bottom, top)
     if top is None:
         return _SquareFrame.apply(bottom) if bottom.shape[-2] == 0 else _WYFrameReduced.apply(bottom)
     return _WYFrame.apply(bottom, top)
+
+
+def _wy_frame_by_autograd(bottom: Tensor, top: Tensor | None) -> Tensor:
+    """The WY frame of :func:`householder_frame` by plain differentiable torch ops (same
+    forward as :class:`_WYFrame`): what torch.func's grad, vmap, jacrev, jacfwd and nested
+    grads (a MAML meta-gradient) differentiate, to any order. ``(..., n, r)``."""
+    y = reflectors_from_params(bottom, top)
+    n, r = y.shape[-2:]
+    gram = y.mT @ y
+    a = torch.triu(gram, 1) + torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1) / 2)
+    k = torch.linalg.solve_triangular(a, y[..., :r, :].mT, upper=True)
+    return torch.eye(n, r, dtype=y.dtype, device=y.device) - y @ k
 
 
 class _SquareFrame(torch.autograd.Function):
@@ -123,20 +134,15 @@ class _SquareFrame(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bottom):
+        r = bottom.shape[-1]
         ctx.shape = bottom.shape
-        return _square_frame(bottom)
+        eye = torch.eye(r, dtype=bottom.dtype, device=bottom.device).neg_()
+        return eye.expand(*bottom.shape[:-2], r, r).contiguous()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dq):
         return dq.new_zeros(ctx.shape)
-
-
-def _square_frame(bottom: Tensor) -> Tensor:
-    """``-I`` (``(..., r, r)``) for an empty ``bottom`` ``(..., 0, r)``."""
-    r = bottom.shape[-1]
-    eye = torch.eye(r, dtype=bottom.dtype, device=bottom.device).neg_()
-    return eye.expand(*bottom.shape[:-2], r, r).contiguous()
 
 
 def _wy_a(gram: Tensor) -> Tensor:
@@ -167,35 +173,26 @@ class _WYFrameReduced(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bottom):
-        q, a, k = _wy_reduced(bottom)
+        r = bottom.shape[-1]
+        gram = bottom.mT @ bottom
+        gram.diagonal(dim1=-2, dim2=-1).add_(1.0)
+        a = _wy_a(gram)
+        eye = torch.eye(r, dtype=bottom.dtype, device=bottom.device)
+        k = torch.linalg.solve_triangular(a, eye.expand_as(a), upper=True)
+        q = torch.cat([eye - k, (bottom @ k).neg_()], dim=-2)
         ctx.save_for_backward(bottom, a, k)
         return q
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dq):
-        return _wy_reduced_grad(dq, *ctx.saved_tensors)
-
-
-def _wy_reduced(bottom: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(Q, A, K)`` of :class:`_WYFrameReduced`'s forward."""
-    r = bottom.shape[-1]
-    gram = bottom.mT @ bottom
-    gram.diagonal(dim1=-2, dim2=-1).add_(1.0)
-    a = _wy_a(gram)
-    eye = torch.eye(r, dtype=bottom.dtype, device=bottom.device)
-    k = torch.linalg.solve_triangular(a, eye.expand_as(a), upper=True)
-    return torch.cat([eye - k, (bottom @ k).neg_()], dim=-2), a, k
-
-
-def _wy_reduced_grad(dq: Tensor, bottom: Tensor, a: Tensor, k: Tensor) -> Tensor:
-    """``dB`` of :class:`_WYFrameReduced`'s backward."""
-    r = bottom.shape[-1]
-    dq_top, dq_bottom = dq[..., :r, :], dq[..., r:, :]
-    _, sym = _wy_adjoint(a, k, dq_top + bottom.mT @ dq_bottom)
-    d_bottom = bottom @ sym
-    d_bottom.sub_(dq_bottom @ k.mT)
-    return d_bottom
+        bottom, a, k = ctx.saved_tensors
+        r = bottom.shape[-1]
+        dq_top, dq_bottom = dq[..., :r, :], dq[..., r:, :]
+        _, sym = _wy_adjoint(a, k, dq_top + bottom.mT @ dq_bottom)
+        d_bottom = bottom @ sym
+        d_bottom.sub_(dq_bottom @ k.mT)
+        return d_bottom
 
 
 class _WYFrame(torch.autograd.Function):
@@ -213,100 +210,30 @@ class _WYFrame(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, bottom, top):
-        q, y, a, k = _wy_full(bottom, top)
+        y = reflectors_from_params(bottom, top)
+        r = y.shape[-1]
+        a = _wy_a(y.mT @ y)
+        k = torch.linalg.solve_triangular(a, y[..., :r, :].mT, upper=True)
+        q = torch.neg(y @ k)
+        q[..., :r, :].diagonal(dim1=-2, dim2=-1).add_(1.0)
         ctx.save_for_backward(y, a, k)
         return q
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dq):
-        return _wy_full_grad(dq, *ctx.saved_tensors, ctx.needs_input_grad[1])
-
-
-def _wy_full(bottom: Tensor, top: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(Q, Y, A, K)`` of :class:`_WYFrame`'s forward."""
-    y = reflectors_from_params(bottom, top)
-    r = y.shape[-1]
-    a = _wy_a(y.mT @ y)
-    k = torch.linalg.solve_triangular(a, y[..., :r, :].mT, upper=True)
-    q = torch.neg(y @ k)
-    q[..., :r, :].diagonal(dim1=-2, dim2=-1).add_(1.0)
-    return q, y, a, k
-
-
-def _wy_full_grad(dq: Tensor, y: Tensor, a: Tensor, k: Tensor, need_top: bool):
-    """``(d_bottom, d_top)`` of :class:`_WYFrame`'s backward (``d_top`` None unless asked)."""
-    r = y.shape[-1]
-    z, sym = _wy_adjoint(a, k, y.mT @ dq)
-    dy = y @ sym
-    dy.sub_(dq @ k.mT)
-    dy[..., :r, :] += z.mT
-    d_bottom = dy[..., r:, :]
-    d_top = None
-    if need_top:
-        rows, cols = _top_index(r, dy.device)
-        d_top = dy[..., :r, :].reshape(*dy.shape[:-2], r * r)[..., rows * r + cols]
-    return d_bottom, d_top
-
-
-# The same three Functions in the form torch.func's transforms (grad, vmap, jacrev) accept:
-# the forward takes no ctx, setup_context saves inputs and outputs only, so the forward's
-# intermediates come out as extra, non-differentiable outputs; the vmap rule is generated
-# (every op is a batched torch op). The plain forms above stay the default: this form costs
-# ~80 us more per call on small frames (measured on a 2-core CPU), the bulk of a build.
-class _SquareFrameFunc(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(bottom):
-        return _square_frame(bottom)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.shape = inputs[0].shape
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dq):
-        return dq.new_zeros(ctx.shape)
-
-
-class _WYFrameReducedFunc(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(bottom):
-        return _wy_reduced(bottom)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, a, k = output
-        ctx.mark_non_differentiable(a, k)
-        ctx.save_for_backward(inputs[0], a, k)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dq, _da, _dk):
-        return _wy_reduced_grad(dq, *ctx.saved_tensors)
-
-
-class _WYFrameFunc(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(bottom, top):
-        return _wy_full(bottom, top)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, y, a, k = output
-        ctx.mark_non_differentiable(y, a, k)
-        ctx.save_for_backward(y, a, k)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dq, _dy, _da, _dk):
-        return _wy_full_grad(dq, *ctx.saved_tensors, ctx.needs_input_grad[1])
+        y, a, k = ctx.saved_tensors
+        r = y.shape[-1]
+        z, sym = _wy_adjoint(a, k, y.mT @ dq)
+        dy = y @ sym
+        dy.sub_(dq @ k.mT)
+        dy[..., :r, :] += z.mT
+        d_bottom = dy[..., r:, :]
+        d_top = None
+        if ctx.needs_input_grad[1]:
+            rows, cols = _top_index(r, dy.device)
+            d_top = dy[..., :r, :].reshape(*dy.shape[:-2], r * r)[..., rows * r + cols]
+        return d_bottom, d_top
 
 
 def sequential_householder_frame(bottom: Tensor, top: Tensor | None = None) -> Tensor:
