@@ -73,8 +73,9 @@ def check_output(cfg: dict) -> tuple[Path, str]:
         raise RunError(f"cannot write to output folder {out}: {existing} is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunError(f"cannot write to output folder {out}: permission denied on {existing}")
-    run = out / base  # probed down to the run folder itself: /proc exists but takes no folder
-    _probe_folders(run if not run.exists() else out, existing)
+    if is_main_rank():  # the one process that writes; the others' probes raced with its own
+        run = out / base  # probed down to the run folder itself: /proc exists but takes no folder
+        _probe_folders(run if not run.exists() else out, existing)
     return out, base
 
 

@@ -322,3 +322,19 @@ def test_sigusr1_during_start_up_does_not_kill_the_run(tmp_path):
     assert ignoring, "SIGUSR1 was not ignored during start-up"
     assert proc.returncode == 0, (out[-2000:], err[-2000:])
     assert "summary: " in out
+
+
+def test_only_the_main_process_probes_the_output_folder(tmp_path, monkeypatch):
+    """Every process checks the output before the run; the probe made and removed the run
+    folder itself, so a second process saw it half-made ('File exists': 888 failures in 300
+    trials of 8 threads). Only rank 0, which writes, probes; the others check the rest."""
+    import sttpfast.run
+
+    made = []
+    monkeypatch.setattr(sttpfast.run, "_probe_folders", lambda target, existing: made.append(target))
+    cfg = {"train": {"out": str(tmp_path / "runs"), "name": "r"}}
+    monkeypatch.setenv("RANK", "1")
+    assert sttpfast.run.check_output(cfg) == (tmp_path / "runs", "r") and made == []
+    monkeypatch.setenv("RANK", "0")
+    sttpfast.run.check_output(cfg)
+    assert made == [tmp_path / "runs" / "r"]
