@@ -261,6 +261,16 @@ def check_budget(run_dir: Path, meta: dict, steps: int | None, epochs: int | Non
     if epochs is not None and budget_steps is None and budget_epochs is not None and epochs < budget_epochs:
         raise RunError(f"{run_dir} has a budget of {budget_epochs} epochs ({done} steps trained): a resume can "
                        f"only raise the budget (--epochs {epochs} is below it)")
+    # a budget in the other unit: compared in steps, at the run's steps per epoch
+    per_epoch = (done - meta.get("skip", 0)) // meta["epoch"] if meta.get("epoch") else None
+    if per_epoch:
+        if epochs is not None and steps is None and budget_steps is not None and epochs * per_epoch < budget_steps:
+            raise RunError(f"{run_dir} has a budget of {budget_steps} steps ({done} trained): a resume can only "
+                           f"raise the budget (--epochs {epochs} is {epochs * per_epoch} steps, below it)")
+        if steps is not None and budget_steps is None and budget_epochs is not None \
+                and steps < budget_epochs * per_epoch:
+            raise RunError(f"{run_dir} has a budget of {budget_epochs} epochs, {budget_epochs * per_epoch} steps "
+                           f"({done} trained): a resume can only raise the budget (--steps {steps} is below it)")
 
 
 def _raise_budget(cfg: dict, steps: int | None, epochs: int | None) -> bool:

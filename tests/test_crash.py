@@ -260,7 +260,17 @@ def test_an_epoch_budget_below_the_runs_own_is_refused_too(tmp_path):
     assert str(err.value) == (f"{tmp_path} has a budget of 5 epochs (8 steps trained): a resume can only raise "
                               "the budget (--epochs 3 is below it)")
     check_budget(tmp_path, meta, None, 5, budget_steps=None, budget_epochs=5)
-    check_budget(tmp_path, meta, None, 3, budget_steps=20, budget_epochs=5)  # --epochs replaces a step budget
+    check_budget(tmp_path, meta, None, 3, budget_steps=12, budget_epochs=5)  # --epochs replaces a step budget
+    # the other unit, at the run's 4 steps per epoch: 3 epochs are 12 steps, below a 20-step budget
+    with pytest.raises(RunError) as err:
+        check_budget(tmp_path, meta, None, 3, budget_steps=20, budget_epochs=5)
+    assert str(err.value) == (f"{tmp_path} has a budget of 20 steps (8 trained): a resume can only raise the "
+                              "budget (--epochs 3 is 12 steps, below it)")
+    with pytest.raises(RunError) as err:
+        check_budget(tmp_path, meta, 19, None, budget_steps=None, budget_epochs=5)
+    assert str(err.value) == (f"{tmp_path} has a budget of 5 epochs, 20 steps (8 trained): a resume can only "
+                              "raise the budget (--steps 19 is below it)")
+    check_budget(tmp_path, meta, 20, None, budget_steps=None, budget_epochs=5)
 
 
 def test_epochs_on_resume_replace_a_step_budget_even_when_equal_to_the_configs_epochs(tmp_path):
