@@ -29,8 +29,13 @@ from sttpfast.processes import is_main_rank
 __all__ = ["main", "CLIError"]
 
 INTERRUPTED = "interrupted before training started; nothing was written"
-COMPRESS_INTERRUPTED = ("interrupted before phase 2's training started (in phases 0-1 or the start-up); nothing "
-                        "was written")
+#: what Ctrl-C in `compress` outside phase 2's training left, by the stage it came in
+COMPRESS_INTERRUPTED = {
+    "start-up": INTERRUPTED, "phase 0": "interrupted in phase 0; nothing was written",
+    "phase 1": "interrupted in phase 1; nothing was written (phase 1 keeps no checkpoint)",
+    "phase 2": "interrupted as phase 2 started, before its first step: phases 0 and 1 are not kept",
+    "writing": "interrupted while writing the compressed run: its folder may be incomplete",
+}
 
 
 class CLIError(click.ClickException):
@@ -506,14 +511,15 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be a positive integer, got {value}")
 
+    progress: dict = {}
     try:
         result = compress_run(run, param, rank=rank, compression=compression, plan=plan, phases=phases,
                               epochs=epochs, steps=steps, distill_steps=distill_steps, lr=lr, out=out,
                               unrepresentable=unrepresentable, include=list(include) or None,
                               exclude=list(exclude) or None, keep_dense_if_no_gain=keep_dense_if_no_gain is not False,
-                              bn_batches=bn_batches, echo=click.echo)
-    except KeyboardInterrupt:  # phase 2 checkpoints its own interrupt: this one came before its training
-        click.echo(COMPRESS_INTERRUPTED, err=True)
+                              bn_batches=bn_batches, echo=click.echo, progress=progress)
+    except KeyboardInterrupt:  # phase 2's training checkpoints its own interrupts: not this one
+        click.echo(COMPRESS_INTERRUPTED.get(progress.get("stage"), INTERRUPTED), err=True)
         sys.exit(130)
     phase_2 = result["phases"].get("2", {})
     _exit_if_the_loss_diverged({"nan_step": phase_2.get("nan_step"),

@@ -318,7 +318,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
                  phases=None, epochs: int = 1, steps: int | None = None, distill_steps: int | None = None,
                  lr: float | None = None, distill_lr: float = 1e-3, out=None, unrepresentable: str | None = None,
                  include=None, exclude=None, keep_dense_if_no_gain: bool = True, bn_batches: int = BN_BATCHES,
-                 echo=print) -> dict:
+                 echo=print, progress: dict | None = None) -> dict:
     """Run the phases on the dense run ``run_dir``; returns the report (also ``compress_report.json``).
 
     Args:
@@ -333,6 +333,8 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         out: the output run folder (default ``RUN-PARAM`` next to ``run_dir``, numbered if taken).
         bn_batches: training batches phase 0 re-estimates the student's BatchNorm statistics on
             (:func:`recalibrate_batchnorm`); 0 keeps the teacher's.
+        progress: a dict whose ``"stage"`` says where the run is (``start-up``, ``phase 0``,
+            ``phase 1``, ``phase 2``, ``writing``): what a caller tells the user after Ctrl-C.
     Every check (run folder, dense checkpoint, phases, rank) comes before anything is written.
     """
     from sttpfast.config import coerce
@@ -357,6 +359,8 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         raise ValueError(f"--bn-batches must be an integer >= 0 (0 keeps the teacher's statistics), got {bn_batches!r}")
     out = Path(out).expanduser() if out is not None else run_dir.parent / f"{run_dir.name}-{param}"
     check_output({"train": {"out": str(out.parent), "name": out.name}})  # before any work, not after
+    progress = progress if progress is not None else {}
+    progress["stage"] = "start-up"
     teacher, cfg = _dense_teacher(run_dir)
     if chosen and getattr(teacher, "feature_chain", None) is None:
         phases = (0, 2)
@@ -384,6 +388,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     # the images the teacher was trained on: its run's --img-size, or the resize training chose
     fit_dls_as_trained(dls, cfg["model"]["arch"], d.get("img_size"), cfg["model"]["kwargs"])
     dense_z = compression_report(teacher).z
+    progress["stage"] = "phase 0"
     result = {"teacher": str(run_dir.resolve()), "param": param, "rank": report.rank, "plan": report.plan,
               "requested_phases": list(phases),
               "dense": {"accuracy": _accuracy(teacher, dls.valid), "z_percent": round(dense_z, 4)},
@@ -399,6 +404,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
            f"statistics {inherited:.4f}" if used else "")
     echo(f"phase 0 (decomposed, {report.summary()}): accuracy {result['phases']['0']['accuracy']:.4f}{how}")
     if 1 in phases:
+        progress["stage"] = "phase 1"
         before = block_mse(student, teacher, dls.valid)
         distill_blocks(student, teacher, dls.train, distill_steps or len(dls.train), distill_lr, echo)
         after = block_mse(student, teacher, dls.valid)
@@ -409,12 +415,15 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         echo(f"phase 1 (block-wise distillation): accuracy {result['phases']['1']['accuracy']:.4f}")
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     if 2 in phases:
+        progress["stage"] = "phase 2"
         summary = run_training(new_cfg, extra_cbs=[LoadWeights(state), KeepPhases(result)], echo=echo)
         result = summary["compress"]  # with phase 2's result (also in compress_report.json)
         folder = Path(summary["run_dir"])
+        progress["stage"] = "writing"
     else:
         from sttpfast.checkpoint import save_parameterized
 
+        progress["stage"] = "writing"
         folder = prepare_run_dir(new_cfg)
         write_file(folder / "config.yaml", lambda path: save_config(new_cfg, path))
         save_parameterized(student, folder / "checkpoints" / "last" / "model.safetensors")
