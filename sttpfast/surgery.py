@@ -130,10 +130,11 @@ class CompressionReport:
         return 100.0 * sum(r.dof for r in self.rows) / dense if dense else 100.0
 
     def table(self) -> str:
-        head = f"{'layer':<36} {'type':<16} {'shape':<20} {'param':<8} {'rank':>5} {'dof':>10} {'dense':>10} {'%':>7}"
+        w = max([8] + [len(r.param) for r in self.rows])  # attn-qk-ov-proj is wider than 8
+        head = f"{'layer':<36} {'type':<16} {'shape':<20} {'param':<{w}} {'rank':>5} {'dof':>10} {'dense':>10} {'%':>7}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
-            lines.append(f"{r.name:<36} {r.layer:<16} {'x'.join(map(str, r.shape)):<20} {r.param:<8} "
+            lines.append(f"{r.name:<36} {r.layer:<16} {'x'.join(map(str, r.shape)):<20} {r.param:<{w}} "
                          f"{r.rank_text:>5} {r.dof:>10} {r.dense:>10} {r.ratio:>7.2f}")
         lines.append("-" * len(head))
         lines.append(self.summary())
