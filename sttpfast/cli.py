@@ -53,17 +53,18 @@ def interrupts_end_start_up():
 
     def leave(signum, frame):
         os.write(2, (INTERRUPTED + "\n").encode())
-        os._exit(130)
+        os._exit(128 + signum)  # 130 for Ctrl-C, 143 for SIGTERM (it died without a word)
 
     try:
-        previous = signal.signal(signal.SIGINT, leave)
+        previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave Ctrl-C as it is
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _import_training_modules():

@@ -150,15 +150,17 @@ def test_ctrl_c_before_training_one_line_exit_130(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_during_start_up_subprocess(tmp_path):
-    """A real SIGINT while the command imports torch: one line, exit 130, no traceback."""
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_during_start_up_subprocess(tmp_path, sig, status):
+    """A real SIGINT (SIGTERM: it died without a word) while the command imports torch: one
+    line, exit 130 (143), no traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "sttpfast.cli", "train", "digits", "--param", "sttp",
                              "--out", str(tmp_path / "runs")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     time.sleep(2.5)  # past the interpreter's start, well inside torch's import
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert err == INTERRUPTED + "\n" and out == ""
     assert list(tmp_path.iterdir()) == []
 
