@@ -124,3 +124,8 @@ def test_the_committed_converged_runs_are_read_back_under_the_default_budget(qua
     assert trained == [] and (runs.trained, runs.reused) == (0, 2)
     assert rows == [["dense", "-", "-", "100.00", "93.91", "93.91", "3259"],
                     ["tucker", "10", "8", "9.48", "92.15", "92.15", "4180"]]
+    # its second seed (`--params tucker --targets 10 --seeds 1`)
+    rows, _, runs = quality.classification_rows(_args(results, subset=0, epochs=15, seeds=[0, 1], params=["tucker"]))
+    assert trained == [] and (runs.trained, runs.reused) == (0, 4)
+    assert rows == [["dense", "-", "-", "100.00", "93.75", "93.91 / 93.59", "4102"],
+                    ["tucker", "10", "8", "9.48", "92.22", "92.15 / 92.28", "4521"]]
