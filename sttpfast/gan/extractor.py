@@ -35,6 +35,8 @@ from torch import Tensor
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from sttpfast.atomic import write_beside
+
 __all__ = ["OfflineFeatureExtractor", "train_offline_extractor", "register_offline_extractor",
            "extractor_name", "offline_extractor_name", "read_extractor_metadata", "FEATURES", "DEFAULT_ARCH"]
 
@@ -207,20 +209,27 @@ def train_offline_extractor(dls, path: str | Path, arch: str = DEFAULT_ARCH, ste
         return path
     if int(steps) < 1:
         raise ValueError(f"steps must be a positive number of optimizer steps, got {steps!r}")
-    with torch.random.fork_rng():  # the caller's (e.g. a GAN run's) global random stream is left as it was
+    # the caller's (a GAN run's) random streams are left as they were: the global one and its
+    # loaders' shuffling / augmentation, else the GAN would train on other batches with metrics
+    loaders = [dl for dl in (dls.train, dls.valid) if hasattr(dl, "rng_state")]
+    states = [dl.rng_state() for dl in loaders]
+    with torch.random.fork_rng():
         torch.manual_seed(seed)
-        learn = spectral_learner(dls, arch, param="dense", opt="adam", lr=lr, wd=0.0,
-                                 model_kwargs=dict(model_kwargs or {}), run_dir=path.parent, cbs=[])
-        with _alone(learn), learn.no_bar(), learn.no_logging():
-            fit(learn, steps=int(steps), lr=lr)
-            accuracy = float(learn.validate()[1])
+        try:
+            learn = spectral_learner(dls, arch, param="dense", opt="adam", lr=lr, wd=0.0,
+                                     model_kwargs=dict(model_kwargs or {}), run_dir=path.parent, cbs=[])
+            with _alone(learn), learn.no_bar(), learn.no_logging():
+                fit(learn, steps=int(steps), lr=lr)
+                accuracy = float(learn.validate()[1])
+        finally:
+            for dl, state in zip(loaders, states):
+                dl.set_rng_state(state)
     model = learn.model.eval()
     meta = {"format": _FORMAT, "name": name, "arch": arch, "model_kwargs": json.dumps(dict(model_kwargs or {})),
             "num_classes": str(dls.n_classes), "in_chans": str(dls.in_chans), "image_size": str(dls.image_size),
             "mean": json.dumps(list(dls.train.mean)), "std": json.dumps(list(dls.train.std)),
             "dataset": dataset, "valid_accuracy": repr(accuracy), "steps": str(int(steps))}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp), metadata=meta)
-    tmp.replace(path)  # a crash never leaves a half-written cache
-    return path
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    # a crash never leaves a half-written cache; the file gets open()'s mode like the run's others
+    return write_beside(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
