@@ -137,11 +137,13 @@ def fidelity_metrics(fakes: Tensor, reals: Tensor, metrics: Sequence[str] = METR
         seed: torch-fidelity's ``rng_seed`` (IS split shuffle, KID subsets).
     Returns ``{"isc", "isc_std", "fid", "kid", "kid_std"}`` (those asked for), as floats.
     KID uses subsets of ``min(1000, N_fakes, N_reals)`` images; IS ``min(10, N_fakes)`` splits.
+    No ``kid_std`` when both sets are the subset size (every subset is the whole set).
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
         raise ValueError(f"unknown metrics {unknown or list(metrics)!r}; allowed: {', '.join(METRICS)}")
     n_fake, n_real = len(fakes), len(reals)
+    kid_subset = min(1000, n_fake, n_real)
     if n_fake < 2 or n_real < 2:
         raise ValueError(f"metrics need at least 2 images per set, got {n_fake} fakes and {n_real} reals")
     cuda = torch.device(device).type == "cuda"
@@ -149,12 +151,15 @@ def fidelity_metrics(fakes: Tensor, reals: Tensor, metrics: Sequence[str] = METR
         input1=ImageSet(fakes), input2=ImageSet(reals), cuda=cuda, batch_size=batch_size,
         isc="isc" in metrics, fid="fid" in metrics, kid="kid" in metrics,
         feature_extractor=extractor, feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-        isc_splits=min(10, n_fake), kid_subset_size=min(1000, n_fake, n_real),
+        isc_splits=min(10, n_fake), kid_subset_size=kid_subset,
         cache=cache_root is not None and reals_cache_name is not None,
         cache_root=None if cache_root is None else str(cache_root), input2_cache_name=reals_cache_name,
         datasets_download=False, save_cpu_ram=True,  # no worker processes: the images are in memory
         rng_seed=seed, verbose=False)
-    return {_RESULT_KEYS[k]: float(v) for k, v in result.items() if k in _RESULT_KEYS}
+    out = {_RESULT_KEYS[k]: float(v) for k, v in result.items() if k in _RESULT_KEYS}
+    if kid_subset == n_fake == n_real:  # every subset is the whole set: a spread of 0 says nothing
+        out.pop("kid_std", None)
+    return out
 
 
 class GANMetrics(Callback):
