@@ -447,6 +447,11 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
 
         summary = run_gan(resume=resume, echo=click.echo, steps=steps)
     else:
+        if flags["dataset"] is None and not cfg and not overrides:
+            # the defaults are the paper's budget (100,000 G steps, full-width networks): a bare
+            # `sttpfast gan` tried to see what it does started that, for days on a CPU
+            raise CLIError("give the dataset: sttpfast gan DATASET [options] (e.g. sttpfast gan digits --steps 200), "
+                           "or a config with --cfg; the defaults train 100,000 G steps")
         with interrupts_end_start_up():
             config, sources = build_config(cfg, overrides, explicit)
             check_sections_read(config, sources, "gan")
