@@ -407,6 +407,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     s2 = json.loads((tmp_path / "two/r/summary.json").read_text())
     assert (s2["processes"], s2["ranks_in_sync"], s2["steps"], s2["d_steps"]) == (2, True, 4, 8)
     assert (s1["processes"], s1["steps"], s1["d_steps"]) == (1, 4, 8)
+    # the losses are the global batch's (they were rank 0's half: loss_g 26% off)
+    assert s2["loss_g"] == pytest.approx(s1["loss_g"], rel=1e-3, abs=1e-4)
+    assert s2["loss_d"] == pytest.approx(s1["loss_d"], rel=1e-3, abs=1e-4)
     # rank 1 wrote nothing: one run folder, and its files are rank 0's (one checkpoint writer)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["r"]
     assert sorted(p.name for p in (tmp_path / "two/r/checkpoints").iterdir()) == sorted(

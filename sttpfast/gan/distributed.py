@@ -185,6 +185,20 @@ class GANGradientSync(Callback):
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def after_batch(self):
+        # the iteration's losses over the whole global batch (one all-reduce), before the
+        # Recorder, the loggers and the summary read them: they were rank 0's half batch
+        if getattr(self, "size", 1) == 1 or not self.learn.training:
+            return
+        names = [n for n in ("loss", "loss_g", "loss_d") if torch.is_tensor(getattr(self.learn, n, None))]
+        if not names:
+            return
+        values = torch.stack([getattr(self.learn, n).detach().float().reshape(()) for n in names])
+        dist.all_reduce(values)
+        values /= self.size
+        for name, value in zip(names, values):
+            setattr(self.learn, name, value.to(getattr(self.learn, name).dtype))
+
     def after_fit(self):
         from sttpfast.fsdp import is_sharded
 
