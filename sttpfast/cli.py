@@ -464,6 +464,9 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
     parts = [f"G {summary['g_param']} Z {summary['g_z_percent']:.2f}%",
              f"D {summary['d_param']} Z {summary['d_z_percent']:.2f}%"]
     parts += [f"{k} {v:.4g}" for k, v in summary.get("metrics", {}).items() if not k.endswith("_std")]
+    if summary.get("extractor"):  # what the metrics were measured with
+        parts.append(f"extractor {summary['extractor']['name']} (valid accuracy "
+                     f"{summary['extractor']['valid_accuracy']:.3f}, {summary['extractor']['steps']} steps)")
     if best:
         parts.append(f"best {best['metric']} {best['value']:.4g} at step {best['step']}")
     parts += [f"{summary['steps']} G steps in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]

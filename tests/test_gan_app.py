@@ -141,6 +141,10 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(
     rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6, 9, 10]
     assert (tmp_path / "cut" / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    # what the metrics were measured with (the offline extractor's quality was shown nowhere)
+    record = json.loads((tmp_path / "cut" / "summary.json").read_text())["extractor"]
+    assert record["name"] == "sttpfast-resnet20-digits" and record["steps"] == 5
+    assert 0.0 < record["valid_accuracy"] <= 1.0 and record["file"] == str(tmp_path / "cut" / "extractor.safetensors")
 
 
 METRICS_SETS = ["train.checkpoint_every=2", "log.logger=none", "gan.metrics_every=3", "gan.metrics_samples=64",
