@@ -144,7 +144,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(
     # what the metrics were measured with (the offline extractor's quality was shown nowhere)
     record = json.loads((tmp_path / "cut" / "summary.json").read_text())["extractor"]
     assert record["name"] == "sttpfast-resnet20-digits" and record["steps"] == 5
-    assert 0.0 < record["valid_accuracy"] <= 1.0 and record["file"] == str(tmp_path / "cut" / "extractor.safetensors")
+    assert 0.0 < record["valid_accuracy"] <= 1.0 and set(record) == {"name", "valid_accuracy", "steps"}
 
 
 METRICS_SETS = ["train.checkpoint_every=2", "log.logger=none", "gan.metrics_every=3", "gan.metrics_samples=64",

@@ -385,16 +385,20 @@ def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, s
     return summary
 
 
-def _extractor_record(metrics) -> dict | None:
+def _extractor_record(metrics, run_dir: Path) -> dict | None:
     """What the metrics were measured with, for a user to judge them: an extractor file's name,
     validation accuracy and training steps (an offline one's quality was shown nowhere)."""
-    path = getattr(metrics, "weights_path", None)
-    if metrics is None or path is None or metrics.extractor == "inception":
+    if metrics is None or metrics.extractor == "inception":
+        return None
+    path = metrics.weights_path
+    if path is None and metrics.extractor == "offline":  # a resume with nothing left to train
+        path = run_dir / "extractor.safetensors"
+    if path is None or not Path(path).is_file():
         return None
     from sttpfast.gan.extractor import read_extractor_metadata
 
     meta = read_extractor_metadata(path)
-    return {"name": meta["name"], "file": str(path), "valid_accuracy": meta["valid_accuracy"], "steps": meta["steps"]}
+    return {"name": meta["name"], "valid_accuracy": meta["valid_accuracy"], "steps": meta["steps"]}
 
 
 def _summary(learn, cfg, run_dir: Path, seconds: float, processes: int, metrics, state) -> dict:
@@ -412,7 +416,7 @@ def _summary(learn, cfg, run_dir: Path, seconds: float, processes: int, metrics,
         best = {"metric": metrics.best_name, "value": metrics.best, "step": metrics.best_step}
     g = cfg["gan"]
     return {
-        "run_dir": str(run_dir), "app": "gan", "extractor": _extractor_record(metrics), "g": g["g"], "d": g["d"], "g_param": learn.g_param,
+        "run_dir": str(run_dir), "app": "gan", "extractor": _extractor_record(metrics, run_dir), "g": g["g"], "d": g["d"], "g_param": learn.g_param,
         "d_param": g["d_param"], "g_rank": rg.rank, "d_rank": rd.rank,
         "g_z_percent": round(rg.z, 4), "d_z_percent": round(rd.z, 4),
         "g_params": rg.compressed_total, "g_params_dense": rg.dense_total,
