@@ -188,7 +188,7 @@ class GANGradientSync(Callback):
     def after_batch(self):
         # the iteration's losses over the whole global batch (one all-reduce), before the
         # Recorder, the loggers and the summary read them: they were rank 0's half batch
-        if getattr(self, "size", 1) == 1 or not self.learn.training:
+        if getattr(self, "size", 1) == 1 or not self.learn.training:  # no size: a validate() outside fit
             return
         names = [n for n in ("loss", "loss_g", "loss_d") if torch.is_tensor(getattr(self.learn, n, None))]
         if not names:

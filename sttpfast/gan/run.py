@@ -416,7 +416,8 @@ def _summary(learn, cfg, run_dir: Path, seconds: float, processes: int, metrics,
         best = {"metric": metrics.best_name, "value": metrics.best, "step": metrics.best_step}
     g = cfg["gan"]
     return {
-        "run_dir": str(run_dir), "app": "gan", "extractor": _extractor_record(metrics, run_dir), "g": g["g"], "d": g["d"], "g_param": learn.g_param,
+        "run_dir": str(run_dir), "app": "gan", "extractor": _extractor_record(metrics, run_dir),
+        "g": g["g"], "d": g["d"], "g_param": learn.g_param,
         "d_param": g["d_param"], "g_rank": rg.rank, "d_rank": rd.rank,
         "g_z_percent": round(rg.z, 4), "d_z_percent": round(rd.z, 4),
         "g_params": rg.compressed_total, "g_params_dense": rg.dense_total,

@@ -116,9 +116,7 @@ def _wy_frame_by_autograd(bottom: Tensor, top: Tensor | None) -> Tensor:
     grads (a MAML meta-gradient) differentiate, to any order. ``(..., n, r)``."""
     y = reflectors_from_params(bottom, top)
     n, r = y.shape[-2:]
-    gram = y.mT @ y
-    a = torch.triu(gram, 1) + torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1) / 2)
-    k = torch.linalg.solve_triangular(a, y[..., :r, :].mT, upper=True)
+    k = torch.linalg.solve_triangular(_wy_a(y.mT @ y), y[..., :r, :].mT, upper=True)
     return torch.eye(n, r, dtype=y.dtype, device=y.device) - y @ k
 
 

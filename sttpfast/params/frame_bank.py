@@ -282,6 +282,11 @@ def _unpack(tensor: Tensor) -> Tensor:
     return tensor
 
 
+#: the active saved-tensor hooks (None when none); a private torch function, looked up once
+#: (without it the scope is always entered: correct, a little slower)
+_TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def _own_saved_tensors():
     """Keep the build's saved tensors under identity saved-tensor hooks when other hooks are
     active: gradient checkpointing (timm's ``set_grad_checkpointing``) recomputes a block in
@@ -289,8 +294,7 @@ def _own_saved_tensors():
     bank's build runs at other places in the two (the whole tree's build in the forward, the
     block's own in the recomputation). With its saved tensors kept out of the checkpoint's,
     both save the layers' tensors alone (a weight's shape is the same either way)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if torch.compiler.is_compiling() or (top is not None and top(False) is None):
+    if torch.compiler.is_compiling() or (_TOP_HOOKS is not None and _TOP_HOOKS(False) is None):
         return contextlib.nullcontext()
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
