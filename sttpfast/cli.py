@@ -80,12 +80,15 @@ def _import_training_modules():
 
 def user_errors(fn):
     """Turn the library's ValueErrors (bad arguments, bad files) into CLIError, and Ctrl-C
-    that reaches this level (start-up: imports, data, model) into one line and exit 130."""
+    that reaches this level (start-up: imports, data, model) into one line and exit 130. A
+    command that returns leaves its process group first (several processes)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            _end_processes()
+            return result
         except ValueError as err:
             raise CLIError(str(err)) from None
         except KeyboardInterrupt:
@@ -93,6 +96,17 @@ def user_errors(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def _end_processes() -> None:
+    """A command launched on several processes ends together: a barrier, then the process
+    group goes (sttpfast.callbacks.distributed.end_processes). A command that joined no
+    process group imports nothing for it."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        from sttpfast.callbacks.distributed import end_processes
+
+        end_processes()
 
 
 RANK_SYNTAX = ("a positive integer (8), comma-separated integers for a tensor format's tuple rank (4,8,8,4: "
