@@ -342,6 +342,31 @@ def _frobenius_decay_value(value: str):
     return number
 
 
+class _TrainCommand(click.Command):
+    """``sttpfast train``: a negative ``--frobenius-decay`` value gets its own message. click
+    reads ``-1`` after an option whose value is optional as an option of its own ("No such
+    option '-1'"), even written ``--frobenius-decay=-1``."""
+
+    def parse_args(self, ctx, args):
+        for i, arg in enumerate(args):
+            if arg == "--":
+                break
+            value = arg.partition("=")[2] if arg.startswith("--frobenius-decay=") else None
+            if arg == "--frobenius-decay" and i + 1 < len(args):
+                value = args[i + 1]
+            if value is not None and value.startswith("-") and _is_number(value):
+                _frobenius_decay_value(value)  # raises: a number >= 0
+        return super().parse_args(ctx, args)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_frobenius_decay_applies(param: str) -> None:
     from sttpfast.params import method
 
@@ -356,7 +381,7 @@ def train_options(fn):
     return fn
 
 
-@main.command()
+@main.command(cls=_TrainCommand)
 @click.argument("dataset", required=False)
 @train_options
 @click.option("--resume", default=None, type=click.Path(), help="continue the run in this folder")

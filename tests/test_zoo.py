@@ -428,6 +428,11 @@ def test_cli_train_lowrank_rank_scale_with_frobenius_decay(tmp_path, monkeypatch
 @pytest.mark.parametrize("args,message", [
     (["--param", "tucker", "--frobenius-decay"], "Error: --frobenius-decay applies to the methods trained with it "
                                                  "(lowrank), not 'tucker'"),
+    # a negative value: click took "-1" for an option ("No such option '-1'"), with "=" too
+    (["--param", "lowrank", "--frobenius-decay", "-1"],
+     "Error: --frobenius-decay '-1': expected a number >= 0 (or the flag alone)"),
+    (["--param", "lowrank", "--frobenius-decay=-0.5"],
+     "Error: --frobenius-decay '-0.5': expected a number >= 0 (or the flag alone)"),
     (["--param", "rtt", "--rank", "2", "--unrepresentable", "error"],
      "Error: rtt cannot represent layer 'stem.0' (weight (16, 1, 3, 3)): channel count 1 cannot be split into 2 "
      "factors (too small); unrepresentable='skip' leaves such layers dense"),
