@@ -101,8 +101,8 @@ def _probe_folders(out: Path, existing: Path) -> None:
 
 
 def prepare_run_dir(cfg: dict) -> Path:
-    """Create a fresh run folder under ``train.out`` (a numbered suffix if the name is taken).
-    Called once everything else about the run has been checked: failed starts leave nothing."""
+    """Create a fresh run folder under ``train.out`` (a numbered suffix if the name is taken);
+    its absolute path. Called once everything else about the run has been checked: failed starts leave nothing."""
     out, base = check_output(cfg)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -112,7 +112,7 @@ def prepare_run_dir(cfg: dict) -> Path:
         path.mkdir()
     except OSError as err:
         raise RunError(f"cannot write to output folder {out}: {err.strerror}") from None
-    return path
+    return path.absolute()  # as a resume names it (a relative --out was "out/r" here, absolute there)
 
 
 def _broadcast(value, accelerator):

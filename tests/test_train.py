@@ -294,14 +294,20 @@ def test_mixed_precision_run_computes_in_its_dtype(tmp_path, precision, dtype):
 
 
 def test_a_resume_given_a_relative_path_writes_absolute_paths_like_a_fresh_run(tmp_path, monkeypatch):
-    # summary.json's run_dir and checkpoint were "r" after `--resume r`, absolute after a fresh run
-    fresh = run_training(_cfg(tmp_path, "r", **{"optim.steps": 2}), echo=lambda *a: None)
-    assert fresh["run_dir"] == str(tmp_path / "r")
+    # summary.json's run_dir and checkpoint were "r" after `--resume r`, absolute after a fresh run;
+    # then a fresh run given a relative --out named it relative ("out/r"), a resume absolute
     monkeypatch.chdir(tmp_path)
+    said = []
+    fresh = run_training(_cfg("out", "r", **{"optim.steps": 2}), echo=said.append)
+    assert fresh["run_dir"] == str(tmp_path / "out" / "r")
+    assert f"run {tmp_path / 'out' / 'r'}:" in "\n".join(said)
+    assert fresh["checkpoint"] == str(tmp_path / "out" / "r" / "checkpoints" / "last")
+    monkeypatch.chdir(tmp_path / "out")
     resumed = run_training(resume="r", steps=3, echo=lambda *a: None)
-    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
-    assert (resumed["run_dir"], summary["run_dir"]) == (str(tmp_path / "r"),) * 2
-    assert summary["checkpoint"] == str(tmp_path / "r" / "checkpoints" / "last")
+    run = tmp_path / "out" / "r"
+    summary = json.loads((run / "summary.json").read_text())
+    assert (resumed["run_dir"], summary["run_dir"]) == (str(run),) * 2
+    assert summary["checkpoint"] == str(run / "checkpoints" / "last")
 
 
 def test_a_gan_config_given_to_train_is_refused_naming_the_gan_command(tmp_path):
