@@ -86,16 +86,44 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            result = fn(*args, **kwargs)
+            with _sigterm_interrupts():
+                result = fn(*args, **kwargs)
             _end_processes()
             return result
         except ValueError as err:
             raise CLIError(str(err)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             click.echo(INTERRUPTED, err=True)
-            sys.exit(130)
+            sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
 
     return wrapper
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside training (which checkpoints its own): the command ends as after Ctrl-C,
+    with one line and exit status 143."""
+
+    signum = signal.SIGTERM
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM raises :class:`Terminated` while the command runs (its default action killed the
+    process without a word once the imports were done); training installs its own handler
+    over this one and puts it back."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _end_processes() -> None:
@@ -566,9 +594,9 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
                               unrepresentable=unrepresentable, include=list(include) or None,
                               exclude=list(exclude) or None, keep_dense_if_no_gain=keep_dense_if_no_gain is not False,
                               bn_batches=bn_batches, echo=click.echo, progress=progress)
-    except KeyboardInterrupt:  # phase 2's training checkpoints its own interrupts: not this one
+    except KeyboardInterrupt as stop:  # phase 2's training checkpoints its own interrupts: not this one
         click.echo(COMPRESS_INTERRUPTED.get(progress.get("stage"), INTERRUPTED), err=True)
-        sys.exit(130)
+        sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
     phase_2 = result["phases"].get("2", {})
     _exit_if_the_loss_diverged({"nan_step": phase_2.get("nan_step"),
                                 "checkpoint": last_checkpoint(result["run_dir"])})

@@ -165,6 +165,32 @@ def test_ctrl_c_during_start_up_subprocess(tmp_path, sig, status):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args,entry", [
+    (["train", "digits"], "sttpfast.run.run_training"), (["gan", "digits"], "sttpfast.gan.run.run_gan"),
+    (["compress", "a-run", "--param", "tt", "--rank", "2"], "sttpfast.compress.compress_run")])
+def test_sigterm_after_the_imports_before_training_one_line_exit_143(tmp_path, monkeypatch, args, entry):
+    """SIGTERM after the imports and before training's own handler (data, model, run folder):
+    the process died without a word (exit -15); Ctrl-C there already gave the line (compress:
+    exit 130 for either signal). The test's own handler stands in for the default action."""
+    import importlib
+
+    killed = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: killed.append(signum))
+
+    def terminated(*args, **kwargs):  # SIGTERM while the run builds its data and model
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.5)  # the handler runs here
+        raise AssertionError("SIGTERM did not stop the command")
+
+    module, name = entry.rsplit(".", 1)
+    monkeypatch.setattr(importlib.import_module(module), name, terminated)
+    try:
+        result = run(*args, "--out", str(tmp_path / "runs"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (result.exit_code, result.output, killed) == (143, INTERRUPTED + "\n", [])
+
+
 # --- tuple ranks on the command line (issue 9) ------------------------------------------------
 @pytest.mark.parametrize("text,rank", [
     ("8", 8), ("4,8,8,4", [4, 8, 8, 4]), ("4x8x8x4", [4, 8, 8, 4]), (" 8 , 6 ", [8, 6]),
