@@ -93,7 +93,7 @@ def _gaps(a: dict, b: dict) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
     """sn, sttp-c (with G's EMA) and sttp-c with metrics: 1 process, 2 FSDP2 processes; sttp-c
-    also 2 DDP processes."""
+    with metrics also 2 DDP processes."""
     tmp = tmp_path_factory.mktemp("gan_fsdp")
     said = {}
     for name in RUNS:
@@ -101,7 +101,7 @@ def runs(tmp_path_factory) -> dict:
         said[name] = _launch(tmp / "fsdp", name, 2, fsdp=True).stdout
     script = tmp / "after_the_command.py"
     script.write_text(_AFTER_THE_COMMAND)
-    said["ddp"] = _launch(tmp / "ddp", "sttp-c", 2, fsdp=False, script=script).stdout
+    said["ddp"] = _launch(tmp / "ddp", "metrics", 2, fsdp=False, script=script).stdout
     return {"root": tmp, "said": said}
 
 
@@ -134,12 +134,16 @@ def test_fsdp2_gan_matches_one_process_with_the_same_global_batch(runs, name):
 @pytest.mark.slow
 def test_fsdp2_gan_equals_ddp_bitwise(runs):
     """The same run under DDP (every process holds G, D and the EMA whole, gradients
-    all-reduced): G, D, the EMA and both Adam states are bitwise those of the sharded run."""
+    all-reduced): G, D, the EMA and both Adam states are bitwise those of the sharded run, and
+    the offline extractor (the main process's alone under DDP) is one process's, bitwise: it
+    learnt from rank 0's half batches (validation accuracy 0.415 against 0.51 in a trial)."""
     root = runs["root"]
     for which in ("model", "optimizer"):
-        a, b = _files(root / "ddp/sttp-c", which), _files(root / "fsdp/sttp-c", which)
+        a, b = _files(root / "ddp/metrics", which), _files(root / "fsdp/metrics", which)
         assert sorted(a) == sorted(b), which
         assert [k for k in a if not torch.equal(a[k], b[k])] == [], which
+    a, b = (load_file(str(root / run / "metrics/extractor.safetensors")) for run in ("one", "ddp"))
+    assert sorted(a) == sorted(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 @pytest.mark.slow

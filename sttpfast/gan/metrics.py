@@ -307,9 +307,10 @@ class GANMetrics(Callback):
             sharded, dl = self._sharded(), self.dls.train
             if is_main_process():
                 shard, bs = (getattr(dl, "rank", 0), getattr(dl, "world_size", 1)), dl.bs
-                if sharded:
-                    # the extractor learns from the global batches, as in one process (the
-                    # same extractor, and the loader's shuffling advanced as there)
+                if shard[1] > 1:
+                    # several processes (FSDP2 or DDP): the extractor learns from the global
+                    # batches, as in one process (the same extractor; under DDP it learnt from
+                    # rank 0's half batches: another extractor under the same name)
                     dl.shard(0, 1)
                     dl.bs = bs * shard[1]
                 try:
