@@ -595,14 +595,27 @@ def build_config(files=(), overrides=(), cli: dict | None = None) -> tuple[dict,
     sources: dict = {}
     cfg = copy.deepcopy(DEFAULTS)
     for path in files:
-        cfg = merge(cfg, load_yaml(path), str(path), sources)
+        update = load_yaml(path)
+        cfg = merge(cfg, update, str(path), sources)
+        _later_epochs_replace_steps(cfg, flatten(update), str(path), sources)
     # the command line is explicit: no warning when it overrides a file
     cli_update = _nest(dict(cli or {}))
     cfg = merge(cfg, cli_update, "the command line")
     sources.update({k: "the command line" for k in flatten(cli_update)})
+    _later_epochs_replace_steps(cfg, flatten(cli_update), "the command line", sources)
     cfg = apply_overrides(cfg, list(overrides), sources)
+    _later_epochs_replace_steps(cfg, {k for k, where in sources.items() if where == "--set"}, "--set", sources)
     _resolve_param(cfg, sources)
     return cfg, sources
+
+
+def _later_epochs_replace_steps(cfg: dict, keys_set, where: str, sources: dict) -> None:
+    """``optim.epochs`` set by a later source than ``optim.steps`` (a flag, ``--set`` or a later
+    file over a config that sets steps) is the budget: the steps go. Steps replace epochs
+    whenever set, so ``--cfg paper.yml --epochs 1`` kept the paper's 100,000 steps."""
+    if "optim.epochs" in keys_set and "optim.steps" not in keys_set and cfg["optim"]["steps"] is not None:
+        cfg["optim"]["steps"] = None
+        sources["optim.steps"] = where
 
 
 #: the sections only one command reads (both read data, log and train)

@@ -31,6 +31,26 @@ def test_cli_then_dotted_overrides_win(tmp_path):
     assert cfg["param"]["include"] == ["blocks.*", "fc"]
 
 
+@pytest.mark.parametrize("later", ["cli", "set", "file"])
+def test_epochs_given_later_replace_the_steps_of_an_earlier_source(tmp_path, later):
+    # the paper's configs set optim.steps: 100000; `--cfg it --epochs 1` kept the 100,000 steps
+    # (steps replace epochs whenever set) and started a run of days
+    paper = write(tmp_path, "paper.yml", "optim:\n  steps: 100000\n")
+    if later == "cli":
+        cfg, sources = build_config([paper], cli={"optim.epochs": 1})
+    elif later == "set":
+        cfg, sources = build_config([paper], overrides=["optim.epochs=1"])
+    else:
+        cfg, sources = build_config([paper, write(tmp_path, "short.yml", "optim:\n  epochs: 1\n")])
+    assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (1, None)
+    assert sources["optim.steps"] == sources["optim.epochs"]
+    # given together, both stay (steps replace epochs), and epochs alone leave no steps behind
+    cfg, _ = build_config([paper], cli={"optim.epochs": 1, "optim.steps": 50})
+    assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (1, 50)
+    cfg, _ = build_config([write(tmp_path, "e.yml", "optim:\n  epochs: 2\n")], cli={"optim.steps": 7})
+    assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (2, 7)
+
+
 def test_unknown_key_suggests_the_closest(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*did you mean 'optim.lr'"):
         build_config(overrides=["optim.lrr=0.1"])
