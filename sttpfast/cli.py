@@ -441,6 +441,9 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
         summary = run_training(resume=resume, echo=click.echo, steps=budget.get("optim.steps"),
                                epochs=budget.get("optim.epochs"))
     else:
+        if flags["dataset"] is None and not cfg and not overrides:
+            raise CLIError("give the dataset: sttpfast train DATASET [options] (e.g. sttpfast train digits --param sttp-r "
+                           "--steps 200), or a config with --cfg")
         with interrupts_end_start_up():
             config, sources = build_config(cfg, overrides, explicit)
             check_sections_read(config, sources, "train")

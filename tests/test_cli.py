@@ -139,6 +139,19 @@ def test_train_bad_set_value_one_line_nothing_created(tmp_path, pair, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bare_train_command_asks_for_the_dataset(tmp_path, monkeypatch):
+    # `sttpfast train` alone trained a dense resnet20_cifar on digits for 10 epochs, a dataset
+    # neither --help nor README names as the default (`sttpfast gan` alone asks for it)
+    monkeypatch.chdir(tmp_path)
+    for args in ([], ["--param", "sttp-r", "--rank", "8"]):
+        result = run("train", *args)
+        assert result.exit_code == 2, result.output
+        assert result.output.splitlines() == [
+            "Error: give the dataset: sttpfast train DATASET [options] (e.g. sttpfast train digits --param sttp-r "
+            "--steps 200), or a config with --cfg"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_ctrl_c_before_training_one_line_exit_130(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
