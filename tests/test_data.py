@@ -403,12 +403,13 @@ def test_imagefolder_takes_colour_from_any_class_and_refuses_an_empty_class(tmp_
         get_dls(f"imagefolder:{tmp_path / 'pets'}", bs=4, device="cpu")
 
 
-def test_fashion_mnist_debian_package():
+def test_fashion_mnist_debian_package(tmp_path):
     # Debian's dataset-fashion-mnist is part of this project's environment (not skipped: a
     # machine without it should fail here, not silently drop the only test on real data).
     assert idx_reader.DEBIAN_FASHION_MNIST.is_dir(), (
         f"{idx_reader.DEBIAN_FASHION_MNIST} absent: apt-get install dataset-fashion-mnist")
-    dls = get_dls("fashion_mnist", data_dir="/nonexistent", bs=128, augment=False, device="cpu")
+    # a data dir without the files (an existing one: a missing one is refused)
+    dls = get_dls("fashion_mnist", data_dir=tmp_path, bs=128, augment=False, device="cpu")
     check_dls(dls, 10, 1, 28, n_train=60000, n_valid=10000, bs=128)
     assert dls.vocab[9] == "Ankle boot"
     train, valid = dls.train.dataset, dls.valid.dataset
@@ -420,7 +421,7 @@ def test_fashion_mnist_debian_package():
     assert int(valid.x.numpy().sum(dtype=np.int64)) == 573469082
     # the registry's published statistics are those of this training split
     assert (round(dls.mean[0], 4), round(dls.std[0], 4)) == DATASETS["fashion_mnist"].mean + DATASETS["fashion_mnist"].std
-    sub = get_dls("fashion_mnist", data_dir="/nonexistent", bs=128, subset=512, device="cpu")
+    sub = get_dls("fashion_mnist", data_dir=tmp_path, bs=128, subset=512, device="cpu")
     check_dls(sub, 10, 1, 28, n_train=512, n_valid=512, bs=128)
     assert torch.bincount(sub.train.dataset.y).tolist() == [63, 43, 51, 41, 49, 48, 49, 55, 49, 64]
 
@@ -439,12 +440,26 @@ def test_fashion_mnist_debian_package():
 def test_missing_dataset_names_the_expected_files(tmp_path, monkeypatch, name, expected):
     monkeypatch.setattr(idx_reader, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
     root = tmp_path / "empty"
+    root.mkdir()
     with pytest.raises(DatasetNotFound) as err:
         get_dls(name, data_dir=root)
     message = str(err.value)
     assert isinstance(err.value, ValueError) and not isinstance(err.value, DatasetCorrupt)
     assert str(root / expected) in message
     assert ("--download" in message) == (name != "tiny_imagenet")
+
+
+def test_a_data_dir_that_does_not_exist_is_refused_not_passed_over(tmp_path):
+    # fashion_mnist read the Debian package's files instead, without a word (a typo in
+    # --data-dir trained on other files than the user's); --download creates the folder
+    with pytest.raises(DatasetNotFound) as err:
+        get_dls("fashion_mnist", data_dir=tmp_path / "nope")
+    assert str(err.value) == (f"data folder {tmp_path / 'nope'} (--data-dir) does not exist. Put the four "
+                              "Fashion-MNIST IDX files there, pass --download (download=True) to fetch it with "
+                              "torchvision, or point --data-dir / $STTPFAST_DATA at the folder holding fashion_mnist/ "
+                              "or FashionMNIST/raw/. On Debian/Ubuntu, `apt-get install dataset-fashion-mnist` "
+                              "provides them system-wide.")
+    assert len(get_dls("digits", data_dir=tmp_path / "nope", subset=20).train.dataset) == 20  # reads no folder
 
 
 def test_missing_imagefolder_and_default_data_dir(tmp_path, monkeypatch):

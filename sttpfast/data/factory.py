@@ -8,6 +8,7 @@ from fastai.data.core import DataLoaders
 from fastai.torch_core import default_device
 from torch import Tensor
 
+from sttpfast.data.errors import DatasetNotFound
 from sttpfast.data.loaders import InMemoryImageDataset, InMemoryImageDL
 from sttpfast.data.readers.imagefolder import decode_images
 from sttpfast.data.readers.raw import Split
@@ -67,6 +68,9 @@ def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
         raise ValueError(f"subset must be None or >= 1, got {subset}")
     root = data_root(data_dir)
     spec = resolve_dataset(name, root)
+    if data_dir is not None and spec.files and not download and not root.is_dir():
+        # refused, not passed over: Fashion-MNIST was read from the system package instead
+        raise DatasetNotFound(f"data folder {root} (--data-dir) does not exist. {spec.download_hint}")
     raw = read_or_download(spec, root, download)
 
     train, valid = raw.train, raw.valid
