@@ -163,6 +163,30 @@ def test_torch_compile_of_a_training_step_equals_eager():
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(model.parameters(), twin.parameters()))
 
 
+@pytest.mark.parametrize("method", ["sttp-r", "tt"])
+def test_torch_compile_captures_a_parameterized_vit_in_one_graph(method):
+    """Two training passes of a 3-block ViT compile one frame: no graph break, no recompile.
+    Before: functools.cached_property's lock in the chain layout (sttp) and opt_einsum's path
+    search (tt) broke the graph in every layer, and the frames after a break recompiled per
+    layer class until dynamo's recompile limit (8) sent the rest of a deep ViT back to eager;
+    the caches filled in the first call recompiled the whole model once more."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=3, num_classes=10)
+    sttpfast.parameterize(model, method, rank=4)
+    counter = CompileCounterWithBackend("eager")
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(2, 3, 16, 16)
+    torch._dynamo.reset()
+    for _ in range(2):
+        got = compiled(x)
+        got.sum().backward()
+    assert counter.frame_count == 1
+    with torch.no_grad():
+        assert torch.allclose(got, model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_a_traced_copy_never_uses_a_stale_weight():
     # the traced copy's weights come from loose passes: after an optimizer step, after a
     # backward through part of them, and in the other grad mode, they are built afresh

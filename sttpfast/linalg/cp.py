@@ -15,6 +15,7 @@ import opt_einsum
 import torch
 from torch import Tensor
 
+from sttpfast.linalg.contract import contract
 from sttpfast.linalg.tucker import leading_subspace, unfold
 
 __all__ = ["cp_to_tensor", "mttkrp", "cp_als"]
@@ -26,7 +27,7 @@ def cp_to_tensor(factors: list[Tensor]) -> Tensor:
     letters = [opt_einsum.get_symbol(i) for i in range(d)]
     rank = opt_einsum.get_symbol(d)
     eq = ",".join(f"{m}{rank}" for m in letters) + "->" + "".join(letters)
-    return opt_einsum.contract(eq, *factors, backend="torch")
+    return contract(eq, *factors)
 
 
 def mttkrp(tensor: Tensor, factors: list[Tensor], skip: int) -> Tensor:

@@ -6,11 +6,11 @@ al. 2016). A TT is the ring with ``R_0 = 1``.
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import opt_einsum
 import torch
 from torch import Tensor
+
+from sttpfast.linalg.contract import contract
 
 
 __all__ = ["tt_svd_bonds", "tr_to_tensor", "tr_als"]
@@ -44,12 +44,6 @@ def tt_svd_bonds(tensor: Tensor, bonds: list[int]) -> list[Tensor]:
     return cores
 
 
-@lru_cache(maxsize=1024)
-def _expression(eq: str, shapes: tuple[tuple[int, ...], ...]):
-    """opt_einsum contraction expression, its path found once per equation and shapes."""
-    return opt_einsum.contract_expression(eq, *shapes, optimize="auto")
-
-
 def _ring_equation(d: int, with_tensor: bool = False) -> str:
     """einsum equation of a ring of ``d`` cores (bond ``k`` before core ``k``, bond 0 closes it)."""
     bonds = [opt_einsum.get_symbol(k) for k in range(d)]
@@ -63,7 +57,7 @@ def tr_to_tensor(cores: list[Tensor]) -> Tensor:
     (one einsum: the ring is traced while contracting, never built with both ring indices open)."""
     if len(cores) == 1:
         return torch.diagonal(cores[0], dim1=0, dim2=-1).sum(-1)
-    return _expression(_ring_equation(len(cores)), tuple(tuple(c.shape) for c in cores))(*cores, backend="torch")
+    return contract(_ring_equation(len(cores)), *cores)
 
 
 def _chain_gram(chain: list[Tensor]) -> Tensor:
@@ -84,8 +78,7 @@ def _chain_rhs(target: Tensor, chain: list[Tensor]) -> Tensor:
     row = opt_einsum.get_symbol(2 * d + 1)
     eq = (row + "".join(modes) + "," + ",".join(bonds[j] + modes[j] + bonds[j + 1] for j in range(d))
           + "->" + row + bonds[0] + bonds[d])
-    shapes = (tuple(target.shape), *(tuple(c.shape) for c in chain))
-    out = _expression(eq, shapes)(target, *chain, backend="torch")
+    out = contract(eq, target, *chain)
     return out.reshape(out.shape[0], -1)
 
 

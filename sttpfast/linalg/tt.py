@@ -6,11 +6,12 @@ A TT tensor of shape ``(n_1, ..., n_D)`` is a chain of cores ``C_k`` of shape
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-
 import opt_einsum
 import torch
 from torch import Tensor
+
+from sttpfast.linalg.contract import contract
+from sttpfast.linalg.memo import constant_memo
 
 __all__ = ["prime_factors", "tt_ranks", "tt_contract", "tt_svd"]
 
@@ -45,15 +46,13 @@ def tt_ranks(modes: list[int] | tuple[int, ...], max_rank: int | None = None) ->
     return ranks
 
 
-@lru_cache(maxsize=512)
-def _chain_expression(shapes: tuple[tuple[int, ...], ...]):
-    """opt_einsum expression contracting a TT chain; cached per list of core shapes."""
-    d = len(shapes)
+@constant_memo
+def _chain_equation(d: int) -> str:
+    """einsum equation contracting a TT chain of ``d`` cores (boundary bonds kept)."""
     bonds = [opt_einsum.get_symbol(i) for i in range(d + 1)]
     modes = [opt_einsum.get_symbol(d + 1 + i) for i in range(d)]
     terms = [bonds[k] + modes[k] + bonds[k + 1] for k in range(d)]
-    eq = ",".join(terms) + "->" + bonds[0] + "".join(modes) + bonds[d]
-    return opt_einsum.contract_expression(eq, *shapes, optimize="auto")
+    return ",".join(terms) + "->" + bonds[0] + "".join(modes) + bonds[d]
 
 
 def tt_contract(cores: list[Tensor]) -> Tensor:
@@ -64,8 +63,7 @@ def tt_contract(cores: list[Tensor]) -> Tensor:
     Returns:
         ``(R_0, n_1, ..., n_D, R_D)`` with the boundary dims squeezed when they are 1.
     """
-    expr = _chain_expression(tuple(tuple(c.shape) for c in cores))
-    full = expr(*cores, backend="torch")
+    full = contract(_chain_equation(len(cores)), *cores)
     if cores[0].shape[0] == 1:
         full = full.squeeze(0)
     if cores[-1].shape[-1] == 1:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
 from typing import NamedTuple
 
 import torch
@@ -48,6 +47,7 @@ from sttpfast.linalg.householder import (
     st_u_gauge,
     stiefel_dof,
 )
+from sttpfast.linalg.memo import constant_memo
 from sttpfast.linalg.tt import tt_ranks
 from sttpfast.params.base import MatrixView, WeightParametrization, check_rank, learned_spectrum
 from sttpfast.params.factorized import install_factorized_forward
@@ -90,20 +90,29 @@ class ChainLayout:
     ranks: tuple[int, ...]
     learned: bool
 
+    def __post_init__(self):
+        # derived once, here: a layout keys the plan caches and the bank's groups at every
+        # build, and every build reads its cores. Not filled lazily (functools.cached_property
+        # or on first use): a cache that torch.compile's trace filled was a graph break (the
+        # property's lock) or a trace that diverged when dynamo restarted its analysis
+        self.__dict__["_hash"] = hash((self.out_modes, self.in_modes, self.ranks, self.learned))
+        self.__dict__["_cores"] = cores = self._cores()
+        n_out = len(self.out_modes)
+        self.__dict__["_absorbable"] = tuple(c.reduced and c.rows == c.cols and k != n_out - 1
+                                             for k, c in enumerate(cores))
+
     def __hash__(self) -> int:
-        # cached: a layout keys the plan caches and the bank's groups at every build
-        h = self.__dict__.get("_hash")
-        if h is None:
-            h = self.__dict__["_hash"] = hash((self.out_modes, self.in_modes, self.ranks, self.learned))
-        return h
+        return self.__dict__["_hash"]
 
     @property
     def rank(self) -> int:
         return self.ranks[len(self.out_modes)]
 
-    @cached_property
+    @property
     def cores(self) -> tuple[CoreFrame, ...]:
-        # cached: every build reads it per layout, and the layout never changes (frozen)
+        return self.__dict__["_cores"]
+
+    def _cores(self) -> tuple[CoreFrame, ...]:
         n_out, modes, out = len(self.out_modes), self.out_modes + self.in_modes, []
         for k, n in enumerate(modes):
             is_u = k < n_out
@@ -114,15 +123,14 @@ class ChainLayout:
             out.append(CoreFrame(n, self.ranks[k], self.ranks[k + 1], is_u, reduced))
         return tuple(out)
 
-    @cached_property
+    @property
     def absorbable(self) -> tuple[bool, ...]:
         """Per core: its frame is the constant ``-I`` (``St_U`` of a square frame, nothing to
         learn: :func:`~sttpfast.linalg.householder.householder_frame`) and it does not carry
         the spectrum (the last U-core does, in :func:`_chain_cores`). Such a U-core as the left
         operand of a merge, or V-core as the right one, is a square ``-I`` matrix: the merge is
         the other operand, negated, in the same row-major layout (no product, no copy)."""
-        n_out = len(self.out_modes)
-        return tuple(c.reduced and c.rows == c.cols and k != n_out - 1 for k, c in enumerate(self.cores))
+        return self.__dict__["_absorbable"]
 
     @property
     def dof(self) -> int:
@@ -244,7 +252,7 @@ def _reshaped(t: Tensor, *shape: int) -> Tensor:
 
 # ---------------------------------------------------------------------------------------
 # the weight in one contraction of the whole chain, in the order of fewest FLOPs
-@lru_cache(maxsize=1024)
+@constant_memo
 def contraction_plan(layout: ChainLayout) -> tuple[tuple, int]:
     """The cheapest order to contract all cores of ``layout`` (U-cores, ``Sigma``, V-cores) into ``W``.
 
@@ -263,7 +271,7 @@ def contraction_plan(layout: ChainLayout) -> tuple[tuple, int]:
     return segment_plan(layout, 0, len(layout.out_modes + layout.in_modes) - 1)
 
 
-@lru_cache(maxsize=4096)
+@constant_memo
 def segment_plan(layout: ChainLayout, first: int, last: int) -> tuple[tuple | int, int]:
     """:func:`contraction_plan` of the cores ``first..last`` alone: ``(tree, flops)``, the tree
     over core indices. The U side ``0..n_out-1`` contracts to ``U`` ``(d_out, r)``, the V side
@@ -301,7 +309,7 @@ def _absorbs(layout: ChainLayout, a: int, m: int, b: int) -> bool:
     return (m == a < n_out and layout.absorbable[a]) or (m + 1 == b >= n_out and layout.absorbable[b])
 
 
-@lru_cache(maxsize=4096)
+@constant_memo
 def _absorbed(layout: ChainLayout, node) -> tuple[int, ...]:
     """The ``-I`` leaves of the tree ``node`` that its merges absorb (see :func:`_contract`);
     cached with the plans it walks (both are fixed per layout)."""
@@ -377,7 +385,7 @@ def root_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor | 
     return _operands(layout, cores, _last_merge(layout))
 
 
-@lru_cache(maxsize=1024)
+@constant_memo
 def _last_merge(layout: ChainLayout):
     """The node of :func:`contraction_plan`'s tree whose product is the last matmul: below the
     merges that absorb a ``-I`` leaf (each of those is its other operand)."""
@@ -413,7 +421,7 @@ def factor_operands(layout: ChainLayout, frames: list[Tensor], spectrum: Tensor 
     return u.reshape(*batch, -1, layout.rank), v_t.reshape(*batch, layout.rank, -1)
 
 
-@lru_cache(maxsize=1024)
+@constant_memo
 def build_flops(layout: ChainLayout) -> tuple[int, int]:
     """Multiply-adds of the two ways to finish a build from the frames: ``(weight, factors)``.
 

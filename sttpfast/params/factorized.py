@@ -170,6 +170,10 @@ class ChoosingForward:
 
     def __call__(self, input: Tensor) -> Tensor:  # noqa: A002 (torch's name: layer(input=x) works)
         x, layer = input, self.layer
+        if torch.compiler.is_compiling():
+            # traced: the choice is made once per graph anyway, and filling the cache here
+            # made its state a guard that failed at the next call (one more compile)
+            return _choosing_forward(layer, x, uses_factorized_path(layer, x))
         p = parametrization_of(layer)
         if p is not self._of:
             self._choices, self._of = {}, p

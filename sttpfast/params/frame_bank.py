@@ -234,8 +234,11 @@ class FrameBank:
     def _build(self, members: list[tuple[nn.Module, nn.Module]]) -> "BatchedBuild":
         """The batched build of ``members``, in full precision (orthogonality needs it: never
         under bf16/fp16 autocast), labelled so that a profile tells it from the layers' work."""
-        with frame_precision(factors_of(members[0][0])[0]), record_function("sttpfast.weight_build"):
-            return build_weights(members, self._plans)
+        # traced by torch.compile: no plan cache (filled there, it was a guard that failed at
+        # the next call: one more compile); the graph holds the plan anyway
+        plans = None if torch.compiler.is_compiling() else self._plans
+        with frame_precision(factors_of(members[0][0])[0]), _label("sttpfast.weight_build"):
+            return build_weights(members, plans)
 
     def _loose_weight(self, parametrization: nn.Module) -> "BatchedBuild | None":
         """The loose pass's build (module docstring) for ``parametrization``'s one hand-out,
@@ -302,9 +305,10 @@ def _own_saved_tensors():
 def _label(name: str):
     """``record_function(name)`` while a profiler runs (what tells a profile the weight build
     from the layers' own work), else nothing: a hand-out happens per layer call, and the label
-    costs ~15 us even with no profiler. torch keeps the flag private (2.14); without it, always label."""
+    costs ~15 us even with no profiler. torch keeps the flag private (2.14); without it, always label.
+    Never under torch.compile, which drops the label with a warning."""
     profiling = getattr(torch.autograd.profiler, "_is_profiler_enabled", True)
-    return record_function(name) if profiling else contextlib.nullcontext()
+    return record_function(name) if profiling and not torch.compiler.is_compiling() else contextlib.nullcontext()
 
 
 def _sharded_members(members: list[tuple[nn.Module, nn.Module]]) -> set[int]:

@@ -5,12 +5,13 @@ neither has to import the other.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from sttpfast.linalg.memo import constant_memo
 
 __all__ = [
     "parametrization_of", "factors_of", "parameterized_layers", "layer_type",
@@ -50,7 +51,7 @@ def factors_of(module: nn.Module) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
-@lru_cache(maxsize=None)
+@constant_memo
 def _original_names(n: int) -> tuple[str, ...]:
     return tuple(f"original{i}" for i in range(n))
 
