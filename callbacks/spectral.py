@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from pathlib import Path
 
 import torch
 from fastai.callback.core import Callback
@@ -136,13 +137,16 @@ class SingularValueLogger(Callback):
     stopped run still gets it before the loggers close) draw the current top-``top_k``
     singular values of all layers (rows: layers, columns: index, color: value) into
     ``run_dir/singular_values.png`` and send it to the loggers as image ``singular_values``.
+    ``heatmap=None`` (the default): drawn when the learner writes somewhere other than the
+    current directory (its ``run_dir``, as the apps' learners have, or a ``path`` of its own),
+    not next to a script that built a learner without a folder; ``True``: there as well.
     Order 55: after the Recorder, before the loggers (70).
     """
 
     order = 55
     run_valid = False
 
-    def __init__(self, every: int = 100, top_k: int = 32, heatmap: bool = True):
+    def __init__(self, every: int = 100, top_k: int = 32, heatmap: bool | None = None):
         super().__init__()
         self.every, self.top_k, self.heatmap = positive_steps(every), positive_steps(top_k, "top_k", ""), heatmap
         self.history: list[dict] = []
@@ -185,7 +189,7 @@ class SingularValueLogger(Callback):
 
     def _draw(self) -> None:
         step = global_step(self.learn)
-        if not self.heatmap or self._drawn_at == step:
+        if not self._draws() or self._drawn_at == step:
             return
         self._drawn_at = step
         spectra = self.spectra()  # on every rank: a sharded model gathers its parameters
@@ -195,6 +199,12 @@ class SingularValueLogger(Callback):
         save_heatmap(spectra, self.top_k, path, title=f"top-{self.top_k} singular values, step {step}")
         self.heatmap_path = path
         log_image(self.learn, "singular_values", path, step)
+
+    def _draws(self) -> bool:
+        if self.heatmap is not None:
+            return self.heatmap
+        folder = getattr(self.learn, "run_dir", None) or self.learn.path
+        return Path(folder) != Path(".")
 
 
 def save_heatmap(spectra: dict[str, Tensor], top_k: int, path, title: str = "") -> None:

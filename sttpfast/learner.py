@@ -318,8 +318,9 @@ def spectral_learner(
             parameterizes each on its own (own spectrum and bound).
         attention_rank: rank per head of the ``qk-ov`` forms when it differs from ``rank``
             (e.g. with ``compression``, which then picks the other layers' rank).
-    The report of the surgery is ``learn.compression``; ``learn.run_dir`` is where the
-    callbacks write (``run_dir`` or ``learn.path``).
+    The report of the surgery is ``learn.compression``; ``learn.run_dir`` is the run folder
+    (None without ``run_dir``: callbacks that write then use ``learn.path``, the current
+    directory, and the default heat map of the spectra is not drawn).
     """
     param = resolve_param(param)
     if opt not in OPTIMIZERS:  # before the model is touched
@@ -342,11 +343,12 @@ def spectral_learner(
                  if not any(type(mine) is type(cb) for mine in given)] + given
     if factored:
         callbacks.append(AttentionFormDecay(wd if frobenius_decay is None else frobenius_decay))
-    path = Path(run_dir) if run_dir is not None else Path(".")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    path = run_dir if run_dir is not None else Path(".")
     learn = SpectralLearner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,
                     metrics=metrics if metrics is not None else default_metrics(_n_classes(dls, model)),
                     cbs=callbacks, wd=wd, wd_bn_bias=False, path=path, model_dir=".", **learner_kwargs)
-    learn.compression, learn.param, learn.run_dir = report, param, path
+    learn.compression, learn.param, learn.run_dir = report, param, run_dir
     return learn
 
 

@@ -212,3 +212,20 @@ def test_a_callback_the_user_gives_replaces_the_default_of_its_type(dls):
     learn = spectral_learner(dls, "resnet20_cifar", param="sttp-r", rank=2, cbs=[mine])
     loggers = [cb for cb in learn.cbs if isinstance(cb, SingularValueLogger)]
     assert loggers == [mine]
+
+
+def test_a_learner_without_a_run_folder_writes_nothing_into_the_current_directory(dls, tmp_path, monkeypatch):
+    """README's first Python example (no run_dir) left singular_values.png in the current
+    directory, from the default SingularValueLogger; its spectra stay in ``history``. With a
+    run folder the heat map is drawn there, as in the apps."""
+    from sttpfast.callbacks import SingularValueLogger
+
+    monkeypatch.chdir(tmp_path)
+    for run_dir in (None, tmp_path / "run"):
+        learn = spectral_learner(dls, "resnet20_cifar", param="sttp-r", rank=2, run_dir=run_dir, sv_every=1)
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(1, 1e-3)
+        [logger] = [cb for cb in learn.cbs if isinstance(cb, SingularValueLogger)]
+        assert len({row["step"] for row in logger.history}) == len(dls.train)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["singular_values.png"]

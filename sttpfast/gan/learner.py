@@ -496,11 +496,12 @@ def gan_learner(
         callbacks.append(ExactSpectralNorm())
     if ema_decay is not None:
         callbacks.append(GeneratorEMA(ema_decay, ema_start))
-    path = Path(run_dir) if run_dir is not None else Path(".")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    path = run_dir if run_dir is not None else Path(".")
     learn = GANLearner(dls, pair, loss_obj, n_dis=n_dis, lr_g=lr_g, lr_d=lr_d, betas_g=betas_g,
                        betas_d=betas_d, lr_decay=lr_decay, image_size=getattr(generator, "image_size", None),
                        dequantize=dequantize, seed=seed, cbs=callbacks + list(cbs or []), path=path,
                        model_dir=".", **learner_kwargs)
     learn.compression_g, learn.compression_d = report_g, report_d
-    learn.g_param, learn.d_param, learn.run_dir = g_param, d_param, path
+    learn.g_param, learn.d_param, learn.run_dir = g_param, d_param, run_dir
     return learn
