@@ -597,25 +597,43 @@ def build_config(files=(), overrides=(), cli: dict | None = None) -> tuple[dict,
     for path in files:
         update = load_yaml(path)
         cfg = merge(cfg, update, str(path), sources)
-        _later_epochs_replace_steps(cfg, flatten(update), str(path), sources)
+        _later_settings_replace(cfg, flatten(update), str(path), sources)
     # the command line is explicit: no warning when it overrides a file
     cli_update = _nest(dict(cli or {}))
     cfg = merge(cfg, cli_update, "the command line")
     sources.update({k: "the command line" for k in flatten(cli_update)})
-    _later_epochs_replace_steps(cfg, flatten(cli_update), "the command line", sources)
+    _later_settings_replace(cfg, flatten(cli_update), "the command line", sources)
     cfg = apply_overrides(cfg, list(overrides), sources)
-    _later_epochs_replace_steps(cfg, {k for k, where in sources.items() if where == "--set"}, "--set", sources)
+    _later_settings_replace(cfg, {k for k, where in sources.items() if where == "--set"}, "--set", sources)
     _resolve_param(cfg, sources)
     return cfg, sources
 
 
-def _later_epochs_replace_steps(cfg: dict, keys_set, where: str, sources: dict) -> None:
-    """``optim.epochs`` set by a later source than ``optim.steps`` (a flag, ``--set`` or a later
-    file over a config that sets steps) is the budget: the steps go. Steps replace epochs
-    whenever set, so ``--cfg paper.yml --epochs 1`` kept the paper's 100,000 steps."""
-    if "optim.epochs" in keys_set and "optim.steps" not in keys_set and cfg["optim"]["steps"] is not None:
-        cfg["optim"]["steps"] = None
-        sources["optim.steps"] = where
+#: what metrics_every = null turns off: the settings read only when GAN metrics are computed
+GAN_METRIC_KEYS = ("gan.metrics_samples", "gan.metrics", "gan.best_by", "gan.extractor", "gan.inception_weights",
+                   "gan.extractor_steps", "gan.extractor_kwargs")
+
+
+def _later_settings_replace(cfg: dict, keys_set, where: str, sources: dict) -> None:
+    """A later source (a flag, ``--set``, a later file) that sets ``keys_set`` replaces what they
+    make meaningless in the earlier ones:
+
+    * ``optim.epochs`` without ``optim.steps``: the epochs are the budget, the steps go (steps
+      replace epochs whenever set: ``--cfg paper.yml --epochs 1`` kept the paper's 100,000);
+    * ``gan.metrics_every`` set to null: the earlier metric settings go back to their defaults
+      (a paper config's ``metrics_samples`` then refused the run as "no effect").
+    """
+    def reset(key: str, value) -> None:
+        if get(cfg, key) != value:
+            _set(cfg, key, copy.deepcopy(value))
+            sources[key] = where
+
+    if "optim.epochs" in keys_set and "optim.steps" not in keys_set:
+        reset("optim.steps", None)
+    if "gan.metrics_every" in keys_set and cfg["gan"]["metrics_every"] is None:
+        for key in GAN_METRIC_KEYS:
+            if key not in keys_set:
+                reset(key, SCHEMA[key].default)
 
 
 #: the sections only one command reads (both read data, log and train)

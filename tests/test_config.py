@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from sttpfast.config import CLI_FLAGS, DEFAULT_RANK, DEFAULTS, SCHEMA, ConfigError, build_config, flatten, save_config
+from sttpfast.config import (CLI_FLAGS, DEFAULT_RANK, DEFAULTS, GAN_METRIC_KEYS, SCHEMA, ConfigError, build_config,
+                             flatten, save_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,27 @@ def test_epochs_given_later_replace_the_steps_of_an_earlier_source(tmp_path, lat
     assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (1, 50)
     cfg, _ = build_config([write(tmp_path, "e.yml", "optim:\n  epochs: 2\n")], cli={"optim.steps": 7})
     assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (2, 7)
+
+
+def test_metrics_turned_off_later_drop_a_configs_metric_settings():
+    # offline (no Inception weights) a user turns a paper config's metrics off: its
+    # metrics_samples then refused the run ("has no effect without --metrics-every ... leave it
+    # out", though the user never gave it), and null for it was refused as not an integer
+    from sttpfast.gan.run import check_gan_config
+
+    paper = ROOT / "configs/aistats21/table1_gan_reduced_discriminator/cifar10_sttp_c.yml"
+    cfg, sources = build_config([paper])
+    assert (cfg["gan"]["metrics_every"], cfg["gan"]["metrics_samples"]) == (5000, 50000)
+    for how in ({"overrides": ["gan.metrics_every=null"]}, {"cli": {"gan.metrics_every": None}}):
+        cfg, sources = build_config([paper], **how)
+        assert cfg["gan"]["metrics_every"] is None
+        assert {key: cfg["gan"][key.split(".")[1]] for key in GAN_METRIC_KEYS} == {
+            key: DEFAULTS["gan"][key.split(".")[1]] for key in GAN_METRIC_KEYS}
+        check_gan_config(cfg)  # no "no effect" refusal
+    # given in the same command as metrics off, a metric setting is still refused
+    cfg, _ = build_config([paper], overrides=["gan.metrics_every=null", "gan.metrics_samples=64"])
+    with pytest.raises(ValueError, match=r"^--metrics-samples \(gan.metrics_samples\) has no effect without"):
+        check_gan_config(cfg)
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

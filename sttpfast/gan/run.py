@@ -127,23 +127,17 @@ def _check_ranks_apply(g: dict) -> None:
                          f"discriminator {g['d_param']}, neither takes a rank; leave it out")
 
 
-#: the settings read only when metrics are computed (``gan.metrics_every`` set)
-_METRIC_SETTINGS = ("metrics_samples", "metrics", "best_by", "extractor", "inception_weights", "extractor_steps",
-                    "extractor_kwargs")
-
-
 def _check_metric_settings_apply(g: dict) -> None:
     """Metric settings changed from their defaults without ``gan.metrics_every`` are refused
     (they would be ignored), each named by its flag where it has one."""
-    from sttpfast.config import GAN_CLI_FLAGS, SCHEMA
+    from sttpfast.config import GAN_CLI_FLAGS, GAN_METRIC_KEYS, SCHEMA
 
     if g["metrics_every"] is not None:
         return
     flags = {key: flag for flag, key in GAN_CLI_FLAGS.items()}
     changed = []
-    for name in _METRIC_SETTINGS:
-        key = f"gan.{name}"
-        if g[name] != SCHEMA[key].default:
+    for key in GAN_METRIC_KEYS:
+        if g[key.split(".", 1)[1]] != SCHEMA[key].default:
             changed.append(f"--{flags[key].replace('_', '-')} ({key})" if key in flags else key)
     if changed:
         verb, pronoun = ("has", "it") if len(changed) == 1 else ("have", "them")
