@@ -126,6 +126,22 @@ def _sigterm_interrupts():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _build_config(files, overrides, explicit) -> tuple[dict, dict]:
+    """:func:`~sttpfast.config.build_config`, its notes (a value a later source overrides) said
+    as ``warning:`` lines; Python showed them with the file and line of sttpfast's code."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return build_config(files, overrides, explicit)
+    finally:  # also before a later value's error
+        for w in caught:
+            if issubclass(w.category, UserWarning) and str(w.message).startswith("config "):
+                click.echo(f"warning: {w.message}")
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
 def _end_processes() -> None:
     """A command launched on several processes ends together: a barrier, then the process
     group goes (sttpfast.callbacks.distributed.end_processes). A command that joined no
@@ -445,7 +461,7 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
             raise CLIError("give the dataset: sttpfast train DATASET [options] (e.g. sttpfast train digits --param sttp-r "
                            "--steps 200), or a config with --cfg")
         with interrupts_end_start_up():
-            config, sources = build_config(cfg, overrides, explicit)
+            config, sources = _build_config(cfg, overrides, explicit)
             check_sections_read(config, sources, "train")
             _import_training_modules()
         if frobenius_decay is not None:
@@ -523,7 +539,7 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
             raise CLIError("give the dataset: sttpfast gan DATASET [options] (e.g. sttpfast gan digits --steps 200), "
                            "or a config with --cfg; the defaults train 100,000 G steps")
         with interrupts_end_start_up():
-            config, sources = build_config(cfg, overrides, explicit)
+            config, sources = _build_config(cfg, overrides, explicit)
             check_sections_read(config, sources, "gan")
             _import_training_modules()
             import sttpfast.gan.run  # noqa: F401

@@ -139,6 +139,17 @@ def test_train_bad_set_value_one_line_nothing_created(tmp_path, pair, message):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_set_over_a_config_file_is_said_as_one_warning_line(tmp_path):
+    # Python's warning format: "/.../sttpfast/config.py:526: UserWarning: ..." and a source line
+    config = tmp_path / "c.yml"
+    config.write_text("param:\n  rank: 8\n")
+    result = run("train", "--cfg", str(config), "--set", "param.rank=4", "--set", "param.name=sttp-r", "--set",
+                 "optim.lr=abc", "--out", str(tmp_path / "runs"))
+    assert result.output.splitlines() == [
+        f"warning: config param.rank: 8 from {config} overridden by 4 from --set",
+        "Error: config optim.lr = 'abc': expected a number"]
+
+
 def test_a_bare_train_command_asks_for_the_dataset(tmp_path, monkeypatch):
     # `sttpfast train` alone trained a dense resnet20_cifar on digits for 10 epochs, a dataset
     # neither --help nor README names as the default (`sttpfast gan` alone asks for it)
