@@ -129,9 +129,12 @@ def resume_config(run_dir: str | Path, warn=print, command: str = "train") -> tu
     (naming ``command``, the one resuming, where it says how to start the run again)."""
     from sttpfast.callbacks.checkpoint import load_checkpoint_state
 
+    from sttpfast.export import run_folder_problem
+
     run_dir = Path(run_dir).expanduser().absolute()  # summary.json names it as a fresh run does
-    if not (run_dir / "config.yaml").is_file():
-        raise RunError(f"{run_dir} is not a run folder (no config.yaml)")
+    problem = run_folder_problem(run_dir)
+    if problem is not None:
+        raise RunError(problem)
     compressed = _read_json(run_dir / COMPRESS_REPORT)
     if (compressed is not None and 2 not in compressed.get("requested_phases", [2])
             and not any((run_dir / "checkpoints").glob("ckpt-*"))):

@@ -150,6 +150,14 @@ def test_a_set_over_a_config_file_is_said_as_one_warning_line(tmp_path):
         "Error: config optim.lr = 'abc': expected a number"]
 
 
+@pytest.mark.parametrize("command", [["train", "--resume"], ["gan", "--resume"], ["export", "--format", "onnx"]])
+def test_a_run_folder_that_does_not_exist_is_said_so(tmp_path, command):
+    # it said "is not a run folder (no config.yaml)", as for a folder that is not a run
+    missing = tmp_path / "nope"
+    result = run(*command, str(missing)) if command[0] != "export" else run("export", str(missing), *command[1:])
+    assert (result.exit_code, result.output) == (2, f"Error: {missing} does not exist\n")
+
+
 def test_a_bare_train_command_asks_for_the_dataset(tmp_path, monkeypatch):
     # `sttpfast train` alone trained a dense resnet20_cifar on digits for 10 epochs, a dataset
     # neither --help nor README names as the default (`sttpfast gan` alone asks for it)

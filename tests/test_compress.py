@@ -112,7 +112,10 @@ def test_bad_input_one_line_exit_2_nothing_written(dense_run, tmp_path, args, me
 def test_missing_run_and_non_dense_checkpoint_are_refused(dense_run, tmp_path):
     missing = tmp_path / "nope"
     _one_error_line(_cli(missing, "--param", "tt", "--rank", "2"),
-                    f"Error: {missing} is not a run folder (no config.yaml)", tmp_path)
+                    f"Error: {missing} does not exist", tmp_path)  # it said "not a run folder"
+    (tmp_path / "empty").mkdir()
+    _one_error_line(_cli(tmp_path / "empty", "--param", "tt", "--rank", "2"),
+                    f"Error: {tmp_path / 'empty'} is not a run folder (no config.yaml)", tmp_path)
     # a run folder whose checkpoint is already compressed
     fake = tmp_path / "sttp"
     (fake / "checkpoints" / "last").mkdir(parents=True)
