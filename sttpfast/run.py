@@ -150,8 +150,8 @@ def resume_config(run_dir: str | Path, warn=print, command: str = "train") -> tu
     checkpoints = run_dir / "checkpoints"
     if not (checkpoints.is_dir() and any(checkpoints.glob("ckpt-*"))):
         raise RunError(f"{run_dir} has no checkpoint: it stopped before its first one, and there is nothing to "
-                       f"resume. Start it again with: sttpfast {command} --cfg {run_dir / 'config.yaml'} (in a new, "
-                       "numbered folder next to it unless you remove this one first)")
+                       f"resume. Start it again with: sttpfast {command} --cfg {run_dir / 'config.yaml'} --out "
+                       f"{run_dir.parent} (in a new, numbered folder next to it unless you remove this one first)")
     # the process that writes the run's checkpoints sets damaged ones aside (out of the rotation)
     state = load_checkpoint_state(run_dir / "checkpoints", warn=lambda msg: warn(f"Warning: {msg}"),
                                   set_aside_damaged=is_main_rank())

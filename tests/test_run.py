@@ -259,7 +259,7 @@ def test_the_runs_warnings_are_warning_lines(tmp_path):
             "'stem.0' (channel count 1 cannot be split into 2 factors (too small))") in lines
 
 
-def test_resuming_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tmp_path):
+def test_resuming_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_again(tmp_path, monkeypatch):
     # "Error: no checkpoint folder at RUN/checkpoints": true, and no word on what to do
     from click.testing import CliRunner
 
@@ -269,13 +269,22 @@ def test_resuming_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_
     run = tmp_path / "killed"
     run.mkdir()
     save_config(_cfg(tmp_path, "killed"), run / "config.yaml")  # what a run writes before training
-    for command in ("train", "gan"):
+    for command in ("gan", "train"):
         result = CliRunner().invoke(main, [command, "--resume", str(run)])
         assert result.exit_code == 2, result.output
         assert result.output.splitlines() == [
             f"Error: {run} has no checkpoint: it stopped before its first one, and there is nothing to resume. "
-            f"Start it again with: sttpfast {command} --cfg {run / 'config.yaml'} (in a new, numbered folder next to "
-            "it unless you remove this one first)"]
+            f"Start it again with: sttpfast {command} --cfg {run / 'config.yaml'} --out {tmp_path} (in a new, "
+            "numbered folder next to it unless you remove this one first)"]
+    # the command said does what it says from anywhere (the config's train.out is relative to
+    # where it runs: the new run went to ./runs/ there); train's, run as said, for 1 step
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    said = result.output.split("Start it again with: sttpfast ")[1].split(" (in a new")[0].split()
+    assert CliRunner().invoke(main, [*said, "--steps", "1"]).exit_code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "killed", "killed-2"]
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_an_empty_run_name_is_refused():
