@@ -471,7 +471,7 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
         chosen = [rank_line(config["param"]["name"], *_rank_choice(config, sources))]
         if config["param"].get("attention") == "qk-ov":  # the forms take the rank per head (issue 11)
             per_head = config["param"]["rank"]
-            chosen.append(f"attention qk-ov: rank {per_head} per head (capped at the head width)" if per_head
+            chosen.append(f"attention qk-ov: rank {per_head} per head (at most the head width)" if per_head
                           else "attention qk-ov: full head width (no compression of the attention)")
         from sttpfast.run import run_training
 
@@ -555,7 +555,7 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
                      f"{summary['extractor']['valid_accuracy']:.3f}, {summary['extractor']['steps']} steps)")
     if best:
         parts.append(f"best {best['metric']} {best['value']:.4g} at step {best['step']}")
-    parts += [f"{summary['steps']} G steps in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]
+    parts += [f"{_count(summary['steps'], 'G step')} in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]
     say("summary: " + " | ".join(parts))
     _exit_if_the_loss_diverged(summary)
 
@@ -638,6 +638,11 @@ def export(run, fmt, out, which, force):
     click.echo(f"wrote {path}")
 
 
+def _count(n: int, noun: str) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _print_summary(summary: dict) -> None:
     m = summary.get("metrics", {})
     acc = m.get("accuracy")
@@ -647,7 +652,7 @@ def _print_summary(summary: dict) -> None:
     # Z from the counts, as the run printed it before training (z_percent is rounded already)
     z = 100 * summary["params_compressed"] / summary["params_dense"]
     parts += [f"Z {z:.2f}%", f"params {summary['params_compressed']:,} / {summary['params_dense']:,}",
-              f"{summary['steps']} steps in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]
+              f"{_count(summary['steps'], 'step')} in {summary['seconds']:.1f} s", f"run {summary['run_dir']}"]
     say("summary: " + " | ".join(parts))
 
 

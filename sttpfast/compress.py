@@ -400,7 +400,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     result["phases"]["0"] = {"accuracy": _accuracy(student, dls.valid) if used else inherited,
                              "accuracy_teacher_statistics": inherited, "bn_batches": used, "z_percent": z,
                              "left_dense": [row["layer"] for row in report.left_dense]}
-    how = (f" (BatchNorm statistics re-estimated on {used} training batches), with the teacher's normalization "
+    how = (f" (BatchNorm statistics re-estimated on {used} training batch{'' if used == 1 else 'es'}), with the teacher's normalization "
            f"statistics {inherited:.4f}" if used else "")
     echo(f"phase 0 (decomposed, {report.summary()}): accuracy {result['phases']['0']['accuracy']:.4f}{how}")
     if 1 in phases:

@@ -164,7 +164,7 @@ def test_cli_says_the_rank_per_head_with_a_dense_rest(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[:2] == ["no rank (dense keeps every weight at full size)",
-                         "attention qk-ov: rank 4 per head (capped at the head width)"]
+                         "attention qk-ov: rank 4 per head (at most the head width)"]
     # only the forms are factored: qkv 3*3*4*192 and proj 3*4*192 of the dense 4*192^2
     assert [line for line in lines if line.startswith("run ")][0].split(": ", 1)[1].startswith("layers 2 ")
 

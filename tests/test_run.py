@@ -282,7 +282,8 @@ def test_resuming_a_run_killed_before_its_first_checkpoint_says_how_to_start_it_
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     said = result.output.split("Start it again with: sttpfast ")[1].split(" (in a new")[0].split()
-    assert CliRunner().invoke(main, [*said, "--steps", "1"]).exit_code == 0
+    again = CliRunner().invoke(main, [*said, "--steps", "1"])
+    assert again.exit_code == 0 and " | 1 step in " in again.output  # it said "1 steps"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "killed", "killed-2"]
     assert list(elsewhere.iterdir()) == []
 
