@@ -602,6 +602,10 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
     rank = _as_tuples(rank)
     if rank is None and compression is None:
         raise CLIError("give the size of the compressed layers: --rank R or --compression Z")
+    if rank is not None and compression is not None:
+        raise CLIError("give either --rank or --compression, not both")
+    if plan == "energy" and compression is None:
+        raise CLIError("--plan energy spends a compression budget: give --compression Z instead of --rank")
     for flag, value in (("--steps", steps), ("--distill-steps", distill_steps)):
         if value is not None and value < 1:
             raise CLIError(f"{flag} must be a positive integer, got {value}")
