@@ -478,7 +478,7 @@ def test_every_gan_table_config_is_valid_and_has_the_papers_z():
 
 
 def _expected_z(path: Path):
-    """The Z (percent) of D that a config's header comment states from FACTS.md, or None."""
+    """The Z (percent) of D that a config's header comment states from the paper, or None."""
     for line in path.read_text().splitlines():
         if line.startswith("# D Z ="):
             return float(line.split("=")[1].split("%")[0])

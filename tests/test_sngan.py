@@ -281,7 +281,7 @@ _INFO_Z = [
     # Table 2, STL-10 48 px D, rank 64: the paper gives STTP-C 3.25 (FACTS.md)
     ("sngan_d48", "sttp-c", 64, "3.25", 3.25), ("sngan_d48", "sttp-r", 64, "3.52", None),
     ("sngan_d48", "svdp-c", 64, "14.23", None), ("sngan_d48", "svdp-r", 64, "14.50", None),
-    # Table 3: the CIFAR-10 G under STTP-R (ranks 16-128) and SVDP-R (ranks 4-64); its first
+    # table 3's ranks (STTP-R 16-128, SVDP-R 4-64) on the CIFAR-10 G (the paper sweeps them on D); its first
     # Linear (528,384 of 4,280,323 state entries) stays dense, which sets a floor of ~12.3%
     ("sngan_g32", "sttp-r", 16, "13.20", None), ("sngan_g32", "sttp-r", 24, "13.81", None),
     ("sngan_g32", "sttp-r", 32, "14.61", None), ("sngan_g32", "sttp-r", 48, "16.47", None),
