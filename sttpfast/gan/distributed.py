@@ -53,6 +53,25 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """``all_reduce(SUM)`` that autograd differentiates: every process's output is the sum of
+    the processes' inputs, so an input's gradient is the sum of the processes' output gradients
+    (another all-reduce). torch's own (``torch.distributed.nn.functional.all_reduce``) is
+    deprecated and warned once per process in every multi-process GAN run."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the batch of all processes.
 
@@ -76,11 +95,9 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         _, size = world()
         if not self.training or size == 1 or not self.track_running_stats:
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
         n_local = torch.tensor([float(x.shape[0] * x.shape[2] * x.shape[3])], dtype=x.dtype, device=x.device)
         stats = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), n_local])
-        stats = all_reduce(stats)
+        stats = _SumOverProcesses.apply(stats)
         c = x.shape[1]
         n = stats[-1]
         mean, mean_sq = stats[:c] / n, stats[c:2 * c] / n
