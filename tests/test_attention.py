@@ -383,3 +383,19 @@ def test_qk_ov_with_an_attention_rank_keeps_the_energy_plan_of_the_other_layers(
     report = parameterize_for_run(model, "sttp-r", compression=20, plan="energy", attention="qk-ov",
                                   attention_rank=4)
     assert report.plan and all(".attn." not in row["layer"] for row in report.plan)
+
+
+def test_parameterizing_around_the_attention_forms_in_python_names_the_way():
+    # "already parameterized (attn-qk-ov); densify the model first" undid the forms; the
+    # command line leaves the layers parameterize_attention returns out, as Python can
+    from sttpfast.params.attention import parameterize_attention
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, num_classes=10)
+    formed = parameterize_attention(model, "qk-ov", rank=4)
+    with pytest.raises(ValueError) as err:
+        parameterize(model, "sttp-r", rank=4)
+    assert str(err.value) == ("layer 'blocks.0.attn.qkv' holds the attention forms (attn-qk-ov): leave the layers "
+                              "parameterize_attention returned out of this call (exclude=their names), as --attention "
+                              "does on the command line")
+    report = parameterize(model, "sttp-r", rank=4, exclude=formed)
+    assert "blocks.0.mlp.fc1" in {row.name for row in report.rows}
