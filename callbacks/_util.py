@@ -64,9 +64,14 @@ def is_main_process() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def output_folder(learn) -> Path:
+    """Where the callbacks of ``learn`` write: ``learn.run_dir`` if set, else ``learn.path``."""
+    return Path(getattr(learn, "run_dir", None) or learn.path)
+
+
 def run_dir(learn) -> Path:
-    """The run's output folder: ``learn.run_dir`` if set, else ``learn.path`` (created)."""
-    path = Path(getattr(learn, "run_dir", None) or learn.path)
+    """:func:`output_folder`, created."""
+    path = output_folder(learn)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -50,13 +50,19 @@ def end_processes() -> None:
     every process waits for the others, then the process group is destroyed. Without it each
     process tore its gloo connections down at interpreter exit, whatever the others were still
     doing (a 2-process FSDP2 GAN run that had written all its files died there with SIGABRT on
-    one rank). No process group: nothing to do."""
+    one rank). No process group: nothing to do. On gloo the wait is bounded (5 minutes): a
+    process whose peer died is not kept waiting for gloo's 30-minute timeout."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    from datetime import timedelta
+
     from accelerate.state import PartialState
 
     if dist.get_world_size() > 1:
-        dist.barrier()
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(minutes=5))
+        else:
+            dist.barrier()
     PartialState().destroy_process_group()
 
 

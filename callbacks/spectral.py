@@ -26,6 +26,7 @@ from sttpfast.callbacks._util import (
     is_real,
     is_main_process,
     log_image,
+    output_folder,
     positive_steps,
     log_scalars,
     matrix_of,
@@ -203,8 +204,7 @@ class SingularValueLogger(Callback):
     def _draws(self) -> bool:
         if self.heatmap is not None:
             return self.heatmap
-        folder = getattr(self.learn, "run_dir", None) or self.learn.path
-        return Path(folder) != Path(".")
+        return output_folder(self.learn) != Path(".")
 
 
 def save_heatmap(spectra: dict[str, Tensor], top_k: int, path, title: str = "") -> None:

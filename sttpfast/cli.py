@@ -22,8 +22,8 @@ import warnings
 
 import click
 
-from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, build_config, check_sections_read, choices,
-                             type_members)
+from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, ConfigWarning, build_config,
+                             check_sections_read, choices, type_members)
 from sttpfast.processes import is_main_rank
 
 __all__ = ["main", "CLIError"]
@@ -90,6 +90,9 @@ def user_errors(fn):
                 result = fn(*args, **kwargs)
             _end_processes()
             return result
+        except SystemExit:  # a deliberate exit, the same on every process (interrupted, diverged)
+            _end_processes()
+            raise
         except ValueError as err:
             raise CLIError(str(err)) from None
         except KeyboardInterrupt as stop:
@@ -123,7 +126,8 @@ def _sigterm_interrupts():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler installed from C, which Python cannot put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _build_config(files, overrides, explicit) -> tuple[dict, dict]:
@@ -132,11 +136,11 @@ def _build_config(files, overrides, explicit) -> tuple[dict, dict]:
     caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always", ConfigWarning)
             return build_config(files, overrides, explicit)
     finally:  # also before a later value's error
         for w in caught:
-            if issubclass(w.category, UserWarning) and str(w.message).startswith("config "):
+            if issubclass(w.category, ConfigWarning):
                 click.echo(f"warning: {w.message}")
             else:
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
@@ -399,7 +403,9 @@ class _TrainCommand(click.Command):
             if arg == "--frobenius-decay" and i + 1 < len(args):
                 value = args[i + 1]
             if value is not None and value.startswith("-") and _is_number(value):
-                _frobenius_decay_value(value)  # raises: a number >= 0
+                number = _frobenius_decay_value(value)  # raises unless it is -0
+                args = [*args[:i], f"--frobenius-decay={abs(number)}", *args[i + (1 if "=" in arg else 2):]]
+                break
         return super().parse_args(ctx, args)
 
 

@@ -487,6 +487,10 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+class ConfigWarning(UserWarning):
+    """A value a later config source overrode or dropped (the CLI says it as a ``warning:`` line)."""
+
+
 def merge(base: dict, update: dict, source: str, sources: dict | None = None) -> dict:
     """Merge ``update`` (nested mapping) into a copy of ``base``, checking every key and value.
 
@@ -503,7 +507,7 @@ def merge(base: dict, update: dict, source: str, sources: dict | None = None) ->
         old = get(out, dotted)
         if dotted in sources and old != value:
             warnings.warn(f"config {dotted}: {old!r} from {sources[dotted]} overridden by {value!r} from {source}",
-                          stacklevel=2)
+                          ConfigWarning, stacklevel=2)
         _set(out, dotted, copy.deepcopy(value))
         sources[dotted] = source
     return out
@@ -602,9 +606,10 @@ def build_config(files=(), overrides=(), cli: dict | None = None) -> tuple[dict,
     cli_update = _nest(dict(cli or {}))
     cfg = merge(cfg, cli_update, "the command line")
     sources.update({k: "the command line" for k in flatten(cli_update)})
-    _later_settings_replace(cfg, flatten(cli_update), "the command line", sources)
     cfg = apply_overrides(cfg, list(overrides), sources)
-    _later_settings_replace(cfg, {k for k, where in sources.items() if where == "--set"}, "--set", sources)
+    # flags and --set are one command: `--steps 7 --set optim.epochs=2` keeps both
+    given = {k for k, where in sources.items() if where in ("the command line", "--set")}
+    _later_settings_replace(cfg, given, "the command line", sources)
     _resolve_param(cfg, sources)
     return cfg, sources
 
@@ -623,17 +628,20 @@ def _later_settings_replace(cfg: dict, keys_set, where: str, sources: dict) -> N
     * ``gan.metrics_every`` set to null: the earlier metric settings go back to their defaults
       (a paper config's ``metrics_samples`` then refused the run as "no effect").
     """
-    def reset(key: str, value) -> None:
-        if get(cfg, key) != value:
+    def reset(key: str, value, trigger: str, why: str) -> None:
+        old, by = get(cfg, key), sources.get(trigger, where)
+        if old != value:  # said, as merge says a value a later source overrides
+            warnings.warn(f"config {key}: {old!r} from {sources.get(key, 'the defaults')} dropped: {why} from {by}",
+                          ConfigWarning, stacklevel=3)
             _set(cfg, key, copy.deepcopy(value))
-            sources[key] = where
+            sources[key] = by
 
     if "optim.epochs" in keys_set and "optim.steps" not in keys_set:
-        reset("optim.steps", None)
+        reset("optim.steps", None, "optim.epochs", f"optim.epochs {cfg['optim']['epochs']} is the budget")
     if "gan.metrics_every" in keys_set and cfg["gan"]["metrics_every"] is None:
         for key in GAN_METRIC_KEYS:
             if key not in keys_set:
-                reset(key, SCHEMA[key].default)
+                reset(key, SCHEMA[key].default, "gan.metrics_every", "gan.metrics_every null turns the metrics off")
 
 
 #: the sections only one command reads (both read data, log and train)

@@ -214,15 +214,6 @@ def export_generator(model: nn.Module, path: str | os.PathLike, format: str, ema
 
 # ---------------------------------------------------------------------------------------
 # run folders
-def run_folder_problem(run_dir: Path) -> str | None:
-    """Why ``run_dir`` is not a run folder (missing, or no ``config.yaml``), or None."""
-    if not run_dir.exists():
-        return f"{run_dir} does not exist"
-    if not (run_dir / "config.yaml").is_file():
-        return f"{run_dir} is not a run folder (no config.yaml)"
-    return None
-
-
 def run_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Path:
     """The model file of a run's ``which`` checkpoint (``last`` or ``best``).
 
@@ -233,6 +224,8 @@ def run_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Path:
     run_dir = Path(run_dir).expanduser()
     if which not in CHECKPOINTS:
         raise ValueError(f"unknown checkpoint {which!r}; allowed: {', '.join(CHECKPOINTS)}")
+    from sttpfast.run import run_folder_problem
+
     problem = run_folder_problem(run_dir)
     if problem is not None:
         raise ValueError(problem)

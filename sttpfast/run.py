@@ -123,13 +123,20 @@ def _broadcast(value, accelerator):
     return broadcast_object_list([value])[0]
 
 
+def run_folder_problem(run_dir: Path) -> str | None:
+    """Why ``run_dir`` is not a run folder (missing, or no ``config.yaml``), or None."""
+    if not run_dir.exists():
+        return f"{run_dir} does not exist"
+    if not (run_dir / "config.yaml").is_file():
+        return f"{run_dir} is not a run folder (no config.yaml)"
+    return None
+
+
 def resume_config(run_dir: str | Path, warn=print, command: str = "train") -> tuple[Path, dict, dict]:
     """``(run_dir, config, checkpoint state)`` of a run to resume: the newest complete
     checkpoint (a damaged newer one is skipped with a warning); RunError/CheckpointError
     (naming ``command``, the one resuming, where it says how to start the run again)."""
     from sttpfast.callbacks.checkpoint import load_checkpoint_state
-
-    from sttpfast.export import run_folder_problem
 
     run_dir = Path(run_dir).expanduser().absolute()  # summary.json names it as a fresh run does
     problem = run_folder_problem(run_dir)

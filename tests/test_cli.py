@@ -158,16 +158,22 @@ def test_a_run_folder_that_does_not_exist_is_said_so(tmp_path, command):
     assert (result.exit_code, result.output) == (2, f"Error: {missing} does not exist\n")
 
 
-def test_a_bare_train_command_asks_for_the_dataset(tmp_path, monkeypatch):
-    # `sttpfast train` alone trained a dense resnet20_cifar on digits for 10 epochs, a dataset
-    # neither --help nor README names as the default (`sttpfast gan` alone asks for it)
+@pytest.mark.parametrize("command,options,message", [
+    # `sttpfast train` alone trained a dense resnet20_cifar on digits for 10 epochs, a default
+    # neither --help nor README names
+    ("train", ["--param", "sttp-r", "--rank", "8"], "Error: give the dataset: sttpfast train DATASET [options] (e.g. "
+                                                    "sttpfast train digits --param sttp-r --steps 200), or a config "
+                                                    "with --cfg"),
+    # `sttpfast gan` alone started a 100,000-step full-width run on digits (38 s a step here)
+    ("gan", ["--d-param", "sttp-c", "--rank", "8"], "Error: give the dataset: sttpfast gan DATASET [options] (e.g. "
+                                                    "sttpfast gan digits --steps 200), or a config with --cfg; the "
+                                                    "defaults train 100,000 G steps"),
+])
+def test_a_bare_command_asks_for_the_dataset(tmp_path, monkeypatch, command, options, message):
     monkeypatch.chdir(tmp_path)
-    for args in ([], ["--param", "sttp-r", "--rank", "8"]):
-        result = run("train", *args)
-        assert result.exit_code == 2, result.output
-        assert result.output.splitlines() == [
-            "Error: give the dataset: sttpfast train DATASET [options] (e.g. sttpfast train digits --param sttp-r "
-            "--steps 200), or a config with --cfg"]
+    for args in ([], options):
+        result = run(command, *args)
+        assert (result.exit_code, result.output.splitlines()) == (2, [message])
     assert list(tmp_path.iterdir()) == []
 
 

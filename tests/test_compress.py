@@ -97,7 +97,7 @@ def _one_error_line(result, message, tmp_path):
                         "(no compression)"),
     (["--lr", "-1"], "Error: config optim.lr = -1.0: expected a positive number"),
     (["--lr", "nan"], "Error: config optim.lr = nan: expected a number"),
-    # the library's words (plan='energy', compression=Z), not the command's flags
+    # the command's flags, not the library's words (it said plan='energy', compression=Z)
     (["--rank", "4", "--plan", "energy"], "Error: --plan energy spends a compression budget: give --compression Z "
                                           "instead of --rank"),
     (["--rank", "4", "--compression", "5"], "Error: give either --rank or --compression, not both"),

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from sttpfast.config import (CLI_FLAGS, DEFAULT_RANK, DEFAULTS, GAN_METRIC_KEYS, SCHEMA, ConfigError, build_config,
-                             flatten, save_config)
+from sttpfast.config import (CLI_FLAGS, DEFAULT_RANK, DEFAULTS, GAN_METRIC_KEYS, SCHEMA, ConfigError, ConfigWarning,
+                             build_config, flatten, save_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,9 +45,15 @@ def test_epochs_given_later_replace_the_steps_of_an_earlier_source(tmp_path, lat
         cfg, sources = build_config([paper, write(tmp_path, "short.yml", "optim:\n  epochs: 1\n")])
     assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (1, None)
     assert sources["optim.steps"] == sources["optim.epochs"]
-    # given together, both stay (steps replace epochs), and epochs alone leave no steps behind
+    # given together, both stay (steps replace epochs), flags and --set alike
     cfg, _ = build_config([paper], cli={"optim.epochs": 1, "optim.steps": 50})
     assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (1, 50)
+    cfg, _ = build_config([paper], overrides=["optim.epochs=2"], cli={"optim.steps": 7})
+    assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (2, 7)
+    # the steps dropped are said (the CLI's warning line)
+    with pytest.warns(ConfigWarning, match=r"^config optim.steps: 100000 from .*paper.yml dropped: optim.epochs 1 "
+                                           r"is the budget from the command line$"):
+        build_config([paper], cli={"optim.epochs": 1})
     cfg, _ = build_config([write(tmp_path, "e.yml", "optim:\n  epochs: 2\n")], cli={"optim.steps": 7})
     assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (2, 7)
 

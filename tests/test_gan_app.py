@@ -518,15 +518,3 @@ def test_wandb_logs_a_gan_run_offline(tmp_path, monkeypatch):
     sigma = sorted({k for r in rows for k in r if k.startswith("sv/discriminator.") and k.endswith("/sigma_max")})
     assert len(sigma) == 11  # the tiny D: 8 convs, 2 shortcut convs and the final Linear
     assert all(abs(float(r[k]) - 1.0) < 1e-4 for r in rows for k in sigma if k in r)  # STTP-C: sigma_max = 1
-
-
-def test_a_bare_gan_command_asks_for_the_dataset_instead_of_starting_the_papers_budget(tmp_path, monkeypatch):
-    """`sttpfast gan` alone started a 100,000-step full-width run on digits (38 s a step here)."""
-    monkeypatch.chdir(tmp_path)
-    for args in ([], ["--d-param", "sttp-c", "--rank", "8"]):
-        result = _cli("gan", *args)
-        assert result.exit_code == 2, result.output
-        assert result.output.splitlines() == [
-            "Error: give the dataset: sttpfast gan DATASET [options] (e.g. sttpfast gan digits --steps 200), or a "
-            "config with --cfg; the defaults train 100,000 G steps"]
-    assert list(tmp_path.iterdir()) == []

@@ -433,6 +433,9 @@ def test_cli_train_lowrank_rank_scale_with_frobenius_decay(tmp_path, monkeypatch
      "Error: --frobenius-decay '-1': expected a number >= 0 (or the flag alone)"),
     (["--param", "lowrank", "--frobenius-decay=-0.5"],
      "Error: --frobenius-decay '-0.5': expected a number >= 0 (or the flag alone)"),
+    # -0 is 0 (click read it as an option too): the command goes on to its next check
+    (["--param", "tucker", "--frobenius-decay", "-0"], "Error: --frobenius-decay applies to the methods trained "
+                                                       "with it (lowrank), not 'tucker'"),
     (["--param", "rtt", "--rank", "2", "--unrepresentable", "error"],
      "Error: rtt cannot represent layer 'stem.0' (weight (16, 1, 3, 3)): channel count 1 cannot be split into 2 "
      "factors (too small); unrepresentable='skip' leaves such layers dense"),

@@ -96,7 +96,7 @@ class ChainLayout:
         # or on first use): a cache that torch.compile's trace filled was a graph break (the
         # property's lock) or a trace that diverged when dynamo restarted its analysis
         self.__dict__["_hash"] = hash((self.out_modes, self.in_modes, self.ranks, self.learned))
-        self.__dict__["_cores"] = cores = self._cores()
+        self.__dict__["_cores"] = cores = self._derive_cores()
         n_out = len(self.out_modes)
         self.__dict__["_absorbable"] = tuple(c.reduced and c.rows == c.cols and k != n_out - 1
                                              for k, c in enumerate(cores))
@@ -112,7 +112,7 @@ class ChainLayout:
     def cores(self) -> tuple[CoreFrame, ...]:
         return self.__dict__["_cores"]
 
-    def _cores(self) -> tuple[CoreFrame, ...]:
+    def _derive_cores(self) -> tuple[CoreFrame, ...]:
         n_out, modes, out = len(self.out_modes), self.out_modes + self.in_modes, []
         for k, n in enumerate(modes):
             is_u = k < n_out
