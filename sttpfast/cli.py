@@ -55,16 +55,26 @@ def interrupts_end_start_up():
         os.write(2, (INTERRUPTED + "\n").encode())
         os._exit(128 + signum)  # 130 for Ctrl-C, 143 for SIGTERM (it died without a word)
 
+    with _signal_handler(leave, signal.SIGINT, signal.SIGTERM):
+        yield
+
+
+@contextlib.contextmanager
+def _signal_handler(handler, *signums):
+    """``handler`` for ``signums`` while the block runs, the previous handlers back after it.
+    Outside the main thread (where signal.signal refuses) nothing changes; a previous handler
+    installed from C (None to Python) cannot be put back and stays replaced."""
     try:
-        previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: leave Ctrl-C as it is
+        previous = {sig: signal.signal(sig, handler) for sig in signums}
+    except ValueError:
         yield
         return
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for sig, before in previous.items():
+            if before is not None:
+                signal.signal(sig, before)
 
 
 def _import_training_modules():
@@ -86,7 +96,9 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with _sigterm_interrupts():
+            # SIGTERM's default action killed the process without a word once the imports were
+            # done; training installs its own handler over this one and puts it back
+            with _signal_handler(_raise_terminated, signal.SIGTERM):
                 result = fn(*args, **kwargs)
             _end_processes()
             return result
@@ -111,23 +123,6 @@ class Terminated(KeyboardInterrupt):
 
 def _raise_terminated(signum, frame):
     raise Terminated()
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """SIGTERM raises :class:`Terminated` while the command runs (its default action killed the
-    process without a word once the imports were done); training installs its own handler
-    over this one and puts it back."""
-    try:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        if previous is not None:  # None: a handler installed from C, which Python cannot put back
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _build_config(files, overrides, explicit) -> tuple[dict, dict]:
