@@ -340,7 +340,8 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     from sttpfast.config import coerce
     from sttpfast.data import get_dls
     from sttpfast.learner import fit_dls_as_trained
-    from sttpfast.run import COMPRESS_REPORT, check_output, prepare_run_dir, run_training, say_warnings
+    from sttpfast.run import (COMPRESS_REPORT, check_output, prepare_run_dir, run_training, say_warnings,
+                              saying_warnings)
     from sttpfast.surgery import check_rank_useful, compression_report, parameterize
 
     run_dir = Path(run_dir).expanduser()
@@ -383,8 +384,9 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     new_cfg = _output_config(cfg, student, param, out, epochs, steps,
                              lr if lr is not None else cfg["optim"]["lr"] / 10)
     d = cfg["data"]
-    dls = get_dls(d["name"], data_dir=d["data_dir"], bs=d["bs"], subset=d["subset"], download=d["download"],
-                  num_workers=d["num_workers"], seed=cfg["train"]["seed"], augment=d["augment"])
+    with saying_warnings(echo):
+        dls = get_dls(d["name"], data_dir=d["data_dir"], bs=d["bs"], subset=d["subset"], download=d["download"],
+                      num_workers=d["num_workers"], seed=cfg["train"]["seed"], augment=d["augment"])
     # the images the teacher was trained on: its run's --img-size, or the resize training chose
     fit_dls_as_trained(dls, cfg["model"]["arch"], d.get("img_size"), cfg["model"]["kwargs"])
     dense_z = compression_report(teacher).z

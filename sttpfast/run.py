@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from sttpfast.atomic import clean_temporaries, write_file
@@ -366,9 +367,10 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     say = echo if main else (lambda *a: None)
     set_seed(cfg["train"]["seed"])
     d, o, p, r, lg = cfg["data"], cfg["optim"], cfg["param"], cfg["reg"], cfg["log"]
-    dls = get_dls(d["name"], data_dir=d["data_dir"], bs=d["bs"], subset=d["subset"], download=d["download"],
-                  num_workers=d["num_workers"], seed=cfg["train"]["seed"], augment=d["augment"],
-                  device=accelerator.device)
+    with saying_warnings(say):
+        dls = get_dls(d["name"], data_dir=d["data_dir"], bs=d["bs"], subset=d["subset"], download=d["download"],
+                      num_workers=d["num_workers"], seed=cfg["train"]["seed"], augment=d["augment"],
+                      device=accelerator.device)
     checkpointer = Checkpointer(every=cfg["train"]["checkpoint_every"])
     signals = SignalCheckpoint(checkpointer.save_interrupted, say)
     cbs = [AccelerateTrainer(accelerator), checkpointer, signals]
@@ -420,6 +422,17 @@ def say_warnings(caught, say) -> None:
             say(f"warning: {w.message}")
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+@contextmanager
+def saying_warnings(say):
+    """Collects the warnings raised inside; on leaving, the project's own are said as
+    ``warning:`` lines (:func:`say_warnings`), at once: ``get_dls`` reading another folder
+    than ``--data-dir`` is said before the model is built."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    say_warnings(caught, say)
 
 
 def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, signals, say, fit,

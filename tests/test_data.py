@@ -21,6 +21,7 @@ import sttpfast.data as data
 import sttpfast.data.readers.idx as idx_reader
 from sttpfast.data import (
     DATASETS,
+    DataWarning,
     DatasetCorrupt,
     DatasetNotFound,
     dataset_info,
@@ -408,8 +409,13 @@ def test_fashion_mnist_debian_package(tmp_path):
     # machine without it should fail here, not silently drop the only test on real data).
     assert idx_reader.DEBIAN_FASHION_MNIST.is_dir(), (
         f"{idx_reader.DEBIAN_FASHION_MNIST} absent: apt-get install dataset-fashion-mnist")
-    # a data dir without the files (an existing one: a missing one is refused)
-    dls = get_dls("fashion_mnist", data_dir=tmp_path, bs=128, augment=False, device="cpu")
+    # a data dir without the files (an existing one: a missing one is refused) reads Debian's
+    # copy, and says so (it read other files than the user's folder without a word)
+    with pytest.warns(DataWarning) as said:
+        dls = get_dls("fashion_mnist", data_dir=tmp_path, bs=128, augment=False, device="cpu")
+    assert [str(w.message) for w in said] == [
+        f"no fashion_mnist files under {tmp_path} (--data-dir): read the copy in {idx_reader.DEBIAN_FASHION_MNIST}"]
+    assert dls.source == idx_reader.DEBIAN_FASHION_MNIST
     check_dls(dls, 10, 1, 28, n_train=60000, n_valid=10000, bs=128)
     assert dls.vocab[9] == "Ankle boot"
     train, valid = dls.train.dataset, dls.valid.dataset
@@ -421,7 +427,8 @@ def test_fashion_mnist_debian_package(tmp_path):
     assert int(valid.x.numpy().sum(dtype=np.int64)) == 573469082
     # the registry's published statistics are those of this training split
     assert (round(dls.mean[0], 4), round(dls.std[0], 4)) == DATASETS["fashion_mnist"].mean + DATASETS["fashion_mnist"].std
-    sub = get_dls("fashion_mnist", data_dir=tmp_path, bs=128, subset=512, device="cpu")
+    with pytest.warns(DataWarning):
+        sub = get_dls("fashion_mnist", data_dir=tmp_path, bs=128, subset=512, device="cpu")
     check_dls(sub, 10, 1, 28, n_train=512, n_valid=512, bs=128)
     assert torch.bincount(sub.train.dataset.y).tolist() == [63, 43, 51, 41, 49, 48, 49, 55, 49, 64]
 

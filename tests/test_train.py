@@ -243,6 +243,22 @@ def test_missing_and_truncated_datasets_and_unwritable_out(tmp_path):
         assert "Traceback" not in result.output
 
 
+def test_an_empty_data_dir_that_falls_back_to_the_system_copy_is_said(tmp_path, monkeypatch):
+    # --data-dir naming a folder without Fashion-MNIST trained on Debian's copy without a word
+    import sttpfast.data.readers.idx as idx_reader
+    from test_data import write_mnist_like
+
+    system_copy = tmp_path / "usr-share-fashion-mnist"
+    write_mnist_like(system_copy, n_train=16, n_test=8)
+    monkeypatch.setattr(idx_reader, "DEBIAN_FASHION_MNIST", system_copy)
+    (tmp_path / "mine").mkdir()
+    result = cli("fashion_mnist", "--data-dir", tmp_path / "mine", "--steps", "1", "--bs", "8", "--arch",
+                 "resnet20_cifar", "--out", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == (
+        f"warning: no fashion_mnist files under {tmp_path / 'mine'} (--data-dir): read the copy in {system_copy}")
+
+
 def test_user_callback_sees_every_event_through_spectral_learner():
     from sttpfast import get_dls, spectral_learner
 

@@ -7,7 +7,8 @@
 
 The package, one concept per module (imports flow down this list, never up):
 
-    errors.py      DatasetNotFound / DatasetCorrupt (ValueErrors: the CLI prints one line)
+    errors.py      DatasetNotFound / DatasetCorrupt (ValueErrors: the CLI prints one line);
+                   DataWarning (files read from elsewhere than --data-dir: said, not refused)
     registry.py    name -> DatasetSpec; the dataset names; torch-free
     readers/       one reader per on-disk format (idx, cifar, stl, imagefolder, digits), each
                    into ONE uint8 tensor (N, C, H, W) per split, kept in memory
@@ -31,12 +32,12 @@ from __future__ import annotations
 
 from importlib import import_module
 
-from sttpfast.data.errors import DatasetCorrupt, DatasetNotFound
+from sttpfast.data.errors import DatasetCorrupt, DatasetNotFound, DataWarning
 from sttpfast.data.registry import DATASET_NAMES, DATASETS, DatasetSpec, dataset_info, default_data_dir
 
 __all__ = [
     "get_dls", "dataset_info", "loader_throughput", "DATASETS", "DATASET_NAMES", "DatasetSpec",
-    "DatasetNotFound", "DatasetCorrupt", "InMemoryImageDataset", "InMemoryImageDL",
+    "DatasetNotFound", "DatasetCorrupt", "DataWarning", "InMemoryImageDataset", "InMemoryImageDL",
     "random_crop_flip", "channel_stats", "default_data_dir", "fit_dls_to_model",
 ]
 

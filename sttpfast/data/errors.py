@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DatasetNotFound", "DatasetCorrupt", "corrupt"]
+__all__ = ["DatasetNotFound", "DatasetCorrupt", "DataWarning", "corrupt"]
 
 
 class DatasetNotFound(ValueError):
@@ -19,6 +19,11 @@ class DatasetCorrupt(DatasetNotFound):
     A subclass of :class:`DatasetNotFound` so that callers that report "no usable dataset"
     catch both with one ``except``.
     """
+
+
+class DataWarning(UserWarning):
+    """The data was read from another place than the one asked for (a ``--data-dir`` without
+    the files, where a system-wide copy was found): the run goes on, the user is told."""
 
 
 def corrupt(path: Path, what: str) -> DatasetCorrupt:

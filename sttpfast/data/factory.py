@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from fastai.data.core import DataLoaders
 from fastai.torch_core import default_device
 from torch import Tensor
 
-from sttpfast.data.errors import DatasetNotFound
+from sttpfast.data.errors import DatasetNotFound, DataWarning
 from sttpfast.data.loaders import InMemoryImageDataset, InMemoryImageDL
 from sttpfast.data.readers.imagefolder import decode_images
 from sttpfast.data.readers.raw import Split
@@ -54,7 +55,9 @@ def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
     Returns:
         ``DataLoaders`` whose ``train`` / ``valid`` yield ``(x float32 (B,C,H,W), y int64 (B,))``,
         with ``n_classes``, ``in_chans``, ``image_size``, ``dataset_name``, ``mean``, ``std``,
-        ``c`` (= n_classes) and ``vocab`` attached.
+        ``c`` (= n_classes), ``vocab`` and ``source`` (the folder the files were read from)
+        attached. Files found outside ``data_dir`` (Debian's system-wide Fashion-MNIST, where
+        the folder given has none) are read with a :class:`DataWarning` naming both folders.
 
     Raises:
         ValueError: unknown ``name`` (the message lists the allowed names).
@@ -72,6 +75,10 @@ def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
         # refused, not passed over: Fashion-MNIST was read from the system package instead
         raise DatasetNotFound(f"data folder {root} (--data-dir) does not exist. {spec.download_hint}")
     raw = read_or_download(spec, root, download)
+    if data_dir is not None and spec.files and raw.source is not None and not raw.source.is_relative_to(root):
+        # Debian's system-wide Fashion-MNIST, found where the user's folder had no files
+        warnings.warn(f"no {spec.name} files under {root} (--data-dir): read the copy in {raw.source}",
+                      DataWarning, stacklevel=2)
 
     train, valid = raw.train, raw.valid
     if subset is not None:
@@ -94,5 +101,5 @@ def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
     dls = DataLoaders(train_dl, valid_dl, path=root, device=device)
     dls.n_classes = dls.c = len(raw.classes)  # = spec.n_classes for the official data
     dls.in_chans, dls.image_size, dls.dataset_name = spec.in_chans, spec.image_size, spec.name
-    dls.mean, dls.std, dls.vocab = mean, std, list(raw.classes)
+    dls.mean, dls.std, dls.vocab, dls.source = mean, std, list(raw.classes), raw.source
     return dls

@@ -40,7 +40,7 @@ from sttpfast.config import save_config
 from sttpfast.processes import is_main_rank
 from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _lock_run, _save_interrupted,
                           check_budget, check_global_batch, check_output, finished_summary, last_checkpoint,
-                          prepare_run_dir, resume_config)
+                          prepare_run_dir, resume_config, saying_warnings)
 
 __all__ = ["run_gan", "gan_run_name", "check_gan_config", "check_fsdp2", "GANLossLogger", "SR"]
 
@@ -315,8 +315,9 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     seed = cfg["train"]["seed"]
     set_seed(seed)
     d = cfg["data"]
-    dls = get_dls(d["name"], data_dir=d["data_dir"], bs=g["bs"], subset=d["subset"], download=d["download"],
-                  num_workers=d["num_workers"], seed=seed, augment=False, device=accelerator.device)
+    with saying_warnings(say):
+        dls = get_dls(d["name"], data_dir=d["data_dir"], bs=g["bs"], subset=d["subset"], download=d["download"],
+                      num_workers=d["num_workers"], seed=seed, augment=False, device=accelerator.device)
     generator, discriminator = _build_networks(g, dls.in_chans)
     sharded = fsdp2_requested() and accelerator.num_processes > 1
     checkpointer, signals, metrics, cbs = _callbacks(cfg, g, main, say, sharded)

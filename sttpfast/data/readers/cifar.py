@@ -111,7 +111,7 @@ def read_cifar10(root: Path) -> RawDataset:
     train = [d / f"data_batch_{i}" for i in range(1, 6)]
     require_files("cifar10", train + [d / "test_batch"])
     return RawDataset(read_cifar_batches(train, "labels", 10),
-                      read_cifar_batches([d / "test_batch"], "labels", 10), list(CIFAR10_CLASSES))
+                      read_cifar_batches([d / "test_batch"], "labels", 10), list(CIFAR10_CLASSES), source=d)
 
 
 def read_cifar100(root: Path) -> RawDataset:
@@ -124,4 +124,4 @@ def read_cifar100(root: Path) -> RawDataset:
         if isinstance(names, list) and len(names) == 100:
             classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
     return RawDataset(read_cifar_batches([d / "train"], "fine_labels", 100),
-                      read_cifar_batches([d / "test"], "fine_labels", 100), classes)
+                      read_cifar_batches([d / "test"], "fine_labels", 100), classes, source=d)

@@ -75,7 +75,7 @@ def read_idx_dataset(name: str, dirs: Sequence[Path], classes: list[str]) -> Raw
             raise corrupt(labels_path, f"labels outside 0..{len(classes) - 1}")
         x = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, 28, 28)
         splits.append(Split(x, torch.from_numpy(labels.astype(np.int64))))
-    return RawDataset(splits[0], splits[1], classes)
+    return RawDataset(splits[0], splits[1], classes, source=directory)
 
 
 def read_mnist(root: Path) -> RawDataset:

@@ -84,7 +84,7 @@ def read_tiny_imagenet(root: Path) -> RawDataset:
         raise DatasetNotFound(f"tiny_imagenet not found: no images under {d / 'train'} or "
                               f"{d / 'val' / 'images'}.")
     return RawDataset(Split(paths, torch.tensor(labels, dtype=torch.int64)),
-                      Split(val_paths, torch.tensor(val_labels, dtype=torch.int64)), wnids)
+                      Split(val_paths, torch.tensor(val_labels, dtype=torch.int64)), wnids, source=d)
 
 
 def _imagefolder_layout(path: Path) -> tuple[Path, Path, list[str]]:
@@ -121,7 +121,8 @@ def _imagefolder_files(directory: Path, classes: list[str], training: bool = Fal
 def read_imagefolder(path: Path) -> RawDataset:
     """``path/train/<class>/*`` and ``path/val/<class>/*`` (or ``path/test/<class>/*``)."""
     train, valid, classes = _imagefolder_layout(path)
-    return RawDataset(_imagefolder_files(train, classes, training=True), _imagefolder_files(valid, classes), classes)
+    return RawDataset(_imagefolder_files(train, classes, training=True), _imagefolder_files(valid, classes), classes,
+                      source=path)
 
 
 def _probe_image(path: Path) -> tuple[tuple[int, int], int]:

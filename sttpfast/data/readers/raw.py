@@ -36,11 +36,13 @@ class Split:
 
 @dataclass
 class RawDataset:
-    """Both splits and the class names (index -> name)."""
+    """Both splits, the class names (index -> name) and the folder the files were read from
+    (``None``: bundled with a package, as scikit-learn's digits)."""
 
     train: Split
     valid: Split
     classes: list[str]
+    source: Path | None = None
 
 
 def require_files(name: str, files: Sequence[Path]) -> None:

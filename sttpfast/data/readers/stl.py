@@ -37,4 +37,4 @@ def read_stl10(root: Path) -> RawDataset:
     d = root / STL10_FOLDER
     require_files("stl10", [d / n for n in ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")])
     return RawDataset(read_stl10_split(d / "train_X.bin", d / "train_y.bin"),
-                      read_stl10_split(d / "test_X.bin", d / "test_y.bin"), list(STL10_CLASSES))
+                      read_stl10_split(d / "test_X.bin", d / "test_y.bin"), list(STL10_CLASSES), source=d)
