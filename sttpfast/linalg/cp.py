@@ -18,7 +18,7 @@ from torch import Tensor
 from sttpfast.linalg.contract import contract
 from sttpfast.linalg.tucker import leading_subspace, unfold
 
-__all__ = ["cp_to_tensor", "mttkrp", "cp_als"]
+__all__ = ["cp_to_tensor", "mttkrp", "cp_als", "cp_exact"]
 
 
 def cp_to_tensor(factors: list[Tensor]) -> Tensor:
@@ -49,9 +49,12 @@ def cp_als(tensor: Tensor, rank: int, iters: int = 1000, tol: float = 1e-13,
 
     Started from the leading subspaces of the unfoldings (HOSVD init; columns beyond ``n_k``
     random); stops when the relative residual falls below ``tol`` or gains less than 1e-6
-    of itself in a sweep.
+    of itself in a sweep. At ``rank >= numel / max(shape)`` (every tensor's CP rank is at
+    most that) no sweep is run: :func:`cp_exact` builds the decomposition directly.
     The factors come back balanced (equal column norms across modes).
     """
+    if rank >= tensor.numel() // max(tensor.shape):
+        return _balanced(cp_exact(tensor, rank))
     d = tensor.dim()
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     factors = []
@@ -83,6 +86,32 @@ def cp_als(tensor: Tensor, rank: int, iters: int = 1000, tol: float = 1e-13,
             break
         previous = residual
     return _balanced(factors)
+
+
+def cp_exact(tensor: Tensor, rank: int) -> list[Tensor]:
+    """An exact CP of ``tensor`` ``(n_1, ..., n_D)`` with ``rank >= R0 = numel / n_max`` terms.
+
+    One term per index ``(i_j)_{j != m}`` of the modes other than the largest ``m``: the fiber
+    ``X[..., :, ...]`` along ``m`` times the unit vectors ``e_{i_j}``. So ``A_m`` is the mode-m
+    unfolding ``(n_m, R0)`` and every other ``A_j`` is one-hot ``(n_j, R0)``; columns beyond
+    ``R0`` are zero (they add nothing). Costs a copy of the tensor, where ALS at this rank
+    solves ``R0 x R0`` systems per sweep (150 s a sweep for a (512, 512, 3, 3) kernel).
+    """
+    shape = tuple(tensor.shape)
+    largest = max(range(len(shape)), key=lambda k: shape[k])  # the first, on a tie
+    others = [j for j in range(len(shape)) if j != largest]
+    terms = tensor.numel() // shape[largest]
+    if rank < terms:
+        raise ValueError(f"an exact CP of a {shape} tensor needs rank >= {terms}, got {rank}")
+    # columns run over the other modes' multi-index, row-major (the unfolding's order)
+    index = torch.unravel_index(torch.arange(terms, device=tensor.device), [shape[j] for j in others])
+    factors = [None] * len(shape)
+    factors[largest] = tensor.movedim(largest, 0).reshape(shape[largest], terms)
+    for position, j in enumerate(others):
+        one_hot = torch.zeros(shape[j], terms, dtype=tensor.dtype, device=tensor.device)
+        one_hot[index[position], torch.arange(terms, device=tensor.device)] = 1
+        factors[j] = one_hot
+    return [torch.cat([f, f.new_zeros(f.shape[0], rank - terms)], 1) for f in factors]
 
 
 def _balanced(factors: list[Tensor]) -> list[Tensor]:
