@@ -339,7 +339,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     """
     from sttpfast.config import coerce
     from sttpfast.data import get_dls
-    from sttpfast.learner import fit_dls_as_trained
+    from sttpfast.learner import fit_dls_as_trained, say_init_cost
     from sttpfast.run import (COMPRESS_REPORT, check_output, prepare_run_dir, run_training, say_warnings,
                               saying_warnings)
     from sttpfast.surgery import check_rank_useful, compression_report, parameterize
@@ -370,6 +370,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     if 1 in phases:
         distillation_blocks(teacher)
     student = copy.deepcopy(teacher)
+    say_init_cost(param, "spectral", echo)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = parameterize(student, param, rank=rank, compression=compression, plan=plan, init="spectral",

@@ -28,7 +28,7 @@ from sttpfast.callbacks.penalties import DOptimalPenalty, FrobeniusDecay
 from sttpfast.callbacks.spectral import SingularValueLogger, SpectralNormBound
 from sttpfast.callbacks.weight_cache import CachedValidationWeights
 from sttpfast.config import choices
-from sttpfast.params import BASELINES, resolve_param
+from sttpfast.params import BASELINES, method, resolve_param
 from sttpfast.params.attention import attention_form_decay, attention_form_pairs, parameterize_attention
 from sttpfast.surgery import compression_report, parameterize
 
@@ -259,6 +259,14 @@ def parameterize_for_run(model: nn.Module, param: str, rank=None, compression=No
     return whole
 
 
+def say_init_cost(param: str, init: str | None, echo) -> None:
+    """Before the surgery: the method's note when its spectral init is an iterative fit
+    (CP's ALS, minutes on resnet18), so a long silent start is not taken for a hang."""
+    entry = method(param)
+    if echo is not None and entry.spectral_init_note and (init or entry.default_init) == "spectral":
+        echo(entry.spectral_init_note)
+
+
 def spectral_learner(
     dls,
     arch: str | nn.Module,
@@ -330,6 +338,7 @@ def spectral_learner(
     else:
         model = _model_for_data(arch, dls, img_size, model_kwargs, echo)
     factored = attention == "qk-ov"
+    say_init_cost(param, init, echo)
     report = parameterize_for_run(model, param, rank=rank, compression=compression, include=include,
                                   exclude=exclude, init=init, plan=plan, rank_scale=rank_scale,
                                   unrepresentable=unrepresentable, keep_dense_if_no_gain=keep_dense_if_no_gain,

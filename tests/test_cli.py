@@ -1,6 +1,7 @@
 """The command line, run as a user would (click's runner and a real subprocess)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,23 @@ def test_info_any_timm_model():
     result = run("info", "--arch", "resnet18", "--param", "svdp", "--rank", "8", "--num-classes", "10")
     assert result.exit_code == 0, result.output
     assert "layer1.0.conv1" in result.output
+
+
+@pytest.mark.parametrize("param", ["cp", "tucker", "tt", "lowrank", "svdp-r"])
+def test_info_counts_without_decomposing_any_weight(param, monkeypatch):
+    # `info --arch resnet18 --param cp --compression 20` ran CP's ALS on every random weight
+    # (minutes) to print counts that do not depend on the weights
+    from sttpfast.params.chain import SpectralChain
+    from sttpfast.params.lowrank import LowRank
+    from sttpfast.params.tensorlayer import TensorLayer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("info decomposed a weight")
+    for kind in (TensorLayer, SpectralChain, LowRank):
+        monkeypatch.setattr(kind, "decompose", refuse)
+    result = run("info", "--arch", "resnet18", "--param", param, "--compression", "20", "--num-classes", "10")
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"rank \d+ gives Z = (19|20)\.\d\d%", result.output.splitlines()[1]), result.output
 
 
 @pytest.mark.parametrize("args,message", [

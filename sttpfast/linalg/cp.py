@@ -43,7 +43,7 @@ def mttkrp(tensor: Tensor, factors: list[Tensor], skip: int) -> Tensor:
     return out
 
 
-def cp_als(tensor: Tensor, rank: int, iters: int = 1000, tol: float = 1e-13,
+def cp_als(tensor: Tensor, rank: int, iters: int = 100, tol: float = 1e-13,
            generator: torch.Generator | None = None) -> list[Tensor]:
     """Rank-``rank`` CP of ``tensor`` by alternating least squares, factors ``(n_k, rank)``.
 

@@ -29,6 +29,10 @@ class CPLayer(TensorLayer):
     """Maps ``A_k (n_k, R)`` onto ``sum_r o_k A_k[:, r]``: the kernels of CP rank ``<= R``."""
 
     name = "cp"
+    # measured: bench-free, `parameterize(resnet18, "cp", compression=20)` (rank 278) on this
+    # project's 2-core x86_64 machine, one torch thread
+    spectral_init_note = ("cp: the spectral init fits every layer's weight by ALS, up to 100 sweeps each "
+                          "(resnet18 at Z = 20%: about 2.5 CPU-minutes)")
 
     @classmethod
     def bond_caps(cls, modes):
@@ -75,3 +79,4 @@ class ReshapedCPLayer(CPLayer):
     """CP over the reshaped modes ``(o_1, o_2, i_1, i_2, *spatial)``."""
 
     name, reshaped = "rcp", True
+    spectral_init_note = "rcp: the spectral init fits every layer's weight by ALS, up to 100 sweeps each"

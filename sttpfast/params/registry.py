@@ -47,6 +47,8 @@ class Method:
             ``"frobenius_decay"``) or None.
         compresses: it can have fewer degrees of freedom than the dense weight.
         default_init: ``"identity"`` or ``"spectral"``.
+        spectral_init_note: what the spectral init costs, said before it starts when it is
+            an iterative fit (CP's ALS); None: a closed form, nothing to say.
         apply: ``apply(module, rank, init)`` puts the method on ``module.weight``.
         count_dof: ``count_dof(shape, transposed, rank)`` free scalars of one weight.
         largest_useful_rank: ``(shape, transposed) -> int``, or None (no rank).
@@ -67,6 +69,7 @@ class Method:
     penalty: str | None = None
     compresses: bool = True
     default_init: str = "identity"
+    spectral_init_note: str | None = None
     largest_useful_rank: Callable[[tuple, bool], int] | None = None
     cls: type | None = field(default=None, compare=False)
     scope: str = "layer"

@@ -115,6 +115,8 @@ class TensorLayer(WeightParametrization):
     reshaped: bool = False
     rank_kind: type = int
     default_init = "spectral"
+    #: said before a spectral init that is an iterative fit (see ``Method.spectral_init_note``)
+    spectral_init_note: str | None = None
     #: how the layer runs its input: "auto" (FLOP estimate), "factorized", "materialized"
     forward_mode: str = "auto"
 
@@ -123,7 +125,8 @@ class TensorLayer(WeightParametrization):
         if "name" in cls.__dict__:  # ... which this entry replaces (tuple ranks, specs as lists)
             register_method(TensorMethod(
                 name=cls.name, aliases=tuple(cls.aliases), rank_kind=cls.rank_kind, learned_spectrum=False,
-                bounded=False, penalty=cls.penalty, default_init=cls.default_init, apply=cls.apply_to,
+                bounded=False, penalty=cls.penalty, default_init=cls.default_init,
+                spectral_init_note=cls.spectral_init_note, apply=cls.apply_to,
                 count_dof=cls.count_dof, largest_useful_rank=cls.largest_useful_rank, cls=cls))
 
     # -- modes and ranks ------------------------------------------------------------------
