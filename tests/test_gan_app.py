@@ -2,6 +2,7 @@
 exact resume, signals, metrics in a run, several processes, bad input."""
 import glob
 import json
+import re
 import os
 import signal
 import subprocess
@@ -64,6 +65,11 @@ def test_cli_gan_digits_sn_writes_the_run_folder(tmp_path):
     weights = _weights(run)  # G, D and both parameterizations in one file
     assert any(k.startswith("generator.") for k in weights) and any(k.startswith("discriminator.") for k in weights)
     assert "summary: G dense Z 100.00% | D sn Z 100.00%" in result.output
+    # the epoch rows name whose loss they show (fastai's "train_loss" / "valid_loss" read as G's
+    # or a classifier's; the summary's loss_d then differed from "train_loss" without a word)
+    rows = [line for line in result.output.splitlines() if line.startswith("epoch ")]
+    assert len(rows) == 20 and all(re.fullmatch(r"epoch \d+  train_loss_d -?\d+\.\d{4}  valid_loss_d -?\d+\.\d{4}  "
+                                                r"time \d\d:\d\d", row) for row in rows), rows
 
 
 class SendSignal(Callback):

@@ -31,7 +31,7 @@ unchanged. Within ``before_batch`` / ``after_batch`` (once per iteration) each o
 * ``learn.xb`` / ``learn.yb``: the real batch of the step (as the loader delivered it).
 
 After the iteration ``learn.loss`` is the last discriminator loss (what the Recorder
-smooths and prints as ``train_loss``), ``learn.loss_g`` / ``learn.loss_d`` the last of
+smooths and prints as ``train_loss_d``), ``learn.loss_g`` / ``learn.loss_d`` the last of
 each, and ``learn.opt`` is ``opt_g`` again. Validation computes D's loss on the
 validation reals against fresh fakes (both networks in eval mode), without steps.
 
@@ -169,6 +169,21 @@ def _check_settings(n_dis, lr_g, lr_d, betas_g, betas_d, lr_decay, dequantize) -
             lr_decay, float(dequantize))
 
 
+class DiscriminatorLossColumns(Callback):
+    """Names the Recorder's loss columns ``train_loss_d`` / ``valid_loss_d``: they are D's
+    loss (``learn.loss`` after an iteration), which fastai's ``train_loss`` / ``valid_loss``
+    did not say. Order 51: after the Recorder (50) names its columns, before the progress
+    bar (60) prints them; the loggers' tags follow (``train/loss_d``, ``valid/loss_d``)."""
+
+    order = 51
+
+    def before_fit(self):
+        recorder = getattr(self.learn, "recorder", None)
+        if recorder is not None:
+            renamed = {"train_loss": "train_loss_d", "valid_loss": "valid_loss_d"}
+            recorder.metric_names = type(recorder.metric_names)(renamed.get(n, n) for n in recorder.metric_names)
+
+
 class GANLearner(Learner):
     """A fastai ``Learner`` that trains ``model.generator`` and ``model.discriminator``
     adversarially (see the module docstring for the loop and the events).
@@ -204,7 +219,8 @@ class GANLearner(Learner):
         self._rng, self._valid_rng, self._reals = None, None, None
         self.reals_pass_rng, self.reals_drawn = None, 0
         self.shard = (0, 1)  # (rank, world): set by sttpfast.gan.distributed.GANGradientSync
-        super().__init__(dls, model, loss_func=loss, lr=self.lr_g, cbs=cbs, path=path, **learner_kwargs)
+        super().__init__(dls, model, loss_func=loss, lr=self.lr_g, cbs=[DiscriminatorLossColumns(), *(cbs or [])],
+                         path=path, **learner_kwargs)
 
     # --- optimizers ------------------------------------------------------------------------
     def create_opt(self):
