@@ -23,7 +23,7 @@ from sttpfast.params.registry import method_of
 
 __all__ = [
     "unwrap_model", "is_main_process", "run_dir", "loggers", "log_scalars", "log_image",
-    "global_step", "DENSE_LAYERS", "matrix_of", "weight_matrix_of", "spectral_layers",
+    "global_step", "DENSE_LAYERS", "matrix_of", "weight_matrix_of", "spectral_layers", "resize_progress_bar",
 ]
 
 #: layers whose plain (unparametrized) weight is bounded / logged as a dense matrix
@@ -62,6 +62,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def is_main_process() -> bool:
     """True when not distributed, or on rank 0: the only process that logs and writes files."""
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def resize_progress_bar(learn, total: int) -> None:
+    """Set the total of the learner's current progress bar (fastai sized it from the loader
+    and drew it before a step budget or the GAN's iterations shortened the epoch), and
+    redraw it at once if it is already shown, so the first step is not shown out of a wrong
+    total. Nothing without a progress bar."""
+    bar = getattr(getattr(learn, "progress", None), "pbar", None)
+    if bar is None:
+        return
+    bar.total = total
+    if bar.last_v is not None:  # drawn: no step done yet, so a fresh start at 0 is right
+        bar.update(0)
 
 
 def output_folder(learn) -> Path:

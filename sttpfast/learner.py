@@ -23,6 +23,7 @@ from fastai.optimizer import SGD, Adam, Optimizer
 import torch
 from torch import nn
 
+from sttpfast.callbacks._util import resize_progress_bar
 from sttpfast.callbacks.guards import NaNGuard
 from sttpfast.callbacks.penalties import DOptimalPenalty, FrobeniusDecay
 from sttpfast.callbacks.spectral import SingularValueLogger, SpectralNormBound
@@ -125,9 +126,7 @@ class StepBudget(Callback):
 
     def before_train(self):
         self.learn.dl = _StepLimit(self.learn.dl, self.learn, self.total_steps)
-        pbar = getattr(getattr(self.learn, "progress", None), "pbar", None)
-        if pbar is not None:  # the progress bar was sized before the loader was shortened
-            pbar.total = len(self.learn.dl)
+        resize_progress_bar(self.learn, len(self.learn.dl))  # sized and drawn before the loader was shortened
 
 
 class AttentionFormDecay(Callback):

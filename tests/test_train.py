@@ -259,6 +259,18 @@ def test_an_empty_data_dir_that_falls_back_to_the_system_copy_is_said(tmp_path, 
         f"warning: no fashion_mnist files under {tmp_path / 'mine'} (--data-dir): read the copy in {system_copy}")
 
 
+def test_the_progress_bar_of_a_step_budget_shows_the_budget_from_its_first_frame(tmp_path):
+    # --steps 2 in epochs of 4 batches showed "[0/4" until the first step was done, then "[1/2";
+    # fastai draws the bar before the budget shortens the epoch: it is redrawn at once ("\r")
+    result = cli("digits", "--arch", "resnet20_cifar", "--bs", "32", "--subset", "128", "--steps", "2",
+                 "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    frames = re.findall(r"\[(\d+)/(\d+) ", result.output)
+    training = frames[:frames.index(("2", "2")) + 1]
+    assert training[-2:] == [("1", "2"), ("2", "2")]
+    assert training[-3] == ("0", "2"), training  # the frame shown during the first step
+
+
 def test_user_callback_sees_every_event_through_spectral_learner():
     from sttpfast import get_dls, spectral_learner
 

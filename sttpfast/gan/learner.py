@@ -54,6 +54,7 @@ from fastai.learner import Learner
 from fastai.optimizer import Adam
 from torch import Tensor, nn
 
+from sttpfast.callbacks._util import resize_progress_bar
 from sttpfast.callbacks.guards import NaNGuard
 from sttpfast.callbacks.penalties import DOptimalPenalty
 from sttpfast.callbacks.spectral import SingularValueLogger
@@ -285,9 +286,7 @@ class GANLearner(Learner):
         # epochs end at multiples of iters_per_epoch, so a resumed run keeps the same epoch ends
         end = min((self.epoch + 1) * self.iters_per_epoch, self.total_steps)
         self.n_iter = max(0, end - self.train_iter)
-        bar = getattr(getattr(self, "progress", None), "pbar", None)
-        if bar is not None:  # fastai sized it from the loader; an iteration takes n_dis batches
-            bar.total = self.n_iter
+        resize_progress_bar(self, self.n_iter)  # fastai sized it from the loader; an iteration takes n_dis batches
         for i in range(self.n_iter):
             self.one_batch(i, [self._next_real() for _ in range(self.n_dis)])
 
