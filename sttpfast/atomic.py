@@ -38,7 +38,7 @@ from typing import Callable, Union
 
 __all__ = ["write_file", "write_beside", "write_checkpoint", "set_pointer", "read_pointer", "verify_checkpoint",
            "latest_complete", "checkpoints", "prune_checkpoints", "clean_temporaries", "CRASH_POINTS",
-           "MANIFEST", "DamagedCheckpoints"]
+           "MANIFEST", "DamagedCheckpoints", "unwritable_reason"]
 
 MANIFEST = "manifest.json"
 # the named moments of the write sequence, in order (the chaos test kills at each)
@@ -149,6 +149,37 @@ def write_beside(path: str | os.PathLike, write: Callable[[str], None], suffix: 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def unwritable_reason(path: str | os.PathLike) -> str | None:
+    """Why :func:`write_beside` could not write ``path`` (a file on the way is not a folder, a
+    folder that takes no file such as ``/proc``, no permission), or None. Found by doing it:
+    the missing folders are made and a temporary file created beside ``path``, then all of
+    it is removed again (nothing is left either way)."""
+    path = Path(path)
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    missing, folder = [], path.parent
+    while folder != existing:
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir()
+            made.append(folder)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as err:
+        return err.strerror or str(err)
+    finally:
+        for folder in reversed(made):
+            folder.rmdir()
+    return None
 
 
 def _open_mode() -> int:

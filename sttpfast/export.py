@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from sttpfast.atomic import MANIFEST, verify_checkpoint, write_beside
+from sttpfast.atomic import MANIFEST, unwritable_reason, verify_checkpoint, write_beside
 from sttpfast.surgery import densify, parameterized_layers
 
 __all__ = ["FORMATS", "CHECKPOINTS", "export_model", "export_run", "export_generator", "run_checkpoint",
@@ -49,10 +49,13 @@ def _check_format(format: str) -> str:
     return fmt
 
 
-def _check_out(path: str | os.PathLike, force: bool, fmt: str) -> Path:
-    """Refuse an existing file without ``force``, a target that is a folder, and a name that
-    says another format (``--format onnx --out model.safetensors``: a mistake, or a file
-    that every tool would open as the wrong format)."""
+def _check_out(path: str | os.PathLike, force: bool, fmt: str, run_dir: Path | None = None) -> Path:
+    """Refuse an existing file without ``force`` (and with it, one that is not an earlier
+    export of ``fmt``: ``--out RUN/config.yaml --force`` overwrote the run's config), a
+    target that is a folder, a name that says another format (``--format onnx --out
+    model.safetensors``: a mistake, or a file that every tool would open as the wrong
+    format), a target inside ``run_dir``'s checkpoints, and one that cannot be written
+    (found by trying, see :func:`~sttpfast.atomic.unwritable_reason`)."""
     if str(path).endswith(("/", os.sep)):  # Path() would drop the slash and write a file of that name
         raise ValueError(f"export target {path} names a folder; give a file name (e.g. {path}last.{fmt})")
     path = Path(path).expanduser()
@@ -60,12 +63,24 @@ def _check_out(path: str | os.PathLike, force: bool, fmt: str) -> Path:
         raise ValueError(f"export target {path} is a folder; give a file name")
     named = path.suffix.lower().lstrip(".")
     if named in FORMATS and named != fmt:
-        article = "an" if named[0] in "aeiou" else "a"
-        raise ValueError(f"export target {path} is named as {article} {named} file, but the format is {fmt}; "
+        raise ValueError(f"export target {path} is named as {_article(named)} {named} file, but the format is {fmt}; "
                          f"name it {path.stem}.{fmt} or pass --format {named}")
     if path.exists() and not force:
         raise ValueError(f"{path} exists; add --force (force=True in Python) to overwrite it")
+    if path.exists() and named != fmt:
+        raise ValueError(f"export target {path} exists and is not {_article(fmt)} {fmt} file: --force overwrites "
+                         "only an earlier export of that format")
+    if run_dir is not None and path.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
+        raise ValueError(f"export target {path} is inside the run's checkpoints folder {run_dir / 'checkpoints'}: "
+                         f"export elsewhere (the default is {run_dir / 'export'})")
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise ValueError(f"cannot write export target {path}: {reason}")
     return path
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def _architecture(model: nn.Module) -> str | None:
@@ -356,7 +371,7 @@ def export_run(run_dir: str | os.PathLike, format: str, out: str | os.PathLike |
     fmt = _check_format(format)
     run_dir = Path(run_dir).expanduser()
     run_checkpoint(run_dir, which)  # not a run / no checkpoint: fail before the target is looked at
-    path = _check_out(out if out is not None else default_export_path(run_dir, fmt, which), force, fmt)
+    path = _check_out(out if out is not None else default_export_path(run_dir, fmt, which), force, fmt, run_dir)
     if is_gan_run(run_dir, which):  # a GAN run exports its generator (the EMA copy when kept)
         pair, args = load_gan_run_pair(run_dir, which)
         return export_generator(pair, path, fmt, ema=pair.generator_ema is not None, model_args=args, force=force)

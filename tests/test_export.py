@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,11 +155,30 @@ def test_default_target_and_force(run):
 
 
 @pytest.mark.parametrize("case", ["not_a_run", "no_checkpoint", "no_best", "format", "which", "suffix", "suffix_onnx",
-                                  "damaged", "folder"])
+                                  "damaged", "folder", "under_a_file", "proc", "run_file", "checkpoint_file"])
 def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
     target = tmp_path / "out" / "x.onnx"
     folder, fmt, extra = run, "onnx", []
-    if case == "folder":  # --out expdir/ wrote a file named expdir
+    if case == "under_a_file":  # a traceback (FileExistsError) after the model was built
+        (tmp_path / "a_file").write_text("")
+        target = tmp_path / "a_file" / "x.onnx"
+        message = f"cannot write export target {target}: {tmp_path / 'a_file'} is not a folder"
+    elif case == "proc":  # a folder that takes no file: a traceback (FileNotFoundError)
+        target = Path("/proc/x.onnx")
+        message = f"cannot write export target {target}: No such file or directory"
+    elif case in ("run_file", "checkpoint_file"):  # --force overwrote the run's own config.yaml
+        folder = tmp_path / "copy"
+        shutil.copytree(run, folder, symlinks=True)
+        extra = ["--force"]
+        if case == "run_file":
+            target = folder / "config.yaml"
+            message = (f"export target {target} exists and is not an onnx file: --force overwrites only an "
+                       "earlier export of that format")
+        else:
+            target, fmt = (folder / "checkpoints" / "last").resolve() / "model.safetensors", "safetensors"
+            message = (f"export target {target} is inside the run's checkpoints folder "
+                       f"{folder / 'checkpoints'}: export elsewhere (the default is {folder / 'export'})")
+    elif case == "folder":  # --out expdir/ wrote a file named expdir
         target = f"{tmp_path / 'out'}/"
         message = f"export target {target} names a folder; give a file name (e.g. {target}last.onnx)"
     elif case == "suffix":  # an ONNX file named as another format's file
@@ -196,10 +216,12 @@ def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
         extra = ["--which", "middle"]
         message = "unknown checkpoint 'middle'; allowed: last, best"
     before = _files(tmp_path)
+    contents = {f: f.read_bytes() for f in Path(tmp_path).rglob("*") if f.is_file()}
     result = _cli("export", folder, "--format", fmt, "--out", target, *extra)
     assert result.exit_code == 2
     assert result.output == f"Error: {message}\n"
     assert _files(tmp_path) == before  # no file, no folder, no temp file
+    assert all(f.read_bytes() == content for f, content in contents.items())  # nothing overwritten
 
 
 def test_both_checkpoint_layouts_are_found(run, tmp_path):
