@@ -134,3 +134,8 @@ def test_the_committed_converged_runs_are_read_back_under_the_default_budget(qua
     assert trained == [] and (runs.trained, runs.reused) == (0, 2)
     assert rows == [["dense", "-", "-", "100.00", "93.91", "93.91", "3259"],
                     ["svdp-r", "10", "4", "10.56", "91.00", "91.00", "3153"]]
+    # its second seed (`--params svdp-r --targets 10 --seeds 1`)
+    rows, _, runs = quality.classification_rows(_args(results, subset=0, epochs=15, seeds=[0, 1], params=["svdp-r"]))
+    assert trained == [] and (runs.trained, runs.reused) == (0, 4)
+    assert rows == [["dense", "-", "-", "100.00", "93.75", "93.91 / 93.59", "4102"],
+                    ["svdp-r", "10", "4", "10.56", "91.02", "91.00 / 91.03", "3079"]]
