@@ -353,7 +353,14 @@ ALLOWED = ("svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tu
      "'z_dim': 16, 'foo': 3}: SNGANGenerator.__init__() got an unexpected keyword argument 'foo'"),
     (["--set", "gan.d_kwargs={widths: [8, -1]}"],
      "gan.d_kwargs: the discriminator 'sngan_d32' cannot be built with {'widths': [8, -1]}: "
-     "Trying to create tensor with negative dimension -1: [-1, 8, 3, 3]"),
+     "widths must be positive integers, got [8, -1]"),
+    # a zero width ended in a ZeroDivisionError traceback (xavier init of an empty layer)
+    (["--set", "gan.d_kwargs={widths: [0, 0, 0, 0]}"],
+     "gan.d_kwargs: the discriminator 'sngan_d32' cannot be built with {'widths': [0, 0, 0, 0]}: "
+     "widths must be positive integers, got [0, 0, 0, 0]"),
+    (["--set", "gan.g_kwargs={widths: [8, 8, 8], bottom_width: 0, z_dim: 16}"],
+     "gan.g_kwargs: the generator 'sngan_g32' cannot be built with {'widths': [8, 8, 8], 'bottom_width': 0, "
+     "'z_dim': 16}: bottom_width must be a positive integer, got 0"),
 ])
 def test_bad_input_is_one_error_line_exit_2_and_creates_nothing(tmp_path, args, message):
     out = tmp_path / "out"

@@ -194,11 +194,13 @@ def _build_networks(g: dict, in_chans: int):
 
     def build(role: str, key: str):
         # a kwarg the network does not take, or sizes it cannot be built with: the user's
-        # free-form gan.*_kwargs, said as such (timm's own ValueErrors pass through)
+        # free-form gan.*_kwargs, said as such (without any, timm's own ValueErrors pass through)
         kwargs = g[f"{key}_kwargs"]
         try:
             return create_model(g[key], in_chans=in_chans, **kwargs)
-        except (TypeError, RuntimeError) as err:
+        except (TypeError, RuntimeError, ValueError) as err:
+            if isinstance(err, ValueError) and not kwargs:
+                raise
             raise RunError(f"gan.{key}_kwargs: the {role} {g[key]!r} cannot be built with {kwargs}: {err}") from None
 
     generator, discriminator = build("generator", "g"), build("discriminator", "d")

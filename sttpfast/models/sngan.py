@@ -97,6 +97,9 @@ class SNGANGenerator(nn.Module):
         super().__init__()
         if num_classes:
             raise ValueError(f"num_classes={num_classes}: the SNGAN generator is unconditional (num_classes=0)")
+        _check_widths(widths)
+        _check_positive("bottom_width", bottom_width)
+        _check_positive("z_dim", z_dim)
         self.z_dim, self.bottom_width, self.num_classes = z_dim, bottom_width, 0
         self.num_features = widths[-1]
         self.image_size = bottom_width * 2 ** (len(widths) - 1)
@@ -119,6 +122,18 @@ class SNGANGenerator(nn.Module):
         x = self.l1(z).view(z.shape[0], -1, self.bottom_width, self.bottom_width)
         x = self.blocks(x)
         return torch.tanh(self.conv_out(F.relu(self.bn(x))))
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_widths(widths) -> None:
+    """Channel widths, one per block: positive ints (a 0 ended in xavier's ZeroDivisionError)."""
+    if (isinstance(widths, (str, bytes)) or not hasattr(widths, "__len__") or not len(widths)
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths)):
+        raise ValueError(f"widths must be positive integers, got {widths!r}")
 
 
 class _DBlockOptimized(nn.Module):
@@ -209,6 +224,7 @@ class SNGANDiscriminator(FeatureChainMixin, nn.Module):
         super().__init__()
         if shortcut_sees not in SHORTCUT_INPUTS:
             raise ValueError(f"shortcut_sees={shortcut_sees!r}: expected one of {', '.join(SHORTCUT_INPUTS)}")
+        _check_widths(widths)
         self.num_features = self.head_hidden_size = widths[-1]
         self.shortcut_sees = shortcut_sees
         blocks = [_DBlockOptimized(in_chans, widths[0])]
