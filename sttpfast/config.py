@@ -478,6 +478,9 @@ def load_yaml(path: str | Path) -> dict:
         data = _yaml_load(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:  # it named neither the file nor what it is
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                          f"{err.start})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(err)}") from None
     if data is None:

@@ -125,12 +125,19 @@ def _broadcast(value, accelerator):
 
 
 def run_folder_problem(run_dir: Path) -> str | None:
-    """Why ``run_dir`` is not a run folder (missing, or no ``config.yaml``), or None."""
+    """Why ``run_dir`` is not a run folder (missing, no ``config.yaml`` or an empty one), or
+    None. An empty config would read as the defaults: a resume then compared them with the
+    checkpoint ("trained at data.bs 64 ... now says 128")."""
+    config = run_dir / "config.yaml"
     if not run_dir.exists():
         return f"{run_dir} does not exist"
-    if not (run_dir / "config.yaml").is_file():
+    if not config.is_file():
         return f"{run_dir} is not a run folder (no config.yaml)"
-    return None
+    try:
+        empty = not config.read_bytes().strip()
+    except OSError as err:
+        return f"cannot read {config}: {err.strerror}"
+    return f"{run_dir} is not a run folder: its config.yaml is empty" if empty else None
 
 
 def resume_config(run_dir: str | Path, warn=print, command: str = "train") -> tuple[Path, dict, dict]:

@@ -176,6 +176,18 @@ def test_a_run_folder_that_does_not_exist_is_said_so(tmp_path, command):
     assert (result.exit_code, result.output) == (2, f"Error: {missing} does not exist\n")
 
 
+@pytest.mark.parametrize("command", [["train", "--resume"], ["gan", "--resume"], ["export", "--format", "onnx"]])
+def test_a_run_folder_with_an_empty_config_is_said_so(tmp_path, command):
+    # train --resume said the run "was trained at data.bs 64 per process; its config.yaml now
+    # says 128": the defaults an empty file gives, compared with the checkpoint
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("")
+    result = run(*command, str(run_dir)) if command[0] != "export" else run("export", str(run_dir), *command[1:])
+    assert (result.exit_code, result.output) == (
+        2, f"Error: {run_dir} is not a run folder: its config.yaml is empty\n")
+
+
 @pytest.mark.parametrize("command,options,message", [
     # `sttpfast train` alone trained a dense resnet20_cifar on digits for 10 epochs, a default
     # neither --help nor README names

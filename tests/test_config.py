@@ -185,6 +185,12 @@ def test_malformed_yaml(tmp_path):
                              "'<stream end>' (while parsing a flow sequence from line 2, column 7)"
     with pytest.raises(ConfigError, match="must hold a mapping"):
         build_config([write(tmp_path, "y.yml", "- 1\n- 2\n")])
+    # a binary file said only "'utf-8' codec can't decode byte 0xdc in position 26" (no file named)
+    binary = tmp_path / "b.yml"
+    binary.write_bytes(b"data:\n  name: digits\n  bs: \xdc\xff\n")
+    with pytest.raises(ConfigError) as err:
+        build_config([binary])
+    assert str(err.value) == f"config file {binary} is not UTF-8 text (byte 0xdc at offset 27)"
 
 
 def test_model_kwargs_are_free_form_and_config_round_trips(tmp_path):
