@@ -227,12 +227,18 @@ def _accuracy(model: nn.Module, loader) -> float:
     return right / total
 
 
-def _dense_teacher(run_dir: Path) -> tuple[nn.Module, dict]:
-    """The run's dense model (its ``last`` checkpoint) and config; ValueError for anything else."""
+#: what to do about a teacher whose last checkpoint is damaged (export's "--which best" is no option here)
+DAMAGED_TEACHER = ("resume the run (sttpfast train --resume {run_dir}): it falls back to the newest complete "
+                   "checkpoint and trains on from there")
+
+
+def _dense_teacher(run_dir: Path) -> tuple[nn.Module, dict, str | None]:
+    """The run's dense model (its ``last`` checkpoint), config, and a warning when that
+    checkpoint stopped before the run's budget (None otherwise); ValueError for anything else."""
     from sttpfast.checkpoint import read_metadata
     from sttpfast.export import is_gan_run, load_run_model, run_checkpoint
 
-    model_file = run_checkpoint(run_dir, "last")
+    model_file = run_checkpoint(run_dir, "last", damaged_hint=DAMAGED_TEACHER.format(run_dir=run_dir))
     if is_gan_run(run_dir, "last"):
         raise ValueError(f"{run_dir} is a GAN run; compress starts from a classification run trained with "
                          "--param dense")
@@ -243,7 +249,25 @@ def _dense_teacher(run_dir: Path) -> tuple[nn.Module, dict]:
                          f"{', '.join(params)}); compress starts from a run trained with --param dense")
     teacher, _, _ = load_run_model(run_dir, "last")
     cfg, _ = build_config([run_dir / "config.yaml"])
-    return teacher.eval(), cfg
+    return teacher.eval(), cfg, _unfinished(run_dir, cfg, model_file.parent / "state.json")
+
+
+def _unfinished(run_dir: Path, cfg: dict, state_file: Path) -> str | None:
+    """The warning for a teacher stopped before its budget (SIGTERM, Ctrl-C, a crash): it
+    was compressed without a word."""
+    from sttpfast.run import checkpoint_finished
+
+    try:
+        meta = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return None  # verified by the manifest already; an older layout says nothing either way
+    if checkpoint_finished(cfg, meta):
+        return None
+    o, step = cfg["optim"], meta.get("train_iter")
+    where = (f"step {step} of its {o['steps']}" if o["steps"] is not None
+             else f"step {step} (epoch {meta.get('epoch')} of its {o['epochs']})")
+    return (f"the teacher {run_dir} stopped at {where}: compressing that checkpoint "
+            f"(`sttpfast train --resume {run_dir}` trains it to the end first)")
 
 
 def compression_method(param: str) -> str:
@@ -362,7 +386,9 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     check_output({"train": {"out": str(out.parent), "name": out.name}})  # before any work, not after
     progress = progress if progress is not None else {}
     progress["stage"] = "start-up"
-    teacher, cfg = _dense_teacher(run_dir)
+    teacher, cfg, unfinished = _dense_teacher(run_dir)
+    if unfinished is not None:
+        echo(f"warning: {unfinished}")
     if chosen and getattr(teacher, "feature_chain", None) is None:
         phases = (0, 2)
         echo(f"phases 0,2: phase 1 (block-wise distillation) needs the model's blocks in order (feature_chain(), "

@@ -229,12 +229,17 @@ def export_generator(model: nn.Module, path: str | os.PathLike, format: str, ema
 
 # ---------------------------------------------------------------------------------------
 # run folders
-def run_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Path:
+#: what `sttpfast export` can do about a damaged checkpoint
+DAMAGED_HINT = "export another one (--which best), or resume the run: it falls back to the newest complete one"
+
+
+def run_checkpoint(run_dir: str | os.PathLike, which: str = "last", damaged_hint: str = DAMAGED_HINT) -> Path:
     """The model file of a run's ``which`` checkpoint (``last`` or ``best``).
 
     Accepts both checkpoint layouts: ``checkpoints/<which>/`` as a folder, or as a link /
     one-line pointer file naming a ``checkpoints/ckpt-STEP/`` folder. ValueError (naming the
-    run) when ``run_dir`` is not a run folder or holds no such checkpoint.
+    run) when ``run_dir`` is not a run folder or holds no such checkpoint, or when the
+    checkpoint is damaged (the message ends with ``damaged_hint``, what the caller can do).
     """
     run_dir = Path(run_dir).expanduser()
     if which not in CHECKPOINTS:
@@ -258,8 +263,7 @@ def run_checkpoint(run_dir: str | os.PathLike, which: str = "last") -> Path:
     if (folder / MANIFEST).is_file():  # sizes and hashes: a torn or flipped file, said as such
         problems = verify_checkpoint(folder.resolve())
         if problems:
-            raise ValueError(f"checkpoint {folder.resolve()} is damaged ({'; '.join(problems)}); export another "
-                             "one (--which best), or resume the run: it falls back to the newest complete one")
+            raise ValueError(f"checkpoint {folder.resolve()} is damaged ({'; '.join(problems)}); {damaged_hint}")
     return model_file
 
 

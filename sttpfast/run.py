@@ -185,7 +185,7 @@ def _lock_run(run_dir: Path) -> RunLock:
     return lock
 
 
-def _finished(cfg: dict, meta: dict) -> bool:
+def checkpoint_finished(cfg: dict, meta: dict) -> bool:
     """Whether the checkpoint ``meta`` already reached the configured budget, the last
     epoch's validation included (a checkpoint written after the last step, before that
     validation, is not finished; checkpoints older than the ``validated`` flag count as)."""
@@ -336,7 +336,7 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
                 raise RunError(f"{run_dir} is a GAN run; resume it with: sttpfast gan --resume {run_dir}")
             check_budget(run_dir, done, steps, epochs, cfg["optim"]["steps"], cfg["optim"]["epochs"])
             budget_raised = _raise_budget(cfg, steps, epochs)
-            finished = finished_summary(run_dir, done) if _finished(cfg, done) else None
+            finished = finished_summary(run_dir, done) if checkpoint_finished(cfg, done) else None
             if finished is not None:
                 echo(f"{run_dir} is already finished ({done['train_iter']} steps); nothing changed. "
                      "To train further, resume with a larger optim.steps / optim.epochs")
@@ -468,7 +468,7 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
     checkpointer.clock.start()
     signals.install()
     try:
-        if state is None or not _finished(cfg, state["meta"]):
+        if state is None or not checkpoint_finished(cfg, state["meta"]):
             fit(learn, epochs=o["epochs"], lr=o["lr"], schedule=o["schedule"], steps=o["steps"],
                 start_epoch=start_epoch)
     except KeyboardInterrupt as stop:

@@ -193,6 +193,29 @@ def test_compress_to_cp_says_its_als_init_before_it_starts(dense_run, tmp_path):
                                              "sweeps each (resnet18 at Z = 20%: about 2.5 CPU-minutes)")
 
 
+def test_a_teacher_that_stopped_before_its_budget_is_said_and_a_damaged_one_names_compress_remedy(dense_run,
+                                                                                                   tmp_path):
+    import shutil
+
+    half = tmp_path / "half"  # as if stopped (SIGTERM) at step 8 of 20: compressed without a word
+    shutil.copytree(dense_run, half, symlinks=True)
+    config = half / "config.yaml"
+    config.write_text(config.read_text().replace("steps: 8", "steps: 20"))
+    result = _cli(half, "--param", "tucker", "--rank", "2", "--phases", "0", "--out", tmp_path / "c")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == (
+        f"warning: the teacher {half} stopped at step 8 of its 20: compressing that checkpoint "
+        f"(`sttpfast train --resume {half}` trains it to the end first)")
+    # a damaged last checkpoint: export's remedy "--which best" is no option of compress
+    model = (half / "checkpoints" / "last").resolve() / "model.safetensors"
+    full = model.stat().st_size
+    model.write_bytes(model.read_bytes()[:1000])
+    _one_error_line(_cli(half, "--param", "tucker", "--rank", "2", "--out", tmp_path / "d"),
+                    f"Error: checkpoint {model.parent} is damaged ({model}: 1000 bytes, the manifest says {full}); "
+                    f"resume the run (sttpfast train --resume {half}): it falls back to the newest complete "
+                    "checkpoint and trains on from there", tmp_path)
+
+
 def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(dense_run, tmp_path):
     # it was found after phases 0 and 1 had run, and their work was lost
     result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0,1", "--distill-steps", "1",
