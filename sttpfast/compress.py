@@ -372,6 +372,9 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     chosen = phases is None
     phases = parse_phases(PHASES if chosen else phases)
     param = compression_method(param)
+    if out is not None and not str(out).strip():  # Path("") is the working directory: "--out  exists"
+        raise ValueError("--out is empty; give the folder of the compressed run (without --out: RUN-PARAM next to "
+                         "RUN)")
     if out is not None and Path(out).expanduser().exists():
         raise ValueError(f"--out {out} exists; give a new folder (without --out: RUN-PARAM next to RUN, "
                          "numbered if taken)")

@@ -231,7 +231,20 @@ def finished_summary(run_dir: Path, meta: dict) -> dict | None:
     """The run's summary.json when it was written at the checkpoint's step (the run ended
     there); None otherwise (none yet, or one of a smaller budget, before a resume raised it)."""
     summary = _read_summary(run_dir)
-    return summary if summary is not None and summary.get("steps") == meta["train_iter"] else None
+    if summary is None or summary.get("steps") != meta["train_iter"]:
+        return None
+    return _relocated(summary, run_dir)
+
+
+def _relocated(summary: dict, run_dir: Path) -> dict:
+    """``summary`` with the paths it names under its ``run_dir`` moved to ``run_dir``: a run
+    folder copied or moved elsewhere printed its old location (the file is not rewritten)."""
+    old = summary.get("run_dir")
+    if not isinstance(old, str) or old == str(run_dir):
+        return summary
+    return {key: (str(run_dir) + value[len(old):] if isinstance(value, str)
+                  and (value == old or value.startswith(old + os.sep)) else value)
+            for key, value in summary.items()}
 
 
 def _processes(n: int) -> str:

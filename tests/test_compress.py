@@ -216,6 +216,13 @@ def test_a_teacher_that_stopped_before_its_budget_is_said_and_a_damaged_one_name
                     "checkpoint and trains on from there", tmp_path)
 
 
+def test_an_empty_out_is_refused_as_such(dense_run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # it said "--out  exists" (the working directory)
+    _one_error_line(_cli(dense_run, "--param", "tucker", "--rank", "2", "--out", ""),
+                    "Error: --out is empty; give the folder of the compressed run (without --out: RUN-PARAM next "
+                    "to RUN)", tmp_path)
+
+
 def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(dense_run, tmp_path):
     # it was found after phases 0 and 1 had run, and their work was lost
     result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0,1", "--distill-steps", "1",

@@ -1,6 +1,7 @@
 """The `train` run's contract: metric columns that line up for any step budget, resuming a
 finished run, run folders created only for runs that start, Ctrl-C, the process count."""
 import json
+import shutil
 import re
 from pathlib import Path
 
@@ -87,6 +88,14 @@ def test_resuming_a_finished_run_changes_nothing_and_a_raised_budget_continues(t
     assert f"{run} is already finished (6 steps); nothing changed" in result.output
     assert _files(run) == before  # byte-identical, no file added
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+    # moved: the summary it prints names the folder where the run is now (it named the old one)
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved, symlinks=True)
+    again = CliRunner().invoke(main, ["train", "--resume", str(moved)])
+    assert again.exit_code == 0, again.output
+    assert again.output.splitlines()[-1].endswith(f" | run {moved}"), again.output
+    shutil.rmtree(moved)
 
     refused = CliRunner().invoke(main, ["train", "--resume", str(run), "--lr", "0.5"])
     assert refused.exit_code == 2 and "only --steps / --epochs may raise its budget" in refused.output
