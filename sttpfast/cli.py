@@ -29,6 +29,16 @@ from sttpfast.processes import is_main_rank
 __all__ = ["main", "CLIError"]
 
 INTERRUPTED = "interrupted before training started; nothing was written"
+#: the same for the commands that train nothing (export, info)
+INTERRUPTED_NO_TRAINING = "interrupted; nothing was written"
+TRAINING_COMMANDS = ("train", "gan", "compress")
+
+
+def _interrupted_line() -> str:
+    """What Ctrl-C before any work says: 'before training started' only where training follows."""
+    context = click.get_current_context(silent=True)
+    command = context.info_name if context is not None else None
+    return INTERRUPTED if command in TRAINING_COMMANDS or command is None else INTERRUPTED_NO_TRAINING
 #: what Ctrl-C in `compress` outside phase 2's training left, by the stage it came in
 COMPRESS_INTERRUPTED = {
     "start-up": INTERRUPTED, "phase 0": "interrupted in phase 0; nothing was written",
@@ -52,7 +62,7 @@ def interrupts_end_start_up():
     leaves from where it runs instead of raising; nothing has been written yet."""
 
     def leave(signum, frame):
-        os.write(2, (INTERRUPTED + "\n").encode())
+        os.write(2, (_interrupted_line() + "\n").encode())
         os._exit(128 + signum)  # 130 for Ctrl-C, 143 for SIGTERM (it died without a word)
 
     with _signal_handler(leave, signal.SIGINT, signal.SIGTERM):
@@ -108,7 +118,7 @@ def user_errors(fn):
         except ValueError as err:
             raise CLIError(str(err)) from None
         except KeyboardInterrupt as stop:
-            click.echo(INTERRUPTED, err=True)
+            click.echo(_interrupted_line(), err=True)
             sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
 
     return wrapper

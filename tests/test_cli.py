@@ -218,6 +218,20 @@ def test_ctrl_c_before_training_one_line_exit_130(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command,args", [("export", ["a-run", "--format", "onnx"]), ("info", ["--arch", "wrn16_4"])])
+def test_ctrl_c_in_a_command_that_trains_nothing_does_not_speak_of_training(monkeypatch, command, args):
+    # export said "interrupted before training started; nothing was written"
+    import sttpfast.export
+    import sttpfast.models
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sttpfast.export, "export_run", interrupted)
+    monkeypatch.setattr(sttpfast.models, "create_model", interrupted)
+    result = run(command, *args)
+    assert (result.exit_code, result.output) == (130, "interrupted; nothing was written\n")
+
+
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_during_start_up_subprocess(tmp_path, sig, status):
     """A real SIGINT (SIGTERM: it died without a word) while the command imports torch: one
