@@ -19,6 +19,7 @@ import sys
 import threading
 import typing
 import warnings
+from pathlib import Path
 
 import click
 
@@ -316,6 +317,7 @@ def _ignore_checkpoint_requests_until_training() -> None:
 
 
 @main.command()
+@click.argument("run", required=False, type=click.Path())
 @schema_option("arch")
 @param_options
 @click.option("--num-classes", type=int, default=None, help="classifier outputs (model default if unset)")
@@ -328,10 +330,18 @@ def _ignore_checkpoint_requests_until_training() -> None:
 @schema_option("attention")
 @schema_option("attention_rank")
 @user_errors
-def info(arch, param, rank, compression, include, exclude, init, num_classes, in_chans, plan, rank_scale,
+def info(run, arch, param, rank, compression, include, exclude, init, num_classes, in_chans, plan, rank_scale,
          unrepresentable, keep_dense_if_no_gain, img_size, attention, attention_rank):
     """Per-layer table (rank, DOF) and the compression Z of ARCH under PARAM (give the data's
-    --num-classes, --in-chans and --img-size to see what `train` builds for them)."""
+    --num-classes, --in-chans and --img-size to see what `train` builds for them), or of a
+    run folder's last checkpoint: sttpfast info RUN."""
+    if run is not None:
+        options = (arch, param, rank, compression, init, num_classes, in_chans, plan, rank_scale, unrepresentable,
+                   keep_dense_if_no_gain, img_size, attention, attention_rank)
+        if any(v is not None for v in options) or include or exclude:
+            raise CLIError("info RUN shows the run's own model; drop --arch, --param and the other options")
+        _info_of_run(run)
+        return
     if arch is None:
         raise CLIError("give the architecture: --arch NAME (any timm model or a registered sttpfast model)")
     if in_chans is not None and in_chans < 1:
@@ -377,6 +387,25 @@ def info(arch, param, rank, compression, include, exclude, init, num_classes, in
     click.echo(report.table())
     for w in caught:
         click.echo(f"warning: {w.message}", err=True)
+
+
+def _info_of_run(run: str) -> None:
+    """The per-layer table of a run folder's last checkpoint (a GAN run: G's, then D's)."""
+    from sttpfast.export import is_gan_run, load_gan_run_pair, load_run_model
+    from sttpfast.surgery import compression_report
+
+    run_dir = Path(run).expanduser().absolute()
+    if is_gan_run(run_dir, "last"):
+        pair, _ = load_gan_run_pair(run_dir, "last")
+        click.echo(f"run {run_dir}: a GAN, the last checkpoint")
+        for role, network in (("G", pair.generator), ("D", pair.discriminator)):
+            click.echo(f"{role}:")
+            click.echo(compression_report(network).table())
+        return
+    model, _, _ = load_run_model(run_dir, "last")
+    report = compression_report(model)
+    click.echo(f"run {run_dir}: {report.param}, the last checkpoint")
+    click.echo(report.table())
 
 
 #: ``--frobenius-decay`` given without a value: lambda is the run's weight decay

@@ -1,5 +1,6 @@
 """sttpfast compress: decompose a dense run (phase 0), distil block by block (1), fine-tune (2)."""
 import json
+import re
 import shutil
 
 import pytest
@@ -180,6 +181,17 @@ def test_resuming_a_run_compressed_without_phase_2_says_why_it_cannot(dense_run,
     assert result.exit_code == 0, result.output
     assert export_run(tmp_path / "p0", "safetensors").is_file()  # the model alone exports
     assert json.loads((tmp_path / "p0/compress_report.json").read_text())["teacher"] == str(dense_run.resolve())
+    # `sttpfast info RUN`: the compressed run's per-layer table (only compress_report.json held it)
+    shown = CliRunner().invoke(main, ["info", str(tmp_path / "p0")])
+    assert shown.exit_code == 0, shown.output
+    z = json.loads((tmp_path / "p0/compress_report.json").read_text())["phases"]["0"]["z_percent"]
+    assert shown.output.splitlines()[0] == f"run {tmp_path / 'p0'}: tucker, the last checkpoint"
+    assert re.fullmatch(rf"layers \d+  params [\d,]+ / [\d,]+  Z = {z:.2f}%  \(weights only \d+\.\d\d%\)",
+                        shown.output.splitlines()[-1]), shown.output
+    assert "blocks.0.conv1" in shown.output
+    mixed = CliRunner().invoke(main, ["info", str(tmp_path / "p0"), "--param", "tt"])
+    assert (mixed.exit_code, mixed.output) == (
+        2, "Error: info RUN shows the run's own model; drop --arch, --param and the other options\n")
     with pytest.raises(RunError) as err:
         run_training(resume=tmp_path / "p0", steps=2, echo=lambda *a: None)
     assert str(err.value) == (f"{tmp_path / 'p0'} holds a compressed model without a training state (compressed "
