@@ -141,15 +141,19 @@ class CompressionReport:
         return "\n".join(lines)
 
     def plan_table(self) -> str:
-        """The per-layer rank plan (layer, rank, energy kept, params), or '' without one."""
+        """The per-layer rank plan (layer, rank, energy kept, params), or '' without one; the
+        energy column only when the plan has energies (an energy plan; not its copy in a
+        config's layer_ranks, which a column of dashes showed)."""
         if not self.plan:
             return ""
-        head = f"{'layer':<36} {'rank':>14} {'energy':>8} {'params':>10} {'dense':>10}"
+        energies = any(row.get("energy") is not None for row in self.plan)
+        head = f"{'layer':<36} {'rank':>14}" + (f" {'energy':>8}" if energies else "") + f" {'params':>10} {'dense':>10}"
         lines = [head, "-" * len(head)]
         for row in self.plan:
             rank = row["rank"] if not isinstance(row["rank"], list) else "x".join(map(str, row["rank"]))
-            energy = "-" if row["energy"] is None else f"{row['energy']:.4f}"
-            lines.append(f"{row['layer']:<36} {str(rank):>14} {energy:>8} {row['params']:>10} {row['dense']:>10}")
+            energy = ("-" if row.get("energy") is None else f"{row['energy']:.4f}").rjust(8)
+            lines.append(f"{row['layer']:<36} {str(rank):>14}" + (f" {energy}" if energies else "")
+                         + f" {row['params']:>10} {row['dense']:>10}")
         return "\n".join(lines)
 
     def left_dense_table(self) -> str:

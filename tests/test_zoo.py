@@ -357,6 +357,10 @@ def test_rank_scale_takes_a_fraction_of_each_layers_full_rank():
     model = nn.Sequential(nn.Conv2d(6, 8, 3), nn.Flatten(), nn.Linear(8, 36))
     report = sttpfast.parameterize(model, "lowrank", rank_scale=0.5)
     assert [row["rank"] for row in report.plan] == [4, 4]  # min(8, 54) / 2, min(36, 8) / 2
+    # no energy to show (a plan not chosen by energy): no column of dashes
+    assert report.plan_table().splitlines()[:3] == [
+        f"{'layer':<36} {'rank':>14} {'params':>10} {'dense':>10}", "-" * 73,
+        f"{'0':<36} {'4':>14} {'248':>10} {'432':>10}"]
     assert [parametrization_of(model[0]).rank, parametrization_of(model[2]).rank] == [4, 4]
     with pytest.raises(ValueError, match=r"rank_scale must be a number in \(0, 1\] .* got 1.5"):
         sttpfast.parameterize(nn.Sequential(nn.Linear(4, 4)), "lowrank", rank_scale=1.5)
