@@ -136,10 +136,12 @@ def write_beside(path: str | os.PathLike, write: Callable[[str], None], suffix: 
     For writers that want a file name of their own choosing (safetensors, ONNX): the
     temporary (``mkstemp``'s, and safetensors' own file, are owner-only) is given the mode
     ``open()`` would give (0666 less the umask) before the rename, like every other file of a
-    run."""
+    run. The temporary's name holds this process's pid: the ones of writers that have ended
+    (killed mid-write) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    _remove_stale_temporaries_of(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -149,6 +151,17 @@ def write_beside(path: str | os.PathLike, write: Callable[[str], None], suffix: 
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _remove_stale_temporaries_of(path: Path) -> None:
+    """Remove ``write_beside``'s temporaries of ``path`` whose writer is no longer running."""
+    prefix = f".{path.name}.tmp-"
+    for entry in path.parent.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            entry.unlink(missing_ok=True)
 
 
 def unwritable_reason(path: str | os.PathLike) -> str | None:

@@ -2,6 +2,8 @@
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +224,20 @@ def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
     assert result.output == f"Error: {message}\n"
     assert _files(tmp_path) == before  # no file, no folder, no temp file
     assert all(f.read_bytes() == content for f, content in contents.items())  # nothing overwritten
+
+
+def test_an_export_removes_the_temporaries_a_killed_export_left(run, tmp_path):
+    # kill -9 during an export left ".x.onnx.XXXX.tmp.onnx" beside the target for good
+    out = tmp_path / "x.onnx"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a pid that has ended
+    stale = tmp_path / f".x.onnx.tmp-{dead}-abcd1234.tmp.onnx"
+    stale.write_bytes(b"torn")
+    running = tmp_path / f".x.onnx.tmp-{os.getppid()}-abcd1234.tmp.onnx"  # a live writer's: kept
+    running.write_bytes(b"being written")
+    result = _cli("export", run, "--format", "onnx", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, running.name])
 
 
 def test_both_checkpoint_layouts_are_found(run, tmp_path):
