@@ -646,6 +646,9 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
         raise CLIError("give the size of the compressed layers: --rank R or --compression Z")
     if rank is not None and compression is not None:
         raise CLIError("give either --rank or --compression, not both")
+    given = click.get_current_context().get_parameter_source("epochs") == click.core.ParameterSource.COMMANDLINE
+    if steps is not None and given:
+        raise CLIError("give either --epochs or --steps (phase 2's budget), not both")
     if plan == "energy" and compression is None:
         raise CLIError("--plan energy spends a compression budget: give --compression Z instead of --rank")
     for flag, value in (("--steps", steps), ("--distill-steps", distill_steps)):

@@ -102,6 +102,9 @@ def _one_error_line(result, message, tmp_path):
     (["--rank", "4", "--plan", "energy"], "Error: --plan energy spends a compression budget: give --compression Z "
                                           "instead of --rank"),
     (["--rank", "4", "--compression", "5"], "Error: give either --rank or --compression, not both"),
+    # --steps won silently, and the output config kept both
+    (["--rank", "4", "--epochs", "2", "--steps", "3"], "Error: give either --epochs or --steps (phase 2's budget), "
+                                                       "not both"),
     (["--rank", "4,x"], "Error: --rank '4,x' is not a valid rank: give a positive integer (8), comma-separated "
                         "integers for a tensor format's tuple rank (4,8,8,4: TT bonds; 8,6: Tucker's R_out,R_in; "
                         "4x8x8x4 works too) or an HT rank tree in parentheses ((4,8,6),(3,3,3))"),
