@@ -147,7 +147,8 @@ class CompressionReport:
         if not self.plan:
             return ""
         energies = any(row.get("energy") is not None for row in self.plan)
-        head = f"{'layer':<36} {'rank':>14}" + (f" {'energy':>8}" if energies else "") + f" {'params':>10} {'dense':>10}"
+        energy_head = f" {'energy':>8}" if energies else ""
+        head = f"{'layer':<36} {'rank':>14}{energy_head} {'params':>10} {'dense':>10}"
         lines = [head, "-" * len(head)]
         for row in self.plan:
             rank = row["rank"] if not isinstance(row["rank"], list) else "x".join(map(str, row["rank"]))
