@@ -116,6 +116,16 @@ def prepare_run_dir(cfg: dict) -> Path:
     return path.absolute()  # as a resume names it (a relative --out was "out/r" here, absolute there)
 
 
+def name_taken(name: str | None, run_dir: Path) -> str | None:
+    """The warning when the folder of an explicit run ``name`` existed and the run got a
+    numbered one instead (said: a later ``--resume`` of the name continues the other run)."""
+    if name is None or run_dir.name == name:
+        return None
+    taken = run_dir.parent / name
+    return (f"warning: {taken} exists (a run named {name}): this run is {run_dir}; "
+            f"--resume {taken} continues that one")
+
+
 def _broadcast(value, accelerator):
     if accelerator.num_processes == 1:
         return value
@@ -425,6 +435,9 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
         learn.path = learn.run_dir = run_dir
         if main:
             lock = _lock_run(run_dir)
+            taken = name_taken(cfg["train"]["name"], run_dir)
+            if taken:
+                say(taken)
     try:
         return _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer,
                                   signals, say, fit, ProgressCallback, main)

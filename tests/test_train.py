@@ -271,6 +271,20 @@ def test_the_progress_bar_of_a_step_budget_shows_the_budget_from_its_first_frame
     assert training[-3] == ("0", "2"), training  # the frame shown during the first step
 
 
+def test_a_name_that_is_taken_is_said_with_the_folder_the_run_got(tmp_path):
+    # --name full4 over an existing runs/full4 wrote runs/full4-2 without a word; a later
+    # `--resume runs/full4` then continued the other run
+    args = ["digits", "--arch", "resnet20_cifar", "--bs", "32", "--subset", "64", "--steps", "1", "--logger", "none",
+            "--out", tmp_path, "--name", "full4"]
+    first = cli(*args)
+    assert first.exit_code == 0 and "warning:" not in first.output, first.output
+    second = cli(*args)
+    assert second.exit_code == 0, second.output
+    assert [line for line in second.output.splitlines() if line.startswith("warning:")] == [
+        f"warning: {tmp_path / 'full4'} exists (a run named full4): this run is {tmp_path / 'full4-2'}; "
+        f"--resume {tmp_path / 'full4'} continues that one"]
+
+
 def test_user_callback_sees_every_event_through_spectral_learner():
     from sttpfast import get_dls, spectral_learner
 

@@ -40,7 +40,7 @@ from sttpfast.config import save_config
 from sttpfast.processes import is_main_rank
 from sttpfast.run import (RunError, TrainingInterrupted, _broadcast, _epoch_logger, _lock_run, _save_interrupted,
                           check_budget, check_global_batch, check_output, finished_summary, last_checkpoint,
-                          prepare_run_dir, resume_config, saying_warnings)
+                          name_taken, prepare_run_dir, resume_config, saying_warnings)
 
 __all__ = ["run_gan", "gan_run_name", "check_gan_config", "check_fsdp2", "GANLossLogger", "SR"]
 
@@ -342,6 +342,9 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
         learn.path = learn.run_dir = run_dir
         if main:
             lock = _lock_run(run_dir)
+            taken = name_taken(cfg["train"]["name"], run_dir)
+            if taken:
+                say(taken)
     try:
         return _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, signals, metrics, say, main)
     finally:
