@@ -641,6 +641,13 @@ def _later_settings_replace(cfg: dict, keys_set, where: str, sources: dict) -> N
 
     if "optim.epochs" in keys_set and "optim.steps" not in keys_set:
         reset("optim.steps", None, "optim.epochs", f"optim.epochs {cfg['optim']['epochs']} is the budget")
+    earlier_epochs = sources.get("optim.epochs", "default")
+    if ("optim.steps" in keys_set and "optim.epochs" not in keys_set and cfg["optim"]["steps"] is not None
+            and earlier_epochs not in ("default", where)):
+        # the other way round: the epochs stay (steps win whenever set), not as the budget
+        warnings.warn(f"config optim.epochs: {cfg['optim']['epochs']} from {earlier_epochs} is not the budget: "
+                      f"optim.steps {cfg['optim']['steps']} from {sources.get('optim.steps', where)} is",
+                      ConfigWarning, stacklevel=3)
     if "gan.metrics_every" in keys_set and cfg["gan"]["metrics_every"] is None:
         for key in GAN_METRIC_KEYS:
             if key not in keys_set:

@@ -362,7 +362,7 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
             finished = finished_summary(run_dir, done) if checkpoint_finished(cfg, done) else None
             if finished is not None:
                 echo(f"{run_dir} is already finished ({done['train_iter']} steps); nothing changed. "
-                     "To train further, resume with a larger optim.steps / optim.epochs")
+                     "To train further, resume with a larger --steps or --epochs")
                 return {**finished, "already_finished": True}
             accelerator = make_accelerator(cfg["train"]["mixed_precision"])
             check_global_batch(run_dir, done, accelerator.num_processes, cfg["data"]["bs"], "data.bs")

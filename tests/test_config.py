@@ -54,8 +54,14 @@ def test_epochs_given_later_replace_the_steps_of_an_earlier_source(tmp_path, lat
     with pytest.warns(ConfigWarning, match=r"^config optim.steps: 100000 from .*paper.yml dropped: optim.epochs 1 "
                                            r"is the budget from the command line$"):
         build_config([paper], cli={"optim.epochs": 1})
-    cfg, _ = build_config([write(tmp_path, "e.yml", "optim:\n  epochs: 2\n")], cli={"optim.steps": 7})
+    # steps given later over a file's epochs: the epochs stay in the config but are not the
+    # budget, which is said too (it was said only the other way round)
+    epochs = write(tmp_path, "e.yml", "optim:\n  epochs: 2\n")
+    with pytest.warns(ConfigWarning) as said:
+        cfg, _ = build_config([epochs], cli={"optim.steps": 7})
     assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (2, 7)
+    assert [str(w.message) for w in said] == [
+        f"config optim.epochs: 2 from {epochs} is not the budget: optim.steps 7 from the command line is"]
 
 
 def test_metrics_turned_off_later_drop_a_configs_metric_settings():
