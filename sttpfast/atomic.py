@@ -161,7 +161,10 @@ def _remove_stale_temporaries_of(path: Path) -> None:
             continue
         pid = entry.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
-            entry.unlink(missing_ok=True)
+            try:
+                entry.unlink(missing_ok=True)
+            except OSError:  # not ours to remove (another user's): the write goes on beside it
+                pass
 
 
 def unwritable_reason(path: str | os.PathLike) -> str | None:
