@@ -395,6 +395,13 @@ def _info_of_run(run: str) -> None:
     from sttpfast.surgery import compression_report
 
     run_dir = Path(run).expanduser().absolute()
+    if not run_dir.exists():
+        import timm
+
+        import sttpfast.models  # noqa: F401  (registers the paper's architectures)
+
+        if timm.is_model(run):  # `sttpfast info resnet18`: the architecture is an option
+            raise CLIError(f"{run_dir} does not exist; for the architecture: sttpfast info --arch {run}")
     if is_gan_run(run_dir, "last"):
         pair, _ = load_gan_run_pair(run_dir, "last")
         click.echo(f"run {run_dir}: a GAN, the last checkpoint")

@@ -176,6 +176,13 @@ def test_a_run_folder_that_does_not_exist_is_said_so(tmp_path, command):
     assert (result.exit_code, result.output) == (2, f"Error: {missing} does not exist\n")
 
 
+def test_info_of_an_architecture_given_as_a_run_names_the_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("info", "resnet18")
+    assert (result.exit_code, result.output) == (
+        2, f"Error: {tmp_path / 'resnet18'} does not exist; for the architecture: sttpfast info --arch resnet18\n")
+
+
 @pytest.mark.parametrize("command", [["train", "--resume"], ["gan", "--resume"], ["export", "--format", "onnx"]])
 def test_a_run_folder_with_an_empty_config_is_said_so(tmp_path, command):
     # train --resume said the run "was trained at data.bs 64 per process; its config.yaml now
