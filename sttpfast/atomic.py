@@ -156,15 +156,17 @@ def write_beside(path: str | os.PathLike, write: Callable[[str], None], suffix: 
 def _remove_stale_temporaries_of(path: Path) -> None:
     """Remove ``write_beside``'s temporaries of ``path`` whose writer is no longer running."""
     prefix = f".{path.name}.tmp-"
-    for entry in path.parent.iterdir():
-        if not entry.name.startswith(prefix):
-            continue
+    try:
+        entries = [e for e in path.parent.iterdir() if e.name.startswith(prefix)]
+    except OSError:  # a folder that can be written but not listed: nothing to tidy
+        return
+    for entry in entries:
         pid = entry.name[len(prefix):].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            try:
+        try:
+            if pid.isdigit() and not _alive(int(pid)):
                 entry.unlink(missing_ok=True)
-            except OSError:  # not ours to remove (another user's): the write goes on beside it
-                pass
+        except (OSError, OverflowError):  # another user's file, a pid no process can have: leave it
+            pass
 
 
 def unwritable_reason(path: str | os.PathLike) -> str | None:

@@ -343,7 +343,8 @@ def info(run, arch, param, rank, compression, include, exclude, init, num_classe
         _info_of_run(run)
         return
     if arch is None:
-        raise CLIError("give the architecture: --arch NAME (any timm model or a registered sttpfast model)")
+        raise CLIError("give the architecture: --arch NAME (any timm model or a registered sttpfast model), or a run "
+                       "folder: sttpfast info RUN")
     if in_chans is not None and in_chans < 1:
         raise CLIError(f"--in-chans must be a positive integer, got {in_chans}")
     if num_classes is not None and num_classes < 0:
@@ -391,7 +392,7 @@ def info(run, arch, param, rank, compression, include, exclude, init, num_classe
 
 def _info_of_run(run: str) -> None:
     """The per-layer table of a run folder's last checkpoint (a GAN run: G's, then D's)."""
-    from sttpfast.export import is_gan_run, load_gan_run_pair, load_run_model
+    from sttpfast.export import is_gan_run, load_gan_run_pair, load_run_model, run_checkpoint
     from sttpfast.surgery import compression_report
 
     run_dir = Path(run).expanduser().absolute()
@@ -402,6 +403,8 @@ def _info_of_run(run: str) -> None:
 
         if timm.is_model(run):  # `sttpfast info resnet18`: the architecture is an option
             raise CLIError(f"{run_dir} does not exist; for the architecture: sttpfast info --arch {run}")
+    # a damaged last checkpoint: export's remedy (--which best) is no option here
+    run_checkpoint(run_dir, "last", damaged_hint="resume the run: it falls back to the newest complete checkpoint")
     if is_gan_run(run_dir, "last"):
         pair, _ = load_gan_run_pair(run_dir, "last")
         click.echo(f"run {run_dir}: a GAN, the last checkpoint")

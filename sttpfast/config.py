@@ -603,16 +603,18 @@ def build_config(files=(), overrides=(), cli: dict | None = None) -> tuple[dict,
     cfg = copy.deepcopy(DEFAULTS)
     for path in files:
         update = load_yaml(path)
+        steps_before = cfg["optim"]["steps"]
         cfg = merge(cfg, update, str(path), sources)
-        _later_settings_replace(cfg, flatten(update), str(path), sources)
+        _later_settings_replace(cfg, flatten(update), str(path), sources, steps_before)
     # the command line is explicit: no warning when it overrides a file
     cli_update = _nest(dict(cli or {}))
+    steps_before = cfg["optim"]["steps"]
     cfg = merge(cfg, cli_update, "the command line")
     sources.update({k: "the command line" for k in flatten(cli_update)})
     cfg = apply_overrides(cfg, list(overrides), sources)
     # flags and --set are one command: `--steps 7 --set optim.epochs=2` keeps both
     given = {k for k, where in sources.items() if where in ("the command line", "--set")}
-    _later_settings_replace(cfg, given, "the command line", sources)
+    _later_settings_replace(cfg, given, "the command line", sources, steps_before)
     _resolve_param(cfg, sources)
     return cfg, sources
 
@@ -622,12 +624,14 @@ GAN_METRIC_KEYS = ("gan.metrics_samples", "gan.metrics", "gan.best_by", "gan.ext
                    "gan.extractor_steps", "gan.extractor_kwargs")
 
 
-def _later_settings_replace(cfg: dict, keys_set, where: str, sources: dict) -> None:
+def _later_settings_replace(cfg: dict, keys_set, where: str, sources: dict, steps_before=None) -> None:
     """A later source (a flag, ``--set``, a later file) that sets ``keys_set`` replaces what they
     make meaningless in the earlier ones:
 
     * ``optim.epochs`` without ``optim.steps``: the epochs are the budget, the steps go (steps
       replace epochs whenever set: ``--cfg paper.yml --epochs 1`` kept the paper's 100,000);
+      the other way round, steps over an earlier source's epochs (``steps_before``, the steps
+      before this source, None: the epochs were the budget) keep the epochs, said as no budget;
     * ``gan.metrics_every`` set to null: the earlier metric settings go back to their defaults
       (a paper config's ``metrics_samples`` then refused the run as "no effect").
     """
@@ -643,7 +647,7 @@ def _later_settings_replace(cfg: dict, keys_set, where: str, sources: dict) -> N
         reset("optim.steps", None, "optim.epochs", f"optim.epochs {cfg['optim']['epochs']} is the budget")
     earlier_epochs = sources.get("optim.epochs", "default")
     if ("optim.steps" in keys_set and "optim.epochs" not in keys_set and cfg["optim"]["steps"] is not None
-            and earlier_epochs not in ("default", where)):
+            and earlier_epochs not in ("default", where) and steps_before is None):
         # the other way round: the epochs stay (steps win whenever set), not as the budget
         warnings.warn(f"config optim.epochs: {cfg['optim']['epochs']} from {earlier_epochs} is not the budget: "
                       f"optim.steps {cfg['optim']['steps']} from {sources.get('optim.steps', where)} is",

@@ -65,14 +65,15 @@ def _check_out(path: str | os.PathLike, force: bool, fmt: str, run_dir: Path | N
     if named in FORMATS and named != fmt:
         raise ValueError(f"export target {path} is named as {_article(named)} {named} file, but the format is {fmt}; "
                          f"name it {path.stem}.{fmt} or pass --format {named}")
-    if path.exists() and not force:
-        raise ValueError(f"{path} exists; add --force (force=True in Python) to overwrite it")
+    # the refusals --force cannot lift come first: "add --force" would then be refused again
     if path.exists() and named != fmt:
         raise ValueError(f"export target {path} exists and is not {_article(fmt)} {fmt} file: --force overwrites "
                          "only an earlier export of that format")
     if run_dir is not None and path.resolve().is_relative_to((run_dir / "checkpoints").resolve()):
         raise ValueError(f"export target {path} is inside the run's checkpoints folder {run_dir / 'checkpoints'}: "
                          f"export elsewhere (the default is {run_dir / 'export'})")
+    if path.exists() and not force:
+        raise ValueError(f"{path} exists; add --force (force=True in Python) to overwrite it")
     reason = unwritable_reason(path)
     if reason is not None:
         raise ValueError(f"cannot write export target {path}: {reason}")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sttpfast.atomic import clean_temporaries, write_file
-from sttpfast.config import save_config
+from sttpfast.config import ConfigError, load_yaml, save_config
 from sttpfast.processes import is_main_rank, world_size
 from sttpfast.run_lock import RunLock, RunLocked
 
@@ -122,6 +122,8 @@ def name_taken(name: str | None, run_dir: Path) -> str | None:
     if name is None or run_dir.name == name:
         return None
     taken = run_dir.parent / name
+    if not (taken / "config.yaml").is_file():  # a folder or file of that name, not a run
+        return f"warning: {taken} exists: this run is {run_dir}"
     return (f"warning: {taken} exists (a run named {name}): this run is {run_dir}; "
             f"--resume {taken} continues that one")
 
@@ -144,9 +146,9 @@ def run_folder_problem(run_dir: Path) -> str | None:
     if not config.is_file():
         return f"{run_dir} is not a run folder (no config.yaml)"
     try:
-        empty = not config.read_bytes().strip()
-    except OSError as err:
-        return f"cannot read {config}: {err.strerror}"
+        empty = not load_yaml(config)  # no bytes, a comment alone, {} or ---: the defaults
+    except ConfigError:
+        return None  # unreadable or not YAML: said by whoever reads it, with the file named
     return f"{run_dir} is not a run folder: its config.yaml is empty" if empty else None
 
 

@@ -189,10 +189,11 @@ def test_a_run_folder_with_an_empty_config_is_said_so(tmp_path, command):
     # says 128": the defaults an empty file gives, compared with the checkpoint
     run_dir = tmp_path / "r"
     run_dir.mkdir()
-    (run_dir / "config.yaml").write_text("")
-    result = run(*command, str(run_dir)) if command[0] != "export" else run("export", str(run_dir), *command[1:])
-    assert (result.exit_code, result.output) == (
-        2, f"Error: {run_dir} is not a run folder: its config.yaml is empty\n")
+    for text in ("", "# only a comment\n", "{}\n"):  # each reads as the defaults
+        (run_dir / "config.yaml").write_text(text)
+        result = run(*command, str(run_dir)) if command[0] != "export" else run("export", str(run_dir), *command[1:])
+        assert (result.exit_code, result.output) == (
+            2, f"Error: {run_dir} is not a run folder: its config.yaml is empty\n")
 
 
 @pytest.mark.parametrize("command,options,message", [

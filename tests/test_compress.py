@@ -229,6 +229,9 @@ def test_a_teacher_that_stopped_before_its_budget_is_said_and_a_damaged_one_name
                     f"Error: checkpoint {model.parent} is damaged ({model}: 1000 bytes, the manifest says {full}); "
                     f"resume the run (sttpfast train --resume {half}): it falls back to the newest complete "
                     "checkpoint and trains on from there", tmp_path)
+    info = CliRunner().invoke(main, ["info", str(half)])  # nor of info
+    _one_error_line(info, f"Error: checkpoint {model.parent} is damaged ({model}: 1000 bytes, the manifest says "
+                          f"{full}); resume the run: it falls back to the newest complete checkpoint", tmp_path)
 
 
 def test_an_empty_out_is_refused_as_such(dense_run, tmp_path, monkeypatch):

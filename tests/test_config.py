@@ -1,4 +1,5 @@
 """YAML configs merged in order, dotted overrides, unknown keys, presets."""
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,15 @@ def test_epochs_given_later_replace_the_steps_of_an_earlier_source(tmp_path, lat
     assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (2, 7)
     assert [str(w.message) for w in said] == [
         f"config optim.epochs: 2 from {epochs} is not the budget: optim.steps 7 from the command line is"]
+    with pytest.warns(ConfigWarning, match=rf"^config optim.epochs: 2 from {epochs} is not the budget: optim.steps 5 "
+                                           rf"from .*s.yml is$"):
+        build_config([epochs, write(tmp_path, "s.yml", "optim:\n  steps: 5\n")])
+    # a file whose steps were its budget already: its epochs never were, nothing to say
+    both = write(tmp_path, "both.yml", "optim:\n  epochs: 3\n  steps: 50\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        cfg, _ = build_config([both], cli={"optim.steps": 7})
+    assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (3, 7)
 
 
 def test_metrics_turned_off_later_drop_a_configs_metric_settings():

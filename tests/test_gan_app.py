@@ -72,6 +72,15 @@ def test_cli_gan_digits_sn_writes_the_run_folder(tmp_path):
                                                 r"time \d\d:\d\d", row) for row in rows), rows
 
 
+def test_a_gan_run_whose_name_was_taken_says_so(tmp_path):
+    (tmp_path / "g").mkdir()  # a folder of that name, not a run: no resume hint
+    result = _cli("gan", "digits", "--d-param", "sn", "--steps", "1", "--bs", "32", "--subset", "64",
+                  "--out", tmp_path, "--name", "g", *TINY_SET, *QUIET)
+    assert result.exit_code == 0, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("warning:")] == [
+        f"warning: {tmp_path / 'g'} exists: this run is {tmp_path / 'g-2'}"]
+
+
 class SendSignal(Callback):
     """Sends ``signum`` to this process after G step ``k`` (as `kill` from outside would)."""
 

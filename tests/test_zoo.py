@@ -56,6 +56,12 @@ def test_cp_at_its_full_rank_is_built_exactly_not_fitted(shape):
     assert float((cp_to_tensor(factors) - x).norm() / x.norm()) < 1e-15
     norms = torch.stack([f.norm(dim=0) for f in factors])
     assert torch.allclose(norms, norms[:1].expand_as(norms), rtol=1e-12)  # balanced across modes
+    # float32, more columns than terms (zero ones) and a zero fibre: no NaN (1e-300 is 0 there)
+    x32 = x.float()
+    x32[(0,) * (len(shape) - 1)] = 0
+    factors = cp_als(x32, full + 2)
+    assert all(torch.isfinite(f).all() for f in factors)
+    assert float((cp_to_tensor(factors) - x32).norm() / x32.norm()) < 1e-6
 
 
 def test_cp_converts_resnet18s_largest_conv_at_full_rank():

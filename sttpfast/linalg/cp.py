@@ -117,5 +117,6 @@ def cp_exact(tensor: Tensor, rank: int) -> list[Tensor]:
 def _balanced(factors: list[Tensor]) -> list[Tensor]:
     """Rescale columns so every mode carries the same norm (the product is unchanged)."""
     norms = torch.stack([f.norm(dim=0) for f in factors])  # (D, R)
-    total = norms.prod(0).clamp_min(1e-300) ** (1.0 / len(factors))
-    return [f * (total / norms[k].clamp_min(1e-300)) for k, f in enumerate(factors)]
+    tiny = torch.finfo(norms.dtype).tiny  # 1e-300 is 0 in float32: a zero column gave 0/0
+    total = norms.prod(0) ** (1.0 / len(factors))
+    return [f * (total / norms[k].clamp_min(tiny)) for k, f in enumerate(factors)]
