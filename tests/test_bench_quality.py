@@ -139,3 +139,8 @@ def test_the_committed_converged_runs_are_read_back_under_the_default_budget(qua
     assert trained == [] and (runs.trained, runs.reused) == (0, 4)
     assert rows == [["dense", "-", "-", "100.00", "93.75", "93.91 / 93.59", "4102"],
                     ["svdp-r", "10", "4", "10.56", "91.02", "91.00 / 91.03", "3079"]]
+    # low rank (spectral init, Frobenius decay) at Z 10%, seed 0 (`--params lowrank --targets 10 --seeds 0`)
+    rows, _, runs = quality.classification_rows(_args(results, subset=0, epochs=15, seeds=[0], params=["lowrank"]))
+    assert trained == [] and (runs.trained, runs.reused) == (0, 2)
+    assert rows == [["dense", "-", "-", "100.00", "93.91", "93.91", "3259"],
+                    ["lowrank", "10", "4", "10.69", "91.91", "91.91", "2774"]]
