@@ -11,6 +11,8 @@ tensor with one factor at a time (the largest mode first), so the biggest interm
 """
 from __future__ import annotations
 
+import math
+
 import opt_einsum
 import torch
 from torch import Tensor
@@ -18,7 +20,7 @@ from torch import Tensor
 from sttpfast.linalg.contract import contract
 from sttpfast.linalg.tucker import leading_subspace, unfold
 
-__all__ = ["cp_to_tensor", "mttkrp", "cp_als", "cp_exact"]
+__all__ = ["cp_to_tensor", "mttkrp", "cp_als", "cp_exact", "als_sweeps"]
 
 
 def cp_to_tensor(factors: list[Tensor]) -> Tensor:
@@ -43,19 +45,33 @@ def mttkrp(tensor: Tensor, factors: list[Tensor], skip: int) -> Tensor:
     return out
 
 
-def cp_als(tensor: Tensor, rank: int, iters: int = 100, tol: float = 1e-13,
+#: sweeps of ALS at least / at most; between them, as many as ALS_WORK multiply-adds allow
+MIN_SWEEPS, MAX_SWEEPS = 100, 1000
+ALS_WORK = 2e10  # a few seconds of one CPU core
+
+
+def als_sweeps(shape: tuple[int, ...], rank: int) -> int:
+    """The default sweep budget of :func:`cp_als`: 1000 where a sweep is cheap (every layer of
+    ResNet-20 at rank 15, as before the budget), down to 100 where it is not (a 512x512x3x3
+    kernel at rank 278: 1000 sweeps did not finish resnet18 in 5 minutes)."""
+    per_sweep = math.prod(shape) * rank * len(shape)  # the MTTKRPs dominate
+    return int(min(MAX_SWEEPS, max(MIN_SWEEPS, ALS_WORK // max(per_sweep, 1))))
+
+
+def cp_als(tensor: Tensor, rank: int, iters: int | None = None, tol: float = 1e-13,
            generator: torch.Generator | None = None) -> list[Tensor]:
     """Rank-``rank`` CP of ``tensor`` by alternating least squares, factors ``(n_k, rank)``.
 
     Started from the leading subspaces of the unfoldings (HOSVD init; columns beyond ``n_k``
-    random); stops when the relative residual falls below ``tol`` or gains less than 1e-6
-    of itself in a sweep. At ``rank >= numel / max(shape)`` (every tensor's CP rank is at
+    random); stops when the relative residual falls below ``tol``, gains less than 1e-6
+    of itself in a sweep, or after ``iters`` sweeps (default :func:`als_sweeps`). At ``rank >= numel / max(shape)`` (every tensor's CP rank is at
     most that) no sweep is run: :func:`cp_exact` builds the decomposition directly.
     The factors come back balanced (equal column norms across modes).
     """
     if rank >= tensor.numel() // max(tensor.shape):
         return _balanced(cp_exact(tensor, rank))
     d = tensor.dim()
+    iters = als_sweeps(tuple(tensor.shape), rank) if iters is None else iters
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     factors = []
     for k in range(d):

@@ -31,8 +31,8 @@ class CPLayer(TensorLayer):
     name = "cp"
     # measured: bench-free, `parameterize(resnet18, "cp", compression=20)` (rank 278) on this
     # project's 2-core x86_64 machine, one torch thread
-    spectral_init_note = ("cp: the spectral init fits every layer's weight by ALS, up to 100 sweeps each "
-                          "(resnet18 at Z = 20%: about 2.5 CPU-minutes)")
+    spectral_init_note = ("cp: the spectral init fits every layer's weight by ALS, 100 to 1000 sweeps each, fewer "
+                          "where a sweep costs more (resnet18 at Z = 20%: about 2.5 CPU-minutes)")
 
     @classmethod
     def bond_caps(cls, modes):
@@ -79,4 +79,5 @@ class ReshapedCPLayer(CPLayer):
     """CP over the reshaped modes ``(o_1, o_2, i_1, i_2, *spatial)``."""
 
     name, reshaped = "rcp", True
-    spectral_init_note = "rcp: the spectral init fits every layer's weight by ALS, up to 100 sweeps each"
+    spectral_init_note = ("rcp: the spectral init fits every layer's weight by ALS, 100 to 1000 sweeps each, fewer "
+                          "where a sweep costs more")
