@@ -38,7 +38,7 @@ from typing import Callable, Union
 
 __all__ = ["write_file", "write_beside", "write_checkpoint", "set_pointer", "read_pointer", "verify_checkpoint",
            "latest_complete", "checkpoints", "prune_checkpoints", "clean_temporaries", "CRASH_POINTS",
-           "MANIFEST", "DamagedCheckpoints", "unwritable_reason"]
+           "MANIFEST", "DamagedCheckpoints", "unwritable_reason", "try_making"]
 
 MANIFEST = "manifest.json"
 # the named moments of the write sequence, in order (the chaos test kills at each)
@@ -180,7 +180,15 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
         existing = existing.parent
     if not existing.is_dir():
         return f"{existing} is not a folder"
-    missing, folder = [], path.parent
+    err = try_making(path.parent, existing, probe_file=f".{path.name}.")
+    return None if err is None else err.strerror or str(err)
+
+
+def try_making(folder: Path, existing: Path, probe_file: str | None = None) -> OSError | None:
+    """Make the missing folders from ``existing`` (an ancestor that exists) down to
+    ``folder``, and a temporary file named ``probe_file...`` in it if given, then remove all
+    of it again; the OSError that stopped it (its ``filename`` the path that failed), or None."""
+    missing = []
     while folder != existing:
         missing.append(folder)
         folder = folder.parent
@@ -189,11 +197,12 @@ def unwritable_reason(path: str | os.PathLike) -> str | None:
         for folder in reversed(missing):
             folder.mkdir()
             made.append(folder)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(tmp)
+        if probe_file is not None:
+            fd, tmp = tempfile.mkstemp(dir=missing[0] if missing else existing, prefix=probe_file, suffix=".probe")
+            os.close(fd)
+            os.unlink(tmp)
     except OSError as err:
-        return err.strerror or str(err)
+        return err
     finally:
         for folder in reversed(made):
             folder.rmdir()

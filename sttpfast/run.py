@@ -16,7 +16,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from sttpfast.atomic import clean_temporaries, write_file
+from sttpfast.atomic import clean_temporaries, try_making, write_file
 from sttpfast.config import ConfigError, load_yaml, save_config
 from sttpfast.processes import is_main_rank, world_size
 from sttpfast.run_lock import RunLock, RunLocked
@@ -84,21 +84,9 @@ def _probe_folders(out: Path, existing: Path) -> None:
     """Make the missing folders from ``existing`` down to ``out`` and remove them again: a
     folder that cannot be made (``/proc/x``, a full or read-only disk) is refused before any
     work, not after it (RunError)."""
-    missing = []
-    folder = out
-    while folder != existing:
-        missing.append(folder)
-        folder = folder.parent
-    made = []
-    try:
-        for folder in reversed(missing):
-            folder.mkdir()
-            made.append(folder)
-    except OSError as err:
-        raise RunError(f"cannot write to output folder {folder}: {err.strerror}") from None
-    finally:
-        for folder in reversed(made):
-            folder.rmdir()
+    err = try_making(out, existing)
+    if err is not None:
+        raise RunError(f"cannot write to output folder {err.filename}: {err.strerror}")
 
 
 def prepare_run_dir(cfg: dict) -> Path:
