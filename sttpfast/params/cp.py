@@ -29,8 +29,8 @@ class CPLayer(TensorLayer):
     """Maps ``A_k (n_k, R)`` onto ``sum_r o_k A_k[:, r]``: the kernels of CP rank ``<= R``."""
 
     name = "cp"
-    # measured: bench-free, `parameterize(resnet18, "cp", compression=20)` (rank 278) on this
-    # project's 2-core x86_64 machine, one torch thread
+    # measured: `python bench/cp_init.py --arch resnet18 --compression 20 --threads 1` (rank 278),
+    # 149-165 s on this project's 2-core x86_64 machine
     spectral_init_note = ("cp: the spectral init fits every layer's weight by ALS, 100 to 1000 sweeps each, fewer "
                           "where a sweep costs more (resnet18 at Z = 20%: about 2.5 CPU-minutes)")
 
