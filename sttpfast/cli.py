@@ -630,7 +630,7 @@ def _as_tuples(rank):
 @click.option("--phases", default=None,
               help="0 decompose, 1 block-wise distillation, 2 end-to-end fine-tuning  [default: 0,1,2; 0,2 for "
                    "a model without feature_chain(), as timm's own]")
-@click.option("--epochs", type=int, default=1, show_default=True, help="phase 2's epochs")
+@click.option("--epochs", type=int, default=None, help="phase 2's epochs  [default: 1]")
 @click.option("--steps", type=int, default=None, help="phase 2's optimizer steps (instead of --epochs)")
 @click.option("--distill-steps", type=int, default=None, help="phase 1's steps per block (default one epoch)")
 @click.option("--bn-batches", type=int, default=20, show_default=True,
@@ -656,9 +656,6 @@ def compress(run, param, rank, compression, plan, phases, epochs, steps, distill
         raise CLIError("give the size of the compressed layers: --rank R or --compression Z")
     if rank is not None and compression is not None:
         raise CLIError("give either --rank or --compression, not both")
-    given = click.get_current_context().get_parameter_source("epochs") == click.core.ParameterSource.COMMANDLINE
-    if steps is not None and given:
-        raise CLIError("give either --epochs or --steps (phase 2's budget), not both")
     if plan == "energy" and compression is None:
         raise CLIError("--plan energy spends a compression budget: give --compression Z instead of --rank")
     for flag, value in (("--steps", steps), ("--distill-steps", distill_steps)):

@@ -339,7 +339,7 @@ class LoadWeights(Callback):
 
 
 def compress_run(run_dir, param: str, rank=None, compression: float | None = None, plan: str | None = None,
-                 phases=None, epochs: int = 1, steps: int | None = None, distill_steps: int | None = None,
+                 phases=None, epochs: int | None = None, steps: int | None = None, distill_steps: int | None = None,
                  lr: float | None = None, distill_lr: float = 1e-3, out=None, unrepresentable: str | None = None,
                  include=None, exclude=None, keep_dense_if_no_gain: bool = True, bn_batches: int = BN_BATCHES,
                  echo=print, progress: dict | None = None) -> dict:
@@ -351,7 +351,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
             layers with ``include`` / ``exclude``).
         phases: ``"0,1,2"``, ``"0,2"``...; 0 always comes first. None: all three, or ``0,2``
             where the model has no ``feature_chain()`` for phase 1 (timm's own models; said).
-        epochs / steps: phase 2's budget (``steps`` replaces ``epochs`` when given).
+        epochs / steps: phase 2's budget, one of the two (default one epoch).
         distill_steps: phase 1's Adam steps per block (default: one pass over the training data).
         lr: phase 2's peak learning rate (default: the dense run's / 10); distill_lr: phase 1's.
         out: the output run folder (default ``RUN-PARAM`` next to ``run_dir``, numbered if taken).
@@ -378,7 +378,10 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     if out is not None and Path(out).expanduser().exists():
         raise ValueError(f"--out {out} exists; give a new folder (without --out: RUN-PARAM next to RUN, "
                          "numbered if taken)")
-    if epochs is None or epochs < 1:
+    if epochs is not None and steps is not None:  # steps won silently, and the output config kept both
+        raise ValueError("give either --epochs or --steps (phase 2's budget), not both")
+    epochs = 1 if epochs is None else epochs
+    if epochs < 1:
         raise ValueError(f"--epochs must be a positive integer, got {epochs!r}")
     lr = None if lr is None else coerce("optim.lr", lr)  # phase 2's: the checks of `train`
     steps = None if steps is None else coerce("optim.steps", steps)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import sttpfast
 from sttpfast.cli import main
-from sttpfast.compress import parse_phases
+from sttpfast.compress import compress_run, parse_phases
 from sttpfast.config import build_config
 from sttpfast.surgery import parameterization_spec, parameterize
 
@@ -30,7 +30,6 @@ def dense_run(tmp_path_factory):
 
 
 def test_three_phases_report_lower_block_mse_and_a_resumable_run(dense_run, tmp_path):
-    from sttpfast.compress import compress_run
     from sttpfast.export import export_run
     from sttpfast.run import run_training
 
@@ -242,6 +241,15 @@ def test_an_empty_out_is_refused_as_such(dense_run, tmp_path, monkeypatch):
                     "to RUN)", tmp_path)
 
 
+def test_epochs_and_steps_together_are_refused_from_python_too(dense_run, tmp_path):
+    """compress_run(epochs=2, steps=3) ran 3 steps without a word (only the CLI refused)."""
+    with pytest.raises(ValueError) as err:
+        compress_run(dense_run, "tucker", compression=20, epochs=2, steps=3, out=tmp_path / "c",
+                     echo=lambda *a: None)
+    assert str(err.value) == "give either --epochs or --steps (phase 2's budget), not both"
+    assert not (tmp_path / "c").exists()
+
+
 def test_an_output_folder_that_cannot_be_made_is_refused_before_any_work(dense_run, tmp_path):
     # it was found after phases 0 and 1 had run, and their work was lost
     result = _cli(dense_run, "--param", "tucker", "--compression", "20", "--phases", "0,1", "--distill-steps", "1",
@@ -347,7 +355,6 @@ def test_an_interrupted_phase_2_resumes_with_the_phases_results(dense_run, tmp_p
     from interrupt import Interrupt
 
     import sttpfast.run
-    from sttpfast.compress import compress_run
     from sttpfast.run import TrainingInterrupted, run_training
 
     def ctrl_c_after_step_2(cfg, extra_cbs=(), **kwargs):  # compress imports run_training at call time
@@ -434,7 +441,6 @@ def test_recalibrated_batchnorm_holds_the_average_of_the_batches_statistics():
 def test_phase_0_recalibrates_the_students_batchnorm_and_reports_both_accuracies(dense_run, tmp_path):
     # the decomposed student kept the teacher's normalization statistics: phase 0 was at chance
     # for every method in README's benchmark (its activations have other scales)
-    from sttpfast.compress import compress_run
 
     report = compress_run(dense_run, "tucker", compression=20, phases="0", out=tmp_path / "c", echo=lambda *a: None)
     phase = report["phases"]["0"]
