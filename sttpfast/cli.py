@@ -23,8 +23,8 @@ from pathlib import Path
 
 import click
 
-from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, ConfigWarning, build_config,
-                             check_sections_read, choices, type_members)
+from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, ConfigError, ConfigWarning, build_config,
+                             check_sections_read, choices, named_by_flags, type_members)
 from sttpfast.processes import is_main_rank
 
 __all__ = ["main", "CLIError"]
@@ -136,14 +136,24 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+#: dotted key -> the flag that sets it (train's, gan's, compress's); the dataset is an argument
+FLAG_OF_KEY = {key: "--" + name.replace("_", "-") for flags in (CLI_FLAGS, GAN_CLI_FLAGS)
+               for name, key in flags.items() if name != "dataset"} | {"reg.frobenius_decay": "--frobenius-decay"}
+
+
 def _build_config(files, overrides, explicit) -> tuple[dict, dict]:
     """:func:`~sttpfast.config.build_config`, its notes (a value a later source overrides) said
-    as ``warning:`` lines; Python showed them with the file and line of sttpfast's code."""
+    as ``warning:`` lines; Python showed them with the file and line of sttpfast's code. An
+    error in a value a flag gave names the flag (``--rank 0``), not the key."""
     caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConfigWarning)
             return build_config(files, overrides, explicit)
+    except ConfigError as err:
+        set_later = {pair.partition("=")[0].strip() for pair in overrides}  # --set wins over the flag
+        flags = {key: FLAG_OF_KEY[key] for key in explicit if key in FLAG_OF_KEY and key not in set_later}
+        raise ConfigError(named_by_flags(str(err), flags)) from None
     finally:  # also before a later value's error
         for w in caught:
             if issubclass(w.category, ConfigWarning):
@@ -356,7 +366,7 @@ def info(run, arch, param, rank, compression, include, exclude, init, num_classe
                                              keep_dense_if_no_gain=keep_dense_if_no_gain, img_size=img_size,
                                              attention=attention, attention_rank=attention_rank).items()
            if v is not None}
-    cfg, sources = build_config(cli=cli)
+    cfg, sources = _build_config((), (), cli)
     p = cfg["param"]
 
     import torch

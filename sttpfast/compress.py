@@ -361,7 +361,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
             ``phase 1``, ``phase 2``, ``writing``): what a caller tells the user after Ctrl-C.
     Every check (run folder, dense checkpoint, phases, rank) comes before anything is written.
     """
-    from sttpfast.config import coerce
+    from sttpfast.config import ConfigError, coerce, named_by_flags
     from sttpfast.data import get_dls
     from sttpfast.learner import fit_dls_as_trained, say_init_cost
     from sttpfast.run import (COMPRESS_REPORT, check_output, prepare_run_dir, run_training, say_warnings,
@@ -383,8 +383,11 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
     epochs = 1 if epochs is None else epochs
     if epochs < 1:
         raise ValueError(f"--epochs must be a positive integer, got {epochs!r}")
-    lr = None if lr is None else coerce("optim.lr", lr)  # phase 2's: the checks of `train`
-    steps = None if steps is None else coerce("optim.steps", steps)
+    try:  # phase 2's: the checks of `train`, named by compress's flags as its other checks are
+        lr = None if lr is None else coerce("optim.lr", lr)
+        steps = None if steps is None else coerce("optim.steps", steps)
+    except ConfigError as err:
+        raise ConfigError(named_by_flags(str(err), {"optim.lr": "--lr", "optim.steps": "--steps"})) from None
     _check_phase_1(distill_steps, distill_lr)
     if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
         raise ValueError(f"--bn-batches must be an integer >= 0 (0 keeps the teacher's statistics), got {bn_batches!r}")

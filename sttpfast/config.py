@@ -397,6 +397,18 @@ def coerce(key: str, value):
     return value
 
 
+def named_by_flags(message: str, flags: dict[str, str]) -> str:
+    """A config error's ``message`` with each key a command-line flag set named by that flag
+    (``flags``: dotted key -> ``--flag``): ``config param.rank = 0: expected ...`` -> ``--rank 0:
+    expected ...``, as the user typed it. A message that names flags already is left as it is."""
+    if "--" in message:
+        return message
+    for key, flag in flags.items():
+        message = re.sub(rf"(?:\bconfig )?(?<![\w.]){re.escape(key)}(?!\w)( = )?",
+                         lambda m, flag=flag: flag + (" " if m.group(1) else ""), message)
+    return message
+
+
 def _suggest(key: str, valid) -> str:
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(valid))}"

@@ -72,18 +72,18 @@ def test_info_counts_without_decomposing_any_weight(param, monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--arch", "wrn28_1", "--param", "sttp"], "unknown architecture 'wrn28_1'; did you mean"),
-    (["--arch", "wrn16_4", "--param", "sttpx"], "Error: config param.name: unknown parameterization 'sttpx'; allowed: "
+    (["--arch", "wrn16_4", "--param", "sttpx"], "Error: --param: unknown parameterization 'sttpx'; allowed: "
                                                 "svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tucker, rtk, tt, rtt, tr, "
                                                 "rtr, ht, dense, sn, svdp, sttp"),
-    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "0"], r"config param.rank = 0: expected a positive integer, a list of "
+    (["--arch", "wrn16_4", "--param", "sttp", "--rank", "0"], r"^Error: --rank 0: expected a positive integer, a list of "
                                                               r"positive integers or 'full'"),
     (["--arch", "wrn16_4", "--param", "sttp", "--rank", "x"], "Error: --rank 'x' is not a valid rank: give a positive "
                                                               "integer \\(8\\), comma-separated integers"),
     (["--arch", "wrn16_4", "--param", "sttp", "--rank", "4", "--compression", "3"],
-     "give either param.rank or param.compression, not both"),
-    (["--arch", "wrn16_4", "--param", "sttp", "--compression", "150"], r"config param.compression = 150.0: expected a "
+     "^Error: give either --rank or --compression, not both\n$"),  # the flags given, as compress says
+    (["--arch", "wrn16_4", "--param", "sttp", "--compression", "150"], r"^Error: --compression 150.0: expected a "
                                                                         r"number in \(0, 100\]"),
-    (["--arch", "wrn16_4", "--param", "sn", "--rank", "8"], "param.rank = 8: 'sn' takes no rank"),
+    (["--arch", "wrn16_4", "--param", "sn", "--rank", "8"], "^Error: --rank 8: 'sn' takes no rank"),
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "nope"], "matches no"),
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "bn"], "'bn' is a BatchNorm2d"),
     # a traceback ("Trying to create tensor with negative dimension -1")
@@ -155,6 +155,22 @@ def test_train_bad_set_value_one_line_nothing_created(tmp_path, pair, message):
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [message]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_value_set_by_a_flag_is_named_by_the_flag_and_one_set_by_set_by_its_key(tmp_path):
+    """`--rank 0` said "config param.rank = 0" (compress said "--rank"); a --set over the flag's
+    key is still the key's value."""
+    out = ["--out", str(tmp_path / "runs")]
+    flag = run("train", "digits", "--param", "sttp", "--rank", "0", *out)
+    assert flag.output.splitlines() == ["Error: --rank 0: expected a positive integer, a list of positive integers "
+                                        "or 'full'"]
+    both = run("train", "digits", "--param", "sttp", "--rank", "4", "--set", "param.rank=0", *out)
+    assert both.output.splitlines() == ["Error: config param.rank = 0: expected a positive integer, a list of "
+                                        "positive integers or 'full'"]
+    gan = run("gan", "digits", "--lr-d", "-1", *out)
+    assert gan.output.splitlines() == ["Error: --lr-d -1.0: expected a positive number"]
+    assert (flag.exit_code, both.exit_code, gan.exit_code) == (2, 2, 2)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_set_over_a_config_file_is_said_as_one_warning_line(tmp_path):
@@ -337,13 +353,13 @@ def test_train_with_a_tt_tuple_rank_stores_it_and_resumes_the_same_layers(tmp_pa
      "Error: layer 'stem.0' (Conv2d (16, 1, 3, 3)): tt: rank (2, 3) has 2 entries; a layer with modes "
      "(16, 1, 3, 3) needs 3: (R_1, R_2, R_3) (or one int for all)"),
     (["--param", "tt", "--rank", "2,0,2"],
-     "Error: config param.rank = [2, 0, 2]: tt: rank must be a positive integer or a tuple of positive integers, "
+     "Error: --rank [2, 0, 2]: tt: rank must be a positive integer or a tuple of positive integers, "
      "got (2, 0, 2)"),
     (["--param", "tucker", "--rank", "17,1"],
      "Error: layer 'stem.0' (Conv2d (16, 1, 3, 3)): tucker: rank (17, 1) is too large for modes (16, 1, 3, 3): "
      "the largest useful ranks are (9, 1)"),
     (["--param", "sttp-r", "--rank", "4,8"],
-     "Error: config param.rank = [4, 8]: sttp-r: rank must be a positive integer, got (4, 8)"),
+     "Error: --rank [4, 8]: sttp-r: rank must be a positive integer, got (4, 8)"),
     (["--param", "tt", "--rank", "4,,8"],
      f"Error: --rank '4,,8' is not a valid rank: give {sttpfast.cli.RANK_SYNTAX} or 'full'"),
 ])

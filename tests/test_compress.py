@@ -95,8 +95,8 @@ def _one_error_line(result, message, tmp_path):
                             "decomposition), e.g. 0,1,2 or 0,2"),
     (["--rank", "999"], "Error: rank 999 is too large for tucker on this model: the largest useful rank is 16 "
                         "(no compression)"),
-    (["--lr", "-1"], "Error: config optim.lr = -1.0: expected a positive number"),
-    (["--lr", "nan"], "Error: config optim.lr = nan: expected a number"),
+    (["--lr", "-1"], "Error: --lr -1.0: expected a positive number"),
+    (["--lr", "nan"], "Error: --lr nan: expected a number"),
     # the command's flags, not the library's words (it said plan='energy', compression=Z)
     (["--rank", "4", "--plan", "energy"], "Error: --plan energy spends a compression budget: give --compression Z "
                                           "instead of --rank"),

@@ -337,7 +337,7 @@ ALLOWED = ("svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tu
                                               "sttp-c: the largest useful rank there is 18"),
     (["--g-param", "svdp-c", "--g-rank", "9"], "rank 9 is larger than any layer of the generator allows under "
                                                "svdp-c: the largest useful rank there is 8"),
-    (["--n-dis", "0"], "config gan.n_dis = 0: expected a positive integer (>= 1)"),
+    (["--n-dis", "0"], "--n-dis 0: expected a positive integer (>= 1)"),
     # a rank neither network takes ran without a word (and named the run folder -r4)
     (["--d-param", "sn", "--rank", "4"], "--rank (gan.rank) has no meaning here: the generator is dense and the "
                                          "discriminator sn, neither takes a rank; leave it out"),

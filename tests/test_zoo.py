@@ -498,7 +498,7 @@ def test_cli_train_cp_says_its_spectral_init_is_an_als_fit_before_it_starts(tmp_
     (["--param", "rtt", "--rank", "2", "--unrepresentable", "error"],
      "Error: rtt cannot represent layer 'stem.0' (weight (16, 1, 3, 3)): channel count 1 cannot be split into 2 "
      "factors (too small); unrepresentable='skip' leaves such layers dense"),
-    (["--param", "lowrank", "--rank-scale", "2"], "Error: config param.rank_scale = 2.0: expected a number in (0, 1]"),
+    (["--param", "lowrank", "--rank-scale", "2"], "Error: --rank-scale 2.0: expected a number in (0, 1]"),
     (["--param", "tt", "--rank", "4", "--plan", "energy"],
      "Error: param.plan = 'energy' (--plan energy) spends a compression budget: give param.compression "
      "(--compression Z) as well"),
