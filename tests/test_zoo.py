@@ -541,3 +541,51 @@ def test_the_readme_tuple_ranks_fit_resnet20s_block_convs_and_name_the_layer_els
     with pytest.raises(ValueError) as err:
         sttpfast.parameterize(timm.create_model("resnet20_cifar"), param, rank=rank)
     assert str(err.value) == message
+
+
+def test_tr_at_full_rank_is_the_tt_chain_with_the_ring_closed_at_1():
+    """rank=None gave every bond its own cap at once: the ring bond min(n_1 R_1, n_D R_{D-1}) is
+    about min(n)^2 on a matrix, so Linear(20, 20) took 320,000 DOF and 16 s of TR-ALS, and a
+    1x1 conv of 32 x 32 was killed for memory (a 32768^2 Gram matrix). The TT ranks with the
+    ring bond 1 already hold any tensor exactly."""
+    tr = method("tr")
+    assert tr.count_dof((64, 32), False, None) == 64 * 32 + 32 * 32  # cores (1, 64, 32), (32, 32, 1)
+    assert tr.largest_useful_rank((64, 32)) == 32  # each bond at the TT cap holds the TT chain
+    assert tr.cls((16, 16, 3, 3), False, None).ranks == [1, 16, 9, 3]
+    assert tr.largest_useful_rank((16, 16, 3, 3)) == 16
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 20), nn.Conv2d(32, 32, 1))
+    weights = [model[0].weight.detach().clone(), model[1].weight.detach().clone()]
+    report = sttpfast.parameterize(model, "tr")
+    assert [row.dof for row in report.rows] == [2 * 20 * 20, 2 * 32 * 32]
+    for layer, weight in zip(model, weights):
+        assert float((layer.weight.detach() - weight).norm() / weight.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("name,shape,rank,message", [
+    # modes (12, 4, 3, 3): a core (R_1, n_2, R_2) = (2, 4, 9) has rank at most 8
+    ("tt", (12, 4, 3, 3), (2, 9, 3), r"tt: rank \(2, 9, 3\): R_2 = 9 is more than the core \(2, 4, 9\) can use "
+                                     r"\(at most 2 x 4 = 8 from R_1 = 2\)"),
+    ("tt", (12, 4, 3, 3), (9, 2, 3), r"tt: rank \(9, 2, 3\): R_1 = 9 is more than the core \(9, 4, 2\) can use "
+                                     r"\(at most 4 x 2 = 8 from R_2 = 2\)"),
+    ("tr", (12, 4, 3, 3), (1, 2, 9, 3), r"tr: rank \(1, 2, 9, 3\): R_2 = 9 is more than the core \(2, 4, 9\) can "
+                                        r"use \(at most 2 x 4 = 8 from R_1 = 2\)"),
+])
+def test_a_bond_above_what_its_neighbours_allow_is_refused(name, shape, rank, message):
+    """(2, 9, 3) was accepted: bond direction 9 of R_2 stayed zero with a zero gradient for good,
+    and counted in the DOF."""
+    model = nn.Sequential(nn.Conv2d(shape[1], shape[0], shape[2:]))
+    with pytest.raises(ValueError, match=message):
+        sttpfast.parameterize(model, name, rank=rank)
+    assert not any(True for _ in parameterized_layers(model))
+
+
+@pytest.mark.parametrize("name", ["tt", "tucker", "cp", "ht", "tr"])
+def test_numpy_integer_ranks_are_ranks(name):
+    """np.int64(4) worked for lowrank and was refused by every tensor method."""
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    report = sttpfast.parameterize(model, name, rank=np.int64(2))
+    assert report.rows[0].dof == sttpfast.parameterize(nn.Sequential(nn.Linear(8, 8)), name, rank=2).rows[0].dof
+    assert parameterization_spec(model)["0"]["rank"] == 2 and type(parameterization_spec(model)["0"]["rank"]) is int

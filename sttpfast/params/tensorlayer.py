@@ -19,6 +19,7 @@ weight (fresh or pretrained) in float64.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from contextlib import contextmanager
 
@@ -100,7 +101,29 @@ class TensorMethod(Method):
 
 
 def _is_positive_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x > 0
+
+
+def _ints(rank):
+    """numpy's integers as Python's (a spec is JSON): ``np.int64(4)`` -> 4, tuples entry-wise."""
+    return tuple(int(r) for r in rank) if isinstance(rank, (tuple, list)) else int(rank)
+
+
+def check_chain_bonds(name: str, rank, modes, bonds: list[int], names: list[str | None]) -> None:
+    """ValueError for a bond more than its core can use given its neighbour: a core
+    ``(bonds[k], n_k, bonds[k+1])`` has rank at most ``bonds[k] n_k`` on its right bond and
+    ``n_k bonds[k+1]`` on its left; the rest of such a bond stays zero with a zero gradient for
+    good. ``bonds``: the chain's ``len(modes) + 1`` bonds (a ring repeats its first); ``names``:
+    each bond's name (None: fixed at 1, checked by the per-bond caps)."""
+    for k, n in enumerate(modes):
+        left, right = bonds[k], bonds[k + 1]
+        core = f"({left}, {n}, {right})"
+        if names[k] and names[k + 1] and right > left * n:
+            raise ValueError(f"{name}: rank {rank!r}: {names[k + 1]} = {right} is more than the core {core} can use "
+                             f"(at most {left} x {n} = {left * n} from {names[k]} = {left})")
+        if names[k] and names[k + 1] and left > n * right:
+            raise ValueError(f"{name}: rank {rank!r}: {names[k]} = {left} is more than the core {core} can use "
+                             f"(at most {n} x {right} = {n * right} from {names[k + 1]} = {right})")
 
 
 class TensorLayer(WeightParametrization):
@@ -145,6 +168,17 @@ class TensorLayer(WeightParametrization):
         raise NotImplementedError
 
     @classmethod
+    def full_ranks(cls, modes: tuple[int, ...]) -> list[int]:
+        """The ranks of ``rank=None``: the smallest that hold any tensor of ``modes`` exactly
+        (here every entry at its cap)."""
+        return cls.bond_caps(modes)
+
+    @classmethod
+    def check_bonds(cls, modes: tuple[int, ...], rank: tuple, ranks: list[int]) -> None:
+        """ValueError for a tuple ``rank`` (entries ``ranks``, each within its cap) whose entries
+        do not fit together (a chain's neighbouring bonds); here none."""
+
+    @classmethod
     def rank_entries(cls, modes: tuple[int, ...]) -> list[str]:
         """Names of the rank entries of a layer with ``modes`` (for messages): ``R_1, R_2...``."""
         return [f"R_{k + 1}" for k in range(len(cls.bond_caps(modes)))]
@@ -152,10 +186,12 @@ class TensorLayer(WeightParametrization):
     @classmethod
     def normalize_rank(cls, rank):
         """None, a positive int, or (for tuple ranks) a tuple of positive ints; else ValueError."""
-        if rank is None or _is_positive_int(rank):
+        if rank is None:
             return rank
+        if _is_positive_int(rank):
+            return _ints(rank)
         if isinstance(rank, (tuple, list)) and cls.rank_kind is tuple and rank and all(map(_is_positive_int, rank)):
-            return tuple(rank)
+            return _ints(rank)
         kind = "a positive integer" + (" or a tuple of positive integers" if cls.rank_kind is tuple else "")
         raise ValueError(f"{cls.name}: rank must be {kind}, got {rank!r}")
 
@@ -165,7 +201,7 @@ class TensorLayer(WeightParametrization):
         caps = cls.bond_caps(modes)
         rank = cls.normalize_rank(rank)
         if rank is None:
-            return list(caps)
+            return list(cls.full_ranks(modes))
         if isinstance(rank, int):
             return [min(rank, c) for c in caps]
         if len(rank) != len(caps):
@@ -176,6 +212,7 @@ class TensorLayer(WeightParametrization):
         if over:
             raise ValueError(f"{cls.name}: rank {rank!r} is too large for modes {modes}: the largest "
                              f"useful ranks are {tuple(caps)}")
+        cls.check_bonds(modes, rank, list(rank))
         return list(rank)
 
     @classmethod
@@ -199,7 +236,7 @@ class TensorLayer(WeightParametrization):
     @classmethod
     def largest_useful_rank(cls, shape, transposed=False) -> int:
         _, modes = cls._modes_or_none(shape, transposed)
-        return 1 if modes is None else max(cls.bond_caps(modes))
+        return 1 if modes is None else max(cls.full_ranks(modes))
 
     @classmethod
     def apply_to(cls, module: nn.Module, rank=None, init: str = "spectral") -> None:

@@ -6,6 +6,9 @@ Cores ``G_k (R_k, n_k, R_{k+1})`` with the ring closed, ``R_D = R_0``:
 Rank: one int for every bond, or a tuple ``(R_0, R_1, ..., R_{D-1})`` (``R_0`` is the bond
 that closes the ring). Bonds ``1..D-1`` are capped like TT ranks; the ring bond at
 ``min(n_1 R_1, n_D R_{D-1})`` (a core seen as an ``R_0 x (n R)`` matrix has no more rank).
+Full rank (``rank=None``, or an int at least every TT cap) is the TT chain, ring bond 1:
+it holds any tensor exactly; every bond at its cap at once would not hold more, and on a
+matrix the ring bond's cap is about ``min(n)^2`` (Linear(20, 20): 320,000 DOF).
 Decomposition: TR-ALS from a TT-SVD start (:func:`sttpfast.linalg.ring.tr_als`): ALS can
 stall, so it restarts and keeps the best; it is exact on well-posed ring tensors in practice,
 not by construction.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 from sttpfast.linalg.ring import tr_als, tr_to_tensor
 from sttpfast.linalg.tt import tt_ranks
-from sttpfast.params.tensorlayer import TensorLayer
+from sttpfast.params.tensorlayer import TensorLayer, check_chain_bonds
 
 __all__ = ["TRLayer", "ReshapedTRLayer"]
 
@@ -29,6 +32,22 @@ class TRLayer(TensorLayer):
         inner = tt_ranks(list(modes))[1:-1]
         ring = min(modes[0] * inner[0], modes[-1] * inner[-1])
         return [ring, *inner]
+
+    @classmethod
+    def full_ranks(cls, modes):
+        return [1, *tt_ranks(list(modes))[1:-1]]
+
+    @classmethod
+    def capped_ranks(cls, modes, rank):
+        rank = cls.normalize_rank(rank)
+        if isinstance(rank, int) and rank >= max(cls.full_ranks(modes)):  # the TT chain holds it all
+            return cls.full_ranks(modes)
+        return super().capped_ranks(modes, rank)
+
+    @classmethod
+    def check_bonds(cls, modes, rank, ranks):
+        names = [f"R_{k}" for k in range(len(modes))]
+        check_chain_bonds(cls.name, rank, modes, [*ranks, ranks[0]], [*names, names[0]])
 
     @classmethod
     def rank_entries(cls, modes):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from sttpfast.linalg.ring import tt_svd_bonds
 from sttpfast.linalg.tt import tt_contract, tt_ranks
-from sttpfast.params.tensorlayer import TensorLayer
+from sttpfast.params.tensorlayer import TensorLayer, check_chain_bonds
 
 __all__ = ["TTLayer", "ReshapedTTLayer"]
 
@@ -31,6 +31,10 @@ class TTLayer(TensorLayer):
     @classmethod
     def rank_entries(cls, modes):
         return [f"R_{k}" for k in range(1, len(modes))]
+
+    @classmethod
+    def check_bonds(cls, modes, rank, ranks):
+        check_chain_bonds(cls.name, rank, modes, [1, *ranks, 1], [None, *cls.rank_entries(modes), None])
 
     @classmethod
     def factor_shapes(cls, modes, ranks):
