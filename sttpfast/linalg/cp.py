@@ -58,13 +58,17 @@ def als_sweeps(shape: tuple[int, ...], rank: int) -> int:
     return int(min(MAX_SWEEPS, max(MIN_SWEEPS, ALS_WORK // max(per_sweep, 1))))
 
 
+#: sweeps over which ALS must gain before it counts as stalled (see :func:`cp_als`)
+STALL_WINDOW = 20
+
+
 def cp_als(tensor: Tensor, rank: int, iters: int | None = None, tol: float = 1e-13,
            generator: torch.Generator | None = None) -> list[Tensor]:
     """Rank-``rank`` CP of ``tensor`` by alternating least squares, factors ``(n_k, rank)``.
 
     Started from the leading subspaces of the unfoldings (HOSVD init; columns beyond ``n_k``
     random); stops when the relative residual falls below ``tol``, gains less than 1e-6
-    of itself in a sweep, or after ``iters`` sweeps (default :func:`als_sweeps`). At ``rank >= numel / max(shape)`` (every tensor's CP rank is at
+    of itself over :data:`STALL_WINDOW` sweeps, or after ``iters`` sweeps (default :func:`als_sweeps`). At ``rank >= numel / max(shape)`` (every tensor's CP rank is at
     most that) no sweep is run: :func:`cp_exact` builds the decomposition directly.
     The factors come back balanced (equal column norms across modes).
     """
@@ -82,7 +86,7 @@ def cp_als(tensor: Tensor, rank: int, iters: int | None = None, tol: float = 1e-
             base = torch.cat([base, extra / extra.norm(dim=0, keepdim=True)], 1)
         factors.append(base)
     norm_sq = tensor.pow(2).sum()
-    previous = None
+    history: list[float] = []
     for _ in range(iters):
         for k in range(d):
             gram = torch.ones(rank, rank, dtype=tensor.dtype, device=tensor.device)
@@ -97,10 +101,13 @@ def cp_als(tensor: Tensor, rank: int, iters: int | None = None, tol: float = 1e-
         residual = float((norm_sq - 2 * inner + full_gram.sum()).clamp_min(0).sqrt() / norm_sq.sqrt().clamp_min(1e-300))
         if residual < 1e-5:  # the expansion cancels below ~sqrt(eps): measure it directly
             residual = float((cp_to_tensor(factors) - tensor).norm() / norm_sq.sqrt().clamp_min(1e-300))
-        # done, or stalled (a relative gain under 1e-6 in a sweep: more sweeps would not pay)
-        if residual < tol or (previous is not None and previous - residual < 1e-6 * previous):
+        history.append(residual)
+        # done, or stalled: a gain under 1e-6 of itself over STALL_WINDOW sweeps. One sweep's gain
+        # stopped ALS inside a swamp (a plateau it leaves after tens of sweeps: exact CP tensors
+        # ended at 3-6e-2 where 100 sweeps reach 1e-14)
+        if residual < tol or (len(history) > STALL_WINDOW
+                              and history[-STALL_WINDOW - 1] - residual < 1e-6 * history[-STALL_WINDOW - 1]):
             break
-        previous = residual
     return _balanced(factors)
 
 

@@ -91,15 +91,17 @@ def tr_als(tensor: Tensor, ranks: list[int], iters: int = 300, tol: float = 1e-1
     start small and random); each sweep solves one core at a time by least squares against
     the chain of the others (normal equations; memory about ``numel(X) R / n``, the design
     matrix is never formed). ALS can stall in a swamp: if the relative residual is still
-    above ``tol`` it restarts (other random ring indices) up to ``restarts`` times and keeps
-    the best.
+    above ``tol`` it restarts up to ``restarts`` times, from random cores (a restart near the
+    TT-SVD start stalled where the first did: exact ring tensors came back at 1e-1), and
+    keeps the best.
     """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     tt = tt_svd_bonds(tensor, ranks[1:])
     norm = tensor.norm().clamp_min(1e-300)
     best, best_res = None, float("inf")
-    for _ in range(restarts + 1):
-        cores, res = _tr_sweeps(tensor, tt, ranks[0], iters, tol, norm, gen)
+    for attempt in range(restarts + 1):
+        start = _tt_start(tt, ranks[0], gen) if attempt == 0 else _random_start(tensor, ranks, norm, gen)
+        cores, res = _tr_sweeps(tensor, start, iters, tol, norm)
         if res < best_res:
             best, best_res = cores, res
         if best_res < tol:
@@ -107,14 +109,28 @@ def tr_als(tensor: Tensor, ranks: list[int], iters: int = 300, tol: float = 1e-1
     return best
 
 
-def _tr_sweeps(tensor, tt, r0, iters, tol, norm, gen):
-    d = tensor.dim()
-    noise = lambda *s: 1e-2 * torch.randn(*s, generator=gen, dtype=torch.float64).to(tensor)  # noqa: E731
+def _tt_start(tt: list[Tensor], r0: int, gen) -> list[Tensor]:
+    """The TT-SVD cores in ring index 0 of the ring bond ``r0``, the other indices small noise."""
+    noise = lambda *s: 1e-2 * torch.randn(*s, generator=gen, dtype=torch.float64).to(tt[0])  # noqa: E731
     first = noise(r0, *tt[0].shape[1:])
     first[0] = tt[0][0]
     last = noise(*tt[-1].shape[:2], r0)
     last[..., 0] = tt[-1][..., 0]
-    cores = [first, *tt[1:-1], last]
+    return [first, *tt[1:-1], last]
+
+
+def _random_start(tensor: Tensor, ranks: list[int], norm: Tensor, gen) -> list[Tensor]:
+    """Gaussian cores ``(R_k, n_k, R_{k+1})`` scaled so their ring has the norm of ``tensor``."""
+    d = tensor.dim()
+    cores = [torch.randn(ranks[k], n, ranks[(k + 1) % d], generator=gen, dtype=torch.float64).to(tensor)
+             for k, n in enumerate(tensor.shape)]
+    scale = (norm / tr_to_tensor(cores).norm().clamp_min(1e-300)) ** (1.0 / d)
+    return [core * scale for core in cores]
+
+
+def _tr_sweeps(tensor, cores, iters, tol, norm):
+    d = tensor.dim()
+    cores = list(cores)
     targets = [tensor.permute(*range(k, d), *range(k)) for k in range(d)]  # mode k first, ring order
     history = []
     residual = float("inf")
