@@ -611,3 +611,40 @@ def test_tr_als_restarts_from_elsewhere(name, shape, rank, seed):
     torch.manual_seed(seed)
     weight = p(*[torch.randn(s, dtype=torch.float64) for s in p.factor_shapes(p.modes, p.ranks)])
     assert float((p(*p.right_inverse(weight)) - weight).norm() / weight.norm()) < 1e-4
+
+
+def _terms_without_gradient(layer) -> list[int]:
+    """The CP terms on which no factor of ``layer`` has a gradient (they stay as they are)."""
+    grads = [f.grad for f in factors_of(layer)]
+    return [r for r in range(grads[0].shape[1]) if all(float(g[:, r].abs().sum()) == 0 for g in grads)]
+
+
+def test_a_cp_of_more_terms_than_the_weight_has_trains_every_term():
+    """A rank-2 kernel given rank 6 (a densified compressed model parameterized again): ALS left
+    terms 2-5 zero in every mode, so every factor's gradient on them was zero for good."""
+    from sttpfast.linalg.cp import cp_to_tensor
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3)
+    with torch.no_grad():
+        conv.weight.copy_(cp_to_tensor([torch.randn(n, 2) for n in (8, 8, 3, 3)]))
+    weight = conv.weight.detach().clone()
+    model = nn.Sequential(conv)
+    sttpfast.parameterize(model, "cp", rank=6)
+    assert float((conv.weight.detach() - weight).norm() / weight.norm()) < 1e-5  # still the weight
+    model(torch.randn(2, 8, 5, 5)).square().sum().backward()
+    assert _terms_without_gradient(conv) == []
+
+
+def test_cp_placeholders_leave_no_term_without_a_gradient():
+    """init="identity" (and an all-zero weight, which falls back to it) gave eye(3, 8) spatial
+    factors: terms 3-7 zero in both spatial modes, so they never trained."""
+    torch.manual_seed(0)
+    for init in ("identity", "spectral"):
+        conv = nn.Conv2d(16, 16, 3)
+        if init == "spectral":
+            nn.init.zeros_(conv.weight)
+        model = nn.Sequential(conv)
+        sttpfast.parameterize(model, "cp", rank=8, init=init)
+        model(torch.randn(2, 16, 5, 5)).square().sum().backward()
+        assert _terms_without_gradient(conv) == [], init

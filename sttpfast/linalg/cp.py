@@ -73,7 +73,7 @@ def cp_als(tensor: Tensor, rank: int, iters: int | None = None, tol: float = 1e-
     The factors come back balanced (equal column norms across modes).
     """
     if rank >= tensor.numel() // max(tensor.shape):
-        return _balanced(cp_exact(tensor, rank))
+        return _live(_balanced(cp_exact(tensor, rank)))
     d = tensor.dim()
     iters = als_sweeps(tuple(tensor.shape), rank) if iters is None else iters
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -108,7 +108,7 @@ def cp_als(tensor: Tensor, rank: int, iters: int | None = None, tol: float = 1e-
         if residual < tol or (len(history) > STALL_WINDOW
                               and history[-STALL_WINDOW - 1] - residual < 1e-6 * history[-STALL_WINDOW - 1]):
             break
-    return _balanced(factors)
+    return _live(_balanced(factors))
 
 
 def cp_exact(tensor: Tensor, rank: int) -> list[Tensor]:
@@ -135,6 +135,24 @@ def cp_exact(tensor: Tensor, rank: int) -> list[Tensor]:
         one_hot[index[position], torch.arange(terms, device=tensor.device)] = 1
         factors[j] = one_hot
     return [torch.cat([f, f.new_zeros(f.shape[0], rank - terms)], 1) for f in factors]
+
+
+def _live(factors: list[Tensor]) -> list[Tensor]:
+    """Terms zero in every mode (more terms than the tensor needs) given unit random columns in
+    every mode but the first, which stays zero: the CP is the same, and the first factor of
+    such a term gets a gradient. Zero in two modes or more, a term never gets one."""
+    dead = torch.stack([f.norm(dim=0) for f in factors]).prod(0) == 0  # (R,)
+    if not bool(dead.any()):
+        return factors
+    gen = torch.Generator().manual_seed(0)  # the same CP from the same tensor
+    live = ~dead
+    factors = [f.clone() for f in factors]
+    for f in factors[1:]:
+        scale = f[:, live].norm(dim=0).mean() if bool(live.any()) else f.new_ones(())
+        fresh = torch.randn(f.shape[0], int(dead.sum()), generator=gen, dtype=torch.float64).to(f)
+        f[:, dead] = fresh / fresh.norm(dim=0, keepdim=True) * scale
+    factors[0][:, dead] = 0
+    return factors
 
 
 def _balanced(factors: list[Tensor]) -> list[Tensor]:
