@@ -71,8 +71,10 @@ def unrepresentable_policy(policy: str):
 
 
 def balanced_factors(n: int, parts: int) -> list[int]:
-    """``n`` as ``parts`` factors as equal as possible, largest first (primes spread over the
-    currently smallest part); ``Unrepresentable`` if ``n`` has fewer than ``parts`` prime factors."""
+    """``n`` as ``parts`` factors, largest first, near-equal by a greedy rule: the primes, largest
+    first, each onto the currently smallest part. Not always the most equal split (72 gives
+    [12, 6], not [9, 8]); a reshaped layer's modes, and so its checkpoints, follow this rule, so
+    it stays. ``Unrepresentable`` if ``n`` has fewer than ``parts`` prime factors."""
     primes = prime_factors(n)
     if len(primes) < parts:
         raise Unrepresentable(f"channel count {n} cannot be split into {parts} factors "
