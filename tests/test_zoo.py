@@ -530,7 +530,7 @@ def test_cli_info_prints_the_energy_plan():
 @pytest.mark.parametrize("param,rank,message", [
     ("tt", (4, 8, 3), "layer 'blocks.3.shortcut.0' (Conv2d (32, 16, 1, 1)): tt: rank (4, 8, 3) has 3 entries; a "
                       "layer with modes (32, 16) needs 1: (R_1) (or one int for all)"),
-    ("ht", ((5, 8, 6), (4, 3, 2)), "layer 'stem.0' (Conv2d (16, 3, 3, 3)): ht: rank (5, 8, 6, 4, 3, 2) is too large "
+    ("ht", ((5, 8, 6), (4, 3, 2)), "layer 'stem.0' (Conv2d (16, 3, 3, 3)): ht: rank ((5, 8, 6), (4, 3, 2)) is too large "
                                    "for modes (16, 3, 3, 3): the largest useful ranks are (9, 16, 3, 9, 3, 3)")])
 def test_the_readme_tuple_ranks_fit_resnet20s_block_convs_and_name_the_layer_elsewhere(param, rank, message):
     """README's tuple examples: on the blocks' 3x3 convs (include=) every layer takes them; on
@@ -648,3 +648,18 @@ def test_cp_placeholders_leave_no_term_without_a_gradient():
         sttpfast.parameterize(model, "cp", rank=8, init=init)
         model(torch.randn(2, 16, 5, 5)).square().sum().backward()
         assert _terms_without_gradient(conv) == [], init
+
+
+def test_an_ht_rank_tree_of_another_shape_is_refused_even_when_its_length_fits():
+    """Conv1d(8, 6, 3) has the tree ({6,8}: {6}, {8}), {3}; (2, (3, 2, 2)) (a leaf where an inner
+    node is, an inner node where a leaf is) has the same flat length and was read as
+    r{6,8} 2, r{6} 3, r{8} 2, r{3} 2 without a word."""
+    model = nn.Sequential(nn.Conv1d(6, 8, 3))
+    with pytest.raises(ValueError, match=r"^layer '0' \(Conv1d \(8, 6, 3\)\): ht: the rank tree \(2, \(3, 2, 2\)\) "
+                                         r"does not fit the layer's dimension tree: it takes "
+                                         r"\(\(r\{8,6\}, r\{8\}, r\{6\}\), r\{3\}\)$"):
+        sttpfast.parameterize(model, "ht", rank=(2, (3, 2, 2)))
+    assert not any(True for _ in parameterized_layers(model))
+    report = sttpfast.parameterize(model, "ht", rank=((2, 3, 2), 2))  # the tree it takes
+    assert parameterization_spec(model)["0"]["rank"] == [2, 3, 2, 2] and report.rows[0].dof == \
+        2 * 2 * 1 + 3 * 2 * 2 + 8 * 3 + 6 * 2 + 3 * 2
