@@ -115,6 +115,14 @@ COMMITTED_PIECES = [
     ([0, 1], ["svdp-r"], 4, [DENSE_SEEDS_0_1, ["svdp-r", "10", "4", "10.56", "91.02", "91.00 / 91.03", "3079"]]),
     # low rank (spectral init, Frobenius decay) at Z 10%, seed 0 (`--params lowrank --targets 10 --seeds 0`)
     ([0], ["lowrank"], 2, [DENSE_SEED_0, ["lowrank", "10", "4", "10.69", "91.91", "91.91", "2774"]]),
+    ([0, 1], ["lowrank"], 4, [DENSE_SEEDS_0_1, ["lowrank", "10", "4", "10.69", "91.79", "91.91 / 91.67", "3118"]]),
+    # README's table: the five methods at Z 10%, both seeds (`--params sttp-r cp tucker svdp-r lowrank ...`)
+    ([0, 1], ["sttp-r", "cp", "tucker", "svdp-r", "lowrank"], 12,
+     [DENSE_SEEDS_0_1, ["sttp-r", "10", "14", "10.00", "92.67", "92.69 / 92.65", "3539"],
+      ["cp", "10", "15", "9.84", "92.59", "92.58 / 92.60", "2641"],
+      ["tucker", "10", "8", "9.48", "92.22", "92.15 / 92.28", "4521"],
+      ["svdp-r", "10", "4", "10.56", "91.02", "91.00 / 91.03", "3079"],
+      ["lowrank", "10", "4", "10.69", "91.79", "91.91 / 91.67", "3118"]]),
 ]
 
 
