@@ -760,13 +760,16 @@ def densify(model: nn.Module, inplace: bool = False) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 # specs: what a checkpoint stores to rebuild the same parameterization
 def parameterization_spec(model: nn.Module) -> dict[str, dict]:
-    """``{layer name: {"param", "rank", "shape"}}`` for every parametrized weight."""
+    """``{layer name: {"param", "rank", "shape"}}`` for every parametrized weight (TR layers
+    also ``"ranks"``, their bonds: see ``TRLayer.rank_of_spec``)."""
     spec = {}
     for name, module, p in parameterized_layers(model):
         entry = method_of(p)
         if entry is not None:
             spec[name] = {"param": entry.name, "rank": entry.rank_to_spec(getattr(p, "requested_rank", None)),
                           "shape": list(_dense_shape(module))}
+            if getattr(entry.cls, "rank_of_spec", None) is not None:
+                spec[name]["ranks"] = list(p.ranks)
         else:
             raise ValueError(f"layer {name!r} has a foreign parametrization {type(p).__name__}; "
                              "only sttpfast's and spectral_norm can be saved")
@@ -792,10 +795,19 @@ def apply_spec(model: nn.Module, spec: dict[str, dict], frame_bank: bool = True)
     if problems:
         raise ValueError("checkpoint does not match the model: " + "; ".join(problems))
     plan = []
+    requested = {}
     for name, e in spec.items():
         entry = method(e["param"])
-        plan.append((name, modules[name], entry.name, entry.rank_from_spec(e.get("rank")), "identity"))
+        rank = entry.rank_from_spec(e.get("rank"))
+        # a format whose rank changed meaning once rebuilds the bonds its spec stores (TR), and
+        # keeps the rank it was asked for (what its spec says again)
+        of_spec = getattr(entry.cls, "rank_of_spec", None)
+        if of_spec is not None:
+            requested[name], rank = rank, of_spec(e, _transposed(modules[name]))
+        plan.append((name, modules[name], entry.name, rank, "identity"))
     _apply_atomically(plan, model if frame_bank else None)
+    for name, rank in requested.items():
+        modules[name].parametrizations.weight[0].requested_rank = rank
 
 
 def check_rank_useful(param: str, rank, report) -> None:

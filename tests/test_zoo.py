@@ -298,7 +298,8 @@ def test_parameterize_takes_tuple_ranks_and_a_checkpoint_rebuilds_them(name, ran
     model = _two_convs()
     report = sttpfast.parameterize(model, name, rank=rank)
     assert [row.dof for row in report.rows] == [dof, dof]
-    assert parameterization_spec(model) == {k: {"param": name, "rank": stored, "shape": [16, 16, 3, 3]}
+    assert parameterization_spec(model) == {k: {"param": name, "rank": stored, "shape": [16, 16, 3, 3],
+                                                **({"ranks": stored} if name == "tr" else {})}
                                             for k in ("0", "2")}
     path = sttpfast.save_parameterized(model, tmp_path / "m.safetensors")
     loaded = sttpfast.load_parameterized(path, _two_convs())
@@ -663,3 +664,49 @@ def test_an_ht_rank_tree_of_another_shape_is_refused_even_when_its_length_fits()
     report = sttpfast.parameterize(model, "ht", rank=((2, 3, 2), 2))  # the tree it takes
     assert parameterization_spec(model)["0"]["rank"] == [2, 3, 2, 2] and report.rows[0].dof == \
         2 * 2 * 1 + 3 * 2 * 2 + 8 * 3 + 6 * 2 + 3 * 2
+
+
+@pytest.mark.parametrize("name", ["tt", "tr", "cp", "tucker", "ht"])
+def test_placeholders_keep_the_scale_of_an_identity(name):
+    """Placeholders repeated along the longer side made TT's first core all ones: a Linear(256,
+    256) weight of norm 256 (constant, rank 1), TR's 4100, the others' 64, against 1-16 before
+    (four layers: outputs of 4e8). Under init="identity" they are the training start."""
+    layer = nn.Linear(256, 256, bias=False)
+    sttpfast.parameterize(nn.Sequential(layer), name, rank=16, init="identity")
+    assert float(layer.weight.detach().norm()) <= 16.0 + 1e-4
+
+
+def test_a_model_with_an_ht_rank_tree_can_be_copied_and_densified():
+    """RankTree (the flat rank that remembers its tree) could not be copied: deepcopy and
+    densify of README's HT example raised TypeError."""
+    import copy
+
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    sttpfast.parameterize(model, "ht", rank=((5, 8, 6), (4, 3, 2)), include="blocks.*.conv*")
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval(), twin.eval()
+    assert torch.equal(twin(x), model(x))
+    assert parametrization_of(twin.blocks[0].conv1).requested_rank.tree == ((5, 8, 6), (4, 3, 2))
+    dense = densify(model)
+    assert not any(True for _ in parameterized_layers(dense))
+    assert torch.equal(dense.eval()(x), model(x))
+
+
+def test_tr_checkpoints_of_before_the_tt_chain_full_rank_load_with_their_own_ranks(tmp_path):
+    """An int rank at or above every TT bond cap (the default 32 on a 16 x 16 3x3 conv) and full
+    rank meant every bond at its cap, ring bond included: [9, 16, 9, 3]. Now that is the TT
+    chain [1, 16, 9, 3]; a checkpoint written before (its spec has no "ranks") still loads."""
+    from sttpfast.surgery import apply_spec
+
+    for rank, old in ((32, [9, 16, 9, 3]), (None, [9, 16, 9, 3]), (4, [4, 4, 4, 3])):
+        model = nn.Sequential(nn.Conv2d(16, 16, 3))
+        apply_spec(model, {"0": {"param": "tr", "rank": rank, "shape": [16, 16, 3, 3]}})
+        assert parametrization_of(model[0]).ranks == old, rank
+    fresh = nn.Sequential(nn.Conv2d(16, 16, 3))
+    sttpfast.parameterize(fresh, "tr", rank=32)
+    spec = parameterization_spec(fresh)
+    assert spec["0"]["ranks"] == [1, 16, 9, 3]
+    rebuilt = nn.Sequential(nn.Conv2d(16, 16, 3))
+    apply_spec(rebuilt, spec)
+    assert parametrization_of(rebuilt[0]).ranks == [1, 16, 9, 3]

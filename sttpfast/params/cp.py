@@ -50,6 +50,18 @@ class CPLayer(TensorLayer):
     def decompose_tensor(cls, tensor, ranks):
         return cp_als(tensor, ranks[0])
 
+    def identity_factors(self, dtype=torch.float32, device=None) -> tuple[Tensor, ...]:
+        """Placeholders with no zero column: term ``r`` is one-hot at ``r mod n_k`` in every
+        mode. ``eye(3, R)`` left terms 3.. zero in both spatial modes, where no factor gets a
+        gradient (they never trained under ``init="identity"`` or from an all-zero weight).
+        The first mode is scaled so the kernel keeps the norm of ``eye``'s, ``sqrt(min(n, R))``."""
+        rank = self.ranks[0]
+        columns = torch.arange(rank)
+        factors = [(torch.arange(n).unsqueeze(1) == (columns % n).unsqueeze(0)).to(dtype=dtype, device=device)
+                   for n in self.modes]
+        factors[0] = factors[0] * math.sqrt(min(min(self.modes), rank) / rank)
+        return tuple(factors)
+
     # -- the factorized forward (sttpfast.params.factorized) --------------------------------
     def conv_factors(self, factors: tuple[Tensor, ...]):
         """``(first (R, C_in), middle (R, R_or_1, *kernel), last (C_out, R), depthwise)`` of the

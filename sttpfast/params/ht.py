@@ -93,6 +93,9 @@ class RankTree(tuple):
     def __repr__(self) -> str:  # messages show the tree as the user gave it
         return repr(self.tree)
 
+    def __getnewargs__(self):  # copy / deepcopy / pickle rebuild it with its tree
+        return tuple(self), self.tree
+
 
 def _ints_tree(node):
     """The tree with numpy's integers as Python's (its repr in messages)."""

@@ -284,17 +284,11 @@ class TensorLayer(WeightParametrization):
         return tuple(f.to(dtype=weight.dtype, device=weight.device).contiguous() for f in factors)
 
     def identity_factors(self, dtype=torch.float32, device=None) -> tuple[Tensor, ...]:
-        """Placeholders of the right shapes: what a checkpoint load overwrites. Training starts
-        from the spectral init (the default), not from these, except with ``init="identity"``
-        or an all-zero weight. Each factor, unfolded ``(s_0, rest)``, is an ``eye`` repeated
-        along its longer side: no zero row or column (``eye(3, 8)`` left CP terms 3-7 zero in
-        both spatial modes, where they never got a gradient)."""
-        def cyclic(rows: int, cols: int) -> Tensor:
-            period = min(rows, cols)
-            i, j = torch.arange(rows).unsqueeze(1), torch.arange(cols).unsqueeze(0)
-            return (i % period == j % period).to(dtype=dtype, device=device)
-
-        return tuple(cyclic(s[0], math.prod(s[1:])).reshape(s) for s in self.factor_shapes(self.modes, self.ranks))
+        """Placeholders of the right shapes (``eye`` over the first dim): what a checkpoint load
+        overwrites. Training starts from the spectral init (the default), not from these, except
+        with ``init="identity"`` or an all-zero weight."""
+        return tuple(torch.eye(s[0], math.prod(s[1:]), dtype=dtype, device=device).reshape(s)
+                     for s in self.factor_shapes(self.modes, self.ranks))
 
     # -- to implement -----------------------------------------------------------------------
     @classmethod

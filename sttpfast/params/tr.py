@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from sttpfast.linalg.ring import tr_als, tr_to_tensor
 from sttpfast.linalg.tt import tt_ranks
+from sttpfast.params.base import MatrixView
 from sttpfast.params.tensorlayer import TensorLayer, check_chain_bonds
 
 __all__ = ["TRLayer", "ReshapedTRLayer"]
@@ -43,6 +44,19 @@ class TRLayer(TensorLayer):
         if isinstance(rank, int) and rank >= max(cls.full_ranks(modes)):  # the TT chain holds it all
             return cls.full_ranks(modes)
         return super().capped_ranks(modes, rank)
+
+    @classmethod
+    def rank_of_spec(cls, entry: dict, transposed: bool):
+        """The rank a stored layer spec rebuilds: its ``ranks``; a spec without them was written
+        while an int rank meant every bond ``min(rank, its cap)``, the ring bond included, and
+        full rank every bond at its cap (now: the TT chain at or above the TT caps)."""
+        if "ranks" in entry:
+            return tuple(entry["ranks"])
+        rank = entry.get("rank")
+        if isinstance(rank, (list, tuple)):
+            return tuple(rank)
+        caps = cls.bond_caps(cls.modes_of(MatrixView(tuple(entry["shape"]), transposed)))
+        return tuple(caps) if rank is None else tuple(min(int(rank), c) for c in caps)
 
     @classmethod
     def check_bonds(cls, modes, rank, ranks):
