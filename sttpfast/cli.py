@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 
 from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, ConfigError, ConfigWarning, build_config,
-                             check_sections_read, choices, named_by_flags, type_members)
+                             check_sections_read, choices, flat_rank, named_by_flags, type_members)
 from sttpfast.processes import is_main_rank
 
 __all__ = ["main", "CLIError"]
@@ -288,6 +288,9 @@ def rank_line(param: str, rank, how: str) -> str:
         return f"rank scale {rank:g}: each layer at that fraction of its full rank"
     if how == "layer_ranks":
         return f"per-layer ranks for {rank} layers (param.layer_ranks)"
+    if isinstance(rank, list) and any(isinstance(r, list) for r in rank):  # an HT tree, as --rank takes it
+        tree = ",".join("(" + ",".join(map(str, flat_rank(r))) + ")" if isinstance(r, list) else str(r) for r in rank)
+        return f"rank {tree} ({param}'s rank tree, the same for every layer)"
     if isinstance(rank, list):  # a tensor format's tuple rank, in the syntax --rank takes
         return f"rank {','.join(map(str, rank))} ({param}'s tuple rank, the same for every layer)"
     return f"rank {rank}"

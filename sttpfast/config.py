@@ -599,10 +599,21 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
             rank = method(name).normalize_rank(tuple(p["rank"]))
         except ValueError as err:
             raise ConfigError(f"config param.rank = {p['rank']!r}: {err}") from None
-        p["rank"] = list(rank) if isinstance(rank, tuple) else rank
+        tree = getattr(rank, "tree", None)  # an HT tree stays one: each layer checks its shape
+        p["rank"] = _as_lists(tree) if tree is not None else list(rank) if isinstance(rank, tuple) else rank
     elif p["rank"] is None and p["compression"] is None and p["rank_scale"] is None and not p["layer_ranks"]:
         p["rank"] = DEFAULT_RANK
         sources["param.rank"] = "default"
+
+
+def flat_rank(tree) -> list:
+    """A tuple rank's entries in pre-order: an HT tree ``[[5, 8, 6], [4, 3, 2]]`` -> 5, 8, 6, 4, 3, 2."""
+    return [x for node in tree for x in flat_rank(node)] if isinstance(tree, list) else [tree]
+
+
+def _as_lists(tree):
+    """A nested tuple as nested lists (YAML, JSON)."""
+    return [_as_lists(node) for node in tree] if isinstance(tree, (tuple, list)) else tree
 
 
 def build_config(files=(), overrides=(), cli: dict | None = None) -> tuple[dict, dict]:

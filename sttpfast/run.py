@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from sttpfast.atomic import clean_temporaries, try_making, write_file
-from sttpfast.config import ConfigError, load_yaml, save_config
+from sttpfast.config import ConfigError, flat_rank, load_yaml, save_config
 from sttpfast.processes import is_main_rank, world_size
 from sttpfast.run_lock import RunLock, RunLocked
 
@@ -45,7 +45,7 @@ class TrainingInterrupted(SystemExit):
 def run_name(cfg: dict) -> str:
     """The default run folder name: ``DATA-ARCH-PARAM[-rR|-zZ]-sSEED`` (path-safe)."""
     p = cfg["param"]
-    rank = "x".join(map(str, p["rank"])) if isinstance(p["rank"], list) else p["rank"]  # a tuple rank
+    rank = "x".join(map(str, flat_rank(p["rank"]))) if isinstance(p["rank"], list) else p["rank"]  # a tuple rank
     size = f"-r{rank}" if rank else (f"-z{p['compression']:g}" if p["compression"] else "")
     if not size and p.get("rank_scale"):
         size = f"-rs{p['rank_scale']:g}"

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 import sttpfast.cli
 from sttpfast.cli import INTERRUPTED, main
+from sttpfast.config import build_config
 
 
 def run(*args):
@@ -409,3 +410,24 @@ def test_info_with_the_datas_size_and_attention_shows_what_train_builds():
     assert f"Z = {learn.compression.z:.2f}%" == "Z = 8.17%"
     assert result.output.splitlines()[-1].startswith(f"layers 50  params {learn.compression.compressed_total:,} / "
                                                      f"{learn.compression.dense_total:,}  Z = 8.17%")
+
+
+def test_an_ht_rank_tree_of_another_shape_is_refused_on_the_command_line_too():
+    """The config flattened the tree before any layer saw it: this tree (a leaf where an inner
+    node is) ran with its ranks read onto other nodes; Python refused it."""
+    result = run("info", "--arch", "resnet20_cifar", "--param", "ht", "--rank", "(5,(8,6,(4,3,2)))",
+                 "--include", "blocks.*.conv*")
+    assert result.exit_code == 2, result.output
+    assert result.output.splitlines()[-1].endswith(
+        "ht: the rank tree (5, (8, 6, (4, 3, 2))) does not fit the layer's dimension tree: it takes "
+        "((r{16,16}, r{16}, r{16}), (r{3,3}, r{3}, r{3}))"), result.output
+    cfg, _ = build_config(cli={"param.name": "ht", "param.rank": [[5, 8, 6], [4, 3, 2]]})
+    assert cfg["param"]["rank"] == [[5, 8, 6], [4, 3, 2]]  # the tree as given, checked per layer
+
+
+def test_a_run_given_an_ht_rank_tree_says_it_and_names_its_folder_by_the_flat_ranks(tmp_path):
+    result = run("train", "digits", "--param", "ht", "--rank", "((5,8,6),(4,3,2))", "--include", "blocks.*.conv*",
+                 "--steps", "1", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "rank (5,8,6),(4,3,2) (ht's rank tree, the same for every layer)"
+    assert [p.name for p in tmp_path.iterdir()] == ["digits-resnet20_cifar-ht-r5x8x6x4x3x2-s0"]

@@ -275,7 +275,7 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path):
 @pytest.mark.parametrize("sets,rank", [
     (["param.name=tt", "param.rank=[4, 8, 4]"], [4, 8, 4]),           # TT bonds
     (["param.name=tucker", "param.rank=[8, 6]"], [8, 6]),             # Tucker (R_out, R_in)
-    (["param.name=ht", "param.rank=[[4, 8, 6], [3, 3, 3]]"], [4, 8, 6, 3, 3, 3]),  # an HT tree, stored in pre-order
+    (["param.name=ht", "param.rank=[[4, 8, 6], [3, 3, 3]]"], [[4, 8, 6], [3, 3, 3]]),  # an HT tree stays a tree: each layer checks its shape
     (["param.name=tt", "param.rank=5"], 5),                           # one int for every bond
 ])
 def test_tuple_ranks_are_normalized_by_their_method_and_survive_a_save(sets, rank, tmp_path):
