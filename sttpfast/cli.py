@@ -24,7 +24,8 @@ from pathlib import Path
 import click
 
 from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, ConfigError, ConfigWarning, build_config,
-                             check_sections_read, choices, flat_rank, named_by_flags, type_members)
+                             check_sections_read, choices, coerce, flat_rank, flatten, load_yaml, named_by_flags,
+                             type_members)
 from sttpfast.processes import is_main_rank
 
 __all__ = ["main", "CLIError"]
@@ -141,19 +142,41 @@ FLAG_OF_KEY = {key: "--" + name.replace("_", "-") for flags in (CLI_FLAGS, GAN_C
                for name, key in flags.items() if name != "dataset"} | {"reg.frobenius_decay": "--frobenius-decay"}
 
 
+def _keys_set_in(files, overrides) -> set[str]:
+    """The dotted keys the config files and ``--set`` pairs set (a pair's key may be a section)."""
+    keys = {pair.partition("=")[0].strip() for pair in overrides}
+    for path in files:
+        keys.update(flatten(load_yaml(path)))
+    return keys
+
+
 def _build_config(files, overrides, explicit) -> tuple[dict, dict]:
     """:func:`~sttpfast.config.build_config`, its notes (a value a later source overrides) said
     as ``warning:`` lines; Python showed them with the file and line of sttpfast's code. An
     error in a value a flag gave names the flag (``--rank 0``), not the key."""
+    for key, value in explicit.items():  # each flag's own value first: its error names the flag
+        if key in FLAG_OF_KEY:
+            try:
+                coerce(key, value)
+            except ConfigError as err:
+                raise ConfigError(named_by_flags(str(err), {key: FLAG_OF_KEY[key]})) from None
     caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConfigWarning)
             return build_config(files, overrides, explicit)
     except ConfigError as err:
-        set_later = {pair.partition("=")[0].strip() for pair in overrides}  # --set wins over the flag
-        flags = {key: FLAG_OF_KEY[key] for key in explicit if key in FLAG_OF_KEY and key not in set_later}
-        raise ConfigError(named_by_flags(str(err), flags)) from None
+        # the method's checks of a value ("--rank [2, 0, 2]: tt: ...", "--param: unknown ...") and
+        # the rules across keys ("give either --rank or --compression", "--rank 8: 'sn' takes no
+        # rank") name the flags whose keys no file or --set also set; a file's or --set's value,
+        # an unknown key and its suggestion stay in the config's words
+        message = str(err)
+        if message.startswith(("give either", "config ")) or re.match(r"[\w.]+ = ", message):
+            elsewhere = _keys_set_in(files, overrides)
+            flags = {key: FLAG_OF_KEY[key] for key in explicit
+                     if key in FLAG_OF_KEY and not any(key == k or key.startswith(k + ".") for k in elsewhere)}
+            message = named_by_flags(message, flags)
+        raise ConfigError(message) from None
     finally:  # also before a later value's error
         for w in caught:
             if issubclass(w.category, ConfigWarning):

@@ -431,3 +431,34 @@ def test_a_run_given_an_ht_rank_tree_says_it_and_names_its_folder_by_the_flat_ra
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == "rank (5,8,6),(4,3,2) (ht's rank tree, the same for every layer)"
     assert [p.name for p in tmp_path.iterdir()] == ["digits-resnet20_cifar-ht-r5x8x6x4x3x2-s0"]
+
+
+def test_only_a_value_the_flag_gave_is_named_by_the_flag(tmp_path):
+    """A file's bad value was blamed on a flag that set the same key (`--lr 0.1` with a file's
+    `lr: -1` said "--lr -1.0"), a typo's suggestion became a flag, a nested --set over the flag
+    was not seen, and the flag's own bad value under a --set of its key was named by the key."""
+    out = ["--out", str(tmp_path / "runs")]
+    bad_file = tmp_path / "lr.yml"
+    bad_file.write_text("optim:\n  lr: -1\n")
+    typo = tmp_path / "typo.yml"
+    typo.write_text("param:\n  rnk: 3\n")
+    cases = [
+        (["train", "digits", "--cfg", str(bad_file), "--lr", "0.1"], "Error: config optim.lr = -1.0: expected a "
+                                                                    "positive number"),
+        (["train", "digits", "--cfg", str(typo), "--param", "tt", "--rank", "4"],
+         f"Error: unknown config key 'param.rnk' in {typo}; did you mean 'param.rank'?"),
+        (["train", "digits", "--param", "tt", "--rank", "4", "--set", "param={name: tt, rank: 0}"],
+         "Error: config param.rank = 0: expected a positive integer, a list of positive integers or 'full'"),
+        (["train", "digits", "--param", "tt", "--rank", "0", "--set", "param.rank=4"],
+         "Error: --rank 0: expected a positive integer, a list of positive integers or 'full'"),
+        (["train", "digits", "--param", "sn", "--rank", "8"], "Error: --rank 8: 'sn' takes no rank (ranks are for the "
+                                                             "low-rank parameterizations)"),
+        (["train", "digits", "--cfg", str(tmp_path / "sn.yml"), "--param", "sn"], "Error: param.rank = 8: 'sn' takes no "
+                                                                              "rank (ranks are for the low-rank "
+                                                                              "parameterizations)"),
+    ]
+    (tmp_path / "sn.yml").write_text("param:\n  rank: 8\n")
+    for args, message in cases:
+        result = run(*args, *out)
+        assert (result.exit_code, result.output.splitlines()[-1]) == (2, message), (args, result.output)
+    assert not (tmp_path / "runs").exists()

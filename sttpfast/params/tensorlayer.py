@@ -171,8 +171,8 @@ class TensorLayer(WeightParametrization):
 
     @classmethod
     def full_ranks(cls, modes: tuple[int, ...]) -> list[int]:
-        """The ranks of ``rank=None``: the smallest that hold any tensor of ``modes`` exactly
-        (here every entry at its cap)."""
+        """The ranks of ``rank=None``, which hold any tensor of ``modes`` exactly (here every
+        entry at its cap; not always the smallest that do: CP's cap is a bound)."""
         return cls.bond_caps(modes)
 
     @classmethod
