@@ -205,7 +205,7 @@ def test_compress_to_cp_says_its_als_init_before_it_starts(dense_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == ("cp: the spectral init fits every layer's weight by ALS, 100 to 1000 "
                                              "sweeps each, fewer where a sweep costs more (resnet18 at Z = 20%: "
-                                             "about 2.5 CPU-minutes)")
+                                             "1.5 to 3 CPU-minutes)")
 
 
 def test_a_teacher_that_stopped_before_its_budget_is_said_and_a_damaged_one_names_compress_remedy(dense_run,

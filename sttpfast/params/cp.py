@@ -30,9 +30,9 @@ class CPLayer(TensorLayer):
 
     name = "cp"
     # measured: `python bench/cp_init.py --arch resnet18 --compression 20 --threads 1` (rank 278),
-    # 149-165 s on this project's 2-core x86_64 machine
+    # 92-165 s on this project's 2-core x86_64 machine (2026-12-01 / 12-02)
     spectral_init_note = ("cp: the spectral init fits every layer's weight by ALS, 100 to 1000 sweeps each, fewer "
-                          "where a sweep costs more (resnet18 at Z = 20%: about 2.5 CPU-minutes)")
+                          "where a sweep costs more (resnet18 at Z = 20%: 1.5 to 3 CPU-minutes)")
 
     @classmethod
     def bond_caps(cls, modes):
