@@ -122,8 +122,8 @@ def _cli(*args):
 BAD_STARTS = [
     (["nosuchdata"], "unknown dataset 'nosuchdata'"),                     # data
     (["digits", "--arch", "resnet20_cifr"], "unknown architecture"),      # model
-    (["digits", "--param", "sttp", "--rank", "0"], "param.rank = 0"),     # config
-    (["digits", "--param", "sttp", "--compression", "150"], "param.compression = 150.0: expected a number in"),
+    (["digits", "--param", "sttp", "--rank", "0"], "--rank 0: expected"),     # config, named by the flag
+    (["digits", "--param", "sttp", "--compression", "150"], "--compression 150.0: expected a number in"),
     (["digits", "--param", "sttp", "--rank", "4", "--include", "nosuchlayer*"], "include pattern 'nosuchlayer\\*'"),
     (["digits", "--arch", "convnext_atto", "--param", "sttp", "--rank", "4", "--img-size", "20"],
      "architecture 'convnext_atto' cannot run on 1x20x20 images"),                     # model x data

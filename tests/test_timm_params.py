@@ -109,7 +109,10 @@ def test_features_only_model_parameterized_equals_the_models_intermediates(name,
             features = build(features_only=True, feature_cls=feature_cls)
             got = features(x)
             assert [t.shape for t in got] == [t.shape for t in expected], feature_cls
-            assert all(torch.equal(a, b) for a, b in zip(got, expected)), feature_cls
+            # equal up to float rounding: a feature model that prunes the last layers (getter, fx;
+            # seen on efficientnet_lite0 with timm 1.0.31) builds its frames in other batches of the frame
+            # bank, which moves the last bits (2e-10 on maps of order 1)
+            assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(got, expected)), feature_cls
 
 
 @pytest.mark.parametrize("method", METHODS)
