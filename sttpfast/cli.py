@@ -24,8 +24,7 @@ from pathlib import Path
 import click
 
 from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, ConfigError, ConfigWarning, build_config,
-                             check_sections_read, choices, coerce, flat_rank, flatten, load_yaml, named_by_flags,
-                             type_members)
+                             check_sections_read, choices, coerce, flatten, load_yaml, named_by_flags, type_members)
 from sttpfast.processes import is_main_rank
 
 __all__ = ["main", "CLIError"]
@@ -297,6 +296,11 @@ def say(message: str) -> None:
         click.echo(message)
 
 
+def _tree_text(node) -> str:
+    """A rank (sub)tree in --rank's syntax: ``[5, [8, 6, 2], 3]`` -> ``(5,(8,6,2),3)``."""
+    return "(" + ",".join(map(_tree_text, node)) + ")" if isinstance(node, list) else str(node)
+
+
 def rank_line(param: str, rank, how: str) -> str:
     """What rank a run uses and why, printed before any work starts."""
     if how == "default":
@@ -312,8 +316,7 @@ def rank_line(param: str, rank, how: str) -> str:
     if how == "layer_ranks":
         return f"per-layer ranks for {rank} layers (param.layer_ranks)"
     if isinstance(rank, list) and any(isinstance(r, list) for r in rank):  # an HT tree, as --rank takes it
-        tree = ",".join("(" + ",".join(map(str, flat_rank(r))) + ")" if isinstance(r, list) else str(r) for r in rank)
-        return f"rank {tree} ({param}'s rank tree, the same for every layer)"
+        return f"rank {','.join(map(_tree_text, rank))} ({param}'s rank tree, the same for every layer)"
     if isinstance(rank, list):  # a tensor format's tuple rank, in the syntax --rank takes
         return f"rank {','.join(map(str, rank))} ({param}'s tuple rank, the same for every layer)"
     return f"rank {rank}"

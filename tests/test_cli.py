@@ -462,3 +462,12 @@ def test_only_a_value_the_flag_gave_is_named_by_the_flag(tmp_path):
         result = run(*args, *out)
         assert (result.exit_code, result.output.splitlines()[-1]) == (2, message), (args, result.output)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_rank_line_writes_a_deeper_ht_tree_as_rank_takes_it():
+    """Each subtree was written flat in one pair of parentheses: a 5-mode tree's line read back
+    as another tree."""
+    from sttpfast.cli import rank_line
+
+    line = rank_line("ht", [[5, [8, 6, 2], 3], [4, 3, 2]], "given")
+    assert line == "rank (5,(8,6,2),3),(4,3,2) (ht's rank tree, the same for every layer)"
