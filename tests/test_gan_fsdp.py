@@ -5,7 +5,7 @@ same global batch of 32 images (2 x 16 or 1 x 32), launched as ``accelerate laun
 --config_file configs/accelerate/cpu_2proc_fsdp2.yaml`` does: torchrun with
 ``ACCELERATE_USE_FSDP=true`` and ``FSDP_VERSION=2`` in each process. G, D and (with
 ``gan.ema``) G's EMA copy are sharded separately (sttpfast.gan.distributed.shard_gan).
-The slow tests share one module fixture of seven launches: about 2 minutes on the loaded
+The slow tests share one module fixture of five launches: about 1.5 minutes on the loaded
 2-core machine (measured 112 s for the whole file).
 
 Tolerances. Against DDP on 2 processes (``torchrun`` without the FSDP variables) the sharded
@@ -42,10 +42,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["gan.g_kwargs={widths: [8, 8, 8], bottom_width: 2, z_dim: 16}", "gan.d_kwargs={widths: [8, 8, 8, 8]}"]
 TINY_SET = [a for item in TINY for a in ("--set", item)]
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what cpu_2proc_fsdp2.yaml sets
-RUNS = {"sn": ["--d-param", "sn"], "sttp-c": ["--d-param", "sttp-c", "--rank", "4", "--set", "gan.ema=0.9"]}
-# metrics every 2 G steps with the offline extractor (trained by the main process alone)
-RUNS["metrics"] = RUNS["sttp-c"] + ["--metrics-every", "2", "--metrics-samples", "64", "--extractor", "offline",
-                                    "--set", "gan.extractor_steps=20", "--set", "gan.grid=16"]
+STTP_C = ["--d-param", "sttp-c", "--rank", "4", "--set", "gan.ema=0.9"]
+# sn; sttp-c (with G's EMA) with metrics every 2 G steps and the offline extractor (trained by
+# the main process alone): one run holds both, a launch costs seconds of start-up
+RUNS = {"sn": ["--d-param", "sn"],
+        "metrics": STTP_C + ["--metrics-every", "2", "--metrics-samples", "64", "--extractor", "offline",
+                             "--set", "gan.extractor_steps=20", "--set", "gan.grid=16"]}
 FID = "fid_sttpfast-resnet20-digits"
 LR, ADAM_STEP = 2e-4, 2e-4 * 10 ** 0.5  # the default lr; Adam's largest step with beta1 = 0, beta2 = 0.9
 
@@ -92,8 +94,8 @@ def _gaps(a: dict, b: dict) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """sn, sttp-c (with G's EMA) and sttp-c with metrics: 1 process, 2 FSDP2 processes; sttp-c
-    with metrics also 2 DDP processes."""
+    """sn and sttp-c (with G's EMA and metrics): 1 process, 2 FSDP2 processes; sttp-c also
+    2 DDP processes."""
     tmp = tmp_path_factory.mktemp("gan_fsdp")
     said = {}
     for name in RUNS:
@@ -107,9 +109,9 @@ def runs(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["sn", "sttp-c"])
+@pytest.mark.parametrize("name", ["sn", "metrics"])
 def test_fsdp2_gan_matches_one_process_with_the_same_global_batch(runs, name):
-    """Slow: the module's seven launches take about 2 minutes on the loaded 2-core machine."""
+    """Slow: the module's five launches take about 1.5 minutes on the loaded 2-core machine."""
     root = runs["root"]
     one, two = root / "one" / name, root / "fsdp" / name
     units = "G 3, D 4" if name == "sn" else "G 3, D 4, G's EMA 3"
@@ -121,7 +123,7 @@ def test_fsdp2_gan_matches_one_process_with_the_same_global_batch(runs, name):
     assert sorted(p.name for p in (root / "fsdp").iterdir()) == sorted(RUNS)
     assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(p.name for p in (one / "checkpoints").iterdir())
     gap = _gaps(_files(one, "model"), _files(two, "model"))
-    assert any(k.startswith("generator_ema.") for k in gap) == (name == "sttp-c")
+    assert any(k.startswith("generator_ema.") for k in gap) == (name == "metrics")
     if name == "sn":
         g_weights = [k for k in gap if k.startswith("generator.") and k.endswith(".weight") and ".bn" not in k]
         assert len(g_weights) == 8 and max(gap[k] for k in g_weights) < 1e-6, {k: gap[k] for k in g_weights}
@@ -215,11 +217,11 @@ def test_fsdp2_gan_checkpoint_resumes_on_one_process(runs, tmp_path, monkeypatch
     for key in ("ACCELERATE_USE_FSDP", "FSDP_VERSION", "WORLD_SIZE", "RANK"):
         monkeypatch.delenv(key, raising=False)
     root = runs["root"]
-    saved = _files(root / "fsdp/sttp-c", "model")
-    state, summary = _resume_on_one_process(root / "fsdp/sttp-c", tmp_path / "two-on-one", 6)
+    saved = _files(root / "fsdp/metrics", "model")
+    state, summary = _resume_on_one_process(root / "fsdp/metrics", tmp_path / "two-on-one", 6)
     assert sorted(state) == sorted(saved) and [k for k in saved if not torch.equal(saved[k], state[k])] == []
     assert (summary["processes"], summary["steps"], summary["d_steps"]) == (1, 6, 12)
-    _, reference = _resume_on_one_process(root / "one/sttp-c", tmp_path / "one-on-one", 6)
+    _, reference = _resume_on_one_process(root / "one/metrics", tmp_path / "one-on-one", 6)
     gap = _gaps(_files(tmp_path / "one-on-one", "model"), _files(tmp_path / "two-on-one", "model"))
     assert max(gap.values()) < 12 * ADAM_STEP
 
