@@ -180,12 +180,12 @@ def test_train_prints_the_layers_left_dense_before_training(tmp_path):
 def test_a_run_from_before_the_policy_resumes_with_every_layer_parameterized(tmp_path):
     """Its config.yaml has no param.keep_dense_if_no_gain: it parameterized every layer, and
     resuming must rebuild those layers (the checkpoint holds their factors)."""
-    args = ["train", "digits", "--arch", "resnet20_cifar", "--param", "cp", "--compression", "10", "--bs", "64",
+    args = ["train", "digits", "--arch", "resnet20_cifar", "--param", "tucker", "--compression", "10", "--bs", "64",
             "--subset", "128", "--logger", "none", "--out", str(tmp_path)]
     first = CliRunner().invoke(main, [*args, "--no-keep-dense-if-no-gain", "--steps", "2"])
     assert first.exit_code == 0, first.output
     assert "left dense" not in first.output
-    folder = tmp_path / "digits-resnet20_cifar-cp-z10-s0"
+    folder = tmp_path / "digits-resnet20_cifar-tucker-z10-s0"
     config = (folder / "config.yaml").read_text()
     assert "  keep_dense_if_no_gain: false\n" in config
     (folder / "config.yaml").write_text(config.replace("  keep_dense_if_no_gain: false\n", ""))
