@@ -314,10 +314,17 @@ COMPRESSION_TOLERANCE = 0.5
 
 def rank_for_compression(model: nn.Module, param: str, compression: float, layers=None,
                          keep_dense_if_no_gain: bool = True) -> tuple[int, float]:
-    """The global rank whose ``Z`` is closest to ``compression`` (bisection; Z grows with rank).
+    """The global rank whose ``Z`` is closest to ``compression`` (bisection).
 
     With ``keep_dense_if_no_gain`` (what :func:`parameterize` does by default) a layer whose
-    DOF at a rank would reach its dense size counts at its dense size: it will be left dense."""
+    DOF at a rank would reach its dense size counts at its dense size: it will be left dense.
+
+    ``Z`` grows with the rank between the layers' largest useful ranks, not always across
+    them: TR's int rank caps the ring bond too until it reaches a layer's largest TT bond,
+    where that layer becomes the TT chain (ring bond 1) and its DOF drops. So the bisection
+    runs over the whole range (today's answer wherever ``Z`` grows with the rank), then over
+    each stretch between those ranks, and a stretch's rank replaces the answer only if its
+    ``Z`` is strictly closer to the target."""
     param = resolve_param(param)
     compression = _check_target(param, compression)
     layers = layers if layers is not None else _select(model, None, None)
@@ -326,21 +333,33 @@ def rank_for_compression(model: nn.Module, param: str, compression: float, layer
     base = compression_report(model)
     chosen_dense = sum(m.weight.numel() for _, m in layers)
     base_other = base.compressed_total - chosen_dense
-    entry = method(param)
-    if entry.largest_useful_rank is not None:  # e.g. STTP's TT bonds, CP beyond min(d_out, d_in)
-        max_rank = max(entry.largest_useful_rank(tuple(m.weight.shape), _transposed(m)) for _, m in layers)
-    else:
-        max_rank = max(min(v.d_out, v.d_in) for v in (MatrixView(tuple(m.weight.shape), _transposed(m))
-                                                     for _, m in layers))
-    z = lambda r: _z_for_rank(param, layers, base.dense_total, base_other, r, keep_dense_if_no_gain)  # noqa: E731
-    lo, hi = 1, max_rank
-    while lo < hi:  # smallest rank with Z >= target
-        mid = (lo + hi) // 2
-        if z(mid) >= compression:
-            hi = mid
-        else:
-            lo = mid + 1
-    best = min({lo, max(lo - 1, 1)}, key=lambda r: (abs(z(r) - compression), r))
+    # e.g. STTP's TT bonds, CP beyond min(d_out, d_in)
+    starts = sorted({1, *(_useful_rank(param, m) for _, m in layers)})
+    max_rank = starts[-1]
+    z_of: dict[int, float] = {}  # each rank's Z once: the searches share their probes
+
+    def z(r: int) -> float:
+        if r not in z_of:
+            z_of[r] = _z_for_rank(param, layers, base.dense_total, base_other, r, keep_dense_if_no_gain)
+        return z_of[r]
+
+    miss = lambda r: abs(z(r) - compression)  # noqa: E731
+
+    def closest(lo: int, hi: int) -> int:
+        first = lo
+        while lo < hi:  # smallest rank with Z >= target, if Z grows with the rank in [lo, hi]
+            mid = (lo + hi) // 2
+            if z(mid) >= compression:
+                hi = mid
+            else:
+                lo = mid + 1
+        return min({lo, max(lo - 1, first)}, key=lambda r: (miss(r), r))
+
+    best = closest(1, max_rank)
+    for lo, hi in zip(starts, [*(s - 1 for s in starts[1:]), max_rank]):
+        candidate = closest(lo, hi)
+        if miss(candidate) < miss(best):
+            best = candidate
     return best, z(best)
 
 
