@@ -404,7 +404,10 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
             dls, cfg["model"]["arch"], param=p["name"], rank=p.get("layer_ranks") or p["rank"],
             compression=p["compression"], plan=p.get("plan"), rank_scale=p.get("rank_scale"),
             unrepresentable=p.get("unrepresentable"), keep_dense_if_no_gain=p.get("keep_dense_if_no_gain", True),
-            include=p["include"] or None, exclude=p["exclude"] or None, init=p["init"], opt=o["opt"], lr=o["lr"],
+            include=p["include"] or None, exclude=p["exclude"] or None,
+            # a resume loads every factor from the checkpoint: the layers take the placeholders,
+            # not a spectral init the load throws away (CP's ALS: minutes on resnet18)
+            init=p["init"] if state is None else "identity", opt=o["opt"], lr=o["lr"],
             mom=o["mom"], wd=o["wd"], d_optimal=r["d_optimal"], frobenius_decay=r["frobenius_decay"],
             spectral_bound=r["spectral_bound"], sv_every=lg["sv_every"], cbs=cbs + list(extra_cbs),
             model_kwargs=cfg["model"]["kwargs"], run_dir=run_dir,

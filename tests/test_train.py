@@ -83,6 +83,18 @@ def test_resume_is_exact(tmp_path, k):
     assert resumed["rank_hashes"] == full["rank_hashes"]
 
 
+def test_resume_of_a_spectral_init_run_is_exact(tmp_path):
+    """CP's spectral init is an ALS fit from random starts: the resume skips it (the checkpoint
+    holds every factor) and still ends where the uninterrupted run ends, bitwise."""
+    cp = {"param.name": "cp", "param.rank": 3}
+    full = run_training(_cfg(tmp_path, "full", **cp), echo=lambda *a: None)
+    run_training(_cfg(tmp_path, "cut", **cp), extra_cbs=[Interrupt(3)], echo=lambda *a: None)
+    resumed = run_training(resume=tmp_path / "cut", echo=lambda *a: None)
+    assert resumed["steps"] == full["steps"] == 14
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and [key for key in a if not torch.equal(a[key], b[key])] == []
+
+
 def _rewind_to_step_3(run: Path) -> None:
     """Make the last checkpoint claim step 3 (mid-epoch 1), as if the run had stopped there
     (its manifest updated to match, so that it stays a complete checkpoint)."""

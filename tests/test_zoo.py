@@ -485,6 +485,25 @@ def test_cli_train_cp_says_its_spectral_init_is_an_als_fit_before_it_starts(tmp_
     assert note not in identity.output
 
 
+def test_cli_resume_of_a_cp_run_fits_nothing_the_checkpoint_overwrites(tmp_path, monkeypatch):
+    """A resumed run loads every factor from its checkpoint: its layers are rebuilt with the
+    placeholders, not the spectral init. CP's ALS fit ran again at every resume (minutes on
+    resnet18), its note said so, and the fitted factors were thrown away by the load."""
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+    from sttpfast.params import cp as cp_module
+
+    first = _train_cli(tmp_path, "--param", "cp", "--rank", "4")
+    assert first.exit_code == 0, first.output
+    fits = []
+    real = cp_module.cp_als
+    monkeypatch.setattr(cp_module, "cp_als", lambda *a, **kw: fits.append(1) or real(*a, **kw))
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "r"), "--steps", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert fits == [] and "ALS" not in resumed.output and "| 2 steps in" in resumed.output
+
+
 @pytest.mark.parametrize("args,message", [
     (["--param", "tucker", "--frobenius-decay"], "Error: --frobenius-decay applies to the methods trained with it "
                                                  "(lowrank), not 'tucker'"),
