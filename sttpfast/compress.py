@@ -465,7 +465,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         folder = prepare_run_dir(new_cfg)
         write_file(folder / "config.yaml", lambda path: save_config(new_cfg, path))
         save_parameterized(student, folder / "checkpoints" / "last" / "model.safetensors")
-        summary = {"run_dir": str(folder), "param": param, "z_percent": z,
+        summary = {"run_dir": str(folder), "param": param, "rank": report.rank, "z_percent": z,
                    "metrics": {"accuracy": result["phases"][str(phases[-1])]["accuracy"]}}
         result["run_dir"] = str(folder)
         write_file(folder / COMPRESS_REPORT, json.dumps(result, indent=2))

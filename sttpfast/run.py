@@ -224,6 +224,8 @@ def _kept_sections(run_dir: Path, summary: dict) -> dict:
             phase_2["nan_step"] = summary["nan_step"]
         kept["compress"]["phases"]["2"] = phase_2
         write_file(run_dir / COMPRESS_REPORT, json.dumps(kept["compress"], indent=2))
+        # phase 2 trains per-layer ranks (param.layer_ranks): the shared rank is compress's
+        kept["rank"] = kept["compress"]["rank"]
     return kept
 
 

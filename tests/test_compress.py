@@ -54,6 +54,9 @@ def test_three_phases_report_lower_block_mse_and_a_resumable_run(dense_run, tmp_
     assert json.loads((folder / "compress_report.json").read_text()) == report
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["compress"] == report and summary["steps"] == 4 and summary["z_percent"] == z
+    # the shared rank the target chose, at the top as in a trained run's summary (it was null:
+    # phase 2 trains per-layer ranks, param.layer_ranks)
+    assert report["rank"] == 3 and summary["rank"] == 3
     cfg = yaml.safe_load((folder / "config.yaml").read_text())
     assert cfg["param"]["name"] == "tucker" and cfg["param"]["layer_ranks"]
     model = sttpfast.load_parameterized(folder / "checkpoints" / "last" / "model.safetensors")
@@ -444,6 +447,8 @@ def test_phase_0_recalibrates_the_students_batchnorm_and_reports_both_accuracies
 
     report = compress_run(dense_run, "tucker", compression=20, phases="0", out=tmp_path / "c", echo=lambda *a: None)
     phase = report["phases"]["0"]
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert (summary["param"], summary["rank"], summary["z_percent"]) == ("tucker", 3, phase["z_percent"])
     assert phase["bn_batches"] == 4  # 256 digits in batches of 64: all 4 of the training loader
     assert 0 <= phase["accuracy_teacher_statistics"] <= 1 and 0 <= phase["accuracy"] <= 1
     teacher = sttpfast.load_parameterized(dense_run / "checkpoints" / "last" / "model.safetensors")
