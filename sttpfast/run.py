@@ -104,14 +104,19 @@ def prepare_run_dir(cfg: dict) -> Path:
     return path.absolute()  # as a resume names it (a relative --out was "out/r" here, absolute there)
 
 
-def name_taken(name: str | None, run_dir: Path) -> str | None:
-    """The warning when the folder of an explicit run ``name`` existed and the run got a
-    numbered one instead (said: a later ``--resume`` of the name continues the other run)."""
-    if name is None or run_dir.name == name:
+def name_taken(cfg: dict, run_dir: Path) -> str | None:
+    """The warning when the folder of the run's name (``--name``, or the one derived from the
+    config) existed and the run got a numbered one instead. A run there with a checkpoint is
+    named as the one a later ``--resume`` of the name continues."""
+    name = cfg["train"]["name"] if cfg["train"]["name"] is not None else run_name(cfg)
+    if run_dir.name == name:
         return None
     taken = run_dir.parent / name
     if not (taken / "config.yaml").is_file():  # a folder or file of that name, not a run
         return f"warning: {taken} exists: this run is {run_dir}"
+    if last_checkpoint(taken) is None:  # nothing a --resume could continue (it refuses)
+        return (f"warning: {taken} exists (a run named {name} that stopped before its first checkpoint): "
+                f"this run is {run_dir}")
     return (f"warning: {taken} exists (a run named {name}): this run is {run_dir}; "
             f"--resume {taken} continues that one")
 
@@ -430,7 +435,7 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
         learn.path = learn.run_dir = run_dir
         if main:
             lock = _lock_run(run_dir)
-            taken = name_taken(cfg["train"]["name"], run_dir)
+            taken = name_taken(cfg, run_dir)
             if taken:
                 say(taken)
     try:

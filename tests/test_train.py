@@ -297,6 +297,26 @@ def test_a_name_that_is_taken_is_said_with_the_folder_the_run_got(tmp_path):
         f"--resume {tmp_path / 'full4'} continues that one"]
 
 
+def test_a_derived_name_that_is_taken_is_said_too_and_resume_is_offered_only_with_a_checkpoint(tmp_path):
+    # without --name the second run of a command went to NAME-2 without a word (README says
+    # every taken name is said); a run that stopped before its first checkpoint (e.g. at a
+    # non-finite loss) was offered to `--resume`, which refuses it
+    args = ["digits", "--arch", "resnet20_cifar", "--bs", "32", "--subset", "64", "--steps", "1", "--logger", "none",
+            "--out", tmp_path]
+    assert cli(*args).exit_code == 0
+    name = "digits-resnet20_cifar-dense-s0"
+    second = cli(*args)
+    assert second.exit_code == 0, second.output
+    assert [line for line in second.output.splitlines() if line.startswith("warning:")] == [
+        f"warning: {tmp_path / name} exists (a run named {name}): this run is {tmp_path / (name + '-2')}; "
+        f"--resume {tmp_path / name} continues that one"]
+    shutil.rmtree(tmp_path / name / "checkpoints")  # as a run that stopped before its first checkpoint
+    third = cli(*args)
+    assert [line for line in third.output.splitlines() if line.startswith("warning:")] == [
+        f"warning: {tmp_path / name} exists (a run named {name} that stopped before its first checkpoint): "
+        f"this run is {tmp_path / (name + '-3')}"]
+
+
 def test_user_callback_sees_every_event_through_spectral_learner():
     from sttpfast import get_dls, spectral_learner
 

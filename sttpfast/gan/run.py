@@ -342,7 +342,7 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
         learn.path = learn.run_dir = run_dir
         if main:
             lock = _lock_run(run_dir)
-            taken = name_taken(cfg["train"]["name"], run_dir)
+            taken = name_taken(_named(cfg), run_dir)
             if taken:
                 say(taken)
     try:
