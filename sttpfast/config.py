@@ -515,6 +515,10 @@ def merge(base: dict, update: dict, source: str, sources: dict | None = None) ->
     sources = {} if sources is None else sources
     for dotted, value in flatten(update).items():
         if dotted not in SCHEMA:
+            keys = [k for k in SCHEMA if k.startswith(dotted + ".")]
+            if keys:  # `optim: 3`: a section given a value
+                raise ConfigError(f"config {dotted} in {source} is a section, not a value: give its keys as a "
+                                  f"mapping ({keys[0]} and the others), or --set {dotted}.KEY=VALUE")
             section = dotted.split(".")[0]
             valid = [k for k in SCHEMA if k.startswith(section + ".")] or list(SCHEMA)
             raise ConfigError(f"unknown config key {dotted!r} in {source}{_suggest(dotted, valid)}")

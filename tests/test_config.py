@@ -103,6 +103,19 @@ def test_unknown_key_suggests_the_closest(tmp_path):
         build_config([bad])
 
 
+def test_a_section_given_a_value_is_said_to_be_a_section(tmp_path):
+    # "unknown config key 'optim' ...; did you mean 'optim.wd'?": optim is a section, and the
+    # suggestion was one of its keys at random
+    scalar = write(tmp_path, "sect.yml", "optim: 3\n")
+    with pytest.raises(ConfigError) as err:
+        build_config([scalar])
+    assert str(err.value) == (f"config optim in {scalar} is a section, not a value: give its keys as a mapping "
+                              "(optim.opt and the others), or --set optim.KEY=VALUE")
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=["param=3"])
+    assert str(err.value).startswith("config param in --set is a section, not a value: ")
+
+
 @pytest.mark.parametrize("pair,message", [
     ("optim.epochs=0", "config optim.epochs = 0: expected a positive integer (epochs >= 1)"),
     ("data.bs=-1", "config data.bs = -1: expected a positive integer"),
