@@ -250,8 +250,10 @@ class RankType(click.ParamType):
         self.name = "R|R1,R2,..|full" if allow_full else "R|R1,R2,.."
 
     def convert(self, value, param, ctx):
-        if isinstance(value, (int, list)) or (self.allow_full and value == FULL_RANK):
+        if isinstance(value, (int, list)):
             return value
+        if self.allow_full and str(value).lower() == FULL_RANK:  # FULL as the help once wrote it
+            return FULL_RANK
         try:
             return parse_rank(str(value))
         except ValueError as err:
@@ -269,6 +271,7 @@ def schema_option(flag: str, key: str | None = None):
     kwargs: dict = {"default": None, "help": s.help}
     if key == "param.rank":
         kwargs["type"] = RankType()
+        kwargs["metavar"] = kwargs["type"].name  # as typed: click writes a type's name in capitals
     elif choices(key):
         kwargs["type"] = click.Choice(choices(key))
     elif members == [bool] and s.default is True:  # on by default: the flag pair turns it off

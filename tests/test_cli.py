@@ -133,7 +133,15 @@ def test_help_takes_its_choices_from_the_schema():
     result = run("train", "--help")
     assert "--schedule [one_cycle|linear|cosine|const]" in result.output
     words = " ".join(result.output.split())  # the help as printed, its line wrapping aside
-    assert "--rank R|R1,R2,..|FULL" in words and "(default 32 for the low-rank methods)" in words
+    # `full` as --rank takes it (the help wrote FULL, which was refused)
+    assert "--rank R|R1,R2,..|full" in words and "(default 32 for the low-rank methods)" in words
+
+
+@pytest.mark.parametrize("spelling", ["full", "FULL", "Full"])
+def test_rank_full_is_taken_in_any_case(spelling):
+    result = run("info", "--arch", "resnet20_cifar", "--param", "tt", "--rank", spelling)
+    assert result.exit_code == 0, result.output
+    assert result.output == run("info", "--arch", "resnet20_cifar", "--param", "tt", "--rank", "full").output
 
 
 def test_fastai_jit_warning_is_silenced_and_no_other():
