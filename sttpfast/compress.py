@@ -272,11 +272,16 @@ def _unfinished(run_dir: Path, cfg: dict, state_file: Path) -> str | None:
 
 def compression_method(param: str) -> str:
     """The canonical name of ``param``, a method that compresses (ValueError otherwise)."""
-    from sttpfast.params import method, methods, resolve_param
+    from sttpfast.params import ALIASES, method, methods, resolve_param
 
-    param = resolve_param(param)
+    compressing = [n for n, m in methods().items() if m.compresses]
+    names = ", ".join(compressing)
+    try:
+        param = resolve_param(param)
+    except ValueError:  # the registry's list has dense and sn, which compress refuses
+        taken = [*compressing, *(alias for alias, n in ALIASES.items() if n in compressing)]
+        raise ValueError(f"unknown parameterization {param!r}; compress takes: {', '.join(taken)}") from None
     if not method(param).compresses:
-        names = ", ".join(n for n, m in methods().items() if m.compresses)
         raise ValueError(f"{param} does not compress (it keeps every weight dense); compress with one of: {names}")
     return param
 

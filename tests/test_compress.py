@@ -149,6 +149,10 @@ def test_a_method_that_does_not_compress_is_refused_by_name(dense_run, tmp_path)
                         f"Error: sn does not compress (it keeps every weight dense); compress with one of: {names}",
                         tmp_path)
     assert not (tmp_path / "c").exists()
+    # an unknown name lists what compress takes (dense and sn were listed, then refused)
+    with_aliases = ", ".join([*names.split(", "), "svdp", "sttp"])
+    _one_error_line(_cli(dense_run, "--param", "nope", "--rank", "4", "--out", tmp_path / "c"),
+                    f"Error: unknown parameterization 'nope'; compress takes: {with_aliases}", tmp_path)
 
 
 def test_a_gan_run_is_refused_as_a_gan_run(tmp_path):
