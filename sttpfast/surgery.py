@@ -259,7 +259,7 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
     if not chosen:
         default = getattr(model, "default_param_exclude", ()) if not include else ()
         raise ValueError(f"no {_layer_kinds()} layer left to parameterize after include={given[0]!r}, "
-                         f"exclude={given[1]!r}" + (f" (and the model's default_param_exclude={list(default)!r})"
+                         f"exclude={given[1]!r} (--include / --exclude)" + (f" (and the model's default_param_exclude={list(default)!r})"
                                                     if default else ""))
     return chosen
 
@@ -460,7 +460,7 @@ def _screen_representable(param: str, layers, policy: str):
             shape = tuple(module.weight.shape)
             if policy == "error":
                 raise ValueError(f"{param} cannot represent layer {name!r} (weight {shape}): {err}; "
-                                 "unrepresentable='skip' leaves such layers dense") from None
+                                 "unrepresentable='skip' (--unrepresentable skip) leaves such layers dense") from None
             skipped.append((name, f"{param} cannot represent a weight of shape {shape} in layer {name!r} ({err})"))
             continue
         keep.append((name, module))

@@ -226,7 +226,7 @@ NO_LAYER = "no Conv1d, Conv2d, Conv3d, ConvTranspose2d, Linear or Embedding laye
     (nn.Sequential(nn.ReLU()), dict(rank=2), NO_LAYER + "in the model to parameterize"),
     (nn.Sequential(nn.ReLU()), dict(compression=10, plan="energy"), NO_LAYER + "in the model to parameterize"),
     (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2)), dict(compression=10, exclude="*"),
-     NO_LAYER + r"left to parameterize after include=None, exclude='\*'"),
+     NO_LAYER + r"left to parameterize after include=None, exclude='\*' \(--include / --exclude\)"),
     (nn.Sequential(nn.Conv2d(3, 7, 3)), dict(compression=10, param="rtt", unrepresentable="skip"),
      r"no layer left to parameterize for compression=10: rtt cannot represent any selected layer"),
     (nn.Conv2d(3, 8, 3), dict(rank=2), r"the model is a single Conv2d: parameterize works on the layers inside a "

@@ -415,7 +415,8 @@ def test_unrepresentable_error_names_the_first_layer_and_changes_nothing():
     with pytest.raises(ValueError) as err:
         sttpfast.parameterize(model, "rcp", rank=2, unrepresentable="error")
     assert str(err.value) == ("rcp cannot represent layer '0' (weight (8, 3, 3, 3)): channel count 3 cannot be "
-                              "split into 2 factors (prime); unrepresentable='skip' leaves such layers dense")
+                              "split into 2 factors (prime); unrepresentable='skip' (--unrepresentable skip) "
+                              "leaves such layers dense")
     assert not any(True for _ in parameterized_layers(model))
     with pytest.raises(ValueError, match="unknown unrepresentable policy 'ignore'; allowed: skip, error"):
         sttpfast.parameterize(model, "rcp", rank=2, unrepresentable="ignore")
@@ -517,7 +518,7 @@ def test_cli_resume_of_a_cp_run_fits_nothing_the_checkpoint_overwrites(tmp_path,
                                                        "with it (lowrank), not 'tucker'"),
     (["--param", "rtt", "--rank", "2", "--unrepresentable", "error"],
      "Error: rtt cannot represent layer 'stem.0' (weight (16, 1, 3, 3)): channel count 1 cannot be split into 2 "
-     "factors (too small); unrepresentable='skip' leaves such layers dense"),
+     "factors (too small); unrepresentable='skip' (--unrepresentable skip) leaves such layers dense"),
     (["--param", "lowrank", "--rank-scale", "2"], "Error: --rank-scale 2.0: expected a number in (0, 1]"),
     (["--param", "tt", "--rank", "4", "--plan", "energy"],
      "Error: param.plan = 'energy' (--plan energy) spends a compression budget: give param.compression "
