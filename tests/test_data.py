@@ -461,7 +461,9 @@ def test_a_data_dir_that_does_not_exist_is_refused_not_passed_over(tmp_path):
     # --data-dir trained on other files than the user's); --download creates the folder
     with pytest.raises(DatasetNotFound) as err:
         get_dls("fashion_mnist", data_dir=tmp_path / "nope")
-    assert str(err.value) == (f"data folder {tmp_path / 'nope'} (--data-dir) does not exist. Put the four "
+    # the folder may come from a config file (configs/env.yml): both places are named
+    assert str(err.value) == (f"data folder {tmp_path / 'nope'} (--data-dir, or data.data_dir in a config file) "
+                              "does not exist. Put the four "
                               "Fashion-MNIST IDX files there, pass --download (download=True) to fetch it with "
                               "torchvision, or point --data-dir / $STTPFAST_DATA at the folder holding fashion_mnist/ "
                               "or FashionMNIST/raw/. On Debian/Ubuntu, `apt-get install dataset-fashion-mnist` "
