@@ -589,6 +589,17 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
     if p["plan"] == "energy" and p["compression"] is None:
         raise ConfigError("param.plan = 'energy' (--plan energy) spends a compression budget: give "
                           "param.compression (--compression Z) as well")
+    if name in BASELINES and p["init"] is not None:
+        raise ConfigError(f"param.init = {p['init']!r}: {p['name']!r} has no factors to initialize "
+                          "(init is for the low-rank parameterizations)")
+    if name == "dense":  # settings of the layers parameterize chooses: refused as a rank is
+        for key in ("include", "exclude"):
+            if p[key]:
+                raise ConfigError(f"param.{key} = {p[key]!r}: {p['name']!r} parameterizes no layer (include / "
+                                  "exclude choose the layers of the other parameterizations)")
+        if p["unrepresentable"] == "error":
+            raise ConfigError(f"param.unrepresentable = 'error': {p['name']!r} parameterizes no layer (the policy "
+                              "is for the layers a tensor format cannot represent)")
     if name in BASELINES and p.get("attention") is None:  # with --attention the rank is per head
         if p["rank"] not in (None, FULL_RANK):
             raise ConfigError(f"param.rank = {p['rank']!r}: {p['name']!r} takes no rank "

@@ -85,6 +85,18 @@ def test_info_counts_without_decomposing_any_weight(param, monkeypatch):
     (["--arch", "wrn16_4", "--param", "sttp", "--compression", "150"], r"^Error: --compression 150.0: expected a "
                                                                         r"number in \(0, 100\]"),
     (["--arch", "wrn16_4", "--param", "sn", "--rank", "8"], "^Error: --rank 8: 'sn' takes no rank"),
+    # settings with no effect on a method were taken without a word, where --rank is refused
+    (["--arch", "wrn16_4", "--param", "dense", "--init", "spectral"],
+     r"^Error: --init 'spectral': 'dense' has no factors to initialize \(init is for the low-rank "
+     r"parameterizations\)\n$"),
+    (["--arch", "wrn16_4", "--param", "sn", "--init", "identity"], r"^Error: --init 'identity': 'sn' has no factors"),
+    (["--arch", "wrn16_4", "--param", "dense", "--include", "blocks.*"],
+     r"^Error: --include \['blocks.\*'\]: 'dense' parameterizes no layer \(include / exclude choose the layers "
+     r"of the other parameterizations\)\n$"),
+    (["--arch", "wrn16_4", "--param", "dense", "--exclude", "fc"], r"^Error: --exclude \['fc'\]: 'dense' "),
+    (["--arch", "wrn16_4", "--param", "dense", "--unrepresentable", "error"],
+     r"^Error: --unrepresentable 'error': 'dense' parameterizes no layer \(the policy is for the layers a tensor "
+     r"format cannot represent\)\n$"),
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "nope"], "matches no"),
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "bn"], "'bn' is a BatchNorm2d"),
     # a traceback ("Trying to create tensor with negative dimension -1")

@@ -28,7 +28,8 @@ def test_files_merge_in_order_with_a_warning_on_override(tmp_path):
 def test_cli_then_dotted_overrides_win(tmp_path):
     a = write(tmp_path, "a.yml", "optim:\n  lr: 0.2\n")
     with pytest.warns(UserWarning, match=r"^config optim.lr: 0.3 from the command line overridden by 0.01 from --set$"):
-        cfg, _ = build_config([a], overrides=["optim.lr=0.01", "param.include=[blocks.*, fc]"], cli={"optim.lr": 0.3})
+        cfg, _ = build_config([a], overrides=["optim.lr=0.01", "param.include=[blocks.*, fc]"],
+                              cli={"optim.lr": 0.3, "param.name": "sttp-r"})
     assert cfg["optim"]["lr"] == 0.01
     assert cfg["param"]["include"] == ["blocks.*", "fc"]
 
@@ -151,7 +152,7 @@ def test_bad_values(pair, message):
 
 
 def test_values_are_coerced_to_the_schema_type():
-    cfg, _ = build_config(overrides=["optim.lr=1", "param.include=fc", "param.compression=5"])
+    cfg, _ = build_config(overrides=["optim.lr=1", "param.name=sttp-r", "param.include=fc", "param.compression=5"])
     assert cfg["optim"]["lr"] == 1.0 and isinstance(cfg["optim"]["lr"], float)
     assert cfg["param"]["include"] == ["fc"] and cfg["param"]["compression"] == 5.0
 
