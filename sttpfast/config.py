@@ -657,6 +657,8 @@ def build_config(files=(), overrides=(), cli: dict | None = None) -> tuple[dict,
     return cfg, sources
 
 
+#: the settings that size the parameterized layers: one per run, the latest source's
+SIZE_KEYS = ("param.rank", "param.compression", "param.rank_scale", "param.layer_ranks")
 #: what metrics_every = null turns off: the settings read only when GAN metrics are computed
 GAN_METRIC_KEYS = ("gan.metrics_samples", "gan.metrics", "gan.best_by", "gan.extractor", "gan.inception_weights",
                    "gan.extractor_steps", "gan.extractor_kwargs")
@@ -670,6 +672,9 @@ def _later_settings_replace(cfg: dict, keys_set, where: str, sources: dict, step
       replace epochs whenever set: ``--cfg paper.yml --epochs 1`` kept the paper's 100,000);
       the other way round, steps over an earlier source's epochs (``steps_before``, the steps
       before this source, None: the epochs were the budget) keep the epochs, said as no budget;
+    * one of :data:`SIZE_KEYS` (a rank, a compression target, a rank scale, per-layer ranks):
+      the others an earlier source set go (``--cfg demo.yml --compression 10`` over the file's
+      rank 8; two given by one source are refused);
     * ``gan.metrics_every`` set to null: the earlier metric settings go back to their defaults
       (a paper config's ``metrics_samples`` then refused the run as "no effect").
     """
@@ -690,6 +695,11 @@ def _later_settings_replace(cfg: dict, keys_set, where: str, sources: dict, step
         warnings.warn(f"config optim.epochs: {cfg['optim']['epochs']} from {earlier_epochs} is not the budget: "
                       f"optim.steps {cfg['optim']['steps']} from {sources.get('optim.steps', where)} is",
                       ConfigWarning, stacklevel=3)
+    sized = [key for key in SIZE_KEYS if key in keys_set and get(cfg, key) not in (None, {})]
+    if len(sized) == 1:  # two from one source: refused by _resolve_param
+        for key in SIZE_KEYS:
+            if key not in keys_set:
+                reset(key, SCHEMA[key].default, sized[0], f"{sized[0]} {get(cfg, sized[0])!r} sizes the layers")
     if "gan.metrics_every" in keys_set and cfg["gan"]["metrics_every"] is None:
         for key in GAN_METRIC_KEYS:
             if key not in keys_set:

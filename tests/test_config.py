@@ -35,6 +35,35 @@ def test_cli_then_dotted_overrides_win(tmp_path):
 
 
 @pytest.mark.parametrize("later", ["cli", "set", "file"])
+def test_a_layer_size_given_later_replaces_an_earlier_sources(tmp_path, later):
+    # `--cfg configs/demo.yml --compression 10` was refused ("give either param.rank or
+    # --compression, not both"): the file's rank and the later flag are the run's one size
+    demo = write(tmp_path, "demo.yml", "param:\n  name: sttp-r\n  rank: 8\n")
+    with pytest.warns(ConfigWarning) as said:
+        if later == "cli":
+            cfg, sources = build_config([demo], cli={"param.compression": 10})
+        elif later == "set":
+            cfg, sources = build_config([demo], overrides=["param.compression=10"])
+        else:
+            cfg, sources = build_config([demo, write(tmp_path, "z.yml", "param:\n  compression: 10\n")])
+    assert (cfg["param"]["rank"], cfg["param"]["compression"]) == (None, 10.0)
+    by = {"cli": "the command line", "set": "--set", "file": str(tmp_path / "z.yml")}[later]
+    assert [str(w.message) for w in said if w.category is ConfigWarning] == [
+        f"config param.rank: 8 from {demo} dropped: param.compression 10.0 sizes the layers from {by}"]
+    # a rank scale over a file's compression, and the other way round
+    z = write(tmp_path, "z10.yml", "param:\n  name: lowrank\n  compression: 10\n")
+    with pytest.warns(ConfigWarning):
+        cfg, _ = build_config([z], cli={"param.rank_scale": 0.25})
+    assert (cfg["param"]["compression"], cfg["param"]["rank_scale"]) == (None, 0.25)
+    # given by one source together, both are still refused
+    with pytest.raises(ConfigError, match=r"^give either param.rank or param.compression, not both$"):
+        build_config([demo], cli={"param.rank": 4, "param.compression": 10})
+    both = write(tmp_path, "both.yml", "param:\n  rank: 4\n  compression: 10\n")
+    with pytest.raises(ConfigError, match=r"^give either param.rank or param.compression, not both$"):
+        build_config([both])
+
+
+@pytest.mark.parametrize("later", ["cli", "set", "file"])
 def test_epochs_given_later_replace_the_steps_of_an_earlier_source(tmp_path, later):
     # the paper's configs set optim.steps: 100000; `--cfg it --epochs 1` kept the 100,000 steps
     # (steps replace epochs whenever set) and started a run of days
