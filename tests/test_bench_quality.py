@@ -98,28 +98,28 @@ def test_results_is_refused_with_vit(quality, trained, tmp_path, capsys):
 
 DENSE_SEED_0 = ["dense", "-", "-", "100.00", "93.91", "93.91", "3259"]
 DENSE_SEEDS_0_1 = ["dense", "-", "-", "100.00", "93.75", "93.91 / 93.59", "4102"]
-#: each piece of the converged budget as the README prints it: (seeds, params, runs reused, rows)
+#: each piece of the converged budget as the README prints it: (seeds, params, targets, runs reused, rows)
 COMMITTED_PIECES = [
-    ([0], ["sttp-r", "cp"], 3, [DENSE_SEED_0, ["sttp-r", "10", "14", "10.00", "92.69", "92.69", "3397"],
+    ([0], ["sttp-r", "cp"], [10.0], 3, [DENSE_SEED_0, ["sttp-r", "10", "14", "10.00", "92.69", "92.69", "3397"],
                                 ["cp", "10", "15", "9.84", "92.58", "92.58", "2378"]]),
     # the dense network's second seed (`--params dense --seeds 1`)
-    ([0, 1], ["dense"], 2, [DENSE_SEEDS_0_1]),
+    ([0, 1], ["dense"], [10.0], 2, [DENSE_SEEDS_0_1]),
     # both seeds of STTP-R and CP at Z 10% (seed 1: `--params sttp-r --targets 10 --seeds 1`, then cp)
-    ([0, 1], ["sttp-r", "cp"], 6, [DENSE_SEEDS_0_1, ["sttp-r", "10", "14", "10.00", "92.67", "92.69 / 92.65", "3539"],
+    ([0, 1], ["sttp-r", "cp"], [10.0], 6, [DENSE_SEEDS_0_1, ["sttp-r", "10", "14", "10.00", "92.67", "92.69 / 92.65", "3539"],
                                    ["cp", "10", "15", "9.84", "92.59", "92.58 / 92.60", "2641"]]),
     # Tucker-2 at Z 10%, seed 0 (`--params tucker --targets 10 --seeds 0`; rank 8 gives Z 9.48%), then seed 1
-    ([0], ["tucker"], 2, [DENSE_SEED_0, ["tucker", "10", "8", "9.48", "92.15", "92.15", "4180"]]),
-    ([0, 1], ["tucker"], 4, [DENSE_SEEDS_0_1, ["tucker", "10", "8", "9.48", "92.22", "92.15 / 92.28", "4521"]]),
+    ([0], ["tucker"], [10.0], 2, [DENSE_SEED_0, ["tucker", "10", "8", "9.48", "92.15", "92.15", "4180"]]),
+    ([0, 1], ["tucker"], [10.0], 4, [DENSE_SEEDS_0_1, ["tucker", "10", "8", "9.48", "92.22", "92.15 / 92.28", "4521"]]),
     # SVDP-R at Z 10%, seed 0 (`--params svdp-r --targets 10 --seeds 0`; rank 4 gives Z 10.56%), then seed 1
-    ([0], ["svdp-r"], 2, [DENSE_SEED_0, ["svdp-r", "10", "4", "10.56", "91.00", "91.00", "3153"]]),
-    ([0, 1], ["svdp-r"], 4, [DENSE_SEEDS_0_1, ["svdp-r", "10", "4", "10.56", "91.02", "91.00 / 91.03", "3079"]]),
+    ([0], ["svdp-r"], [10.0], 2, [DENSE_SEED_0, ["svdp-r", "10", "4", "10.56", "91.00", "91.00", "3153"]]),
+    ([0, 1], ["svdp-r"], [10.0], 4, [DENSE_SEEDS_0_1, ["svdp-r", "10", "4", "10.56", "91.02", "91.00 / 91.03", "3079"]]),
     # low rank (spectral init, Frobenius decay) at Z 10%, seed 0 (`--params lowrank --targets 10 --seeds 0`)
-    ([0], ["lowrank"], 2, [DENSE_SEED_0, ["lowrank", "10", "4", "10.69", "91.91", "91.91", "2774"]]),
-    ([0, 1], ["lowrank"], 4, [DENSE_SEEDS_0_1, ["lowrank", "10", "4", "10.69", "91.79", "91.91 / 91.67", "3118"]]),
+    ([0], ["lowrank"], [10.0], 2, [DENSE_SEED_0, ["lowrank", "10", "4", "10.69", "91.91", "91.91", "2774"]]),
+    ([0, 1], ["lowrank"], [10.0], 4, [DENSE_SEEDS_0_1, ["lowrank", "10", "4", "10.69", "91.79", "91.91 / 91.67", "3118"]]),
     # TT at Z 10%, seed 0 (`--params tt --targets 10 --seeds 0`; rank 5 gives Z 8.88%)
-    ([0], ["tt"], 2, [DENSE_SEED_0, ["tt", "10", "5", "8.88", "92.27", "92.27", "3197"]]),
+    ([0], ["tt"], [10.0], 2, [DENSE_SEED_0, ["tt", "10", "5", "8.88", "92.27", "92.27", "3197"]]),
     # README's table: the five methods at Z 10%, both seeds (`--params sttp-r cp tucker svdp-r lowrank ...`)
-    ([0, 1], ["sttp-r", "cp", "tucker", "svdp-r", "lowrank"], 12,
+    ([0, 1], ["sttp-r", "cp", "tucker", "svdp-r", "lowrank"], [10.0], 12,
      [DENSE_SEEDS_0_1, ["sttp-r", "10", "14", "10.00", "92.67", "92.69 / 92.65", "3539"],
       ["cp", "10", "15", "9.84", "92.59", "92.58 / 92.60", "2641"],
       ["tucker", "10", "8", "9.48", "92.22", "92.15 / 92.28", "4521"],
@@ -134,7 +134,8 @@ def test_the_committed_converged_runs_are_read_back_under_the_default_budget(qua
     committed = ROOT / "bench" / "results" / "quality.jsonl"
     results = tmp_path / "runs.jsonl"
     results.write_text(committed.read_text())
-    for seeds, params, reused, want in COMMITTED_PIECES:
-        rows, _, runs = quality.classification_rows(_args(results, subset=0, epochs=15, seeds=seeds, params=params))
+    for seeds, params, targets, reused, want in COMMITTED_PIECES:
+        rows, _, runs = quality.classification_rows(_args(results, subset=0, epochs=15, seeds=seeds, params=params,
+                                                          targets=targets))
         assert trained == [] and (runs.trained, runs.reused) == (0, reused), (seeds, params)
         assert rows == want, (seeds, params)
