@@ -48,6 +48,30 @@ def _optimizer(run: Path) -> dict:
     return load_file(str(run / "checkpoints/last/optimizer.safetensors"))
 
 
+def test_a_cp_discriminator_says_its_als_init_and_a_resume_fits_nothing(tmp_path, monkeypatch):
+    """`--d-param cp`: the spectral init is CP's ALS fit, said before it starts as `sttpfast
+    train` says it (the GAN command said nothing); a resume loads every factor from the
+    checkpoint, so it fits nothing (it fitted D again and threw the fit away)."""
+    from torch import nn
+
+    from sttpfast.models import create_model
+    from sttpfast.params import cp as cp_module
+    from sttpfast.params.registry import method
+
+    fits = []
+    real = cp_module.cp_als
+    monkeypatch.setattr(cp_module, "cp_als", lambda *a, **kw: fits.append(1) or real(*a, **kw))
+    first = _cli("gan", "digits", "--d-param", "cp", "--rank", "2", "--steps", "1", "--n-dis", "1", "--bs", "32",
+                 "--subset", "64", "--out", tmp_path, "--name", "cp", *TINY_SET, *QUIET)
+    assert first.exit_code == 0, first.output
+    d = create_model("sngan_d32", in_chans=1, widths=[8, 8, 8, 8])
+    layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in d.modules())
+    assert first.output.splitlines()[0] == method("cp").spectral_init_note and len(fits) == layers == 11
+    resumed = _cli("gan", "--resume", tmp_path / "cp", "--steps", "2")
+    assert resumed.exit_code == 0, resumed.output
+    assert len(fits) == 11 and "ALS" not in resumed.output
+
+
 def test_cli_gan_digits_sn_writes_the_run_folder(tmp_path):
     result = _cli("gan", "digits", "--d-param", "sn", "--steps", "20", "--bs", "32", "--subset", "256",
                   "--out", tmp_path, "--name", "sn", *TINY_SET, *QUIET)

@@ -62,7 +62,7 @@ from sttpfast.gan.ema import GeneratorEMA, make_ema_copy
 from sttpfast.gan.losses import GANLoss, gan_loss
 from sttpfast.gan.reals import to_gan_range
 from sttpfast.gan.spectral_norm import ExactSpectralNorm
-from sttpfast.params import resolve_param
+from sttpfast.params import BASELINES, resolve_param
 from sttpfast.params.registry import method
 from sttpfast.surgery import parameterize
 
@@ -456,6 +456,7 @@ def gan_learner(
     seed: int = 0,
     cbs=None,
     run_dir: str | Path | None = None,
+    init: str | None = None,
     **learner_kwargs,
 ) -> GANLearner:
     """A :class:`GANLearner` for generator ``g`` and discriminator ``d``, each parameterized
@@ -480,6 +481,9 @@ def gan_learner(
         d_optimal: weight of the D-optimal penalty when a side is ``-r``.
         cbs: your callbacks; they run with the defaults (NaNGuard; singular-value logging for
             learned spectra; the D-optimal penalty for ``-r``).
+        init: the factors' init on both sides (None: each method's default, see
+            :func:`sttpfast.parameterize`); ``"identity"`` when a checkpoint's tensors are loaded
+            next (a resume), which skips the spectral init's fit.
     The surgery reports are ``learn.compression_g`` / ``learn.compression_d``.
     """
     # every argument is checked before a model is built or a given one is touched
@@ -498,8 +502,9 @@ def gan_learner(
     _check_d_scores_g(generator, discriminator)
     first = _first_linear(generator)
     report_g = parameterize(generator, g_param, rank=_rank_for(g_param, g_rank, rank),
-                            exclude=[first] if first else None)
-    report_d = parameterize(discriminator, d_param, rank=_rank_for(d_param, d_rank, rank))
+                            exclude=[first] if first else None, init=None if g_param in BASELINES else init)
+    report_d = parameterize(discriminator, d_param, rank=_rank_for(d_param, d_rank, rank),
+                            init=None if d_param in BASELINES else init)
     pair = GANPair(generator, discriminator,
                    make_ema_copy(generator) if ema_decay is not None else None)
     callbacks: list[Callback] = [NaNGuard()]

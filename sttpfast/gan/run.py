@@ -309,6 +309,7 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     from sttpfast.fsdp import fsdp2_requested
     from sttpfast.gan.distributed import shard_gan
     from sttpfast.gan.learner import gan_learner
+    from sttpfast.learner import say_init_cost
 
     warn_missing_processes(accelerator, echo)
     main = accelerator.is_main_process
@@ -323,9 +324,13 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     generator, discriminator = _build_networks(g, dls.in_chans)
     sharded = fsdp2_requested() and accelerator.num_processes > 1
     checkpointer, signals, metrics, cbs = _callbacks(cfg, g, main, say, sharded)
+    d_param = "dense" if g["d_param"] == SR else g["d_param"]
+    if state is None:  # a resume loads every factor from its checkpoint: no spectral init to say
+        for param in dict.fromkeys((g["g_param"], d_param)):
+            say_init_cost(param, None, say)
     learn = gan_learner(
-        dls, g=generator, d=discriminator, g_param=g["g_param"],
-        d_param="dense" if g["d_param"] == SR else g["d_param"],
+        dls, g=generator, d=discriminator, g_param=g["g_param"], d_param=d_param,
+        init=None if state is None else "identity",
         rank=g["rank"], g_rank=g["g_rank"], d_rank=g["d_rank"], loss=g["loss"], n_dis=g["n_dis"],
         lr_g=g["lr_g"], lr_d=g["lr_d"], betas_g=(g["beta1"], g["beta2"]), betas_d=(g["beta1"], g["beta2"]),
         lr_decay=g["lr_decay"], ema_decay=g["ema"], ema_start=g["ema_start"], dequantize=g["dequantize"],
