@@ -215,7 +215,9 @@ def plot_accuracy_against_z(points: dict, path: str, title: str) -> None:
         pts = sorted(pts)
         ax.plot([z for z, _ in pts], [a for _, a in pts], marker="o", label=param)
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())  # 2, 5, 10, not 2x10^0
+    # 2, 5, 10, not 2x10^0: within one decade the labels are minor ticks, formatted too
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("Z, % of the dense model's parameters")
     ax.set_ylabel("test accuracy, % (mean over seeds)")
     ax.set_title(textwrap.fill(title, 80), fontsize=8)

@@ -118,6 +118,13 @@ COMMITTED_PIECES = [
     ([0, 1], ["lowrank"], [10.0], 4, [DENSE_SEEDS_0_1, ["lowrank", "10", "4", "10.69", "91.79", "91.91 / 91.67", "3118"]]),
     # TT at Z 10%, seed 0 (`--params tt --targets 10 --seeds 0`; rank 5 gives Z 8.88%)
     ([0], ["tt"], [10.0], 2, [DENSE_SEED_0, ["tt", "10", "5", "8.88", "92.27", "92.27", "3197"]]),
+    # STTP-R at Z 5% and 2%, seed 0 (`--params sttp-r --targets 5 --seeds 0`, then 2; ranks 8 and 3),
+    # and README's curve of its seed 0 (`--params sttp-r --targets 2 5 10 --seeds 0`)
+    ([0], ["sttp-r"], [5.0], 2, [DENSE_SEED_0, ["sttp-r", "5", "8", "4.90", "91.18", "91.18", "4127"]]),
+    ([0], ["sttp-r"], [2.0], 2, [DENSE_SEED_0, ["sttp-r", "2", "3", "1.91", "86.73", "86.73", "4272"]]),
+    ([0], ["sttp-r"], [2.0, 5.0, 10.0], 4, [DENSE_SEED_0, ["sttp-r", "2", "3", "1.91", "86.73", "86.73", "4272"],
+                                             ["sttp-r", "5", "8", "4.90", "91.18", "91.18", "4127"],
+                                             ["sttp-r", "10", "14", "10.00", "92.69", "92.69", "3397"]]),
     # README's table: the five methods at Z 10%, both seeds (`--params sttp-r cp tucker svdp-r lowrank ...`)
     ([0, 1], ["sttp-r", "cp", "tucker", "svdp-r", "lowrank"], [10.0], 12,
      [DENSE_SEEDS_0_1, ["sttp-r", "10", "14", "10.00", "92.67", "92.69 / 92.65", "3539"],
