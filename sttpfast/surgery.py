@@ -258,9 +258,9 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
         chosen.append((name, module))
     if not chosen:
         default = getattr(model, "default_param_exclude", ()) if not include else ()
+        default_too = f" (and the model's default_param_exclude={list(default)!r})" if default else ""
         raise ValueError(f"no {_layer_kinds()} layer left to parameterize after include={given[0]!r}, "
-                         f"exclude={given[1]!r} (--include / --exclude)" + (f" (and the model's default_param_exclude={list(default)!r})"
-                                                    if default else ""))
+                         f"exclude={given[1]!r} (--include / --exclude){default_too}")
     return chosen
 
 
@@ -333,7 +333,8 @@ def rank_for_compression(model: nn.Module, param: str, compression: float, layer
     base = compression_report(model)
     chosen_dense = sum(m.weight.numel() for _, m in layers)
     base_other = base.compressed_total - chosen_dense
-    # e.g. STTP's TT bonds, CP beyond min(d_out, d_in)
+    # the stretches start at each layer's largest useful rank (STTP's TT bonds, CP's beyond
+    # min(d_out, d_in)), where Z may drop
     starts = sorted({1, *(_useful_rank(param, m) for _, m in layers)})
     max_rank = starts[-1]
     z_of: dict[int, float] = {}  # each rank's Z once: the searches share their probes
@@ -459,8 +460,8 @@ def _screen_representable(param: str, layers, policy: str):
         except Unrepresentable as err:
             shape = tuple(module.weight.shape)
             if policy == "error":
-                raise ValueError(f"{param} cannot represent layer {name!r} (weight {shape}): {err}; "
-                                 "unrepresentable='skip' (--unrepresentable skip) leaves such layers dense") from None
+                raise ValueError(f"{param} cannot represent layer {name!r} (weight {shape}): {err}; unrepresentable="
+                                 "'skip' (--unrepresentable skip) leaves such layers dense") from None
             skipped.append((name, f"{param} cannot represent a weight of shape {shape} in layer {name!r} ({err})"))
             continue
         keep.append((name, module))

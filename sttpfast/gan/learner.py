@@ -62,7 +62,7 @@ from sttpfast.gan.ema import GeneratorEMA, make_ema_copy
 from sttpfast.gan.losses import GANLoss, gan_loss
 from sttpfast.gan.reals import to_gan_range
 from sttpfast.gan.spectral_norm import ExactSpectralNorm
-from sttpfast.params import BASELINES, resolve_param
+from sttpfast.params import resolve_param
 from sttpfast.params.registry import method
 from sttpfast.surgery import parameterize
 
@@ -502,9 +502,8 @@ def gan_learner(
     _check_d_scores_g(generator, discriminator)
     first = _first_linear(generator)
     report_g = parameterize(generator, g_param, rank=_rank_for(g_param, g_rank, rank),
-                            exclude=[first] if first else None, init=None if g_param in BASELINES else init)
-    report_d = parameterize(discriminator, d_param, rank=_rank_for(d_param, d_rank, rank),
-                            init=None if d_param in BASELINES else init)
+                            exclude=[first] if first else None, init=init)
+    report_d = parameterize(discriminator, d_param, rank=_rank_for(d_param, d_rank, rank), init=init)
     pair = GANPair(generator, discriminator,
                    make_ema_copy(generator) if ema_decay is not None else None)
     callbacks: list[Callback] = [NaNGuard()]
