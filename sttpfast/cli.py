@@ -23,8 +23,9 @@ from pathlib import Path
 
 import click
 
-from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, ConfigError, ConfigWarning, build_config,
-                             check_sections_read, choices, coerce, flatten, load_yaml, named_by_flags, type_members)
+from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, ConfigError, ConfigWarning, attention_rank_of,
+                             build_config, check_sections_read, choices, coerce, flatten, load_yaml, named_by_flags,
+                             type_members)
 from sttpfast.processes import is_main_rank
 
 __all__ = ["main", "CLIError"]
@@ -564,7 +565,7 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
         # one Error line) and before the run folder and the training
         chosen = [rank_line(config["param"]["name"], *_rank_choice(config, sources))]
         if config["param"].get("attention") == "qk-ov":  # the forms take the rank per head (issue 11)
-            per_head = config["param"]["rank"]
+            per_head = attention_rank_of(config["param"])
             chosen.append(f"attention qk-ov: rank {per_head} per head (at most the head width)" if per_head
                           else "attention qk-ov: full head width (no compression of the attention)")
         from sttpfast.run import run_training

@@ -621,6 +621,14 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
         sources["param.rank"] = "default"
 
 
+def attention_rank_of(p: dict) -> int | None:
+    """The rank per head of the ``qk-ov`` forms a ``param`` section gives: ``attention_rank``
+    (``--attention-rank``), else an int ``rank``, else None (the full head width)."""
+    if p.get("attention_rank") is not None:
+        return p["attention_rank"]
+    return p["rank"] if isinstance(p.get("rank"), int) else None
+
+
 def flat_rank(tree) -> list:
     """A tuple rank's entries in pre-order: an HT tree ``[[5, 8, 6], [4, 3, 2]]`` -> 5, 8, 6, 4, 3, 2."""
     return [x for node in tree for x in flat_rank(node)] if isinstance(tree, list) else [tree]

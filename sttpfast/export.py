@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from sttpfast.atomic import MANIFEST, unwritable_reason, verify_checkpoint, write_beside
+from sttpfast.config import attention_rank_of
 from sttpfast.surgery import densify, parameterized_layers
 
 __all__ = ["FORMATS", "CHECKPOINTS", "export_model", "export_run", "export_generator", "run_checkpoint",
@@ -309,8 +310,7 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.
         from sttpfast.params.attention import parameterize_attention
         from sttpfast.surgery import apply_spec, parameterization_spec
 
-        rank = cfg["param"].get("rank")
-        parameterize_attention(model, attention, rank=rank if isinstance(rank, int) else None)
+        parameterize_attention(model, attention, rank=attention_rank_of(cfg["param"]))
         formed = parameterization_spec(model)  # qk-ov's forms: the other layers as the run had them
         apply_spec(model, {k: v for k, v in checkpoint_spec(model_file).items() if k not in formed})
     load_parameterized(model_file, model)

@@ -363,6 +363,26 @@ def test_attention_rank_sizes_the_forms_while_a_tuple_rank_or_a_target_sizes_the
     assert qkv[3:5] == ["attn-qk-ov", "8"]
 
 
+def test_a_run_with_an_attention_rank_says_it_and_its_folder_is_read_back_with_it(tmp_path):
+    """`--attention-rank 2 --rank 4`: the run trained rank 2 per head but said 'rank 4 per head',
+    and `info RUN` / `sttpfast export` rebuilt the forms at rank 4, so the checkpoint did not
+    load ('model has attn-qk-ov-proj rank [3, 4] ..., checkpoint has ... [3, 2]', exit 2)."""
+    from sttpfast.export import export_run
+
+    runner = CliRunner()
+    trained = runner.invoke(main, ["train", "digits", "--arch", "vit_tiny_patch16_224", "--attention", "qk-ov",
+                                   "--attention-rank", "2", "--param", "svdp-r", "--rank", "4", "--steps", "1",
+                                   "--bs", "32", "--subset", "64", "--logger", "none", "--out", str(tmp_path),
+                                   "--name", "v", "--set", "log.progress=false"])
+    assert trained.exit_code == 0, trained.output
+    assert "attention qk-ov: rank 2 per head (at most the head width)" in trained.output.splitlines()
+    info = runner.invoke(main, ["info", str(tmp_path / "v")])
+    assert info.exit_code == 0, info.output
+    qkv = next(line.split() for line in info.output.splitlines() if line.startswith("blocks.0.attn.qkv "))
+    assert qkv[3:5] == ["attn-qk-ov", "2"]
+    assert export_run(tmp_path / "v", "safetensors").is_file()
+
+
 def test_qk_ov_refuses_a_block_that_holds_its_own_rotary_embedding():
     """timm's SAM attention keeps its rope as self.rope (forward(x) takes none): it was factored
     and its output changed by 3% at full rank."""
