@@ -72,6 +72,22 @@ def test_a_cp_discriminator_says_its_als_init_and_a_resume_fits_nothing(tmp_path
     assert len(fits) == 11 and "ALS" not in resumed.output
 
 
+def test_the_parameterizations_warnings_are_warning_lines_and_sn_exact_names_its_flags(tmp_path):
+    """A side's surgery warning (layers past their dense size) came out as Python's warning,
+    with sttpfast's file, line and source; `train` says the same as a `warning:` line."""
+    result = _cli("gan", "digits", "--d-param", "lowrank", "--rank", "4", "--steps", "1", "--n-dis", "1", "--bs", "32",
+                  "--subset", "64", "--out", tmp_path, "--name", "lr", *TINY_SET, *QUIET)
+    assert result.exit_code == 0, result.output
+    assert "UserWarning" not in result.output and "learner.py" not in result.output, result.output
+    assert [line for line in result.output.splitlines() if line.startswith("warning:")] == [
+        "warning: lowrank at rank 4 has more degrees of freedom than the dense weight in 2 layer(s): "
+        "blocks.0.shortcut, fc"]
+    exact = _cli("gan", "digits", "--d-param", "sttp-c", "--rank", "4", "--sn-exact", "--steps", "1",
+                 "--out", tmp_path, "--name", "x", *TINY_SET, *QUIET)
+    assert exact.exit_code == 2 and exact.output.splitlines() == [
+        "Error: --sn-exact (gan.sn_exact) needs --d-param sn (gan.d_param), got 'sttp-c'"], exact.output
+
+
 def test_cli_gan_digits_sn_writes_the_run_folder(tmp_path):
     result = _cli("gan", "digits", "--d-param", "sn", "--steps", "20", "--bs", "32", "--subset", "256",
                   "--out", tmp_path, "--name", "sn", *TINY_SET, *QUIET)

@@ -83,7 +83,7 @@ def check_gan_config(cfg: dict) -> dict:
     g["g_param"] = _check_param("gan.g_param (--g-param)", g["g_param"], allow_sr=False)
     g["d_param"] = _check_param("gan.d_param (--d-param)", g["d_param"], allow_sr=True)
     if g["sn_exact"] and g["d_param"] != "sn":
-        raise ValueError(f"gan.sn_exact needs gan.d_param 'sn', got {g['d_param']!r}")
+        raise ValueError(f"--sn-exact (gan.sn_exact) needs --d-param sn (gan.d_param), got {g['d_param']!r}")
     _check_ranks_apply(g)
     _check_metric_settings_apply(g)
     unknown = [m for m in g["metrics"] if m not in ("fid", "isc", "kid")]
@@ -328,14 +328,15 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
     if state is None:  # a resume loads every factor from its checkpoint: no spectral init to say
         for param in dict.fromkeys((g["g_param"], d_param)):
             say_init_cost(param, None, say)
-    learn = gan_learner(
-        dls, g=generator, d=discriminator, g_param=g["g_param"], d_param=d_param,
-        init=None if state is None else "identity",
-        rank=g["rank"], g_rank=g["g_rank"], d_rank=g["d_rank"], loss=g["loss"], n_dis=g["n_dis"],
-        lr_g=g["lr_g"], lr_d=g["lr_d"], betas_g=(g["beta1"], g["beta2"]), betas_d=(g["beta1"], g["beta2"]),
-        lr_decay=g["lr_decay"], ema_decay=g["ema"], ema_start=g["ema_start"], dequantize=g["dequantize"],
-        sn_exact=g["sn_exact"], d_optimal=g["d_optimal"], sv_every=cfg["log"]["sv_every"], seed=seed,
-        cbs=cbs + list(extra_cbs), run_dir=run_dir)
+    with saying_warnings(say):  # a side's surgery warnings as `warning:` lines, as train says them
+        learn = gan_learner(
+            dls, g=generator, d=discriminator, g_param=g["g_param"], d_param=d_param,
+            init=None if state is None else "identity",
+            rank=g["rank"], g_rank=g["g_rank"], d_rank=g["d_rank"], loss=g["loss"], n_dis=g["n_dis"],
+            lr_g=g["lr_g"], lr_d=g["lr_d"], betas_g=(g["beta1"], g["beta2"]), betas_d=(g["beta1"], g["beta2"]),
+            lr_decay=g["lr_decay"], ema_decay=g["ema"], ema_start=g["ema_start"], dequantize=g["dequantize"],
+            sn_exact=g["sn_exact"], d_optimal=g["d_optimal"], sv_every=cfg["log"]["sv_every"], seed=seed,
+            cbs=cbs + list(extra_cbs), run_dir=run_dir)
     if sharded:
         shard_gan(learn.model, main, say)  # before the optimizers: they step the shards
     if not any(isinstance(cb, SingularValueLogger) for cb in learn.cbs):
