@@ -34,7 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Sequence, Union
 
 __all__ = ["write_file", "write_beside", "write_checkpoint", "set_pointer", "read_pointer", "verify_checkpoint",
            "latest_complete", "checkpoints", "prune_checkpoints", "clean_temporaries", "CRASH_POINTS",
@@ -293,9 +293,10 @@ def read_pointer(root: str | os.PathLike, pointer: str) -> Path | None:
     return Path(root) / os.readlink(link)
 
 
-def verify_checkpoint(folder: str | os.PathLike) -> list[str]:
+def verify_checkpoint(folder: str | os.PathLike, only: Sequence[str] | None = None) -> list[str]:
     """What is wrong with the checkpoint ``folder`` (empty when its files match the manifest):
-    one line per damaged or missing file."""
+    one line per damaged or missing file; ``only``: just these of the manifest's files (what a
+    reader of the weights needs: a damaged optimizer state does not stop an export)."""
     folder = Path(folder)
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -306,6 +307,8 @@ def verify_checkpoint(folder: str | os.PathLike) -> list[str]:
         return [f"{folder / MANIFEST}: unreadable ({err})"]
     problems = []
     for fname, want in entries.items():
+        if only is not None and fname not in only:
+            continue
         path = folder / fname
         if not path.is_file():
             problems.append(f"{path}: missing")

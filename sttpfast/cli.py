@@ -435,7 +435,7 @@ def info(run, arch, param, rank, compression, include, exclude, init, num_classe
 
 def _info_of_run(run: str) -> None:
     """The per-layer table of a run folder's last checkpoint (a GAN run: G's, then D's)."""
-    from sttpfast.export import is_gan_run, load_gan_run_pair, load_run_model, run_checkpoint
+    from sttpfast.export import RESUME_HINT, is_gan_run, load_gan_run_pair, load_run_model, run_checkpoint
     from sttpfast.surgery import compression_report
 
     run_dir = Path(run).expanduser().absolute()
@@ -447,7 +447,7 @@ def _info_of_run(run: str) -> None:
         if timm.is_model(run):  # `sttpfast info resnet18`: the architecture is an option
             raise CLIError(f"{run_dir} does not exist; for the architecture: sttpfast info --arch {run}")
     # a damaged last checkpoint: export's remedy (--which best) is no option here
-    run_checkpoint(run_dir, "last", damaged_hint="resume the run: it falls back to the newest complete checkpoint")
+    run_checkpoint(run_dir, "last", damaged_hint=RESUME_HINT)
     if is_gan_run(run_dir, "last"):
         pair, _ = load_gan_run_pair(run_dir, "last")
         click.echo(f"run {run_dir}: a GAN, the last checkpoint")

@@ -232,16 +232,52 @@ def export_generator(model: nn.Module, path: str | os.PathLike, format: str, ema
 # ---------------------------------------------------------------------------------------
 # run folders
 #: what `sttpfast export` can do about a damaged checkpoint
-DAMAGED_HINT = "export another one (--which best), or resume the run: it falls back to the newest complete one"
+#: the files of a checkpoint that reading its model needs (the optimizer state is not one)
+MODEL_FILES = ("model.safetensors", "state.json")
 
 
-def run_checkpoint(run_dir: str | os.PathLike, which: str = "last", damaged_hint: str = DAMAGED_HINT) -> Path:
+def _checkpoint_folder(root: Path, which: str) -> Path:
+    """``checkpoints/<which>``: a folder, a link to one, or a one-line pointer file."""
+    entry = root / which
+    if entry.is_file():  # a pointer file: the checkpoint folder's name
+        try:
+            return root / entry.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            return entry
+    return entry  # a folder, or a symbolic link to one (followed by the file system)
+
+
+def _damaged_hint(root: Path, folder: Path, which: str, resume_hint: str | None) -> str:
+    """What the user can do about the damaged ``folder``: export the other of last / best
+    where it is another, complete checkpoint; resume (``resume_hint``) where any other
+    checkpoint is complete; else say that none is."""
+    def complete(f: Path) -> bool:
+        return (f / "model.safetensors").is_file() and (f / MANIFEST).is_file() and not verify_checkpoint(f)
+
+    others = [f for f in root.iterdir() if f.is_dir() and f.name.startswith("ckpt-")
+              and f.resolve() != folder.resolve() and complete(f)] if root.is_dir() else []
+    if not others:
+        return "no other checkpoint of the run is complete"
+    other = "best" if which == "last" else "last"
+    other_folder = _checkpoint_folder(root, other)
+    hints = [f"export the {other} one (--which {other})"] if (
+        resume_hint is None and other_folder.exists() and other_folder.resolve() != folder.resolve()
+        and complete(other_folder)) else []
+    return ", or ".join([*hints, resume_hint or RESUME_HINT])
+
+
+RESUME_HINT = "resume the run: it falls back to the newest complete checkpoint"
+
+
+def run_checkpoint(run_dir: str | os.PathLike, which: str = "last", damaged_hint: str | None = None) -> Path:
     """The model file of a run's ``which`` checkpoint (``last`` or ``best``).
 
     Accepts both checkpoint layouts: ``checkpoints/<which>/`` as a folder, or as a link /
     one-line pointer file naming a ``checkpoints/ckpt-STEP/`` folder. ValueError (naming the
     run) when ``run_dir`` is not a run folder or holds no such checkpoint, or when the
-    checkpoint is damaged (the message ends with ``damaged_hint``, what the caller can do).
+    model file or state is damaged (the message ends with what the user can do: the other
+    checkpoint to export, or ``damaged_hint``, the resume the caller suggests, where another
+    checkpoint is complete). A damaged optimizer state does not stop a reader of the model.
     """
     run_dir = Path(run_dir).expanduser()
     if which not in CHECKPOINTS:
@@ -252,20 +288,15 @@ def run_checkpoint(run_dir: str | os.PathLike, which: str = "last", damaged_hint
     if problem is not None:
         raise ValueError(problem)
     root = run_dir / "checkpoints"
-    entry = root / which
-    folder = entry  # a folder, or a symbolic link to one (followed by the file system)
-    if entry.is_file():  # a pointer file: the checkpoint folder's name
-        try:
-            folder = root / entry.read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            folder = entry
+    folder = _checkpoint_folder(root, which)
     model_file = folder / "model.safetensors"
     if not model_file.is_file():
         raise ValueError(f"{run_dir} has no '{which}' checkpoint ({model_file} is missing)")
     if (folder / MANIFEST).is_file():  # sizes and hashes: a torn or flipped file, said as such
-        problems = verify_checkpoint(folder.resolve())
+        problems = verify_checkpoint(folder.resolve(), only=MODEL_FILES)
         if problems:
-            raise ValueError(f"checkpoint {folder.resolve()} is damaged ({'; '.join(problems)}); {damaged_hint}")
+            hint = _damaged_hint(root, folder, which, damaged_hint)
+            raise ValueError(f"checkpoint {folder.resolve()} is damaged ({'; '.join(problems)}); {hint}")
     return model_file
 
 

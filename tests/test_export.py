@@ -209,8 +209,9 @@ def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
         model = (folder / "checkpoints" / "last").resolve() / "model.safetensors"
         full = model.stat().st_size
         model.write_bytes(model.read_bytes()[:1000])
+        # the run's one checkpoint is last and best: it offered --which best and a resume, both dead ends
         message = (f"checkpoint {model.parent} is damaged ({model}: 1000 bytes, the manifest says {full}); "
-                   "export another one (--which best), or resume the run: it falls back to the newest complete one")
+                   "no other checkpoint of the run is complete")
     elif case == "format":
         fmt = "tflite"
         message = "unknown export format 'tflite'; allowed: safetensors, onnx"
@@ -224,6 +225,21 @@ def test_bad_input_is_one_error_line_and_writes_nothing(run, tmp_path, case):
     assert result.output == f"Error: {message}\n"
     assert _files(tmp_path) == before  # no file, no folder, no temp file
     assert all(f.read_bytes() == content for f, content in contents.items())  # nothing overwritten
+
+
+def test_a_damaged_optimizer_state_does_not_stop_an_export_of_intact_weights(run, tmp_path):
+    """Export reads the model and its state; a torn optimizer.safetensors refused it ('is
+    damaged ...; export another one (--which best)', the same checkpoint in a one-checkpoint run)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, symlinks=True)
+    optimizer = (copy / "checkpoints" / "last").resolve() / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    result = _cli("export", copy, "--format", "safetensors")
+    assert result.exit_code == 0, result.output
+    reference = _cli("export", run, "--format", "safetensors", "--out", tmp_path / "intact.safetensors")
+    assert reference.exit_code == 0, reference.output
+    a, b = load_file(str(copy / "export/last.safetensors")), load_file(str(tmp_path / "intact.safetensors"))
+    assert sorted(a) == sorted(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_an_export_removes_the_temporaries_a_killed_export_left(run, tmp_path):
@@ -370,8 +386,8 @@ def test_export_of_a_gan_run_writes_its_ema_generator(tmp_path):
     model.write_bytes(model.read_bytes()[:1000])
     refused = _cli("export", damaged, "--format", "onnx")
     assert refused.exit_code == 2 and refused.output == (
-        f"Error: checkpoint {model.parent} is damaged ({model}: 1000 bytes, the manifest says {full}); export "
-        "another one (--which best), or resume the run: it falls back to the newest complete one\n")
+        f"Error: checkpoint {model.parent} is damaged ({model}: 1000 bytes, the manifest says {full}); "
+        "no other checkpoint of the run is complete\n")
 
     result = _cli("export", run, "--format", "safetensors")
     out = run / "export/last.safetensors"
