@@ -232,6 +232,8 @@ def export_generator(model: nn.Module, path: str | os.PathLike, format: str, ema
 # ---------------------------------------------------------------------------------------
 # run folders
 #: what `sttpfast export` can do about a damaged checkpoint
+#: what a damaged checkpoint leaves the user where another one is complete
+RESUME_HINT = "resume the run: it falls back to the newest complete checkpoint"
 #: the files of a checkpoint that reading its model needs (the optimizer state is not one)
 MODEL_FILES = ("model.safetensors", "state.json")
 
@@ -264,9 +266,6 @@ def _damaged_hint(root: Path, folder: Path, which: str, resume_hint: str | None)
         resume_hint is None and other_folder.exists() and other_folder.resolve() != folder.resolve()
         and complete(other_folder)) else []
     return ", or ".join([*hints, resume_hint or RESUME_HINT])
-
-
-RESUME_HINT = "resume the run: it falls back to the newest complete checkpoint"
 
 
 def run_checkpoint(run_dir: str | os.PathLike, which: str = "last", damaged_hint: str | None = None) -> Path:
