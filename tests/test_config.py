@@ -34,23 +34,29 @@ def test_cli_then_dotted_overrides_win(tmp_path):
     assert cfg["param"]["include"] == ["blocks.*", "fc"]
 
 
+def _set_later(tmp_path, first, later, key, value):
+    """build_config of the file ``first``, then ``key: value`` from a flag (``cli``), ``--set``
+    (``set``) or a second file named after the key (``file``)."""
+    if later == "cli":
+        return build_config([first], cli={key: value})
+    if later == "set":
+        return build_config([first], overrides=[f"{key}={value}"])
+    section, name = key.split(".")
+    return build_config([first, write(tmp_path, f"{name}.yml", f"{section}:\n  {name}: {value}\n")])
+
+
 @pytest.mark.parametrize("later", ["cli", "set", "file"])
 def test_a_layer_size_given_later_replaces_an_earlier_sources(tmp_path, later):
     # `--cfg configs/demo.yml --compression 10` was refused ("give either param.rank or
     # --compression, not both"): the file's rank and the later flag are the run's one size
     demo = write(tmp_path, "demo.yml", "param:\n  name: sttp-r\n  rank: 8\n")
     with pytest.warns(ConfigWarning) as said:
-        if later == "cli":
-            cfg, sources = build_config([demo], cli={"param.compression": 10})
-        elif later == "set":
-            cfg, sources = build_config([demo], overrides=["param.compression=10"])
-        else:
-            cfg, sources = build_config([demo, write(tmp_path, "z.yml", "param:\n  compression: 10\n")])
+        cfg, sources = _set_later(tmp_path, demo, later, "param.compression", 10)
     assert (cfg["param"]["rank"], cfg["param"]["compression"]) == (None, 10.0)
-    by = {"cli": "the command line", "set": "--set", "file": str(tmp_path / "z.yml")}[later]
+    by = {"cli": "the command line", "set": "--set", "file": str(tmp_path / "compression.yml")}[later]
     assert [str(w.message) for w in said if w.category is ConfigWarning] == [
         f"config param.rank: 8 from {demo} dropped: param.compression 10.0 sizes the layers from {by}"]
-    # a rank scale over a file's compression, and the other way round
+    # a rank scale over a file's compression
     z = write(tmp_path, "z10.yml", "param:\n  name: lowrank\n  compression: 10\n")
     with pytest.warns(ConfigWarning):
         cfg, _ = build_config([z], cli={"param.rank_scale": 0.25})
@@ -68,12 +74,7 @@ def test_epochs_given_later_replace_the_steps_of_an_earlier_source(tmp_path, lat
     # the paper's configs set optim.steps: 100000; `--cfg it --epochs 1` kept the 100,000 steps
     # (steps replace epochs whenever set) and started a run of days
     paper = write(tmp_path, "paper.yml", "optim:\n  steps: 100000\n")
-    if later == "cli":
-        cfg, sources = build_config([paper], cli={"optim.epochs": 1})
-    elif later == "set":
-        cfg, sources = build_config([paper], overrides=["optim.epochs=1"])
-    else:
-        cfg, sources = build_config([paper, write(tmp_path, "short.yml", "optim:\n  epochs: 1\n")])
+    cfg, sources = _set_later(tmp_path, paper, later, "optim.epochs", 1)
     assert (cfg["optim"]["epochs"], cfg["optim"]["steps"]) == (1, None)
     assert sources["optim.steps"] == sources["optim.epochs"]
     # given together, both stay (steps replace epochs), flags and --set alike
