@@ -191,6 +191,24 @@ def test_pretrained_file_that_does_not_fit_is_one_clear_error(tmp_path):
         create_model("resnet32_cifar", pretrained=path)
 
 
+def test_pretrained_file_of_another_architecture_is_refused_with_another_class_count(tmp_path):
+    """A new class count has timm drop the file's classifier and load the rest without strict
+    checks: resnet18's file into resnet34 left 96 of 218 tensors random, into vgg11 all of
+    them, without a word. The file must fit apart from the classifier."""
+    path = tmp_path / "resnet18.safetensors"
+    save_file(timm.create_model("resnet18").state_dict(), str(path))
+    with pytest.raises(ValueError, match=r"'.*resnet18.safetensors' does not fit 'resnet34': 96 missing from the file: "
+                                         r"layer1.2.conv1.weight"):
+        create_model("resnet34", pretrained=path, num_classes=10)
+    with pytest.raises(ValueError, match=r"'.*resnet18.safetensors' does not fit 'vgg11': \d+ missing from the file"):
+        create_model("vgg11", pretrained=path, num_classes=10)
+    # a file without a classifier (a backbone) loads strictly and gets a new one
+    backbone = timm.create_model("resnet18", num_classes=0)
+    save_file(backbone.state_dict(), str(tmp_path / "backbone.safetensors"))
+    model = create_model("resnet18", pretrained=tmp_path / "backbone.safetensors", num_classes=10)
+    assert torch.equal(model.layer4[1].conv2.weight, backbone.layer4[1].conv2.weight) and model.fc.out_features == 10
+
+
 def test_pretrained_file_missing():
     with pytest.raises(ValueError, match="pretrained weight file 'missing.pth' does not exist"):
         create_model("resnet20_cifar", pretrained="missing.pth")

@@ -100,7 +100,8 @@ def _check_patch_size(arch: str, model, img_size: int) -> None:
 
 
 def _create_from_file(arch: str, path: Path, cfg, kwargs: dict):
-    """Build ``arch`` with the weights in ``path`` (strict load, classifier adapted by timm)."""
+    """Build ``arch`` with the weights in ``path``: a strict load, then a fresh classifier where
+    the file's class count is not ``num_classes``."""
     if not path.is_file():
         raise ValueError(f"pretrained weight file {str(path)!r} does not exist")
     if path.suffix not in WEIGHT_FILE_SUFFIXES:
@@ -110,25 +111,38 @@ def _create_from_file(arch: str, path: Path, cfg, kwargs: dict):
     except Exception as err:  # noqa: BLE001  (any reader failure means: not a weight file we can read)
         raise ValueError(f"cannot read pretrained weight file {str(path)!r}: {err}") from err
     overlay = dict(file=str(path), **_file_cfg(cfg, state))
+    # timm drops a classifier of another class count and then loads the rest without strict
+    # checks (a file of another architecture loads partly, with a log line): build the file's
+    # class count, loaded strictly, and give it the new classifier after
+    build = dict(kwargs)
+    if _names(cfg.classifier):  # a file without the classifier: built without one (0 classes)
+        build["num_classes"] = overlay.setdefault("num_classes", 0)
     try:
-        return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **build)
     except RuntimeError as err:
         if "state_dict" not in str(err):
             raise
-        raise ValueError(_mismatch_message(arch, path, state, kwargs)) from None
+        raise ValueError(_mismatch_message(arch, path, state, build)) from None
+    wanted = kwargs.get("num_classes", cfg.num_classes)
+    if build.get("num_classes", wanted) != wanted:
+        model.reset_classifier(wanted)
+    return model
+
+
+def _names(field) -> tuple[str, ...]:
+    """A cfg's ``classifier`` / ``first_conv``: one module name, several, or none."""
+    return (field,) if isinstance(field, str) else tuple(field or ())
 
 
 def _file_cfg(cfg, state: dict) -> dict:
     """The class count and input channels the file's weights were made for, so that timm keeps
     a classifier that fits and adapts only what differs from the requested model."""
     found: dict[str, Any] = {}
-    classifiers = (cfg.classifier,) if isinstance(cfg.classifier, str) else (cfg.classifier or ())
-    for name in classifiers:
+    for name in _names(cfg.classifier):
         weight = state.get(f"{name}.weight")
         if weight is not None:
             found["num_classes"] = weight.shape[0]  # (num_classes, num_features[, 1, 1])
-    first_convs = (cfg.first_conv,) if isinstance(cfg.first_conv, str) else (cfg.first_conv or ())
-    for name in first_convs:
+    for name in _names(cfg.first_conv):
         weight = state.get(f"{name}.weight")
         if weight is not None and weight.ndim == 4:
             found["input_size"] = (weight.shape[1], *cfg.input_size[1:])  # conv (C_out, C_in, kh, kw)
