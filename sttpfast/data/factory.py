@@ -5,7 +5,6 @@ import os
 import warnings
 
 import torch
-from fastai.data.core import DataLoaders
 from fastai.torch_core import default_device
 from torch import Tensor
 
@@ -15,6 +14,7 @@ from sttpfast.data.readers.imagefolder import decode_images
 from sttpfast.data.readers.raw import Split
 from sttpfast.data.registry import DatasetSpec, data_root, resolve_dataset
 from sttpfast.data.source import read_or_download
+from sttpfast.data.test_items import InMemoryDataLoaders
 from sttpfast.data.transforms import channel_stats
 
 __all__ = ["get_dls"]
@@ -35,7 +35,7 @@ def _to_tensors(split: Split, spec: DatasetSpec) -> tuple[Tensor, Tensor]:
 def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
             subset: int | None = None, download: bool = False, num_workers: int = 0,
             seed: int = 0, augment: bool = True, device: str | torch.device | None = None
-            ) -> DataLoaders:
+            ) -> InMemoryDataLoaders:
     """Load dataset ``name`` into memory and wrap it in fastai ``DataLoaders``.
 
     Args:
@@ -53,7 +53,8 @@ def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
         device: where batches are delivered; default fastai's ``default_device()``.
 
     Returns:
-        ``DataLoaders`` whose ``train`` / ``valid`` yield ``(x float32 (B,C,H,W), y int64 (B,))``,
+        fastai ``DataLoaders`` (:class:`InMemoryDataLoaders`: ``test_dl`` takes images as
+        tensors, PIL images or files) whose ``train`` / ``valid`` yield ``(x float32 (B,C,H,W), y int64 (B,))``,
         with ``n_classes``, ``in_chans``, ``image_size``, ``dataset_name``, ``mean``, ``std``,
         ``c`` (= n_classes), ``vocab`` and ``source`` (the folder the files were read from)
         attached. Files found outside ``data_dir`` (Debian's system-wide Fashion-MNIST, where
@@ -99,8 +100,8 @@ def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
     train_dl = InMemoryImageDL(train_ds, shuffle=True, drop_last=len(train_ds) >= bs,
                                augment=augment, **common)
     valid_dl = InMemoryImageDL(valid_ds, shuffle=False, drop_last=False, augment=False, **common)
-    dls = DataLoaders(train_dl, valid_dl, path=root, device=device)
+    dls = InMemoryDataLoaders(train_dl, valid_dl, path=root, device=device)
     dls.n_classes = dls.c = len(raw.classes)  # = spec.n_classes for the official data
     dls.in_chans, dls.image_size, dls.dataset_name = spec.in_chans, spec.image_size, spec.name
-    dls.mean, dls.std, dls.vocab, dls.source = mean, std, list(raw.classes), raw.source
+    dls.mean, dls.std, dls.vocab, dls.source = mean, std, valid_ds.vocab, raw.source
     return dls

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import torch
 from fastai.data.load import DataLoader
+from fastai.data.transforms import CategoryMap
 from torch import Tensor
 
 from sttpfast.data.transforms import random_crop_flip, resize_images
@@ -21,27 +22,32 @@ __all__ = ["InMemoryImageDataset", "InMemoryImageDL", "loader_throughput"]
 
 
 class InMemoryImageDataset:
-    """Images ``x`` uint8 ``(N, C, H, W)`` and labels ``y`` int64 ``(N,)``, in memory.
+    """Images ``x`` uint8 ``(N, C, H, W)`` and labels ``y`` int64 ``(N,)``, in memory; ``y``
+    None for images without labels (a test set: items are ``(x,)``).
 
-    ``vocab`` holds the class names (index -> name), as fastai's ``dls.vocab`` expects.
+    ``vocab`` holds the class names (index -> name) as fastai's ``CategoryMap``, the type
+    fastai's ``dls.vocab`` has (a plain list reads as one vocab per part of an item:
+    ``ClassificationInterpretation`` then took the last class name for the vocab).
     """
 
-    def __init__(self, x: Tensor, y: Tensor, vocab: Sequence[str] = ()):
+    def __init__(self, x: Tensor, y: Tensor | None = None, vocab: Sequence[str] = ()):
         assert x.dtype == torch.uint8 and x.ndim == 4, (x.dtype, x.shape)
-        assert y.dtype == torch.int64 and y.shape == (len(x),), (y.dtype, y.shape)
-        self.x, self.y, self.vocab = x.contiguous(), y.contiguous(), list(vocab)
+        assert y is None or (y.dtype == torch.int64 and y.shape == (len(x),)), (y.dtype, y.shape)
+        self.x, self.y = x.contiguous(), None if y is None else y.contiguous()
+        self.vocab = CategoryMap(list(vocab), sort=False)
 
     def __len__(self) -> int:
-        return len(self.y)
+        return len(self.x)
 
     def __getitem__(self, i):
-        return self.x[i], self.y[i]
+        return (self.x[i],) if self.y is None else (self.x[i], self.y[i])
 
     def new_empty(self) -> "InMemoryImageDataset":
-        return InMemoryImageDataset(self.x[:0], self.y[:0], self.vocab)
+        return InMemoryImageDataset(self.x[:0], None if self.y is None else self.y[:0], self.vocab)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(x={tuple(self.x.shape)} uint8, {len(self.vocab)} classes)"
+        labels = "" if self.y is not None else ", no labels"
+        return f"{type(self).__name__}(x={tuple(self.x.shape)} uint8, {len(self.vocab)} classes{labels})"
 
 
 _AUG_SEED_OFFSET = 0x9E3779B97F4A7C15 >> 2  # decorrelates the augmentation stream from shuffling
@@ -141,23 +147,24 @@ class InMemoryImageDL(DataLoader):
             yield self.create_batch(idx)
 
     def create_item(self, s: int):
-        return self.dataset.x[s], self.dataset.y[s]
+        return self.dataset[s]
 
-    def create_batch(self, b: Tensor) -> tuple[Tensor, Tensor]:
-        """Index tensor ``(B,)`` -> uint8 ``(B, C, H, W)``, int64 ``(B,)`` (not yet normalized)."""
+    def create_batch(self, b: Tensor) -> tuple[Tensor, ...]:
+        """Index tensor ``(B,)`` -> uint8 ``(B, C, H, W)``, int64 ``(B,)`` (not yet normalized);
+        the images alone for a dataset without labels."""
         b = torch.as_tensor(b, dtype=torch.int64)
-        return self.dataset.x[b], self.dataset.y[b]
+        return self.dataset[b]
 
-    def after_batch(self, b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """uint8 ``(B, C, H, W)`` -> augmented, normalized float32 ``(B, C, H, W)``."""
-        x, y = b
+    def after_batch(self, b: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """uint8 ``(B, C, H, W)`` -> augmented, normalized float32 ``(B, C, H, W)``; labels as given."""
+        x, *y = b
         if self.augment:
             x = random_crop_flip(x, self.pad, self.flip, self._aug_gen)
         scale, shift = self._norm_constants(x.device)
         x = x.float()
         if self.resize is not None and tuple(x.shape[-2:]) != (self.resize, self.resize):
             x = resize_images(x, self.resize, self.interpolation)
-        return x.mul_(scale).sub_(shift), y
+        return x.mul_(scale).sub_(shift), *y
 
     def set_normalization(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """Normalize batches with per-channel ``mean`` / ``std`` ([0, 1] units) from now on."""
@@ -186,6 +193,17 @@ class InMemoryImageDL(DataLoader):
         scale, shift = self._norm_constants(x.device)
         x = (x + shift) / (255.0 * scale)
         return (x, *rest)
+
+    def decode_batch(self, b, max_n: int = 9, full: bool = True) -> list[tuple]:
+        """A batch ``(x, *targets)`` -> up to ``max_n`` samples ``(image (C, H, W) in [0, 1],
+        *class names)``: what fastai's ``Learner.predict`` and ``show_results`` decode (a class
+        index becomes its name in ``vocab``; without a vocab it stays the index)."""
+        x, *rest = self.decode(b)
+        vocab = self.dataset.vocab
+
+        def name(t: Tensor):
+            return vocab[int(t)] if len(vocab) and t.ndim == 0 and not t.is_floating_point() else t
+        return [(x[i].cpu(), *(name(r[i].cpu()) for r in rest)) for i in range(min(len(x), max_n))]
 
 
 def loader_throughput(dl, n_batches: int = 50) -> float:
