@@ -31,6 +31,7 @@ from sttpfast.callbacks.weight_cache import CachedValidationWeights
 from sttpfast.config import choices
 from sttpfast.params import BASELINES, method, resolve_param
 from sttpfast.params.attention import attention_form_decay, attention_form_pairs, parameterize_attention
+from sttpfast.params.layers import parameterized_layers
 from sttpfast.surgery import compression_report, parameterize
 
 __all__ = ["spectral_learner", "fit", "release_validation_cache", "SpectralLearner", "StepScheduler", "StepBudget", "schedule_functions",
@@ -302,7 +303,9 @@ def spectral_learner(
 
     Args:
         dls: fastai DataLoaders (``get_dls``), with ``n_classes`` / ``in_chans`` attached.
-        arch: a timm / registered model name, or a model.
+        arch: a timm / registered model name, or a model. A model with layers you parameterized
+            already (several methods, say) is taken as it is under the default ``param="dense"``
+            without surgery arguments, with the callbacks each of its methods calls for.
         param, rank, compression, include, exclude, init, plan, rank_scale, unrepresentable,
         keep_dense_if_no_gain: see :func:`sttpfast.parameterize` (``rank`` may be a per-layer mapping).
         opt: ``sgd`` (momentum ``mom``) or ``adam``; ``wd`` is decoupled weight decay, never
@@ -337,18 +340,30 @@ def spectral_learner(
     else:
         model = _model_for_data(arch, dls, img_size, model_kwargs, echo)
     factored = attention == "qk-ov"
-    say_init_cost(param, init, echo)
-    report = parameterize_for_run(model, param, rank=rank, compression=compression, include=include,
-                                  exclude=exclude, init=init, plan=plan, rank_scale=rank_scale,
-                                  unrepresentable=unrepresentable, keep_dense_if_no_gain=keep_dense_if_no_gain,
-                                  attention=attention, attention_rank=attention_rank)
+    surgery = (rank, compression, include, exclude, init, plan, rank_scale, attention, attention_rank)
+    if param == "dense" and all(v is None for v in surgery) and next(parameterized_layers(model), None):
+        # a model the user parameterized (several methods, say): trained as it is
+        report = compression_report(model)
+        methods = list(dict.fromkeys(row.param for row in report.rows if row.param != "dense"))
+    else:
+        say_init_cost(param, init, echo)
+        report = parameterize_for_run(model, param, rank=rank, compression=compression, include=include,
+                                      exclude=exclude, init=init, plan=plan, rank_scale=rank_scale,
+                                      unrepresentable=unrepresentable, keep_dense_if_no_gain=keep_dense_if_no_gain,
+                                      attention=attention, attention_rank=attention_rank)
+        methods = [param]
     opt_func = (lambda params, **kw: SGD(params, mom=mom, **kw)) if opt == "sgd" else Adam
-    if frobenius_decay is None and param == "lowrank":
+    if frobenius_decay is None and "lowrank" in methods:
         frobenius_decay = wd
     given = list(cbs or [])
-    # a default the user gives their own of (a SingularValueLogger with other settings) is theirs
-    callbacks = [cb for cb in default_callbacks(param, d_optimal, frobenius_decay, spectral_bound, sv_every)
-                 if not any(type(mine) is type(cb) for mine in given)] + given
+    defaults = {}  # each callback type once, over the model's methods
+    for name in methods:
+        for cb in default_callbacks(name, d_optimal, frobenius_decay, spectral_bound, sv_every):
+            defaults.setdefault(type(cb), cb)
+    # a default the user gives their own of (a SingularValueLogger with other settings, or the
+    # class, which fastai instantiates) is theirs
+    kinds = {mine if isinstance(mine, type) else type(mine) for mine in given}
+    callbacks = [cb for kind, cb in defaults.items() if kind not in kinds] + given
     if factored:
         callbacks.append(AttentionFormDecay(wd if frobenius_decay is None else frobenius_decay))
     run_dir = Path(run_dir) if run_dir is not None else None

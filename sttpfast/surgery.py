@@ -648,7 +648,8 @@ def parameterize(
                 raise ValueError(f"layer {name!r} holds the attention forms ({held}): leave the layers "
                                  "parameterize_attention returned out of this call (exclude=their names), as "
                                  "--attention does on the command line")
-            raise ValueError(f"layer {name!r} is already parameterized ({held}); densify the model first")
+            raise ValueError(f"layer {name!r} is already parameterized ({held}): exclude it (exclude=[...]) to "
+                             "parameterize the others, or densify the model first")
     if param == "dense":
         return compression_report(model)
     layers, skipped = _screen_representable(param, layers, unrepresentable or current_unrepresentable_policy())

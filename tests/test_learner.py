@@ -214,6 +214,16 @@ def test_a_callback_the_user_gives_replaces_the_default_of_its_type(dls):
     assert loggers == [mine]
 
 
+def test_a_callback_class_the_user_gives_replaces_the_default_of_its_type(dls):
+    """fastai takes callback classes too: the defaults were kept beside them, so the D-optimal
+    penalty ran twice (weight 2) without a word."""
+    from sttpfast.callbacks import DOptimalPenalty, SingularValueLogger
+
+    learn = spectral_learner(dls, "resnet20_cifar", param="sttp-r", rank=2, cbs=[SingularValueLogger, DOptimalPenalty])
+    kinds = [type(cb) for cb in learn.cbs]
+    assert kinds.count(SingularValueLogger) == 1 and kinds.count(DOptimalPenalty) == 1
+
+
 def test_a_learner_without_a_run_folder_writes_nothing_into_the_current_directory(dls, tmp_path, monkeypatch):
     """README's first Python example (no run_dir) left singular_values.png in the current
     directory, from the default SingularValueLogger; its spectra stay in ``history``. With a
@@ -229,3 +239,32 @@ def test_a_learner_without_a_run_folder_writes_nothing_into_the_current_director
         assert len({row["step"] for row in logger.history}) == len(dls.train)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["singular_values.png"]
+
+
+def test_a_model_the_user_parameterized_trains_as_it_is(dls):
+    """README mixes methods by calling parameterize twice; spectral_learner's default
+    param="dense" then refused the model ("already parameterized; densify the model first",
+    which would undo the user's surgery). The model is taken as it is, with the callbacks
+    its methods call for (each once)."""
+    from sttpfast import compression_report, parameterize
+    from sttpfast.callbacks import DOptimalPenalty, FrobeniusDecay, SingularValueLogger
+
+    model = tiny_net()
+    parameterize(model, "svdp-r", rank=4, include=["0"])
+    parameterize(model, "lowrank", rank=4, include=["2"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    learn = spectral_learner(dls, model)
+    assert learn.model is model and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert learn.compression.z == compression_report(model).z
+    assert sorted(type(cb).__name__ for cb in learn.cbs if isinstance(cb, (DOptimalPenalty, FrobeniusDecay,
+                                                                             SingularValueLogger))) == [
+        "DOptimalPenalty", "FrobeniusDecay", "SingularValueLogger"]
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    # a method on top of it parameterizes the other layers only when told which
+    with pytest.raises(ValueError, match=r"^layer '0' is already parameterized \(svdp-r\): exclude it "
+                                         r"\(exclude=\[\.\.\.\]\) to parameterize the others, or densify the model "
+                                         r"first$"):
+        spectral_learner(dls, model, param="tt", rank=2)
+    learn = spectral_learner(dls, model, param="cp", rank=2, exclude=["0", "2"])
+    assert [row.param for row in learn.compression.rows] == ["svdp-r", "lowrank", "cp"]
