@@ -52,6 +52,13 @@ def non_negative(value, name: str) -> float:
     return float(value)
 
 
+def with_defaults(defaults: list, given: list) -> list:
+    """The learner's callback list: the ``defaults`` of types the user gave none of (an
+    instance or the class, which fastai instantiates), then the user's ``given`` ones."""
+    kinds = {cb if isinstance(cb, type) else type(cb) for cb in given}
+    return [cb for cb in defaults if type(cb) not in kinds] + list(given)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare model under DistributedDataParallel / accelerate wrappers (``.module`` chains)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):

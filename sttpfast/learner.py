@@ -23,7 +23,7 @@ from fastai.optimizer import SGD, Adam, Optimizer
 import torch
 from torch import nn
 
-from sttpfast.callbacks._util import resize_progress_bar
+from sttpfast.callbacks._util import resize_progress_bar, with_defaults
 from sttpfast.callbacks.guards import NaNGuard
 from sttpfast.callbacks.penalties import DOptimalPenalty, FrobeniusDecay
 from sttpfast.callbacks.spectral import SingularValueLogger, SpectralNormBound
@@ -360,10 +360,8 @@ def spectral_learner(
     for name in methods:
         for cb in default_callbacks(name, d_optimal, frobenius_decay, spectral_bound, sv_every):
             defaults.setdefault(type(cb), cb)
-    # a default the user gives their own of (a SingularValueLogger with other settings, or the
-    # class, which fastai instantiates) is theirs
-    kinds = {mine if isinstance(mine, type) else type(mine) for mine in given}
-    callbacks = [cb for kind, cb in defaults.items() if kind not in kinds] + given
+    # a default the user gives their own of (a SingularValueLogger with other settings) is theirs
+    callbacks = with_defaults(list(defaults.values()), given)
     if factored:
         callbacks.append(AttentionFormDecay(wd if frobenius_decay is None else frobenius_decay))
     run_dir = Path(run_dir) if run_dir is not None else None

@@ -503,3 +503,14 @@ def test_the_progress_bar_counts_the_epochs_g_steps(dls, tmp_path):
         learn.fit(steps=per_epoch + 3, cbs=[totals])
     # last_v None: the bar reached its total and closed (fastprogress resets it there)
     assert totals.seen == [(per_epoch, None), (3, None)]
+
+
+def test_a_callback_the_user_gives_replaces_the_gan_default_of_its_type(dls, tmp_path):
+    """As spectral_learner does: a user's DOptimalPenalty (or the class, which fastai
+    instantiates) ran beside the default one, the penalty twice."""
+    from sttpfast.callbacks.penalties import DOptimalPenalty
+
+    mine = DOptimalPenalty(weight=0.5)
+    learn = tiny_learner(dls, tmp_path, d_param="sttp-r", rank=2, cbs=[mine, SingularValueLogger])
+    assert [cb for cb in learn.cbs if isinstance(cb, DOptimalPenalty)] == [mine]
+    assert [type(cb) for cb in learn.cbs].count(SingularValueLogger) == 1

@@ -54,7 +54,7 @@ from fastai.learner import Learner
 from fastai.optimizer import Adam
 from torch import Tensor, nn
 
-from sttpfast.callbacks._util import resize_progress_bar
+from sttpfast.callbacks._util import resize_progress_bar, with_defaults
 from sttpfast.callbacks.guards import NaNGuard
 from sttpfast.callbacks.penalties import DOptimalPenalty
 from sttpfast.callbacks.spectral import SingularValueLogger
@@ -480,7 +480,8 @@ def gan_learner(
             instead of PyTorch's one-iteration estimate (the reference's, which lets it exceed 1).
         d_optimal: weight of the D-optimal penalty when a side is ``-r``.
         cbs: your callbacks; they run with the defaults (NaNGuard; singular-value logging for
-            learned spectra; the D-optimal penalty for ``-r``).
+            learned spectra; the D-optimal penalty for ``-r``), and one of a default's type (an
+            instance or the class) replaces that default.
         init: the factors' init on both sides (None: each method's default, see
             :func:`sttpfast.parameterize`); ``"identity"`` when a checkpoint's tensors are loaded
             next (a resume), which skips the spectral init's fit.
@@ -519,7 +520,7 @@ def gan_learner(
     path = run_dir if run_dir is not None else Path(".")
     learn = GANLearner(dls, pair, loss_obj, n_dis=n_dis, lr_g=lr_g, lr_d=lr_d, betas_g=betas_g,
                        betas_d=betas_d, lr_decay=lr_decay, image_size=getattr(generator, "image_size", None),
-                       dequantize=dequantize, seed=seed, cbs=callbacks + list(cbs or []), path=path,
+                       dequantize=dequantize, seed=seed, cbs=with_defaults(callbacks, list(cbs or [])), path=path,
                        model_dir=".", **learner_kwargs)
     learn.compression_g, learn.compression_d = report_g, report_d
     learn.g_param, learn.d_param, learn.run_dir = g_param, d_param, run_dir
