@@ -29,6 +29,7 @@ ones a one-process run writes, and a checkpoint resumes on any number of process
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import random
@@ -45,7 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from sttpfast.atomic import (MANIFEST, DamagedCheckpoints, latest_complete, prune_checkpoints, set_pointer,
                              write_checkpoint)
-from sttpfast.callbacks._util import is_main_process, unwrap_model
+from sttpfast.callbacks._util import is_main_process, positive_steps, unwrap_model
 from sttpfast.checkpoint import load_parameterized, save_parameterized
 from sttpfast.fsdp import full_state_dict, full_tensor, is_sharded, shard_like
 from sttpfast.processes import world_size
@@ -298,7 +299,12 @@ class Checkpointer(Callback):
 
     def __init__(self, every: int | None = None, monitor: str = "accuracy", mode: str = "max",
                  folder: str | os.PathLike | None = None):
-        self.every, self.monitor, self.mode = every, monitor, mode
+        if mode not in ("max", "min"):
+            raise ValueError(f"Checkpointer mode must be 'max' or 'min', got {mode!r}")
+        if not isinstance(monitor, str):
+            raise ValueError(f"Checkpointer monitor must be a recorder column's name, got {monitor!r}")
+        self.every = None if every is None else positive_steps(every, "Checkpointer every")
+        self.monitor, self.mode = monitor, mode
         self.folder = None if folder is None else Path(folder)
         self.best = None
         self.saved_iter = None  # the step of the last checkpoint written
@@ -448,6 +454,13 @@ class Checkpointer(Callback):
         return self._resume is not None and self.epoch < self._resume[0]
 
     def before_fit(self):
+        recorder = getattr(self.learn, "recorder", None)
+        names = list(recorder.metric_names[1:-1]) if recorder is not None else []  # after the Recorder's before_fit
+        if recorder is not None and self.monitor not in names:  # `best` would never be written
+            close = difflib.get_close_matches(self.monitor, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"Checkpointer monitor {self.monitor!r} is not a column of the recorder "
+                             f"({', '.join(names)}){hint}")
         self._unquiet = quiet_skipped_epochs(self.learn, self._skipped_epoch) if (
             self._resume is not None and self._resume[0] > 0) else None
 

@@ -268,3 +268,21 @@ def test_a_model_the_user_parameterized_trains_as_it_is(dls):
         spectral_learner(dls, model, param="tt", rank=2)
     learn = spectral_learner(dls, model, param="cp", rank=2, exclude=["0", "2"])
     assert [row.param for row in learn.compression.rows] == ["svdp-r", "lowrank", "cp"]
+
+
+def test_checkpointer_refuses_bad_settings_and_a_monitor_the_recorder_does_not_keep(dls, tmp_path):
+    """Checkpointer(monitor="valid_los") trained to the end and never wrote `best`; mode
+    "maximum" and every=0 were taken."""
+    from sttpfast.callbacks.checkpoint import Checkpointer
+
+    with pytest.raises(ValueError, match=r"^Checkpointer mode must be 'max' or 'min', got 'maximum'$"):
+        Checkpointer(mode="maximum")
+    with pytest.raises(ValueError, match=r"^Checkpointer every must be a positive whole number of steps, got 0$"):
+        Checkpointer(every=0)
+    learn = _learner(dls, tmp_path, cbs=[Checkpointer(monitor="valid_los", mode="min")])
+    with pytest.raises(ValueError, match=r"Checkpointer monitor 'valid_los' is not a column of the recorder "
+                                         r"\(train_loss, valid_loss, accuracy, top5_accuracy\); did you mean "
+                                         r"'valid_loss'\?$"):
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(1, 1e-3)
+    assert not (tmp_path / "checkpoints").exists()
