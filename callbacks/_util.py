@@ -96,11 +96,28 @@ def run_dir(learn) -> Path:
     return path
 
 
+#: the learner's attributes (in its ``__dict__``: fastai's Learner hands unknown names to its
+#: model) that carry the step count over fits: the steps of the earlier fits, and the last step seen
+STEPS_BEFORE_FIT, STEPS_SEEN = "sttpfast_steps_before_fit", "sttpfast_steps_seen"
+
+
 def global_step(learn) -> int:
-    """Optimizer steps done so far. fastai's TrainEvalCallback (order -10) increments
-    ``train_iter`` in ``after_batch`` before any later callback runs, so in ``after_batch``
-    of step ``k`` (0-based) this is ``k + 1``: the step count that the batch completes."""
-    return int(getattr(learn, "train_iter", 0) or 0)
+    """Optimizer steps done so far, over all the learner's fits. fastai's TrainEvalCallback
+    (order -10) increments ``train_iter`` in ``after_batch`` before any later callback runs,
+    so in ``after_batch`` of step ``k`` (0-based) this is ``k + 1``: the step count that the
+    batch completes. fastai counts from 0 again in each fit; the loggers keep the steps of
+    the earlier fits (:func:`count_steps_over_fits`), so a second fit (``fine_tune``) logs on."""
+    return int(getattr(learn, "train_iter", 0) or 0) + int(vars(learn).get(STEPS_BEFORE_FIT, 0))
+
+
+def count_steps_over_fits(learn, event: str) -> None:
+    """``before_fit``: the fit starts after the steps seen so far; ``after_batch``: note the
+    step (a fit that dies of an exception still counts up to its last step). Idempotent, so
+    every logger of the learner can call it."""
+    if event == "before_fit":
+        vars(learn)[STEPS_BEFORE_FIT] = vars(learn).get(STEPS_SEEN, 0)
+    elif getattr(learn, "training", False):
+        vars(learn)[STEPS_SEEN] = global_step(learn)
 
 
 def loggers(learn) -> list:

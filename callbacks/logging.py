@@ -11,8 +11,10 @@ Both log the same things under the same tags:
 
 and accept whatever the other callbacks send through
 :func:`sttpfast.callbacks._util.log_scalars` / :func:`~sttpfast.callbacks._util.log_image`.
-The step is always :func:`~sttpfast.callbacks._util.global_step` (optimizer steps done),
-which never decreases, as W&B requires. Only the main process logs.
+The step is always :func:`~sttpfast.callbacks._util.global_step` (optimizer steps done,
+over all the learner's fits), which never decreases, as W&B requires: a second fit of the
+same learner (``fine_tune``) logs on after the first, into the same W&B run. Only the main
+process logs.
 
 Order 70: after the Recorder (50, whose epoch values are read) and after the monitors
 that log through them (55), so that their last scalars and images arrive before the
@@ -29,7 +31,14 @@ import torch
 from fastai.callback.core import Callback
 
 from sttpfast.atomic import write_file
-from sttpfast.callbacks._util import global_step, is_main_process, positive_steps, run_dir, unwrap_model
+from sttpfast.callbacks._util import (
+    count_steps_over_fits,
+    global_step,
+    is_main_process,
+    positive_steps,
+    run_dir,
+    unwrap_model,
+)
 
 __all__ = ["TensorBoardLogger", "WandbLogger"]
 
@@ -99,6 +108,7 @@ class _LoggerBase(Callback):
 
     # -- events --------------------------------------------------------------------------
     def before_fit(self):
+        count_steps_over_fits(self.learn, "before_fit")  # a second fit logs after the first's steps
         if self._open_now:  # a previous fit died of an exception fastai does not catch
             self._open_now = False
             self._close(cancelled=True, failed=True)
@@ -107,6 +117,7 @@ class _LoggerBase(Callback):
             self._open_now = True
 
     def after_batch(self):
+        count_steps_over_fits(self.learn, "after_batch")
         if not self.training or not self._open_now:
             return
         step = global_step(self.learn)
@@ -223,6 +234,7 @@ class WandbLogger(_LoggerBase):
     Resume: the run id is saved in ``run_dir/wandb-run-id`` (atomically); a resumed fit
     (``learn.resume_iter`` set by the Checkpointer) continues that W&B run
     (``wandb.init(id=..., resume="allow")``) and logs only the steps after its checkpoint.
+    A later fit of the same learner continues this logger's run the same way.
     """
 
     def __init__(self, project: str = "sttpfast", config: dict | None = None, mode: str | None = None,
@@ -239,6 +251,7 @@ class WandbLogger(_LoggerBase):
         self.project, self.config, self.mode = project, dict(config or {}), mode
         # not `self.run`: that is fastai's switch that turns a callback on and off
         self.wandb_run = None
+        self._run_id = None  # the W&B run of this logger's earlier fits, which later ones continue
 
     def _learner_config(self) -> dict:
         learn = self.learn
@@ -259,7 +272,9 @@ class WandbLogger(_LoggerBase):
         folder = run_dir(self.learn)
         id_file = folder / WANDB_ID_FILE
         resume = {}
-        if getattr(self.learn, "resume_iter", None) is not None and id_file.exists():
+        if self._run_id is not None:  # this logger's run of an earlier fit of the learner
+            resume = {"id": self._run_id, "resume": "allow"}
+        elif getattr(self.learn, "resume_iter", None) is not None and id_file.exists():
             # the killed / stopped process's run: continue it rather than start a second one
             resume = {"id": id_file.read_text().strip(), "resume": "allow"}
         try:
@@ -272,6 +287,7 @@ class WandbLogger(_LoggerBase):
                   "(upload later with `wandb sync`, or `wandb login` before the next run)")
             self.wandb_run = wandb.init(project=self.project, config=config, mode="offline", dir=str(folder),
                                         **resume)
+        self._run_id = self.wandb_run.id
         if mode != "disabled" and not resume:
             write_file(id_file, f"{self.wandb_run.id}\n")
 

@@ -2,6 +2,7 @@
 import glob
 import math
 import os
+from pathlib import Path
 
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -200,6 +201,27 @@ def test_tensorboard_logger_without_metrics_and_custom_dir(dls, tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4]
     assert "valid/loss" in acc.Tags()["scalars"] and not (tmp_path / "tb").exists()
+
+
+def test_loggers_continue_the_step_count_over_several_fits_of_one_learner(dls, tmp_path, monkeypatch):
+    """fastai counts steps from 0 in every fit: two fits (fine_tune, a second fit) logged steps
+    1..4 twice, overlapping curves in TensorBoard and a second W&B run (its id overwriting
+    the first's)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    learn = learner(dls, small_net(), tmp_path, cbs=[TensorBoardLogger(), WandbLogger(), SingularValueLogger(every=2)])
+    learn.fit(1, 0.01)
+    learn.fit(1, 0.01)
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert [e.step for e in acc.Scalars("valid/loss")] == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    assert [e.step for e in acc.Scalars("sv/0/sigma_max")] == list(range(2, 2 * STEPS_PER_EPOCH + 1, 2))
+    runs = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len({Path(r).name for r in runs}) == 1  # one W&B run, continued
+    steps = sorted(int(r["_step"]) for f in runs for r in read_wandb_history(f) if "train/loss" in r)
+    assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
 def test_wandb_logger_offline(dls, tmp_path, monkeypatch):
