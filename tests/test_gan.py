@@ -514,3 +514,13 @@ def test_a_callback_the_user_gives_replaces_the_gan_default_of_its_type(dls, tmp
     learn = tiny_learner(dls, tmp_path, d_param="sttp-r", rank=2, cbs=[mine, SingularValueLogger])
     assert [cb for cb in learn.cbs if isinstance(cb, DOptimalPenalty)] == [mine]
     assert [type(cb) for cb in learn.cbs].count(SingularValueLogger) == 1
+
+
+def test_gan_export_refuses_before_writing_anything(dls, tmp_path):
+    """learn.export('g.pkl') raised "cannot pickle 'generator' object" and left a 592-byte file."""
+    learn = tiny_learner(dls, tmp_path / "run", d_param="sttp-c", rank=2)
+    with pytest.raises(ValueError, match=r"^learn.export\('.*g.pkl'\) cannot pickle a GAN learner; save a network with "
+                                         r"sttpfast.save_parameterized\(learn.model.generator, 'generator.safetensors'\)"
+                                         r".*sttpfast export RUN"):
+        learn.export(tmp_path / "g.pkl")
+    assert not (tmp_path / "g.pkl").exists() and not (tmp_path / "run" / "g.pkl").exists()

@@ -204,6 +204,15 @@ class GANLearner(Learner):
             loader, ``len(dls.train) // n_dis``, at least 1).
     """
 
+    def export(self, fname="export.pkl", *args, **kwargs):
+        """Refused before anything is written: a GAN learner does not pickle (its seeded
+        ``torch.Generator`` s; parameterized layers' generated classes). Save the networks."""
+        raise ValueError(
+            f"learn.export({str(fname)!r}) cannot pickle a GAN learner; save a network with "
+            "sttpfast.save_parameterized(learn.model.generator, 'generator.safetensors') (the discriminator and "
+            "generator_ema alike; load with sttpfast.load_parameterized), or export a run's generator to ONNX "
+            "with `sttpfast export RUN`")
+
     def __init__(self, dls, model: GANPair, loss: GANLoss, n_dis: int = 5, lr_g: float = 2e-4,
                  lr_d: float = 2e-4, betas_g=(0.0, 0.9), betas_d=(0.0, 0.9), lr_decay: str = "linear",
                  image_size: int | None = None, dequantize: float = 1.0 / 255.0, seed: int = 0,
