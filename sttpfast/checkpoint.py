@@ -68,6 +68,9 @@ def save_parameterized(model: nn.Module, path: str | os.PathLike, metadata: dict
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"save_parameterized: {path} is a folder; give a file path (e.g. {path / 'model.safetensors'})")
+    if not path.parent.is_dir():  # a mistyped folder is not made
+        raise ValueError(f"save_parameterized: folder {path.parent} does not exist; create it first (or give "
+                         "another path)")
     if tensors is None:
         if is_sharded(model):
             raise ValueError("save_parameterized: the model is sharded (FSDP2); gather its state on every rank "

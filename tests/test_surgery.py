@@ -594,3 +594,9 @@ def test_full_rank_warnings_say_full_rank_and_saving_to_a_folder_is_one_clear_er
     assert str(err.value) == (f"save_parameterized: {tmp_path} is a folder; give a file path "
                               f"(e.g. {tmp_path / 'model.safetensors'})")
     assert list(tmp_path.iterdir()) == []
+    # a mistyped folder was made, and the file written there, without a word
+    with pytest.raises(ValueError) as err:
+        save_parameterized(model, tmp_path / "no_such_folder" / "m.safetensors")
+    assert str(err.value) == (f"save_parameterized: folder {tmp_path / 'no_such_folder'} does not exist; create "
+                              "it first (or give another path)")
+    assert list(tmp_path.iterdir()) == []
