@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from pathlib import Path
 
 from fastai.callback.core import Callback
@@ -352,6 +353,10 @@ def spectral_learner(
                                       unrepresentable=unrepresentable, keep_dense_if_no_gain=keep_dense_if_no_gain,
                                       attention=attention, attention_rank=attention_rank)
         methods = [param]
+        if init is None and (model_kwargs or {}).get("pretrained") and method(param).default_init == "identity":
+            n = sum(1 for row in report.rows if row.param == param)
+            warnings.warn(f"{param}'s identity init replaces the pretrained weights of the {n} layers it "
+                          "parameterizes; init='spectral' (--init spectral) converts them instead", stacklevel=2)
     opt_func = (lambda params, **kw: SGD(params, mom=mom, **kw)) if opt == "sgd" else Adam
     if frobenius_decay is None and "lowrank" in methods:
         frobenius_decay = wd

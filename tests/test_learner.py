@@ -286,3 +286,23 @@ def test_checkpointer_refuses_bad_settings_and_a_monitor_the_recorder_does_not_k
         with learn.no_bar(), learn.no_logging():
             learn.fit(1, 1e-3)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_identity_init_over_pretrained_weights_is_said(dls, tmp_path):
+    """SVDP/STTP's default identity init replaced every pretrained weight it parameterized
+    without a word (init='spectral' converts them)."""
+    import warnings
+
+    import timm
+    from safetensors.torch import save_file
+
+    path = tmp_path / "r20.safetensors"
+    save_file(timm.create_model("resnet20_cifar", num_classes=10, in_chans=1).state_dict(), str(path))
+    with pytest.warns(UserWarning, match=r"^sttp-r's identity init replaces the pretrained weights of the 22 layers it "
+                                         r"parameterizes; init='spectral' \(--init spectral\) converts them instead$"):
+        spectral_learner(dls, "resnet20_cifar", param="sttp-r", rank=2, model_kwargs={"pretrained": str(path)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spectral_learner(dls, "resnet20_cifar", param="sttp-r", rank=2, init="spectral",
+                         model_kwargs={"pretrained": str(path)})
+        spectral_learner(dls, "resnet20_cifar", param="tt", rank=2, model_kwargs={"pretrained": str(path)})
