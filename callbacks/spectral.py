@@ -56,7 +56,8 @@ class SpectralNormBound(Callback):
       ``sigma_max`` of the ``(d_out, d_in)`` matrix; if ``> c`` the weight is scaled by
       ``c / sigma_max`` in place (the closest scaling of W that satisfies the bound);
     * parametrizations that offer ``clip_sigma_max(factors, c)`` (low rank ``W = U V^T``
-      scales ``U`` and ``V`` by ``sqrt(c / sigma_max)``) are asked to clip;
+      scales ``U`` and ``V`` by ``sqrt(c / sigma_max)``; the tensor formats, CP / Tucker /
+      TT / TR / HT, each of their ``k`` factors by ``(c / sigma_max)^(1/k)``) are asked to clip;
     * methods whose ``sigma_max`` is bounded by construction (the registry's ``bounded``:
       SVDP / STTP, ``sigma_max = g``, their gain, 1 unless converted from a dense weight;
       PyTorch's ``spectral_norm``, ``sigma_max ~ 1``): nothing to do.

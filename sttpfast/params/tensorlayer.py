@@ -278,6 +278,18 @@ class TensorLayer(WeightParametrization):
     def forward(self, *factors: Tensor) -> Tensor:
         return self.view.from_matrix(self.assemble(self.modes, self.ranks, list(factors)))
 
+    @torch.no_grad()
+    def clip_sigma_max(self, factors: tuple[Tensor, ...], c: float) -> None:
+        """Scale the ``k`` factors in place by ``(c / sigma_max)^(1/k)`` if ``sigma_max(W) > c``
+        (exact, of the ``(d_out, d_in)`` matrix): every format here is linear in each factor, so
+        ``W`` scales by ``c / sigma_max`` and the factors keep their balance (SpectralNormBound)."""
+        matrix = self.view.to_matrix(self.forward(*(f.float() for f in factors)))
+        sigma = float(torch.linalg.matrix_norm(matrix, ord=2))
+        if sigma > c:
+            scale = (c / sigma) ** (1.0 / len(factors))
+            for f in factors:
+                f.mul_(scale)
+
     def decompose(self, weight: Tensor) -> tuple[Tensor, ...]:
         tensor = self.view.to_matrix(weight.detach()).to(torch.float64).reshape(self.modes)
         factors = self.decompose_tensor(tensor, self.ranks)
