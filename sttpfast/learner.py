@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 import warnings
 from pathlib import Path
 
@@ -202,6 +203,24 @@ def default_callbacks(param: str, d_optimal: float = 1.0, frobenius_decay: float
     return cbs
 
 
+def _check_model_fits_data(model: nn.Module, dls) -> None:
+    """A given model's classes and input channels (timm's ``num_classes``, its cfg's
+    ``first_conv``) against the loaders': a ValueError before training, not a torch error at
+    the first step. What a model does not say is not checked."""
+    classes, data_classes = getattr(model, "num_classes", None), getattr(dls, "n_classes", None)
+    if isinstance(classes, int) and classes > 0 and data_classes is not None and classes != data_classes:
+        raise ValueError(f"the model has {classes} classes and the data {data_classes}: create it with "
+                         f"num_classes={data_classes} (or call model.reset_classifier({data_classes}))")
+    cfg = getattr(model, "pretrained_cfg", None)
+    first = cfg.get("first_conv") if isinstance(cfg, dict) else None
+    first = first if isinstance(first, str) else None
+    conv = dict(model.named_modules()).get(first) if first else None
+    chans, data_chans = getattr(conv, "in_channels", None), getattr(dls, "in_chans", None)
+    if chans is not None and data_chans is not None and chans != data_chans:
+        raise ValueError(f"the model takes {chans} input channels (its first layer {first!r}) and the data has "
+                         f"{data_chans}: create it with in_chans={data_chans}")
+
+
 def fit_dls_as_trained(dls, arch: str, img_size: int | None, model_kwargs: dict | None) -> None:
     """Fit ``dls`` (in place) as a training run of ``arch`` with these settings fitted its
     loaders: the same resize and normalization (``sttpfast compress`` evaluates, re-estimates
@@ -338,6 +357,7 @@ def spectral_learner(
         raise ValueError(f"unknown optimizer {opt!r}; allowed: {', '.join(OPTIMIZERS)}")
     if isinstance(arch, nn.Module):
         model = arch
+        _check_model_fits_data(model, dls)
     else:
         model = _model_for_data(arch, dls, img_size, model_kwargs, echo)
     factored = attention == "qk-ov"
@@ -384,15 +404,14 @@ def fit(learn: Learner, epochs: int | None = None, lr: float | None = None, sche
     step-based ``schedule`` (fastai's schedule functions, see :func:`schedule_functions`)."""
     if epochs is None and steps is None:
         raise ValueError("give epochs or steps")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    for name, value in (("steps", steps), ("epochs", epochs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     per_epoch = len(learn.dls.train)
     if per_epoch == 0:
         raise ValueError("the training loader yields no batch (batch size larger than the data?)")
     if steps is not None:
         epochs = math.ceil(steps / per_epoch)
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
     total = steps if steps is not None else epochs * per_epoch
     lr = learn.lr if lr is None else lr
     moms = getattr(learn, "moms", None) or (0.95, 0.85, 0.95)

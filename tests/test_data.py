@@ -588,3 +588,15 @@ def test_worker_processes_give_the_same_batches():
     xa, ya = all_batches(a.train)
     xb, yb = all_batches(b.train)
     assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(bs=2.5), r"^bs must be a positive integer, got 2.5$"),
+    (dict(bs=0), r"^bs must be a positive integer, got 0$"),
+    (dict(subset=10.5), r"^subset must be None or a positive integer, got 10.5$"),
+    (dict(seed=-1), r"^seed must be a non-negative integer, got -1$"),
+    (dict(seed=1.5), r"^seed must be a non-negative integer, got 1.5$")])
+def test_get_dls_refuses_sizes_that_are_not_integers(kwargs, message):
+    """bs=2.5 failed deep in torch (split_with_sizes); seed=-1 was taken, which the config refuses."""
+    with pytest.raises(ValueError, match=message):
+        get_dls("digits", **kwargs)

@@ -306,3 +306,26 @@ def test_the_identity_init_over_pretrained_weights_is_said(dls, tmp_path):
         spectral_learner(dls, "resnet20_cifar", param="sttp-r", rank=2, init="spectral",
                          model_kwargs={"pretrained": str(path)})
         spectral_learner(dls, "resnet20_cifar", param="tt", rank=2, model_kwargs={"pretrained": str(path)})
+
+
+def test_a_model_that_does_not_fit_the_data_is_refused_before_training(dls):
+    """A model of another class count or input channels failed at the first step, in torch
+    ("Target 9 is out of bounds", a conv shape error)."""
+    import timm
+
+    with pytest.raises(ValueError, match=r"^the model has 3 classes and the data 10: create it with num_classes=10 "
+                                         r"\(or call model.reset_classifier\(10\)\)$"):
+        spectral_learner(dls, timm.create_model("resnet20_cifar", num_classes=3, in_chans=1))
+    with pytest.raises(ValueError, match=r"^the model takes 3 input channels \(its first layer 'stem.0'\) and the "
+                                         r"data has 1: create it with in_chans=1$"):
+        spectral_learner(dls, timm.create_model("resnet20_cifar", num_classes=10))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(steps=1.5), r"^steps must be a positive integer, got 1.5$"),
+    (dict(epochs=2.5), r"^epochs must be a positive integer, got 2.5$"),
+    (dict(epochs=True), r"^epochs must be a positive integer, got True$")])
+def test_fit_refuses_sizes_that_are_not_whole_numbers(dls, tmp_path, kwargs, message):
+    learn = _learner(dls, tmp_path)
+    with pytest.raises(ValueError, match=message):
+        fit(learn, **kwargs)

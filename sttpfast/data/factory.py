@@ -1,6 +1,7 @@
 """``get_dls``: a dataset name -> fastai ``DataLoaders`` over in-memory uint8 image tensors."""
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 
@@ -66,10 +67,14 @@ def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
             download failed (the message says what failed and where to put the files by hand).
         DatasetCorrupt: a file is truncated or malformed (the message names it).
     """
-    if bs < 1:
-        raise ValueError(f"bs must be >= 1, got {bs}")
-    if subset is not None and subset < 1:
-        raise ValueError(f"subset must be None or >= 1, got {subset}")
+    def whole(value, least: int) -> bool:
+        return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= least
+    if not whole(bs, 1):
+        raise ValueError(f"bs must be a positive integer, got {bs!r}")
+    if subset is not None and not whole(subset, 1):
+        raise ValueError(f"subset must be None or a positive integer, got {subset!r}")
+    if not whole(seed, 0):
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     root = data_root(data_dir)
     spec = resolve_dataset(name, root)
     if data_dir is not None and spec.files and not download and not root.is_dir():
