@@ -580,7 +580,10 @@ def parameterize(
             ``default_param_exclude``.
         init: ``identity`` (the paper's; default for SVDP/STTP) or ``spectral`` (decompose
             the layer's current weight; default for ``lowrank`` and the tensor formats;
-            converts pretrained layers).
+            converts pretrained layers). For ``lowrank`` and the tensor formats, which have no
+            identity of their own, ``identity`` is a fixed pattern of placeholder factors
+            (``eye`` blocks; CP: one-hot terms), not fitted to the weight: a deterministic start
+            that trains, and what a resume builds before loading its checkpoint.
         frame_bank: build the weights of equal-shaped chain layers together (the default);
             False builds each layer on its own (same values; for debugging and reference, and
             needed under gradient checkpointing: ``torch.utils.checkpoint`` or timm's
