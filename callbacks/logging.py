@@ -2,9 +2,9 @@
 
 Both log the same things under the same tags:
 
-* every ``every`` training steps (``after_batch``): ``train/loss`` (the task loss of the
-  batch, ``learn.loss``), ``train/smooth_loss`` (the Recorder's running mean) and
-  ``train/lr`` (the last parameter group's learning rate);
+* every ``every`` training steps and at the last step of a step budget (``after_batch``):
+  ``train/loss`` (the task loss of the batch, ``learn.loss``), ``train/smooth_loss`` (the
+  Recorder's running mean) and ``train/lr`` (the last parameter group's learning rate);
 * every epoch (``after_epoch``): ``epoch`` and the Recorder's values of that epoch,
   ``train_loss`` -> ``train/epoch_loss``, ``valid_loss`` -> ``valid/loss`` and each metric
   ``m`` -> ``valid/m`` (``train_m`` with ``train_metrics=True``);
@@ -121,7 +121,8 @@ class _LoggerBase(Callback):
         if not self.training or not self._open_now:
             return
         step = global_step(self.learn)
-        if step % self.every:
+        # and the budget's last step (fit's total_steps), which every may not land on
+        if step % self.every and int(getattr(self.learn, "train_iter", 0)) != getattr(self.learn, "total_steps", None):
             return
         scalars = {}
         for tag, value in (("train/loss", getattr(self.learn, "loss", None)),

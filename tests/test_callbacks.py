@@ -224,6 +224,20 @@ def test_loggers_continue_the_step_count_over_several_fits_of_one_learner(dls, t
     assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))
 
 
+def test_loggers_log_the_last_step_of_a_step_budget(dls, tmp_path):
+    """With every=10 (the CLI's default), a 3-step run logged no step scalar and a 25-step run
+    ended at step 20: the budget's last step is logged too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sttpfast.learner import fit
+
+    learn = learner(dls, small_net(), tmp_path, cbs=[TensorBoardLogger(every=10)])
+    fit(learn, steps=3, lr=0.01)
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [3]
+
+
 def test_wandb_logger_offline(dls, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(config={"experiment": "test"})
