@@ -15,7 +15,7 @@ from sttpfast.data.readers.imagefolder import decode_images
 from sttpfast.data.readers.raw import Split
 from sttpfast.data.registry import DatasetSpec, data_root, resolve_dataset
 from sttpfast.data.source import read_or_download
-from sttpfast.data.test_items import InMemoryDataLoaders
+from sttpfast.data.inference import InMemoryDataLoaders
 from sttpfast.data.transforms import channel_stats
 
 __all__ = ["get_dls"]

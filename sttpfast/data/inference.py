@@ -17,12 +17,12 @@ from torch import Tensor
 
 from sttpfast.data.loaders import InMemoryImageDataset
 
-__all__ = ["InMemoryDataLoaders", "test_images"]
+__all__ = ["InMemoryDataLoaders", "prediction_images"]
 
 
 class InMemoryDataLoaders(DataLoaders):
     """fastai's ``DataLoaders`` over :class:`~sttpfast.data.loaders.InMemoryImageDL` s, whose
-    ``test_dl`` takes images as users have them (see :func:`test_images`)."""
+    ``test_dl`` takes images as users have them (see :func:`prediction_images`)."""
 
     def test_dl(self, test_items, rm_type_tfms=None, with_labels: bool = False, **kwargs):
         """A loader of ``test_items`` with the validation loader's settings: batches ``(x,)``
@@ -35,11 +35,11 @@ class InMemoryDataLoaders(DataLoaders):
         elif with_labels:
             raise ValueError("test items: with_labels needs an InMemoryImageDataset with labels")
         else:
-            dataset = InMemoryImageDataset(test_images(test_items, like.x.shape[1:]), None, like.vocab)
+            dataset = InMemoryImageDataset(prediction_images(test_items, like.x.shape[1:]), None, like.vocab)
         return self.valid.new(dataset, **kwargs)
 
 
-def test_images(items, shape) -> Tensor:
+def prediction_images(items, shape) -> Tensor:
     """``items`` -> uint8 ``(N, C, H, W)`` of the training images' ``shape`` ``(C, H, W)``.
 
     ``items``: one uint8 tensor or array of images ``(N, C, H, W)``, or a sequence of images,
