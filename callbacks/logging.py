@@ -186,7 +186,10 @@ class TensorBoardLogger(_LoggerBase):
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when used
 
         path = Path(self.log_dir) if self.log_dir is not None else run_dir(self.learn) / "tb"
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"TensorBoardLogger cannot make its folder {path} ({err})") from None
         # a resumed run (train_iter N done) continues at N + 1: purge_step makes TensorBoard drop
         # what the killed process logged after its checkpoint, so no step shows twice
         resumed = getattr(self.learn, "resume_iter", None)

@@ -238,6 +238,14 @@ def test_loggers_log_the_last_step_of_a_step_budget(dls, tmp_path):
     assert [e.step for e in acc.Scalars("train/loss")] == [3]
 
 
+def test_tensorboard_logger_with_a_folder_it_cannot_make_is_one_clear_error(dls, tmp_path):
+    """TensorBoardLogger('/proc/nope') raised pathlib's FileNotFoundError from before_fit."""
+    (tmp_path / "file").write_text("")
+    learn = learner(dls, small_net(), tmp_path, cbs=[TensorBoardLogger(tmp_path / "file" / "tb")])
+    with pytest.raises(ValueError, match=r"TensorBoardLogger cannot make its folder .*file/tb \(.*\)$"):
+        learn.fit(1, 0.01)
+
+
 def test_wandb_logger_offline(dls, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(config={"experiment": "test"})
