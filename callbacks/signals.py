@@ -77,32 +77,40 @@ class SignalCheckpoint(Callback):
             signal.signal(signum, _exit_at_once if stopping else handler)
         self._previous = {}
 
-    def _agree(self) -> None:
-        """Several processes act together. The launcher's signal reaches each rank at a
+    def _agree(self) -> tuple[int | None, bool]:
+        """``(stop signal, checkpoint request)`` to act on at this step.
+
+        Several processes act together. The launcher's signal reaches each rank at a
         slightly different step, so the requests are merged over the ranks (one tiny
         all-reduce per step) and every rank acts at the same step: a rank that stopped alone
         left the others in the next step's gradient all-reduce (DDP, the GAN's own sync),
-        and saving a sharded (FSDP2) model gathers it, a collective every rank must join."""
+        and saving a sharded (FSDP2) model gathers it, a collective every rank must join.
+        A signal whose handler runs while the all-reduce waits (Python runs it when the call
+        returns) is not in this step's flags: it stays set, for the next step's agreement
+        (overwritten by the reduced flags, it was lost)."""
         import torch
         import torch.distributed as dist
 
         model = getattr(self.learn, "model", None)
         if model is None or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
+            return self.stop_signal, self.checkpoint_requested
         flags = torch.tensor([self.stop_signal or 0, int(self.checkpoint_requested)],
                              device=next(model.parameters()).device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        self.stop_signal, self.checkpoint_requested = int(flags[0]) or None, bool(flags[1])
+        stop, checkpoint = int(flags[0]) or None, bool(flags[1])
+        if stop is not None:  # every rank is stopping now (a second signal then exits at once)
+            self.stop_signal = stop
+        return stop, checkpoint
 
     def _act(self):
-        self._agree()
-        if self.checkpoint_requested:
+        stop, checkpoint = self._agree()
+        if checkpoint:
             self.checkpoint_requested = False
             step = self.checkpoint()
             if step is not None:
                 self.echo(f"SIGUSR1: checkpoint saved at step {step}; training continues")
-        if self.stop_signal is not None:
-            raise StopRequested(self.stop_signal)
+        if stop is not None:
+            raise StopRequested(stop)
 
     def after_batch(self):
         if self.training:

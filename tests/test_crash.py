@@ -583,3 +583,38 @@ def test_an_optimizer_state_from_before_empty_factors_were_buffers_still_loads()
     other = nn.Sequential(nn.Linear(3, 3))
     with pytest.raises(CheckpointError, match="not the same model"):
         _optimizer_from_files(SGD(list(other.parameters()), lr=0.1, mom=0.9), tensors, meta, other)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_that_arrives_during_the_ranks_agreement_is_acted_on_at_the_next_step(monkeypatch, signum):
+    """Python runs a handler when the flag all-reduce returns; the reduced flags (without the
+    new signal) then overwrote it: a SIGTERM reaching a rank while it waited there was lost
+    (2 of 5 timed kills of one torchrun rank trained to the end). The signal must be kept,
+    and acted on by every rank at the next agreement, never by one rank alone."""
+    import torch.distributed as dist
+
+    from sttpfast.callbacks.signals import SignalCheckpoint, StopRequested
+
+    saved = []
+    cb = SignalCheckpoint(checkpoint=lambda: saved.append(1) or 7, echo=lambda *a: None)
+    cb.learn = type("L", (), {"model": torch.nn.Linear(2, 2)})()
+    arrivals = [signum]  # delivered inside the first all-reduce, where the other rank had nothing
+
+    def all_reduce(flags, op=None):
+        if arrivals:
+            cb._handle(arrivals.pop(), None)  # flags were built before: the other rank's view too
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    cb._act()  # the agreement this step: nothing (this rank must not act alone)
+    assert saved == []
+    if signum == signal.SIGUSR1:
+        cb._act()
+        assert saved == [1] and not cb.checkpoint_requested
+        cb._act()
+        assert saved == [1]
+    else:
+        with pytest.raises(StopRequested) as stop:
+            cb._act()
+        assert stop.value.signum == signal.SIGTERM
