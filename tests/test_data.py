@@ -600,3 +600,21 @@ def test_get_dls_refuses_sizes_that_are_not_integers(kwargs, message):
     """bs=2.5 failed deep in torch (split_with_sizes); seed=-1 was taken, which the config refuses."""
     with pytest.raises(ValueError, match=message):
         get_dls("digits", **kwargs)
+
+
+def test_n_sharded_loaders_give_the_one_process_batches_augmentation_included():
+    """README: 2 processes with --bs 32 take the same steps as one with --bs 64. Every rank
+    seeded the augmentation alike and drew for its own batch: slot j of each rank got the
+    same crop and flip, and neither matched the one-process batch."""
+    from sttpfast.data import InMemoryImageDataset, InMemoryImageDL
+
+    g = torch.Generator().manual_seed(0)
+    data = InMemoryImageDataset(torch.randint(0, 256, (256, 3, 8, 8), dtype=torch.uint8, generator=g),
+                                torch.randint(0, 10, (256,), generator=g))
+    common = dict(shuffle=True, drop_last=True, augment=True, pad=2, flip=True, seed=3, device="cpu")
+    one = list(InMemoryImageDL(data, bs=64, **common))
+    ranks = [list(InMemoryImageDL(data, bs=32, **common).shard(r, 2)) for r in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 4
+    for step, (x, y) in enumerate(one):
+        assert torch.equal(torch.cat([ranks[0][step][1], ranks[1][step][1]]), y)
+        assert torch.equal(torch.cat([ranks[0][step][0], ranks[1][step][0]]), x), step

@@ -159,7 +159,11 @@ class InMemoryImageDL(DataLoader):
         """uint8 ``(B, C, H, W)`` -> augmented, normalized float32 ``(B, C, H, W)``; labels as given."""
         x, *y = b
         if self.augment:
-            x = random_crop_flip(x, self.pad, self.flip, self._aug_gen)
+            # a rank of a shuffled (training) loader draws for the global batch and takes its
+            # part: every rank's generator is seeded alike, and drew the same crops before
+            sharded = self.world_size > 1 and self.shuffle and len(x) == self.bs
+            draws, start = (self.world_size * self.bs, self.rank * self.bs) if sharded else (None, 0)
+            x = random_crop_flip(x, self.pad, self.flip, self._aug_gen, draws=draws, start=start)
         scale, shift = self._norm_constants(x.device)
         x = x.float()
         if self.resize is not None and tuple(x.shape[-2:]) != (self.resize, self.resize):

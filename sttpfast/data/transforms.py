@@ -27,23 +27,31 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(means), tuple(stds)
 
 
-def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator) -> Tensor:
+def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator, draws: int | None = None,
+                     start: int = 0) -> Tensor:
     """Random crop after ``pad`` pixels of zero padding, and random horizontal flip, per image.
 
     ``x``: ``(B, C, H, W)`` of any dtype on any device -> same shape, dtype and device. The random
     draws come from ``generator`` (a CPU generator), so the augmentation stream depends only on
     its seed. Vectorized: one ``torch.gather`` with a per-image index map, no Python loop.
+    ``draws`` / ``start``: draw for a batch of ``draws`` images and take images ``start`` ..
+    ``start + B - 1`` of it (a rank's part of the global batch: N processes then augment as
+    one process with N times the batch does).
     """
     b, c, h, w = x.shape
     if b == 0 or (pad <= 0 and not flip):
         return x
+    n = b if draws is None else draws
+    if not 0 <= start <= n - b:
+        raise ValueError(f"images {start}..{start + b - 1} are not in a batch of {n} draws")
     pad = max(pad, 0)
-    offset_y = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
-    offset_x = torch.randint(0, 2 * pad + 1, (b,), generator=generator)
+    part = slice(start, start + b)
+    offset_y = torch.randint(0, 2 * pad + 1, (n,), generator=generator)[part]
+    offset_x = torch.randint(0, 2 * pad + 1, (n,), generator=generator)[part]
     rows = offset_y[:, None] + torch.arange(h)  # (B, H): row of the padded image per output row
     cols = offset_x[:, None] + torch.arange(w)  # (B, W)
     if flip:
-        flipped = torch.rand(b, generator=generator) < 0.5
+        flipped = torch.rand(n, generator=generator)[part] < 0.5
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
     padded = F.pad(x, (pad, pad, pad, pad)) if pad else x  # zeros: black border, as torchvision
     width = w + 2 * pad
