@@ -17,6 +17,7 @@ import re
 import signal
 import sys
 import threading
+import time
 import typing
 import warnings
 from pathlib import Path
@@ -50,10 +51,29 @@ COMPRESS_INTERRUPTED = {
 }
 
 
+#: seconds a rank other than 0 waits before saying its error (see :meth:`CLIError.show`)
+RANK_ERROR_WAIT = 3.0
+
+
 class CLIError(click.ClickException):
-    """A usage problem: printed as one line, exit status 2."""
+    """A usage problem: printed as one line, exit status 2.
+
+    Launched on several processes, every rank meets a bad input alike, and each printed the
+    line. A rank other than 0 waits :data:`RANK_ERROR_WAIT` seconds first: rank 0 says the
+    error and the launcher ends the others in that time (torchrun's agent checks its workers
+    every 0.1 s), so the line comes once. A rank still alive after the wait met an error of
+    its own (rank 0 carries on) and says it, naming the rank."""
 
     exit_code = 2
+
+    def show(self, file=None) -> None:
+        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+        if rank.isdigit() and int(rank) > 0 and world.isdigit() and int(world) > 1:
+            leave = lambda signum, frame: os._exit(self.exit_code)  # noqa: E731  (the launcher ends it)
+            with _signal_handler(leave, signal.SIGINT, signal.SIGTERM):
+                time.sleep(RANK_ERROR_WAIT)
+            self.message = f"(rank {rank}) {self.message}"
+        super().show(file)
 
 
 @contextlib.contextmanager

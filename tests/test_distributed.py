@@ -381,3 +381,24 @@ def test_ctrl_c_reaching_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path
     assert said == ["RANK 0 STOPPED 130", "RANK 1 STOPPED 130"], (proc.stdout[-2000:], proc.stderr[-3000:])
     state = json.loads((tmp_path / "int" / "checkpoints" / "last" / "state.json").read_text())
     assert state["train_iter"] == 2
+
+
+@pytest.mark.slow
+def test_an_input_error_under_two_processes_is_one_error_line(tmp_path):
+    """Each rank printed the same `Error:` line (README promises one)."""
+    proc = _torchrun(["digits", "--arch", "resnet20_cifarr", "--steps", "1", "--out", str(tmp_path)], _env())
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error:")]
+    assert errors == ["Error: unknown architecture 'resnet20_cifarr'; did you mean resnet20_cifar, resnet32_cifar, "
+                      "resnet110_cifar?"], proc.stdout + proc.stderr
+
+
+def test_an_error_of_one_rank_alone_is_still_said(monkeypatch, capsys):
+    """A rank other than 0 waits for the launcher to end it (rank 0 says the same error); an
+    error of its own (rank 0 carries on) is said after the wait, naming the rank."""
+    import sttpfast.cli as cli
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(cli, "RANK_ERROR_WAIT", 0.05)
+    cli.CLIError("no data on this node").show()
+    assert capsys.readouterr().err == "Error: (rank 1) no data on this node\n"
