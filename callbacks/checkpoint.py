@@ -235,11 +235,19 @@ NORMALIZED_INPUT = "float32 (x / 255 - mean) / std per channel, x the image's ui
 
 
 def _normalization(dl) -> dict | None:
-    """``{mean, std, input}`` of a loader that normalizes (sttpfast's), else None."""
+    """``{mean, std, input}`` of a loader that normalizes (sttpfast's), else None; with
+    ``resize`` ``{size, interpolation}`` where the loader resized the images first."""
     mean, std = getattr(dl, "mean", None), getattr(dl, "std", None)
     if mean is None or std is None:
         return None
-    return {"mean": [float(m) for m in mean], "std": [float(v) for v in std], "input": NORMALIZED_INPUT}
+    out = {"mean": [float(m) for m in mean], "std": [float(v) for v in std], "input": NORMALIZED_INPUT}
+    size = getattr(dl, "resize", None)
+    if size is not None:
+        how = getattr(dl, "interpolation", "bilinear")
+        smooth = ", antialiased when shrinking" if how in ("bilinear", "bicubic") else ""
+        out["resize"] = {"size": int(size), "interpolation": how}
+        out["input"] = f"{NORMALIZED_INPUT} resized to {size}x{size} ({how}{smooth}) as floats first"
+    return out
 
 
 def load_checkpoint_state(folder: str | os.PathLike, warn=lambda msg: None,

@@ -427,3 +427,17 @@ def test_exported_and_saved_files_take_the_umasks_mode_like_every_other_run_file
         assert [oct(p.stat().st_mode & 0o777) for p in paths] == [oct(0o644)] * 3
     finally:
         os.umask(umask)
+
+
+def test_the_normalization_metadata_says_the_resize_the_loader_applied():
+    """A run whose loader resized (digits' 16 px to the 32 px convnext_atto needs) exported
+    the normalization alone: the ONNX input is 32x32, and nothing said how to get there."""
+    from sttpfast.callbacks.checkpoint import _normalization as normalization_of
+    from sttpfast.data import get_dls
+
+    dls = get_dls("digits", bs=64, subset=256, device="cpu")
+    dls.train.resize, dls.train.interpolation = 32, "bicubic"
+    assert normalization_of(dls.train) == {
+        "mean": list(dls.train.mean), "std": list(dls.train.std), "resize": {"size": 32, "interpolation": "bicubic"},
+        "input": "float32 (x / 255 - mean) / std per channel, x the image's uint8 pixels resized to 32x32 "
+                 "(bicubic, antialiased when shrinking) as floats first"}
