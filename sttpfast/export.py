@@ -195,6 +195,10 @@ def _as_strings(metadata: dict | None) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------
 # GAN: the generator alone
+#: the ``output`` metadata of an exported generator: how to read its images (as the metrics do)
+GENERATOR_OUTPUT = ("float32 images (B, C, H, W) in [-1, 1] from z ~ N(0, 1) (B, z_dim); uint8 pixels: "
+                    "round((y + 1) * 127.5) clipped to [0, 255]")
+
 def export_generator(model: nn.Module, path: str | os.PathLike, format: str, ema: bool = False,
                      batch: int = 2, model_args: dict | None = None, force: bool = True) -> Path:
     """Export a GAN's generator alone: input ``z (B, z_dim)`` (ONNX name ``input``, batch axis
@@ -207,7 +211,8 @@ def export_generator(model: nn.Module, path: str | os.PathLike, format: str, ema
         batch: the example batch traced for ONNX (any batch size runs afterwards).
         model_args: constructor arguments for the safetensors metadata (``widths``...), over
             the ``z_dim``, ``in_chans`` and ``bottom_width`` read from the generator.
-    The safetensors metadata also holds ``z_dim``.
+    The metadata (safetensors header, ONNX ``metadata_props``) holds ``z_dim`` and ``output``
+    (:data:`GENERATOR_OUTPUT`: the images' range and how to turn them into pixels).
     """
     generator = model
     if hasattr(model, "generator"):  # a GANPair: pick the network, do not export D
@@ -226,7 +231,7 @@ def export_generator(model: nn.Module, path: str | os.PathLike, format: str, ema
         args["bottom_width"] = generator.bottom_width
     args.update(model_args or {})
     return export_model(generator, path, format, input_shape=(batch, z_dim), model_args=args,
-                        metadata={"z_dim": str(z_dim)}, force=force)
+                        metadata={"z_dim": str(z_dim), "output": GENERATOR_OUTPUT}, force=force)
 
 
 # ---------------------------------------------------------------------------------------

@@ -288,6 +288,10 @@ def test_export_model_leaves_the_model_alone_and_checks_its_arguments(tmp_path):
         torch.testing.assert_close(plain.eval()(x), model.eval()(x), rtol=0, atol=1e-5)
 
 
+GENERATOR_OUTPUT = ("float32 images (B, C, H, W) in [-1, 1] from z ~ N(0, 1) (B, z_dim); uint8 pixels: "
+                    "round((y + 1) * 127.5) clipped to [0, 255]")
+
+
 def test_gan_generator_exports_alone_with_a_z_input(tmp_path):
     import onnxruntime
 
@@ -308,6 +312,10 @@ def test_gan_generator_exports_alone_with_a_z_input(tmp_path):
     assert want.shape == (3, 1, 8, 8)
 
     onnx_path = export_generator(pair, tmp_path / "g.onnx", "onnx")
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert props == {"z_dim": "8", "output": GENERATOR_OUTPUT}  # it said z_dim alone: how to read the images?
     session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     assert session.get_inputs()[0].shape[1:] == [8]
     np.testing.assert_allclose(session.run(None, {"input": z.numpy()})[0], want.numpy(), rtol=0, atol=1e-4)
@@ -315,7 +323,7 @@ def test_gan_generator_exports_alone_with_a_z_input(tmp_path):
     st_path = export_generator(pair, tmp_path / "g.safetensors", "safetensors", model_args={"widths": [16, 8]})
     with safe_open(str(st_path), framework="pt") as f:
         meta = f.metadata()
-    assert meta["architecture"] == "sngan_g32" and meta["z_dim"] == "8"
+    assert meta["architecture"] == "sngan_g32" and meta["z_dim"] == "8" and meta["output"] == GENERATOR_OUTPUT
     assert json.loads(meta["model_args"]) == {"z_dim": 8, "in_chans": 1, "bottom_width": 4, "widths": [16, 8]}
     tensors = load_file(str(st_path))
     assert not any(k.startswith("discriminator") or "parametrizations" in k for k in tensors)
