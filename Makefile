@@ -16,7 +16,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # The paper's compression of the SNGAN discriminator, then a real STTP-R training run on
-# scikit-learn's digits (zero setup, a couple of minutes on a laptop CPU).
+# scikit-learn's digits (zero setup, under a minute on a laptop CPU).
 demo: $(STAMP)
 	$(VENV)/bin/sttpfast info --arch sngan_d32 --param sttp-c --rank 64 | tail -n 3
 	$(VENV)/bin/sttpfast train --cfg configs/demo.yml --set log.progress=false
