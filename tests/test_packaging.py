@@ -42,3 +42,21 @@ def test_wheel_holds_every_module_and_the_console_script(tmp_path):
     assert {"sttpfast/__init__.py", "sttpfast/linalg/__init__.py", "sttpfast/callbacks/__init__.py"} <= expected
     assert sorted(expected - names) == []
     assert dict(scripts["console_scripts"]) == {"sttpfast": "sttpfast.cli:main"}
+
+
+def test_sdist_holds_the_configs_apps_and_tests_readme_uses(tmp_path):
+    """README runs `--cfg configs/...` and `apps/*.py`; the source archive left both out."""
+    import tarfile
+
+    src = _clean_copy(tmp_path / "src")
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "sdist")], cwd=src,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (archive,) = (tmp_path / "sdist").glob("sttpfast-*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    expected = {p.relative_to(src).as_posix() for folder in ("configs", "apps", "tests", "bench")
+                for p in (src / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    assert {"configs/demo.yml", "apps/train.py", "apps/gan.py"} <= expected
+    assert sorted(expected - names) == []
+    assert {"README.md", "Makefile", "setup.py"} <= names
