@@ -32,7 +32,12 @@ from sttpfast.callbacks.spectral import SingularValueLogger, SpectralNormBound
 from sttpfast.callbacks.weight_cache import CachedValidationWeights
 from sttpfast.config import choices
 from sttpfast.params import BASELINES, method, resolve_param
-from sttpfast.params.attention import attention_form_decay, attention_form_pairs, parameterize_attention
+from sttpfast.params.attention import (
+    QKV_METHOD,
+    attention_form_decay,
+    attention_form_pairs,
+    parameterize_attention,
+)
 from sttpfast.params.layers import parameterized_layers
 from sttpfast.surgery import compression_report, parameterize
 
@@ -360,35 +365,33 @@ def spectral_learner(
         _check_model_fits_data(model, dls)
     else:
         model = _model_for_data(arch, dls, img_size, model_kwargs, echo)
-    factored = attention == "qk-ov"
     surgery = (rank, compression, include, exclude, init, plan, rank_scale, attention, attention_rank)
     if param == "dense" and all(v is None for v in surgery) and next(parameterized_layers(model), None):
-        # a model the user parameterized (several methods, say): trained as it is
-        report = compression_report(model)
-        methods = list(dict.fromkeys(row.param for row in report.rows if row.param != "dense"))
+        report = compression_report(model)  # a model the user parameterized (several methods): as it is
     else:
         say_init_cost(param, init, echo)
         report = parameterize_for_run(model, param, rank=rank, compression=compression, include=include,
                                       exclude=exclude, init=init, plan=plan, rank_scale=rank_scale,
                                       unrepresentable=unrepresentable, keep_dense_if_no_gain=keep_dense_if_no_gain,
                                       attention=attention, attention_rank=attention_rank)
-        methods = [param]
-        if init is None and (model_kwargs or {}).get("pretrained") and method(param).default_init == "identity":
-            n = sum(1 for row in report.rows if row.param == param)
-            warnings.warn(f"{param}'s identity init replaces the pretrained weights of the {n} layers it "
+        replaced = sum(1 for row in report.rows if row.param == param) if param not in BASELINES else 0
+        if replaced and init is None and (model_kwargs or {}).get("pretrained") and \
+                method(param).default_init == "identity":
+            warnings.warn(f"{param}'s identity init replaces the pretrained weights of the {replaced} layers it "
                           "parameterizes; init='spectral' (--init spectral) converts them instead", stacklevel=2)
+    # the callbacks every method in the model calls for, each type once (a model may mix methods)
+    methods = list(dict.fromkeys([param, *(row.param for row in report.rows)]))
     opt_func = (lambda params, **kw: SGD(params, mom=mom, **kw)) if opt == "sgd" else Adam
     if frobenius_decay is None and "lowrank" in methods:
         frobenius_decay = wd
-    given = list(cbs or [])
-    defaults = {}  # each callback type once, over the model's methods
+    defaults = {}
     for name in methods:
         for cb in default_callbacks(name, d_optimal, frobenius_decay, spectral_bound, sv_every):
             defaults.setdefault(type(cb), cb)
+    if QKV_METHOD in methods:  # the attention forms (--attention qk-ov, or the user's parameterize_attention)
+        defaults.setdefault(AttentionFormDecay, AttentionFormDecay(wd if frobenius_decay is None else frobenius_decay))
     # a default the user gives their own of (a SingularValueLogger with other settings) is theirs
-    callbacks = with_defaults(list(defaults.values()), given)
-    if factored:
-        callbacks.append(AttentionFormDecay(wd if frobenius_decay is None else frobenius_decay))
+    callbacks = with_defaults(list(defaults.values()), list(cbs or []))
     run_dir = Path(run_dir) if run_dir is not None else None
     path = run_dir if run_dir is not None else Path(".")
     learn = SpectralLearner(dls, model, loss_func=loss_func or CrossEntropyLossFlat(), opt_func=opt_func, lr=lr,

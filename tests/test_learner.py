@@ -268,6 +268,7 @@ def test_a_model_the_user_parameterized_trains_as_it_is(dls):
         spectral_learner(dls, model, param="tt", rank=2)
     learn = spectral_learner(dls, model, param="cp", rank=2, exclude=["0", "2"])
     assert [row.param for row in learn.compression.rows] == ["svdp-r", "lowrank", "cp"]
+    assert {"DOptimalPenalty", "FrobeniusDecay", "SingularValueLogger"} <= {type(cb).__name__ for cb in learn.cbs}
 
 
 def test_checkpointer_refuses_bad_settings_and_a_monitor_the_recorder_does_not_keep(dls, tmp_path):
@@ -306,6 +307,8 @@ def test_the_identity_init_over_pretrained_weights_is_said(dls, tmp_path):
         spectral_learner(dls, "resnet20_cifar", param="sttp-r", rank=2, init="spectral",
                          model_kwargs={"pretrained": str(path)})
         spectral_learner(dls, "resnet20_cifar", param="tt", rank=2, model_kwargs={"pretrained": str(path)})
+        spectral_learner(dls, "resnet20_cifar", model_kwargs={"pretrained": str(path)})  # dense: nothing replaced
+        spectral_learner(dls, "resnet20_cifar", param="sn", model_kwargs={"pretrained": str(path)})
 
 
 def test_a_model_that_does_not_fit_the_data_is_refused_before_training(dls):
