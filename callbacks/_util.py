@@ -111,12 +111,12 @@ def global_step(learn) -> int:
 
 
 def count_steps_over_fits(learn, event: str) -> None:
-    """``before_fit``: the fit starts after the steps seen so far; ``after_batch``: note the
-    step (a fit that dies of an exception still counts up to its last step). Idempotent, so
-    every logger of the learner can call it."""
+    """``before_fit``: the fit starts after the steps of the earlier fits; ``after_fit``: note
+    where it ended (a fit that dies of an exception fastai does not catch is not counted: the
+    next one starts where that one did). Idempotent, so every logger of the learner can call it."""
     if event == "before_fit":
         vars(learn)[STEPS_BEFORE_FIT] = vars(learn).get(STEPS_SEEN, 0)
-    elif getattr(learn, "training", False):
+    else:
         vars(learn)[STEPS_SEEN] = global_step(learn)
 
 

@@ -117,7 +117,6 @@ class _LoggerBase(Callback):
             self._open_now = True
 
     def after_batch(self):
-        count_steps_over_fits(self.learn, "after_batch")
         if not self.training or not self._open_now:
             return
         step = global_step(self.learn)
@@ -159,9 +158,11 @@ class _LoggerBase(Callback):
         self._flush_at_checkpoint(global_step(self.learn))
 
     def after_cancel_fit(self):
+        count_steps_over_fits(self.learn, "after_fit")
         self._shutdown(cancelled=True)
 
     def after_fit(self):
+        count_steps_over_fits(self.learn, "after_fit")
         self._shutdown(cancelled=False)
 
     def _shutdown(self, cancelled: bool) -> None:

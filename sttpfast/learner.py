@@ -426,6 +426,7 @@ def fit(learn: Learner, epochs: int | None = None, lr: float | None = None, sche
         learn.fit(epochs, lr, cbs=extra + list(cbs or []), start_epoch=start_epoch)
     finally:
         release_validation_cache(learn)  # an exception fastai does not catch skipped after_validate
+        learn.total_steps = None  # this fit's budget (the loggers log its last step): not a later fit's
     return learn
 
 
