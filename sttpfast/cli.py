@@ -27,7 +27,7 @@ import click
 from sttpfast.config import (CLI_FLAGS, FULL_RANK, GAN_CLI_FLAGS, SCHEMA, ConfigError, ConfigWarning, attention_rank_of,
                              build_config, check_sections_read, choices, coerce, flatten, load_yaml, named_by_flags,
                              type_members)
-from sttpfast.processes import is_main_rank
+from sttpfast.processes import is_main_rank, world_size
 
 __all__ = ["main", "CLIError"]
 
@@ -61,18 +61,18 @@ class CLIError(click.ClickException):
     Launched on several processes, every rank meets a bad input alike, and each printed the
     line. A rank other than 0 waits :data:`RANK_ERROR_WAIT` seconds first: rank 0 says the
     error and the launcher ends the others in that time (torchrun's agent checks its workers
-    every 0.1 s), so the line comes once. A rank still alive after the wait met an error of
-    its own (rank 0 carries on) and says it, naming the rank."""
+    every 0.1 s), so the line comes once (on one machine: another node's ranks may not be
+    ended in that time, and say it too, naming their rank). A rank still alive after the wait
+    met an error of its own (rank 0 carries on) and says it, naming the rank."""
 
     exit_code = 2
 
     def show(self, file=None) -> None:
-        rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-        if rank.isdigit() and int(rank) > 0 and world.isdigit() and int(world) > 1:
+        if not is_main_rank() and world_size() > 1:
             leave = lambda signum, frame: os._exit(self.exit_code)  # noqa: E731  (the launcher ends it)
             with _signal_handler(leave, signal.SIGINT, signal.SIGTERM):
                 time.sleep(RANK_ERROR_WAIT)
-            self.message = f"(rank {rank}) {self.message}"
+            self.message = f"(rank {os.environ['RANK']}) {self.message}"
         super().show(file)
 
 
