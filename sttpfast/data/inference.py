@@ -16,6 +16,7 @@ from fastai.data.core import DataLoaders
 from torch import Tensor
 
 from sttpfast.data.loaders import InMemoryImageDataset
+from sttpfast.data.readers.imagefolder import image_pixels
 
 __all__ = ["InMemoryDataLoaders", "prediction_images"]
 
@@ -92,9 +93,4 @@ def _image(i: int, item, c: int, h: int, w: int) -> Tensor:
 
 
 def _from_pil(im, c: int, h: int, w: int) -> Tensor:
-    from PIL import Image
-
-    im = im.convert("L" if c == 1 else "RGB")
-    if im.size != (w, h):
-        im = im.resize((w, h), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(im).reshape(h, w, c).copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(image_pixels(im, (h, w), c).copy()).permute(2, 0, 1).contiguous()

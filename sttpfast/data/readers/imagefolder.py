@@ -17,7 +17,7 @@ from torch import Tensor
 from sttpfast.data.errors import DatasetNotFound, corrupt
 from sttpfast.data.readers.raw import RawDataset, Split, require_files
 
-__all__ = ["read_tiny_imagenet", "read_imagefolder", "probe_imagefolder", "decode_images",
+__all__ = ["read_tiny_imagenet", "read_imagefolder", "probe_imagefolder", "decode_images", "image_pixels",
            "TINY_IMAGENET_FOLDER"]
 
 TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
@@ -28,21 +28,29 @@ def _image_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix.lower() in _IMAGE_EXTENSIONS and p.is_file())
 
 
+def image_pixels(im, size: tuple[int, int], chans: int) -> np.ndarray:
+    """A PIL image -> uint8 ``(H, W, chans)`` of ``size`` ``(H, W)``: converted to L (one
+    channel) or RGB, resized (bilinear) where its size differs."""
+    from PIL import Image
+
+    h, w = size
+    im = im.convert("L" if chans == 1 else "RGB")
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.BILINEAR)
+    return np.asarray(im).reshape(h, w, chans)
+
+
 def decode_images(paths: Sequence[Path], size: tuple[int, int], chans: int) -> Tensor:
     """Decode image files -> uint8 ``(N, chans, H, W)``; images of another size are resized."""
     from PIL import Image, UnidentifiedImageError
 
     h, w = size
     out = np.empty((len(paths), h, w, chans), dtype=np.uint8)
-    mode = "L" if chans == 1 else "RGB"
 
     def decode(i: int) -> None:
         try:
             with Image.open(paths[i]) as im:
-                im = im.convert(mode)
-                if im.size != (w, h):
-                    im = im.resize((w, h), Image.BILINEAR)
-                out[i] = np.asarray(im).reshape(h, w, chans)
+                out[i] = image_pixels(im, size, chans)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise corrupt(Path(paths[i]), f"is not a readable image ({e})") from e
 
