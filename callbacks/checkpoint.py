@@ -296,7 +296,9 @@ class Checkpointer(Callback):
 
     Args:
         every: steps between ``last`` checkpoints (None: only at epoch ends).
-        monitor: a recorder column (``accuracy``, ``valid_loss``...) for ``best``.
+        monitor: a recorder column (``accuracy``, ``valid_loss``...) for ``best``; one the
+            recorder does not keep is refused when the fit starts. None (the default):
+            ``accuracy``, and no ``best`` on a learner without that metric.
         mode: ``max`` or ``min`` for ``monitor``.
         resume: a state from :func:`load_checkpoint_state` to continue from; apply it with
             :meth:`restore` after ``learn.create_opt()``.
@@ -305,14 +307,15 @@ class Checkpointer(Callback):
 
     order = 70  # after the Recorder has the epoch's metrics
 
-    def __init__(self, every: int | None = None, monitor: str = "accuracy", mode: str = "max",
+    def __init__(self, every: int | None = None, monitor: str | None = None, mode: str = "max",
                  folder: str | os.PathLike | None = None):
         if mode not in ("max", "min"):
             raise ValueError(f"Checkpointer mode must be 'max' or 'min', got {mode!r}")
-        if not isinstance(monitor, str):
+        if monitor is not None and not isinstance(monitor, str):
             raise ValueError(f"Checkpointer monitor must be a recorder column's name, got {monitor!r}")
         self.every = None if every is None else positive_steps(every, "Checkpointer every")
-        self.monitor, self.mode = monitor, mode
+        self.monitor, self.mode = monitor or "accuracy", mode
+        self._monitor_given = monitor is not None
         self.folder = None if folder is None else Path(folder)
         self.best = None
         self.saved_iter = None  # the step of the last checkpoint written
@@ -430,12 +433,14 @@ class Checkpointer(Callback):
         else:
             self._save(("last",), epoch, skip, loader_rng, validated=True)
 
-    def _monitored(self) -> float | None:
+    def _recorded(self) -> list[str] | None:
+        """The recorder's value columns (its names without 'epoch' and 'time'), None without one."""
         recorder = getattr(self.learn, "recorder", None)
-        if recorder is None or not recorder.values:
-            return None
-        names = list(recorder.metric_names[1:-1])  # drop 'epoch' and 'time'
-        if self.monitor not in names:
+        return None if recorder is None else list(recorder.metric_names[1:-1])
+
+    def _monitored(self) -> float | None:
+        names, recorder = self._recorded(), getattr(self.learn, "recorder", None)
+        if not names or self.monitor not in names or not recorder.values:  # not kept: the default's
             return None
         value = recorder.values[-1][names.index(self.monitor)]
         return None if value is None else float(value)
@@ -462,9 +467,8 @@ class Checkpointer(Callback):
         return self._resume is not None and self.epoch < self._resume[0]
 
     def before_fit(self):
-        recorder = getattr(self.learn, "recorder", None)
-        names = list(recorder.metric_names[1:-1]) if recorder is not None else []  # after the Recorder's before_fit
-        if recorder is not None and self.monitor not in names:  # `best` would never be written
+        names = self._recorded()  # after the Recorder's before_fit
+        if self._monitor_given and names is not None and self.monitor not in names:  # `best` would never be written
             close = difflib.get_close_matches(self.monitor, names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"Checkpointer monitor {self.monitor!r} is not a column of the recorder "

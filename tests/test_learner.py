@@ -287,6 +287,12 @@ def test_checkpointer_refuses_bad_settings_and_a_monitor_the_recorder_does_not_k
         with learn.no_bar(), learn.no_logging():
             learn.fit(1, 1e-3)
     assert not (tmp_path / "checkpoints").exists()
+    # the default monitor (accuracy) on a learner without that metric: `last` alone, as before
+    learn = _learner(dls, tmp_path / "plain", cbs=[Checkpointer()], metrics=[])
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-3)
+    assert (tmp_path / "plain" / "checkpoints" / "last").exists()
+    assert not (tmp_path / "plain" / "checkpoints" / "best").exists()
 
 
 def test_the_identity_init_over_pretrained_weights_is_said(dls, tmp_path):
