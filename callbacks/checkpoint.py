@@ -48,6 +48,7 @@ from sttpfast.atomic import (MANIFEST, DamagedCheckpoints, latest_complete, prun
                              write_checkpoint)
 from sttpfast.callbacks._util import is_main_process, positive_steps, unwrap_model
 from sttpfast.checkpoint import load_parameterized, save_parameterized
+from sttpfast.data.transforms import SMOOTH_MODES, resize_mode
 from sttpfast.fsdp import full_state_dict, full_tensor, is_sharded, shard_like
 from sttpfast.processes import world_size
 
@@ -243,8 +244,8 @@ def _normalization(dl) -> dict | None:
     out = {"mean": [float(m) for m in mean], "std": [float(v) for v in std], "input": NORMALIZED_INPUT}
     size = getattr(dl, "resize", None)
     if size is not None:
-        how = getattr(dl, "interpolation", "bilinear")
-        smooth = ", antialiased when shrinking" if how in ("bilinear", "bicubic") else ""
+        how = resize_mode(getattr(dl, "interpolation", "bilinear"))  # what the loader applied
+        smooth = ", antialiased when shrinking" if how in SMOOTH_MODES else ""
         out["resize"] = {"size": int(size), "interpolation": how}
         out["input"] = f"{NORMALIZED_INPUT} resized to {size}x{size} ({how}{smooth}) as floats first"
     return out

@@ -60,14 +60,24 @@ def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator
     return out.view(b, c, h, w)
 
 
+#: the resampling modes that are antialiased when they shrink (see :func:`resize_images`)
+SMOOTH_MODES = ("bilinear", "bicubic")
+
+
+def resize_mode(interpolation: str) -> str:
+    """The mode :func:`resize_images` applies for a timm cfg's ``interpolation`` (``bilinear``,
+    ``bicubic``, ``nearest``, ``area``; any other name: bilinear)."""
+    return interpolation if interpolation in ("nearest", "bilinear", "bicubic", "area") else "bilinear"
+
+
 def resize_images(x: Tensor, size: int, interpolation: str = "bilinear") -> Tensor:
     """Float images ``(B, C, H, W)`` in uint8 units [0, 255] -> ``(B, C, size, size)``, same range.
 
-    ``interpolation`` is a timm cfg's (``bilinear``, ``bicubic``, ``nearest``...; unknown
-    names fall back to bilinear). Antialiased when shrinking; bicubic overshoot is clipped
-    back to [0, 255] so that the normalization sees the range it was computed on."""
-    mode = interpolation if interpolation in ("nearest", "bilinear", "bicubic", "area") else "bilinear"
-    smooth = mode in ("bilinear", "bicubic")
+    ``interpolation``: see :func:`resize_mode`. Antialiased when shrinking (:data:`SMOOTH_MODES`);
+    bicubic overshoot is clipped back to [0, 255] so that the normalization sees the range it
+    was computed on."""
+    mode = resize_mode(interpolation)
+    smooth = mode in SMOOTH_MODES
     shrink = size < max(x.shape[-2:])
     out = F.interpolate(x, size=(size, size), mode=mode, **({"align_corners": False, "antialias": shrink}
                                                             if smooth else {}))
