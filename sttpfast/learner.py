@@ -218,6 +218,7 @@ def _check_model_fits_data(model: nn.Module, dls) -> None:
                          f"num_classes={data_classes} (or call model.reset_classifier({data_classes}))")
     cfg = getattr(model, "pretrained_cfg", None)
     first = cfg.get("first_conv") if isinstance(cfg, dict) else None
+    first = first[0] if isinstance(first, (tuple, list)) and first else first  # several: the first
     first = first if isinstance(first, str) else None
     conv = dict(model.named_modules()).get(first) if first else None
     chans, data_chans = getattr(conv, "in_channels", None), getattr(dls, "in_chans", None)

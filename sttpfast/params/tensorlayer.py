@@ -283,7 +283,8 @@ class TensorLayer(WeightParametrization):
         """Scale the ``k`` factors in place by ``(c / sigma_max)^(1/k)`` if ``sigma_max(W) > c``
         (exact, of the ``(d_out, d_in)`` matrix): every format here is linear in each factor, so
         ``W`` scales by ``c / sigma_max`` and the factors keep their balance (SpectralNormBound)."""
-        matrix = self.view.to_matrix(self.forward(*(f.float() for f in factors)))
+        exact = [f.to(torch.promote_types(f.dtype, torch.float32)) for f in factors]  # float32 at least
+        matrix = self.assemble(self.modes, self.ranks, exact).reshape(self.view.d_out, self.view.d_in)
         sigma = float(torch.linalg.matrix_norm(matrix, ord=2))
         if sigma > c:
             scale = (c / sigma) ** (1.0 / len(factors))
