@@ -100,8 +100,8 @@ def _check_patch_size(arch: str, model, img_size: int) -> None:
 
 
 def _create_from_file(arch: str, path: Path, cfg, kwargs: dict):
-    """Build ``arch`` with the weights in ``path``: a strict load, then a fresh classifier where
-    the file's class count is not ``num_classes``."""
+    """Build ``arch`` with the weights in ``path``, checked by a strict load; where the file's
+    class count is not ``num_classes``, the classifier is new (timm's init)."""
     if not path.is_file():
         raise ValueError(f"pretrained weight file {str(path)!r} does not exist")
     if path.suffix not in WEIGHT_FILE_SUFFIXES:
@@ -112,21 +112,22 @@ def _create_from_file(arch: str, path: Path, cfg, kwargs: dict):
         raise ValueError(f"cannot read pretrained weight file {str(path)!r}: {err}") from err
     overlay = dict(file=str(path), **_file_cfg(cfg, state))
     # timm drops a classifier of another class count and then loads the rest without strict
-    # checks (a file of another architecture loads partly, with a log line): build the file's
-    # class count, loaded strictly, and give it the new classifier after
+    # checks (a file of another architecture loads partly, with a log line): a new class count
+    # is first built at the file's, loaded strictly (a check, dropped), then built as timm does
     build = dict(kwargs)
     if _names(cfg.classifier):  # a file without the classifier: built without one (0 classes)
         build["num_classes"] = overlay.setdefault("num_classes", 0)
+    wanted = kwargs.get("num_classes", cfg.num_classes)
     try:
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **build)
     except RuntimeError as err:
         if "state_dict" not in str(err):
             raise
         raise ValueError(_mismatch_message(arch, path, state, build)) from None
-    wanted = kwargs.get("num_classes", cfg.num_classes)
-    if build.get("num_classes", wanted) != wanted:
-        model.reset_classifier(wanted)
-    return model
+    if build.get("num_classes", wanted) == wanted:
+        return model
+    # timm's own classifier init for the new head (ViT's differs from a plain reset's)
+    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 def _names(field) -> tuple[str, ...]:
