@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import warnings
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from fastai.optimizer import SGD, Adam, Optimizer
 import torch
 from torch import nn
 
-from sttpfast.callbacks._util import resize_progress_bar, with_defaults
+from sttpfast.callbacks._util import positive_steps, resize_progress_bar, with_defaults
 from sttpfast.callbacks.guards import NaNGuard
 from sttpfast.callbacks.penalties import DOptimalPenalty, FrobeniusDecay
 from sttpfast.callbacks.spectral import SingularValueLogger, SpectralNormBound
@@ -408,9 +407,8 @@ def fit(learn: Learner, epochs: int | None = None, lr: float | None = None, sche
     step-based ``schedule`` (fastai's schedule functions, see :func:`schedule_functions`)."""
     if epochs is None and steps is None:
         raise ValueError("give epochs or steps")
-    for name, value in (("steps", steps), ("epochs", epochs)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    steps, epochs = (None if v is None else positive_steps(v, name, "") for v, name in ((steps, "steps"),
+                                                                                          (epochs, "epochs")))
     per_epoch = len(learn.dls.train)
     if per_epoch == 0:
         raise ValueError("the training loader yields no batch (batch size larger than the data?)")

@@ -331,9 +331,9 @@ def test_a_model_that_does_not_fit_the_data_is_refused_before_training(dls):
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(steps=1.5), r"^steps must be a positive integer, got 1.5$"),
-    (dict(epochs=2.5), r"^epochs must be a positive integer, got 2.5$"),
-    (dict(epochs=True), r"^epochs must be a positive integer, got True$")])
+    (dict(steps=1.5), r"^steps must be a positive whole number, got 1.5$"),
+    (dict(epochs=2.5), r"^epochs must be a positive whole number, got 2.5$"),
+    (dict(epochs=True), r"^epochs must be a positive whole number, got True$")])
 def test_fit_refuses_sizes_that_are_not_whole_numbers(dls, tmp_path, kwargs, message):
     learn = _learner(dls, tmp_path)
     with pytest.raises(ValueError, match=message):
