@@ -160,8 +160,9 @@ class InMemoryImageDL(DataLoader):
         x, *y = b
         if self.augment:
             # a rank of a shuffled (training) loader draws for the global batch and takes its
-            # part: every rank's generator is seeded alike, and drew the same crops before
-            sharded = self.world_size > 1 and self.shuffle and len(x) == self.bs
+            # part: every rank's generator is seeded alike, and drew the same crops before; a
+            # short last batch draws as many, so the ranks' generators stay alike
+            sharded = self.world_size > 1 and self.shuffle
             draws, start = (self.world_size * self.bs, self.rank * self.bs) if sharded else (None, 0)
             x = random_crop_flip(x, self.pad, self.flip, self._aug_gen, draws=draws, start=start)
         scale, shift = self._norm_constants(x.device)
