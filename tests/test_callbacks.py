@@ -231,11 +231,12 @@ def test_loggers_log_the_last_step_of_a_step_budget(dls, tmp_path):
 
     from sttpfast.learner import fit
 
-    learn = learner(dls, small_net(), tmp_path, cbs=[TensorBoardLogger(every=10)])
-    fit(learn, steps=3, lr=0.01)
-    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
-    acc.Reload()
-    assert [e.step for e in acc.Scalars("train/loss")] == [3]
+    for steps, every, logged in ((3, 10, [3]), (6, 4, [4, 6])):
+        learn = learner(dls, small_net(), tmp_path / str(steps), cbs=[TensorBoardLogger(every=every)])
+        fit(learn, steps=steps, lr=0.01)
+        acc = EventAccumulator(str(tmp_path / str(steps) / "tb"), size_guidance={"scalars": 0})
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train/loss")] == logged
 
 
 def test_tensorboard_logger_with_a_folder_it_cannot_make_is_one_clear_error(dls, tmp_path):
