@@ -468,7 +468,7 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
 
         progress["stage"] = "writing"
         folder = prepare_run_dir(new_cfg)
-        write_file(folder / "config.yaml", lambda path: save_config(new_cfg, path))
+        write_file(folder / "config.yaml", lambda path: save_config(new_cfg, path, "train"))
         (folder / "checkpoints" / "last").mkdir(parents=True, exist_ok=True)
         save_parameterized(student, folder / "checkpoints" / "last" / "model.safetensors")
         summary = {"run_dir": str(folder), "param": param, "rank": report.rank, "z_percent": z,

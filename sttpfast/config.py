@@ -741,13 +741,21 @@ def check_sections_read(cfg: dict, sources: dict, command: str) -> None:
                       f"are under gan.*): {fix}")
 
 
-def save_config(cfg: dict, path: str | Path) -> Path:
-    """Write ``cfg`` as YAML that :func:`build_config` reads back to the same config."""
+def save_config(cfg: dict, path: str | Path, command: str | None = None) -> Path:
+    """Write ``cfg`` as YAML that :func:`build_config` reads back to the same config.
+
+    ``command`` (``"train"`` or ``"gan"``): leave out the sections only the other command
+    reads (a classification run's config.yaml listed the GAN's 25 defaults as if they
+    applied); they read back as their defaults."""
     from sttpfast.params import BASELINES, resolve_param
 
     out = copy.deepcopy(cfg)
-    p = out["param"]
-    if (p["rank"] is None and p["compression"] is None and p["rank_scale"] is None and not p["layer_ranks"]
+    if command is not None:
+        other = "gan" if command == "train" else "train"
+        for section in COMMAND_SECTIONS[other]:
+            out.pop(section, None)
+    p = out.get("param")
+    if (p is not None and p["rank"] is None and p["compression"] is None and p["rank_scale"] is None and not p["layer_ranks"]
             and resolve_param(p["name"]) not in BASELINES):
         p["rank"] = FULL_RANK  # None would read back as the default rank
     path = Path(path)

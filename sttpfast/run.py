@@ -480,7 +480,7 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
         start_epoch = checkpointer.restore(state)
         say(f"resuming {run_dir} at epoch {start_epoch}, step {state['meta']['train_iter']}")
     if main and (state is None or budget_raised):
-        write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path))
+        write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path, "train"))
     report = learn.compression
     if cfg["param"].get("compression") is not None and report.rank is not None:
         say(f"rank {report.rank} gives Z = {report.z:.2f}%")  # the shared rank the target chose

@@ -100,6 +100,7 @@ def test_cli_gan_digits_sn_writes_the_run_folder(tmp_path):
     assert summary["d_param"] == "sn" and summary["d_z_percent"] == 100.0
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["gan"]["d_param"] == "sn" and config["gan"]["steps"] == 20
+    assert list(config) == ["data", "log", "train", "gan"]  # no classifier sections (model, param, optim, reg)
     assert list((run / "tb").glob("events.out.tfevents.*"))
     RunLock(run).acquire().release()  # the run let go of its folder
     weights = _weights(run)  # G, D and both parameterizations in one file

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from click.testing import CliRunner
 from fastai.callback.core import Callback
@@ -40,6 +41,9 @@ def test_cli_trains_digits_and_writes_the_run_folder(tmp_path):
     assert (run / "checkpoints/last/model.safetensors").is_file()
     assert (run / "checkpoints/best/model.safetensors").is_file()
     assert (run / "config.yaml").is_file() and "sttp-r" in (run / "config.yaml").read_text()
+    # the sections sttpfast train reads, and no gan section (its 25 defaults read as if they applied)
+    assert list(yaml.safe_load((run / "config.yaml").read_text())) == ["data", "model", "param", "optim", "reg",
+                                                                      "log", "train"]
     assert list((run / "tb").glob("events.out.tfevents.*"))
     assert (run / "singular_values.png").stat().st_size > 1000
     summary = json.loads((run / "summary.json").read_text())

@@ -369,7 +369,7 @@ def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, s
         checkpointer.restore(state)
         say(f"resuming {run_dir} at G step {state['meta']['train_iter']}")
     if main and (state is None or budget_raised):
-        write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path))
+        write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path, "gan"))
     say(f"run {run_dir}: G {learn.g_param} Z = {learn.compression_g.z:.2f}%, "
         f"D {cfg['gan']['d_param']} Z = {learn.compression_d.z:.2f}%")
     if metrics is not None:
