@@ -562,15 +562,13 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
     if resume is not None:
         # only the budget may change on resume: --steps / --epochs continue a finished run
         budget = {key: explicit.pop(key) for key in ("optim.steps", "optim.epochs") if key in explicit}
-        if explicit or cfg or overrides:
-            raise CLIError("--resume continues with the run's own config.yaml; drop the other options "
-                           "(only --steps / --epochs may raise its budget)")
+        progress = _resume_progress(overrides, explicit, cfg, "--steps / --epochs")
         with interrupts_end_start_up():
             _import_training_modules()
         from sttpfast.run import run_training
 
         summary = run_training(resume=resume, echo=click.echo, steps=budget.get("optim.steps"),
-                               epochs=budget.get("optim.epochs"))
+                               epochs=budget.get("optim.epochs"), progress=progress)
     else:
         if flags["dataset"] is None and not cfg and not overrides:
             raise CLIError("give the dataset: sttpfast train DATASET [options] (e.g. sttpfast train digits --param sttp-r "
@@ -593,6 +591,19 @@ def train(resume, cfg, overrides, frobenius_decay, **flags):
         summary = run_training(config, echo=click.echo, announce=chosen)
     _print_summary(summary)
     _exit_if_the_loss_diverged(summary)
+
+
+def _resume_progress(overrides, explicit: dict, cfg, budget_flags: str) -> bool | None:
+    """The ``--set log.progress=...`` a resume may take (display only: a run continued into a
+    log file turns its bar off), or None; anything else but the budget is refused, since
+    the run continues with its own config.yaml."""
+    progress = [pair for pair in overrides if pair.partition("=")[0].strip() == "log.progress"]
+    if explicit or cfg or len(progress) != len(overrides):
+        raise CLIError(f"--resume continues with the run's own config.yaml; drop the other options (only {budget_flags} "
+                       "may raise its budget, and --set log.progress=true|false turns the progress bar on or off)")
+    if not progress:
+        return None
+    return build_config(overrides=progress)[0]["log"]["progress"]  # parsed and checked as any --set
 
 
 def _exit_if_the_loss_diverged(summary: dict) -> None:
@@ -638,15 +649,13 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
                 if v is not None and v != ()}
     if resume is not None:
         steps = explicit.pop("gan.steps", None)
-        if explicit or cfg or overrides:
-            raise CLIError("--resume continues with the run's own config.yaml; drop the other options "
-                           "(only --steps may raise its budget)")
+        progress = _resume_progress(overrides, explicit, cfg, "--steps")
         with interrupts_end_start_up():
             _import_training_modules()
             import sttpfast.gan.run  # noqa: F401
         from sttpfast.gan.run import run_gan
 
-        summary = run_gan(resume=resume, echo=click.echo, steps=steps)
+        summary = run_gan(resume=resume, echo=click.echo, steps=steps, progress=progress)
     else:
         if flags["dataset"] is None and not cfg and not overrides:
             # the defaults are the paper's budget (100,000 G steps, full-width networks): a bare

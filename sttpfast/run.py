@@ -326,7 +326,7 @@ def _raise_budget(cfg: dict, steps: int | None, epochs: int | None) -> bool:
 
 
 def run_training(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs=(), echo=print,
-                 steps: int | None = None, epochs: int | None = None, announce=()) -> dict:
+                 steps: int | None = None, epochs: int | None = None, announce=(), progress: bool | None = None) -> dict:
     """Train as configured (or continue ``resume``); returns the summary written to summary.json.
 
     ``announce``: lines said (by rank 0) once the data, the model and its parameterization are
@@ -335,7 +335,8 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
 
     Resuming a run that already reached its budget changes nothing: it says so and returns
     the run's summary.json (``"already_finished": True``). ``steps`` / ``epochs`` raise a
-    resumed run's budget (saved to its config.yaml) so that it continues.
+    resumed run's budget (saved to its config.yaml) so that it continues; ``progress`` turns a
+    resumed run's progress bar on or off (saved too).
     Ctrl-C (SIGINT) or SIGTERM during training saves an exact-resume checkpoint after the
     current step, prints how to resume and raises :class:`TrainingInterrupted` (exit status
     130 / 143); SIGUSR1 saves one and continues. Another process on the same run folder is
@@ -344,7 +345,7 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
 
     from sttpfast.callbacks.distributed import make_accelerator
 
-    state, budget_raised, lock = None, False, None
+    state, config_changed, lock = None, False, None
     try:
         if resume is not None:
             run_dir = Path(resume).expanduser()
@@ -355,7 +356,9 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
             if done.get("app") == "gan":
                 raise RunError(f"{run_dir} is a GAN run; resume it with: sttpfast gan --resume {run_dir}")
             check_budget(run_dir, done, steps, epochs, cfg["optim"]["steps"], cfg["optim"]["epochs"])
-            budget_raised = _raise_budget(cfg, steps, epochs)
+            config_changed = _raise_budget(cfg, steps, epochs)
+            if progress is not None and progress != cfg["log"]["progress"]:
+                cfg["log"]["progress"], config_changed = progress, True  # config.yaml says the new value
             finished = finished_summary(run_dir, done) if checkpoint_finished(cfg, done) else None
             if finished is not None:
                 echo(f"{run_dir} is already finished ({done['train_iter']} steps); nothing changed. "
@@ -370,14 +373,14 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
         else:
             check_output(cfg)  # a bad --name / --out fails before any work
             accelerator = make_accelerator(cfg["train"]["mixed_precision"])
-        return _train(cfg, state, budget_raised, accelerator, run_dir if state is not None else None,
+        return _train(cfg, state, config_changed, accelerator, run_dir if state is not None else None,
                       extra_cbs, echo, lock, announce)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock, announce=()) -> dict:
+def _train(cfg, state, config_changed, accelerator, run_dir, extra_cbs, echo, lock, announce=()) -> dict:
     from accelerate.utils import set_seed
     from fastai.callback.progress import ProgressCallback
 
@@ -439,7 +442,7 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
             if taken:
                 say(taken)
     try:
-        return _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer,
+        return _fit_and_summarize(learn, cfg, state, config_changed, accelerator, run_dir, checkpointer,
                                   signals, say, fit, ProgressCallback, main)
     finally:
         if state is None and lock is not None:
@@ -468,7 +471,7 @@ def saying_warnings(say):
     say_warnings(caught, say)
 
 
-def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, signals, say, fit,
+def _fit_and_summarize(learn, cfg, state, config_changed, accelerator, run_dir, checkpointer, signals, say, fit,
                        ProgressCallback, main) -> dict:
     o, lg = cfg["optim"], cfg["log"]
     if not (main and lg["progress"]):
@@ -479,7 +482,7 @@ def _fit_and_summarize(learn, cfg, state, budget_raised, accelerator, run_dir, c
         learn.create_opt()
         start_epoch = checkpointer.restore(state)
         say(f"resuming {run_dir} at epoch {start_epoch}, step {state['meta']['train_iter']}")
-    if main and (state is None or budget_raised):
+    if main and (state is None or config_changed):
         write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path, "train"))
     report = learn.compression
     if cfg["param"].get("compression") is not None and report.rank is not None:

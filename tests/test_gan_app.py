@@ -298,6 +298,17 @@ def test_a_resume_below_the_steps_already_trained_is_refused(tmp_path):
     assert result.output.strip() == (f"Error: {run} has trained 4 steps: a resume can only raise the budget "
                                      "(--steps 2 is below them)")
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
+    result = _cli("gan", "--resume", run, "--set", "log.progress=true", "--set", "gan.lr_d=0.1")
+    assert result.exit_code == 2 and result.output == (
+        "Error: --resume continues with the run's own config.yaml; drop the other options (only --steps may raise "
+        "its budget, and --set log.progress=true|false turns the progress bar on or off)\n")
+    # the progress bar is display only: a resume may turn it on or off (it was refused)
+    result = _cli("gan", "--resume", run, "--steps", "5", "--set", "log.progress=true")
+    assert result.exit_code == 0, result.output
+    # fastai's progress table (its header) in place of the project's one-line epoch rows ("epoch 5  train_loss_d ...")
+    assert "resuming" in result.output and not re.search(r"^epoch \d", result.output, re.M)
+    assert re.search(r"epoch +train_loss_d +valid_loss_d +time", result.output), result.output
+    assert yaml.safe_load((run / "config.yaml").read_text())["log"]["progress"] is True
 
 
 def test_a_raised_budget_inside_the_epoch_the_run_ended_in_trains_on(tmp_path):

@@ -117,6 +117,10 @@ def _rewind_to_step_3(run: Path) -> None:
             shutil.rmtree(other)
 
 
+RESUME_TAKES_ONLY = ("--resume continues with the run's own config.yaml; drop the other options (only --steps / "
+                     "--epochs may raise its budget, and --set log.progress=true|false turns the progress bar on or off)")
+
+
 def test_cli_resume_continues_and_bad_checkpoints_are_refused(tmp_path):
     result = cli("digits", *QUICK, "--param", "sttp-r", "--rank", "4", "--steps", "6", "--out", tmp_path, "--name", "r")
     assert result.exit_code == 0, result.output
@@ -128,7 +132,15 @@ def test_cli_resume_continues_and_bad_checkpoints_are_refused(tmp_path):
     again = cli("--resume", run)
     assert again.exit_code == 0 and "resuming" in again.output, again.output
     mixed = cli("--resume", run, "--lr", "0.5")
-    assert mixed.exit_code == 2 and "drop the other options" in mixed.output
+    assert mixed.exit_code == 2 and mixed.output == f"Error: {RESUME_TAKES_ONLY}\n"
+    mixed = cli("--resume", run, "--set", "log.progress=false", "--set", "optim.lr=0.5")
+    assert mixed.exit_code == 2 and mixed.output == f"Error: {RESUME_TAKES_ONLY}\n"
+    # the progress bar is display only: a resume in a log file turns it off (it was refused)
+    _rewind_to_step_3(run)
+    quiet = cli("--resume", run, "--set", "log.progress=false")
+    assert quiet.exit_code == 0 and "resuming" in quiet.output, quiet.output
+    assert [line.split()[:2] for line in quiet.output.splitlines() if line.startswith("epoch ")] == [["epoch", "0"]]
+    assert yaml.safe_load((run / "config.yaml").read_text())["log"]["progress"] is False
 
     _rewind_to_step_3(run)  # unfinished again: resuming must read (and check) the checkpoint
     folder = (run / "checkpoints/last").resolve()

@@ -222,10 +222,11 @@ def _finished(cfg: dict, meta: dict) -> bool:
 
 
 def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs=(), echo=print,
-            steps: int | None = None) -> dict:
+            steps: int | None = None, progress: bool | None = None) -> dict:
     """Train a GAN as configured (or continue the run folder ``resume``); returns the summary
     written to summary.json. ``steps`` raises a resumed run's G-step budget (the linear
-    learning-rate decay then follows the new budget from there on). Resuming a finished run
+    learning-rate decay then follows the new budget from there on); ``progress`` turns a
+    resumed run's progress bar on or off (both saved to its config.yaml). Resuming a finished run
     changes nothing (``"already_finished": True``). Ctrl-C / SIGTERM: checkpoint, then
     :class:`~sttpfast.run.TrainingInterrupted` (exit status 130 / 143)."""
     from sttpfast.callbacks.distributed import make_accelerator
@@ -240,9 +241,11 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
             if state["meta"].get("app") != "gan":
                 raise RunError(f"{run_dir} is not a GAN run; resume it with: sttpfast train --resume {run_dir}")
             check_budget(run_dir, state["meta"], steps, budget_steps=cfg["gan"]["steps"])
-            budget_raised = steps is not None and steps != cfg["gan"]["steps"]
-            if budget_raised:
+            config_changed = steps is not None and steps != cfg["gan"]["steps"]
+            if config_changed:
                 cfg["gan"]["steps"] = int(steps)
+            if progress is not None and progress != cfg["log"]["progress"]:
+                cfg["log"]["progress"], config_changed = progress, True
             # summary.json of this very step: the run ended here (its checkpoint may predate
             # the end-of-run evaluation in runs from before that was checkpointed)
             finished = finished_summary(run_dir, state["meta"])
@@ -251,7 +254,7 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
                      "To train further, resume with a larger --steps")
                 return {**finished, "already_finished": True}
         else:
-            budget_raised = False
+            config_changed = False
             check_gan_config(cfg)
             check_output(_named(cfg))
             run_dir = None
@@ -259,7 +262,7 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
         accelerator = make_accelerator("no")
         if state is not None:
             check_global_batch(run_dir, state["meta"], accelerator.num_processes, cfg["gan"]["bs"], "gan.bs")
-        return _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock)
+        return _train(cfg, state, config_changed, accelerator, run_dir, extra_cbs, echo, lock)
     finally:
         if lock is not None:
             lock.release()
@@ -300,7 +303,7 @@ def _callbacks(cfg: dict, g: dict, main: bool, say, sharded: bool = False):
     return checkpointer, signals, metrics, cbs
 
 
-def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, lock) -> dict:
+def _train(cfg, state, config_changed, accelerator, run_dir, extra_cbs, echo, lock) -> dict:
     from accelerate.utils import set_seed
 
     from sttpfast.callbacks.distributed import warn_missing_processes
@@ -352,13 +355,13 @@ def _train(cfg, state, budget_raised, accelerator, run_dir, extra_cbs, echo, loc
             if taken:
                 say(taken)
     try:
-        return _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, signals, metrics, say, main)
+        return _fit(learn, cfg, state, config_changed, accelerator, run_dir, checkpointer, signals, metrics, say, main)
     finally:
         if state is None and lock is not None:
             lock.release()
 
 
-def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, signals, metrics, say, main) -> dict:
+def _fit(learn, cfg, state, config_changed, accelerator, run_dir, checkpointer, signals, metrics, say, main) -> dict:
     from fastai.callback.progress import ProgressCallback
 
     if not (main and cfg["log"]["progress"]):
@@ -368,7 +371,7 @@ def _fit(learn, cfg, state, budget_raised, accelerator, run_dir, checkpointer, s
         learn.create_opt()
         checkpointer.restore(state)
         say(f"resuming {run_dir} at G step {state['meta']['train_iter']}")
-    if main and (state is None or budget_raised):
+    if main and (state is None or config_changed):
         write_file(run_dir / "config.yaml", lambda path: save_config(cfg, path, "gan"))
     say(f"run {run_dir}: G {learn.g_param} Z = {learn.compression_g.z:.2f}%, "
         f"D {cfg['gan']['d_param']} Z = {learn.compression_d.z:.2f}%")
