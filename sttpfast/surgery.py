@@ -226,9 +226,10 @@ def _layer_kinds() -> str:
     return f"{', '.join(most)} or {last}"
 
 
-def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
-    """Layers to parameterize, in module order. Errors name the offending pattern/layer, and
-    say so when nothing is selected (a model without such layers, a single layer, patterns
+def _select(model: nn.Module, include, exclude, pattern_kind: str = "include pattern") -> list[tuple[str, nn.Module]]:
+    """Layers to parameterize, in module order. Errors name the offending pattern/layer (an
+    ``include`` entry is a ``pattern_kind``: the keys of a per-layer rank mapping select too),
+    and say so when nothing is selected (a model without such layers, a single layer, patterns
     that leave none)."""
     given = (include, exclude)
     include = [include] if isinstance(include, str) else list(include or [])
@@ -247,7 +248,7 @@ def _select(model: nn.Module, include, exclude) -> list[tuple[str, nn.Module]]:
             raise ValueError(f"layer {pattern!r} is a {type(modules[pattern]).__name__}, which cannot be "
                              f"parameterized; supported layer types: {_layer_kinds()}")
         if not any(fnmatch.fnmatchcase(n, pattern) for n in supported):
-            raise ValueError(f"include pattern {pattern!r} matches no {_layer_kinds()} layer; "
+            raise ValueError(f"{pattern_kind} {pattern!r} matches no {_layer_kinds()} layer; "
                              f"examples of layer names: {', '.join(list(supported)[:6])}")
     chosen = []
     for name, module in supported.items():
@@ -633,11 +634,13 @@ def parameterize(
     if per_layer:
         if include is not None or exclude is not None:
             raise ValueError("a per-layer rank mapping names its layers; leave include / exclude out")
+        if not rank:
+            raise ValueError("the per-layer rank mapping is empty: give it {layer name or pattern: rank}")
         include = list(rank)
         rank = {name: entry.normalize_rank(tuple(r) if isinstance(r, list) else r) for name, r in rank.items()}
     else:
         rank = entry.normalize_rank(tuple(rank) if isinstance(rank, list) else rank)
-    layers = _select(model, include, exclude)
+    layers = _select(model, include, exclude, "the per-layer rank mapping's key" if per_layer else "include pattern")
     _refuse_tied_weights(model, layers)
     if per_layer:
         rank = _layer_ranks_by_name(rank, [name for name, _ in layers])
@@ -645,6 +648,12 @@ def parameterize(
         if 0 in module.weight.shape:
             raise ValueError(f"layer {name!r} has a zero-size weight {tuple(module.weight.shape)}; "
                              "exclude it (exclude=[...])")
+        if entry.dtypes is not None and module.weight.dtype not in entry.dtypes:
+            # checked here: the frames are built at the first forward, which then failed on a
+            # model already changed (it could neither run nor be densified)
+            raise ValueError(f"layer {name!r} has {module.weight.dtype} weights: {param} builds its orthonormal "
+                             "frames in float32 or float64; parameterize the model in float32 and compute in half "
+                             f"precision under torch.autocast(device_type, dtype={module.weight.dtype})")
         if parametrize.is_parametrized(module, "weight"):
             held = _param_name(parametrization_of(module))
             if held.startswith("attn-"):  # the attention forms: the rest of the model is parameterized around them

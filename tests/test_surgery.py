@@ -409,6 +409,26 @@ def test_half_precision_frames_are_one_clear_error_and_autocast_works(param, dty
         assert model(x).shape == (2, 4)
 
 
+@pytest.mark.parametrize("param,init", [("svdp-r", "identity"), ("sttp-r", "spectral"), ("sttp-c", None)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_parameterizing_a_half_precision_model_is_refused_and_leaves_it_unchanged(param, init, dtype):
+    # it succeeded, and the model could then neither run, be densified nor be parameterized again
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 16, 4)).to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        parameterize(model, param, rank=2, init=init)
+    assert str(err.value) == (f"layer '0' has {dtype} weights: {param} builds its orthonormal frames in float32 or "
+                              f"float64; parameterize the model in float32 and compute in half precision under "
+                              f"torch.autocast(device_type, dtype={dtype})")
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert model(torch.randn(2, 3, 4, 4, dtype=dtype)).shape == (2, 4)
+    # the methods without frames take half precision as they did
+    parameterize(model, "lowrank", rank=2)
+    assert model(torch.randn(2, 3, 4, 4, dtype=dtype)).dtype == dtype
+
+
 @pytest.mark.parametrize("param", ["svdp-l", "sttp-r"])
 def test_a_model_on_the_meta_device_runs_its_forward(param):
     with torch.device("meta"):
@@ -492,6 +512,15 @@ def test_a_per_layer_rank_mapping_takes_patterns_and_exact_names_win():
                                          r"mapping, 'blocks.\*.conv1' and 'blocks.1.\*': give it its own entry$"):
         parameterize(create_model("resnet20_cifar", num_classes=10, in_chans=1), "svdp",
                      rank={"blocks.*.conv1": 4, "blocks.1.*": 3})
+    # an empty mapping was a bare IndexError; a key that names no layer blamed an include pattern
+    # the user never gave
+    with pytest.raises(ValueError) as err:
+        parameterize(model := create_model("resnet20_cifar", num_classes=10, in_chans=1), "svdp-r", rank={})
+    assert str(err.value) == "the per-layer rank mapping is empty: give it {layer name or pattern: rank}"
+    with pytest.raises(ValueError) as err:
+        parameterize(model, "tt", rank={"blocks.0.conv1": 4, "nothere": 4})
+    assert str(err.value).startswith("the per-layer rank mapping's key 'nothere' matches no Conv1d, ")
+    assert _rank_of_layers(model) == {}
 
 
 def test_a_numpy_integer_rank_is_a_rank_and_a_boolean_compression_is_refused():

@@ -108,6 +108,8 @@ class WeightParametrization(nn.Module):
     #: the training penalty of the method: "d_optimal" (the -R variants), "frobenius_decay"
     penalty: str | None = None
     default_init: str = "identity"
+    #: the weight dtypes the method can build (None: any)
+    dtypes: tuple | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -118,6 +120,7 @@ class WeightParametrization(nn.Module):
             name=cls.name, aliases=tuple(cls.aliases), rank_kind=int, learned_spectrum=cls.learned,
             bounded=cls.bounded, penalty=cls.penalty, default_init=cls.default_init,
             apply=cls.apply_to, count_dof=cls.count_dof, largest_useful_rank=cls.largest_useful_rank, cls=cls,
+            dtypes=cls.dtypes,
         ))
 
     @property

@@ -460,6 +460,9 @@ class SpectralChain(WeightParametrization):
     """
 
     learned: bool = True
+    #: the frames' triangular solves have no half-precision kernel, and half-precision frames
+    #: would not stay orthonormal (half precision: float32 weights under autocast)
+    dtypes = (torch.float32, torch.float64)
     #: how the layer runs its input (:mod:`sttpfast.params.factorized`): "auto" (multiply-add
     #: estimate per call), "factorized" (conv V^T, then 1x1 conv U diag(g s)), "materialized"
     forward_mode: str = "auto"

@@ -53,6 +53,8 @@ class Method:
         count_dof: ``count_dof(shape, transposed, rank)`` free scalars of one weight.
         largest_useful_rank: ``(shape, transposed) -> int``, or None (no rank).
         cls: the parametrization class, when the project implements it.
+        dtypes: the weight dtypes it can build (SVDP / STTP's frames: float32 and float64), or
+            None: any.
         scope: ``"layer"``: put on any supported layer by ``parameterize`` (a ``--param``
             choice); ``"attention"``: put on the projections of an attention block as a whole
             by :func:`sttpfast.params.attention.parameterize_attention` (``--attention``), and
@@ -72,6 +74,7 @@ class Method:
     spectral_init_note: str | None = None
     largest_useful_rank: Callable[[tuple, bool], int] | None = None
     cls: type | None = field(default=None, compare=False)
+    dtypes: tuple | None = None
     scope: str = "layer"
 
     # -- rank, an opaque per-method hyper-parameter ----------------------------------------
