@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from sttpfast.atomic import MANIFEST, unwritable_reason, verify_checkpoint, write_beside
-from sttpfast.config import attention_rank_of
+from sttpfast.config import attention_rank_of, load_yaml
 from sttpfast.surgery import densify, parameterized_layers
 
 __all__ = ["FORMATS", "CHECKPOINTS", "export_model", "export_run", "export_generator", "run_checkpoint",
@@ -305,12 +305,7 @@ def run_checkpoint(run_dir: str | os.PathLike, which: str = "last", damaged_hint
 
 
 def _run_config(run_dir: Path) -> dict:
-    import yaml
-
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{run_dir / 'config.yaml'}: unreadable ({err})") from None
+    cfg = load_yaml(run_dir / "config.yaml")  # a ConfigError (a ValueError) of one line, as a resume says it
     model, data = cfg.get("model") or {}, cfg.get("data") or {}
     if not model.get("arch") or not data.get("name"):
         raise ValueError(f"{run_dir / 'config.yaml'} names no model.arch / data.name")
@@ -331,6 +326,8 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.
 
     run_dir = Path(run_dir).expanduser()
     model_file = run_checkpoint(run_dir, which)
+    if is_gan_run(run_dir, which):
+        raise ValueError(f"{run_dir} is a GAN run: load it with sttpfast.export.load_gan_run_pair")
     cfg = _run_config(run_dir)
     info = dataset_info(cfg["data"]["name"], cfg["data"].get("data_dir"))
     args = {"num_classes": info["n_classes"], "in_chans": info["in_chans"], **(cfg["model"].get("kwargs") or {})}
@@ -365,7 +362,6 @@ def load_gan_run_pair(run_dir: str | os.PathLike, which: str = "last") -> tuple[
     """``(GANPair, generator model_args)`` of a GAN run's checkpoint: G and D rebuilt as the run
     built them (``gan.g`` / ``gan.d`` with the dataset's channels and ``gan.g_kwargs`` /
     ``gan.d_kwargs``), the EMA copy of G when the checkpoint holds one, the checkpoint loaded."""
-    import yaml
     from safetensors import SafetensorError, safe_open
 
     from sttpfast.checkpoint import load_parameterized
@@ -375,10 +371,9 @@ def load_gan_run_pair(run_dir: str | os.PathLike, which: str = "last") -> tuple[
 
     run_dir = Path(run_dir).expanduser()
     model_file = run_checkpoint(run_dir, which)
-    try:
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"{run_dir / 'config.yaml'}: unreadable ({err})") from None
+    if not is_gan_run(run_dir, which):  # it said "config.yaml names no gan.g / gan.d / data.name"
+        raise ValueError(f"{run_dir} is not a GAN run: load it with sttpfast.export.load_run_model")
+    cfg = load_yaml(run_dir / "config.yaml")
     gan, data = cfg.get("gan") or {}, cfg.get("data") or {}
     if not gan.get("g") or not gan.get("d") or not data.get("name"):
         raise ValueError(f"{run_dir / 'config.yaml'} names no gan.g / gan.d / data.name")

@@ -139,6 +139,20 @@ def test_missing_run_and_non_dense_checkpoint_are_refused(dense_run, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_a_run_whose_config_is_not_yaml_is_one_error_line_for_compress_info_and_export(dense_run, tmp_path):
+    # compress and info printed the YAML parser's five lines (context and a ^ pointer)
+    bad = tmp_path / "bad"
+    shutil.copytree(dense_run, bad)
+    (bad / "config.yaml").write_text("model: [\n")
+    message = (f"Error: config file {bad / 'config.yaml'} is not valid YAML: line 2, column 1: expected the node "
+               "content, but found '<stream end>' (while parsing a flow node from line 2, column 1)")
+    _one_error_line(_cli(bad, "--param", "tt", "--rank", "2", "--out", tmp_path / "c"), message, tmp_path)
+    for command in (["info", bad], ["export", bad, "--format", "safetensors"], ["train", "--resume", bad]):
+        result = CliRunner().invoke(main, list(map(str, command)))
+        _one_error_line(result, message, tmp_path)
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_method_that_does_not_compress_is_refused_by_name(dense_run, tmp_path):
     """`--param sn` used to ask for --rank, then refuse --rank: one message instead."""
     from sttpfast.params import methods

@@ -124,6 +124,11 @@ def test_a_run_of_a_timm_model_built_for_its_data_exports_as_it_ran(tmp_path, ar
     assert result.exit_code == 0, result.output
     model, margs, shape = load_run_model(tmp_path / "t")
     assert shape == (1, 1, size, size)
+    from sttpfast.export import load_gan_run_pair
+
+    with pytest.raises(ValueError) as err:  # it said "config.yaml names no gan.g / gan.d / data.name"
+        load_gan_run_pair(tmp_path / "t")
+    assert str(err.value) == f"{tmp_path / 't'} is not a GAN run: load it with sttpfast.export.load_run_model"
     out = tmp_path / "t.onnx"
     result = _cli("export", tmp_path / "t", "--format", "onnx", "--out", out)
     assert result.exit_code == 0, result.output
@@ -379,6 +384,9 @@ def test_export_of_a_gan_run_writes_its_ema_generator(tmp_path):
     run = tmp_path / "g"
     pair, args = load_gan_run_pair(run)
     assert args == {"in_chans": 1, "widths": [8, 8, 8], "bottom_width": 2, "z_dim": 16}
+    with pytest.raises(ValueError) as err:  # it said "config.yaml names no model.arch / data.name"
+        load_run_model(run)
+    assert str(err.value) == f"{run} is a GAN run: load it with sttpfast.export.load_gan_run_pair"
     ema = pair.generator_ema.eval()
     spec = parameterization_spec(ema)  # every conv of G's copy, sttp-r rank 4; never the first Linear
     assert len(spec) == 7 and "l1" not in spec and {s["rank"] for s in spec.values()} == {4}
