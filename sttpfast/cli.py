@@ -671,8 +671,9 @@ def gan(resume, cfg, overrides, dataset_option, **flags):
 
         summary = run_gan(config, echo=click.echo)
     best = summary.get("best")
-    parts = [f"G {summary['g_param']} Z {summary['g_z_percent']:.2f}%",
-             f"D {summary['d_param']} Z {summary['d_z_percent']:.2f}%"]
+    # Z from the counts, as the run line said it (the z_percent values are rounded already)
+    parts = [f"{side} {summary[f'{s}_param']} Z {100 * summary[f'{s}_params'] / summary[f'{s}_params_dense']:.2f}%"
+             for side, s in (("G", "g"), ("D", "d"))]
     parts += [f"{k} {v:.4g}" for k, v in summary.get("metrics", {}).items() if not k.endswith("_std")]
     if summary.get("extractor"):  # what the metrics were measured with
         parts.append(f"extractor {summary['extractor']['name']} (valid accuracy "

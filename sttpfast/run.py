@@ -173,7 +173,7 @@ def resume_config(run_dir: str | Path, warn=print, command: str = "train") -> tu
                        f"resume. Start it again with: sttpfast {command} --cfg {run_dir / 'config.yaml'} --out "
                        f"{run_dir.parent} (in a new, numbered folder next to it unless you remove this one first)")
     # the process that writes the run's checkpoints sets damaged ones aside (out of the rotation)
-    state = load_checkpoint_state(run_dir / "checkpoints", warn=lambda msg: warn(f"Warning: {msg}"),
+    state = load_checkpoint_state(run_dir / "checkpoints", warn=lambda msg: warn(f"warning: {msg}"),
                                   set_aside_damaged=is_main_rank())
     return run_dir, cfg, state
 
@@ -368,7 +368,7 @@ def run_training(cfg: dict | None = None, resume: str | Path | None = None, extr
             check_global_batch(run_dir, done, accelerator.num_processes, cfg["data"]["bs"], "data.bs")
             threads = done.get("threads")
             if threads is not None and threads != torch.get_num_threads():
-                echo(f"Warning: the run was checkpointed with {threads} CPU threads, this process uses "
+                echo(f"warning: the run was checkpointed with {threads} CPU threads, this process uses "
                      f"{torch.get_num_threads()}: results can differ in the last bits from an uninterrupted run")
         else:
             check_output(cfg)  # a bad --name / --out fails before any work

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -493,3 +494,14 @@ def test_the_rank_line_writes_a_deeper_ht_tree_as_rank_takes_it():
 
     line = rank_line("ht", [[5, [8, 6, 2], 3], [4, 3, 2]], "given")
     assert line == "rank (5,(8,6,2),3),(4,3,2) (ht's rank tree, the same for every layer)"
+
+
+@pytest.mark.parametrize("app", ["train", "gan", "compress"])
+def test_the_apps_take_dash_h_as_sttpfast_does(app):
+    # `sttpfast gan -h` printed the help, `python apps/gan.py -h` "Error: No such option '-h'."
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "apps" / f"{app}.py"), "-h"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"Usage: apps/{app}.py [OPTIONS]")
+    assert re.search(r"^  -h, --help +Show this message and exit\.$", proc.stdout, re.M), proc.stdout

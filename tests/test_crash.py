@@ -303,7 +303,7 @@ def test_a_torn_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_pa
     model.write_bytes(model.read_bytes()[: full // 2])  # a torn write
     lines = []
     resumed = run_training(resume=run, echo=lines.append)
-    assert lines[0] == (f"Warning: checkpoint {newest.name} is damaged ({model}: {full // 2} bytes, "
+    assert lines[0] == (f"warning: checkpoint {newest.name} is damaged ({model}: {full // 2} bytes, "
                         f"the manifest says {full}); falling back to {previous.name}, the newest complete checkpoint; "
                         f"the damaged one is kept as damaged-{newest.name}, out of the rotation")
     _assert_same_run(run, resumed, reference)
@@ -536,7 +536,7 @@ def test_a_resume_with_another_thread_count_is_warned_about(tmp_path):
         run_training(resume=tmp_path / "t", steps=4, echo=lines.append)
     finally:
         torch.set_num_threads(threads)
-    assert lines[0] == (f"Warning: the run was checkpointed with {threads} CPU threads, this process uses "
+    assert lines[0] == (f"warning: the run was checkpointed with {threads} CPU threads, this process uses "
                         f"{threads + 1}: results can differ in the last bits from an uninterrupted run")
 
 

@@ -72,6 +72,18 @@ def test_a_cp_discriminator_says_its_als_init_and_a_resume_fits_nothing(tmp_path
     assert len(fits) == 11 and "ALS" not in resumed.output
 
 
+def test_the_summary_line_says_the_z_the_run_line_said(tmp_path):
+    # D's Z is 4,756 / 16,720 = 28.44497%: the summary line printed the 4-decimal summary.json
+    # value rounded again, 28.45%, after the run line's 28.44%
+    result = _cli("gan", "digits", "--d-param", "svdp-l", "--rank", "4", "--steps", "1", "--n-dis", "1", "--bs", "16",
+                  "--subset", "64", "--out", tmp_path, "--name", "z", "--set", "gan.d_kwargs={widths: [16, 16, 16, 16]}",
+                  "--set", TINY[0], *QUIET)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "z/summary.json").read_text())
+    assert (summary["d_params"], summary["d_params_dense"], summary["d_z_percent"]) == (4756, 16720, 28.445)
+    assert "D svdp-l Z = 28.44%" in result.output and "| D svdp-l Z 28.44% |" in result.output, result.output
+
+
 def test_the_parameterizations_warnings_are_warning_lines_and_sn_exact_names_its_flags(tmp_path):
     """A side's surgery warning (layers past their dense size) came out as Python's warning,
     with sttpfast's file, line and source; `train` says the same as a `warning:` line."""
@@ -407,6 +419,10 @@ ALLOWED = ("svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tu
      "(gan.metrics_every): set it, or leave them out"),
     (["--set", "gan.best_by=kid"],
      "gan.best_by has no effect without --metrics-every (gan.metrics_every): set it, or leave it out"),
+    # it said "gan.metrics: unknown []"
+    (["--metrics-every", "5", "--set", "gan.metrics=[]"],
+     "gan.metrics is empty: give one or more of fid, isc, kid (leave --metrics-every out for no metrics)"),
+    (["--metrics-every", "5", "--set", "gan.metrics=[fid, is]"], "gan.metrics: unknown ['is']; allowed: fid, isc, kid"),
     (["--metrics-every", "5", "--inception-weights", "/nowhere/pt_inception.pth"],
      "--inception-weights (gan.inception_weights): file not found: /nowhere/pt_inception.pth"),
     (["--set", "gan.g_kwargs={widths: [8, 8, 8], bottom_width: 2, z_dim: 16, foo: 3}"],

@@ -144,10 +144,10 @@ def test_the_plan_names_an_extractor_file_of_another_dataset(extractor):
     accuracy = read_extractor_metadata(extractor)["valid_accuracy"]
     assert metrics.plan(100, "fashion_mnist") == (
         f"metrics: fid, isc, kid every 5 G steps and at the end, 10 generated images against 10 real ones, extractor "
-        f"{extractor} (sttpfast-resnet20-digits, {accuracy:.2%} on digits' validation split; trained on digits, "
+        f"{extractor} (sttpfast-resnet20-digits, {accuracy:.2%} on the validation split of digits; trained on digits, "
         "not on this run's fashion_mnist)")
     assert metrics.plan(100, "digits").endswith(
-        f"extractor {extractor} (sttpfast-resnet20-digits, {accuracy:.2%} on digits' validation split)")
+        f"extractor {extractor} (sttpfast-resnet20-digits, {accuracy:.2%} on the validation split of digits)")
 
 
 # ----------------------------------------------------------------------------------------

@@ -259,8 +259,8 @@ class GANMetrics(Callback):
             meta = read_extractor_metadata(self.weights_path)
             other = (f"; trained on {meta['dataset']}, not on this run's {dataset}"
                      if meta["dataset"] != dataset else "")
-            extractor = (f"{self.extractor} ({meta['name']}, {meta['valid_accuracy']:.2%} on {meta['dataset']}' "
-                         f"validation split{other})")
+            extractor = (f"{self.extractor} ({meta['name']}, {meta['valid_accuracy']:.2%} on the validation "
+                         f"split of {meta['dataset']}{other})")
         return (f"metrics: {', '.join(self.metrics)} every {self.every} G steps{' and at the end' * self.at_end}, "
                 f"{self.samples} generated images against {reals} real ones{short}, extractor {extractor}")
 

@@ -86,9 +86,12 @@ def check_gan_config(cfg: dict) -> dict:
         raise ValueError(f"--sn-exact (gan.sn_exact) needs --d-param sn (gan.d_param), got {g['d_param']!r}")
     _check_ranks_apply(g)
     _check_metric_settings_apply(g)
+    if not g["metrics"]:
+        raise ValueError("gan.metrics is empty: give one or more of fid, isc, kid (leave --metrics-every out for no "
+                         "metrics)")
     unknown = [m for m in g["metrics"] if m not in ("fid", "isc", "kid")]
-    if unknown or not g["metrics"]:
-        raise ValueError(f"gan.metrics: unknown {unknown or g['metrics']!r}; allowed: fid, isc, kid")
+    if unknown:
+        raise ValueError(f"gan.metrics: unknown {unknown!r}; allowed: fid, isc, kid")
     if g["best_by"] not in g["metrics"]:
         raise ValueError(f"gan.best_by {g['best_by']!r} is not among gan.metrics {g['metrics']}")
     if g["metrics_every"] is not None:
