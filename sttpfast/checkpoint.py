@@ -2,7 +2,8 @@
 
 The file holds the state_dict of the parameterized model (its factors) and, in the
 safetensors metadata, the parameterization spec (layer -> param, rank, shape), the timm
-architecture name and its constructor arguments, so a checkpoint rebuilds its own model.
+architecture name and its constructor arguments, and the attention form (``qk-ov``, ``q-k-v``)
+when the model is in one, so a checkpoint rebuilds its own model.
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sttpfast.atomic import write_beside
+from sttpfast.params.attention import ATTENTION_FORMS, attention_blocks, attention_form_of, split_qkv
 from sttpfast.surgery import apply_spec, parameterization_spec
 
 __all__ = ["save_parameterized", "load_parameterized", "read_metadata", "describe_spec_difference"]
 
 _SPEC, _ARCH, _ARGS, _VERSION = "sttpfast_spec", "architecture", "model_args", "sttpfast_version"
+_ATTENTION = "sttpfast_attention"
 
 
 def _architecture(model: nn.Module) -> str | None:
@@ -80,6 +83,9 @@ def save_parameterized(model: nn.Module, path: str | os.PathLike, metadata: dict
             _ARGS: json.dumps(_jsonable_args(model))}
     if _architecture(model):
         meta[_ARCH] = _architecture(model)
+    form = attention_form_of(model)
+    if form is not None:
+        meta[_ATTENTION] = form
     for key, value in (metadata or {}).items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     return write_beside(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -124,11 +130,16 @@ def load_parameterized(path: str | os.PathLike, model: nn.Module | None = None, 
     """Load a checkpoint written by :func:`save_parameterized`.
 
     Without ``model`` the architecture stored in the file is created with timm. A dense
-    ``model`` gets the stored parameterization first; an already parameterized one must
-    match it. Any mismatch raises ValueError saying what differs; ``model`` is then unchanged.
+    ``model`` gets the stored attention form and parameterization first (a ``q-k-v`` file
+    splits its fused ``qkv`` Linears); an already parameterized one must match them. Any
+    mismatch raises ValueError saying what differs; ``model`` is then unchanged.
     """
     meta = read_metadata(path)
     spec = checkpoint_spec(path)
+    form = meta.get(_ATTENTION)
+    if form is not None and form not in ATTENTION_FORMS:
+        raise ValueError(f"{path}: the checkpoint's attention form {form!r} is not one this sttpfast knows "
+                         f"({', '.join(ATTENTION_FORMS)})")
     if model is None:
         arch = meta.get(_ARCH)
         if not arch:
@@ -148,16 +159,43 @@ def load_parameterized(path: str | os.PathLike, model: nn.Module | None = None, 
         _load_state(model, tensors, path, strict)
         return model
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    apply_spec(model, spec)
+    fused = _split_as_saved(model, form)
+    try:
+        apply_spec(model, spec)
+    except ValueError:
+        _put_back(fused)
+        raise
     try:
         _load_state(model, tensors, path, strict)
     except ValueError:
         from sttpfast.surgery import densify
 
         densify(model, inplace=True)
+        _put_back(fused)
         model.load_state_dict(before)
         raise
     return model
+
+
+def _split_as_saved(model: nn.Module, form: str | None) -> list[tuple[nn.Module, nn.Module]]:
+    """Split the fused ``qkv`` Linears of a dense ``model`` when the checkpoint's form is
+    ``q-k-v`` (its spec and tensors name ``qkv.q``, ``qkv.k``, ``qkv.v``); returns the
+    ``(block, fused Linear)`` pairs :func:`_put_back` restores if loading fails.
+
+    ``qk-ov`` needs no step here: its forms are parametrizations of the fused Linears, which
+    the spec names and ``apply_spec`` puts back."""
+    if form != "q-k-v":
+        return []
+    fused = [(block, block.qkv) for _, block, _, _ in attention_blocks(model)]
+    if fused:  # split_qkv copies the weights: the fused Linears stay as they were
+        split_qkv(model)
+    return fused
+
+
+def _put_back(fused: list[tuple[nn.Module, nn.Module]]) -> None:
+    """Undo :func:`_split_as_saved`: each block gets its fused ``qkv`` Linear again."""
+    for block, qkv in fused:
+        block.qkv = qkv
 
 
 def _load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path, strict: bool) -> None:

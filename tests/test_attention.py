@@ -419,3 +419,117 @@ def test_parameterizing_around_the_attention_forms_in_python_names_the_way():
                               "does on the command line")
     report = parameterize(model, "sttp-r", rank=4, exclude=formed)
     assert "blocks.0.mlp.fc1" in {row.name for row in report.rows}
+
+
+# ---------------------------------------------------------------------------------------
+# a checkpoint rebuilds its attention form on its own (load_parameterized(path), no model)
+def small_vit():
+    return timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2).eval()
+
+
+def _in_form(form: str, sizing: str) -> nn.Module:
+    """A ``small_vit`` in ``form``, its layers parameterized by svdp-r as ``sizing`` says."""
+    torch.manual_seed(0)
+    model = small_vit()
+    formed = parameterize_attention(model, form, rank=4 if form == "qk-ov" else None)
+    if sizing == "v at rank 4":  # the user's report: only a split layer parameterized
+        parameterize(model, "svdp-r", rank=4, include="*.qkv.v", init="spectral")
+    elif sizing == "the split layers":
+        parameterize(model, "svdp-r", rank=4, include=["*.qkv.q", "*.qkv.k", "*.qkv.v"], init="spectral")
+    elif sizing == "compression 20":  # all layers, q, k and v included
+        parameterize(model, "svdp-r", compression=20, exclude=formed or None, init="spectral")
+    return model
+
+
+@pytest.mark.parametrize("form, sizing", [("q-k-v", "v at rank 4"), ("q-k-v", "the split layers"),
+                                          ("q-k-v", "compression 20"), ("q-k-v", "dense"),
+                                          ("qk-ov", "compression 20")])
+def test_load_parameterized_alone_rebuilds_the_attention_form(tmp_path, form, sizing):
+    from sttpfast.checkpoint import read_metadata
+    from sttpfast.surgery import parameterization_spec
+
+    model = _in_form(form, sizing)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    save_parameterized(model, tmp_path / "m.safetensors")
+    assert read_metadata(tmp_path / "m.safetensors")["sttpfast_attention"] == form
+    again = load_parameterized(tmp_path / "m.safetensors").eval()
+    assert parameterization_spec(again) == parameterization_spec(model)
+    assert [type(m).__name__ for m in again.modules()] == [type(m).__name__ for m in model.modules()]
+    with torch.no_grad():
+        assert torch.equal(again(x), expected)  # float32, bit-exact
+
+
+def test_a_model_without_an_attention_form_records_none(tmp_path):
+    from sttpfast.checkpoint import read_metadata
+
+    model = small_vit()
+    parameterize(model, "svdp-r", rank=4)
+    save_parameterized(model, tmp_path / "m.safetensors")
+    assert "sttpfast_attention" not in read_metadata(tmp_path / "m.safetensors")
+
+
+def _without_the_attention_record(path):
+    """Rewrite ``path`` as sttpfast wrote it before it recorded the attention form."""
+    from safetensors.torch import load_file, save_file
+
+    from sttpfast.checkpoint import read_metadata
+
+    meta = read_metadata(path)
+    del meta["sttpfast_attention"]
+    save_file(load_file(str(path)), str(path), metadata=meta)
+
+
+def test_a_file_from_before_the_attention_record_loads_into_a_split_model_and_alone_fails_as_before(tmp_path):
+    model = _in_form("q-k-v", "v at rank 4")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    save_parameterized(model, tmp_path / "m.safetensors")
+    _without_the_attention_record(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError) as err:
+        load_parameterized(tmp_path / "m.safetensors")
+    assert str(err.value) == ("checkpoint does not match the model: layer 'blocks.0.attn.qkv.v' does not exist in "
+                              "the model; layer 'blocks.1.attn.qkv.v' does not exist in the model")
+    split = small_vit()
+    parameterize_attention(split, "q-k-v")
+    with torch.no_grad():
+        assert torch.equal(load_parameterized(tmp_path / "m.safetensors", split)(x), expected)
+
+
+def test_a_dense_fused_model_passed_in_is_split_as_the_checkpoint_says(tmp_path):
+    model = _in_form("q-k-v", "v at rank 4")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    save_parameterized(model, tmp_path / "m.safetensors")
+    fused = small_vit()
+    again = load_parameterized(tmp_path / "m.safetensors", fused)
+    with torch.no_grad():
+        assert again is fused and torch.equal(again(x), expected)
+    assert type(fused.blocks[1].attn.qkv).__name__ == "SplitQKV"
+
+
+def test_a_fused_model_the_checkpoint_does_not_fit_is_left_fused(tmp_path):
+    save_parameterized(_in_form("q-k-v", "v at rank 4"), tmp_path / "m.safetensors")
+    wider = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, depth=2, embed_dim=96,
+                              num_heads=3).eval()
+    qkv = [block.attn.qkv for block in wider.blocks]
+    before = {k: v.clone() for k, v in wider.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        load_parameterized(tmp_path / "m.safetensors", wider)
+    assert str(err.value) == ("checkpoint does not match the model: layer 'blocks.0.attn.qkv.v' has weight shape "
+                              "[96, 96], the checkpoint has [192, 192]; layer 'blocks.1.attn.qkv.v' has weight shape "
+                              "[96, 96], the checkpoint has [192, 192]")
+    assert [block.attn.qkv for block in wider.blocks] == qkv
+    assert all(torch.equal(v, before[k]) for k, v in wider.state_dict().items())
+
+
+def test_an_attention_form_this_sttpfast_does_not_know_is_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_parameterized(small_vit(), path, metadata={"sttpfast_attention": "q-kv"})  # a later sttpfast's form
+    with pytest.raises(ValueError) as err:
+        load_parameterized(path)
+    assert str(err.value) == (f"{path}: the checkpoint's attention form 'q-kv' is not one this sttpfast knows "
+                              "(qk-ov, q-k-v)")

@@ -52,7 +52,8 @@ from torch.nn.utils import parametrize
 from sttpfast.params.registry import METHOD_ATTR, Method, register_method
 
 __all__ = ["QKVHeadForms", "OutHeadForm", "SplitQKV", "attention_blocks", "parameterize_attention", "split_qkv",
-           "attention_form_pairs", "attention_form_decay", "ATTENTION_FORMS", "QKV_METHOD", "PROJ_METHOD"]
+           "attention_form_pairs", "attention_form_decay", "attention_form_of", "ATTENTION_FORMS", "QKV_METHOD",
+           "PROJ_METHOD"]
 
 #: ``--attention`` choices -> description
 ATTENTION_FORMS = {
@@ -453,6 +454,21 @@ def split_qkv(model: nn.Module) -> list[str]:
     for _, block, _, _ in blocks:
         block.qkv = SplitQKV(block.qkv).train(block.qkv.training)  # new modules start in train mode
     return []
+
+
+def attention_form_of(model: nn.Module) -> str | None:
+    """The form :func:`parameterize_attention` put ``model``'s attention in: ``q-k-v`` (it holds
+    a :class:`SplitQKV`), ``qk-ov`` (a layer holds the forms), or None (neither).
+
+    A checkpoint records it: the split is a change of modules, not a parametrization, so the
+    parameterization spec cannot say it, and a model rebuilt from timm has no ``qkv.v``."""
+    for module in model.modules():
+        if isinstance(module, SplitQKV):
+            return "q-k-v"
+        if (parametrize.is_parametrized(module, "weight")
+                and getattr(module.parametrizations.weight[0], METHOD_ATTR, None) == QKV_METHOD):
+            return "qk-ov"
+    return None
 
 
 # ---------------------------------------------------------------------------------------
