@@ -364,7 +364,41 @@ def _rank_choice(cfg: dict, sources: dict) -> tuple[object, str]:
     return p["rank"], "default" if sources.get("param.rank") == "default" else "given"
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _one_line(err: click.UsageError) -> click.UsageError:
+    """``err`` as one ``Error:`` line naming the command's help, as every other bad input is
+    said: click printed the usage, a hint and a blank line before it."""
+    where = f" ({err.ctx.command_path} --help)" if err.ctx is not None else ""
+    return click.UsageError(err.format_message() + where)
+
+
+class _OneLineUsageErrors:
+    """Mixin for click commands and groups: their usage errors (a bad option value, a missing
+    option, an unknown option or command) as one line (:func:`_one_line`)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as err:
+            raise _one_line(err) from None
+
+
+class _Command(_OneLineUsageErrors, click.Command):
+    """A ``sttpfast`` command (usage errors in one line)."""
+
+
+class _Group(_OneLineUsageErrors, click.Group):
+    """The ``sttpfast`` group (usage errors in one line, an unknown command's too)."""
+
+    command_class = _Command
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as err:
+            raise _one_line(err) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="sttpfast")
 def main():
     """sttpfast: train compressed, spectrally controlled networks (STTP, SVDP and baselines)."""
@@ -499,7 +533,7 @@ def _frobenius_decay_value(value: str):
     return number
 
 
-class _TrainCommand(click.Command):
+class _TrainCommand(_Command):
     """``sttpfast train``: a negative ``--frobenius-decay`` value gets its own message. click
     reads ``-1`` after an option whose value is optional as an option of its own ("No such
     option '-1'"), even written ``--frobenius-decay=-1``."""

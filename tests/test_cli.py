@@ -505,3 +505,27 @@ def test_the_apps_take_dash_h_as_sttpfast_does(app):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"Usage: apps/{app}.py [OPTIONS]")
     assert re.search(r"^  -h, --help +Show this message and exit\.$", proc.stdout, re.M), proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["gan", "digits", "--loss", "bogus"], "Error: Invalid value for '--loss': 'bogus' is not one of 'hinge', 'ns'. "
+                                           "(sttpfast gan --help)"),
+    (["train", "digits", "--steps", "abc"], "Error: Invalid value for '--steps': 'abc' is not a valid integer. "
+                                            "(sttpfast train --help)"),
+    (["export", "."], "Error: Missing option '--format'. (sttpfast export --help)"),
+    (["nosuch"], "Error: No such command 'nosuch'. (sttpfast --help)"),
+    (["info", "--nope"], "Error: No such option '--nope'. (sttpfast info --help)"),
+])
+def test_a_usage_error_is_one_error_line_naming_help(args, message):
+    # click printed the usage, a hint and a blank line before its Error line
+    proc = subprocess.run([sys.executable, "-m", "sttpfast", *args], capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr.replace("python -m sttpfast", "sttpfast")) == (
+        2, "", message + "\n")
+
+
+def test_a_usage_error_of_an_app_script_is_one_line_too():
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "apps/gan.py"), "--loss", "bogus"], capture_output=True,
+                          text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (
+        2, "Error: Invalid value for '--loss': 'bogus' is not one of 'hinge', 'ns'. (apps/gan.py --help)\n")
