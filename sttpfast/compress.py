@@ -385,6 +385,13 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
                          "numbered if taken)")
     if epochs is not None and steps is not None:  # steps won silently, and the output config kept both
         raise ValueError("give either --epochs or --steps (phase 2's budget), not both")
+    for phase, flags in ((2, (("--epochs", epochs), ("--steps", steps), ("--lr", lr))),
+                         (1, (("--distill-steps", distill_steps),))):
+        given = [flag for flag, value in flags if value is not None]
+        if given and phase not in phases:  # they did nothing, without a word
+            raise ValueError(f"{', '.join(given)} set{'s' * (len(given) == 1)} phase {phase}, which --phases "
+                             f"{','.join(map(str, phases))} leaves out: add {phase} to --phases, or leave "
+                             f"{'it' if len(given) == 1 else 'them'} out")
     epochs = 1 if epochs is None else epochs
     if epochs < 1:
         raise ValueError(f"--epochs must be a positive integer, got {epochs!r}")

@@ -107,6 +107,11 @@ def _one_error_line(result, message, tmp_path):
     # --steps won silently, and the output config kept both
     (["--rank", "4", "--epochs", "2", "--steps", "3"], "Error: give either --epochs or --steps (phase 2's budget), "
                                                        "not both"),
+    # phase 2's flags without phase 2 (and phase 1's without phase 1) did nothing, without a word
+    (["--phases", "0,1", "--steps", "2", "--lr", "0.1"], "Error: --steps, --lr set phase 2, which --phases 0,1 "
+                                                         "leaves out: add 2 to --phases, or leave them out"),
+    (["--phases", "0,2", "--distill-steps", "3"], "Error: --distill-steps sets phase 1, which --phases 0,2 leaves "
+                                                  "out: add 1 to --phases, or leave it out"),
     (["--rank", "4,x"], "Error: --rank '4,x' is not a valid rank: give a positive integer (8), comma-separated "
                         "integers for a tensor format's tuple rank (4,8,8,4: TT bonds; 8,6: Tucker's R_out,R_in; "
                         "4x8x8x4 works too) or an HT rank tree in parentheses ((4,8,6),(3,3,3))"),
