@@ -423,6 +423,10 @@ def compress_run(run_dir, param: str, rank=None, compression: float | None = Non
         report = parameterize(student, param, rank=rank, compression=compression, plan=plan, init="spectral",
                               unrepresentable=unrepresentable, include=include, exclude=exclude,
                               keep_dense_if_no_gain=keep_dense_if_no_gain)
+    if not report.rows and report.left_dense:  # it wrote a "compressed" run at Z 100% after a warning
+        raise ValueError(f"{param} at Z {compression:g}% leaves every selected layer dense (it gains nothing on them "
+                         "at the rank that target gives): nothing to compress; give a smaller --compression, or "
+                         "--no-keep-dense-if-no-gain")
     check_rank_useful(param, rank, report)
     say_warnings(caught, echo)
     if report.plan:

@@ -700,8 +700,8 @@ def parameterize(
         layers = [(name, m) for name, m in layers if name not in no_gain]
         if not layers:
             warnings.warn(f"{param} gains nothing on any selected layer at the rank chosen for Z "
-                          f"{compression:g}%: every one stays dense (keep_dense_if_no_gain=False "
-                          "parameterizes them anyway)", stacklevel=2)
+                          f"{compression:g}%: every one stays dense (keep_dense_if_no_gain=False, "
+                          "--no-keep-dense-if-no-gain on the command line, parameterizes them anyway)", stacklevel=2)
     if entry.largest_useful_rank is not None and isinstance(rank, int) and layers:
         useful = max(entry.largest_useful_rank(tuple(m.weight.shape), _transposed(m)) for _, m in layers)
         if rank > useful:

@@ -112,14 +112,20 @@ def _one_error_line(result, message, tmp_path):
                                                          "leaves out: add 2 to --phases, or leave them out"),
     (["--phases", "0,2", "--distill-steps", "3"], "Error: --distill-steps sets phase 1, which --phases 0,2 leaves "
                                                   "out: add 1 to --phases, or leave it out"),
+    # it warned, then wrote a "compressed" run at Z 100%
+    (["--param", "svdp-r", "--compression", "100"],
+     "Error: svdp-r at Z 100% leaves every selected layer dense (it gains nothing on them at the rank that target "
+     "gives): nothing to compress; give a smaller --compression, or --no-keep-dense-if-no-gain"),
     (["--rank", "4,x"], "Error: --rank '4,x' is not a valid rank: give a positive integer (8), comma-separated "
                         "integers for a tensor format's tuple rank (4,8,8,4: TT bonds; 8,6: Tucker's R_out,R_in; "
                         "4x8x8x4 works too) or an HT rank tree in parentheses ((4,8,6),(3,3,3))"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(dense_run, tmp_path, args, message):
-    if "--rank" not in args:
+    if "--rank" not in args and "--compression" not in args:
         args = [*args, "--compression", "20"]
-    result = _cli(dense_run, "--param", "tucker", *args, "--out", tmp_path / "c")
+    if "--param" not in args:
+        args = ["--param", "tucker", *args]
+    result = _cli(dense_run, *args, "--out", tmp_path / "c")
     _one_error_line(result, message, tmp_path)
     assert not (tmp_path / "c").exists()
 

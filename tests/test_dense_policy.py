@@ -228,6 +228,7 @@ def test_a_target_where_no_layer_gains_says_every_layer_stays_dense():
     parameters as each weight, so nothing is parameterized, and the run must say so."""
     model = torch.nn.Sequential(torch.nn.Linear(1, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
     with pytest.warns(UserWarning, match=r"svdp-r gains nothing on any selected layer at the rank chosen for Z 50%: "
-                                         r"every one stays dense"):
+                                         r"every one stays dense \(keep_dense_if_no_gain=False, --no-keep-dense-if-no-gain on the "
+                                         r"command line, parameterizes them anyway\)$"):
         report = sttpfast.parameterize(model, "svdp-r", compression=50)
     assert report.z == 100.0 and [row["layer"] for row in report.left_dense] == ["0", "2"]
