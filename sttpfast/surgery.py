@@ -309,6 +309,19 @@ def _z_for_rank(param, layers, base_dense, base_other, rank, keep_dense_if_no_ga
     return 100.0 * (base_other + dof) / base_dense
 
 
+def _below_rank_one(model: nn.Module, param: str, compression: float, layers, keep_dense_if_no_gain: bool) -> str:
+    """Why a target below what rank 1 gives cannot be reached: the parameters outside the
+    selected layers (said instead of "the ranks move Z in steps", which misled when ``include``
+    left most of the model out); ``""`` for a target at or above that floor."""
+    base = compression_report(model)
+    base_other = base.compressed_total - sum(m.weight.numel() for _, m in layers)
+    floor = _z_for_rank(param, layers, base.dense_total, base_other, 1, keep_dense_if_no_gain)
+    if compression >= floor:
+        return ""
+    return (f"every selected layer at rank 1 gives Z = {floor:.2f}% already: the parameters outside them are "
+            f"{100.0 * base_other / base.dense_total:.2f}% of the dense model")
+
+
 #: how far (percentage points) the achieved Z may be from a compression target without a warning
 COMPRESSION_TOLERANCE = 0.5
 
@@ -677,15 +690,18 @@ def parameterize(
         rank, energies, achieved = energy_plan(model, param, compression, layers, leave_dense)
         per_layer = True
         if abs(achieved - compression) > COMPRESSION_TOLERANCE:
+            floor = _below_rank_one(model, param, compression, layers, leave_dense)
             warnings.warn(f"{param}: the energy plan gives Z = {achieved:.2f}%, not within "
-                          f"{COMPRESSION_TOLERANCE} points of {compression:g}% (the ranks move Z in steps)",
+                          f"{COMPRESSION_TOLERANCE} points of {compression:g}% ({floor or 'the ranks move Z in steps'})",
                           stacklevel=2)
     elif compression is not None:
         rank, achieved = rank_for_compression(model, param, compression, layers, leave_dense)
         if abs(achieved - compression) > COMPRESSION_TOLERANCE:
             # one shared rank moves Z in steps; say so instead of silently missing the target
+            floor = _below_rank_one(model, param, compression, layers, leave_dense)
             warnings.warn(f"{param}: no shared rank gives Z within {COMPRESSION_TOLERANCE} points of "
-                          f"{compression:g}%; rank {rank} gives Z = {achieved:.2f}%", stacklevel=2)
+                          f"{compression:g}%; rank {rank} gives Z = {achieved:.2f}%" + (f" ({floor})" if floor else ""),
+                          stacklevel=2)
     elif rank_scale is not None:
         rank, per_layer = _scaled_ranks(param, layers, float(rank_scale)), True
     _normalize_layer_ranks(entry, rank, layers)

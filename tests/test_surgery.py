@@ -629,3 +629,17 @@ def test_full_rank_warnings_say_full_rank_and_saving_to_a_folder_is_one_clear_er
     assert str(err.value) == (f"save_parameterized: folder {tmp_path / 'no_such_folder'} does not exist; create "
                               "it first (or give another path)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("plan", ["energy", None])
+def test_a_target_below_what_rank_1_gives_says_the_parameters_outside_the_selection(plan):
+    # the energy plan said "(the ranks move Z in steps)" when include left 73% of the model out
+    model = timm.create_model("resnet20_cifar", num_classes=10)
+    with pytest.warns(UserWarning) as caught:
+        report = parameterize(model, "svdp-r", compression=10, plan=plan, include="blocks.8.*", init="spectral")
+    said = ("the energy plan gives Z = 73.56%, not within 0.5 points of 10%" if plan else
+            "no shared rank gives Z within 0.5 points of 10%; rank 1 gives Z = 73.56%")
+    assert [str(w.message) for w in caught] == [
+        f"svdp-r: {said} (every selected layer at rank 1 gives Z = 73.56% already: the parameters outside them are "
+        "73.10% of the dense model)"]
+    assert round(report.z, 2) == 73.56
