@@ -84,6 +84,16 @@ def test_the_summary_line_says_the_z_the_run_line_said(tmp_path):
     assert "D svdp-l Z = 28.44%" in result.output and "| D svdp-l Z 28.44% |" in result.output, result.output
 
 
+def test_a_low_rank_side_without_a_rank_says_it_runs_at_full_rank(tmp_path):
+    # `--d-param sttp-c` alone ran D at full rank (Z 93%) without a word, where train says its rank
+    result = _cli("gan", "digits", "--d-param", "sttp-c", "--g-param", "svdp-r", "--g-rank", "2", "--steps", "1",
+                  "--n-dis", "1", "--bs", "16", "--subset", "64", "--out", tmp_path, "--name", "f", *TINY_SET, *QUIET)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == ("D sttp-c: rank full (no --rank or --d-rank given: every layer at its "
+                                             "full rank)")
+    assert "rank full" not in result.output.split("\n", 1)[1]  # G has its rank
+
+
 def test_the_parameterizations_warnings_are_warning_lines_and_sn_exact_names_its_flags(tmp_path):
     """A side's surgery warning (layers past their dense size) came out as Python's warning,
     with sttpfast's file, line and source; `train` says the same as a `warning:` line."""

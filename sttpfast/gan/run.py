@@ -118,6 +118,14 @@ def _takes_rank(param: str) -> bool:
     return param != SR and method(param).rank_kind is not None
 
 
+def _full_rank_lines(g: dict) -> list[str]:
+    """A low-rank side given no rank runs at full rank: said before the run starts, as
+    ``train`` says its rank (it ran D at Z 93% without a word)."""
+    return [f"{side} {g[f'{key}_param']}: rank full (no --rank or --{key}-rank given: every layer at its full rank)"
+            for key, side in (("g", "G"), ("d", "D"))
+            if _takes_rank(g[f"{key}_param"]) and g[f"{key}_rank"] is None and g["rank"] is None]
+
+
 def _check_ranks_apply(g: dict) -> None:
     """A rank given for networks that take none (dense, sn, sr) is refused, naming its flag."""
     for key, role in (("g", "generator"), ("d", "discriminator")):
@@ -258,7 +266,8 @@ def run_gan(cfg: dict | None = None, resume: str | Path | None = None, extra_cbs
                 return {**finished, "already_finished": True}
         else:
             config_changed = False
-            check_gan_config(cfg)
+            for line in _full_rank_lines(check_gan_config(cfg)) if is_main_rank() else ():
+                echo(line)
             check_output(_named(cfg))
             run_dir = None
         check_fsdp2(cfg)
