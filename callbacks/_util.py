@@ -80,7 +80,10 @@ def resize_progress_bar(learn, total: int) -> None:
     if bar is None:
         return
     bar.total = total
-    if bar.last_v is not None:  # drawn: no step done yet, so a fresh start at 0 is right
+    # an epoch with no step left (a resume from a checkpoint of its last step, before its
+    # validation) is not redrawn: fastprogress draws an empty bar as a raw `UserWarning: Your
+    # generator is empty.`; the epoch's end clears the line drawn at fastai's size as usual
+    if bar.last_v is not None and total > 0:  # drawn: no step done yet, so a fresh start at 0 is right
         bar.update(0)
 
 

@@ -193,6 +193,24 @@ def test_resume_after_a_signal_is_bit_identical(tmp_path, k, signum, params):
     assert again["already_finished"] is True
 
 
+def test_a_resume_at_an_epoch_end_prints_no_empty_progress_bar_warning(tmp_path):
+    """A signal after an epoch's last G step (4 G steps per epoch) checkpoints before that
+    epoch's validation: the resume runs the validation with no G step left in the epoch, and
+    fastprogress, asked to redraw the emptied bar, printed its raw `UserWarning: Your generator
+    is empty.` (with its source line)."""
+    import warnings
+
+    with pytest.raises(TrainingInterrupted):
+        run_gan(_cfg(tmp_path, "cut", "log.progress=true", "train.checkpoint_every=2"), extra_cbs=[SendSignal(4)],
+                echo=lambda *a: None)
+    assert json.loads((tmp_path / "cut/checkpoints/last/state.json").read_text())["epoch"] == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = run_gan(resume=tmp_path / "cut", echo=lambda *a: None)
+    assert resumed["steps"] == 10
+    assert [f"{Path(w.filename).name}: {w.message}" for w in caught] == []
+
+
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(tmp_path):
     """SIGKILL in the middle of writing the fourth checkpoint (steps 2, 3 = best, 4, 6;
     STTPFAST_CRASH_AT, the chaos hook of sttpfast.atomic): the run resumes from step 4 and ends as

@@ -172,6 +172,26 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     assert resumed["metrics"] == full["metrics"]
 
 
+def test_a_resume_at_an_epoch_end_prints_no_empty_progress_bar_warning(tmp_path):
+    """Ctrl-C after an epoch's last step (8 batches per epoch) checkpoints before that epoch's
+    validation: the resume skips all 8 batches and validates, and fastprogress, asked to
+    redraw the emptied bar, printed its raw `UserWarning: Your generator is empty.`."""
+    import warnings
+
+    from sttpfast.run import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted):
+        run_training(_cfg(tmp_path, "cut", "optim.steps=10", "log.progress=true"),
+                     extra_cbs=[Interrupt(8, KeyboardInterrupt)], echo=lambda *a: None)
+    state = json.loads((tmp_path / "cut/checkpoints/last/state.json").read_text())
+    assert (state["epoch"], state["skip"], state["train_iter"]) == (0, 8, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = run_training(resume=tmp_path / "cut", echo=lambda *a: None)
+    assert resumed["steps"] == 10
+    assert [f"{Path(w.filename).name}: {w.message}" for w in caught] == []
+
+
 def test_a_step_budget_that_ends_mid_epoch_resumes_mid_epoch_with_a_larger_budget(tmp_path):
     """``--steps 2`` stops inside the first epoch (7 batches); ``--resume --steps 5`` must train
     steps 3 to 5 of that epoch, not take the epoch as done and train nothing."""
