@@ -193,6 +193,16 @@ def test_resume_after_a_signal_is_bit_identical(tmp_path, k, signum, params):
     assert again["already_finished"] is True
 
 
+def _tb_scalars(tb: Path) -> dict:
+    """Every scalar of a run's TensorBoard folder (all its event files, as TensorBoard merges
+    them): ``{tag: [(step, value), ...]}``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def test_a_resume_at_an_epoch_end_prints_no_empty_progress_bar_warning(tmp_path):
     """A signal after an epoch's last G step (4 G steps per epoch) checkpoints before that
     epoch's validation: the resume runs the validation with no G step left in the epoch, and
@@ -211,10 +221,67 @@ def test_a_resume_at_an_epoch_end_prints_no_empty_progress_bar_warning(tmp_path)
     assert [f"{Path(w.filename).name}: {w.message}" for w in caught] == []
 
 
+class SignalAfterValidation(Callback):
+    """Sends ``signum`` to this process in the validation after G step ``k`` (the signal is
+    acted on at the epoch's end, after the loggers wrote its row)."""
+
+    order = 90
+
+    def __init__(self, k, signum=signal.SIGINT):
+        self.k, self.signum = k, signum
+
+    def after_validate(self):
+        if self.train_iter == self.k:
+            os.kill(os.getpid(), self.signum)
+
+
+class KillAfterEpoch(Callback):
+    """SIGKILLs the process at the end of the epoch that ends at G step ``k``, after the
+    checkpoint writer and the loggers (70) are done with it."""
+
+    order = 80
+
+    def __init__(self, k):
+        self.k = k
+
+    def after_epoch(self):
+        if self.train_iter == self.k:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigkill"])
+def test_a_run_stopped_at_an_epoch_end_logs_each_tensorboard_point_once(tmp_path, how):
+    """Step 4 ends epoch 0 and is a --checkpoint-every step: its checkpoint was written before
+    the epoch's validation, and the run was stopped after the epoch's row went to TensorBoard
+    (SIGINT in the validation, acted on at the epoch's end; SIGKILL after the epoch). The
+    resume took that checkpoint, validated epoch 0 again and logged `epoch`, `train/loss_d`
+    and `valid/loss_d` at step 4 a second time."""
+    sets = ["log.logger=tensorboard", "log.every=1", "train.checkpoint_every=2"]
+    run_gan(_cfg(tmp_path, "whole", *sets), echo=lambda *a: None)
+    if how == "sigint":
+        with pytest.raises(TrainingInterrupted):
+            run_gan(_cfg(tmp_path, "cut", *sets), extra_cbs=[SignalAfterValidation(4)], echo=lambda *a: None)
+    else:
+        pid = os.fork()
+        if pid == 0:  # the child: killed after epoch 0
+            try:
+                run_gan(_cfg(tmp_path, "cut", *sets), extra_cbs=[KillAfterEpoch(4)], echo=lambda *a: None)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    state = json.loads((tmp_path / "cut/checkpoints/last/state.json").read_text())
+    assert (state["train_iter"], state["epoch"]) == (4, 1)  # the validated end of epoch 0
+    run_gan(resume=tmp_path / "cut", echo=lambda *a: None)
+    want, have = _tb_scalars(tmp_path / "whole/tb"), _tb_scalars(tmp_path / "cut/tb")
+    assert [step for step, _ in have["epoch"]] == [4, 8, 10]
+    assert have == want
+
+
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(tmp_path):
-    """SIGKILL in the middle of writing the fourth checkpoint (steps 2, 3 = best, 4, 6;
-    STTPFAST_CRASH_AT, the chaos hook of sttpfast.atomic): the run resumes from step 4 and ends as
-    if never killed, its metrics file too."""
+    """SIGKILL in the middle of writing the fifth checkpoint (steps 2, 3 = best, 4, 4 again after
+    epoch 0's validation, 6; STTPFAST_CRASH_AT, the chaos hook of sttpfast.atomic): the run resumes
+    from step 4 and ends as if never killed, its metrics file too."""
     args = [str(ROOT / "apps/gan.py"), "digits", "--d-param", "sttp-r", "--rank", "4", "--ema", "0.9", "--steps", "10",
             "--n-dis", "2", "--bs", "32", "--subset", "256", "--checkpoint-every", "2", "--logger", "none",
             "--metrics-every", "3", "--metrics-samples", "64", "--extractor", "offline",
@@ -224,7 +291,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(
                            capture_output=True, text=True, timeout=600, env=env)
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed = subprocess.run([sys.executable, *args, "--out", str(tmp_path), "--name", "cut"], capture_output=True,
-                            text=True, timeout=600, env={**env, "STTPFAST_CRASH_AT": "checkpoint-files:4"})
+                            text=True, timeout=600, env={**env, "STTPFAST_CRASH_AT": "checkpoint-files:5"})
     assert killed.returncode == -signal.SIGKILL
     resumed = subprocess.run([sys.executable, str(ROOT / "apps/gan.py"), "--resume", str(tmp_path / "cut")],
                              capture_output=True, text=True, timeout=600, env=env)

@@ -76,6 +76,7 @@ class GANCheckpointer(Callback):
         self.every, self.metrics, self.compensation = every, metrics, compensation
         self.saved_iter = None
         self.saved_evaluation = None  # the metrics' newest evaluation step in the newest checkpoint
+        self.saved_epoch = None  # the fastai epoch the newest checkpoint resumes in
         self._resume = None
         self._resume_epoch = 0  # the fastai epoch a checkpoint taken now resumes in
         self.clock = TrainingClock()  # the run's training seconds, saved in each checkpoint
@@ -104,7 +105,7 @@ class GANCheckpointer(Callback):
             opt_meta[name] = meta
         if not is_main_process():
             # every rank skips (or saves) the same steps: the gathering is collective
-            self.saved_iter, self.saved_evaluation = step, self._evaluated_at()
+            self.saved_iter, self.saved_evaluation, self.saved_epoch = step, self._evaluated_at(), self._resume_epoch
             return step
         rng_tensors, rng_meta = _global_rng()
         if learn._rng is not None:
@@ -140,7 +141,7 @@ class GANCheckpointer(Callback):
             set_pointer(self.root, pointer, folder)
         prune_checkpoints(self.root, keep=2)
         self.saved_iter = learn.checkpoint_iter = step
-        self.saved_evaluation = self._evaluated_at()
+        self.saved_evaluation, self.saved_epoch = self._evaluated_at(), self._resume_epoch
         return step
 
     def _metrics_state(self) -> dict | None:
@@ -169,8 +170,17 @@ class GANCheckpointer(Callback):
             self._save(("best", "last") if best else ("last",))
 
     def after_epoch(self):
+        if self._resume is not None:
+            return
+        step = int(self.learn.train_iter)
         # without --checkpoint-every: one checkpoint per epoch (as the classification app)
-        if self._resume is None and self.every is None and self.saved_iter != int(self.learn.train_iter):
+        if self.every is None and self.saved_iter != step:
+            self._save(("last",))
+        # an --every step that ends the epoch was saved before the epoch's validation: saved
+        # again after it (as the classification app's epoch-end checkpoint), so that a run
+        # stopped now resumes in the next epoch; resumed from the first, it validated this
+        # epoch a second time and logged its row (epoch, losses) again at this step
+        elif self.saved_iter == step and self.saved_epoch != self._resume_epoch:
             self._save(("last",))
 
     def after_validate(self):
@@ -212,7 +222,7 @@ class GANCheckpointer(Callback):
             running = {k[3:]: v for k, v in state["rng"].items() if k.startswith("sr.")}
             self.compensation.load_state_dict({"running_max": running, "compensations": meta["sr_compensations"]})
         self._resume = state
-        self.saved_iter = int(meta["train_iter"])
+        self.saved_iter, self.saved_epoch = int(meta["train_iter"]), int(meta["epoch"])
         learn.resume_iter, learn.resume_epoch = meta["train_iter"], meta["epoch"]
 
     def before_fit(self):
