@@ -87,6 +87,21 @@ def resize_progress_bar(learn, total: int) -> None:
         bar.update(0)
 
 
+def end_progress_line(learn) -> None:
+    """End the line of the learner's console progress bar when it is drawn part-way (a stop
+    mid-epoch), so that what is printed next starts on a line of its own: fastprogress draws
+    the bar with a carriage return and no newline, and the interrupt's message was glued to
+    it ("... [1/5 00:00<00:01]interrupted at ..."). Nothing without a bar, or once the bar is
+    done (it cleared its line and left the cursor at its start)."""
+    from fastprogress import fastprogress
+
+    bar = getattr(getattr(learn, "progress", None), "pbar", None)
+    if not isinstance(bar, fastprogress.ConsoleProgressBar) or bar.last_v is None or not fastprogress.printing():
+        return
+    fastprogress.WRITER_FN("", flush=fastprogress.FLUSH)  # the bar's own writer: the stream it drew on
+    bar.last_v = None  # its line is ended: a second call prints no empty line
+
+
 def output_folder(learn) -> Path:
     """Where the callbacks of ``learn`` write: ``learn.run_dir`` if set, else ``learn.path``."""
     return Path(getattr(learn, "run_dir", None) or learn.path)

@@ -516,6 +516,9 @@ def _fit_and_summarize(learn, cfg, state, config_changed, accelerator, run_dir, 
 def _save_interrupted(learn, checkpointer, run_dir: Path, echo, command: str = "train", step: str = "step") -> None:
     """After Ctrl-C: an exact-resume checkpoint, loggers closed, how to resume (``sttpfast
     COMMAND --resume``; ``step`` names what the run counts, e.g. ``G step``)."""
+    from sttpfast.callbacks._util import end_progress_line
+
+    end_progress_line(learn)  # a bar drawn part-way: the message goes below it, not onto its line
     for cb in learn.cbs:
         shutdown = getattr(cb, "_shutdown", None)  # the loggers: flush what was logged
         if shutdown is not None:

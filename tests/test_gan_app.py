@@ -278,6 +278,20 @@ def test_a_run_stopped_at_an_epoch_end_logs_each_tensorboard_point_once(tmp_path
     assert have == want
 
 
+def test_an_interrupt_mid_epoch_is_said_on_its_own_line_below_the_progress_bar(tmp_path, capsys):
+    """fastprogress draws its bar with a carriage return and no newline: the interrupt's
+    message was glued to the bar ("... [1/4 00:00<00:00]interrupted at G step 1: ...")."""
+    with pytest.raises(TrainingInterrupted):
+        run_gan(_cfg(tmp_path, "cut", "log.progress=true"), extra_cbs=[SendSignal(1)], echo=print)
+    lines = capsys.readouterr().out.split("\n")
+    said = f"interrupted at G step 1: checkpoint saved in {tmp_path / 'cut' / 'checkpoints' / 'last'}"
+    assert said in lines, lines[-4:]
+    i = lines.index(said)
+    bar = lines[i - 1].split("\r")[-1]  # what the terminal shows of the bar's line
+    assert bar.startswith("Epoch 1/3 : |") and "[1/4 " in bar, bar
+    assert lines[i + 1] == f"resume with: sttpfast gan --resume {tmp_path / 'cut'}"
+
+
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(tmp_path):
     """SIGKILL in the middle of writing the fifth checkpoint (steps 2, 3 = best, 4, 4 again after
     epoch 0's validation, 6; STTPFAST_CRASH_AT, the chaos hook of sttpfast.atomic): the run resumes

@@ -192,6 +192,23 @@ def test_a_resume_at_an_epoch_end_prints_no_empty_progress_bar_warning(tmp_path)
     assert [f"{Path(w.filename).name}: {w.message}" for w in caught] == []
 
 
+def test_ctrl_c_mid_epoch_is_said_on_its_own_line_below_the_progress_bar(tmp_path, capsys):
+    """fastprogress draws its bar with a carriage return and no newline: the interrupt's
+    message was glued to the bar ("... [1/8 00:00<00:01]interrupted at step 1: ...")."""
+    from sttpfast.run import TrainingInterrupted
+
+    with pytest.raises(TrainingInterrupted):
+        run_training(_cfg(tmp_path, "cut", "optim.steps=10", "log.progress=true"),
+                     extra_cbs=[Interrupt(1, KeyboardInterrupt)], echo=print)
+    lines = capsys.readouterr().out.split("\n")
+    said = f"interrupted at step 1: checkpoint saved in {tmp_path / 'cut' / 'checkpoints' / 'last'}"
+    assert said in lines, lines[-4:]
+    i = lines.index(said)
+    bar = lines[i - 1].split("\r")[-1]  # what the terminal shows of the bar's line
+    assert bar.startswith("Epoch 1/2 : |") and "[1/8 " in bar, bar
+    assert lines[i + 1] == f"resume with: sttpfast train --resume {tmp_path / 'cut'}"
+
+
 def test_a_step_budget_that_ends_mid_epoch_resumes_mid_epoch_with_a_larger_budget(tmp_path):
     """``--steps 2`` stops inside the first epoch (7 batches); ``--resume --steps 5`` must train
     steps 3 to 5 of that epoch, not take the epoch as done and train nothing."""
