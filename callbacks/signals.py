@@ -20,6 +20,8 @@ import threading
 
 from fastai.callback.core import Callback
 
+from sttpfast.callbacks._util import end_progress_line
+
 __all__ = ["SignalCheckpoint", "StopRequested"]
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -108,6 +110,8 @@ class SignalCheckpoint(Callback):
             self.checkpoint_requested = False
             step = self.checkpoint()
             if step is not None:
+                # below a bar drawn part-way, not glued to its line; the bar goes on below it
+                end_progress_line(self.learn)
                 self.echo(f"SIGUSR1: checkpoint saved at step {step}; training continues")
         if stop is not None:
             raise StopRequested(stop)

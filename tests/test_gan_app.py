@@ -292,6 +292,17 @@ def test_an_interrupt_mid_epoch_is_said_on_its_own_line_below_the_progress_bar(t
     assert lines[i + 1] == f"resume with: sttpfast gan --resume {tmp_path / 'cut'}"
 
 
+def test_a_sigusr1_mid_epoch_is_said_on_its_own_line_below_the_progress_bar(tmp_path, capsys):
+    """SIGUSR1's message was glued to the bar as the interrupt's was ("... [1/4 00:00<00:00]SIGUSR1:
+    checkpoint saved at step 1; ..."); the bar goes on below it."""
+    run_gan(_cfg(tmp_path, "usr1", "log.progress=true"), extra_cbs=[SendSignal(1, signal.SIGUSR1)], echo=print)
+    lines = capsys.readouterr().out.split("\n")
+    said = "SIGUSR1: checkpoint saved at step 1; training continues"
+    assert said in lines, [line for line in lines if "SIGUSR1" in line]
+    bar = lines[lines.index(said) - 1].split("\r")[-1]  # what the terminal shows of the bar's line
+    assert bar.startswith("Epoch 1/3 : |") and "[1/4 " in bar, bar
+
+
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(tmp_path):
     """SIGKILL in the middle of writing the fifth checkpoint (steps 2, 3 = best, 4, 4 again after
     epoch 0's validation, 6; STTPFAST_CRASH_AT, the chaos hook of sttpfast.atomic): the run resumes
