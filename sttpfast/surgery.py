@@ -401,6 +401,12 @@ def _useful_rank(param: str, module: nn.Module) -> int:
     return min(view.d_out, view.d_in)
 
 
+def _rank_on(param: str, module: nn.Module, rank):
+    """An int ``rank`` as the layer would use it (capped at its largest useful rank); a tuple
+    or tree rank as given."""
+    return min(rank, _useful_rank(param, module)) if isinstance(rank, int) else rank
+
+
 def energy_plan(model: nn.Module, param: str, compression: float, layers,
                 keep_dense_if_no_gain: bool = True) -> tuple[dict[str, int], dict[str, float], float]:
     """Per-layer ranks by retained energy: ``({layer: rank}, {layer: energy kept}, achieved Z)``.
@@ -710,7 +716,7 @@ def parameterize(
     if leave_dense:
         no_gain = {name for name, m in layers if _gains_nothing(param, m, layer_rank(name))}
         left_dense = [{"layer": name, "type": _layer_type(m), "shape": list(m.weight.shape),
-                       "rank": entry.rank_to_spec(layer_rank(name)),
+                       "rank": entry.rank_to_spec(_rank_on(param, m, layer_rank(name))),
                        "params": _layer_count_dof(param, m, layer_rank(name)), "dense": m.weight.numel()}
                       for name, m in layers if name in no_gain]
         layers = [(name, m) for name, m in layers if name not in no_gain]

@@ -146,7 +146,7 @@ def test_info_prints_the_layers_left_dense_and_the_flag_turns_the_policy_off():
     lines = result.output.splitlines()
     head = lines.index("left dense: 7 layer(s) where sttp-r has at least as many parameters as the dense "
                        "weight at the rank chosen for them (no gain)")
-    assert lines[head + 1].split() == ["blocks.0.0.conv_dw", "Conv2d", "16x1x3x3", "rank", "12:", "144", "params",
+    assert lines[head + 1].split() == ["blocks.0.0.conv_dw", "Conv2d", "16x1x3x3", "rank", "9:", "144", "params",
                                        ">=", "144", "dense"]
     assert [line.split()[0] for line in lines[head + 1:head + 8]] == [
         "blocks.0.0.conv_dw", "blocks.0.0.se.conv_reduce", "blocks.0.0.se.conv_expand", "blocks.0.0.conv_pw",
@@ -232,3 +232,10 @@ def test_a_target_where_no_layer_gains_says_every_layer_stays_dense():
                                          r"command line, parameterizes them anyway\)$"):
         report = sttpfast.parameterize(model, "svdp-r", compression=50)
     assert report.z == 100.0 and [row["layer"] for row in report.left_dense] == ["0", "2"]
+    # each row says the rank its layer would have had, not the shared rank above what it can use
+    # (a 16x1x3x3 stem's row said rank 64)
+    model = timm.create_model("resnet20_cifar", num_classes=10, in_chans=1)
+    with pytest.warns(UserWarning, match="gains nothing on any selected layer"):
+        report = sttpfast.parameterize(model, "svdp-r", compression=100)
+    assert report.rank == 64 and {row["layer"]: row["rank"] for row in report.left_dense}["stem.0"] == 9
+    assert {row["rank"] for row in report.left_dense} == {9, 10, 16, 32, 64}  # 10: the 10 x 64 head
