@@ -7,4 +7,4 @@ import sys
 from sttpfast.cli import compress
 
 if __name__ == "__main__":
-    compress.main(args=sys.argv[1:], prog_name="apps/compress.py", help_option_names=["-h", "--help"])  # as sttpfast's
+    compress.main(args=sys.argv[1:], prog_name="apps/compress.py")

@@ -13,4 +13,4 @@ import sys
 from sttpfast.cli import gan
 
 if __name__ == "__main__":
-    gan.main(args=sys.argv[1:], prog_name="apps/gan.py", help_option_names=["-h", "--help"])  # as sttpfast's
+    gan.main(args=sys.argv[1:], prog_name="apps/gan.py")

@@ -14,4 +14,4 @@ import sys
 from sttpfast.cli import train
 
 if __name__ == "__main__":
-    train.main(args=sys.argv[1:], prog_name="apps/train.py", help_option_names=["-h", "--help"])  # as sttpfast's
+    train.main(args=sys.argv[1:], prog_name="apps/train.py")

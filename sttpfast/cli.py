@@ -366,7 +366,10 @@ def _rank_choice(cfg: dict, sources: dict) -> tuple[object, str]:
 
 def _one_line(err: click.UsageError) -> click.UsageError:
     """``err`` as one ``Error:`` line naming the command's help, as every other bad input is
-    said: click printed the usage, a hint and a blank line before it."""
+    said: click printed the usage, a hint and a blank line before it. ``sttpfast`` alone (click's
+    "no arguments: the help", a UsageError too) stays the help."""
+    if isinstance(err, click.exceptions.NoArgsIsHelpError):
+        return err
     where = f" ({err.ctx.command_path} --help)" if err.ctx is not None else ""
     return click.UsageError(err.format_message() + where)
 
@@ -383,7 +386,12 @@ class _OneLineUsageErrors:
 
 
 class _Command(_OneLineUsageErrors, click.Command):
-    """A ``sttpfast`` command (usage errors in one line)."""
+    """A ``sttpfast`` command (usage errors in one line; ``-h`` for help, also when run alone
+    as ``apps/*.py`` run it, outside the group's context settings)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("context_settings", {}).setdefault("help_option_names", ["-h", "--help"])
+        super().__init__(*args, **kwargs)
 
 
 class _Group(_OneLineUsageErrors, click.Group):

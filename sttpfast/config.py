@@ -721,8 +721,9 @@ COMMAND_SECTIONS = {"train": ("model", "param", "optim", "reg"), "gan": ("gan",)
 def check_sections_read(cfg: dict, sources: dict, command: str) -> None:
     """Refuse settings that ``command`` (``train`` or ``gan``) would ignore: a GAN config given
     to ``train`` trained a dense classifier without a word. Only values other than the
-    defaults count (a run's own config.yaml holds every section). ConfigError naming where
-    they were set (the first file or flag that set any) and the command that reads them."""
+    defaults count (a run's config.yaml from before runs kept their command's sections alone
+    holds every section). ConfigError naming where they were set (the first file or flag that
+    set any) and the command that reads them."""
     other = "gan" if command == "train" else "train"
     flat, defaults = flatten(cfg), flatten(DEFAULTS)
     foreign = sorted(key for key, where in sources.items()

@@ -326,7 +326,7 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.
 
     run_dir = Path(run_dir).expanduser()
     model_file = run_checkpoint(run_dir, which)
-    if is_gan_run(run_dir, which):
+    if _written_by_gan(model_file):
         raise ValueError(f"{run_dir} is a GAN run: load it with sttpfast.export.load_gan_run_pair")
     cfg = _run_config(run_dir)
     info = dataset_info(cfg["data"]["name"], cfg["data"].get("data_dir"))
@@ -351,7 +351,13 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "last") -> tuple[nn.
 
 def is_gan_run(run_dir: str | os.PathLike, which: str = "last") -> bool:
     """Whether the run's ``which`` checkpoint was written by the GAN app (``state.json``: ``"app": "gan"``)."""
-    state = run_checkpoint(run_dir, which).parent / "state.json"
+    return _written_by_gan(run_checkpoint(run_dir, which))
+
+
+def _written_by_gan(model_file: Path) -> bool:
+    """:func:`is_gan_run` of a checkpoint already found (and verified) by :func:`run_checkpoint`:
+    its ``state.json`` says the app, without hashing the model file again."""
+    state = model_file.parent / "state.json"
     try:
         return json.loads(state.read_text()).get("app") == "gan"
     except (OSError, json.JSONDecodeError):
@@ -371,7 +377,7 @@ def load_gan_run_pair(run_dir: str | os.PathLike, which: str = "last") -> tuple[
 
     run_dir = Path(run_dir).expanduser()
     model_file = run_checkpoint(run_dir, which)
-    if not is_gan_run(run_dir, which):  # it said "config.yaml names no gan.g / gan.d / data.name"
+    if not _written_by_gan(model_file):  # it said "config.yaml names no gan.g / gan.d / data.name"
         raise ValueError(f"{run_dir} is not a GAN run: load it with sttpfast.export.load_run_model")
     cfg = load_yaml(run_dir / "config.yaml")
     gan, data = cfg.get("gan") or {}, cfg.get("data") or {}

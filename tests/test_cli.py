@@ -529,3 +529,10 @@ def test_a_usage_error_of_an_app_script_is_one_line_too():
                           text=True, timeout=120)
     assert (proc.returncode, proc.stderr) == (
         2, "Error: Invalid value for '--loss': 'bogus' is not one of 'hinge', 'ns'. (apps/gan.py --help)\n")
+
+
+def test_sttpfast_alone_prints_its_help_not_an_error():
+    # the one-line usage errors caught click's "no arguments: show the help" too
+    proc = subprocess.run([sys.executable, "-m", "sttpfast"], capture_output=True, text=True, timeout=120)
+    assert "Error" not in proc.stdout + proc.stderr
+    assert (proc.stdout + proc.stderr).startswith("Usage: python -m sttpfast [OPTIONS] COMMAND [ARGS]...")
