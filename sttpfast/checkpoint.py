@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,8 @@ __all__ = ["save_parameterized", "load_parameterized", "read_metadata", "describ
 
 _SPEC, _ARCH, _ARGS, _VERSION = "sttpfast_spec", "architecture", "model_args", "sttpfast_version"
 _ATTENTION = "sttpfast_attention"
+#: a tensor of a split attention block (:class:`~sttpfast.params.attention.SplitQKV`)
+_SPLIT_TENSOR = re.compile(r"\.qkv\.[qkv]\.")
 
 
 def _architecture(model: nn.Module) -> str | None:
@@ -151,6 +154,8 @@ def load_parameterized(path: str | os.PathLike, model: nn.Module | None = None, 
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path}: corrupt checkpoint ({err})") from None
+    if form is None and any(_SPLIT_TENSOR.search(key) for key in tensors):
+        form = "q-k-v"  # a file from before the record: its tensor names show the split
     current = parameterization_spec(model)
     if current:
         diff = describe_spec_difference(current, spec)
