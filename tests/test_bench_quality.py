@@ -118,6 +118,8 @@ COMMITTED_PIECES = [
     ([0, 1], ["lowrank"], [10.0], 4, [DENSE_SEEDS_0_1, ["lowrank", "10", "4", "10.69", "91.79", "91.91 / 91.67", "3118"]]),
     # TT at Z 10%, seed 0 (`--params tt --targets 10 --seeds 0`; rank 5 gives Z 8.88%)
     ([0], ["tt"], [10.0], 2, [DENSE_SEED_0, ["tt", "10", "5", "8.88", "92.27", "92.27", "3197"]]),
+    # TR at Z 10%, seed 0 (`--params tr --targets 10 --seeds 0`; rank 4 gives Z 10.23%)
+    ([0], ["tr"], [10.0], 2, [DENSE_SEED_0, ["tr", "10", "4", "10.23", "92.38", "92.38", "8147"]]),
     # STTP-R at Z 5% and 2%, seed 0 (`--params sttp-r --targets 5 --seeds 0`, then 2; ranks 8 and 3),
     # and README's curve of its seed 0 (`--params sttp-r --targets 2 5 10 --seeds 0`)
     ([0], ["sttp-r"], [5.0], 2, [DENSE_SEED_0, ["sttp-r", "5", "8", "4.90", "91.18", "91.18", "4127"]]),
