@@ -51,8 +51,9 @@ COMPRESS_INTERRUPTED = {
 }
 
 
-#: seconds a rank other than 0 waits before saying its error (see :meth:`CLIError.show`)
-RANK_ERROR_WAIT = 3.0
+#: seconds a rank other than 0 waits before saying its error (see :meth:`CLIError.show`); 3 s
+#: was too short on a quiet machine: torchrun had not ended rank 1 when rank 0 said the same error
+RANK_ERROR_WAIT = 10.0
 
 
 class CLIError(click.ClickException):
