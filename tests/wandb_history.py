@@ -5,7 +5,12 @@ import struct
 def read_wandb_history(run_file):
     """The history rows ``{key: json value}`` of an offline W&B run (a LevelDB-style log of
     protobuf records: a 7-byte file header, 32 KiB blocks, 7-byte record headers)."""
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
+
+    # wandb's service process writes the file; run.finish() can return before it has: a full
+    # suite once read no history row from a file that held four a moment later
+    wandb.teardown()
 
     with open(run_file, "rb") as f:
         data = f.read()
