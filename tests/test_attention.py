@@ -481,31 +481,35 @@ def _without_the_attention_record(path):
     save_file(load_file(str(path)), str(path), metadata=meta)
 
 
-def test_a_file_from_before_the_attention_record_loads_alone_and_into_a_split_model(tmp_path):
+@pytest.fixture
+def saved_q_k_v(tmp_path):
+    """A small ViT split q-k-v with v at rank 4, saved to ``tmp_path / "m.safetensors"``:
+    (the file's path, an input x of shape (2, 3, 32, 32), the model's output on x)."""
     model = _in_form("q-k-v", "v at rank 4")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
     save_parameterized(model, tmp_path / "m.safetensors")
-    _without_the_attention_record(tmp_path / "m.safetensors")
+    return tmp_path / "m.safetensors", x, expected
+
+
+def test_a_file_from_before_the_attention_record_loads_alone_and_into_a_split_model(saved_q_k_v):
+    path, x, expected = saved_q_k_v
+    _without_the_attention_record(path)
     # its tensor names show the split (qkv.q / qkv.k / qkv.v): it said "layer 'blocks.0.attn.qkv.v'
     # does not exist in the model"
     with torch.no_grad():
-        assert torch.equal(load_parameterized(tmp_path / "m.safetensors")(x), expected)
+        assert torch.equal(load_parameterized(path)(x), expected)
     split = small_vit()
     parameterize_attention(split, "q-k-v")
     with torch.no_grad():
-        assert torch.equal(load_parameterized(tmp_path / "m.safetensors", split)(x), expected)
+        assert torch.equal(load_parameterized(path, split)(x), expected)
 
 
-def test_a_dense_fused_model_passed_in_is_split_as_the_checkpoint_says(tmp_path):
-    model = _in_form("q-k-v", "v at rank 4")
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        expected = model(x)
-    save_parameterized(model, tmp_path / "m.safetensors")
+def test_a_dense_fused_model_passed_in_is_split_as_the_checkpoint_says(saved_q_k_v):
+    path, x, expected = saved_q_k_v
     fused = small_vit()
-    again = load_parameterized(tmp_path / "m.safetensors", fused)
+    again = load_parameterized(path, fused)
     with torch.no_grad():
         assert again is fused and torch.equal(again(x), expected)
     assert type(fused.blocks[1].attn.qkv).__name__ == "SplitQKV"

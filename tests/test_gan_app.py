@@ -14,6 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from fastai.callback.core import Callback
+from interrupt import bar_shown_above
 from safetensors.torch import load_file
 
 from sttpfast.cli import main
@@ -285,11 +286,9 @@ def test_an_interrupt_mid_epoch_is_said_on_its_own_line_below_the_progress_bar(t
         run_gan(_cfg(tmp_path, "cut", "log.progress=true"), extra_cbs=[SendSignal(1)], echo=print)
     lines = capsys.readouterr().out.split("\n")
     said = f"interrupted at G step 1: checkpoint saved in {tmp_path / 'cut' / 'checkpoints' / 'last'}"
-    assert said in lines, lines[-4:]
-    i = lines.index(said)
-    bar = lines[i - 1].split("\r")[-1]  # what the terminal shows of the bar's line
+    bar = bar_shown_above(lines, said)
     assert bar.startswith("Epoch 1/3 : |") and "[1/4 " in bar, bar
-    assert lines[i + 1] == f"resume with: sttpfast gan --resume {tmp_path / 'cut'}"
+    assert lines[lines.index(said) + 1] == f"resume with: sttpfast gan --resume {tmp_path / 'cut'}"
 
 
 def test_a_sigusr1_mid_epoch_is_said_on_its_own_line_below_the_progress_bar(tmp_path, capsys):
@@ -297,9 +296,7 @@ def test_a_sigusr1_mid_epoch_is_said_on_its_own_line_below_the_progress_bar(tmp_
     checkpoint saved at step 1; ..."); the bar goes on below it."""
     run_gan(_cfg(tmp_path, "usr1", "log.progress=true"), extra_cbs=[SendSignal(1, signal.SIGUSR1)], echo=print)
     lines = capsys.readouterr().out.split("\n")
-    said = "SIGUSR1: checkpoint saved at step 1; training continues"
-    assert said in lines, [line for line in lines if "SIGUSR1" in line]
-    bar = lines[lines.index(said) - 1].split("\r")[-1]  # what the terminal shows of the bar's line
+    bar = bar_shown_above(lines, "SIGUSR1: checkpoint saved at step 1; training continues")
     assert bar.startswith("Epoch 1/3 : |") and "[1/4 " in bar, bar
 
 

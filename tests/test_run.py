@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.callback.core import Callback
-from interrupt import Interrupt
+from interrupt import Interrupt, bar_shown_above
 
 from sttpfast.checkpoint import load_parameterized
 from sttpfast.config import build_config
@@ -202,11 +202,9 @@ def test_ctrl_c_mid_epoch_is_said_on_its_own_line_below_the_progress_bar(tmp_pat
                      extra_cbs=[Interrupt(1, KeyboardInterrupt)], echo=print)
     lines = capsys.readouterr().out.split("\n")
     said = f"interrupted at step 1: checkpoint saved in {tmp_path / 'cut' / 'checkpoints' / 'last'}"
-    assert said in lines, lines[-4:]
-    i = lines.index(said)
-    bar = lines[i - 1].split("\r")[-1]  # what the terminal shows of the bar's line
+    bar = bar_shown_above(lines, said)
     assert bar.startswith("Epoch 1/2 : |") and "[1/8 " in bar, bar
-    assert lines[i + 1] == f"resume with: sttpfast train --resume {tmp_path / 'cut'}"
+    assert lines[lines.index(said) + 1] == f"resume with: sttpfast train --resume {tmp_path / 'cut'}"
 
 
 def test_a_step_budget_that_ends_mid_epoch_resumes_mid_epoch_with_a_larger_budget(tmp_path):
