@@ -127,7 +127,8 @@ class ParamConfig:
     compression: Optional[float] = setting(None, "target Z in percent (instead of rank)", _percent,
                                            "a number in (0, 100] (percent of the dense size)")
     init: Optional[Literal["identity", "spectral"]] = setting(
-        None, "factor initialization (default: identity for SVDP/STTP, spectral for lowrank)")
+        None, "factor initialization (default: identity for SVDP/STTP, spectral for lowrank and the tensor formats, "
+              "whose identity is a fixed placeholder pattern)")
     include: list[str] = setting([], "globs of layer names to parameterize")
     exclude: list[str] = setting([], "globs of layer names to leave dense")
     # -- per-layer ranks and unrepresentable layers (tensor-layer zoo) --

@@ -292,6 +292,15 @@ def say_init_cost(param: str, init: str | None, echo) -> None:
         echo(entry.spectral_init_note)
 
 
+def say_placeholder_init(param: str, init: str | None, echo) -> None:
+    """Before a new run: ``init="identity"`` asked of a method with no identity of its own
+    (lowrank, the tensor formats; their default is ``spectral``) starts every layer from a fixed
+    pattern of placeholder factors that ignores the weights (see :func:`sttpfast.parameterize`)."""
+    if echo is not None and init == "identity" and method(param).default_init == "spectral":
+        echo(f"{param}: init identity starts every layer from fixed placeholder factors, not from its weights "
+             f"({param} has no identity of its own; the default, spectral, fits them)")
+
+
 def spectral_learner(
     dls,
     arch: str | nn.Module,

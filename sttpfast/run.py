@@ -389,7 +389,7 @@ def _train(cfg, state, config_changed, accelerator, run_dir, extra_cbs, echo, lo
     from sttpfast.callbacks.logging import TensorBoardLogger, WandbLogger
     from sttpfast.callbacks.signals import SignalCheckpoint
     from sttpfast.data import get_dls
-    from sttpfast.learner import fit, spectral_learner
+    from sttpfast.learner import fit, say_placeholder_init, spectral_learner
     from sttpfast.surgery import check_rank_useful
 
     warn_missing_processes(accelerator, echo)
@@ -408,6 +408,8 @@ def _train(cfg, state, config_changed, accelerator, run_dir, extra_cbs, echo, lo
         cbs.append(TensorBoardLogger(every=lg["every"]))
     elif main and lg["logger"] == "wandb":
         cbs.append(WandbLogger(project=lg["wandb_project"], config=cfg, every=lg["every"]))
+    if state is None:
+        say_placeholder_init(p["name"], p["init"], say)
     with warnings.catch_warnings(record=True) as caught:  # said as `warning:` lines below
         warnings.simplefilter("always")
         learn = spectral_learner(

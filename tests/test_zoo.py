@@ -486,6 +486,27 @@ def test_cli_train_cp_says_its_spectral_init_is_an_als_fit_before_it_starts(tmp_
     assert note not in identity.output
 
 
+@pytest.mark.parametrize("param", ["cp", "tucker", "lowrank"])
+def test_cli_train_says_init_identity_is_placeholders_for_a_method_without_an_identity(tmp_path, param):
+    """lowrank and the tensor formats have no identity of their own: ``--init identity`` starts
+    them from a fixed pattern that ignores the weights, and the run said nothing of it."""
+    said = (f"{param}: init identity starts every layer from fixed placeholder factors, not from its weights "
+            f"({param} has no identity of its own; the default, spectral, fits them)")
+    result = _train_cli(tmp_path, "--param", param, "--rank", "4", "--init", "identity")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == said
+    from click.testing import CliRunner
+
+    from sttpfast.cli import main
+
+    resumed = CliRunner().invoke(main, ["train", "--resume", str(tmp_path / "r"), "--steps", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert said not in resumed.output  # a resume loads its factors
+    for other in (["--param", param, "--rank", "4", "--name", "s"], ["--param", "sttp-r", "--rank", "4", "--init",
+                                                                       "identity", "--name", "t"]):
+        assert "placeholder" not in _train_cli(tmp_path, *other).output
+
+
 def test_cli_resume_of_a_cp_run_fits_nothing_the_checkpoint_overwrites(tmp_path, monkeypatch):
     """A resumed run loads every factor from its checkpoint: its layers are rebuilt with the
     placeholders, not the spectral init. CP's ALS fit ran again at every resume (minutes on
