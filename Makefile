@@ -12,8 +12,11 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# Two passes (tests/conftest.py says why): the tests that launch processes one at a time,
+# the others on two xdist workers (both passes run; make fails if either does)
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m processes tests; status=$$?; \
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not processes" tests && exit $$status
 
 # The paper's compression of the SNGAN discriminator, then a real STTP-R training run on
 # scikit-learn's digits (zero setup, under a minute on a laptop CPU).

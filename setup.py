@@ -37,7 +37,7 @@ setup(
     ],
     extras_require={
         # onnxruntime runs the exported file in the tests (and for users who check an export)
-        "test": ["pytest>=8", "pytest-timeout>=2.2", "onnxruntime>=1.18"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "onnxruntime>=1.18"],
         "onnx": ["onnxruntime>=1.18"],
         "bench": ["torch-householder"],
     },

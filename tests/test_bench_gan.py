@@ -5,6 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.processes  # every test here launches processes (see conftest.py)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -117,6 +117,7 @@ def test_info_bad_input_exit_2_one_message(args, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.processes
 def test_console_script_subprocess():
     proc = subprocess.run([sys.executable, "-m", "sttpfast.cli", "info", "--arch", "sngan_d32",
                            "--param", "sttp-c", "--rank", "64"], capture_output=True, text=True, timeout=300)
@@ -136,6 +137,7 @@ def _imports(args):
                   if line.startswith("import time:") and "|" in line}
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["info", "--help"]])
 def test_help_does_not_import_torch(args):
     proc, modules = _imports(args)
@@ -159,6 +161,7 @@ def test_rank_full_is_taken_in_any_case(spelling):
     assert result.output == run("info", "--arch", "resnet20_cifar", "--param", "tt", "--rank", "full").output
 
 
+@pytest.mark.processes
 def test_fastai_jit_warning_is_silenced_and_no_other():
     code = ("import warnings, sttpfast, fastai.layers\n"
             "warnings.warn('a FutureWarning of the user', FutureWarning)\n")
@@ -280,6 +283,7 @@ def test_ctrl_c_in_a_command_that_trains_nothing_does_not_speak_of_training(monk
     assert (result.exit_code, result.output) == (130, "interrupted; nothing was written\n")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_during_start_up_subprocess(tmp_path, sig, status):
     """A real SIGINT (SIGTERM: it died without a word) while the command imports torch: one
@@ -394,6 +398,7 @@ def test_train_bad_tuple_rank_one_line_exit_2_nothing_created(tmp_path, args, me
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.processes
 def test_python_dash_m_sttpfast_is_the_command():
     # `python -m sttpfast` said "No module named sttpfast.__main__"
     proc = subprocess.run([sys.executable, "-m", "sttpfast", "--help"], capture_output=True, text=True, timeout=120)
@@ -496,6 +501,7 @@ def test_the_rank_line_writes_a_deeper_ht_tree_as_rank_takes_it():
     assert line == "rank (5,(8,6,2),3),(4,3,2) (ht's rank tree, the same for every layer)"
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("app", ["train", "gan", "compress"])
 def test_the_apps_take_dash_h_as_sttpfast_does(app):
     # `sttpfast gan -h` printed the help, `python apps/gan.py -h` "Error: No such option '-h'."
@@ -516,6 +522,7 @@ def test_the_apps_take_dash_h_as_sttpfast_does(app):
     (["nosuch"], "Error: No such command 'nosuch'. (sttpfast --help)"),
     (["info", "--nope"], "Error: No such option '--nope'. (sttpfast info --help)"),
 ])
+@pytest.mark.processes
 def test_a_usage_error_is_one_error_line_naming_help(args, message):
     # click printed the usage, a hint and a blank line before its Error line
     proc = subprocess.run([sys.executable, "-m", "sttpfast", *args], capture_output=True, text=True, timeout=120)
@@ -523,6 +530,7 @@ def test_a_usage_error_is_one_error_line_naming_help(args, message):
         2, "", message + "\n")
 
 
+@pytest.mark.processes
 def test_a_usage_error_of_an_app_script_is_one_line_too():
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "apps/gan.py"), "--loss", "bogus"], capture_output=True,
@@ -531,6 +539,7 @@ def test_a_usage_error_of_an_app_script_is_one_line_too():
         2, "Error: Invalid value for '--loss': 'bogus' is not one of 'hinge', 'ns'. (apps/gan.py --help)\n")
 
 
+@pytest.mark.processes
 def test_sttpfast_alone_prints_its_help_not_an_error():
     # the one-line usage errors caught click's "no arguments: show the help" too
     proc = subprocess.run([sys.executable, "-m", "sttpfast"], capture_output=True, text=True, timeout=120)

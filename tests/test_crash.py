@@ -122,6 +122,7 @@ def _killed_run(cfg: dict, crash_at: str | None = None, cbs=()) -> int:
     return status
 
 
+@pytest.mark.processes
 def test_a_kill_at_every_point_of_the_write_sequence_resumes_bit_identical(tmp_path, reference):
     assert {k.split(":")[0] for k in KILLS} == set(CRASH_POINTS)
     identical = 0
@@ -147,6 +148,7 @@ class KillInValidation(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.processes
 def test_a_kill_in_the_last_validation_after_the_last_steps_checkpoint_resumes_to_the_final_metrics(
         tmp_path, reference):
     """The budget ends mid-epoch at step 10, whose --every checkpoint is written before the
@@ -193,6 +195,7 @@ def _killed(train) -> None:
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
 
 
+@pytest.mark.processes
 def test_a_run_killed_twice_in_the_same_epoch_resumes_bit_identical(tmp_path, reference):
     """Killed after step 5 (one batch into the 2nd epoch), resumed, killed after step 7: the
     checkpoint of step 7 counts the epoch's batches from its start (3), not from the resume (2)."""
@@ -206,6 +209,7 @@ def test_a_run_killed_twice_in_the_same_epoch_resumes_bit_identical(tmp_path, re
     _assert_same_run(run, resumed, reference)
 
 
+@pytest.mark.processes
 def test_a_raised_budget_killed_before_its_summary_reports_the_new_steps_not_the_old_summary(tmp_path):
     """A finished 4-step run resumed to 8 steps and killed after the epoch-end checkpoint of
     step 8, before summary.json: the next resume reports step 8 (the old summary says 4)."""
@@ -237,6 +241,7 @@ def test_a_resume_below_the_steps_already_trained_is_refused_and_changes_nothing
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
 
 
+@pytest.mark.processes
 def test_resuming_an_unfinished_run_below_its_configured_budget_is_refused(tmp_path):
     """A 10-step run killed after step 5: --steps 7 is above the steps trained but below the
     run's own budget, which would cut the one-cycle schedule short mid-way (README: a resume
@@ -292,6 +297,7 @@ def test_epochs_on_resume_replace_a_step_budget_even_when_equal_to_the_configs_e
     assert "already_finished" not in ten and ten["steps"] == 40
 
 
+@pytest.mark.processes
 def test_a_torn_newest_checkpoint_falls_back_to_the_previous_complete_one(tmp_path, reference):
     status = _killed_run(_cfg(tmp_path, "torn"), "pruned:3")
     assert os.WTERMSIG(status) == signal.SIGKILL
@@ -372,6 +378,7 @@ def reference30(tmp_path_factory):
     return run_training(cfg, echo=quiet)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_sigterm_and_sigint_checkpoint_print_the_resume_command_and_resume_exactly(tmp_path, reference30, sig, code):
     proc = _start(tmp_path, "s")
@@ -388,6 +395,7 @@ def test_sigterm_and_sigint_checkpoint_print_the_resume_command_and_resume_exact
     _assert_same_run(run, resumed, reference30)
 
 
+@pytest.mark.processes
 def test_a_second_sigint_while_stopping_exits_at_once_with_130_and_the_run_resumes_exactly(tmp_path, reference30):
     """Ctrl-C while a checkpoint write hangs (STTPFAST_STALL_AT holds the 2nd checkpoint's
     write for STALL_SECONDS, a disk that hangs): the run waits to stop after it; a second
@@ -412,6 +420,7 @@ def test_a_second_sigint_while_stopping_exits_at_once_with_130_and_the_run_resum
     _assert_same_run(tmp_path / "i2", run_training(resume=tmp_path / "i2", echo=quiet), reference30)
 
 
+@pytest.mark.processes
 def test_a_second_sigint_after_the_interrupted_checkpoint_exits_with_130_without_a_traceback(tmp_path, reference30):
     """The second Ctrl-C comes once the run said it saved its checkpoint (the process is on
     its way out, the training's handlers removed): exit 130, no KeyboardInterrupt traceback."""
@@ -428,6 +437,7 @@ def test_a_second_sigint_after_the_interrupted_checkpoint_exits_with_130_without
     _assert_same_run(tmp_path / "i3", run_training(resume=tmp_path / "i3", echo=quiet), reference30)
 
 
+@pytest.mark.processes
 def test_sigusr1_checkpoints_and_training_continues_unchanged(tmp_path, reference30):
     proc = _start(tmp_path, "u")
     proc.send_signal(signal.SIGUSR1)
@@ -438,6 +448,7 @@ def test_sigusr1_checkpoints_and_training_continues_unchanged(tmp_path, referenc
     _assert_same_run(run, json.loads((run / "summary.json").read_text()), reference30)
 
 
+@pytest.mark.processes
 def test_a_second_process_on_the_run_is_refused_and_a_killed_holder_is_taken_over(tmp_path, reference30):
     proc = _start(tmp_path, "l")
     run = tmp_path / "l"
@@ -455,6 +466,7 @@ def test_a_second_process_on_the_run_is_refused_and_a_killed_holder_is_taken_ove
 RANDOM_KILL_SEED = 7  # moments at 32%, 15% and 65% of the span
 
 
+@pytest.mark.processes
 def test_sigkill_at_random_moments_of_a_real_run_resumes_bit_identical(tmp_path, reference):
     """Three `sttpfast train` processes (the dropout model, a checkpoint every step) SIGKILLed
     at seeded random moments after their first checkpoint, each resumed to the end."""
@@ -496,6 +508,7 @@ def _scalars(tb: Path) -> dict:
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+@pytest.mark.processes
 def test_tensorboard_after_a_kill_and_resume_shows_each_step_once_with_the_uninterrupted_values(tmp_path):
     full = run_training(_cfg(tmp_path, "full", STEPS, "log.logger=tensorboard", "log.every=1"), echo=quiet)
     cfg = _cfg(tmp_path, "tb", STEPS, "log.logger=tensorboard", "log.every=1")

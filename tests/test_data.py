@@ -190,6 +190,7 @@ def test_registry_and_info():
     assert dataset_info("fashion-mnist")["image_size"] == 28
 
 
+@pytest.mark.processes
 def test_registry_imports_without_torch():
     # `sttpfast --help` and config validation list the dataset names: that must not import
     # torch, fastai or numpy. sttpfast/__init__.py is bypassed with an empty parent package, so
@@ -582,6 +583,7 @@ def test_loader_throughput_fashion_sized(tmp_path):
     assert loader_throughput(dls.train, n_batches=50) > 20_000
 
 
+@pytest.mark.processes  # DataLoader worker processes
 def test_worker_processes_give_the_same_batches():
     a = get_dls("digits", bs=256, seed=5, device="cpu")
     b = get_dls("digits", bs=256, seed=5, device="cpu", num_workers=2)

@@ -16,6 +16,8 @@ from sttpfast.config import build_config
 from sttpfast.data import get_dls
 from sttpfast.run import run_training
 
+pytestmark = pytest.mark.processes  # every test here launches processes (see conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 # digits, 512 training images: 8 steps of 2 x 32 images per epoch; 359 validation images, so
 # the ranks' last validation batches differ in size (rank 0: 180 images, rank 1: 179)

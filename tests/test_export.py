@@ -247,6 +247,7 @@ def test_a_damaged_optimizer_state_does_not_stop_an_export_of_intact_weights(run
     assert sorted(a) == sorted(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
+@pytest.mark.processes
 def test_an_export_removes_the_temporaries_a_killed_export_left(run, tmp_path):
     # kill -9 during an export left ".x.onnx.XXXX.tmp.onnx" beside the target for good
     out = tmp_path / "x.onnx"

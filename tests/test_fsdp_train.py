@@ -26,6 +26,8 @@ import yaml
 from fastcore.xtras import modify_exception
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.processes  # every test here launches processes (see conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ("dense", "sttp-r", "svdp-r", "lowrank")
 FSDP2_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}  # what cpu_2proc_fsdp2.yaml sets

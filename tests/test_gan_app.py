@@ -250,6 +250,7 @@ class KillAfterEpoch(Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("how", ["sigint", "sigkill"])
 def test_a_run_stopped_at_an_epoch_end_logs_each_tensorboard_point_once(tmp_path, how):
     """Step 4 ends epoch 0 and is a --checkpoint-every step: its checkpoint was written before
@@ -300,6 +301,7 @@ def test_a_sigusr1_mid_epoch_is_said_on_its_own_line_below_the_progress_bar(tmp_
     assert bar.startswith("Epoch 1/3 : |") and "[1/4 " in bar, bar
 
 
+@pytest.mark.processes
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_bit_identically(tmp_path):
     """SIGKILL in the middle of writing the fifth checkpoint (steps 2, 3 = best, 4, 4 again after
     epoch 0's validation, 6; STTPFAST_CRASH_AT, the chaos hook of sttpfast.atomic): the run resumes
@@ -347,6 +349,7 @@ class KillAtTheEndOfFit(Callback):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("order", [55, 80], ids=["before-the-last-evaluation", "before-summary-json"])
 def test_a_kill_at_the_end_of_the_run_resumes_to_the_final_metrics(tmp_path, order):
     """Step 10's --every checkpoint is written before the end-of-run evaluation. Killed before
@@ -397,6 +400,7 @@ def test_a_finished_run_whose_last_checkpoint_precedes_its_final_evaluation_stay
     assert {f: f.read_bytes() for f in run.rglob("*") if f.is_file() and f.name != ".lock"} == before
 
 
+@pytest.mark.processes
 def test_a_raised_budget_killed_before_its_summary_reports_the_new_steps(tmp_path):
     whole = tmp_path / "whole"
     run_gan(_cfg(tmp_path, "whole", "gan.steps=4", "log.logger=none"), echo=lambda *a: None)
@@ -577,6 +581,7 @@ def test_inception_weights_that_are_not_inceptions_are_refused_before_the_run_fo
     assert not out.exists()
 
 
+@pytest.mark.processes
 def test_accelerate_launch_apps_gan_writes_checkpoints_grid_and_metrics(tmp_path):
     """The end-to-end path a user takes: accelerate's launcher, apps/gan.py, metrics with the
     offline extractor (no Inception download), best checkpoint by FID."""
@@ -601,6 +606,7 @@ def test_accelerate_launch_apps_gan_writes_checkpoints_grid_and_metrics(tmp_path
     assert json.loads((run / "checkpoints/last/state.json").read_text())["train_iter"] == 6
 
 
+@pytest.mark.processes
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     common = [str(ROOT / "apps/gan.py"), "digits", "--d-param", "sn", "--steps", "4", "--n-dis", "2", "--subset", "256",
               "--logger", "none", *TINY_SET, *QUIET]

@@ -38,6 +38,8 @@ from sttpfast.cli import main
 from sttpfast.fsdp import full_state_dict
 from sttpfast.gan.run import run_gan
 
+pytestmark = pytest.mark.processes  # every test here launches processes (see conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["gan.g_kwargs={widths: [8, 8, 8], bottom_width: 2, z_dim: 16}", "gan.d_kwargs={widths: [8, 8, 8, 8]}"]
 TINY_SET = [a for item in TINY for a in ("--set", item)]

@@ -260,6 +260,7 @@ def test_pretrained_true_without_cache_or_network_is_one_clear_error(tmp_path, m
     "import sttpfast; from timm import create_model",
     "import timm, sttpfast",
 ])
+@pytest.mark.processes
 def test_import_sttpfast_registers_the_models_whatever_the_import_order(code):
     # `import sttpfast` stays cheap (no torch) but the models must be in timm's registry as
     # soon as timm is there: `import sttpfast, timm` gave "Unknown model (resnet20_cifar)"

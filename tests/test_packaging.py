@@ -10,6 +10,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.processes  # every test here launches processes (see conftest.py)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 # never part of a clean checkout: environments, build outputs, run folders, caches
 LOCAL = {".git", ".venv", "build", "dist", "runs", "__pycache__", ".pytest_cache", ".whl"}

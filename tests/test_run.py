@@ -254,6 +254,7 @@ def test_fewer_processes_than_asked_for_are_warned_about(monkeypatch):
                     "`torchrun --nproc_per_node 2 ...`"]
 
 
+@pytest.mark.processes
 def test_accelerate_launch_cpu_with_two_processes_warns(tmp_path):
     import os
     import subprocess
@@ -351,6 +352,7 @@ def _ignores(pid: int, signum: int) -> bool:
     return False
 
 
+@pytest.mark.processes
 def test_sigusr1_during_start_up_does_not_kill_the_run(tmp_path):
     """SIGUSR1 asks a training run for a checkpoint; before training runs (imports, data,
     model) its default action killed the process (exit 138). It is ignored until the run's

@@ -52,6 +52,7 @@ def test_cli_trains_digits_and_writes_the_run_folder(tmp_path):
     assert "summary: accuracy" in result.output
 
 
+@pytest.mark.processes
 def test_apps_train_script(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "apps/train.py"), "digits", *QUICK, "--param", "svdp",
                            "--compression", "20", "--epochs", "1", "--out", str(tmp_path), "--logger", "none"],
@@ -161,6 +162,7 @@ def test_cli_resume_continues_and_bad_checkpoints_are_refused(tmp_path):
     assert mismatch.exit_code == 2 and "rank 5" in mismatch.output and "rank 4" in mismatch.output, mismatch.output
 
 
+@pytest.mark.processes
 def test_two_processes_stay_in_sync_and_match_one_process(tmp_path):
     common = ["digits", "--arch", "resnet20_cifar", "--param", "sttp-r", "--rank", "6", "--epochs", "2",
               "--logger", "none", "--lr", "0.1", "--set", "log.progress=false"]
