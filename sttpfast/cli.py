@@ -467,7 +467,7 @@ def info(run, arch, param, rank, compression, include, exclude, init, num_classe
 
     import torch
 
-    from sttpfast.learner import parameterize_for_run
+    from sttpfast.surgery import parameterize_for_run
     from sttpfast.models import create_model
 
     # the run's seed: an energy plan reads the weights of this freshly built (untrained) model,

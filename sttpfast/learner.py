@@ -35,10 +35,9 @@ from sttpfast.params.attention import (
     QKV_METHOD,
     attention_form_decay,
     attention_form_pairs,
-    parameterize_attention,
 )
 from sttpfast.params.layers import parameterized_layers
-from sttpfast.surgery import compression_report, parameterize
+from sttpfast.surgery import compression_report, parameterize, parameterize_for_run
 
 __all__ = ["spectral_learner", "fit", "release_validation_cache", "SpectralLearner", "StepScheduler", "StepBudget", "schedule_functions",
            "AttentionFormDecay",
@@ -261,27 +260,6 @@ def _model_for_data(arch: str, dls, img_size: int | None, model_kwargs: dict | N
         echo(f"resizing the {side}x{side} images to {fitted}x{fitted}: the smallest size {arch} accepts "
              f"(--img-size N to choose)")
     return model
-
-
-def parameterize_for_run(model: nn.Module, param: str, rank=None, compression=None, include=None, exclude=None,
-                         init=None, plan=None, rank_scale=None, unrepresentable=None, keep_dense_if_no_gain=True,
-                         attention: str | None = None, attention_rank: int | None = None):
-    """The surgery of a run (``spectral_learner``, ``sttpfast info``): the attention forms
-    first (from the dense weights; ``param`` then leaves their Linears alone for ``qk-ov``, or
-    treats q, k and v as three layers for ``q-k-v``), then ``param``. Returns the model's report."""
-    factored = attention == "qk-ov"
-    if attention is not None:
-        formed = parameterize_attention(model, attention, rank=rank if attention_rank is None else attention_rank)
-        exclude = ([exclude] if isinstance(exclude, str) else list(exclude or [])) + formed
-    report = parameterize(model, param, rank=None if factored and param in BASELINES else rank,
-                          compression=compression, include=include, exclude=exclude, init=init,
-                          plan=plan, rank_scale=rank_scale, unrepresentable=unrepresentable,
-                          keep_dense_if_no_gain=keep_dense_if_no_gain)
-    if not factored:
-        return report
-    whole = compression_report(model)  # with the forms' layers; rank, plan, left-dense: param's
-    whole.rank, whole.plan, whole.left_dense = report.rank, report.plan, report.left_dense
-    return whole
 
 
 def say_init_cost(param: str, init: str | None, echo) -> None:

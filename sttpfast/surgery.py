@@ -35,7 +35,8 @@ from sttpfast.params.layers import (
     remove_weight_parametrization,
     weight_first,
 )
-from sttpfast.params import MatrixView, WeightParametrization, default_init, method, method_of, resolve_param
+from sttpfast.params.attention import parameterize_attention
+from sttpfast.params import BASELINES, MatrixView, WeightParametrization, default_init, method, method_of, resolve_param
 from sttpfast.params.tensorlayer import Unrepresentable, current_unrepresentable_policy, unrepresentable_policy
 
 __all__ = [
@@ -877,3 +878,24 @@ def check_rank_useful(param: str, rank, report) -> None:
     if rank > useful:
         raise ValueError(f"rank {rank} is too large for {param} on this model: the largest useful rank is "
                          f"{useful} (no compression)")
+
+
+def parameterize_for_run(model: nn.Module, param: str, rank=None, compression=None, include=None, exclude=None,
+                         init=None, plan=None, rank_scale=None, unrepresentable=None, keep_dense_if_no_gain=True,
+                         attention: str | None = None, attention_rank: int | None = None):
+    """The surgery of a run (``spectral_learner``, ``sttpfast info``): the attention forms
+    first (from the dense weights; ``param`` then leaves their Linears alone for ``qk-ov``, or
+    treats q, k and v as three layers for ``q-k-v``), then ``param``. Returns the model's report."""
+    factored = attention == "qk-ov"
+    if attention is not None:
+        formed = parameterize_attention(model, attention, rank=rank if attention_rank is None else attention_rank)
+        exclude = ([exclude] if isinstance(exclude, str) else list(exclude or [])) + formed
+    report = parameterize(model, param, rank=None if factored and param in BASELINES else rank,
+                          compression=compression, include=include, exclude=exclude, init=init,
+                          plan=plan, rank_scale=rank_scale, unrepresentable=unrepresentable,
+                          keep_dense_if_no_gain=keep_dense_if_no_gain)
+    if not factored:
+        return report
+    whole = compression_report(model)  # with the forms' layers; rank, plan, left-dense: param's
+    whole.rank, whole.plan, whole.left_dense = report.rank, report.plan, report.left_dense
+    return whole

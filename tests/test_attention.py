@@ -396,7 +396,7 @@ def test_qk_ov_refuses_a_block_that_holds_its_own_rotary_embedding():
 
 
 def test_qk_ov_with_an_attention_rank_keeps_the_energy_plan_of_the_other_layers():
-    from sttpfast.learner import parameterize_for_run
+    from sttpfast.surgery import parameterize_for_run
 
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", num_classes=5, img_size=32, depth=2)

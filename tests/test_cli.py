@@ -146,6 +146,15 @@ def test_help_does_not_import_torch(args):
     assert "Usage:" in proc.stdout and "Warning" not in proc.stderr
 
 
+@pytest.mark.processes
+def test_info_does_not_import_fastai():
+    """``sttpfast info`` counts a model's parameters: it imported fastai (with pandas, sklearn and
+    matplotlib: about 3 s of a 7 s command) for the surgery's wrapper alone."""
+    proc, modules = _imports(["info", "--arch", "resnet20_cifar", "--param", "sttp-r", "--rank", "4"])
+    assert "Z = " in proc.stdout
+    assert not modules & {"fastai", "pandas", "sklearn", "matplotlib"}
+
+
 def test_help_takes_its_choices_from_the_schema():
     result = run("train", "--help")
     assert "--schedule [one_cycle|linear|cosine|const]" in result.output
