@@ -40,7 +40,8 @@ TRAINING_COMMANDS = ("train", "gan", "compress")
 def _interrupted_line() -> str:
     """What Ctrl-C before any work says: 'before training started' only where training follows."""
     context = click.get_current_context(silent=True)
-    command = context.info_name if context is not None else None
+    # the command's own name: apps/train.py runs `train` under the name "apps/train.py"
+    command = context.command.name if context is not None else None
     return INTERRUPTED if command in TRAINING_COMMANDS or command is None else INTERRUPTED_NO_TRAINING
 #: what Ctrl-C in `compress` outside phase 2's training left, by the stage it came in
 COMPRESS_INTERRUPTED = {
@@ -85,7 +86,8 @@ def interrupts_end_start_up():
     leaves from where it runs instead of raising; nothing has been written yet."""
 
     def leave(signum, frame):
-        os.write(2, (_interrupted_line() + "\n").encode())
+        if is_main_rank():  # Ctrl-C in a terminal reaches every rank: rank 0 says it
+            os.write(2, (_interrupted_line() + "\n").encode())
         os._exit(128 + signum)  # 130 for Ctrl-C, 143 for SIGTERM (it died without a word)
 
     with _signal_handler(leave, signal.SIGINT, signal.SIGTERM):
@@ -141,7 +143,8 @@ def user_errors(fn):
         except ValueError as err:
             raise CLIError(str(err)) from None
         except KeyboardInterrupt as stop:
-            click.echo(_interrupted_line(), err=True)
+            if is_main_rank():  # Ctrl-C in a terminal reaches every rank: rank 0 says it
+                click.echo(_interrupted_line(), err=True)
             sys.exit(128 + getattr(stop, "signum", signal.SIGINT))
 
     return wrapper

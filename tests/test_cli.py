@@ -15,6 +15,8 @@ import sttpfast.cli
 from sttpfast.cli import INTERRUPTED, main
 from sttpfast.config import build_config
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def run(*args):
     return CliRunner().invoke(main, list(args))
@@ -306,6 +308,40 @@ def test_ctrl_c_during_start_up_subprocess(tmp_path, sig, status):
     assert proc.returncode == status, err
     assert err == INTERRUPTED + "\n" and out == ""
     assert list(tmp_path.iterdir()) == []
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``signum`` (its SigCgt mask in /proc)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("app", ["train", "gan"])
+def test_ctrl_c_during_the_start_up_of_two_processes_is_said_once_as_a_training_command(tmp_path, app):
+    """Ctrl-C in a terminal reaches the launcher and every rank: each rank said the line (twice
+    on two processes), and apps/*.py (click's name "apps/train.py", not "train") said the
+    wording of the commands that train nothing."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "apps" / f"{app}.py"),
+           "digits", "--steps", "2", "--logger", "none", "--out", str(tmp_path / "runs")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    deadline = time.monotonic() + 120
+    ranks = []
+    while len(ranks) < 2 or not all(_catches(pid, signal.SIGTERM) for pid in ranks):  # start-up's handler is in
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        ranks = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    out, _ = proc.communicate(timeout=120)
+    assert [line for line in out.splitlines() if "nothing was written" in line] == [INTERRUPTED]
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("args,entry", [
