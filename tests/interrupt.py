@@ -1,4 +1,7 @@
-"""A test callback that ends a fit like a killed job or a Ctrl-C."""
+"""Test helpers for interrupts: a callback that ends a fit like a killed job or a Ctrl-C, what
+the terminal shows above a message, and a process's signal masks."""
+from pathlib import Path
+
 from fastai.callback.core import Callback, CancelFitException
 
 
@@ -22,3 +25,16 @@ def bar_shown_above(lines, said):
     returns, so the terminal shows what follows the last one. Fails when ``said`` is missing."""
     assert said in lines, lines[-6:]
     return lines[lines.index(said) - 1].split("\r")[-1]
+
+
+def signal_in_mask(pid: int, mask: str, signum: int) -> bool:
+    """Whether ``signum`` is in process ``pid``'s ``mask`` in /proc/PID/status: ``"SigIgn"``
+    (it ignores the signal) or ``"SigCgt"`` (a handler of its own catches it). False once
+    the process is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(mask + ":"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return False

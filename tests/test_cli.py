@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from interrupt import signal_in_mask
 
 import sttpfast.cli
 from sttpfast.cli import INTERRUPTED, main
@@ -310,17 +311,6 @@ def test_ctrl_c_during_start_up_subprocess(tmp_path, sig, status):
     assert list(tmp_path.iterdir()) == []
 
 
-def _catches(pid: int, signum: int) -> bool:
-    """Whether process ``pid`` has a handler of its own for ``signum`` (its SigCgt mask in /proc)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except OSError:
-        pass
-    return False
-
-
 @pytest.mark.processes
 @pytest.mark.parametrize("app", ["train", "gan"])
 def test_ctrl_c_during_the_start_up_of_two_processes_is_said_once_as_a_training_command(tmp_path, app):
@@ -333,7 +323,8 @@ def test_ctrl_c_during_the_start_up_of_two_processes_is_said_once_as_a_training_
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     deadline = time.monotonic() + 120
     ranks = []
-    while len(ranks) < 2 or not all(_catches(pid, signal.SIGTERM) for pid in ranks):  # start-up's handler is in
+    # until both ranks run the start-up's handler (SIGTERM: Python catches SIGINT from its start)
+    while len(ranks) < 2 or not all(signal_in_mask(pid, "SigCgt", signal.SIGTERM) for pid in ranks):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.05)
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.callback.core import Callback
-from interrupt import Interrupt, bar_shown_above
+from interrupt import Interrupt, bar_shown_above, signal_in_mask
 
 from sttpfast.checkpoint import load_parameterized
 from sttpfast.config import build_config
@@ -341,17 +341,6 @@ def test_an_empty_run_name_is_refused():
         check_output({"train": {"out": "runs", "name": ""}})
 
 
-def _ignores(pid: int, signum: int) -> bool:
-    """Whether process ``pid`` ignores ``signum`` (its SigIgn mask in /proc)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigIgn:"):
-                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except OSError:
-        pass
-    return False
-
-
 @pytest.mark.processes
 def test_sigusr1_during_start_up_does_not_kill_the_run(tmp_path):
     """SIGUSR1 asks a training run for a checkpoint; before training runs (imports, data,
@@ -370,9 +359,10 @@ def test_sigusr1_during_start_up_does_not_kill_the_run(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + 60
-    while not _ignores(proc.pid, signal.SIGUSR1) and proc.poll() is None and time.monotonic() < deadline:
+    ignores = lambda: signal_in_mask(proc.pid, "SigIgn", signal.SIGUSR1)  # noqa: E731
+    while not ignores() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    ignoring = _ignores(proc.pid, signal.SIGUSR1)
+    ignoring = ignores()
     proc.send_signal(signal.SIGUSR1)  # during start-up: the imports take seconds
     out, err = proc.communicate(timeout=300)
     assert ignoring, "SIGUSR1 was not ignored during start-up"
