@@ -472,6 +472,19 @@ def test_a_data_dir_that_does_not_exist_is_refused_not_passed_over(tmp_path):
     assert len(get_dls("digits", data_dir=tmp_path / "nope", subset=20).train.dataset) == 20  # reads no folder
 
 
+def test_a_data_dir_or_imagefolder_that_is_a_file_is_called_a_file(tmp_path):
+    """A file given as the data folder was said not to exist (or to hold no class folders)."""
+    (tmp_path / "afile").write_text("hi")
+    with pytest.raises(DatasetNotFound) as err:
+        get_dls("fashion_mnist", data_dir=tmp_path / "afile")
+    assert str(err.value).startswith(f"data folder {tmp_path / 'afile'} (--data-dir, or data.data_dir in a config "
+                                     "file) is a file, not a folder. Put the four Fashion-MNIST IDX files")
+    with pytest.raises(DatasetNotFound) as err:
+        get_dls(f"imagefolder:{tmp_path / 'afile'}")
+    assert str(err.value) == (f"imagefolder: {tmp_path / 'afile'} is a file, not a folder: give the folder that "
+                              "holds train/<class>/ and val/<class>/ (or test/<class>/)")
+
+
 def test_missing_imagefolder_and_default_data_dir(tmp_path, monkeypatch):
     with pytest.raises(DatasetNotFound, match=str(tmp_path / "nope" / "train")):
         get_dls(f"imagefolder:{tmp_path / 'nope'}")

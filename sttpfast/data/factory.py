@@ -77,10 +77,11 @@ def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     root = data_root(data_dir)
     spec = resolve_dataset(name, root)
-    if data_dir is not None and spec.files and not download and not root.is_dir():
+    if data_dir is not None and spec.files and (root.exists() or not download) and not root.is_dir():
         # refused, not passed over: Fashion-MNIST was read from the system package instead
-        raise DatasetNotFound(f"data folder {root} (--data-dir, or data.data_dir in a config file) does not "
-                              f"exist. {spec.download_hint}")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DatasetNotFound(f"data folder {root} (--data-dir, or data.data_dir in a config file) {what}. "
+                              f"{spec.download_hint}")
     raw = read_or_download(spec, root, download)
     if data_dir is not None and spec.files and raw.source is not None and not raw.source.is_relative_to(root):
         # Debian's system-wide Fashion-MNIST, found where the user's folder had no files

@@ -97,6 +97,9 @@ def read_tiny_imagenet(root: Path) -> RawDataset:
 
 def _imagefolder_layout(path: Path) -> tuple[Path, Path, list[str]]:
     """-> (train dir, valid dir, sorted class names) of an ``imagefolder:PATH`` dataset."""
+    if path.exists() and not path.is_dir():
+        raise DatasetNotFound(f"imagefolder: {path} is a file, not a folder: give the folder that holds "
+                              "train/<class>/ and val/<class>/ (or test/<class>/)")
     train = path / "train"
     valid = next((path / n for n in ("val", "test") if (path / n).is_dir()), None)
     classes = sorted(p.name for p in train.iterdir() if p.is_dir()) if train.is_dir() else []
