@@ -120,6 +120,9 @@ class CompressionReport:
     #: rank chosen for them: ``[{layer, type, shape, rank, params, dense}]`` (``params`` the
     #: method's DOF there, ``>= dense``); they count at their dense size in ``z``
     left_dense: list[dict] = field(default_factory=list)
+    #: the method that left them dense, where ``param`` names more than one (the attention
+    #: forms beside it: "attn-qk-ov+attn-qk-ov-proj+svdp-r"); None: ``param``
+    left_dense_param: str | None = None
 
     @property
     def z(self) -> float:
@@ -163,8 +166,9 @@ class CompressionReport:
         '' when none was."""
         if not self.left_dense:
             return ""
-        lines = [f"left dense: {len(self.left_dense)} layer(s) where {self.param} has at least as many "
-                 f"parameters as the dense weight at the rank chosen for them (no gain)"]
+        method = self.left_dense_param or self.param
+        lines = [f"left dense: {len(self.left_dense)} layer(s) where {method} has at least as many parameters as "
+                 "the dense weight at the rank chosen for them (no gain)"]
         for row in self.left_dense:
             rank = "x".join(map(str, row["rank"])) if isinstance(row["rank"], list) else row["rank"]
             lines.append(f"  {row['layer']:<36} {row['type']:<10} {'x'.join(map(str, row['shape'])):<14} "
@@ -898,4 +902,5 @@ def parameterize_for_run(model: nn.Module, param: str, rank=None, compression=No
         return report
     whole = compression_report(model)  # with the forms' layers; rank, plan, left-dense: param's
     whole.rank, whole.plan, whole.left_dense = report.rank, report.plan, report.left_dense
+    whole.left_dense_param = report.param
     return whole

@@ -239,3 +239,18 @@ def test_a_target_where_no_layer_gains_says_every_layer_stays_dense():
         report = sttpfast.parameterize(model, "svdp-r", compression=100)
     assert report.rank == 64 and {row["layer"]: row["rank"] for row in report.left_dense}["stem.0"] == 9
     assert {row["rank"] for row in report.left_dense} == {9, 10, 16, 32, 64}  # 10: the 10 x 64 head
+
+
+def test_the_left_dense_line_names_the_method_with_the_attention_forms_beside_it():
+    """With --attention qk-ov the report's method is "attn-qk-ov+attn-qk-ov-proj+svdp-r": the
+    left-dense line said that combination had no gain in the stem and the head, svdp-r layers."""
+    from sttpfast.models import create_model
+    from sttpfast.surgery import parameterize_for_run
+
+    model = create_model("vit_tiny_p4_32", num_classes=10, in_chans=1, img_size=16)
+    report = parameterize_for_run(model, "svdp-r", compression=20, attention="qk-ov", attention_rank=4)
+    lines = report.left_dense_table().splitlines()
+    assert lines[0] == ("left dense: 2 layer(s) where svdp-r has at least as many parameters as the dense weight "
+                        "at the rank chosen for them (no gain)")
+    assert [line.split()[0] for line in lines[1:]] == ["patch_embed.proj", "head"]
+
