@@ -62,8 +62,12 @@ def _percent(v) -> bool:
     return v is None or 0 < v <= 100
 
 
-def _fraction(v) -> bool:
+def _positive_fraction(v) -> bool:
     return v is None or 0 < v <= 1
+
+
+def _below_one(v) -> bool:
+    return v is None or 0 <= v < 1
 
 
 def _rank(v) -> bool:
@@ -135,7 +139,7 @@ class ParamConfig:
     plan: Literal["shared", "energy"] = setting(
         "shared", "with --compression: one shared rank, or per-layer ranks by retained energy")
     rank_scale: Optional[float] = setting(None, "each layer at this fraction of its full rank (instead of rank)",
-                                          _fraction, "a number in (0, 1]")
+                                          _positive_fraction, "a number in (0, 1]")
     unrepresentable: Literal["skip", "error"] = setting(
         "skip", "a layer the method cannot represent (e.g. rtt on a prime channel count): leave dense or refuse")
     layer_ranks: dict = setting({}, "per-layer ranks {layer: rank} (a saved rank plan; replaces rank)")
@@ -154,7 +158,7 @@ class ParamConfig:
 class OptimConfig:
     opt: Literal["sgd", "adam"] = setting("sgd", "optimizer")
     lr: float = setting(0.1, "peak learning rate", _positive, "a positive number")
-    mom: float = setting(0.9, "SGD momentum", _non_negative, "a number >= 0")
+    mom: float = setting(0.9, "SGD momentum", _below_one, "a number in [0, 1)")
     wd: float = setting(5.0e-4, "weight decay", _non_negative, "a number >= 0")
     schedule: Literal["one_cycle", "linear", "cosine", "const"] = setting("one_cycle", "learning-rate schedule")
     epochs: int = setting(10, "epochs", _positive, "a positive integer (epochs >= 1)")
@@ -191,10 +195,6 @@ class TrainConfig:
 
 
 # --- the GAN app (``sttpfast gan``, apps/gan.py); data / log / train sections are shared ---------
-def _fraction(v) -> bool:
-    return v is None or 0 <= v < 1
-
-
 @dataclass
 class GanConfig:
     g: str = setting("sngan_g32", "generator architecture (sngan_g32, sngan_g48 or any registered generator)")
@@ -213,14 +213,14 @@ class GanConfig:
     bs: int = setting(64, "batch size per process (of reals and of fakes)", _positive, "a positive integer")
     lr_g: float = setting(2.0e-4, "generator Adam learning rate", _positive, "a positive number")
     lr_d: float = setting(2.0e-4, "discriminator Adam learning rate", _positive, "a positive number")
-    beta1: float = setting(0.0, "Adam beta1 of both networks", _fraction, "a number in [0, 1)")
-    beta2: float = setting(0.9, "Adam beta2 of both networks", _fraction, "a number in [0, 1)")
+    beta1: float = setting(0.0, "Adam beta1 of both networks", _below_one, "a number in [0, 1)")
+    beta2: float = setting(0.9, "Adam beta2 of both networks", _below_one, "a number in [0, 1)")
     lr_decay: Literal["linear", "const"] = setting("linear", "learning rates: linear to 0, or constant")
-    ema: Optional[float] = setting(None, "keep an EMA of G with this decay (e.g. 0.9999)", _fraction,
+    ema: Optional[float] = setting(None, "keep an EMA of G with this decay (e.g. 0.9999)", _below_one,
                                    "a number in [0, 1)")
     ema_start: int = setting(0, "G step from which the EMA averages (copies before)", _non_negative,
                              "an integer >= 0")
-    dequantize: float = setting(1.0 / 255.0, "uniform noise half-width on reals in [-1, 1] units", _fraction,
+    dequantize: float = setting(1.0 / 255.0, "uniform noise half-width on reals in [-1, 1] units", _below_one,
                                 "a number in [0, 1)")
     sn_exact: bool = setting(False, "sn: divide by the exact sigma_max instead of the power-iteration estimate")
     sr_every: int = setting(5, "sr: discriminator steps between spectral compensations", _positive,
@@ -602,6 +602,9 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
             raise ConfigError(f"param.unrepresentable = 'error': {p['name']!r} parameterizes no layer (the policy "
                               "is for the layers a tensor format cannot represent)")
     if name in BASELINES and p.get("attention") is None:  # with --attention the rank is per head
+        if p["rank"] not in (None, FULL_RANK) and "param.name" not in sources:  # the default, not the user's
+            raise ConfigError(f"param.rank = {p['rank']!r} (--rank): param.name (--param) is {name} by default, "
+                              "which takes no rank: give a low-rank one (sttp-r, svdp-r, lowrank, cp, tt, ...)")
         if p["rank"] not in (None, FULL_RANK):
             raise ConfigError(f"param.rank = {p['rank']!r}: {p['name']!r} takes no rank "
                               f"(ranks are for the low-rank parameterizations)")

@@ -79,7 +79,8 @@ def test_info_counts_without_decomposing_any_weight(param, line, monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--arch", "wrn28_1", "--param", "sttp"], "unknown architecture 'wrn28_1'; did you mean"),
-    (["--arch", "wrn16_4", "--param", "sttpx"], "Error: --param: unknown parameterization 'sttpx'; allowed: "
+    (["--arch", "wrn16_4", "--param", "sttpx"], r"Error: --param: unknown parameterization 'sttpx'; did you mean 'sttp'\? "
+                                                "allowed: "
                                                 "svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tucker, rtk, tt, rtt, tr, "
                                                 "rtr, ht, dense, sn, svdp, sttp"),
     (["--arch", "wrn16_4", "--param", "sttp", "--rank", "0"], r"^Error: --rank 0: expected a positive integer, a list of "
@@ -105,6 +106,14 @@ def test_info_counts_without_decomposing_any_weight(param, line, monkeypatch):
      r"format cannot represent\)\n$"),
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "nope"], "matches no"),
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "bn"], "'bn' is a BatchNorm2d"),
+    # it blamed 'dense', a --param the user never gave
+    (["--arch", "resnet20_cifar", "--rank", "8"],
+     r"^Error: param.rank = 8 \(--rank\): param.name \(--param\) is dense by default, which takes no rank: give a "
+     r"low-rank one "
+     r"\(sttp-r, svdp-r, lowrank, cp, tt, ...\)\n$"),
+    (["--arch", "resnet20_cifar", "--param", "dense", "--rank", "8"], r"^Error: --rank 8: 'dense' takes no rank "),
+    (["--arch", "resnet20_cifar", "--param", "sttpr"],
+     r"^Error: --param: unknown parameterization 'sttpr'; did you mean 'sttp-r'\? allowed: "),
     # a traceback ("Trying to create tensor with negative dimension -1")
     (["--arch", "resnet20_cifar", "--param", "sttp", "--in-chans", "-1"],
      r"^Error: --in-chans must be a positive integer, got -1\n$"),
@@ -188,6 +197,9 @@ def test_fastai_jit_warning_is_silenced_and_no_other():
     ("param.name=[sttp]", "Error: config param.name = ['sttp']: expected a string"),
     # once a traceback-free `Unknown format code 'g' for object of type 'str'` from the run name
     ("param.compression=abc", "Error: config param.compression = 'abc': expected a number or null"),
+    # momentum 5 trained to a NaN loss
+    ("optim.mom=5", "Error: config optim.mom = 5.0: expected a number in [0, 1)"),
+    ("optim.mom=1", "Error: config optim.mom = 1.0: expected a number in [0, 1)"),
 ])
 def test_train_bad_set_value_one_line_nothing_created(tmp_path, pair, message):
     result = run("train", "digits", "--param", "sttp", "--out", str(tmp_path / "runs"), "--set", pair)

@@ -165,7 +165,7 @@ def test_a_section_given_a_value_is_said_to_be_a_section(tmp_path):
     ("param.rank=[4, x]", "config param.rank = [4, 'x']: expected an integer, a list of integers, 'full' or null"),
     ("param.include=[1, 2]", "config param.include = [1, 2]: expected a list of strings"),
     ("optim.lr.x=1", "unknown config key 'optim.lr.x' in --set; did you mean 'optim.lr'?"),
-    ("param.name=sttpx", "config param.name: unknown parameterization 'sttpx'; allowed: "),
+    ("param.name=sttpx", "config param.name: unknown parameterization 'sttpx'; did you mean 'sttp'? allowed: "),
     # YAML reads {depth:2} as the key 'depth:2' without a value: the model was built with its
     # defaults, without a word
     # numpy's "Seed must be between 0 and 2**32 - 1", naming no setting, after the run began

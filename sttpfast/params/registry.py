@@ -17,6 +17,7 @@ A parametrization module on a layer is matched to its method by the attribute
 """
 from __future__ import annotations
 
+import difflib
 import numbers
 
 from dataclasses import dataclass, field
@@ -141,7 +142,10 @@ def resolve_method(name: str, scope: str | None = "layer") -> str:
     key = str(name).lower()
     key = _ALIASES.get(key, key)
     if key not in methods(scope):
-        raise ValueError(f"unknown parameterization {name!r}; allowed: {', '.join(all_names(scope))}")
+        allowed = all_names(scope)
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ";"
+        raise ValueError(f"unknown parameterization {name!r}{hint} allowed: {', '.join(allowed)}")
     return key
 
 
