@@ -127,6 +127,10 @@ COMMITTED_PIECES = [
     ([0], ["sttp-r"], [2.0, 5.0, 10.0], 4, [DENSE_SEED_0, ["sttp-r", "2", "3", "1.91", "86.73", "86.73", "4272"],
                                              ["sttp-r", "5", "8", "4.90", "91.18", "91.18", "4127"],
                                              ["sttp-r", "10", "14", "10.00", "92.69", "92.69", "3397"]]),
+    # CP at Z 5%, seed 0 (`--params cp --targets 5 --seeds 0`; rank 6 gives Z 4.75%), and beside STTP-R's
+    ([0], ["cp"], [5.0], 2, [DENSE_SEED_0, ["cp", "5", "6", "4.75", "91.10", "91.10", "3138"]]),
+    ([0], ["sttp-r", "cp"], [5.0], 3, [DENSE_SEED_0, ["sttp-r", "5", "8", "4.90", "91.18", "91.18", "4127"],
+                                      ["cp", "5", "6", "4.75", "91.10", "91.10", "3138"]]),
     # README's table: the five methods at Z 10%, both seeds (`--params sttp-r cp tucker svdp-r lowrank ...`)
     ([0, 1], ["sttp-r", "cp", "tucker", "svdp-r", "lowrank"], [10.0], 12,
      [DENSE_SEEDS_0_1, ["sttp-r", "10", "14", "10.00", "92.67", "92.69 / 92.65", "3539"],
