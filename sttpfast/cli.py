@@ -286,14 +286,15 @@ class RankType(click.ParamType):
             raise CLIError(f"--rank {err}{f' or {FULL_RANK!r}' if self.allow_full else ''}") from None
 
 
-def schema_option(flag: str, key: str | None = None):
+def schema_option(flag: str, key: str | None = None, help_text: str | None = None):
     """A click option for the schema key ``key`` (default ``CLI_FLAGS[flag]``): its type,
-    choices and help come from the schema; unset it is None, so the config files' value stays."""
+    choices and help come from the schema (``help_text`` where a command uses it otherwise); unset
+    it is None, so the config files' value stays."""
     key = key or CLI_FLAGS[flag]
     s = SCHEMA[key]
     members = [m for m in type_members(s.type) if m is not type(None)]
     decl = "--" + flag.replace("_", "-")
-    kwargs: dict = {"default": None, "help": s.help}
+    kwargs: dict = {"default": None, "help": help_text or s.help}
     if key == "param.rank":
         kwargs["type"] = RankType()
         kwargs["metavar"] = kwargs["type"].name  # as typed: click writes a type's name in capitals
@@ -435,7 +436,7 @@ def _ignore_checkpoint_requests_until_training() -> None:
 @schema_option("rank_scale")
 @schema_option("unrepresentable")
 @schema_option("keep_dense_if_no_gain")
-@schema_option("img_size")
+@schema_option("img_size", help_text="build the model for N x N inputs, as train builds it for data of that size")
 @schema_option("attention")
 @schema_option("attention_rank")
 @user_errors

@@ -116,13 +116,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = setting("resnet20_cifar", "any timm model name or a registered sttpfast model")
+    arch: str = setting("resnet20_cifar", "any timm model name or a registered sttpfast model (default resnet20_cifar)")
     kwargs: dict = setting({}, "extra timm.create_model keyword arguments (free-form)")
 
 
 @dataclass
 class ParamConfig:
-    name: str = setting("dense", "weight parameterization (sttp, svdp-c, lowrank, sn, dense...)")
+    name: str = setting("dense", "weight parameterization (sttp, svdp-c, lowrank, sn, dense...; default dense)")
     rank: Union[int, list[int], Literal["full"], None] = setting(
         None, f"the method's rank shared by all layers: an int (the SVD rank r), a tuple for the tensor formats "
               f"(TT / TR bonds 4,8,4; Tucker R_out,R_in 8,6; an HT tree (4,8,6),(3,3,3); a list in YAML), or "

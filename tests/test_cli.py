@@ -79,8 +79,8 @@ def test_info_counts_without_decomposing_any_weight(param, line, monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     (["--arch", "wrn28_1", "--param", "sttp"], "unknown architecture 'wrn28_1'; did you mean"),
-    (["--arch", "wrn16_4", "--param", "sttpx"], r"Error: --param: unknown parameterization 'sttpx'; did you mean 'sttp'\? "
-                                                "allowed: "
+    (["--arch", "wrn16_4", "--param", "sttpx"], r"Error: --param: unknown parameterization 'sttpx'; "
+                                                r"did you mean 'sttp'\? allowed: "
                                                 "svdp-l, svdp-r, svdp-c, sttp-l, sttp-r, sttp-c, lowrank, cp, rcp, tucker, rtk, tt, rtt, tr, "
                                                 "rtr, ht, dense, sn, svdp, sttp"),
     (["--arch", "wrn16_4", "--param", "sttp", "--rank", "0"], r"^Error: --rank 0: expected a positive integer, a list of "
@@ -173,6 +173,18 @@ def test_help_takes_its_choices_from_the_schema():
     words = " ".join(result.output.split())  # the help as printed, its line wrapping aside
     # `full` as --rank takes it (the help wrote FULL, which was refused)
     assert "--rank R|R1,R2,..|full" in words and "(default 32 for the low-rank methods)" in words
+
+
+def test_help_says_the_default_arch_and_param_and_info_builds_no_images():
+    """`train digits` used resnet20_cifar and dense without the help saying either; `info --help`
+    said --img-size resizes images (info has none)."""
+    for command in ("train", "info"):
+        words = " ".join(run(command, "--help").output.split())
+        assert "--arch TEXT any timm model name or a registered sttpfast model (default resnet20_cifar)" in words
+        assert "(sttp, svdp-c, lowrank, sn, dense...; default dense)" in words
+    info = " ".join(run("info", "--help").output.split())
+    assert "--img-size INTEGER build the model for N x N inputs, as train builds it for data of that size" in info
+    assert "resize images" not in info
 
 
 @pytest.mark.parametrize("spelling", ["full", "FULL", "Full"])
