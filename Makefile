@@ -13,9 +13,10 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 # Two passes (tests/conftest.py says why): the tests that launch processes one at a time,
-# the others on two xdist workers (both passes run; make fails if either does)
+# the others on two xdist workers (both passes run when the first ends with test results, 0 or
+# 1; an interrupted or broken first pass stops there; make fails if either fails)
 test: $(STAMP)
-	$(PY) -m pytest -q -m processes tests; status=$$?; \
+	$(PY) -m pytest -q -m processes tests; status=$$?; [ $$status -le 1 ] || exit $$status; \
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not processes" tests && exit $$status
 
 # The paper's compression of the SNGAN discriminator, then a real STTP-R training run on

@@ -295,6 +295,8 @@ def schema_option(flag: str, key: str | None = None, help_text: str | None = Non
     members = [m for m in type_members(s.type) if m is not type(None)]
     decl = "--" + flag.replace("_", "-")
     kwargs: dict = {"default": None, "help": help_text or s.help}
+    if isinstance(s.default, (str, int, float)) and not isinstance(s.default, bool) and "default" not in kwargs["help"]:
+        kwargs["help"] += f" (default {s.default})"  # the option's own default is None (see above)
     if key == "param.rank":
         kwargs["type"] = RankType()
         kwargs["metavar"] = kwargs["type"].name  # as typed: click writes a type's name in capitals

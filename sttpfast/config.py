@@ -116,13 +116,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = setting("resnet20_cifar", "any timm model name or a registered sttpfast model (default resnet20_cifar)")
+    arch: str = setting("resnet20_cifar", "any timm model name or a registered sttpfast model")
     kwargs: dict = setting({}, "extra timm.create_model keyword arguments (free-form)")
 
 
 @dataclass
 class ParamConfig:
-    name: str = setting("dense", "weight parameterization (sttp, svdp-c, lowrank, sn, dense...; default dense)")
+    name: str = setting("dense", "weight parameterization (sttp, svdp-c, lowrank, sn, dense...)")
     rank: Union[int, list[int], Literal["full"], None] = setting(
         None, f"the method's rank shared by all layers: an int (the SVD rank r), a tuple for the tensor formats "
               f"(TT / TR bonds 4,8,4; Tucker R_out,R_in 8,6; an HT tree (4,8,6),(3,3,3); a list in YAML), or "
@@ -560,6 +560,26 @@ def _takes_text(key: str) -> bool:
     return str in members or bool(choices(key))
 
 
+#: the settings of the low-rank methods' layers (refused with the default method, dense)
+LOW_RANK_SETTINGS = ("rank", "compression", "rank_scale", "layer_ranks", "init", "include", "exclude", "plan",
+                     "unrepresentable")
+
+
+def _refuse_low_rank_settings_without_a_method(p: dict, name: str, sources: dict) -> None:
+    """A setting of the low-rank methods given while param.name is dense by default (never
+    chosen): a method was meant. The checks below blamed "'dense'", a name the user never gave.
+    With --attention, --rank is the attention forms' rank per head: dense is then a choice."""
+    if name != "dense" or "param.name" in sources or p.get("attention") is not None:
+        return
+    given = [key for key in LOW_RANK_SETTINGS if f"param.{key}" in sources and p[key] not in (None, [], {}, FULL_RANK)]
+    if given:
+        flags = {key: "--" + flag.replace("_", "-") for flag, key in CLI_FLAGS.items()}
+        said = ", ".join(f"param.{key} = {p[key]!r}" + (f" ({flags[f'param.{key}']})" if f"param.{key}" in flags
+                                                         else "") for key in given)
+        raise ConfigError(f"{said}: param.name (--param) is dense by default, which parameterizes no layer: "
+                          "give a low-rank one (sttp-r, svdp-r, lowrank, cp, tt, ...)")
+
+
 def _resolve_param(cfg: dict, sources: dict) -> None:
     """Check the parameterization name and fill in the rank it gets (see the module docstring)."""
     from sttpfast.params import BASELINES, resolve_param
@@ -590,6 +610,7 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
     if p["plan"] == "energy" and p["compression"] is None:
         raise ConfigError("param.plan = 'energy' (--plan energy) spends a compression budget: give "
                           "param.compression (--compression Z) as well")
+    _refuse_low_rank_settings_without_a_method(p, name, sources)
     if name in BASELINES and p["init"] is not None:
         raise ConfigError(f"param.init = {p['init']!r}: {p['name']!r} has no factors to initialize "
                           "(init is for the low-rank parameterizations)")
@@ -602,9 +623,6 @@ def _resolve_param(cfg: dict, sources: dict) -> None:
             raise ConfigError(f"param.unrepresentable = 'error': {p['name']!r} parameterizes no layer (the policy "
                               "is for the layers a tensor format cannot represent)")
     if name in BASELINES and p.get("attention") is None:  # with --attention the rank is per head
-        if p["rank"] not in (None, FULL_RANK) and "param.name" not in sources:  # the default, not the user's
-            raise ConfigError(f"param.rank = {p['rank']!r} (--rank): param.name (--param) is {name} by default, "
-                              "which takes no rank: give a low-rank one (sttp-r, svdp-r, lowrank, cp, tt, ...)")
         if p["rank"] not in (None, FULL_RANK):
             raise ConfigError(f"param.rank = {p['rank']!r}: {p['name']!r} takes no rank "
                               f"(ranks are for the low-rank parameterizations)")

@@ -7,12 +7,10 @@ them time signals and kills: beside another test they would fight for the cores.
 that launches a Python process without the mark fails under xdist, saying so.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from process_guard import refuse_python_processes
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -34,22 +32,8 @@ def pytest_configure(config):
 
 @pytest.fixture(autouse=True)
 def _processes_are_marked(request, monkeypatch):
-    """Under xdist, a test without the ``processes`` mark may not launch a Python process (the
-    venv's interpreter or one of its scripts) nor fork: it would run beside another worker's test."""
-    if "PYTEST_XDIST_WORKER" not in os.environ or request.node.get_closest_marker("processes"):
-        return
-    bin_dir = Path(sys.executable).parent
-    said = f"{request.node.nodeid} launches a process: mark it @pytest.mark.processes (see tests/conftest.py)"
-    init = subprocess.Popen.__init__
-
-    def checked_init(self, args, *rest, **kwargs):
-        first = args[0] if isinstance(args, (list, tuple)) else str(args).split()[0]
-        if Path(first).parent == bin_dir or Path(first).resolve() == Path(sys.executable).resolve():
-            raise AssertionError(said)
-        init(self, args, *rest, **kwargs)
-
-    def no_fork():
-        raise AssertionError(said)
-
-    monkeypatch.setattr(subprocess.Popen, "__init__", checked_init)
-    monkeypatch.setattr(os, "fork", no_fork)
+    """Under xdist, a test without the ``processes`` mark may not launch a Python process: it
+    would run beside another worker's test (tests/process_guard.py says what counts)."""
+    if "PYTEST_XDIST_WORKER" in os.environ and not request.node.get_closest_marker("processes"):
+        refuse_python_processes(monkeypatch, f"{request.node.nodeid} launches a process: mark it "
+                                             "@pytest.mark.processes (see tests/conftest.py)")

@@ -108,9 +108,13 @@ def test_info_counts_without_decomposing_any_weight(param, line, monkeypatch):
     (["--arch", "wrn16_4", "--param", "sttp", "--include", "bn"], "'bn' is a BatchNorm2d"),
     # it blamed 'dense', a --param the user never gave
     (["--arch", "resnet20_cifar", "--rank", "8"],
-     r"^Error: param.rank = 8 \(--rank\): param.name \(--param\) is dense by default, which takes no rank: give a "
-     r"low-rank one "
-     r"\(sttp-r, svdp-r, lowrank, cp, tt, ...\)\n$"),
+     r"^Error: param.rank = 8 \(--rank\): param.name \(--param\) is dense by default, which parameterizes no "
+     r"layer: give a low-rank one \(sttp-r, svdp-r, lowrank, cp, tt, ...\)\n$"),
+    (["--arch", "resnet20_cifar", "--compression", "5"], r"^Error: param.compression = 5.0 \(--compression\): "
+                                                         r"param.name \(--param\) is dense by default, which"),
+    (["--arch", "resnet20_cifar", "--init", "identity", "--include", "stem*"],
+     r"^Error: param.init = 'identity' \(--init\), param.include = \['stem\*'\] \(--include\): param.name "
+     r"\(--param\) is dense by default, which parameterizes no layer"),
     (["--arch", "resnet20_cifar", "--param", "dense", "--rank", "8"], r"^Error: --rank 8: 'dense' takes no rank "),
     (["--arch", "resnet20_cifar", "--param", "sttpr"],
      r"^Error: --param: unknown parameterization 'sttpr'; did you mean 'sttp-r'\? allowed: "),
@@ -181,7 +185,7 @@ def test_help_says_the_default_arch_and_param_and_info_builds_no_images():
     for command in ("train", "info"):
         words = " ".join(run(command, "--help").output.split())
         assert "--arch TEXT any timm model name or a registered sttpfast model (default resnet20_cifar)" in words
-        assert "(sttp, svdp-c, lowrank, sn, dense...; default dense)" in words
+        assert "(sttp, svdp-c, lowrank, sn, dense...) (default dense)" in words
     info = " ".join(run("info", "--help").output.split())
     assert "--img-size INTEGER build the model for N x N inputs, as train builds it for data of that size" in info
     assert "resize images" not in info
@@ -345,16 +349,21 @@ def test_ctrl_c_during_the_start_up_of_two_processes_is_said_once_as_a_training_
            "digits", "--steps", "2", "--logger", "none", "--out", str(tmp_path / "runs")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 120
-    ranks = []
-    # until both ranks run the start-up's handler (SIGTERM: Python catches SIGINT from its start)
-    while len(ranks) < 2 or not all(signal_in_mask(pid, "SigCgt", signal.SIGTERM) for pid in ranks):
-        assert time.monotonic() < deadline and proc.poll() is None
-        time.sleep(0.05)
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
-        ranks = [int(pid) for pid in children.read_text().split()] if children.exists() else []
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-    out, _ = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        ranks = []
+        # until both ranks run the start-up's handler (SIGTERM: Python catches SIGINT from its start)
+        while len(ranks) < 2 or not all(signal_in_mask(pid, "SigCgt", signal.SIGTERM) for pid in ranks):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            ranks = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, _ = proc.communicate(timeout=120)
+    finally:  # a failed wait leaves no launcher and ranks behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert [line for line in out.splitlines() if "nothing was written" in line] == [INTERRUPTED]
     assert not (tmp_path / "runs").exists()
 

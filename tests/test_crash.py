@@ -72,6 +72,8 @@ class StopAfterEpoch(Callback):
             raise CancelFitException()
 
 
+# in-process, but its module fixture `reference` serves the tests that launch processes: built once
+@pytest.mark.processes
 def test_dropout_model_resumes_exactly_from_an_epoch_end_with_its_smoothed_loss(tmp_path, reference):
     cut = run_training(_cfg(tmp_path, "cut"), extra_cbs=[StopAfterEpoch(0)], echo=quiet)
     assert cut["steps"] == 4

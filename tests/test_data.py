@@ -477,8 +477,12 @@ def test_a_data_dir_or_imagefolder_that_is_a_file_is_called_a_file(tmp_path):
     (tmp_path / "afile").write_text("hi")
     with pytest.raises(DatasetNotFound) as err:
         get_dls("fashion_mnist", data_dir=tmp_path / "afile")
-    assert str(err.value).startswith(f"data folder {tmp_path / 'afile'} (--data-dir, or data.data_dir in a config "
-                                     "file) is a file, not a folder. Put the four Fashion-MNIST IDX files")
+    assert str(err.value) == (f"data folder {tmp_path / 'afile'} (--data-dir, or data.data_dir in a config file) is "
+                              "a file, not a folder: point --data-dir / $STTPFAST_DATA at the folder holding "
+                              "fashion_mnist/ or FashionMNIST/raw/")
+    with pytest.raises(DatasetNotFound) as err:  # --download cannot make a folder there either
+        get_dls("fashion_mnist", data_dir=tmp_path / "afile", download=True)
+    assert "is a file, not a folder" in str(err.value)
     with pytest.raises(DatasetNotFound) as err:
         get_dls(f"imagefolder:{tmp_path / 'afile'}")
     assert str(err.value) == (f"imagefolder: {tmp_path / 'afile'} is a file, not a folder: give the folder that "

@@ -253,4 +253,3 @@ def test_the_left_dense_line_names_the_method_with_the_attention_forms_beside_it
     assert lines[0] == ("left dense: 2 layer(s) where svdp-r has at least as many parameters as the dense weight "
                         "at the rank chosen for them (no gain)")
     assert [line.split()[0] for line in lines[1:]] == ["patch_embed.proj", "head"]
-

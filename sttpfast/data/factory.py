@@ -13,7 +13,7 @@ from sttpfast.data.errors import DatasetNotFound, DataWarning
 from sttpfast.data.loaders import InMemoryImageDataset, InMemoryImageDL
 from sttpfast.data.readers.imagefolder import decode_images
 from sttpfast.data.readers.raw import Split
-from sttpfast.data.registry import DatasetSpec, data_root, resolve_dataset
+from sttpfast.data.registry import DATA_DIR_ENV, DatasetSpec, data_root, resolve_dataset
 from sttpfast.data.source import read_or_download
 from sttpfast.data.inference import InMemoryDataLoaders
 from sttpfast.data.transforms import channel_stats
@@ -77,11 +77,13 @@ def get_dls(name: str, data_dir: str | os.PathLike | None = None, bs: int = 128,
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     root = data_root(data_dir)
     spec = resolve_dataset(name, root)
-    if data_dir is not None and spec.files and (root.exists() or not download) and not root.is_dir():
+    given = f"data folder {root} (--data-dir, or data.data_dir in a config file)"
+    if data_dir is not None and spec.files and root.exists() and not root.is_dir():
+        raise DatasetNotFound(f"{given} is a file, not a folder: point --data-dir / ${DATA_DIR_ENV} at the "
+                              f"folder holding {spec.folder}")
+    if data_dir is not None and spec.files and not download and not root.is_dir():
         # refused, not passed over: Fashion-MNIST was read from the system package instead
-        what = "is a file, not a folder" if root.exists() else "does not exist"
-        raise DatasetNotFound(f"data folder {root} (--data-dir, or data.data_dir in a config file) {what}. "
-                              f"{spec.download_hint}")
+        raise DatasetNotFound(f"{given} does not exist. {spec.download_hint}")
     raw = read_or_download(spec, root, download)
     if data_dir is not None and spec.files and raw.source is not None and not raw.source.is_relative_to(root):
         # Debian's system-wide Fashion-MNIST, found where the user's folder had no files
