@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
+from interrupt import tensorboard_scalars
 from safetensors.torch import load_file
 
 from sttpfast.atomic import CRASH_POINTS, STALL_SECONDS, checkpoints, verify_checkpoint
@@ -502,14 +503,6 @@ def test_sigkill_at_random_moments_of_a_real_run_resumes_bit_identical(tmp_path,
           f"3 of 3 resumed bit-identical")
 
 
-def _scalars(tb: Path) -> dict:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 @pytest.mark.processes
 def test_tensorboard_after_a_kill_and_resume_shows_each_step_once_with_the_uninterrupted_values(tmp_path):
     full = run_training(_cfg(tmp_path, "full", STEPS, "log.logger=tensorboard", "log.every=1"), echo=quiet)
@@ -517,7 +510,7 @@ def test_tensorboard_after_a_kill_and_resume_shows_each_step_once_with_the_unint
     status = _killed_run(cfg, "checkpoint-files:4")  # while writing step 8's checkpoint: resumes at 6
     assert os.WTERMSIG(status) == signal.SIGKILL
     run_training(resume=tmp_path / "tb", echo=quiet)
-    want, have = _scalars(tmp_path / "full/tb"), _scalars(tmp_path / "tb/tb")
+    want, have = tensorboard_scalars(tmp_path / "full/tb"), tensorboard_scalars(tmp_path / "tb/tb")
     assert [step for step, _ in have["train/loss"]] == list(range(1, STEPS + 1))
     assert have == want
     assert full["steps"] == STEPS

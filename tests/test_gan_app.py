@@ -14,7 +14,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 from fastai.callback.core import Callback
-from interrupt import bar_shown_above
+from interrupt import bar_shown_above, tensorboard_scalars
 from safetensors.torch import load_file
 
 from sttpfast.cli import main
@@ -194,16 +194,6 @@ def test_resume_after_a_signal_is_bit_identical(tmp_path, k, signum, params):
     assert again["already_finished"] is True
 
 
-def _tb_scalars(tb: Path) -> dict:
-    """Every scalar of a run's TensorBoard folder (all its event files, as TensorBoard merges
-    them): ``{tag: [(step, value), ...]}``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
 def test_a_resume_at_an_epoch_end_prints_no_empty_progress_bar_warning(tmp_path):
     """A signal after an epoch's last G step (4 G steps per epoch) checkpoints before that
     epoch's validation: the resume runs the validation with no G step left in the epoch, and
@@ -275,7 +265,7 @@ def test_a_run_stopped_at_an_epoch_end_logs_each_tensorboard_point_once(tmp_path
     state = json.loads((tmp_path / "cut/checkpoints/last/state.json").read_text())
     assert (state["train_iter"], state["epoch"]) == (4, 1)  # the validated end of epoch 0
     run_gan(resume=tmp_path / "cut", echo=lambda *a: None)
-    want, have = _tb_scalars(tmp_path / "whole/tb"), _tb_scalars(tmp_path / "cut/tb")
+    want, have = tensorboard_scalars(tmp_path / "whole/tb"), tensorboard_scalars(tmp_path / "cut/tb")
     assert [step for step, _ in have["epoch"]] == [4, 8, 10]
     assert have == want
 
